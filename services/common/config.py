@@ -1,0 +1,94 @@
+"""Settings from the environment, validated once at start-up.
+
+Every knob has a documented default and a bound: a value outside it stops the
+service with a clear message instead of misbehaving later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _int(name: str, default: int, lo: int, hi: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={value} is outside {lo}..{hi}")
+    return value
+
+
+def _str(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path
+    kafka_port: int
+    kafka_controller_port: int
+    pg_port: int
+    pg_user: str
+    pg_database: str
+    gateway_host: str
+    gateway_port: int
+    gateway_metrics_port: int
+    router_metrics_port: int
+    settle_metrics_port: int
+    router_web_port: int
+    gateway_timeout_ms: int
+    gateway_instance: int
+    request_body_bytes_max: int
+    fee_items_per_upload_max: int
+    batch_size_max: int
+    batch_linger_ms: int
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def pg_dsn(self) -> str:
+        return f"postgresql://{self.pg_user}@127.0.0.1:{self.pg_port}/{self.pg_database}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway_host}:{self.gateway_port}{GATEWAY_PATH}"
+
+
+GATEWAY_PATH = "/fsi/api/rsfComIfsService/callService"
+
+
+def load_settings() -> Settings:
+    return Settings(
+        state_dir=Path(_str("XS_STATE_DIR", str(PROJECT_ROOT / ".state"))),
+        kafka_port=_int("XS_KAFKA_PORT", 19092, 1024, 65535),
+        kafka_controller_port=_int("XS_KAFKA_CONTROLLER_PORT", 19093, 1024, 65535),
+        pg_port=_int("XS_PG_PORT", 15432, 1024, 65535),
+        pg_user=_str("XS_PG_USER", "xsettle"),
+        pg_database=_str("XS_PG_DATABASE", "xsettle"),
+        gateway_host=_str("XS_GATEWAY_HOST", "127.0.0.1"),
+        gateway_port=_int("XS_GATEWAY_PORT", 8080, 1024, 65535),
+        gateway_metrics_port=_int("XS_GATEWAY_METRICS_PORT", 9101, 1024, 65535),
+        router_metrics_port=_int("XS_ROUTER_METRICS_PORT", 9102, 1024, 65535),
+        settle_metrics_port=_int("XS_SETTLE_METRICS_PORT", 9103, 1024, 65535),
+        router_web_port=_int("XS_ROUTER_WEB_PORT", 6066, 1024, 65535),
+        gateway_timeout_ms=_int("XS_GATEWAY_TIMEOUT_MS", 5000, 50, 120_000),
+        gateway_instance=_int("XS_GATEWAY_INSTANCE", 0, 0, 63),
+        request_body_bytes_max=_int("XS_REQUEST_BODY_BYTES_MAX", 1_048_576, 1024, 16_777_216),
+        fee_items_per_upload_max=_int("XS_FEE_ITEMS_PER_UPLOAD_MAX", 500, 1, 10_000),
+        batch_size_max=_int("XS_BATCH_SIZE_MAX", 500, 1, 10_000),
+        batch_linger_ms=_int("XS_BATCH_LINGER_MS", 5, 0, 1000),
+    )
