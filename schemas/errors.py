@@ -1,0 +1,102 @@
+"""Stable error codes: every rejection names one.
+
+The hospital sees `infcode = -1` and `err_msg = "<CODE>: <text>"`. Texts never
+contain personal identifiers (ID numbers, names); field names and codes only.
+The README's error table is generated from ERRORS (python -m schemas.errors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    code: str
+    meaning: str
+    transactions: str
+    action: str
+
+
+ERRORS: dict[str, ErrorSpec] = {
+    e.code: e
+    for e in (
+        ErrorSpec("ENVELOPE_MALFORMED", "the request is not JSON or an envelope field is missing or of the "
+                  "wrong type (the field is named)", "all", "fix the message and resend with a new msgid"),
+        ErrorSpec("BODY_TOO_LARGE", "the HTTP body exceeds the size limit", "all", "split the upload"),
+        ErrorSpec("INFNO_UNSUPPORTED", "this broker does not handle that transaction number", "all",
+                  "send it to the platform that handles it"),
+        ErrorSpec("MSGID_MALFORMED", "msgid is not 30 alphanumerics starting with fixmedins_code", "all",
+                  "build msgid as fixmedins_code + yyyyMMddHHmmss + 4-digit sequence"),
+        ErrorSpec("BODY_MALFORMED", "the `input` body is missing a field, has a wrong type, an unknown code "
+                  "value, a bad amount or date (the field is named)", "all", "fix the body and resend"),
+        ErrorSpec("INSUPLC_REQUIRED", "the body carries psn_no but the envelope has no insuplc_admdvs",
+                  "2401-2305", "take insuplc_admdvs from 1101 and resend"),
+        ErrorSpec("INSUPLC_MISMATCH", "insuplc_admdvs differs from the person's insured region",
+                  "2401-2305", "query 1101 again and use its insuplc_admdvs"),
+        ErrorSpec("MDTRTAREA_MISMATCH", "mdtrtarea_admvs differs from the hospital's region", "all",
+                  "send your own region code"),
+        ErrorSpec("HOSPITAL_UNKNOWN", "fixmedins_code is not a connected hospital", "all",
+                  "check the hospital code; contact the treating region's agency"),
+        ErrorSpec("PERSON_UNKNOWN", "no insured person with that psn_no or certificate", "1101, 2401-2305",
+                  "check the certificate; query 1101"),
+        ErrorSpec("REGION_UNKNOWN", "an admdvs code is not in the region table", "all", "check the code"),
+        ErrorSpec("CATALOG_ITEM_UNKNOWN", "med_list_codg is not in the treating region's catalog",
+                  "2301", "map the item to the catalog and re-upload"),
+        ErrorSpec("TOO_MANY_FEE_ITEMS", "more fee items in one upload than allowed", "2301",
+                  "split the upload"),
+        ErrorSpec("FEE_ITEM_INCONSISTENT", "det_item_fee_sumamt differs from cnt × pric, or the item's "
+                  "mdtrt_id/psn_no differs from the visit's", "2301", "fix the item"),
+        ErrorSpec("FEE_ITEM_DUPLICATE", "feedetl_sn already uploaded for this visit with other content",
+                  "2301", "cancel it with 2302 first or use a new feedetl_sn"),
+        ErrorSpec("FILING_REQUIRED", "non-local care needs a cross-region filing (备案) in force for the "
+                  "treating province", "2303, 2304", "file online (or send promise_filing_flag=1) and resend;"
+                  " otherwise the person claims manually"),
+        ErrorSpec("INSUTYPE_MISMATCH", "insutype differs from the person's insurance", "2401-2305",
+                  "use the insutype from 1101"),
+        ErrorSpec("VISIT_UNKNOWN", "no visit with that mdtrt_id for this person and hospital",
+                  "2301-2305, 2402, 2404", "check mdtrt_id"),
+        ErrorSpec("VISIT_STATE", "the visit is not in a state that allows this transaction (e.g. settle "
+                  "before discharge, upload after settlement, cancel a settled admission)",
+                  "2301-2305, 2402, 2404", "follow the order: admit, upload, discharge, settle"),
+        ErrorSpec("MEDFEE_MISMATCH", "medfee_sumamt differs from the sum of uploaded fee items",
+                  "2303, 2304", "re-upload fees or correct medfee_sumamt"),
+        ErrorSpec("NO_FEES", "the visit has no uploaded fee items", "2303, 2304", "upload fees first"),
+        ErrorSpec("SETTLEMENT_UNKNOWN", "no settlement with that setl_id for this visit and hospital",
+                  "2305", "check setl_id"),
+        ErrorSpec("SETTLEMENT_REVERSED", "the settlement was already reversed", "2305", "nothing to do"),
+        ErrorSpec("MED_TYPE_UNSUPPORTED", "med_type is not valid for this transaction", "2401",
+                  "use med_type 21 for inpatient"),
+        ErrorSpec("CHRONIC_DISEASE_NOT_COVERED", "the chronic disease is not covered by the insured region's "
+                  "policy or the person is not eligible", "2206, 2207", "check the person's eligibility"),
+        ErrorSpec("TIMEOUT", "no answer within the gateway's time limit; the transaction may still "
+                  "complete", "all", "resend with the same msgid: it returns the stored result"),
+        ErrorSpec("INTERNAL", "an unexpected error inside the broker", "all",
+                  "resend with the same msgid; report if it persists"),
+    )
+}
+
+
+class BrokerError(Exception):
+    """A rejection with a stable code. `message` must not contain personal identifiers."""
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in ERRORS:
+            raise ValueError(f"unknown error code {code}")
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    @property
+    def err_msg(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def markdown_table() -> str:
+    rows = ["| code | meaning | transactions | what the hospital should do |", "|---|---|---|---|"]
+    rows += [f"| `{e.code}` | {e.meaning} | {e.transactions} | {e.action} |" for e in ERRORS.values()]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,66 @@
+"""9001 sign-in and 1101 person info."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from schemas.wire import Code, MdtrtCertType, Text, WireTime, check_times
+
+
+class SignInData(msgspec.Struct, kw_only=True):
+    opter_no: Code
+    mac: Annotated[str, Meta(max_length=64)] = ""
+    ip: Annotated[str, Meta(max_length=64)] = ""
+
+
+class Input9001(msgspec.Struct, kw_only=True, tag=True):
+    signIn: SignInData
+
+
+class PersonQuery(msgspec.Struct, kw_only=True):
+    mdtrt_cert_type: MdtrtCertType
+    mdtrt_cert_no: Annotated[str, Meta(min_length=1, max_length=64)]
+    card_sn: Annotated[str, Meta(max_length=64)] = ""
+    begntime: WireTime | None = None
+    psn_cert_type: Annotated[str, Meta(max_length=6)] = "01"
+    certno: Annotated[str, Meta(max_length=64)] = ""
+    psn_name: Text = ""
+
+    def __post_init__(self) -> None:
+        check_times(self, "begntime")
+
+
+class Input1101(msgspec.Struct, kw_only=True, tag=True):
+    data: PersonQuery
+
+
+class BaseInfo(msgspec.Struct, kw_only=True):
+    psn_no: str
+    psn_cert_type: str
+    certno: str
+    psn_name: str
+    gend: str
+    brdy: str
+    age: int
+
+
+class InsuInfo(msgspec.Struct, kw_only=True):
+    insutype: str
+    psn_type: str
+    balc: object  # Decimal yuan
+    insuplc_admdvs: str
+    psn_insu_stas: str
+
+
+class IdetInfo(msgspec.Struct, kw_only=True):
+    psn_idet_type: str
+    memo: str
+
+
+class Output1101(msgspec.Struct, kw_only=True):
+    baseinfo: BaseInfo
+    insuinfo: list[InsuInfo]
+    idetinfo: list[IdetInfo]

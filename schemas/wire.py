@@ -1,0 +1,48 @@
+"""Wire-level field types shared by the message families."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from msgspec import Meta
+
+from schemas.money import AmountError, check_yuan
+
+Admdvs = Annotated[str, Meta(pattern=r"^\d{6}$")]
+WireTime = Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")]
+Code = Annotated[str, Meta(min_length=1, max_length=64)]
+Text = Annotated[str, Meta(max_length=500)]
+InsuType = Literal["310", "390"]
+MdtrtCertType = Literal["01", "02", "03"]
+Flag = Literal["0", "1"]
+Yuan = Decimal
+
+WIRE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def parse_wire_time(field: str, value: str) -> datetime:
+    try:
+        return datetime.strptime(value, WIRE_TIME_FORMAT)
+    except ValueError:
+        raise ValueError(f"{field}: not a valid date-time yyyy-MM-dd HH:mm:ss") from None
+
+
+def check_amounts(obj: object, *fields: str) -> None:
+    """Validate decimal-yuan fields of a struct in __post_init__ (msgspec reports the struct's path)."""
+    for name in fields:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        try:
+            check_yuan(name, value)
+        except AmountError as e:
+            raise ValueError(str(e)) from None
+
+
+def check_times(obj: object, *fields: str) -> None:
+    for name in fields:
+        value = getattr(obj, name)
+        if value is not None:
+            parse_wire_time(name, value)
