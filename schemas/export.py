@@ -27,12 +27,19 @@ MESSAGES: dict[str, type] = {
 }
 
 
+def _schema_hook(t: type) -> dict:
+    if t is msgspec.Raw:  # the envelope's `input`: its schema is the input_<infno> file
+        return {"type": "object", "description": "the transaction body; see input_<infno>.schema.json"}
+    raise NotImplementedError(t)
+
+
 def export(out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, t in MESSAGES.items():
         path = out_dir / f"{name}.schema.json"
-        path.write_bytes(msgspec.json.format(msgspec.json.encode(msgspec.json.schema(t)), indent=2))
+        schema = msgspec.json.schema(t, schema_hook=_schema_hook)
+        path.write_bytes(msgspec.json.format(msgspec.json.encode(schema), indent=2))
         written.append(path)
     return written
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Annotated
 
 import msgspec
@@ -50,7 +51,7 @@ class BaseInfo(msgspec.Struct, kw_only=True):
 class InsuInfo(msgspec.Struct, kw_only=True):
     insutype: str
     psn_type: str
-    balc: object  # Decimal yuan
+    balc: Decimal
     insuplc_admdvs: str
     psn_insu_stas: str
 
