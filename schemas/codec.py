@@ -44,7 +44,7 @@ BODY_TYPES: dict[str, type] = {
 }
 
 _envelope_decoder = msgspec.json.Decoder(RequestEnvelope)
-_body_decoders = {infno: msgspec.json.Decoder(t) for infno, t in BODY_TYPES.items()}
+_body_decoders: dict[str, msgspec.json.Decoder] = {infno: msgspec.json.Decoder(t) for infno, t in BODY_TYPES.items()}
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
 

@@ -1,0 +1,38 @@
+"""Prometheus metrics shared by the services. Labels are bounded code values only:
+transaction numbers, error codes, scopes, provinces — never a person or settlement id."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+REQUESTS = Counter(
+    "xs_requests_total", "Requests handled, by stage, transaction and outcome (ok or error code)",
+    ["stage", "infno", "outcome"],
+)
+DEAD_LETTERS = Counter("xs_dead_letters_total", "Records sent to the dead-letter topic", ["stage", "reason"])
+STAGE_SECONDS = Histogram(
+    "xs_stage_seconds", "Processing time per record or batch in a stage", ["stage"], buckets=LATENCY_BUCKETS_S
+)
+GATEWAY_SECONDS = Histogram(
+    "xs_gateway_request_seconds", "HTTP request to response at the gateway", ["infno"],
+    buckets=LATENCY_BUCKETS_S,
+)
+SETTLEMENTS = Counter(
+    "xs_settlements_total", "Ledger rows written, by kind, scope, visit type and provinces",
+    ["kind", "scope", "med_type", "insured_prov", "treating_prov"],
+)
+FUND_PAID = Counter(
+    "xs_fund_paid_yuan_total", "Fund amounts settled (reversals subtract via kind=reverse), in yuan",
+    ["fund", "kind", "insured_prov", "treating_prov"],
+)
+END_TO_END_SECONDS = Histogram(
+    "xs_settlement_end_to_end_seconds", "From gateway/ingress receipt to ledger commit",
+    ["infno"], buckets=LATENCY_BUCKETS_S,
+)
+
+
+def serve_metrics(port: int) -> None:
+    """Expose /metrics on loopback; also the readiness probe of the local stack."""
+    start_http_server(port, addr="127.0.0.1")
