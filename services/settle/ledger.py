@@ -1,0 +1,159 @@
+"""PostgreSQL side of the settlement engine: load a batch's rows, write back its changes.
+
+Both run inside the caller's transaction. Loading locks the visits, accumulators
+and accounts of the batch's persons (FOR UPDATE), so two workers that briefly
+own the same partition during a rebalance serialize instead of double-applying;
+the loser then finds the msgids already processed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
+
+from schemas.internal import RoutedRequest
+from services.policy.logic import accumulators_from_json, accumulators_to_json
+from services.settle.state import AMOUNT_FIELDS, BatchState, Fee, Settlement, Visit
+
+_VISIT_COLS = ("mdtrt_id", "psn_no", "fixmedins_code", "med_type", "insutype", "scope", "insured_admdvs",
+               "treating_admdvs", "ipt_otp_no", "begntime", "endtime", "dise_codg", "state", "created_msgid")
+_FEE_COLS = ("mdtrt_id", "feedetl_sn", "med_list_codg", "medins_list_codg", "chrgitm_lv", "selfpay_prop",
+             "pric_uplmt_fen", "fee_fen", "cnt", "pric_fen", "fee_ocur_time", "upload_msgid", "cancelled")
+_SETL_COLS = ("setl_id", "msgid", "kind", "orig_setl_id", "mdtrt_id", "psn_no", "fixmedins_code", "insutype",
+              "med_type", "scope", "filing_type", "insured_admdvs", "insured_pool", "treating_admdvs",
+              "treating_pool", "clr_optins", "setl_time", "acc_year", *AMOUNT_FIELDS, "pool_prop_selfpay",
+              "accum_delta")
+_ACC_COUNTERS = ("basic_paid", "outpatient_dedc_used", "outpatient_paid", "critical_base", "critical_paid",
+                 "supplementary_paid", "assistance_paid")
+
+
+def _mdtrt_ids(msgs: Iterable[RoutedRequest]) -> set[str]:
+    ids: set[str] = set()
+    for m in msgs:
+        body = m.body
+        for attr in ("mdtrtinfo", "dscginfo", "data"):
+            part = getattr(body, attr, None)
+            if part is None:
+                continue
+            for item in part if isinstance(part, list) else [part]:
+                mdtrt_id = getattr(item, "mdtrt_id", None)
+                if mdtrt_id:
+                    ids.add(mdtrt_id)
+        for item in getattr(body, "feedetail", ()):
+            ids.add(item.mdtrt_id)
+    return ids
+
+
+async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> BatchState:
+    st = BatchState()
+    msgids = [m.msgid for m in msgs]
+    for r in await conn.fetch("SELECT msgid, response FROM processed_request WHERE msgid = ANY($1)", msgids):
+        st.processed[r["msgid"]] = bytes(r["response"])
+    fresh = [m for m in msgs if m.msgid not in st.processed]
+    if not fresh:
+        return st
+    persons = sorted({m.person.psn_no for m in fresh})
+    mdtrt_ids = sorted(_mdtrt_ids(fresh))
+    # Lock order: accounts, accumulators, visits — always by sorted key, so workers never deadlock.
+    for r in await conn.fetch(
+        "SELECT psn_no, balc_fen FROM account WHERE psn_no = ANY($1) ORDER BY psn_no FOR UPDATE", persons
+    ):
+        st.accounts[r["psn_no"]] = r["balc_fen"]
+    for r in await conn.fetch(
+        "SELECT * FROM accumulator WHERE psn_no = ANY($1) ORDER BY psn_no, acc_year FOR UPDATE", persons
+    ):
+        data: dict[str, Any] = {c: r[c] for c in _ACC_COUNTERS}
+        data["chronic_paid"] = json.loads(r["chronic_paid"])
+        st.accumulators[(r["psn_no"], r["acc_year"])] = accumulators_from_json(data)
+    if mdtrt_ids:
+        for r in await conn.fetch(
+            f"SELECT {', '.join(_VISIT_COLS)} FROM visit WHERE mdtrt_id = ANY($1) ORDER BY mdtrt_id FOR UPDATE",
+            mdtrt_ids,
+        ):
+            st.visits[r["mdtrt_id"]] = Visit(**dict(r))
+        for r in await conn.fetch(f"SELECT {', '.join(_FEE_COLS)} FROM fee_item WHERE mdtrt_id = ANY($1)", mdtrt_ids):
+            st.fees.setdefault(r["mdtrt_id"], {})[r["feedetl_sn"]] = Fee(**dict(r))
+        rows = await conn.fetch(
+            f"SELECT {', '.join(_SETL_COLS)}, EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
+            " AS reversed FROM settlement s WHERE mdtrt_id = ANY($1)",
+            mdtrt_ids,
+        )
+        for r in rows:
+            d = dict(r)
+            amounts = {name: d.pop(name) for name in AMOUNT_FIELDS}
+            d["accum_delta"] = json.loads(d["accum_delta"])
+            st.settlements[d["setl_id"]] = Settlement(amounts=amounts, **d)
+    return st
+
+
+async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
+    if st.new_visits:
+        await conn.executemany(
+            f"INSERT INTO visit ({', '.join(_VISIT_COLS)}) VALUES ({_params(len(_VISIT_COLS))})",
+            [tuple(getattr(st.visits[v], c) for c in _VISIT_COLS) for v in st.new_visits],
+        )
+    changed = st.changed_visits - set(st.new_visits)
+    if changed:
+        await conn.executemany(
+            "UPDATE visit SET state = $2, endtime = $3 WHERE mdtrt_id = $1",
+            [(v, st.visits[v].state, st.visits[v].endtime) for v in sorted(changed)],
+        )
+    if st.new_fees:
+        await conn.executemany(
+            f"INSERT INTO fee_item ({', '.join(_FEE_COLS)}) VALUES ({_params(len(_FEE_COLS))})"
+            " ON CONFLICT (mdtrt_id, feedetl_sn) DO UPDATE SET "
+            + ", ".join(f"{c} = EXCLUDED.{c}" for c in _FEE_COLS[2:]),
+            [tuple(getattr(st.fees[m][sn], c) for c in _FEE_COLS) for m, sn in st.new_fees],
+        )
+    if st.cancelled_fees:
+        await conn.executemany(
+            "UPDATE fee_item SET cancelled = true WHERE mdtrt_id = $1 AND feedetl_sn = $2", st.cancelled_fees
+        )
+    if st.new_settlements:
+        await conn.executemany(
+            f"INSERT INTO settlement ({', '.join(_SETL_COLS)}) VALUES ({_params(len(_SETL_COLS))})",
+            [_settlement_values(st.settlements[s]) for s in st.new_settlements],
+        )
+    if st.changed_accumulators:
+        cols = ("psn_no", "acc_year", *_ACC_COUNTERS, "chronic_paid")
+        rows = []
+        for key in sorted(st.changed_accumulators):
+            data = accumulators_to_json(st.accumulators[key])
+            rows.append((*key, *(data[c] for c in _ACC_COUNTERS), json.dumps(data["chronic_paid"])))
+        await conn.executemany(
+            f"INSERT INTO accumulator ({', '.join(cols)}) VALUES ({_params(len(cols))})"
+            " ON CONFLICT (psn_no, acc_year) DO UPDATE SET "
+            + ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[2:]),
+            rows,
+        )
+    if st.changed_accounts:
+        await conn.executemany(
+            "INSERT INTO account (psn_no, balc_fen) VALUES ($1, $2)"
+            " ON CONFLICT (psn_no) DO UPDATE SET balc_fen = EXCLUDED.balc_fen",
+            [(p, st.accounts[p]) for p in sorted(st.changed_accounts)],
+        )
+    if st.responses:
+        await conn.executemany(
+            "INSERT INTO processed_request (msgid, infno, fixmedins_code, infcode, response)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            [(msgid, *rest) for msgid, rest in st.responses.items()],
+        )
+
+
+def _params(n: int) -> str:
+    return ", ".join(f"${i}" for i in range(1, n + 1))
+
+
+def _settlement_values(row: Settlement) -> tuple[Any, ...]:
+    values: list[Any] = []
+    for c in _SETL_COLS:
+        if c in AMOUNT_FIELDS:
+            values.append(row.amounts[c])
+        elif c == "accum_delta":
+            values.append(json.dumps(row.accum_delta))
+        else:
+            values.append(getattr(row, c))
+    return tuple(values)

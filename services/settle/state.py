@@ -1,0 +1,114 @@
+"""The settlement engine's working state for one batch, in memory.
+
+The ledger loads every row a batch may touch in a few queries, the pure logic
+changes this state, and the ledger writes back what changed, all in one
+PostgreSQL transaction. No I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from services.policy.logic import Accumulators
+
+
+@dataclass
+class Visit:
+    mdtrt_id: str
+    psn_no: str
+    fixmedins_code: str
+    med_type: str
+    insutype: str
+    scope: str
+    insured_admdvs: str
+    treating_admdvs: str
+    ipt_otp_no: str
+    begntime: datetime
+    endtime: datetime | None
+    dise_codg: str | None
+    state: str  # admitted | discharged | settled | cancelled
+    created_msgid: str
+
+
+@dataclass
+class Fee:
+    mdtrt_id: str
+    feedetl_sn: str
+    med_list_codg: str
+    medins_list_codg: str
+    chrgitm_lv: str
+    selfpay_prop: Decimal
+    pric_uplmt_fen: int | None
+    fee_fen: int
+    cnt: Decimal
+    pric_fen: int
+    fee_ocur_time: datetime
+    upload_msgid: str
+    cancelled: bool = False
+
+
+@dataclass
+class Settlement:
+    """One ledger row (a settlement, or a reversal with negated amounts)."""
+
+    setl_id: str
+    msgid: str
+    kind: str  # settle | reverse
+    orig_setl_id: str | None
+    mdtrt_id: str
+    psn_no: str
+    fixmedins_code: str
+    insutype: str
+    med_type: str
+    scope: str
+    filing_type: str | None
+    insured_admdvs: str
+    insured_pool: str
+    treating_admdvs: str
+    treating_pool: str
+    clr_optins: str
+    setl_time: datetime
+    acc_year: int
+    amounts: dict[str, int]  # medfee_sumamt ... balc, in fen (see AMOUNT_FIELDS)
+    pool_prop_selfpay: Decimal
+    accum_delta: dict[str, Any]
+    reversed: bool = False  # set on a settle row once its reversal exists
+
+
+AMOUNT_FIELDS = (
+    "medfee_sumamt", "fulamt_ownpay_amt", "overlmt_selfpay", "preselfpay_amt", "inscp_scp_amt", "act_pay_dedc",
+    "hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay", "fund_pay_sumamt", "psn_part_amt", "acct_pay",
+    "psn_cash_pay", "balc",
+)
+
+
+@dataclass
+class BatchState:
+    processed: dict[str, bytes] = field(default_factory=dict)  # msgid → stored response (earlier batches)
+    visits: dict[str, Visit] = field(default_factory=dict)
+    fees: dict[str, dict[str, Fee]] = field(default_factory=dict)  # mdtrt_id → feedetl_sn → fee
+    settlements: dict[str, Settlement] = field(default_factory=dict)  # setl_id → row (of loaded visits)
+    accumulators: dict[tuple[str, int], Accumulators] = field(default_factory=dict)
+    accounts: dict[str, int] = field(default_factory=dict)  # psn_no → balance fen
+
+    # What this batch changed, for the ledger to write.
+    new_visits: list[str] = field(default_factory=list)
+    changed_visits: set[str] = field(default_factory=set)
+    new_fees: list[tuple[str, str]] = field(default_factory=list)
+    cancelled_fees: list[tuple[str, str]] = field(default_factory=list)
+    new_settlements: list[str] = field(default_factory=list)
+    changed_accumulators: set[tuple[str, int]] = field(default_factory=set)
+    changed_accounts: set[str] = field(default_factory=set)
+    responses: dict[str, tuple[str, str, int, bytes]] = field(default_factory=dict)  # msgid → (infno, hosp, code, body)
+
+    def active_settlement(self, mdtrt_id: str) -> Settlement | None:
+        for row in self.settlements.values():
+            if row.mdtrt_id == mdtrt_id and row.kind == "settle" and not row.reversed:
+                return row
+        return None
+
+    def active_fees(self, mdtrt_id: str) -> list[Fee]:
+        return [f for f in self.fees.get(mdtrt_id, {}).values() if not f.cancelled]
