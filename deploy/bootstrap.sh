@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Installs what the local stack needs. Idempotent; a second run only checks stamps.
+#   - .venv (python3 -m venv) and `pip install -e '.[dev]'` when pyproject.toml changed
+#   - PostgreSQL server (Debian package `postgresql`) when no server binary exists
+#   - Java 17 + Maven (Debian packages) when missing
+#   - Apache Kafka jars from Maven Central into $STATE/kafka/lib when deploy/kafka/pom.xml changed
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+STATE="${XS_STATE_DIR:-$ROOT/.state}"
+mkdir -p "$STATE"
+
+log() { echo "[bootstrap] $*"; }
+
+APT_UPDATED=0
+apt_install() {
+    if [ "$APT_UPDATED" = 0 ]; then
+        log "apt-get update"
+        apt-get update -q
+        APT_UPDATED=1
+    fi
+    log "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+# --- Python virtualenv ---------------------------------------------------------
+force_pip=0
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv with $(command -v python3) ($(python3 --version 2>&1))"
+    python3 -m venv .venv
+    force_pip=1
+fi
+
+pip_stamp="$STATE/pip-install.stamp"
+pip_hash="$( (sha256sum pyproject.toml; .venv/bin/python --version 2>&1) | sha256sum | cut -d' ' -f1)"
+if [ "$force_pip" = 0 ] && [ "$(cat "$pip_stamp" 2>/dev/null || true)" = "$pip_hash" ] \
+    && .venv/bin/python -c 'import importlib.metadata as m; m.version("xsettle")' 2>/dev/null; then
+    log "python deps up to date (pyproject.toml unchanged)"
+else
+    log "pip install -e '.[dev]' (pyproject.toml changed or first install)"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    echo "$pip_hash" > "$pip_stamp"
+fi
+
+# --- PostgreSQL server -----------------------------------------------------------
+if compgen -G '/usr/lib/postgresql/*/bin/postgres' > /dev/null; then
+    log "postgresql server present: $(ls -d /usr/lib/postgresql/*/bin/postgres | sort -V | tail -1)"
+else
+    apt_install postgresql
+fi
+
+# --- Java + Maven ------------------------------------------------------------------
+if ! command -v java > /dev/null; then
+    apt_install openjdk-17-jre-headless
+fi
+if ! command -v mvn > /dev/null; then
+    apt_install maven
+fi
+
+# --- Kafka jars from Maven Central ------------------------------------------------
+kafka_lib="$STATE/kafka/lib"
+kafka_stamp="$STATE/kafka/lib.stamp"
+kafka_hash="$(sha256sum deploy/kafka/pom.xml | cut -d' ' -f1)"
+if [ -d "$kafka_lib" ] && [ "$(cat "$kafka_stamp" 2>/dev/null || true)" = "$kafka_hash" ] \
+    && compgen -G "$kafka_lib/kafka_2.13-*.jar" > /dev/null; then
+    log "kafka jars up to date ($(basename "$(ls "$kafka_lib"/kafka_2.13-*.jar)"))"
+else
+    log "resolving kafka jars from Maven Central into $kafka_lib (first time may take minutes)"
+    mkdir -p "$STATE/kafka"
+    rm -rf "$kafka_lib.tmp"
+    # (Debian's maven prints bare colour resets even with -q -B: strip them.)
+    mvn -q -B -Dstyle.color=never -f deploy/kafka/pom.xml dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$kafka_lib.tmp" 2>&1 | sed -e 's/\x1b\[[0-9;]*m//g'
+    rm -rf "$kafka_lib"
+    mv "$kafka_lib.tmp" "$kafka_lib"
+    echo "$kafka_hash" > "$kafka_stamp"
+    log "kafka jars: $(ls "$kafka_lib" | wc -l) files ($(basename "$(ls "$kafka_lib"/kafka_2.13-*.jar)"))"
+fi
+
+log "done"
