@@ -206,7 +206,7 @@ class FundSplit:
 
 
 @dataclass(frozen=True)
-class _Catalog:
+class CatalogSplit:
     medfee: int
     fulamt_ownpay: int
     overlmt_selfpay: int
@@ -217,7 +217,7 @@ class _Catalog:
         return self.medfee - self.fulamt_ownpay - self.overlmt_selfpay - self.preselfpay
 
 
-def _catalog(items: Sequence[FeeItem]) -> _Catalog:
+def catalog_split(items: Sequence[FeeItem]) -> CatalogSplit:
     """Step 1: split the total into fully self-paid, over-ceiling, self-pay-first and in-scope parts.
 
     Class-03 items are wholly ``fulamt_ownpay``; the price ceiling only carves ``overlmt_selfpay``
@@ -238,7 +238,7 @@ def _catalog(items: Sequence[FeeItem]) -> _Catalog:
         overlmt += over
         if item.chrgitm_lv == CHRGITM_LV_B:
             pre += mul_ratio(item.fee_fen - over, item.selfpay_prop)
-    return _Catalog(medfee, fulamt, overlmt, pre)
+    return CatalogSplit(medfee, fulamt, overlmt, pre)
 
 
 def _left(cap: int, used: int) -> int:
@@ -317,7 +317,7 @@ def _validate_input(policy: Policy, inp: SettlementInput, acc: Accumulators) -> 
 def compute_split(policy: Policy, inp: SettlementInput, acc: Accumulators) -> FundSplit:
     """REFERENCE §4 for med_type 21, 14, 11 and 41.  Raises :class:`PolicyError` on unusable input."""
     _validate_input(policy, inp, acc)
-    cat = _catalog(inp.items)
+    cat = catalog_split(inp.items)
     inscp = cat.inscp
     cut = _cut(policy, inp.filing_type)
     ins = inp.insutype

@@ -1,0 +1,168 @@
+"""A hospital information system (HIS) as the broker sees it: builds national envelopes
+and drives visits. Used by the tests, the demo and the benchmark.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from schemas.codec import encode
+
+_json_decoder = msgspec.json.Decoder(float_hook=Decimal)  # amounts stay exact
+# msgid = fixmedins_code + yyyyMMddHHmmss + 4-digit sequence. Each process starts its clock
+# at "now" and moves it one second forward every 10,000 messages, so msgids never repeat.
+_clock_base = int(time.time())
+_counter = itertools.count()
+
+
+def next_msgid(fixmedins_code: str) -> str:
+    n = next(_counter)
+    stamp = datetime.fromtimestamp(_clock_base + n // 10_000).strftime("%Y%m%d%H%M%S")
+    code = fixmedins_code[:12].ljust(12, "0")
+    return f"{code}{stamp}{n % 10_000:04d}"
+
+
+def wire_time(t: datetime) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass
+class Hospital:
+    fixmedins_code: str
+    fixmedins_name: str
+    admdvs: str
+
+    def envelope(self, infno: str, body: dict[str, Any], *, insuplc: str = "", msgid: str | None = None,
+                 inf_time: datetime | None = None) -> dict[str, Any]:
+        return {
+            "infno": infno,
+            "msgid": msgid or next_msgid(self.fixmedins_code),
+            "mdtrtarea_admvs": self.admdvs,
+            "insuplc_admdvs": insuplc,
+            "recer_sys_code": "FSI",
+            "dev_no": "",
+            "dev_safe_info": "",
+            "cainfo": "",
+            "signtype": "",
+            "infver": "V1.0",
+            "opter_type": "1",
+            "opter": "OP001",
+            "opter_name": "operator",
+            "inf_time": wire_time(inf_time or datetime.now()),
+            "fixmedins_code": self.fixmedins_code,
+            "fixmedins_name": self.fixmedins_name,
+            "sign_no": "",
+            "input": body,
+        }
+
+
+@dataclass
+class FeeLine:
+    med_list_codg: str
+    cnt: Decimal
+    pric: Decimal
+
+    @property
+    def amount(self) -> Decimal:
+        return (self.cnt * self.pric).quantize(Decimal("0.01"))
+
+
+@dataclass
+class Stay:
+    """One inpatient stay of one person at one hospital, message by message."""
+
+    hospital: Hospital
+    psn_no: str
+    insuplc: str
+    insutype: str
+    start: datetime
+    mdtrt_id: str = ""
+    setl_id: str = ""
+    fees: list[FeeLine] = field(default_factory=list)
+    promise_filing: bool = False
+    use_account: bool = False
+
+    def _env(self, infno: str, body: dict[str, Any], at: datetime) -> dict[str, Any]:
+        return self.hospital.envelope(infno, body, insuplc=self.insuplc, inf_time=at)
+
+    def admit(self, emergency: bool = False) -> dict[str, Any]:
+        return self._env("2401", {"mdtrtinfo": {
+            "psn_no": self.psn_no, "insutype": self.insutype, "mdtrt_cert_type": "02", "mdtrt_cert_no": "-",
+            "med_type": "21", "ipt_otp_no": f"ZY{self.start:%m%d%H%M%S}", "begntime": wire_time(self.start),
+            "atddr_no": "D001", "chfpdr_name": "doctor", "adm_diag_dscr": "-", "dise_codg": "I10.x00",
+            "dise_name": "-", "promise_filing_flag": "1" if self.promise_filing else "0",
+            "emergency_flag": "1" if emergency else "0",
+        }, "diseinfo": []}, self.start)
+
+    def upload(self, lines: list[FeeLine], first_sn: int = 1) -> dict[str, Any]:
+        self.fees.extend(lines)
+        items = [{
+            "feedetl_sn": f"{first_sn + i:06d}", "mdtrt_id": self.mdtrt_id, "psn_no": self.psn_no, "med_type": "21",
+            "fee_ocur_time": wire_time(self.start + timedelta(hours=1)), "med_list_codg": line.med_list_codg,
+            "medins_list_codg": "H-" + line.med_list_codg, "det_item_fee_sumamt": line.amount, "cnt": line.cnt,
+            "pric": line.pric, "bilg_dept_codg": "D01", "bilg_dr_codg": "D001",
+        } for i, line in enumerate(lines)]
+        return self._env("2301", {"feedetail": items}, self.start + timedelta(hours=2))
+
+    def discharge(self) -> dict[str, Any]:
+        end = self.start + timedelta(days=3)
+        return self._env("2402", {"dscginfo": {
+            "mdtrt_id": self.mdtrt_id, "psn_no": self.psn_no, "insutype": self.insutype, "endtime": wire_time(end),
+            "dscg_way": "1",
+        }}, end)
+
+    @property
+    def total(self) -> Decimal:
+        return sum((line.amount for line in self.fees), Decimal(0))
+
+    def settle(self, *, pre: bool = False, medfee: Decimal | None = None) -> dict[str, Any]:
+        return self._env("2303" if pre else "2304", {"mdtrtinfo": {
+            "psn_no": self.psn_no, "mdtrt_cert_type": "02", "mdtrt_cert_no": "-",
+            "medfee_sumamt": self.total if medfee is None else medfee, "psn_setlway": "01",
+            "mdtrt_id": self.mdtrt_id, "insutype": self.insutype, "acct_used_flag": "1" if self.use_account else "0",
+            "mid_setl_flag": "0", "promise_filing_flag": "1" if self.promise_filing else "0",
+        }}, self.start + timedelta(days=3, hours=1))
+
+    def reverse(self) -> dict[str, Any]:
+        return self._env("2305", {"data": {"psn_no": self.psn_no, "mdtrt_id": self.mdtrt_id, "setl_id": self.setl_id}},
+                         self.start + timedelta(days=3, hours=2))
+
+
+class GatewayClient:
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.url = url
+        self.session = session
+
+    async def call(self, envelope: dict[str, Any] | bytes) -> dict[str, Any]:
+        data = envelope if isinstance(envelope, bytes) else encode(envelope)
+        async with self.session.post(self.url, data=data, headers={"Content-Type": "application/json"}) as resp:
+            raw = await resp.read()
+        result = _json_decoder.decode(raw)
+        if not isinstance(result, dict):
+            raise RuntimeError("gateway answered a non-object")
+        return result
+
+    async def run_stay(self, stay: Stay, lines: list[FeeLine], *, reverse: bool = False) -> dict[str, Any]:
+        """Admission → fees → discharge → settlement (→ reversal). Returns the settlement response."""
+        r = await self.call(stay.admit())
+        if r["infcode"] != 0:
+            return r
+        stay.mdtrt_id = r["output"]["result"]["mdtrt_id"]
+        for step in (stay.upload(lines), stay.discharge()):
+            r = await self.call(step)
+            if r["infcode"] != 0:
+                return r
+        settled = await self.call(stay.settle())
+        if settled["infcode"] == 0:
+            stay.setl_id = settled["output"]["setlinfo"]["setl_id"]
+            if reverse:
+                await self.call(stay.reverse())
+        return settled

@@ -1,0 +1,137 @@
+"""Integration fixtures: the real stack, the broker's services, and test reference data.
+
+Each test session loads its own persons (psn_no carries a per-run token), so
+year-to-date accumulators left by earlier runs never change expected splits.
+Hospitals and catalog items are fixed rows: reloading them is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import msgspec
+import pytest
+
+from deploy import stack as stack_ctl
+from loadtest.his import GatewayClient, Hospital
+from services.common.config import Settings
+from services.refdata.load import load_dir
+
+RUN_TOKEN = f"{int(time.time()) % 10**9:09d}{os.getpid() % 100:02d}"
+SERVICES = ("settle", "router", "gateway")
+
+HOSPITALS = {
+    "miyi": Hospital("H51042199901", "米易县测试医院", "510421"),
+    "chengdu": Hospital("H51010099901", "成都测试医院", "510100"),
+    "chifeng": Hospital("H15040099901", "赤峰测试医院", "150400"),
+}
+# Test catalog codes, present in every treating province used here.
+ITEM_A, ITEM_B10, ITEM_C, ITEM_CEIL = "TESTA001", "TESTB010", "TESTC001", "TESTCEIL"
+
+
+def psn(n: int) -> str:
+    return f"T{RUN_TOKEN}{n:03d}"
+
+
+@dataclass(frozen=True)
+class TestPerson:
+    psn_no: str
+    insuplc: str
+    insutype: str
+
+
+PERSONS = {
+    # REFERENCE §4 worked example: 米易县 resident, 低保, TEMPORARY filing for 内蒙古.
+    "example": (TestPerson(psn(1), "510421", "390"), "1501", "1", "0.00", ("TEMPORARY", "150000")),
+    "local_employee": (TestPerson(psn(2), "510421", "310"), "1101", None, "5000.00", None),
+    "intra_resident": (TestPerson(psn(3), "510421", "390"), "1501", None, "0.00", ("LONG_TERM", "510000")),
+    "unfiled": (TestPerson(psn(4), "510421", "390"), "1501", None, "0.00", None),
+    "retiree": (TestPerson(psn(5), "150400", "310"), "1201", None, "1000.00", None),
+    "plain": (TestPerson(psn(6), "150400", "390"), "1601", None, "0.00", None),
+}
+
+
+def _write_refdata(directory: Path) -> None:
+    enc = msgspec.json.Encoder()
+    hospitals = [{"fixmedins_code": h.fixmedins_code, "fixmedins_name": h.fixmedins_name, "admdvs": h.admdvs,
+                  "hosp_lv": 3} for h in HOSPITALS.values()]
+    catalog = []
+    for prov in ("510000", "150000"):
+        catalog += [
+            {"admdvs": prov, "med_list_codg": ITEM_A, "name": "测试甲类", "chrgitm_lv": "01", "selfpay_prop": "0"},
+            {"admdvs": prov, "med_list_codg": ITEM_B10, "name": "测试乙类", "chrgitm_lv": "02", "selfpay_prop": "0.10"},
+            {"admdvs": prov, "med_list_codg": ITEM_C, "name": "测试丙类", "chrgitm_lv": "03", "selfpay_prop": "1"},
+            {"admdvs": prov, "med_list_codg": ITEM_CEIL, "name": "测试限价", "chrgitm_lv": "01", "selfpay_prop": "0",
+             "pric_uplmt_amt": "100.00"},
+        ]
+    persons, filings = [], []
+    for p, psn_type, assistance, balance, filing in PERSONS.values():
+        persons.append({"psn_no": p.psn_no, "insuplc_admdvs": p.insuplc, "insutype": p.insutype,
+                        "psn_type": psn_type, "assistance": assistance, "acct_balc": balance})
+        if filing:
+            filings.append({"psn_no": p.psn_no, "filing_type": filing[0], "begndate": "2026-01-01",
+                            "enddate": "2026-12-31", "target_admdvs": filing[1]})
+    for name, rows in (("hospitals", hospitals), ("persons", persons), ("filings", filings), ("catalog", catalog)):
+        (directory / f"{name}.jsonl").write_bytes(b"\n".join(enc.encode(r) for r in rows) + b"\n")
+
+
+@pytest.fixture(scope="session")
+async def db(stack: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(stack.pg_dsn, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+def services(stack: Settings) -> Settings:
+    """The broker's services, restarted so they run the code under test."""
+    for name in SERVICES:
+        stack_ctl.restart_service(name, stack)
+    return stack
+
+
+@pytest.fixture(scope="session")
+async def refdata(db: asyncpg.Pool, services: Settings, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    directory = tmp_path_factory.mktemp("refdata")
+    _write_refdata(directory)
+    await load_dir(db, directory)
+    await _wait_router_knows(services, PERSONS["plain"][0])
+    return PERSONS
+
+
+async def _wait_router_knows(s: Settings, person: TestPerson) -> None:
+    """The router reloads on NOTIFY; wait until a request for a new person no longer says PERSON_UNKNOWN."""
+    hospital = HOSPITALS["chifeng"]
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as session:
+        client = GatewayClient(s.gateway_url, session)
+        while time.monotonic() < deadline:
+            env = hospital.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": person.psn_no}},
+                                    insuplc=person.insuplc)
+            r = await client.call(env)
+            if not r["err_msg"].startswith(("PERSON_UNKNOWN", "TIMEOUT")):
+                return
+            await asyncio.sleep(0.5)
+    raise AssertionError("router did not pick up the test reference data within 30 s")
+
+
+@pytest.fixture
+async def gateway(services: Settings) -> AsyncIterator[GatewayClient]:
+    async with aiohttp.ClientSession() as session:
+        yield GatewayClient(services.gateway_url, session)
+
+
+def yuan(value: str) -> Decimal:
+    return Decimal(value)
+
+
+STAY_START = datetime(2026, 6, 1, 9, 0, 0)
