@@ -737,7 +737,10 @@ def start_service(
     if pid is not None:
         say(f"{name}: already running (pid {pid})")
     else:
-        busy = [port for port in spec.ports if _port_open(port)]
+        # A process that just exited may still hold its ports for a moment: give it a few seconds.
+        deadline = time.monotonic() + 5
+        while (busy := [port for port in spec.ports if _port_open(port)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
         if busy:
             raise StackError(
                 f"{name}: port(s) {busy} already in use by a process this stack did not start "

@@ -4,6 +4,7 @@ and drives visits. Used by the tests, the demo and the benchmark.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -137,12 +138,30 @@ class Stay:
 
 
 class GatewayClient:
-    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+    """Posts envelopes to the gateway. With `retry_for_s`, behaves like a careful HIS: on TIMEOUT
+    or a lost connection it resends the same envelope (same msgid) until answered or out of time."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession, *, retry_for_s: float = 0) -> None:
         self.url = url
         self.session = session
+        self.retry_for_s = retry_for_s
+        self.retries = 0
 
     async def call(self, envelope: dict[str, Any] | bytes) -> dict[str, Any]:
         data = envelope if isinstance(envelope, bytes) else encode(envelope)
+        deadline = time.monotonic() + self.retry_for_s
+        while True:
+            try:
+                result = await self._post(data)
+                if not result["err_msg"].startswith("TIMEOUT") or time.monotonic() > deadline:
+                    return result
+            except (aiohttp.ClientError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+            self.retries += 1
+            await asyncio.sleep(0.2)
+
+    async def _post(self, data: bytes) -> dict[str, Any]:
         async with self.session.post(self.url, data=data, headers={"Content-Type": "application/json"}) as resp:
             raw = await resp.read()
         result = _json_decoder.decode(raw)

@@ -94,6 +94,9 @@ def create_app(s: Settings) -> faust.App:
         producer_linger_ms=1,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=0.5,
+        # A killed worker's partitions move after this; faust's default (60 s) stalls routing that long.
+        broker_session_timeout=10,
+        broker_heartbeat_interval=3,
         stream_wait_empty=False,
         topic_allow_declare=False,
         topic_disable_leader=True,

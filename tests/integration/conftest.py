@@ -57,6 +57,8 @@ PERSONS = {
     "unfiled": (TestPerson(psn(4), "510421", "390"), "1501", None, "0.00", None),
     "retiree": (TestPerson(psn(5), "150400", "310"), "1201", None, "1000.00", None),
     "plain": (TestPerson(psn(6), "150400", "390"), "1601", None, "0.00", None),
+    # For the crash tests: many persons, local care in 赤峰, employees using their accounts.
+    **{f"crash{i}": (TestPerson(psn(100 + i), "150400", "310"), "1101", None, "800.00", None) for i in range(40)},
 }
 
 
