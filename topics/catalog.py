@@ -57,9 +57,14 @@ SETTLEMENTS = TopicSpec(
     "fsi.settlements", PARTITIONS, 30 * DAY_MS, "delete", "psn_no", SettlementEvent,
     "every ledger row (settlement or reversal) after it is committed in PostgreSQL",
 )
+CLEARING = TopicSpec(
+    "fsi.clearing", PARTITIONS, 7 * DAY_MS, "delete", "fixmedins_code", RequestEnvelope,
+    "reconciliation and clearing requests (32xx), validated by the router, for the clearing service; "
+    "same headers as fsi.ingress",
+)
 DEADLETTER = TopicSpec(
     "fsi.deadletter", 1, 30 * DAY_MS, "delete", "msgid", DeadLetter,
     "every rejected request with its error code, reason and the original bytes",
 )
 
-ALL_TOPICS: tuple[TopicSpec, ...] = (INGRESS, ROUTED, REPLIES, SETTLEMENTS, DEADLETTER)
+ALL_TOPICS: tuple[TopicSpec, ...] = (INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER)

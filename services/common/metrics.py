@@ -3,6 +3,8 @@ transaction numbers, error codes, scopes, provinces — never a person or settle
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import Counter, Histogram, start_http_server
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -31,6 +33,16 @@ END_TO_END_SECONDS = Histogram(
     "xs_settlement_end_to_end_seconds", "From gateway/ingress receipt to ledger commit",
     ["infno"], buckets=LATENCY_BUCKETS_S,
 )
+
+
+def record_ledger_row(
+    kind: str, scope: str, med_type: str, insured_prov: str, treating_prov: str, funds: Mapping[str, int]
+) -> None:
+    """One committed settlement (kind=settle) or reversal (kind=reverse); funds in fen, reversals negative."""
+    SETTLEMENTS.labels(kind, scope, med_type, insured_prov, treating_prov).inc()
+    for fund, fen in funds.items():
+        if fen:
+            FUND_PAID.labels(fund, kind, insured_prov, treating_prov).inc(abs(fen) / 100)
 
 
 def serve_metrics(port: int) -> None:

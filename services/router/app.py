@@ -29,8 +29,8 @@ from services.common.config import Settings
 from services.common.metrics import DEAD_LETTERS, REQUESTS, STAGE_SECONDS, serve_metrics
 from services.common.response import received_from_ns, response_bytes
 from services.refdata.store import RefData, fetch_refdata
-from services.router.logic import Answer, IngressMeta, NewFiling, route
-from topics.catalog import DEADLETTER, INGRESS, PARTITIONS, REPLIES, ROUTED
+from services.router.logic import Answer, ForwardClearing, IngressMeta, NewFiling, route
+from topics.catalog import CLEARING, DEADLETTER, INGRESS, PARTITIONS, REPLIES, ROUTED
 
 log = logging.getLogger("router")
 REFDATA_CHANNEL = "refdata_changed"
@@ -106,6 +106,7 @@ def create_app(s: Settings) -> faust.App:
                         value_serializer="raw")
     routed = app.topic(ROUTED.name, key_serializer="raw", value_serializer="raw")
     deadletter = app.topic(DEADLETTER.name, key_serializer="raw", value_serializer="raw")
+    clearing = app.topic(CLEARING.name, key_serializer="raw", value_serializer="raw")
 
     async def reply(topic: str, partition: int | None, msgid: str, body: bytes) -> None:
         await app.topic(topic, key_serializer="raw", value_serializer="raw").send(
@@ -127,7 +128,14 @@ def create_app(s: Settings) -> faust.App:
             admdvs = req.envelope.insuplc_admdvs or req.envelope.mdtrtarea_admvs
             assert state.ref is not None
             decision = route(req, state.ref, meta, s.fee_items_per_upload_max)
-            if isinstance(decision, Answer):
+            if isinstance(decision, ForwardClearing):
+                await clearing.send(key=decision.fixmedins_code.encode(), value=raw, headers=[
+                    ("reply_topic", meta.reply_topic.encode()),
+                    ("reply_partition", str(meta.reply_partition).encode() if meta.reply_partition is not None
+                     else b""),
+                    ("received_ns", str(meta.received_ns).encode()),
+                ])
+            elif isinstance(decision, Answer):
                 await reply(meta.reply_topic, meta.reply_partition, msgid,
                             response_bytes(admdvs, received_from_ns(meta.received_ns), output=decision.output))
             else:

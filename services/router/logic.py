@@ -56,13 +56,24 @@ class Routed:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardClearing:
+    """A reconciliation / clearing request (32xx): the hospital is known; the clearing service answers."""
+
+    fixmedins_code: str
+
+
+# Transactions answered by the clearing service (services/clearing), not the settlement engine.
+CLEARING_INFNOS = frozenset({"3201", "3202", "3203", "3204", "3260", "3261", "3262"})
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     """A request answered by the router itself (1101)."""
 
     output: dict[str, Any]
 
 
-def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> Routed | Answer:
+def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> Routed | Answer | ForwardClearing:
     env = req.envelope
     hospital = ref.hospitals.get(env.fixmedins_code)
     if hospital is None:
@@ -72,9 +83,12 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
         raise BrokerError("MDTRTAREA_MISMATCH", "mdtrtarea_admvs is not the hospital's pooling region")
     if isinstance(req.body, Input1101):
         return Answer(person_info(req.body, ref, env.inf_time))
+    if env.infno in CLEARING_INFNOS:
+        return ForwardClearing(env.fixmedins_code)
 
     psn_no = req.psn_no
-    assert psn_no is not None  # every visit body carries psn_no (schemas.codec.body_psn_no)
+    if psn_no is None:  # every visit body carries psn_no (schemas.codec.body_psn_no)
+        raise BrokerError("INFNO_UNSUPPORTED", f"infno {env.infno} is not routed to settlement")
     person = ref.persons.get(psn_no)
     if person is None:
         raise BrokerError("PERSON_UNKNOWN", "no insured person with that psn_no")

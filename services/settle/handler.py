@@ -27,10 +27,9 @@ from services.common.kafka import make_group_consumer, make_producer
 from services.common.metrics import (
     DEAD_LETTERS,
     END_TO_END_SECONDS,
-    FUND_PAID,
     REQUESTS,
-    SETTLEMENTS,
     STAGE_SECONDS,
+    record_ledger_row,
     serve_metrics,
 )
 from services.common.response import received_from_ns, response_bytes
@@ -120,6 +119,10 @@ class SettleEngine:
                 if msg.msgid in st.processed:
                     outbox.add(msg.reply_topic, msg.reply_partition, msg.msgid.encode(), st.processed[msg.msgid])
                     REQUESTS.labels("settle", msg.infno, "duplicate").inc()
+                    replayed = st.replayed.pop(msg.msgid, None)
+                    if replayed is not None:
+                        outbox.add(SETTLEMENTS_TOPIC.name, None, replayed.psn_no.encode(),
+                                   _encoder.encode(_event(replayed)))
                     continue
                 body, row, outcome = self._apply(msg, st, outbox)
                 st.responses[msg.msgid] = (msg.infno, msg.fixmedins_code, -1 if outcome != "ok" else 0, body)
@@ -189,8 +192,6 @@ def _event(row: Settlement) -> SettlementEvent:
 
 
 def _count(row: Settlement) -> None:
-    insured_prov, treating_prov = province_of(row.insured_admdvs), province_of(row.treating_admdvs)
-    SETTLEMENTS.labels(row.kind, row.scope, row.med_type, insured_prov, treating_prov).inc()
-    for fund in ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay"):
-        if row.amounts[fund]:
-            FUND_PAID.labels(fund, row.kind, insured_prov, treating_prov).inc(abs(row.amounts[fund]) / 100)
+    funds = {fund: row.amounts[fund] for fund in ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")}
+    record_ledger_row(row.kind, row.scope, row.med_type, province_of(row.insured_admdvs),
+                      province_of(row.treating_admdvs), funds)

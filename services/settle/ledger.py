@@ -52,6 +52,14 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
     msgids = [m.msgid for m in msgs]
     for r in await conn.fetch("SELECT msgid, response FROM processed_request WHERE msgid = ANY($1)", msgids):
         st.processed[r["msgid"]] = bytes(r["response"])
+    if st.processed:
+        rows = await conn.fetch(
+            f"SELECT {', '.join(_SETL_COLS)}, false AS reversed FROM settlement WHERE msgid = ANY($1)",
+            list(st.processed),
+        )
+        for row in rows:
+            settlement = _settlement(row)
+            st.replayed[settlement.msgid] = settlement
     fresh = [m for m in msgs if m.msgid not in st.processed]
     if not fresh:
         return st
@@ -82,11 +90,16 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
             mdtrt_ids,
         )
         for r in rows:
-            d = dict(r)
-            amounts = {name: d.pop(name) for name in AMOUNT_FIELDS}
-            d["accum_delta"] = json.loads(d["accum_delta"])
-            st.settlements[d["setl_id"]] = Settlement(amounts=amounts, **d)
+            settlement = _settlement(r)
+            st.settlements[settlement.setl_id] = settlement
     return st
+
+
+def _settlement(r: asyncpg.Record) -> Settlement:
+    d = dict(r)
+    amounts = {name: d.pop(name) for name in AMOUNT_FIELDS}
+    d["accum_delta"] = json.loads(d["accum_delta"])
+    return Settlement(amounts=amounts, **d)
 
 
 async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:

@@ -88,6 +88,9 @@ AMOUNT_FIELDS = (
 @dataclass
 class BatchState:
     processed: dict[str, bytes] = field(default_factory=dict)  # msgid → stored response (earlier batches)
+    # Ledger rows of already-processed msgids: their events are published again on replay, because a
+    # crash between the database commit and the produce would otherwise lose them (consumers dedupe by setl_id).
+    replayed: dict[str, Settlement] = field(default_factory=dict)
     visits: dict[str, Visit] = field(default_factory=dict)
     fees: dict[str, dict[str, Fee]] = field(default_factory=dict)  # mdtrt_id → feedetl_sn → fee
     settlements: dict[str, Settlement] = field(default_factory=dict)  # setl_id → row (of loaded visits)
