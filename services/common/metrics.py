@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -43,6 +43,38 @@ def record_ledger_row(
     for fund, fen in funds.items():
         if fen:
             FUND_PAID.labels(fund, kind, insured_prov, treating_prov).inc(abs(fen) / 100)
+
+
+MANUAL_CLAIMS = Counter(
+    "xs_manual_claims_total",
+    "Manual (手工零星报销) person-times: the non-direct part of the direct-settlement rate denominator",
+    ["insured_prov", "treating_prov", "scope", "visit_type"],
+)
+DEPOSIT_BALANCE = Gauge(
+    "xs_deposit_balance_yuan", "Advance deposit (预付金) balance of an insured province, in yuan", ["insured_prov"]
+)
+DEPOSIT_WARNING_LINE = Gauge(
+    "xs_deposit_warning_line_yuan", "Advance deposit warning line of an insured province, in yuan", ["insured_prov"]
+)
+CLEARING_POSITION = Gauge(
+    "xs_clearing_position_yuan",
+    "Current month's running net amount the insured province owes the treating province, per fund, in yuan",
+    ["insured_prov", "treating_prov", "fund"],
+)
+
+
+def record_manual_claim(insured_prov: str, treating_prov: str, scope: str, visit_type: str) -> None:
+    """One manual reimbursement person-time (visit_type code-like: inpatient, general_outpatient, ...)."""
+    MANUAL_CLAIMS.labels(insured_prov, treating_prov, scope, visit_type).inc()
+
+
+def set_deposit(insured_prov: str, balance_fen: int, warning_line_fen: int) -> None:
+    DEPOSIT_BALANCE.labels(insured_prov).set(balance_fen / 100)
+    DEPOSIT_WARNING_LINE.labels(insured_prov).set(warning_line_fen / 100)
+
+
+def set_clearing_position(insured_prov: str, treating_prov: str, fund: str, amount_fen: int) -> None:
+    CLEARING_POSITION.labels(insured_prov, treating_prov, fund).set(amount_fen / 100)
 
 
 def serve_metrics(port: int) -> None:
