@@ -67,12 +67,33 @@ class Input2402(msgspec.Struct, kw_only=True, tag=True):
     diseinfo: list[DiseInfo] = []
 
 
+class AdmissionChange(msgspec.Struct, kw_only=True):
+    mdtrt_id: MdtrtId
+    psn_no: PsnNo
+    begntime: WireTime | None = None
+    dise_codg: Code | None = None
+    dise_name: Text | None = None
+    adm_diag_dscr: Text | None = None
+
+    def __post_init__(self) -> None:
+        check_times(self, "begntime")
+
+
+class Input2403(msgspec.Struct, kw_only=True, tag=True):
+    adminfo: AdmissionChange
+    diseinfo: list[DiseInfo] = []
+
+
 class VisitRef(msgspec.Struct, kw_only=True):
     mdtrt_id: MdtrtId
     psn_no: PsnNo
 
 
 class Input2404(msgspec.Struct, kw_only=True, tag=True):
+    data: VisitRef
+
+
+class Input2405(msgspec.Struct, kw_only=True, tag=True):
     data: VisitRef
 
 

@@ -15,13 +15,21 @@ from schemas.inpatient import (
     Input2305,
     Input2401,
     Input2402,
+    Input2403,
     Input2404,
+    Input2405,
 )
+from schemas.outpatient import Input2201, Input2202, Input2203, Input2204, Input2205, Input2206, Input2207, Input2208
+from schemas.pharmacy import Input2101, Input2102, Input2103
 
 Scope = Literal["local", "intra_province", "cross_province"]
 
 # Bodies the settlement engine handles (the router answers 1101, the gateway 9001).
-VisitBody = Input2401 | Input2402 | Input2404 | Input2301 | Input2302 | Input2303 | Input2304 | Input2305
+VisitBody = (
+    Input2401 | Input2402 | Input2403 | Input2404 | Input2405 | Input2301 | Input2302 | Input2303 | Input2304
+    | Input2305 | Input2201 | Input2202 | Input2203 | Input2204 | Input2205 | Input2206 | Input2207 | Input2208
+    | Input2101 | Input2102 | Input2103
+)
 
 
 class HospitalCtx(msgspec.Struct, kw_only=True):
@@ -66,7 +74,7 @@ class RoutedRequest(msgspec.Struct, kw_only=True):
     # The filing in force for the treating province at routing time; None for local care or none found.
     filing_type: str | None
     body: VisitBody
-    catalog: list[CatalogCtx] = []  # 2301: one entry per fee item, same order
+    catalog: list[CatalogCtx] = []  # 2301/2204/2101/2102: one entry per fee item, same order
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):

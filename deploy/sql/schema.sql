@@ -79,10 +79,11 @@ CREATE TABLE IF NOT EXISTS visit (
     begntime        timestamp NOT NULL,
     endtime         timestamp,
     dise_codg       text,
-    state           text    NOT NULL,     -- admitted | discharged | settled | cancelled
+    state           text    NOT NULL,     -- registered | admitted | discharged | settled | cancelled
     created_msgid   text    NOT NULL UNIQUE
 );
 CREATE INDEX IF NOT EXISTS visit_psn ON visit (psn_no);
+ALTER TABLE visit ADD COLUMN IF NOT EXISTS chronic_disease text;   -- outpatient med_type 14
 
 CREATE TABLE IF NOT EXISTS fee_item (
     mdtrt_id        text    NOT NULL REFERENCES visit (mdtrt_id),

@@ -16,16 +16,13 @@ from typing import Any
 
 from schemas.codec import Request
 from schemas.errors import BrokerError
-from schemas.inpatient import (
-    Input2301,
-    Input2302,
-    Input2303,
-    Input2304,
-    Input2401,
-)
+from schemas.filing import Input2501, Input2502, Input2503, Input2504, Input5301
+from schemas.inpatient import Input2301, Input2302, Input2303, Input2304, Input2401
 from schemas.internal import CatalogCtx, HospitalCtx, PersonCtx, RoutedRequest
 from schemas.money import to_yuan
+from schemas.outpatient import Input2204, Input2205, Input2206, Input2207
 from schemas.person import Input1101
+from schemas.pharmacy import Input2101, Input2102
 from schemas.wire import parse_wire_time
 from services.refdata.regions import UnknownRegion, classify_scope, region_of
 from services.refdata.store import Filing, RefData, filing_in_force
@@ -68,12 +65,35 @@ CLEARING_INFNOS = frozenset({"3201", "3202", "3203", "3204", "3260", "3261", "32
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A request answered by the router itself (1101)."""
+    """A request answered by the router itself from its reference data (5301)."""
 
     output: dict[str, Any]
 
 
-def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> Routed | Answer | ForwardClearing:
+@dataclass(frozen=True, slots=True)
+class PersonQuery:
+    """1101: the person is found; the router adds ledger facts (balance, accumulators) and answers."""
+
+    psn_no: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefdataChange:
+    """2501–2504: a filing or chronic eligibility change, applied to PostgreSQL before the answer."""
+
+    psn_no: str
+    output: dict[str, Any]
+    new_filing: Filing | None = None
+    revoke_filing_id: str | None = None
+    chronic: frozenset[str] | None = None  # the person's eligibility after the change
+
+
+# Settlements (not pre-settlements' effects, but those too need the ratio cut): non-local needs a filing.
+SETTLEMENT_BODIES = (Input2303, Input2304, Input2206, Input2207, Input2101, Input2102)
+Decision = Routed | Answer | PersonQuery | RefdataChange | ForwardClearing
+
+
+def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> Decision:
     env = req.envelope
     hospital = ref.hospitals.get(env.fixmedins_code)
     if hospital is None:
@@ -82,7 +102,7 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
     if _region(env.mdtrtarea_admvs).pool_admdvs != treating.pool_admdvs:
         raise BrokerError("MDTRTAREA_MISMATCH", "mdtrtarea_admvs is not the hospital's pooling region")
     if isinstance(req.body, Input1101):
-        return Answer(person_info(req.body, ref, env.inf_time))
+        return PersonQuery(find_person(req.body, ref))
     if env.infno in CLEARING_INFNOS:
         return ForwardClearing(env.fixmedins_code)
 
@@ -94,17 +114,23 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
         raise BrokerError("PERSON_UNKNOWN", "no insured person with that psn_no")
     if env.insuplc_admdvs != person.insuplc_admdvs:
         raise BrokerError("INSUPLC_MISMATCH", "insuplc_admdvs differs from the person's insured region")
-    insutype = getattr(getattr(req.body, "mdtrtinfo", None), "insutype", None)
-    if insutype is not None and insutype != person.insutype:
-        raise BrokerError("INSUTYPE_MISMATCH", "insutype differs from the person's insurance")
+    for part in ("mdtrtinfo", "data"):
+        insutype = getattr(getattr(req.body, part, None), "insutype", None)
+        if insutype is not None and insutype != person.insutype:
+            raise BrokerError("INSUTYPE_MISMATCH", "insutype differs from the person's insurance")
     insured = _region(person.insuplc_admdvs)
     scope = classify_scope(insured.admdvs, treating.admdvs)
     on = parse_wire_time("inf_time", env.inf_time).date()
+    if isinstance(req.body, Input2501 | Input2502 | Input2503 | Input2504 | Input5301):
+        return filing_transaction(req.body, psn_no, person, ref, env.msgid, on)
 
     catalog: list[CatalogCtx] = []
-    if isinstance(req.body, Input2301):
-        catalog = _enrich_fees(req.body, ref, treating.prov_admdvs, fee_items_max)
-    elif isinstance(req.body, Input2302):
+    if isinstance(req.body, Input2301 | Input2204):
+        _check_same_visit(req.body.feedetail)
+        catalog = _enrich_fees(req.body.feedetail, ref, treating.prov_admdvs, fee_items_max)
+    elif isinstance(req.body, Input2101 | Input2102):
+        catalog = _enrich_fees(req.body.drugdetail, ref, treating.prov_admdvs, fee_items_max)
+    elif isinstance(req.body, Input2302 | Input2205):
         _check_same_visit(req.body.data)
 
     filing_type: str | None = None
@@ -116,7 +142,7 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
             filings = [*filings, new_filing.filing]
         found = filing_in_force(filings, on, treating.prov_admdvs)
         filing_type = found.filing_type if found else None
-        if found is None and isinstance(req.body, Input2303 | Input2304):
+        if found is None and isinstance(req.body, SETTLEMENT_BODIES):
             raise BrokerError(
                 "FILING_REQUIRED",
                 "non-local care needs a cross-region filing in force for the treating province",
@@ -168,8 +194,8 @@ def _region(admdvs: str) -> Any:
 def _filing_on_the_spot(req: Request, psn_no: str, treating_prov: str, on: date) -> NewFiling | None:
     """Promise system (承诺制) creates a TEMPORARY filing; a declared emergency counts as filed."""
     body = req.body
-    info = getattr(body, "mdtrtinfo", None)
-    if info is None:
+    info = getattr(body, "mdtrtinfo", None) or getattr(body, "data", None)
+    if info is None or isinstance(info, list):
         return None
     if isinstance(body, Input2401) and body.mdtrtinfo.emergency_flag == "1":
         kind, days = "EMERGENCY", EMERGENCY_FILING_DAYS
@@ -198,12 +224,11 @@ def _check_same_visit(items: list[Any]) -> None:
             raise BrokerError("FEE_ITEM_INCONSISTENT", "all items of one request must belong to one visit")
 
 
-def _enrich_fees(body: Input2301, ref: RefData, treating_prov: str, items_max: int) -> list[CatalogCtx]:
-    if len(body.feedetail) > items_max:
+def _enrich_fees(items: list[Any], ref: RefData, treating_prov: str, items_max: int) -> list[CatalogCtx]:
+    if len(items) > items_max:
         raise BrokerError("TOO_MANY_FEE_ITEMS", f"at most {items_max} fee items per upload")
-    _check_same_visit(body.feedetail)
     out = []
-    for i, item in enumerate(body.feedetail):
+    for i, item in enumerate(items):
         entry = ref.catalog.get((treating_prov, item.med_list_codg))
         if entry is None:
             raise BrokerError(
@@ -217,30 +242,109 @@ def _enrich_fees(body: Input2301, ref: RefData, treating_prov: str, items_max: i
     return out
 
 
-def person_info(body: Input1101, ref: RefData, inf_time: str) -> dict[str, Any]:
+def find_person(body: Input1101, ref: RefData) -> str:
     q = body.data
     psn_no = ref.persons_by_cert.get(q.certno or q.mdtrt_cert_no)
     if psn_no is None and q.mdtrt_cert_no in ref.persons:
         psn_no = q.mdtrt_cert_no
-    person = ref.persons.get(psn_no) if psn_no else None
-    if person is None or psn_no is None:
+    if psn_no is None or psn_no not in ref.persons:
         raise BrokerError("PERSON_UNKNOWN", "no insured person with that certificate")
+    return psn_no
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerFacts:
+    """What 1101 shows from the ledger: the account balance now and this year's accumulators (fen)."""
+
+    balance_fen: int | None
+    year: int
+    accumulators: dict[str, Any]
+
+
+# 1101 `cuminfo` codes for the accumulators (this broker's names; values in yuan).
+CUM_TYPES = {
+    "basic_paid": "basic_pool_paid", "outpatient_dedc_used": "outpatient_deductible_used",
+    "outpatient_paid": "outpatient_pool_paid", "critical_base": "critical_illness_base",
+    "critical_paid": "critical_illness_paid", "supplementary_paid": "supplementary_paid",
+    "assistance_paid": "assistance_paid",
+}
+
+
+def person_info(psn_no: str, ref: RefData, inf_time: str, facts: LedgerFacts) -> dict[str, Any]:
+    """1101 output: identity, insurance, filings in force, chronic eligibility, balance, this year's totals.
+    Nothing about visits or settlements at other hospitals."""
+    person = ref.persons[psn_no]
+    today = parse_wire_time("inf_time", inf_time).date()
     certno = person.certno or ""
-    birth, gend, age = _from_certno(certno, parse_wire_time("inf_time", inf_time).date())
+    birth, gend, age = _from_certno(certno, today)
     idet = []
     if person.assistance:
         idet.append({"psn_idet_type": person.assistance, "memo": {"1": "低保", "2": "特困"}[person.assistance]})
+    balance = facts.balance_fen if facts.balance_fen is not None else person.acct_balc_fen
+    cuminfo = [{"year": facts.year, "cum_type_code": code, "cum": to_yuan(int(facts.accumulators.get(key, 0)))}
+               for key, code in CUM_TYPES.items()]
+    cuminfo += [{"year": facts.year, "cum_type_code": f"chronic_paid_{disease}", "cum": to_yuan(int(fen))}
+                for disease, fen in sorted(facts.accumulators.get("chronic_paid", {}).items())]
     return {
         "baseinfo": {
             "psn_no": psn_no, "psn_cert_type": "01", "certno": certno, "psn_name": person.psn_name or "",
             "gend": gend, "brdy": birth, "age": age,
         },
         "insuinfo": [{
-            "insutype": person.insutype, "psn_type": person.psn_type, "balc": to_yuan(person.acct_balc_fen),
+            "insutype": person.insutype, "psn_type": person.psn_type, "balc": to_yuan(balance),
             "insuplc_admdvs": person.insuplc_admdvs, "psn_insu_stas": "1",
         }],
         "idetinfo": idet,
+        "filinginfo": [_filing_view(f, with_id=False) for f in _in_force(ref.filings.get(psn_no, []), today)],
+        "chronicinfo": [{"chronic_disease": d} for d in sorted(person.chronic)],
+        "cuminfo": cuminfo,
     }
+
+
+def _in_force(filings: list[Filing], on: date) -> list[Filing]:
+    return [f for f in filings if not f.revoked and f.begndate <= on <= f.enddate]
+
+
+def _filing_view(f: Filing, *, with_id: bool) -> dict[str, Any]:
+    view: dict[str, Any] = {"filing_type": f.filing_type, "begndate": f.begndate.isoformat(),
+                            "enddate": f.enddate.isoformat(), "target_admdvs": f.target_admdvs or ""}
+    if with_id:
+        view = {"filing_id": f.filing_id, **view, "source": f.source}
+    return view
+
+
+def filing_transaction(body: Any, psn_no: str, person: Any, ref: RefData, msgid: str,
+                       on: date) -> Answer | RefdataChange:
+    """2501 create / 2502 revoke a filing, 2503 / 2504 chronic eligibility, 5301 query."""
+    filings = ref.filings.get(psn_no, [])
+    match body:
+        case Input5301():
+            return Answer({
+                "filinginfo": [_filing_view(f, with_id=True) for f in filings if not f.revoked],
+                "chronicinfo": [{"chronic_disease": d} for d in sorted(person.chronic)],
+            })
+        case Input2501(data=d):
+            filing = Filing(
+                filing_id="F" + hashlib.sha256(f"{msgid}|online".encode()).hexdigest()[:31],
+                filing_type=d.filing_type, begndate=d.begndate, enddate=d.enddate, target_admdvs=d.target_admdvs,
+                source="promise" if d.promise_flag == "1" else "online", revoked=False,
+            )
+            return RefdataChange(psn_no, {"filinginfo": _filing_view(filing, with_id=True)}, new_filing=filing)
+        case Input2502(data=d):
+            target = next((f for f in filings if f.filing_id == d.filing_id), None)
+            if target is None:
+                raise BrokerError("FILING_UNKNOWN", "no filing with that filing_id for this person")
+            return RefdataChange(psn_no, {"filing_id": d.filing_id, "revoked": True},
+                                 revoke_filing_id=d.filing_id)
+        case Input2503(data=d):
+            chronic = frozenset(person.chronic) | {d.chronic_disease}
+            return RefdataChange(psn_no, {"chronicinfo": [{"chronic_disease": c} for c in sorted(chronic)]},
+                                 chronic=chronic)
+        case Input2504(data=d):
+            chronic = frozenset(person.chronic) - {d.chronic_disease}
+            return RefdataChange(psn_no, {"chronicinfo": [{"chronic_disease": c} for c in sorted(chronic)]},
+                                 chronic=chronic)
+    raise BrokerError("INFNO_UNSUPPORTED", "not a filing transaction")
 
 
 def _from_certno(certno: str, today: date) -> tuple[str, str, int]:

@@ -19,7 +19,10 @@ from services.policy.logic import accumulators_from_json, accumulators_to_json
 from services.settle.state import AMOUNT_FIELDS, BatchState, Fee, Settlement, Visit
 
 _VISIT_COLS = ("mdtrt_id", "psn_no", "fixmedins_code", "med_type", "insutype", "scope", "insured_admdvs",
-               "treating_admdvs", "ipt_otp_no", "begntime", "endtime", "dise_codg", "state", "created_msgid")
+               "treating_admdvs", "ipt_otp_no", "begntime", "endtime", "dise_codg", "state", "created_msgid",
+               "chronic_disease")
+# What a visit's later transactions may change (2203, 2402, 2403, 2405, settlement, reversal, cancellation).
+_VISIT_MUTABLE = ("state", "endtime", "begntime", "dise_codg", "med_type", "chronic_disease")
 _FEE_COLS = ("mdtrt_id", "feedetl_sn", "med_list_codg", "medins_list_codg", "chrgitm_lv", "selfpay_prop",
              "pric_uplmt_fen", "fee_fen", "cnt", "pric_fen", "fee_ocur_time", "upload_msgid", "cancelled")
 _SETL_COLS = ("setl_id", "msgid", "kind", "orig_setl_id", "mdtrt_id", "psn_no", "fixmedins_code", "insutype",
@@ -30,21 +33,20 @@ _ACC_COUNTERS = ("basic_paid", "outpatient_dedc_used", "outpatient_paid", "criti
                  "supplementary_paid", "assistance_paid")
 
 
-def _mdtrt_ids(msgs: Iterable[RoutedRequest]) -> set[str]:
-    ids: set[str] = set()
+def _referenced(msgs: Iterable[RoutedRequest]) -> tuple[set[str], set[str]]:
+    """The mdtrt_ids and setl_ids the batch's bodies name."""
+    mdtrt_ids: set[str] = set()
+    setl_ids: set[str] = set()
     for m in msgs:
         body = m.body
-        for attr in ("mdtrtinfo", "dscginfo", "data"):
+        for attr in ("mdtrtinfo", "dscginfo", "adminfo", "data", "feedetail"):
             part = getattr(body, attr, None)
-            if part is None:
-                continue
             for item in part if isinstance(part, list) else [part]:
-                mdtrt_id = getattr(item, "mdtrt_id", None)
-                if mdtrt_id:
-                    ids.add(mdtrt_id)
-        for item in getattr(body, "feedetail", ()):
-            ids.add(item.mdtrt_id)
-    return ids
+                if mdtrt_id := getattr(item, "mdtrt_id", None):
+                    mdtrt_ids.add(mdtrt_id)
+                if setl_id := getattr(item, "setl_id", None):
+                    setl_ids.add(setl_id)
+    return mdtrt_ids, setl_ids
 
 
 async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> BatchState:
@@ -64,7 +66,11 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
     if not fresh:
         return st
     persons = sorted({m.person.psn_no for m in fresh})
-    mdtrt_ids = sorted(_mdtrt_ids(fresh))
+    named_visits, named_settlements = _referenced(fresh)
+    if named_settlements:  # a pharmacy reversal (2103) names only the settlement
+        named_visits |= {r["mdtrt_id"] for r in await conn.fetch(
+            "SELECT mdtrt_id FROM settlement WHERE setl_id = ANY($1)", list(named_settlements))}
+    mdtrt_ids = sorted(named_visits)
     # Lock order: accounts, accumulators, visits — always by sorted key, so workers never deadlock.
     for r in await conn.fetch(
         "SELECT psn_no, balc_fen FROM account WHERE psn_no = ANY($1) ORDER BY psn_no FOR UPDATE", persons
@@ -110,9 +116,10 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
         )
     changed = st.changed_visits - set(st.new_visits)
     if changed:
+        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(_VISIT_MUTABLE, start=2))
         await conn.executemany(
-            "UPDATE visit SET state = $2, endtime = $3 WHERE mdtrt_id = $1",
-            [(v, st.visits[v].state, st.visits[v].endtime) for v in sorted(changed)],
+            f"UPDATE visit SET {assignments} WHERE mdtrt_id = $1",
+            [(v, *(getattr(st.visits[v], c) for c in _VISIT_MUTABLE)) for v in sorted(changed)],
         )
     if st.new_fees:
         await conn.executemany(

@@ -1,21 +1,29 @@
 """The settlement engine's decisions, pure: one routed request against the batch state.
 
-Visit state machine per mdtrt_id (inpatient):
-    2401 → admitted --2402--> discharged --2304--> settled --2305--> discharged (may settle again)
-    admitted/discharged --2404--> cancelled (not once settled)
-Fees (2301/2302) only before settlement; 2303 computes without effect.
-Each handler returns the response `output` or raises BrokerError; state changes
-are recorded on the BatchState for the ledger to write.
+Visit state machine per mdtrt_id:
+
+  outpatient (11/14)  2201 → registered --2207--> settled --2208--> registered (may settle again)
+                      registered --2202--> cancelled; 2203 sets med_type/diagnosis; fees 2204/2205
+  inpatient (21)      2401 → admitted --2402--> discharged --2304--> settled --2305--> discharged
+                      discharged --2405--> admitted; admitted/discharged --2404--> cancelled;
+                      2403 changes admission data; fees 2301/2302
+  pharmacy (41)       2102 creates the visit settled at once; 2103 reverses it (→ cancelled)
+
+Fees and cancellations only before settlement; pre-settlement (2206/2303/2101) computes
+without effect. Each handler returns the response `output` or raises BrokerError; state
+changes are recorded on the BatchState for the ledger to write.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from schemas.errors import BrokerError
 from schemas.inpatient import (
+    FeeDetail,
     FeeResult,
     Input2301,
     Input2302,
@@ -24,7 +32,9 @@ from schemas.inpatient import (
     Input2305,
     Input2401,
     Input2402,
+    Input2403,
     Input2404,
+    Input2405,
     Output2301,
     Output2401,
     OutputSettlement,
@@ -32,8 +42,19 @@ from schemas.inpatient import (
     SetlInfo,
     VisitResult,
 )
-from schemas.internal import RoutedRequest
+from schemas.internal import CatalogCtx, RoutedRequest
 from schemas.money import to_fen, to_yuan
+from schemas.outpatient import (
+    Input2201,
+    Input2202,
+    Input2203,
+    Input2204,
+    Input2205,
+    Input2206,
+    Input2207,
+    Input2208,
+)
+from schemas.pharmacy import DrugDetail, Input2101, Input2102, Input2103
 from schemas.wire import parse_wire_time
 from services.policy.logic import (
     Accumulators,
@@ -51,6 +72,10 @@ from services.policy.logic import (
 from services.policy.policies import PolicyBook
 from services.settle.state import AMOUNT_FIELDS, BatchState, Fee, Settlement, Visit
 
+VisitKind = Literal["outpatient", "inpatient", "pharmacy"]
+MED_TYPES_OF: dict[VisitKind, tuple[str, ...]] = {"outpatient": ("11", "14"), "inpatient": ("21",),
+                                                   "pharmacy": ("41",)}
+FUNDS = ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")
 FUND_NAMES = {
     ("hifp_pay", "310"): ("310100", "职工基本医疗保险统筹基金"),
     ("hifp_pay", "390"): ("390100", "城乡居民基本医疗保险基金"),
@@ -59,11 +84,13 @@ FUND_NAMES = {
     ("maf_pay", "310"): ("610100", "医疗救助基金"),
     ("maf_pay", "390"): ("610100", "医疗救助基金"),
 }
+# Policy refusals the hospital can act on; anything else from the policy engine is a bug (INTERNAL).
+_POLICY_CODES = {"CHRONIC_DISEASE_NOT_COVERED", "MED_TYPE_UNSUPPORTED"}
 
 
 @dataclass(frozen=True, slots=True)
 class Effect:
-    """What the handler produced: the response output and, for 2304/2305, the ledger row."""
+    """What the handler produced: the response output and, for a settlement or reversal, the ledger row."""
 
     output: Any
     settlement: Settlement | None = None
@@ -72,25 +99,45 @@ class Effect:
 def handle(msg: RoutedRequest, st: BatchState, policies: PolicyBook) -> Effect:
     body = msg.body
     match body:
+        case Input2201():
+            return _register(msg, body, st)
+        case Input2202():
+            return _cancel_visit(msg, st, body.data.mdtrt_id, "outpatient")
+        case Input2203():
+            return _outpatient_info(msg, body, st)
+        case Input2204() | Input2301():
+            kind: VisitKind = "outpatient" if isinstance(body, Input2204) else "inpatient"
+            return _upload_fees(msg, body.feedetail, st, kind)
+        case Input2205() | Input2302():
+            kind = "outpatient" if isinstance(body, Input2205) else "inpatient"
+            return _cancel_fees(msg, body.data, st, kind)
+        case Input2206() | Input2207():
+            return _settle_outpatient(msg, body, st, policies, effective=isinstance(body, Input2207))
+        case Input2303() | Input2304():
+            return _settle_inpatient(msg, body, st, policies, effective=isinstance(body, Input2304))
+        case Input2208() | Input2305():
+            kind = "outpatient" if isinstance(body, Input2208) else "inpatient"
+            visit = _visit(msg, st, body.data.mdtrt_id, kind, allow_cancelled=True)
+            return _reverse(msg, st, body.data.setl_id, visit)
         case Input2401():
             return _admit(msg, body, st)
         case Input2402():
             return _discharge(msg, body, st)
+        case Input2403():
+            return _change_admission(msg, body, st)
         case Input2404():
-            return _cancel_admission(msg, body, st)
-        case Input2301():
-            return _upload_fees(msg, body, st)
-        case Input2302():
-            return _cancel_fees(msg, body, st)
-        case Input2303() | Input2304():
-            return _settle(msg, body, st, policies, effective=isinstance(body, Input2304))
-        case Input2305():
-            return _reverse(msg, body, st)
+            return _cancel_visit(msg, st, body.data.mdtrt_id, "inpatient")
+        case Input2405():
+            return _cancel_discharge(msg, body, st)
+        case Input2101() | Input2102():
+            return _pharmacy(msg, body, st, policies, effective=isinstance(body, Input2102))
+        case Input2103():
+            return _reverse_pharmacy(msg, body, st)
     raise BrokerError("INFNO_UNSUPPORTED", f"infno {msg.infno} is not handled by the settlement engine")
 
 
 def mdtrt_id_for(msgid: str) -> str:
-    """Deterministic, so a replayed admission creates the same visit."""
+    """Deterministic, so a replayed registration or admission creates the same visit."""
     return "M" + msgid
 
 
@@ -105,85 +152,154 @@ def _time(field: str, value: str) -> datetime:
         raise BrokerError("BODY_MALFORMED", str(e)) from None
 
 
-def _visit(msg: RoutedRequest, st: BatchState, mdtrt_id: str) -> Visit:
+# --- visits ------------------------------------------------------------------------------------
+
+
+def _visit(msg: RoutedRequest, st: BatchState, mdtrt_id: str, kind: VisitKind, *,
+           allow_cancelled: bool = False) -> Visit:
     visit = st.visits.get(mdtrt_id)
     if visit is None or visit.psn_no != msg.person.psn_no or visit.fixmedins_code != msg.fixmedins_code:
         raise BrokerError("VISIT_UNKNOWN", "no visit with that mdtrt_id for this person and hospital")
+    if visit.med_type not in MED_TYPES_OF[kind]:
+        raise BrokerError("VISIT_TYPE_MISMATCH", f"the visit is not an {kind} visit")
+    if visit.state == "cancelled" and not allow_cancelled:
+        raise BrokerError("VISIT_CANCELLED", "the visit was cancelled")
     return visit
 
 
-def _require_state(visit: Visit, allowed: tuple[str, ...], action: str) -> None:
-    if visit.state not in allowed:
-        raise BrokerError("VISIT_STATE", f"cannot {action}: the visit is {visit.state}")
+def _not_settled(visit: Visit, action: str) -> None:
+    if visit.state == "settled":
+        raise BrokerError("VISIT_SETTLED", f"cannot {action}: the visit is settled; reverse it first")
+
+
+def _new_visit(msg: RoutedRequest, st: BatchState, *, med_type: str, ipt_otp_no: str, begntime: datetime,
+               dise_codg: str | None, state: str) -> Visit:
+    mdtrt_id = mdtrt_id_for(msg.msgid)
+    visit = Visit(
+        mdtrt_id=mdtrt_id, psn_no=msg.person.psn_no, fixmedins_code=msg.fixmedins_code, med_type=med_type,
+        insutype=msg.person.insutype, scope=msg.scope, insured_admdvs=msg.person.insured_admdvs,
+        treating_admdvs=msg.hospital.admdvs, ipt_otp_no=ipt_otp_no, begntime=begntime, endtime=None,
+        dise_codg=dise_codg, state=state, created_msgid=msg.msgid,
+    )
+    st.visits[mdtrt_id] = visit
+    st.fees.setdefault(mdtrt_id, {})
+    st.new_visits.append(mdtrt_id)
+    return visit
+
+
+def _changed(st: BatchState, visit: Visit) -> None:
+    st.changed_visits.add(visit.mdtrt_id)
+
+
+def _register(msg: RoutedRequest, body: Input2201, st: BatchState) -> Effect:
+    d = body.data
+    visit = _new_visit(msg, st, med_type="11", ipt_otp_no=d.ipt_otp_no, begntime=_time("begntime", d.begntime),
+                       dise_codg=None, state="registered")
+    return Effect({"data": VisitResult(mdtrt_id=visit.mdtrt_id, psn_no=d.psn_no, ipt_otp_no=d.ipt_otp_no)})
+
+
+def _outpatient_info(msg: RoutedRequest, body: Input2203, st: BatchState) -> Effect:
+    info = body.mdtrtinfo
+    visit = _visit(msg, st, info.mdtrt_id, "outpatient")
+    _not_settled(visit, "change the visit information")
+    if info.med_type == "14" and info.chronic_disease not in msg.person.chronic:
+        raise BrokerError("CHRONIC_DISEASE_NOT_COVERED", "the person has no eligibility for that chronic disease")
+    visit.med_type, visit.dise_codg = info.med_type, info.dise_codg
+    visit.chronic_disease = info.chronic_disease if info.med_type == "14" else None
+    visit.begntime = _time("begntime", info.begntime)
+    _changed(st, visit)
+    return Effect({})
 
 
 def _admit(msg: RoutedRequest, body: Input2401, st: BatchState) -> Effect:
     info = body.mdtrtinfo
     if info.med_type != "21":
         raise BrokerError("MED_TYPE_UNSUPPORTED", "admission (2401) needs med_type 21")
-    mdtrt_id = mdtrt_id_for(msg.msgid)
-    st.visits[mdtrt_id] = Visit(
-        mdtrt_id=mdtrt_id, psn_no=info.psn_no, fixmedins_code=msg.fixmedins_code, med_type=info.med_type,
-        insutype=info.insutype, scope=msg.scope, insured_admdvs=msg.person.insured_admdvs,
-        treating_admdvs=msg.hospital.admdvs, ipt_otp_no=info.ipt_otp_no,
-        begntime=_time("begntime", info.begntime), endtime=None, dise_codg=info.dise_codg,
-        state="admitted", created_msgid=msg.msgid,
-    )
-    st.fees.setdefault(mdtrt_id, {})
-    st.new_visits.append(mdtrt_id)
-    return Effect(Output2401(result=VisitResult(mdtrt_id=mdtrt_id, psn_no=info.psn_no,
+    visit = _new_visit(msg, st, med_type="21", ipt_otp_no=info.ipt_otp_no,
+                       begntime=_time("begntime", info.begntime), dise_codg=info.dise_codg, state="admitted")
+    return Effect(Output2401(result=VisitResult(mdtrt_id=visit.mdtrt_id, psn_no=info.psn_no,
                                                 ipt_otp_no=info.ipt_otp_no)))
 
 
 def _discharge(msg: RoutedRequest, body: Input2402, st: BatchState) -> Effect:
-    visit = _visit(msg, st, body.dscginfo.mdtrt_id)
-    _require_state(visit, ("admitted",), "discharge")
+    visit = _visit(msg, st, body.dscginfo.mdtrt_id, "inpatient")
+    _not_settled(visit, "discharge")
+    if visit.state == "discharged":
+        raise BrokerError("VISIT_DISCHARGED", "the stay is already discharged")
     endtime = _time("endtime", body.dscginfo.endtime)
     if endtime < visit.begntime:
         raise BrokerError("BODY_MALFORMED", "endtime: before the admission time")
     visit.state, visit.endtime = "discharged", endtime
-    st.changed_visits.add(visit.mdtrt_id)
+    _changed(st, visit)
     return Effect({})
 
 
-def _cancel_admission(msg: RoutedRequest, body: Input2404, st: BatchState) -> Effect:
-    visit = _visit(msg, st, body.data.mdtrt_id)
-    _require_state(visit, ("admitted", "discharged"), "cancel the admission")
+def _change_admission(msg: RoutedRequest, body: Input2403, st: BatchState) -> Effect:
+    info = body.adminfo
+    visit = _visit(msg, st, info.mdtrt_id, "inpatient")
+    _not_settled(visit, "change the admission")
+    if info.begntime is not None:
+        begntime = _time("begntime", info.begntime)
+        if visit.endtime is not None and visit.endtime < begntime:
+            raise BrokerError("BODY_MALFORMED", "begntime: after the discharge time")
+        visit.begntime = begntime
+    if info.dise_codg is not None:
+        visit.dise_codg = info.dise_codg
+    _changed(st, visit)
+    return Effect({})
+
+
+def _cancel_discharge(msg: RoutedRequest, body: Input2405, st: BatchState) -> Effect:
+    visit = _visit(msg, st, body.data.mdtrt_id, "inpatient")
+    _not_settled(visit, "cancel the discharge")
+    if visit.state != "discharged":
+        raise BrokerError("VISIT_NOT_DISCHARGED", "the stay is not discharged")
+    visit.state, visit.endtime = "admitted", None
+    _changed(st, visit)
+    return Effect({})
+
+
+def _cancel_visit(msg: RoutedRequest, st: BatchState, mdtrt_id: str, kind: VisitKind) -> Effect:
+    visit = _visit(msg, st, mdtrt_id, kind)
+    _not_settled(visit, "cancel the visit")
     visit.state = "cancelled"
-    st.changed_visits.add(visit.mdtrt_id)
+    _changed(st, visit)
     return Effect({})
 
 
-def _upload_fees(msg: RoutedRequest, body: Input2301, st: BatchState) -> Effect:
-    visit = _visit(msg, st, body.feedetail[0].mdtrt_id)
-    _require_state(visit, ("admitted", "discharged"), "upload fees")
+# --- fees --------------------------------------------------------------------------------------
+
+
+def _fee(mdtrt_id: str, item: FeeDetail | DrugDetail, cat: CatalogCtx, msgid: str) -> Fee:
+    return Fee(
+        mdtrt_id=mdtrt_id, feedetl_sn=item.feedetl_sn, med_list_codg=item.med_list_codg,
+        medins_list_codg=item.medins_list_codg, chrgitm_lv=cat.chrgitm_lv, selfpay_prop=cat.selfpay_prop,
+        pric_uplmt_fen=cat.pric_uplmt_fen, fee_fen=to_fen(item.det_item_fee_sumamt), cnt=item.cnt,
+        pric_fen=to_fen(item.pric), fee_ocur_time=_time("fee_ocur_time", item.fee_ocur_time), upload_msgid=msgid,
+    )
+
+
+def _upload_fees(msg: RoutedRequest, items: Sequence[FeeDetail], st: BatchState, kind: VisitKind) -> Effect:
+    visit = _visit(msg, st, items[0].mdtrt_id, kind)
+    _not_settled(visit, "upload fees")
     existing = st.fees.setdefault(visit.mdtrt_id, {})
     results = []
-    for item, cat in zip(body.feedetail, msg.catalog, strict=True):
-        fee = Fee(
-            mdtrt_id=visit.mdtrt_id, feedetl_sn=item.feedetl_sn, med_list_codg=item.med_list_codg,
-            medins_list_codg=item.medins_list_codg, chrgitm_lv=cat.chrgitm_lv, selfpay_prop=cat.selfpay_prop,
-            pric_uplmt_fen=cat.pric_uplmt_fen, fee_fen=to_fen(item.det_item_fee_sumamt), cnt=item.cnt,
-            pric_fen=to_fen(item.pric), fee_ocur_time=_time("fee_ocur_time", item.fee_ocur_time),
-            upload_msgid=msg.msgid,
-        )
+    for item, cat in zip(items, msg.catalog, strict=True):
+        fee = _fee(visit.mdtrt_id, item, cat, msg.msgid)
         before = existing.get(item.feedetl_sn)
         if before is not None and not before.cancelled:
             if _fee_content(before) != _fee_content(fee):
                 raise BrokerError("FEE_ITEM_DUPLICATE", "feedetl_sn already uploaded with other content")
-        else:
-            if before is None:
-                st.new_fees.append((visit.mdtrt_id, item.feedetl_sn))
-            else:  # re-upload of a cancelled item replaces it
-                st.cancelled_fees = [k for k in st.cancelled_fees if k != (visit.mdtrt_id, item.feedetl_sn)]
-                st.new_fees.append((visit.mdtrt_id, item.feedetl_sn))
+        else:  # new, or a re-upload replacing a cancelled item
+            key = (visit.mdtrt_id, item.feedetl_sn)
+            st.cancelled_fees = [k for k in st.cancelled_fees if k != key]
+            st.new_fees.append(key)
             existing[item.feedetl_sn] = fee
         split = catalog_split([_fee_item(fee)])
         results.append(FeeResult(
             feedetl_sn=item.feedetl_sn, det_item_fee_sumamt=item.det_item_fee_sumamt, cnt=item.cnt,
             pric=item.pric, selfpay_prop=cat.selfpay_prop, fulamt_ownpay_amt=to_yuan(split.fulamt_ownpay),
-            preselfpay_amt=to_yuan(split.preselfpay), inscp_scp_amt=to_yuan(split.inscp),
-            chrgitm_lv=cat.chrgitm_lv,
+            preselfpay_amt=to_yuan(split.preselfpay), inscp_scp_amt=to_yuan(split.inscp), chrgitm_lv=cat.chrgitm_lv,
         ))
     return Effect(Output2301(result=results))
 
@@ -197,135 +313,171 @@ def _fee_item(f: Fee) -> FeeItem:
                    pric_uplmt_fen=f.pric_uplmt_fen)
 
 
-def _cancel_fees(msg: RoutedRequest, body: Input2302, st: BatchState) -> Effect:
-    visit = _visit(msg, st, body.data[0].mdtrt_id)
-    _require_state(visit, ("admitted", "discharged"), "cancel fees")
-    fees = st.fees.get(visit.mdtrt_id, {})
-    sns = {c.feedetl_sn for c in body.data}
-    targets = [f for f in fees.values() if not f.cancelled and ("0000" in sns or f.feedetl_sn in sns)]
+def _cancel_fees(msg: RoutedRequest, refs: Sequence[Any], st: BatchState, kind: VisitKind) -> Effect:
+    visit = _visit(msg, st, refs[0].mdtrt_id, kind)
+    _not_settled(visit, "cancel fees")
+    sns = {r.feedetl_sn for r in refs}
+    targets = [f for f in st.active_fees(visit.mdtrt_id) if "0000" in sns or f.feedetl_sn in sns]
     for f in targets:
         f.cancelled = True
         st.cancelled_fees.append((f.mdtrt_id, f.feedetl_sn))
     return Effect({"cancelled": len(targets)})
 
 
-def _acc_year(t: datetime) -> int:
-    return t.year
+# --- settlement ----------------------------------------------------------------------------------
 
 
-def _settle(msg: RoutedRequest, body: Input2303 | Input2304, st: BatchState, policies: PolicyBook,
-            *, effective: bool) -> Effect:
+def _settle_inpatient(msg: RoutedRequest, body: Input2303 | Input2304, st: BatchState, policies: PolicyBook,
+                      *, effective: bool) -> Effect:
     info = body.mdtrtinfo
-    visit = _visit(msg, st, info.mdtrt_id)
-    if effective:
-        _require_state(visit, ("discharged",), "settle (discharge first; a settled visit is reversed first)")
-    else:
-        _require_state(visit, ("admitted", "discharged"), "pre-settle")
+    visit = _visit(msg, st, info.mdtrt_id, "inpatient")
+    _not_settled(visit, "settle")
+    if effective and visit.state != "discharged":
+        raise BrokerError("VISIT_NOT_DISCHARGED", "inpatient settlement needs the discharge (2402) first")
+    return _settle(msg, visit, st, policies, to_fen(info.medfee_sumamt), info.acct_used_flag == "1", effective)
+
+
+def _settle_outpatient(msg: RoutedRequest, body: Input2206 | Input2207, st: BatchState, policies: PolicyBook,
+                       *, effective: bool) -> Effect:
+    d = body.data
+    visit = _visit(msg, st, d.mdtrt_id, "outpatient")
+    _not_settled(visit, "settle")
+    if d.med_type != visit.med_type:
+        raise BrokerError("MED_TYPE_UNSUPPORTED", "med_type differs from the visit's (declare 14 with 2203)")
+    return _settle(msg, visit, st, policies, to_fen(d.medfee_sumamt), d.acct_used_flag == "1", effective)
+
+
+def _settle(msg: RoutedRequest, visit: Visit, st: BatchState, policies: PolicyBook, medfee_fen: int,
+            use_account: bool, effective: bool) -> Effect:
     fees = st.active_fees(visit.mdtrt_id)
     if not fees:
         raise BrokerError("NO_FEES", "the visit has no uploaded fee items")
-    total = sum(f.fee_fen for f in fees)
-    if to_fen(info.medfee_sumamt) != total:
+    if medfee_fen != sum(f.fee_fen for f in fees):
         raise BrokerError("MEDFEE_MISMATCH", "medfee_sumamt differs from the sum of uploaded fee items")
-    person = msg.person
-    setl_time = _time("inf_time", msg.inf_time)
-    year = _acc_year(setl_time)
-    acc = st.accumulators.get((person.psn_no, year), Accumulators())
-    balance = st.accounts.get(person.psn_no, person.acct_balc_fen)
-    policy = policies.for_region(person.insured_admdvs, person.insured_pool)
-    try:
-        split = compute_split(policy, _settlement_input(msg, visit, info.acct_used_flag == "1", balance, fees), acc)
-    except PolicyError as e:
-        raise BrokerError("INTERNAL" if e.code not in _POLICY_CODES else e.code, "policy rejected the settlement") \
-            from None
-    setl_id = setl_id_for(msg.msgid, "settle") if effective else ""
-    row = _row(msg, visit, setl_id, "settle", None, setl_time, year, split)
+    if visit.med_type == "14" and visit.chronic_disease not in msg.person.chronic:
+        raise BrokerError("CHRONIC_DISEASE_NOT_COVERED", "the person has no eligibility for that chronic disease")
+    row = _compute(msg, visit, st, policies, fees, use_account, effective)
     if effective:
-        st.accumulators[(person.psn_no, year)] = apply_delta(acc, split.delta)
-        st.changed_accumulators.add((person.psn_no, year))
-        if split.acct_pay:
-            st.accounts[person.psn_no] = balance - split.acct_pay
-            st.changed_accounts.add(person.psn_no)
-        elif person.psn_no not in st.accounts:
-            st.accounts[person.psn_no] = balance
         visit.state = "settled"
-        st.changed_visits.add(visit.mdtrt_id)
-        st.settlements[setl_id] = row
-        st.new_settlements.append(setl_id)
+        _changed(st, visit)
     return Effect(settlement_output(row), row if effective else None)
 
 
-_POLICY_CODES = {"CHRONIC_DISEASE_NOT_COVERED", "MED_TYPE_UNSUPPORTED"}
-
-
-def _settlement_input(
-    msg: RoutedRequest, visit: Visit, use_account: bool, balance: int, fees: list[Fee]
-) -> SettlementInput:
-    return SettlementInput(
-        med_type=visit.med_type, insutype=msg.person.insutype, psn_type=msg.person.psn_type,
-        hosp_lv=msg.hospital.hosp_lv, assistance=msg.person.assistance,
-        filing_type=msg.filing_type if visit.scope != "local" else None, chronic_disease=None,
-        use_account=use_account and msg.person.insutype == "310", account_balance_fen=balance,
-        items=[_fee_item(f) for f in fees],
+def _compute(msg: RoutedRequest, visit: Visit, st: BatchState, policies: PolicyBook, fees: list[Fee],
+             use_account: bool, effective: bool) -> Settlement:
+    """The fund split against the person's year-to-date state; with `effective`, applied to the batch state."""
+    person = msg.person
+    setl_time = _time("inf_time", msg.inf_time)
+    year = setl_time.year  # inf_time is Asia/Shanghai wall time (REFERENCE §2): the calendar year of the fund
+    acc = st.accumulators.get((person.psn_no, year), Accumulators())
+    balance = st.accounts.get(person.psn_no, person.acct_balc_fen)
+    inp = SettlementInput(
+        med_type=visit.med_type, insutype=person.insutype, psn_type=person.psn_type, hosp_lv=msg.hospital.hosp_lv,
+        assistance=person.assistance, filing_type=msg.filing_type if visit.scope != "local" else None,
+        chronic_disease=visit.chronic_disease, use_account=use_account and person.insutype == "310",
+        account_balance_fen=balance, items=[_fee_item(f) for f in fees],
     )
+    try:
+        split = compute_split(policies.for_region(person.insured_admdvs, person.insured_pool), inp, acc)
+    except PolicyError as e:
+        if e.code in _POLICY_CODES:
+            raise BrokerError(e.code, "the insured region's policy does not cover this settlement") from None
+        raise
+    row = _row(msg, visit, setl_id_for(msg.msgid, "settle") if effective else "", setl_time, year, split)
+    if effective:
+        st.accumulators[(person.psn_no, year)] = apply_delta(acc, split.delta)
+        st.changed_accumulators.add((person.psn_no, year))
+        st.accounts[person.psn_no] = balance - split.acct_pay
+        st.changed_accounts.add(person.psn_no)
+        st.add_settlement(row)
+    return row
 
 
-def _row(msg: RoutedRequest, visit: Visit, setl_id: str, kind: str, orig: str | None, setl_time: datetime,
-         year: int, split: FundSplit) -> Settlement:
+def _row(msg: RoutedRequest, visit: Visit, setl_id: str, setl_time: datetime, year: int,
+         split: FundSplit) -> Settlement:
     person, hospital = msg.person, msg.hospital
     non_local = visit.scope != "local"
     return Settlement(
-        setl_id=setl_id, msgid=msg.msgid, kind=kind, orig_setl_id=orig, mdtrt_id=visit.mdtrt_id,
+        setl_id=setl_id, msgid=msg.msgid, kind="settle", orig_setl_id=None, mdtrt_id=visit.mdtrt_id,
         psn_no=person.psn_no, fixmedins_code=msg.fixmedins_code, insutype=person.insutype,
         med_type=visit.med_type, scope=visit.scope, filing_type=msg.filing_type if non_local else None,
         insured_admdvs=person.insured_admdvs, insured_pool=person.insured_pool,
         treating_admdvs=hospital.admdvs, treating_pool=hospital.pool_admdvs,
         clr_optins=person.insured_pool if non_local else hospital.pool_admdvs,
-        setl_time=setl_time, acc_year=year,
-        amounts={name: getattr(split, name) for name in AMOUNT_FIELDS},
+        setl_time=setl_time, acc_year=year, amounts={name: getattr(split, name) for name in AMOUNT_FIELDS},
         pool_prop_selfpay=split.pool_prop_selfpay, accum_delta=delta_to_json(split.delta),
     )
 
 
-def _reverse(msg: RoutedRequest, body: Input2305, st: BatchState) -> Effect:
-    ref = body.data
-    visit = _visit(msg, st, ref.mdtrt_id)
-    orig = st.settlements.get(ref.setl_id)
+def _pharmacy(msg: RoutedRequest, body: Input2101 | Input2102, st: BatchState, policies: PolicyBook,
+              *, effective: bool) -> Effect:
+    d = body.data
+    mdtrt_id = mdtrt_id_for(msg.msgid)
+    fees = [_fee(mdtrt_id, item, cat, msg.msgid) for item, cat in zip(body.drugdetail, msg.catalog, strict=True)]
+    if len({f.feedetl_sn for f in fees}) != len(fees):
+        raise BrokerError("FEE_ITEM_DUPLICATE", "feedetl_sn repeats within the purchase")
+    if to_fen(d.medfee_sumamt) != sum(f.fee_fen for f in fees):
+        raise BrokerError("MEDFEE_MISMATCH", "medfee_sumamt differs from the sum of the drug items")
+    begntime = _time("begntime", d.begntime)
+    if effective:
+        visit = _new_visit(msg, st, med_type="41", ipt_otp_no=msg.msgid, begntime=begntime, dise_codg=None,
+                           state="settled")
+        for f in fees:
+            st.fees[mdtrt_id][f.feedetl_sn] = f
+            st.new_fees.append((mdtrt_id, f.feedetl_sn))
+    else:
+        visit = Visit(mdtrt_id="", psn_no=msg.person.psn_no, fixmedins_code=msg.fixmedins_code, med_type="41",
+                      insutype=msg.person.insutype, scope=msg.scope, insured_admdvs=msg.person.insured_admdvs,
+                      treating_admdvs=msg.hospital.admdvs, ipt_otp_no="", begntime=begntime, endtime=None,
+                      dise_codg=None, state="registered", created_msgid=msg.msgid)
+    row = _compute(msg, visit, st, policies, fees, d.acct_used_flag == "1", effective)
+    return Effect(settlement_output(row), row if effective else None)
+
+
+# --- reversal ----------------------------------------------------------------------------------
+
+
+def _reverse_pharmacy(msg: RoutedRequest, body: Input2103, st: BatchState) -> Effect:
+    orig = st.settlements.get(body.data.setl_id)
+    if orig is None:
+        raise BrokerError("SETTLEMENT_UNKNOWN", "no settlement with that setl_id for this person and pharmacy")
+    visit = _visit(msg, st, orig.mdtrt_id, "pharmacy", allow_cancelled=True)
+    return _reverse(msg, st, body.data.setl_id, visit)
+
+
+def _reverse(msg: RoutedRequest, st: BatchState, setl_id: str, visit: Visit) -> Effect:
+    orig = st.settlements.get(setl_id)
     if orig is None or orig.kind != "settle" or orig.mdtrt_id != visit.mdtrt_id:
         raise BrokerError("SETTLEMENT_UNKNOWN", "no settlement with that setl_id for this visit and hospital")
     if orig.reversed:
         raise BrokerError("SETTLEMENT_REVERSED", "the settlement was already reversed")
     delta = delta_from_json(orig.accum_delta)
     key = (orig.psn_no, orig.acc_year)
-    try:
-        st.accumulators[key] = revert_delta(st.accumulators.get(key, Accumulators()), delta)
-    except PolicyError:
-        raise BrokerError("INTERNAL", "accumulators do not contain the settlement being reversed") from None
+    st.accumulators[key] = revert_delta(st.accumulators.get(key, Accumulators()), delta)
     st.changed_accumulators.add(key)
-    if delta.account_spent:
-        balance = st.accounts.get(orig.psn_no, msg.person.acct_balc_fen)
-        st.accounts[orig.psn_no] = balance + delta.account_spent
-        st.changed_accounts.add(orig.psn_no)
-    setl_id = setl_id_for(msg.msgid, "reverse")
+    balance = st.accounts.get(orig.psn_no, msg.person.acct_balc_fen) + delta.account_spent
+    st.accounts[orig.psn_no] = balance
+    st.changed_accounts.add(orig.psn_no)
     amounts = {name: -value for name, value in orig.amounts.items()}
-    amounts["balc"] = st.accounts.get(orig.psn_no, msg.person.acct_balc_fen)
+    amounts["balc"] = balance
     negated = {k: ({d: -v for d, v in val.items()} if isinstance(val, dict) else -val)
                for k, val in orig.accum_delta.items()}
     row = Settlement(
-        setl_id=setl_id, msgid=msg.msgid, kind="reverse", orig_setl_id=orig.setl_id, mdtrt_id=orig.mdtrt_id,
-        psn_no=orig.psn_no, fixmedins_code=orig.fixmedins_code, insutype=orig.insutype,
+        setl_id=setl_id_for(msg.msgid, "reverse"), msgid=msg.msgid, kind="reverse", orig_setl_id=orig.setl_id,
+        mdtrt_id=orig.mdtrt_id, psn_no=orig.psn_no, fixmedins_code=orig.fixmedins_code, insutype=orig.insutype,
         med_type=orig.med_type, scope=orig.scope, filing_type=orig.filing_type,
-        insured_admdvs=orig.insured_admdvs, insured_pool=orig.insured_pool,
-        treating_admdvs=orig.treating_admdvs, treating_pool=orig.treating_pool, clr_optins=orig.clr_optins,
-        setl_time=_time("inf_time", msg.inf_time), acc_year=orig.acc_year, amounts=amounts,
-        pool_prop_selfpay=orig.pool_prop_selfpay, accum_delta=negated,
+        insured_admdvs=orig.insured_admdvs, insured_pool=orig.insured_pool, treating_admdvs=orig.treating_admdvs,
+        treating_pool=orig.treating_pool, clr_optins=orig.clr_optins, setl_time=_time("inf_time", msg.inf_time),
+        acc_year=orig.acc_year, amounts=amounts, pool_prop_selfpay=orig.pool_prop_selfpay, accum_delta=negated,
     )
     orig.reversed = True
-    visit.state = "discharged"
-    st.changed_visits.add(visit.mdtrt_id)
-    st.settlements[setl_id] = row
-    st.new_settlements.append(setl_id)
+    visit.state = {"21": "discharged", "41": "cancelled"}.get(visit.med_type, "registered")
+    _changed(st, visit)
+    st.add_settlement(row)
     return Effect(settlement_output(row), row)
+
+
+# --- output ------------------------------------------------------------------------------------
 
 
 def settlement_output(row: Settlement) -> OutputSettlement:
@@ -337,7 +489,7 @@ def settlement_output(row: Settlement) -> OutputSettlement:
         **{name: to_yuan(a[name]) for name in AMOUNT_FIELDS},
     )
     detail = []
-    for fund in ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay"):
+    for fund in FUNDS:
         if a[fund]:
             code, name = FUND_NAMES.get((fund, row.insutype), ("999999", fund))
             detail.append(SetlDetail(fund_pay_type=code, fund_pay_type_name=name,
@@ -348,10 +500,9 @@ def settlement_output(row: Settlement) -> OutputSettlement:
 def check_row_invariants(row: Settlement) -> None:
     """Pair assertion at the write side (the table's CHECKs are the read side)."""
     a = row.amounts
-    if a["fund_pay_sumamt"] != a["hifp_pay"] + a["hifmi_pay"] + a["hifob_pay"] + a["maf_pay"]:
+    if a["fund_pay_sumamt"] != sum(a[f] for f in FUNDS):
         raise RuntimeError("ledger row: fund total is not the sum of the funds")
     if a["psn_part_amt"] != a["medfee_sumamt"] - a["fund_pay_sumamt"]:
         raise RuntimeError("ledger row: personal part is not total minus fund")
     if a["psn_cash_pay"] != a["psn_part_amt"] - a["acct_pay"]:
         raise RuntimeError("ledger row: cash is not personal part minus account")
-

@@ -29,8 +29,9 @@ class Visit:
     begntime: datetime
     endtime: datetime | None
     dise_codg: str | None
-    state: str  # admitted | discharged | settled | cancelled
+    state: str  # registered | admitted | discharged | settled | cancelled
     created_msgid: str
+    chronic_disease: str | None = None  # outpatient med_type 14
 
 
 @dataclass
@@ -107,11 +108,9 @@ class BatchState:
     changed_accounts: set[str] = field(default_factory=set)
     responses: dict[str, tuple[str, str, int, bytes]] = field(default_factory=dict)  # msgid → (infno, hosp, code, body)
 
-    def active_settlement(self, mdtrt_id: str) -> Settlement | None:
-        for row in self.settlements.values():
-            if row.mdtrt_id == mdtrt_id and row.kind == "settle" and not row.reversed:
-                return row
-        return None
+    def add_settlement(self, row: Settlement) -> None:
+        self.settlements[row.setl_id] = row
+        self.new_settlements.append(row.setl_id)
 
     def active_fees(self, mdtrt_id: str) -> list[Fee]:
         return [f for f in self.fees.get(mdtrt_id, {}).values() if not f.cancelled]

@@ -105,7 +105,7 @@ async def test_duplicate_msgid_returns_first_response(refdata: dict, gateway: Ga
     assert count == 1
     # A new msgid for the same visit is refused: it is already settled.
     again = await gateway.call(stay.settle())
-    assert again["infcode"] == -1 and again["err_msg"].startswith("VISIT_STATE")
+    assert again["infcode"] == -1 and again["err_msg"].startswith("VISIT_SETTLED")
 
 
 async def test_reversal_restores_accumulators_and_account(refdata: dict, gateway: GatewayClient,
@@ -168,4 +168,4 @@ async def test_pre_settlement_has_no_effect(refdata: dict, gateway: GatewayClien
     assert await db.fetchval("SELECT count(*) FROM settlement WHERE mdtrt_id = $1", stay.mdtrt_id) == 0
     # Settlement before discharge is refused.
     early = await gateway.call(stay.settle())
-    assert early["err_msg"].startswith("VISIT_STATE")
+    assert early["err_msg"].startswith("VISIT_NOT_DISCHARGED")

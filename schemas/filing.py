@@ -1,0 +1,72 @@
+"""Cross-region filing (备案) online, and chronic-disease eligibility filing.
+
+This broker's numbering (REFERENCE §2 lists 2501–2504 for filings):
+  2501 create a cross-region filing (promise system: promise_flag=1 creates it TEMPORARY on the spot)
+  2502 revoke it
+  2503 register chronic-disease eligibility (慢特病备案), 2504 revoke it
+  5301 query a person's filings in force and chronic eligibility
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from schemas.inpatient import PsnNo
+from schemas.outpatient import ChronicDisease
+from schemas.wire import Flag
+
+FilingType = Literal["LONG_TERM", "REFERRAL", "EMERGENCY", "TEMPORARY"]
+FilingId = Annotated[str, Meta(pattern=r"^[0-9A-Za-z_-]{1,40}$")]
+
+
+class FilingRequest(msgspec.Struct, kw_only=True):
+    psn_no: PsnNo
+    filing_type: FilingType
+    begndate: date
+    enddate: date
+    target_admdvs: Annotated[str, Meta(pattern=r"^\d{2}0000$")] | None = None  # a province, or anywhere
+    promise_flag: Flag = "0"
+
+    def __post_init__(self) -> None:
+        if self.enddate < self.begndate:
+            raise ValueError("enddate: before begndate")
+        if self.promise_flag == "1" and self.filing_type != "TEMPORARY":
+            raise ValueError("filing_type: the promise system files TEMPORARY only")
+
+
+class Input2501(msgspec.Struct, kw_only=True, tag=True):
+    data: FilingRequest
+
+
+class FilingRef(msgspec.Struct, kw_only=True):
+    psn_no: PsnNo
+    filing_id: FilingId
+
+
+class Input2502(msgspec.Struct, kw_only=True, tag=True):
+    data: FilingRef
+
+
+class ChronicRequest(msgspec.Struct, kw_only=True):
+    psn_no: PsnNo
+    chronic_disease: ChronicDisease
+
+
+class Input2503(msgspec.Struct, kw_only=True, tag=True):
+    data: ChronicRequest
+
+
+class Input2504(msgspec.Struct, kw_only=True, tag=True):
+    data: ChronicRequest
+
+
+class PersonRef(msgspec.Struct, kw_only=True):
+    psn_no: PsnNo
+
+
+class Input5301(msgspec.Struct, kw_only=True, tag=True):
+    data: PersonRef
