@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-bash deploy/bootstrap.sh
+bash deploy/bootstrap.sh --test-tools
 .venv/bin/python -m deploy.stack start --infra-only
 
 if [ "$#" -eq 0 ]; then

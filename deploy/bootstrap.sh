@@ -4,7 +4,17 @@
 #   - PostgreSQL server (Debian package `postgresql`) when no server binary exists
 #   - Java 17 + Maven (Debian packages) when missing
 #   - Apache Kafka jars from Maven Central into $STATE/kafka/lib when deploy/kafka/pom.xml changed
+#   - Prometheus server + promtool (Debian package `prometheus`) when missing
+#   - with --test-tools: headless Chromium and a CJK font (Debian), for the dashboard tests
 set -euo pipefail
+
+TEST_TOOLS=0
+for arg in "$@"; do
+    case "$arg" in
+        --test-tools) TEST_TOOLS=1 ;;
+        *) echo "usage: $0 [--test-tools]" >&2; exit 2 ;;
+    esac
+done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -77,6 +87,35 @@ else
     mv "$kafka_lib.tmp" "$kafka_lib"
     echo "$kafka_hash" > "$kafka_stamp"
     log "kafka jars: $(ls "$kafka_lib" | wc -l) files ($(basename "$(ls "$kafka_lib"/kafka_2.13-*.jar)"))"
+fi
+
+# --- Prometheus server + promtool ------------------------------------------------------
+# The local stack runs its own server (deploy/stack.py); the package's own daemon must not
+# start during installation (it would take port 9090), hence a temporary policy-rc.d.
+if command -v prometheus > /dev/null && command -v promtool > /dev/null; then
+    log "prometheus present: $(prometheus --version 2>&1 | head -1)"
+else
+    policy=/usr/sbin/policy-rc.d
+    made_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy"
+        chmod 755 "$policy"
+        made_policy=1
+    fi
+    apt_install prometheus
+    if [ "$made_policy" = 1 ]; then rm -f "$policy"; fi
+fi
+
+# --- Test tools: headless Chromium + a CJK font -------------------------------------------
+if [ "$TEST_TOOLS" = 1 ]; then
+    missing=()
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+    fc-list 2>/dev/null | grep -qi "wenquanyi\|noto sans cjk" || missing+=(fonts-wqy-microhei)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_install "${missing[@]}"
+    else
+        log "chromium present: $(/usr/bin/chromium --version 2>/dev/null | head -1)"
+    fi
 fi
 
 log "done"
