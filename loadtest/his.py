@@ -185,3 +185,121 @@ class GatewayClient:
             if reverse:
                 await self.call(stay.reverse())
         return settled
+
+
+@dataclass
+class OutpatientVisit:
+    """One outpatient visit (general 11 or chronic 14): register, declare, upload, settle, reverse."""
+
+    hospital: Hospital
+    psn_no: str
+    insuplc: str
+    insutype: str
+    at: datetime
+    med_type: str = "11"
+    chronic_disease: str | None = None
+    use_account: bool = False
+    promise_filing: bool = False
+    mdtrt_id: str = ""
+    setl_id: str = ""
+    fees: list[FeeLine] = field(default_factory=list)
+
+    def _env(self, infno: str, body: dict[str, Any], minutes: int) -> dict[str, Any]:
+        return self.hospital.envelope(infno, body, insuplc=self.insuplc, inf_time=self.at + timedelta(minutes=minutes))
+
+    def register(self) -> dict[str, Any]:
+        return self._env("2201", {"data": {
+            "psn_no": self.psn_no, "insutype": self.insutype, "begntime": wire_time(self.at), "mdtrt_cert_type": "01",
+            "mdtrt_cert_no": "-", "ipt_otp_no": f"MZ{self.at:%m%d%H%M%S}", "atddr_no": "D001", "dr_name": "doctor",
+            "dept_code": "A03", "dept_name": "internal", "caty": "A03",
+            "promise_filing_flag": "1" if self.promise_filing else "0",
+        }}, 0)
+
+    def declare(self) -> dict[str, Any]:
+        return self._env("2203", {"mdtrtinfo": {
+            "mdtrt_id": self.mdtrt_id, "psn_no": self.psn_no, "med_type": self.med_type, "begntime": wire_time(self.at),
+            "dise_codg": "E11.900" if self.med_type == "14" else "J06.900", "dise_name": "-",
+            "chronic_disease": self.chronic_disease,
+        }}, 1)
+
+    def upload(self, lines: list[FeeLine]) -> dict[str, Any]:
+        self.fees.extend(lines)
+        items = [{
+            "feedetl_sn": f"{i + 1:06d}", "mdtrt_id": self.mdtrt_id, "psn_no": self.psn_no, "med_type": self.med_type,
+            "fee_ocur_time": wire_time(self.at), "med_list_codg": line.med_list_codg,
+            "medins_list_codg": "H-" + line.med_list_codg, "det_item_fee_sumamt": line.amount, "cnt": line.cnt,
+            "pric": line.pric,
+        } for i, line in enumerate(lines)]
+        return self._env("2204", {"feedetail": items}, 2)
+
+    @property
+    def total(self) -> Decimal:
+        return sum((line.amount for line in self.fees), Decimal(0))
+
+    def settle(self, *, pre: bool = False) -> dict[str, Any]:
+        return self._env("2206" if pre else "2207", {"data": {
+            "psn_no": self.psn_no, "mdtrt_cert_type": "01", "mdtrt_cert_no": "-", "med_type": self.med_type,
+            "medfee_sumamt": self.total, "psn_setlway": "01", "mdtrt_id": self.mdtrt_id, "insutype": self.insutype,
+            "acct_used_flag": "1" if self.use_account else "0",
+            "promise_filing_flag": "1" if self.promise_filing else "0",
+        }}, 3)
+
+    def reverse(self) -> dict[str, Any]:
+        return self._env("2208", {"data": {"psn_no": self.psn_no, "mdtrt_id": self.mdtrt_id, "setl_id": self.setl_id}},
+                         4)
+
+
+@dataclass
+class Purchase:
+    """A designated-pharmacy purchase (med_type 41): one message settles it."""
+
+    pharmacy: Hospital
+    psn_no: str
+    insuplc: str
+    insutype: str
+    at: datetime
+    lines: list[FeeLine]
+    use_account: bool = True
+    promise_filing: bool = False
+    setl_id: str = ""
+
+    def settle(self, *, pre: bool = False) -> dict[str, Any]:
+        total = sum((line.amount for line in self.lines), Decimal(0))
+        drugs = [{
+            "feedetl_sn": f"{i + 1:06d}", "fee_ocur_time": wire_time(self.at), "med_list_codg": line.med_list_codg,
+            "medins_list_codg": "P-" + line.med_list_codg, "det_item_fee_sumamt": line.amount, "cnt": line.cnt,
+            "pric": line.pric,
+        } for i, line in enumerate(self.lines)]
+        return self.pharmacy.envelope("2101" if pre else "2102", {"data": {
+            "psn_no": self.psn_no, "mdtrt_cert_type": "01", "mdtrt_cert_no": "-", "begntime": wire_time(self.at),
+            "medfee_sumamt": total, "insutype": self.insutype, "acct_used_flag": "1" if self.use_account else "0",
+            "promise_filing_flag": "1" if self.promise_filing else "0",
+        }, "drugdetail": drugs}, insuplc=self.insuplc, inf_time=self.at)
+
+    def reverse(self) -> dict[str, Any]:
+        return self.pharmacy.envelope("2103", {"data": {"psn_no": self.psn_no, "setl_id": self.setl_id}},
+                                      insuplc=self.insuplc, inf_time=self.at + timedelta(minutes=5))
+
+
+async def run_outpatient(client: GatewayClient, visit: OutpatientVisit, lines: list[FeeLine]) -> dict[str, Any]:
+    """Registration → (2203 when chronic) → fees → settlement. Returns the first failure or the settlement."""
+    r = await client.call(visit.register())
+    if r["infcode"] != 0:
+        return r
+    visit.mdtrt_id = r["output"]["data"]["mdtrt_id"]
+    steps = [visit.declare()] if visit.med_type == "14" else []
+    for step in [*steps, visit.upload(lines)]:
+        r = await client.call(step)
+        if r["infcode"] != 0:
+            return r
+    r = await client.call(visit.settle())
+    if r["infcode"] == 0:
+        visit.setl_id = r["output"]["setlinfo"]["setl_id"]
+    return r
+
+
+async def run_purchase(client: GatewayClient, purchase: Purchase) -> dict[str, Any]:
+    r = await client.call(purchase.settle())
+    if r["infcode"] == 0:
+        purchase.setl_id = r["output"]["setlinfo"]["setl_id"]
+    return r

@@ -117,14 +117,16 @@ def certno_problem(certno: str) -> str | None:
 
 
 class HospitalRow(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    fixmedins_code: Annotated[str, msgspec.Meta(pattern=r"^H[0-9]{11}$")]
+    """A designated institution: hospital ('H…') or pharmacy ('P…', 定点药店; hosp_lv 1)."""
+
+    fixmedins_code: Annotated[str, msgspec.Meta(pattern=r"^[HP][0-9]{11}$")]
     fixmedins_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     admdvs: Admdvs
     hosp_lv: Literal[1, 2, 3]
 
     def __post_init__(self) -> None:
         if self.fixmedins_code[1:7] != self.admdvs:
-            raise _at("fixmedins_code", "code must be 'H' + the hospital's admdvs + a 5-digit sequence")
+            raise _at("fixmedins_code", "code must be 'H' (or 'P' for a pharmacy) + admdvs + a 5-digit sequence")
 
 
 class PersonRow(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -212,6 +212,8 @@ def _hospitals(rng: random.Random) -> list[HospitalRow]:
                 seq += 1
                 name = patterns[lv][i].format(p=prefix, t=towns[i])
                 rows.append(HospitalRow(f"H{admdvs}{seq:05d}", name, admdvs, lv))
+        if admdvs in FEATURED_REGIONS:  # designated pharmacies (定点药店) where the seed traffic buys drugs
+            rows.append(HospitalRow(f"P{admdvs}00001", f"{prefix}{towns[0]}大药房", admdvs, 1))
     return rows
 
 

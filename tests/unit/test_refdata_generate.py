@@ -88,7 +88,7 @@ def test_files_pass_the_loader_checks(files: Path, dataset: RefDataSet) -> None:
 def test_hospitals(dataset: RefDataSet) -> None:
     levels: dict[str, set[int]] = {}
     for h in dataset.hospitals:
-        assert h.fixmedins_code.startswith("H" + h.admdvs) and len(h.fixmedins_code) == 12
+        assert h.fixmedins_code[0] in "HP" and h.fixmedins_code[1:7] == h.admdvs and len(h.fixmedins_code) == 12
         assert h.admdvs in REGIONS
         levels.setdefault(h.admdvs, set()).add(h.hosp_lv)
     for code in (*SEED_REGIONS, "150402", "510400"):
@@ -99,6 +99,8 @@ def test_hospitals(dataset: RefDataSet) -> None:
     assert len({h.fixmedins_code for h in dataset.hospitals}) == len(dataset.hospitals)
     names = {h.fixmedins_name for h in dataset.hospitals}
     assert {"赤峰市医院", "米易县人民医院", "重庆市开州区人民医院"} <= names
+    pharmacies = {h.admdvs for h in dataset.hospitals if h.fixmedins_code.startswith("P")}
+    assert set(SEED_REGIONS) <= pharmacies
 
 
 def test_persons(dataset: RefDataSet) -> None:
