@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 
 from services.common.config import Settings
+from services.common.metrics import ASSIGNED_PARTITIONS, record_rebalance
 
 
 def make_producer(s: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
@@ -19,9 +20,21 @@ def make_producer(s: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
     )
 
 
+class CountRebalances(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Counts each rebalance of the group and exports the partitions assigned (metrics only)."""
+
+    def __init__(self, group_id: str) -> None:
+        self.group_id = group_id
+
+    def on_partitions_revoked(self, revoked: object) -> None:
+        ASSIGNED_PARTITIONS.labels(self.group_id).set(0)
+
+    def on_partitions_assigned(self, assigned: set[object]) -> None:
+        record_rebalance(self.group_id, len(assigned))
+
+
 def make_group_consumer(s: Settings, group_id: str, *topics: str) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        *topics,
+    consumer = AIOKafkaConsumer(
         bootstrap_servers=s.kafka_bootstrap,
         group_id=group_id,
         enable_auto_commit=False,
@@ -33,6 +46,8 @@ def make_group_consumer(s: Settings, group_id: str, *topics: str) -> AIOKafkaCon
         heartbeat_interval_ms=3_000,
         max_poll_interval_ms=60_000,
     )
+    consumer.subscribe(list(topics), listener=CountRebalances(group_id))
+    return consumer
 
 
 def header(headers: list[tuple[str, bytes]] | tuple | None, name: str) -> bytes | None:

@@ -1,50 +1,92 @@
-"""Prometheus metrics shared by the services. Labels are bounded code values only:
-transaction numbers, error codes, scopes, provinces — never a person or settlement id."""
+"""Prometheus metrics shared by the services.
+
+Names follow the Prometheus conventions: `xs_` prefix, base units in the name
+(`_seconds`; money in `_yuan` — currency has no base unit, yuan is the
+platform's wire unit), counters end in `_total`. Label values are bounded code
+values only — transaction numbers, error codes, scopes, visit types, province
+codes (XX0000), fund names, Kafka topics and groups — never a person,
+visit or settlement id. Every `record_*` helper maps an unexpected value to a
+fixed fallback (`other`, `unknown`, `OTHER`) so a bad input cannot grow the label
+space.
+
+The direct-settlement rate (REFERENCE §6) is a PromQL expression over two
+counters with the same labels (insured_prov, treating_prov, scope, visit_type):
+
+    direct = xs_settlements_total{kind="settle"} − xs_settlements_total{kind="reverse"}
+    rate   = direct ÷ (direct + xs_manual_claims_total)
+
+(recording rules in deploy/prometheus/rules/recording.yml). A reversal always
+has a settlement before it with the same labels, so a settlement reversed and
+not settled again nets to zero, and one settled again counts once.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+from schemas.errors import ERRORS
+from services.refdata.regions import UnknownRegion, province_of
+
+# Milliseconds to seconds: the platform's inpatient settlement averages ~0.8 s (REFERENCE §7).
+LATENCY_BUCKETS_S: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+# med_type → visit_type label (REFERENCE §2 code table).
+VISIT_TYPES: Final[Mapping[str, str]] = {
+    "11": "general_outpatient",
+    "14": "chronic_outpatient",
+    "21": "inpatient",
+    "41": "pharmacy",
+}
+SCOPES: Final = frozenset({"local", "intra_province", "cross_province"})
+FUNDS: Final = frozenset({"hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay"})
+# Settlement and reversal transactions, and the visit type each implies when the
+# visit's med_type is not at hand (an outpatient settlement may be 11 or 14).
+SETTLEMENT_INFNOS: Final[Mapping[str, str]] = {
+    "2304": "inpatient", "2207": "outpatient", "2102": "pharmacy",
+    "2305": "inpatient", "2208": "outpatient", "2103": "pharmacy",
+}
+REVERSAL_INFNOS: Final = frozenset({"2305", "2208", "2103"})
+OUTCOMES: Final = frozenset({"ok", "duplicate", "settled", "reversed"}) | frozenset(ERRORS)
 
 REQUESTS = Counter(
-    "xs_requests_total", "Requests handled, by stage, transaction and outcome (ok or error code)",
+    "xs_requests_total", "Messages handled, by stage, transaction and outcome (ok, duplicate or error code)",
     ["stage", "infno", "outcome"],
 )
 DEAD_LETTERS = Counter("xs_dead_letters_total", "Records sent to the dead-letter topic", ["stage", "reason"])
 STAGE_SECONDS = Histogram(
-    "xs_stage_seconds", "Processing time per record or batch in a stage", ["stage"], buckets=LATENCY_BUCKETS_S
+    "xs_stage_seconds", "Processing time per record (router) or batch (settle) in a stage", ["stage"],
+    buckets=LATENCY_BUCKETS_S,
 )
 GATEWAY_SECONDS = Histogram(
     "xs_gateway_request_seconds", "HTTP request to response at the gateway", ["infno"],
     buckets=LATENCY_BUCKETS_S,
 )
-SETTLEMENTS = Counter(
-    "xs_settlements_total", "Ledger rows written, by kind, scope, visit type and provinces",
-    ["kind", "scope", "med_type", "insured_prov", "treating_prov"],
-)
-FUND_PAID = Counter(
-    "xs_fund_paid_yuan_total", "Fund amounts settled (reversals subtract via kind=reverse), in yuan",
-    ["fund", "kind", "insured_prov", "treating_prov"],
-)
 END_TO_END_SECONDS = Histogram(
     "xs_settlement_end_to_end_seconds", "From gateway/ingress receipt to ledger commit",
     ["infno"], buckets=LATENCY_BUCKETS_S,
 )
-
-
-def record_ledger_row(
-    kind: str, scope: str, med_type: str, insured_prov: str, treating_prov: str, funds: Mapping[str, int]
-) -> None:
-    """One committed settlement (kind=settle) or reversal (kind=reverse); funds in fen, reversals negative."""
-    SETTLEMENTS.labels(kind, scope, med_type, insured_prov, treating_prov).inc()
-    for fund, fen in funds.items():
-        if fen:
-            FUND_PAID.labels(fund, kind, insured_prov, treating_prov).inc(abs(fen) / 100)
-
-
+SETTLEMENTS = Counter(
+    "xs_settlements_total",
+    "Ledger rows committed: kind=settle (directly settled person-times) or kind=reverse, by scope, "
+    "visit type and insured/treating province",
+    ["kind", "scope", "visit_type", "insured_prov", "treating_prov"],
+)
+FUND_PAID = Counter(
+    "xs_fund_paid_yuan_total",
+    "Fund amounts of committed ledger rows, in yuan; reversals count positive under kind=reverse "
+    "(net = settle − reverse)",
+    ["fund", "kind", "insured_prov", "treating_prov"],
+)
+SETTLEMENT_REQUESTS = Counter(
+    "xs_settlement_requests_total",
+    "Settlement and reversal requests by outcome: settled, reversed, duplicate or the error code that refused it",
+    ["infno", "scope", "visit_type", "outcome"],
+)
 MANUAL_CLAIMS = Counter(
     "xs_manual_claims_total",
     "Manual (手工零星报销) person-times: the non-direct part of the direct-settlement rate denominator",
@@ -61,22 +103,106 @@ CLEARING_POSITION = Gauge(
     "Current month's running net amount the insured province owes the treating province, per fund, in yuan",
     ["insured_prov", "treating_prov", "fund"],
 )
+PRODUCE_ERRORS = Counter(
+    "xs_kafka_produce_errors_total", "Records the service failed to produce (the batch is retried)", ["topic"]
+)
+REBALANCES = Counter(
+    "xs_kafka_rebalances_total", "Consumer-group rebalances this process took part in", ["group"]
+)
+ASSIGNED_PARTITIONS = Gauge(
+    "xs_kafka_assigned_partitions", "Partitions currently assigned to this process's consumer", ["group"]
+)
+
+
+def visit_type_of(med_type: str) -> str:
+    return VISIT_TYPES.get(med_type, "other")
+
+
+def _prov(admdvs: str) -> str:
+    """A province code XX0000 (from any region code the region table knows), else `unknown`."""
+    try:
+        return province_of(admdvs)
+    except (UnknownRegion, TypeError):
+        return "unknown"
+
+
+def _scope(scope: str) -> str:
+    return scope if scope in SCOPES else "unknown"
+
+
+def _visit_type(visit_type: str) -> str:
+    return visit_type if visit_type in VISIT_TYPES.values() else visit_type_of(visit_type)
+
+
+def _outcome(outcome: str) -> str:
+    return outcome if outcome in OUTCOMES else "OTHER"
+
+
+def record_ledger_row(
+    kind: str, scope: str, med_type: str, insured_prov: str, treating_prov: str, funds: Mapping[str, int]
+) -> None:
+    """One committed settlement (kind=settle) or reversal (kind=reverse); funds in fen, reversals negative."""
+    kind = kind if kind in ("settle", "reverse") else "other"
+    ins, trt = _prov(insured_prov), _prov(treating_prov)
+    labels = (_scope(scope), visit_type_of(med_type), ins, trt)
+    SETTLEMENTS.labels(kind, *labels).inc()
+    if kind == "settle":
+        SETTLEMENTS.labels("reverse", *labels)  # exists at 0, so settle − reverse is defined at once
+    for fund, fen in funds.items():
+        if fen:
+            FUND_PAID.labels(fund if fund in FUNDS else "other", kind, ins, trt).inc(abs(fen) / 100)
+
+
+def record_settlement_request(infno: str, scope: str, outcome: str, med_type: str | None = None) -> None:
+    """A settlement or reversal request's outcome (other transactions are ignored).
+
+    outcome "ok" becomes `settled` or `reversed`; an error code stays as it is. The
+    visit type comes from med_type when known, else from the transaction number.
+    """
+    implied = SETTLEMENT_INFNOS.get(infno)
+    if implied is None:
+        return
+    if outcome == "ok":
+        outcome = "reversed" if infno in REVERSAL_INFNOS else "settled"
+    visit_type = visit_type_of(med_type) if med_type else implied
+    SETTLEMENT_REQUESTS.labels(infno, _scope(scope), visit_type, _outcome(outcome)).inc()
 
 
 def record_manual_claim(insured_prov: str, treating_prov: str, scope: str, visit_type: str) -> None:
-    """One manual reimbursement person-time (visit_type code-like: inpatient, general_outpatient, ...)."""
-    MANUAL_CLAIMS.labels(insured_prov, treating_prov, scope, visit_type).inc()
+    """One manual reimbursement person-time; visit_type code-like (inpatient, general_outpatient, …) or a
+    med_type code (21, 11, …)."""
+    MANUAL_CLAIMS.labels(_prov(insured_prov), _prov(treating_prov), _scope(scope), _visit_type(visit_type)).inc()
 
 
 def set_deposit(insured_prov: str, balance_fen: int, warning_line_fen: int) -> None:
-    DEPOSIT_BALANCE.labels(insured_prov).set(balance_fen / 100)
-    DEPOSIT_WARNING_LINE.labels(insured_prov).set(warning_line_fen / 100)
+    prov = _prov(insured_prov)
+    DEPOSIT_BALANCE.labels(prov).set(balance_fen / 100)
+    DEPOSIT_WARNING_LINE.labels(prov).set(warning_line_fen / 100)
 
 
 def set_clearing_position(insured_prov: str, treating_prov: str, fund: str, amount_fen: int) -> None:
-    CLEARING_POSITION.labels(insured_prov, treating_prov, fund).set(amount_fen / 100)
+    CLEARING_POSITION.labels(_prov(insured_prov), _prov(treating_prov), fund if fund in FUNDS else "other").set(
+        amount_fen / 100
+    )
 
 
-def serve_metrics(port: int) -> None:
+def record_produce_error(topic: str) -> None:
+    PRODUCE_ERRORS.labels(topic).inc()
+
+
+def record_rebalance(group: str, assigned_partitions: int) -> None:
+    REBALANCES.labels(group).inc()
+    ASSIGNED_PARTITIONS.labels(group).set(assigned_partitions)
+
+
+def init_stage(stage: str) -> None:
+    """Create a stage's dead-letter series at 0 for every error code, so `increase()` sees the first one."""
+    for code in (*ERRORS, "OTHER"):
+        DEAD_LETTERS.labels(stage, code)
+
+
+def serve_metrics(port: int, stage: str | None = None) -> None:
     """Expose /metrics on loopback; also the readiness probe of the local stack."""
+    if stage is not None:
+        init_stage(stage)
     start_http_server(port, addr="127.0.0.1")

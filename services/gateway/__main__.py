@@ -21,7 +21,7 @@ async def main(stop: asyncio.Event) -> None:
     await runner.setup()
     site = web.TCPSite(runner, s.gateway_host, s.gateway_port, backlog=1024)
     await site.start()
-    serve_metrics(s.gateway_metrics_port)
+    serve_metrics(s.gateway_metrics_port, stage="gateway")
     logging.getLogger("gateway").info("listening on %s", s.gateway_url)
     try:
         await stop.wait()

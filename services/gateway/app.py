@@ -16,6 +16,7 @@ from datetime import datetime
 import msgspec
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from schemas.codec import decode_request
 from schemas.errors import BrokerError
@@ -23,7 +24,7 @@ from schemas.internal import DeadLetter
 from schemas.person import Input9001
 from services.common.config import GATEWAY_PATH, Settings
 from services.common.kafka import make_producer
-from services.common.metrics import DEAD_LETTERS, GATEWAY_SECONDS, REQUESTS
+from services.common.metrics import DEAD_LETTERS, GATEWAY_SECONDS, REQUESTS, record_produce_error
 from services.common.response import SHANGHAI, response_bytes
 from topics.catalog import DEADLETTER, INGRESS, REPLIES
 
@@ -131,6 +132,9 @@ class Gateway:
                 ],
             )
             return await asyncio.wait_for(asyncio.shield(fut), self.s.gateway_timeout_ms / 1000)
+        except KafkaError:
+            record_produce_error(INGRESS.name)
+            raise
         except TimeoutError:
             raise BrokerError(
                 "TIMEOUT",

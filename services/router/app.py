@@ -29,8 +29,10 @@ from schemas.errors import BrokerError
 from schemas.internal import DeadLetter
 from schemas.wire import parse_wire_time
 from services.common.config import Settings
-from services.common.metrics import DEAD_LETTERS, REQUESTS, STAGE_SECONDS, serve_metrics
+from services.common.faust_sensor import KafkaMetricsSensor
+from services.common.metrics import DEAD_LETTERS, REQUESTS, STAGE_SECONDS, record_settlement_request, serve_metrics
 from services.common.response import received_from_ns, response_bytes
+from services.refdata.regions import UnknownRegion, classify_scope
 from services.refdata.store import Filing, RefData, fetch_refdata
 from services.router.logic import (
     Answer,
@@ -135,6 +137,14 @@ def _headers(event: Any) -> dict[str, bytes]:
     return {k: bytes(v) for k, v in items}
 
 
+def _scope_of(req: Any) -> str:
+    """The scope a rejected request would have had (metrics label only)."""
+    try:
+        return classify_scope(req.envelope.insuplc_admdvs, req.envelope.mdtrtarea_admvs)
+    except (AttributeError, UnknownRegion):
+        return "unknown"
+
+
 def create_app(s: Settings) -> faust.App:
     app = faust.App(
         "xsettle-router",
@@ -153,6 +163,7 @@ def create_app(s: Settings) -> faust.App:
         topic_allow_declare=False,
         topic_disable_leader=True,
     )
+    app.sensors.add(KafkaMetricsSensor("xsettle-router"))
     state = RouterState(s)
     ingress = app.topic(INGRESS.name, key_type=bytes, value_type=bytes, key_serializer="raw",
                         value_serializer="raw")
@@ -178,6 +189,7 @@ def create_app(s: Settings) -> faust.App:
             received_ns=int(headers.get("received_ns") or time.time_ns()),
         )
         infno, msgid, admdvs = "unknown", None, ""
+        req = None
         try:
             req = decode_request(raw)
             infno, msgid = req.envelope.infno, req.envelope.msgid
@@ -213,6 +225,7 @@ def create_app(s: Settings) -> faust.App:
         except BrokerError as e:
             outcome = e.code
             DEAD_LETTERS.labels("router", e.code).inc()
+            record_settlement_request(infno, _scope_of(req), e.code)
             letter = DeadLetter(stage="router", err_code=e.code, err_msg=e.err_msg, msgid=msgid, infno=infno,
                                 fixmedins_code=None, at_ns=time.time_ns(), original=raw)
             await deadletter.send(key=(msgid or "").encode() or None, value=_encoder.encode(letter))
@@ -238,7 +251,7 @@ def create_app(s: Settings) -> faust.App:
     @app.task
     async def startup() -> None:
         await state.start()
-        serve_metrics(s.router_metrics_port)
+        serve_metrics(s.router_metrics_port, stage="router")
         log.info("router ready")
 
     return app

@@ -30,6 +30,8 @@ from services.common.metrics import (
     REQUESTS,
     STAGE_SECONDS,
     record_ledger_row,
+    record_produce_error,
+    record_settlement_request,
     serve_metrics,
 )
 from services.common.response import received_from_ns, response_bytes
@@ -70,7 +72,7 @@ class SettleEngine:
         self.pool = await asyncpg.create_pool(self.s.pg_dsn, min_size=1, max_size=2)
         await self.producer.start()
         await self.consumer.start()
-        serve_metrics(self.s.settle_metrics_port)
+        serve_metrics(self.s.settle_metrics_port, stage="settle")
         log.info("settlement engine ready")
         try:
             while not stop.is_set():
@@ -119,6 +121,7 @@ class SettleEngine:
                 if msg.msgid in st.processed:
                     outbox.add(msg.reply_topic, msg.reply_partition, msg.msgid.encode(), st.processed[msg.msgid])
                     REQUESTS.labels("settle", msg.infno, "duplicate").inc()
+                    record_settlement_request(msg.infno, msg.scope, "duplicate")
                     replayed = st.replayed.pop(msg.msgid, None)
                     if replayed is not None:
                         outbox.add(SETTLEMENTS_TOPIC.name, None, replayed.psn_no.encode(),
@@ -131,6 +134,7 @@ class SettleEngine:
                 if row is not None:
                     committed.append(row)
                 REQUESTS.labels("settle", msg.infno, outcome).inc()
+                record_settlement_request(msg.infno, msg.scope, outcome, row.med_type if row else None)
             await ledger.write_batch(conn, st)
         now_ns = time.time_ns()
         for msg in msgs:
@@ -170,12 +174,19 @@ class SettleEngine:
         outbox.add(DEADLETTER.name, None, msg.msgid.encode() if msg else None, _encoder.encode(letter))
 
     async def _publish(self, outbox: Outbox) -> None:
-        futures = [
-            await self.producer.send(topic, value, key=key, partition=partition)
-            for topic, partition, key, value in outbox.records
-        ]
-        if futures:
-            await asyncio.gather(*futures)
+        futures = []
+        for topic, partition, key, value in outbox.records:
+            try:
+                futures.append(await self.producer.send(topic, value, key=key, partition=partition))
+            except KafkaError:
+                record_produce_error(topic)
+                raise
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = [(rec[0], r) for rec, r in zip(outbox.records, results, strict=True) if isinstance(r, BaseException)]
+        for topic, _ in failed:
+            record_produce_error(topic)
+        if failed:
+            raise failed[0][1]
 
 
 def _event(row: Settlement) -> SettlementEvent:
