@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from schemas.clearing import DepositAlert, DepositEvent, ManualClaim
 from schemas.envelope import RequestEnvelope, ResponseEnvelope
 from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
 
@@ -67,4 +68,20 @@ DEADLETTER = TopicSpec(
     "every rejected request with its error code, reason and the original bytes",
 )
 
-ALL_TOPICS: tuple[TopicSpec, ...] = (INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER)
+MANUAL_CLAIMS = TopicSpec(
+    "fsi.manual_claims", PARTITIONS, 30 * DAY_MS, "delete", "psn_no", ManualClaim,
+    "non-local visits reimbursed by hand (手工零星报销), from insured regions; the clearing service stores them "
+    "for the direct-settlement-rate denominator (deduped by claim_id)",
+)
+DEPOSITS = TopicSpec(
+    "fsi.deposits", 1, 30 * DAY_MS, "delete", "insured_prov", DepositEvent,
+    "every movement of an insured province's advance deposit (top-up, a month's draw-down)",
+)
+ALERTS = TopicSpec(
+    "fsi.alerts", 1, 30 * DAY_MS, "delete", "insured_prov", DepositAlert,
+    "operational alerts, e.g. an advance deposit at or below its warning line",
+)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (
+    INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS,
+)
