@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 import asyncpg
@@ -23,8 +24,10 @@ import pytest
 
 from deploy import stack as stack_ctl
 from loadtest.his import GatewayClient, Hospital
+from schemas.refdata import certno_check_char
 from services.common.config import Settings
 from services.refdata.load import load_dir
+from services.refdata.regions import SEED_REGIONS
 
 RUN_TOKEN = f"{int(time.time()) % 10**9:09d}{os.getpid() % 100:02d}"
 SERVICES = ("settle", "router", "gateway")
@@ -33,7 +36,12 @@ HOSPITALS = {
     "miyi": Hospital("H51042199901", "米易县测试医院", "510421"),
     "chengdu": Hospital("H51010099901", "成都测试医院", "510100"),
     "chifeng": Hospital("H15040099901", "赤峰测试医院", "150400"),
+    "chifeng_pharmacy": Hospital("P15040099901", "赤峰测试大药房", "150400"),
+    # One hospital and one pharmacy in each seed region, for a whole hospital day per region.
+    **{f"seed_{code}": Hospital(f"H{code}99902", f"{code}测试医院", code) for code in SEED_REGIONS},
+    **{f"seed_{code}_pharmacy": Hospital(f"P{code}99902", f"{code}测试药房", code) for code in SEED_REGIONS},
 }
+TEST_PROVINCES = ("510000", "150000", "500000", "350000", "140000")
 # Test catalog codes, present in every treating province used here.
 ITEM_A, ITEM_B10, ITEM_C, ITEM_CEIL = "TESTA001", "TESTB010", "TESTC001", "TESTCEIL"
 
@@ -49,7 +57,21 @@ class TestPerson:
     insutype: str
 
 
-PERSONS = {
+class PersonSpec(NamedTuple):
+    person: TestPerson
+    psn_type: str
+    assistance: str | None
+    balance: str
+    filing: tuple[str, str | None] | None  # (filing_type, target province or None = anywhere)
+    chronic: tuple[str, ...] = ()
+    certno: str | None = None
+
+
+def _certno(body17: str) -> str:
+    return body17 + certno_check_char(body17)
+
+
+PERSONS: dict[str, PersonSpec] = {
     # REFERENCE §4 worked example: 米易县 resident, 低保, TEMPORARY filing for 内蒙古.
     "example": (TestPerson(psn(1), "510421", "390"), "1501", "1", "0.00", ("TEMPORARY", "150000")),
     "local_employee": (TestPerson(psn(2), "510421", "310"), "1101", None, "5000.00", None),
@@ -59,15 +81,33 @@ PERSONS = {
     "plain": (TestPerson(psn(6), "150400", "390"), "1601", None, "0.00", None),
     # For the crash tests: many persons, local care in 赤峰, employees using their accounts.
     **{f"crash{i}": (TestPerson(psn(100 + i), "150400", "310"), "1101", None, "800.00", None) for i in range(40)},
+    # Outpatient, chronic, pharmacy, filings, 1101.
+    "op_employee": (TestPerson(psn(7), "150400", "310"), "1101", None, "3000.00", None),
+    "chronic_dm": (TestPerson(psn(8), "150400", "390"), "1501", None, "0.00", None, ("DM",)),
+    "chronic_none": (TestPerson(psn(9), "150400", "390"), "1501", None, "0.00", None),
+    "pharmacy_employee": (TestPerson(psn(10), "150400", "310"), "1101", None, "500.00", None),
+    "far_unfiled": (TestPerson(psn(11), "510421", "390"), "1501", None, "0.00", None),
+    "year_boundary": (TestPerson(psn(12), "150400", "310"), "1101", None, "0.00", None),
+    "info": (TestPerson(psn(13), "150400", "310"), "1201", "2", "1234.56", ("LONG_TERM", None), ("HTN",),
+             _certno(f"15040019580306{int(RUN_TOKEN) % 1000:03d}")),
+    # A hospital day in each seed region: a local resident, a local employee with chronic HTN, and a
+    # visitor insured in the next seed region with a LONG_TERM filing for anywhere.
+    **{f"day_{code}_{role}": spec for i, code in enumerate(SEED_REGIONS) for role, spec in (
+        ("resident", (TestPerson(psn(200 + 3 * i), code, "390"), "1501", None, "0.00", None)),
+        ("employee", (TestPerson(psn(201 + 3 * i), code, "310"), "1101", None, "2000.00", None, ("HTN",))),
+        ("visitor", (TestPerson(psn(202 + 3 * i), SEED_REGIONS[(i + 1) % len(SEED_REGIONS)], "310"), "1201", None,
+                     "800.00", ("LONG_TERM", None))),
+    )},
 }
+PERSONS = {key: PersonSpec(*spec) for key, spec in PERSONS.items()}
 
 
 def _write_refdata(directory: Path) -> None:
     enc = msgspec.json.Encoder()
     hospitals = [{"fixmedins_code": h.fixmedins_code, "fixmedins_name": h.fixmedins_name, "admdvs": h.admdvs,
-                  "hosp_lv": 3} for h in HOSPITALS.values()]
+                  "hosp_lv": 1 if h.fixmedins_code.startswith("P") else 3} for h in HOSPITALS.values()]
     catalog = []
-    for prov in ("510000", "150000"):
+    for prov in TEST_PROVINCES:
         catalog += [
             {"admdvs": prov, "med_list_codg": ITEM_A, "name": "测试甲类", "chrgitm_lv": "01", "selfpay_prop": "0"},
             {"admdvs": prov, "med_list_codg": ITEM_B10, "name": "测试乙类", "chrgitm_lv": "02", "selfpay_prop": "0.10"},
@@ -76,9 +116,10 @@ def _write_refdata(directory: Path) -> None:
              "pric_uplmt_amt": "100.00"},
         ]
     persons, filings = [], []
-    for p, psn_type, assistance, balance, filing in PERSONS.values():
+    for p, psn_type, assistance, balance, filing, chronic, certno in PERSONS.values():
         persons.append({"psn_no": p.psn_no, "insuplc_admdvs": p.insuplc, "insutype": p.insutype,
-                        "psn_type": psn_type, "assistance": assistance, "acct_balc": balance})
+                        "psn_type": psn_type, "assistance": assistance, "acct_balc": balance,
+                        "chronic": list(chronic), "certno": certno})
         if filing:
             filings.append({"psn_no": p.psn_no, "filing_type": filing[0], "begndate": "2026-01-01",
                             "enddate": "2026-12-31", "target_admdvs": filing[1]})
