@@ -81,6 +81,25 @@ ERRORS: dict[str, ErrorSpec] = {
                   "complete", "all", "resend with the same msgid: it returns the stored result"),
         ErrorSpec("INTERNAL", "an unexpected error inside the broker", "all",
                   "resend with the same msgid; report if it persists"),
+        # Reconciliation and clearing (services/clearing).
+        ErrorSpec("MONTH_CLOSED", "the clearing month is closed: nothing in it changes any more (late "
+                  "reversals count as adjustments of the next open month)", "3204",
+                  "nothing to withdraw; settle differences in the next month"),
+        ErrorSpec("MONTH_NOT_CLOSED", "the clearing month is not closed yet: its details are final only after "
+                  "the close", "3260, 3261, 3262", "ask again after the month is closed"),
+        ErrorSpec("APPLICATION_MISMATCH", "the clearing application's person-times or amounts differ from the "
+                  "ledger (the fields are named)", "3203", "reconcile with 3201/3202 first, then apply again"),
+        ErrorSpec("APPLICATION_UNKNOWN", "no clearing application with that clr_appy_evt_id for this hospital",
+                  "3204", "check clr_appy_evt_id"),
+        ErrorSpec("CONFIRMATION_MISMATCH", "the confirmation does not match the month's clearing details (row "
+                  "count, unknown setl_sn or amounts; counts are named)", "3261",
+                  "pull the details again (3260) and confirm what they list"),
+        ErrorSpec("CONFIRMATION_UNKNOWN", "no confirmation with that otransid for this hospital and month", "3262",
+                  "use the msgid of the 3261 that confirmed"),
+        ErrorSpec("STATEMENT_UNKNOWN", "no clearing statement for that month (or version)", "clearing CLI",
+                  "close the month first, or ask for the running positions"),
+        ErrorSpec("CLAIM_LOCAL", "a manual claim whose insured and treating pooling regions are the same; only "
+                  "non-local claims count", "fsi.manual_claims", "do not report local claims"),
     )
 }
 
