@@ -51,6 +51,7 @@ class Settings:
     monitor_metrics_port: int
     dashboard_port: int
     prometheus_port: int
+    clearing_metrics_port: int
     gateway_timeout_ms: int
     gateway_instance: int
     request_body_bytes_max: int
@@ -91,6 +92,7 @@ def load_settings() -> Settings:
         monitor_metrics_port=_int("XS_MONITOR_METRICS_PORT", 9104, 1024, 65535),
         dashboard_port=_int("XS_DASHBOARD_PORT", 8090, 1024, 65535),
         prometheus_port=_int("XS_PROMETHEUS_PORT", 9090, 1024, 65535),
+        clearing_metrics_port=_int("XS_CLEARING_METRICS_PORT", 9105, 1024, 65535),
         gateway_timeout_ms=_int("XS_GATEWAY_TIMEOUT_MS", 5000, 50, 120_000),
         gateway_instance=_int("XS_GATEWAY_INSTANCE", 0, 0, 63),
         request_body_bytes_max=_int("XS_REQUEST_BODY_BYTES_MAX", 1_048_576, 1024, 16_777_216),
