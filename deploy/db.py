@@ -15,6 +15,8 @@ import asyncpg
 from services.common.config import load_settings
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "sql" / "schema.sql"
+# Applied right after schema.sql, in this order and in the same transaction: one service's own tables.
+EXTRA_SCHEMA_PATHS = (SCHEMA_PATH.parent / "clearing.sql",)
 
 # Serialises concurrent schema applications (CREATE ... IF NOT EXISTS can race).
 _SCHEMA_LOCK_KEY = 0x78736574  # "xset"
@@ -43,6 +45,8 @@ async def ensure_role_and_database(admin_dsn: str, user: str, database: str) -> 
 async def apply_schema(dsn: str, schema_path: Path = SCHEMA_PATH) -> None:
     """Apply the schema file in one transaction, under an advisory lock."""
     sql = schema_path.read_text(encoding="utf-8")
+    if schema_path.resolve() == SCHEMA_PATH:
+        sql += "".join("\n" + p.read_text(encoding="utf-8") for p in EXTRA_SCHEMA_PATHS)
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         async with conn.transaction():
