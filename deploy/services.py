@@ -27,4 +27,5 @@ def service_specs(s: Settings) -> list[ServiceSpec]:
         ServiceSpec(
             "gateway", "services.gateway", (s.gateway_port, s.gateway_metrics_port), s.gateway_metrics_port
         ),
+        ServiceSpec("monitor", "services.monitor", (s.monitor_metrics_port,), s.monitor_metrics_port),
     ]

@@ -1,0 +1,91 @@
+"""Month-to-date figures from the ledger (PostgreSQL): the authoritative numbers behind
+the direct-settlement rate and the money moved between provinces.
+
+A month is the calendar month of `settlement.setl_time` (Asia/Shanghai wall time),
+as for clearing (REFERENCE §5). Direct person-times = settlements − reversals in the
+month: a reversed settlement that is not settled again does not count (§6). Fund
+amounts are summed as stored (reversal rows are negative), so they are net.
+Used by the monitor (exported to Prometheus) and by the dashboard.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Final
+
+import asyncpg
+
+from services.common.metrics import visit_type_of
+from services.common.response import SHANGHAI
+from services.refdata.regions import UnknownRegion, province_of
+
+FUND_COLUMNS: Final = ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")
+
+_MONTH_SQL: Final = """
+SELECT insured_admdvs, treating_admdvs, scope, med_type,
+       count(*) FILTER (WHERE kind = 'settle') AS settled,
+       count(*) FILTER (WHERE kind = 'reverse') AS reversed,
+       sum(medfee_sumamt)::bigint AS medfee, sum(fund_pay_sumamt)::bigint AS fund,
+       sum(hifp_pay)::bigint AS hifp_pay, sum(hifmi_pay)::bigint AS hifmi_pay,
+       sum(hifob_pay)::bigint AS hifob_pay, sum(maf_pay)::bigint AS maf_pay
+FROM settlement
+WHERE setl_time >= $1 AND setl_time < $2
+GROUP BY 1, 2, 3, 4
+"""
+
+Key = tuple[str, str, str, str]  # insured_prov, treating_prov, scope, visit_type
+
+
+@dataclass
+class Cell:
+    settled: int = 0
+    reversed: int = 0
+    manual: int = 0
+    medfee_fen: int = 0
+    fund_fen: int = 0
+    funds_fen: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FUND_COLUMNS, 0))
+
+    @property
+    def direct(self) -> int:
+        return self.settled - self.reversed
+
+
+@dataclass
+class MonthFigures:
+    month: str  # yyyy-MM
+    start: datetime
+    end: datetime
+    cells: dict[Key, Cell]
+    manual_source: str  # where manual person-times come from ("none" until recorded in the ledger)
+
+
+def month_bounds(now: datetime | None = None) -> tuple[datetime, datetime]:
+    """[first day of this month, first day of next month) as naive Asia/Shanghai wall times."""
+    local = (now or datetime.now(SHANGHAI)).astimezone(SHANGHAI).replace(tzinfo=None)
+    start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return start, end
+
+
+def _prov(admdvs: str) -> str:
+    try:
+        return province_of(admdvs.strip())
+    except UnknownRegion:
+        return "unknown"
+
+
+async def month_figures(conn: asyncpg.Connection | asyncpg.Pool, now: datetime | None = None) -> MonthFigures:
+    start, end = month_bounds(now)
+    cells: dict[Key, Cell] = defaultdict(Cell)
+    for r in await conn.fetch(_MONTH_SQL, start, end):
+        key = (_prov(r["insured_admdvs"]), _prov(r["treating_admdvs"]), r["scope"], visit_type_of(r["med_type"]))
+        c = cells[key]
+        c.settled += r["settled"]
+        c.reversed += r["reversed"]
+        c.medfee_fen += r["medfee"]
+        c.fund_fen += r["fund"]
+        for f in FUND_COLUMNS:
+            c.funds_fen[f] += r[f]
+    return MonthFigures(start.strftime("%Y-%m"), start, end, dict(cells), "none")
