@@ -23,7 +23,7 @@ class ServiceSpec:
 def service_specs(s: Settings) -> list[ServiceSpec]:
     return [
         ServiceSpec("settle", "services.settle", (s.settle_metrics_port,), s.settle_metrics_port),
-        ServiceSpec("router", "services.router", (s.router_metrics_port, s.router_web_port), s.router_metrics_port),
+        ServiceSpec("router", "services.router", (s.router_metrics_port,), s.router_metrics_port),
         ServiceSpec(
             "gateway", "services.gateway", (s.gateway_port, s.gateway_metrics_port), s.gateway_metrics_port
         ),

@@ -47,7 +47,6 @@ class Settings:
     gateway_metrics_port: int
     router_metrics_port: int
     settle_metrics_port: int
-    router_web_port: int
     monitor_metrics_port: int
     dashboard_port: int
     prometheus_port: int
@@ -88,7 +87,6 @@ def load_settings() -> Settings:
         gateway_metrics_port=_int("XS_GATEWAY_METRICS_PORT", 9101, 1024, 65535),
         router_metrics_port=_int("XS_ROUTER_METRICS_PORT", 9102, 1024, 65535),
         settle_metrics_port=_int("XS_SETTLE_METRICS_PORT", 9103, 1024, 65535),
-        router_web_port=_int("XS_ROUTER_WEB_PORT", 6066, 1024, 65535),
         monitor_metrics_port=_int("XS_MONITOR_METRICS_PORT", 9104, 1024, 65535),
         dashboard_port=_int("XS_DASHBOARD_PORT", 8090, 1024, 65535),
         prometheus_port=_int("XS_PROMETHEUS_PORT", 9090, 1024, 65535),
