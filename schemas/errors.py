@@ -125,5 +125,25 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+README_BEGIN = "<!-- error-codes:begin (python -m schemas.errors --write README.md) -->"
+README_END = "<!-- error-codes:end -->"
+
+
+def readme_with_table(text: str) -> str:
+    """`text` with the block between the README markers replaced by the current table."""
+    head, _, rest = text.partition(README_BEGIN)
+    _, _, tail = rest.partition(README_END)
+    if not rest:
+        raise ValueError("README has no error-code markers")
+    return f"{head}{README_BEGIN}\n{markdown_table()}\n{README_END}{tail}"
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        path = Path(sys.argv[2])
+        path.write_text(readme_with_table(path.read_text(encoding="utf-8")), encoding="utf-8")
+    else:
+        print(markdown_table())
