@@ -4,10 +4,12 @@
     python -m deploy.stack stop                   # services, then Kafka, then PostgreSQL
     python -m deploy.stack status                 # table: component, state, pid, ports, log
     python -m deploy.stack restart-service NAME   # also: start-service NAME, stop-service NAME [--kill]
+                                                  # (NAME: a service of deploy/services.py, or prometheus)
 
 Everything listens on 127.0.0.1 only, on the ports from Settings (XS_* env vars), and keeps
 its files under Settings.state_dir (default .state/): pg/ (data), pgsock/, kafka/ (lib, data,
-server.properties, cluster-id), logs/<component>.log, run/<component>.pid.
+server.properties, cluster-id), prometheus/ (config, rules, data), logs/<component>.log,
+run/<component>.pid. `start` also starts Prometheus (with --infra-only too) when installed.
 
 Functions for tests (crash tests kill -9 and restart a service):
     start_service(name) -> pid, stop_service(name, kill=False), restart_service(name),
@@ -781,6 +783,8 @@ def is_running(name: str, settings: Settings | None = None) -> bool:
         return kafka_pid(s) is not None
     if name == "postgres":
         return pg_pid(s) is not None
+    if name == "prometheus":
+        return prometheus_pid(s) is not None
     return service_pid(name, s) is not None
 
 
@@ -793,7 +797,92 @@ def is_healthy(name: str, settings: Settings | None = None) -> bool:
         return _kafka_probe(s)
     if name == "postgres":
         return _port_open(s.pg_port)
+    if name == "prometheus":
+        return _prometheus_http(s, "/-/ready")
     return _http_ok(_spec(name, s).ready_port)
+
+
+# --- Prometheus ------------------------------------------------------------------------------
+# The local stack's own server (Debian package `prometheus`, installed by deploy/bootstrap.sh),
+# configured by deploy/prometheus: scrapes every service, evaluates the project's rules.
+
+PROMETHEUS_READY_TIMEOUT_S = 30.0
+
+
+def prometheus_pid(s: Settings | None = None) -> int | None:
+    from deploy.prometheus import PromPaths
+
+    s = s or load_settings()
+    pid = _read_pid(Paths.of(s).pidfile("prometheus"))
+    if pid is None or not _pid_alive(pid):
+        return None
+    args = _cmdline(pid)
+    if args and Path(args[0]).name == "prometheus" and f"--config.file={PromPaths.of(s).config}" in args:
+        return pid
+    return None
+
+
+def _prometheus_http(s: Settings, path: str, method: str = "GET", timeout: float = 2.0) -> bool:
+    req = urllib.request.Request(f"http://127.0.0.1:{s.prometheus_port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def reload_prometheus(s: Settings | None = None) -> bool:
+    """Re-render config and rules; a running server re-reads them (POST /-/reload)."""
+    from deploy.prometheus import write_files
+
+    s = s or load_settings()
+    write_files(s)
+    return prometheus_pid(s) is not None and _prometheus_http(s, "/-/reload", method="POST", timeout=10.0)
+
+
+def start_prometheus(s: Settings | None = None) -> int | None:
+    """Start the server unless it runs (then reload it if its files changed); None when not installed."""
+    from deploy.prometheus import command, write_files
+
+    s = s or load_settings()
+    p = Paths.of(s)
+    binary = shutil.which("prometheus")
+    if binary is None:
+        warn("prometheus: not installed (run deploy/bootstrap.sh): no metrics server")
+        return None
+    changed = write_files(s)
+    pid = prometheus_pid(s)
+    if pid is not None:
+        if changed and not _prometheus_http(s, "/-/reload", method="POST", timeout=10.0):
+            raise StackError(f"prometheus: reload failed; last lines of {p.log('prometheus')}:\n"
+                             + tail(p.log("prometheus")))
+        say(f"prometheus: already running (pid {pid}){', reloaded' if changed else ''}")
+        return pid
+    if _port_open(s.prometheus_port):
+        raise StackError(f"prometheus: port {s.prometheus_port} is taken by a process this stack did not start "
+                         "(set XS_PROMETHEUS_PORT)")
+    pid = _spawn(command(binary, s), p.log("prometheus"), p.pidfile("prometheus"), cwd=p.state)
+    deadline = time.monotonic() + PROMETHEUS_READY_TIMEOUT_S
+    while not _prometheus_http(s, "/-/ready"):
+        if not _pid_alive(pid) or time.monotonic() > deadline:
+            raise StackError(f"prometheus (pid {pid}) did not become ready; last lines of "
+                             f"{p.log('prometheus')}:\n{tail(p.log('prometheus'))}")
+        time.sleep(0.2)
+    say(f"prometheus: started pid {pid} on http://127.0.0.1:{s.prometheus_port}/")
+    return pid
+
+
+def stop_prometheus(s: Settings | None = None) -> bool:
+    s = s or load_settings()
+    p = Paths.of(s)
+    pid = prometheus_pid(s)
+    if pid is None:
+        p.pidfile("prometheus").unlink(missing_ok=True)
+        return False
+    say(f"prometheus: stopping pid {pid}")
+    _terminate(pid, SERVICE_STOP_TIMEOUT_S)
+    p.pidfile("prometheus").unlink(missing_ok=True)
+    return True
 
 
 # --- orchestration --------------------------------------------------------------------------
@@ -835,12 +924,14 @@ def start(infra_only: bool = False, settings: Settings | None = None) -> None:
         if errors:
             print_status(s)
             raise StackError("\n\n".join(errors))
+    start_prometheus(s)
     say(f"stack up in {time.monotonic() - t0:.1f}s")
     print_status(s)
 
 
 def stop(settings: Settings | None = None) -> None:
     s = settings or load_settings()
+    stop_prometheus(s)
     for spec in reversed(service_specs(s)):
         stop_service(spec.name, settings=s)
     stop_kafka(s)
@@ -877,6 +968,9 @@ def status_rows(s: Settings | None = None) -> list[Row]:
         pid = service_pid(spec.name, s)
         state = "down" if pid is None else "up" if _http_ok(spec.ready_port, timeout=1.0) else "starting"
         rows.append(Row(spec.name, state, pid, spec.ports, p.log(spec.name)))
+    pid = prometheus_pid(s)
+    state = "down" if pid is None else "up" if _prometheus_http(s, "/-/ready", timeout=1.0) else "starting"
+    rows.append(Row("prometheus", state, pid, (s.prometheus_port,), p.log("prometheus")))
     return rows
 
 
@@ -920,6 +1014,11 @@ def main(argv: list[str] | None = None) -> int:
             stop()
         elif args.cmd == "status":
             print_status()
+        elif getattr(args, "name", None) == "prometheus":
+            if args.cmd != "start-service":
+                stop_prometheus()
+            if args.cmd != "stop-service":
+                start_prometheus()
         elif args.cmd == "restart-service":
             restart_service(args.name, kill=args.kill)
         elif args.cmd == "start-service":

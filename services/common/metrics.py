@@ -150,7 +150,10 @@ def record_ledger_row(
         SETTLEMENTS.labels("reverse", *labels)  # exists at 0, so settle − reverse is defined at once
     for fund, fen in funds.items():
         if fen:
-            FUND_PAID.labels(fund if fund in FUNDS else "other", kind, ins, trt).inc(abs(fen) / 100)
+            fund = fund if fund in FUNDS else "other"
+            FUND_PAID.labels(fund, kind, ins, trt).inc(abs(fen) / 100)
+            if kind == "settle":
+                FUND_PAID.labels(fund, "reverse", ins, trt)
 
 
 def record_settlement_request(infno: str, scope: str, outcome: str, med_type: str | None = None) -> None:
