@@ -1,0 +1,729 @@
+"""The benchmark: the fastest sustainable rate of complete inpatient stays, with a baseline.
+
+    python -m loadtest.bench [--seconds 20] [--max-stays 20000] [--concurrency 64] [--via kafka|http]
+
+`--concurrency` stays run at once, each sequential (2401 → 2301 ×1–2 → 2402 → 2303 →
+2304 → 10% 2305), a new stay as soon as one ends: a closed loop, so the rate is
+what the pipeline sustains at that concurrency.
+
+- `--via kafka` (default): envelopes are produced straight into `fsi.ingress`
+  (key psn_no, headers reply_topic / reply_partition / received_ns) and answers
+  read from partition `--reply-partition` (3) of `fsi.replies`, matched by msgid.
+- `--via http`: through the HTTP gateway, as a hospital does.
+
+The run, within `--seconds` (plus at most `--drain-seconds` for requests in flight):
+1. baseline (`--baseline-seconds`, part of `--seconds`): the raw Kafka round trip —
+   produce a request-sized record to a scratch topic and consume it back, with the
+   same concurrency and the same producer settings as the services;
+2. the load; every request's latency is measured from send to answer.
+Prometheus histograms (`xs_stage_seconds`, `xs_settlement_end_to_end_seconds`, the
+gateway's) are scraped before and after the load, for a stage breakdown, and the
+CPU time of every component is read from /proc, so numbers from a noisy shared
+machine can be read in context (a component restarted during the load marks the run
+invalid). `--repeat N` measures N times and adds a table of every run with the
+medians. Results go to stdout as plain text; progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy import stack
+from loadtest.demo import HttpCaller
+from loadtest.his import Stay
+from loadtest.population import (
+    DEFAULT_PERSONS_PER_REGION,
+    DEFAULT_SEED,
+    SCOPES,
+    PipelineUnavailable,
+    Population,
+    Stats,
+    TransportError,
+    drive_stay,
+    ensure_refdata,
+    fee_lines,
+    load_population,
+    percentile,
+    shanghai_now,
+    wait_ready,
+)
+from schemas.codec import encode
+from services.common.config import PROJECT_ROOT, Settings, load_settings
+from services.common.kafka import make_producer
+from topics.catalog import INGRESS, REPLIES
+
+ECHO_TOPIC = "xsettle.bench.echo"  # scratch topic of the raw round-trip baseline
+_decoder = msgspec.json.Decoder(float_hook=Decimal)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# Kafka ingress ------------------------------------------------------------------------------
+
+
+def _psn_no(envelope: dict[str, Any]) -> str | None:
+    body = envelope.get("input") or {}
+    for part in ("mdtrtinfo", "dscginfo", "data"):
+        value = body.get(part)
+        if isinstance(value, dict) and value.get("psn_no"):
+            return str(value["psn_no"])
+    items = body.get("feedetail") or body.get("data")
+    if isinstance(items, list) and items and isinstance(items[0], dict):
+        return str(items[0].get("psn_no") or "") or None
+    return None
+
+
+class ReplyReader:
+    """One partition of a topic, read from its end; records resolve futures waiting on their key."""
+
+    def __init__(self, s: Settings, topic: str, partition: int) -> None:
+        self.tp = TopicPartition(topic, partition)
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False, auto_offset_reset="latest",
+            fetch_max_wait_ms=5, isolation_level="read_committed", request_timeout_ms=10_000,
+        )
+        self.pending: dict[str, list[asyncio.Future[bytes]]] = {}  # several when a msgid is resent
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self.consumer.assign([self.tp])
+        await self.consumer.seek_to_end(self.tp)
+        await self.consumer.position(self.tp)  # resolved now: nothing produced from here on is missed
+        self._task = asyncio.create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.consumer.stop()
+
+    def expect(self, key: str) -> asyncio.Future[bytes]:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.pending.setdefault(key, []).append(fut)
+        return fut
+
+    def forget(self, key: str, fut: asyncio.Future[bytes]) -> None:
+        waiters = self.pending.get(key)
+        if waiters and fut in waiters:
+            waiters.remove(fut)
+            if not waiters:
+                del self.pending[key]
+
+    async def _read(self) -> None:
+        while True:
+            batches = await self.consumer.getmany(self.tp, timeout_ms=100, max_records=5000)
+            for records in batches.values():
+                for rec in records:
+                    for fut in self.pending.pop(rec.key.decode() if rec.key else "", ()):
+                        if not fut.done():
+                            fut.set_result(rec.value)
+
+
+class KafkaCaller:
+    """A HIS writing straight into fsi.ingress and reading its answers from one fsi.replies partition."""
+
+    def __init__(self, s: Settings, reply_partition: int, timeout_s: float) -> None:
+        self.s = s
+        self.reply_partition = reply_partition
+        self.timeout_s = timeout_s
+        self.producer: AIOKafkaProducer = make_producer(s, linger_ms=1)
+        self.replies = ReplyReader(s, REPLIES.name, reply_partition)
+        self.headers_base = [("reply_topic", REPLIES.name.encode()), ("reply_partition", str(reply_partition).encode())]
+
+    async def start(self) -> None:
+        try:
+            await self.producer.start()
+            await self.replies.start()
+        except (KafkaError, OSError) as e:
+            raise TransportError(f"Kafka at {self.s.kafka_bootstrap}: {type(e).__name__}: {e}") from None
+
+    async def stop(self) -> None:
+        await self.replies.stop()
+        await self.producer.stop()
+
+    async def call(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        msgid = envelope["msgid"]
+        key = (_psn_no(envelope) or msgid).encode()
+        fut = self.replies.expect(msgid)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.producer.send_and_wait(
+                    INGRESS.name, encode(envelope), key=key,
+                    headers=[*self.headers_base, ("received_ns", str(time.time_ns()).encode())],
+                )
+                raw = await fut
+        except KafkaError as e:
+            raise TransportError(f"Kafka: {type(e).__name__}: {e}") from None
+        finally:
+            self.replies.forget(msgid, fut)
+        result = _decoder.decode(raw)
+        if not isinstance(result, dict):
+            raise TransportError("a reply that is not a JSON object")
+        return result
+
+
+async def ensure_echo_topic(s: Settings) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        if ECHO_TOPIC not in set(await admin.list_topics()):
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(
+                    [NewTopic(ECHO_TOPIC, 1, 1, topic_configs={"retention.ms": str(3600_000)})], timeout_ms=10_000
+                )
+    finally:
+        await admin.close()
+
+
+async def raw_round_trip(s: Settings, concurrency: int, seconds: float, payload: bytes) -> tuple[list[float], float]:
+    """Produce → consume back on a scratch topic, `concurrency` loops; (latencies, elapsed)."""
+    await ensure_echo_topic(s)
+    producer = make_producer(s, linger_ms=1)
+    reader = ReplyReader(s, ECHO_TOPIC, 0)
+    await producer.start()
+    await reader.start()
+    latencies: list[float] = []
+    end = time.monotonic() + seconds
+
+    async def loop(w: int) -> None:
+        i = 0
+        while time.monotonic() < end:
+            i += 1
+            key = f"echo-{os.getpid()}-{w}-{i}"
+            fut = reader.expect(key)
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(10):
+                    await producer.send_and_wait(ECHO_TOPIC, payload, key=key.encode(), partition=0)
+                    await fut
+            except TimeoutError:
+                reader.forget(key, fut)
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    t0 = time.monotonic()
+    try:
+        await asyncio.gather(*(loop(w) for w in range(concurrency)))
+    finally:
+        await reader.stop()
+        await producer.stop()
+    return latencies, time.monotonic() - t0
+
+
+# Metrics and CPU ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Hist:
+    buckets: dict[float, float]  # upper bound → cumulative count
+    count: float
+    total: float
+
+    def minus(self, other: Hist | None) -> Hist:
+        if other is None:
+            return self
+        return Hist({le: n - other.buckets.get(le, 0.0) for le, n in self.buckets.items()},
+                    self.count - other.count, self.total - other.total)
+
+    def quantile(self, q: float) -> float:
+        """histogram_quantile: linear interpolation inside the bucket holding rank q·count."""
+        if self.count <= 0:
+            return float("nan")
+        rank = q * self.count
+        lower_le, lower_n = 0.0, 0.0
+        for le, n in sorted(self.buckets.items()):
+            if n >= rank:
+                if le == float("inf"):
+                    return lower_le
+                return lower_le + (le - lower_le) * ((rank - lower_n) / (n - lower_n) if n > lower_n else 1.0)
+            lower_le, lower_n = le, n
+        return lower_le
+
+
+Scrape = tuple[dict[tuple[str, str], Hist], dict[tuple[str, ...], float]]
+
+
+async def scrape(s: Settings) -> Scrape:
+    """Histograms (name, label) and xs_requests_total counters from the three services."""
+    hists: dict[tuple[str, str], Hist] = {}
+    counters: dict[tuple[str, ...], float] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for port in (s.gateway_metrics_port, s.router_metrics_port, s.settle_metrics_port):
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    text = await resp.text()
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+            for family in text_string_to_metric_families(text):
+                if family.name == "xs_requests" or family.name == "xs_requests_total":
+                    for sample in family.samples:
+                        if sample.name.endswith("_total"):
+                            lb = sample.labels
+                            key = (lb.get("stage", ""), lb.get("infno", ""), lb.get("outcome", ""))
+                            counters[key] = counters.get(key, 0.0) + sample.value
+                    continue
+                if family.type != "histogram" or not family.name.startswith("xs_"):
+                    continue
+                for sample in family.samples:
+                    labels = {k: v for k, v in sample.labels.items() if k != "le"}
+                    label = ",".join(f"{v}" for _, v in sorted(labels.items()))
+                    h = hists.setdefault((family.name, label), Hist({}, 0.0, 0.0))
+                    if sample.name.endswith("_bucket"):
+                        h.buckets[float(sample.labels["le"])] = sample.value
+                    elif sample.name.endswith("_count"):
+                        h.count = sample.value
+                    elif sample.name.endswith("_sum"):
+                        h.total = sample.value
+    return hists, counters
+
+
+_CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_cpu(pid: int) -> float:
+    """utime + stime of a process, in seconds (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK
+
+
+def _children(ppid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == ppid:
+                    out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+# component → (its main pid, {pid: CPU seconds so far}) — several pids for PostgreSQL's backends.
+CpuSnap = dict[str, tuple[int, dict[int, float]]]
+
+
+def cpu_snapshot(s: Settings) -> CpuSnap:
+    """CPU seconds so far of each component, this process, and the whole machine (busy, from /proc/stat;
+    pid 0). A different main pid in a later snapshot means the component restarted in between."""
+    out: CpuSnap = {}
+    for name in ("gateway", "router", "settle"):
+        pid = stack.service_pid(name, s)
+        if pid:
+            out[name] = (pid, {pid: _proc_cpu(pid)})
+    kpid = stack.kafka_pid(s)
+    if kpid:
+        out["kafka"] = (kpid, {kpid: _proc_cpu(kpid)})
+    ppid = stack.pg_pid(s)
+    if ppid:
+        out["postgres"] = (ppid, {pid: _proc_cpu(pid) for pid in (ppid, *_children(ppid))})
+    t = os.times()
+    out["bench (this client)"] = (os.getpid(), {os.getpid(): t.user + t.system})
+    try:
+        cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        values = [int(v) for v in cpu]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        out["machine busy"] = (0, {0: (sum(values[:8]) - idle) / _CLK})
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def cpu_used(before: CpuSnap, after: CpuSnap, name: str) -> float:
+    """CPU seconds between the snapshots: processes gone by the second one are not counted, new ones are
+    counted whole."""
+    old, new = before[name][1], after[name][1]
+    return sum(cpu - old.get(pid, 0.0) for pid, cpu in new.items())
+
+
+def restarted(before: CpuSnap, after: CpuSnap) -> list[str]:
+    return [name for name, (pid, _) in before.items() if name in after and after[name][0] != pid] + [
+        name for name in before.keys() ^ after.keys() if name in ("gateway", "router", "settle", "kafka", "postgres")
+    ]
+
+
+def code_version() -> str:
+    """The commit the services run from (as checked out now), and whether they have local changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "services", "schemas", "topics"],
+                               cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "code: unknown (no git)"
+    return f"code: git {head}" + (" + uncommitted changes in services/schemas/topics" if dirty.strip() else "")
+
+
+def machine_info() -> list[str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return [
+        f"machine: nproc {nproc}, {model}",
+        f"         Python {platform.python_version()} ({platform.python_implementation()}), "
+        f"{platform.system()} {platform.release()}, load average at start {load}",
+    ]
+
+
+# The run ------------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return "-" if seconds != seconds else f"{seconds * 1000:.1f}"
+
+
+def lat_row(name: str, values: Sequence[float]) -> str:
+    return (f"  {name:26} {len(values):8d} {_ms(percentile(values, 50)):>8} {_ms(percentile(values, 90)):>8} "
+            f"{_ms(percentile(values, 99)):>8} {_ms(max(values) if values else float('nan')):>8}")
+
+
+LAT_HEADER = f"  {'latency ms':26} {'count':>8} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}"
+
+
+async def load_phase(caller: Any, pop: Population, stats: Stats, args: argparse.Namespace,
+                     seconds: float) -> str | None:
+    rng = random.Random(args.seed ^ time.time_ns())
+    t0 = time.monotonic()
+    stats.t0 = t0
+    deadline = t0 + seconds
+    launched = 0
+    unreachable: list[str] = []
+
+    def go_on() -> bool:
+        return time.monotonic() < deadline and not unreachable
+
+    async def worker() -> None:
+        nonlocal launched
+        while go_on() and launched < args.max_stays:
+            scn = pop.scenario(rng)
+            if scn is None:
+                await asyncio.sleep(0.005)
+                continue
+            launched += 1
+            try:
+                await drive_stay(caller, scn, stats, go_on=go_on, resends=1)
+            except TransportError as e:
+                unreachable.append(str(e))
+            finally:
+                pop.release(scn)
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            settle = stats.latencies.get("2304", [])
+            log(f"  {time.monotonic() - t0:5.0f}s settled {stats.settled:7d} "
+                f"({stats.rate_in_window(stats.settled_at, 2.0):6.1f}/s)  requests "
+                f"{stats.rate_in_window(stats.answered_at, 2.0):7.1f}/s  2304 p50 "
+                f"{_ms(percentile(settle[-2000:], 50))} ms  errors {sum(stats.errors().values())}")
+
+    reporter = asyncio.create_task(progress())
+    workers = asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    await asyncio.wait({workers}, timeout=seconds)
+    stats.run_s = min(time.monotonic(), deadline) - t0
+    done, _ = await asyncio.wait({workers}, timeout=args.drain_seconds)
+    if not done:
+        workers.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await workers
+        log(f"bench: requests still unanswered {args.drain_seconds:g} s after the end were abandoned")
+    stats.drain_s = time.monotonic() - t0 - stats.run_s
+    reporter.cancel()
+    return unreachable[0] if unreachable else None
+
+
+def report(args: argparse.Namespace, info: dict[str, Any], pop: Population, stats: Stats,
+           raw: tuple[list[float], float], metrics: tuple[Scrape, Scrape], cpu: tuple[CpuSnap, CpuSnap],
+           load_s: float, started_at: datetime) -> list[str]:
+    out = [f"xsettle benchmark, {started_at:%Y-%m-%d %H:%M} UTC", *machine_info(), code_version()]
+    out.append(f"run: via {args.via}, concurrency {args.concurrency} stays, load {load_s:.1f} s "
+               f"(max {args.max_stays} stays), baseline {raw[1]:.1f} s; reference data seed "
+               f"{args.seed}: {info['persons']} persons, {len(pop.hospitals)} hospitals")
+    window = max(stats.run_s, 1e-9)
+    end = stats.t0 + stats.run_s
+    settled_in = sum(1 for t in stats.settled_at if t <= end)
+    answered_in = sum(1 for t in stats.answered_at if t <= end)
+    o = stats.stay_outcomes
+    settle = stats.latencies.get("2304", [])
+    every = stats.all_latencies()
+    out += [
+        "",
+        f"pipeline ({'gateway → ' if args.via == 'http' else ''}fsi.ingress → router → fsi.routed → settle + "
+        "PostgreSQL → fsi.replies)",
+        f"  settlements/s     {settled_in / window:8.1f}   ({settled_in} settlements 2304 in {window:.1f} s; "
+        f"{stats.settled} with the drain, {stats.reversed} reversed 2305)",
+        f"  requests/s        {answered_in / window:8.1f}   ({answered_in} answered in {window:.1f} s, all "
+        f"transactions; {stats.requests()} with the drain of {stats.drain_s:.1f} s)",
+        f"  stays             {stats.stays_started} started: {o['done']} complete, {o['refused']} refused as "
+        f"expected (unfiled), {o['failed']} failed, {o['cut']} cut at the end",
+        "  by scope (settled) " + ", ".join(f"{s} {stats.settled_by_scope[s]}" for s in SCOPES),
+        LAT_HEADER,
+        lat_row("2304 settlement", settle),
+        lat_row("all requests", every),
+    ]
+    for infno in sorted(stats.latencies):
+        if infno != "2304":
+            out.append(lat_row(f"  {infno}", stats.latencies[infno]))
+    codes: Counter[str] = Counter()
+    for (_, code), n in stats.outcomes.items():
+        if code != "ok":
+            codes[code] += n
+    err = ", ".join(
+        f"{c} {n}" + (f" ({stats.expected_refusals[c]} expected)" if stats.expected_refusals[c] else "")
+        for c, n in codes.most_common()
+    )
+    out.append(f"  error answers     {err or 'none'}; resent after a timeout: {stats.resends}")
+
+    raw_lat, raw_s = raw
+    out += ["", f"baseline: raw Kafka round trip (produce acks=all → consume, {args.concurrency} concurrent, "
+            f"1 partition, {raw_s:.1f} s)",
+            f"  round trips/s     {len(raw_lat) / max(raw_s, 1e-9):8.1f}",
+            LAT_HEADER, lat_row("raw round trip", raw_lat)]
+    r50, r99 = percentile(raw_lat, 50), percentile(raw_lat, 99)
+    if raw_lat and settle:
+        out.append(f"  ratio pipeline / raw round trip: 2304 p50 {percentile(settle, 50) / r50:.1f}x, "
+                   f"p99 {percentile(settle, 99) / r99:.1f}x; all requests p50 {percentile(every, 50) / r50:.1f}x, "
+                   f"p99 {percentile(every, 99) / r99:.1f}x")
+        out.append("  (one pipeline request = 3 Kafka hops + router + settlement batch with a PostgreSQL commit)")
+
+    (h0, c0), (h1, c1) = metrics
+    out += ["", "stages (Prometheus histograms of the services, difference over the load; quantiles "
+            "interpolated in buckets)",
+            f"  {'stage':44} {'count':>8} {'mean ms':>8} {'p50 ms':>8} {'p99 ms':>8}"]
+    rows = [
+        ("xs_gateway_request_seconds", "2304", "gateway 2304: HTTP request → response"),
+        ("xs_stage_seconds", "router", "router: one record"),
+        ("xs_stage_seconds", "settle_batch", "settle: one batch (one PG transaction)"),
+        ("xs_settlement_end_to_end_seconds", "2304", "2304: ingress receipt → ledger commit"),
+        ("xs_settlement_end_to_end_seconds", "2301", "2301: ingress receipt → ledger commit"),
+    ]
+    for name, label, title in rows:
+        if (name, label) not in h1:
+            continue
+        d = h1[(name, label)].minus(h0.get((name, label)))
+        if d.count < 0:
+            out.append(f"  {title:44} (the service restarted: its counters started again)")
+            continue
+        if d.count == 0:
+            continue
+        out.append(f"  {title:44} {d.count:8.0f} {_ms(d.total / d.count):>8} {_ms(d.quantile(0.5)):>8} "
+                   f"{_ms(d.quantile(0.99)):>8}")
+    settle_records = sum(v - c0.get(k, 0) for k, v in c1.items() if k[0] == "settle")
+    batches = 0.0
+    if ("xs_stage_seconds", "settle_batch") in h1:
+        batches = h1[("xs_stage_seconds", "settle_batch")].minus(h0.get(("xs_stage_seconds", "settle_batch"))).count
+    if batches > 0:
+        out.append(f"  settle: {settle_records:.0f} records in {batches:.0f} batches = {settle_records / batches:.1f} "
+                   "records per batch")
+
+    before, after = cpu
+    span = stats.run_s + stats.drain_s
+    ncpu = os.cpu_count() or 1
+    out += ["", f"CPU seconds during the load ({span:.1f} s wall; {ncpu} CPUs = {span * ncpu:.0f} CPU-seconds)"]
+    parts, known = [], 0.0
+    gone = restarted(before, after)
+    for name in ("gateway", "router", "settle", "kafka", "postgres", "bench (this client)"):
+        if name in gone:
+            parts.append(f"{name} restarted")
+        elif name in after and name in before:
+            used = cpu_used(before, after, name)
+            known += used
+            parts.append(f"{name} {used:.1f}")
+    out.append("  " + ", ".join(parts))
+    stack_cpu = known - cpu_used(before, after, "bench (this client)")
+    if not gone and stack_cpu > 0 and stats.requests():
+        out.append(f"  stack CPU per request {1000 * stack_cpu / stats.requests():.2f} ms, per settled stay "
+                   f"{1000 * stack_cpu / max(stats.settled, 1):.1f} ms (gateway + router + settle + kafka + "
+                   "postgres; less sensitive to other load than the rates)")
+    if "machine busy" in after and "machine busy" in before and not gone:
+        busy = cpu_used(before, after, "machine busy")
+        out.append(f"  machine busy {busy:.1f} ({100 * busy / max(span * ncpu, 1e-9):.0f}%), "
+                   f"of which other processes (not the stack, not this client) {max(0.0, busy - known):.1f}")
+    if gone:
+        out[1:1] = [f"WARNING: {', '.join(gone)} restarted during the load (pid changed): these numbers are "
+                    "not comparable; run again"]
+    return out
+
+
+def key_numbers(stats: Stats, raw: tuple[list[float], float], cpu: tuple[CpuSnap, CpuSnap]) -> dict[str, float]:
+    """The numbers compared across runs (nan when not available)."""
+    nan = float("nan")
+    window = max(stats.run_s, 1e-9)
+    end = stats.t0 + stats.run_s
+    settle, every, raw_lat = stats.latencies.get("2304", []), stats.all_latencies(), raw[0]
+    before, after = cpu
+    stack_cpu = nan
+    if not restarted(before, after) and stats.requests():
+        stack_cpu = sum(cpu_used(before, after, n) for n in ("gateway", "router", "settle", "kafka", "postgres")
+                        if n in before and n in after) / stats.requests()
+    r50, r99 = percentile(raw_lat, 50), percentile(raw_lat, 99)
+    return {
+        "settl/s": sum(1 for t in stats.settled_at if t <= end) / window,
+        "req/s": sum(1 for t in stats.answered_at if t <= end) / window,
+        "2304 p50": percentile(settle, 50) * 1000, "2304 p90": percentile(settle, 90) * 1000,
+        "2304 p99": percentile(settle, 99) * 1000,
+        "all p50": percentile(every, 50) * 1000, "all p90": percentile(every, 90) * 1000,
+        "all p99": percentile(every, 99) * 1000,
+        "raw p50": r50 * 1000, "raw p99": r99 * 1000,
+        "x raw p50": percentile(settle, 50) / r50 if raw_lat else nan,
+        "x raw p99": percentile(settle, 99) / r99 if raw_lat else nan,
+        "cpu ms/req": stack_cpu * 1000,
+    }
+
+
+def median_table(runs: list[dict[str, float]], invalid: list[bool]) -> list[str]:
+    cols = list(runs[0])
+    out = ["", f"summary of {len(runs)} runs (median over the valid runs; latencies in ms, x raw = 2304 latency / "
+           "raw Kafka round trip)", "  " + f"{'run':>6} " + " ".join(f"{c:>10}" for c in cols)]
+    for i, (k, bad) in enumerate(zip(runs, invalid, strict=True), 1):
+        note = "  (a service restarted: ignored)" if bad else ""
+        out.append("  " + f"{i:>6} " + " ".join(f"{k[c]:10.1f}" for c in cols) + note)
+    valid = [k for k, bad in zip(runs, invalid, strict=True) if not bad] or runs
+    out.append("  " + f"{'median':>6} " + " ".join(f"{statistics.median(k[c] for k in valid):10.1f}" for c in cols))
+    return out
+
+
+async def measure(s: Settings, args: argparse.Namespace, caller: Any, pop: Population, info: dict[str, Any],
+                  hard_deadline: float) -> tuple[list[str], dict[str, float], bool, str | None]:
+    """One baseline + load; returns (report lines, key numbers, invalid, unreachable message)."""
+    started_at = datetime.now(UTC)
+    baseline_s = min(args.baseline_seconds, args.seconds / 2)
+    load_s = args.seconds - baseline_s
+    log(f"bench: baseline, raw Kafka round trip for {baseline_s:g} s ...")
+    raw = await raw_round_trip(s, args.concurrency, baseline_s, encode(pop_sample_envelope(pop)))
+    log(f"bench: load via {args.via}, {args.concurrency} concurrent stays, {load_s:g} s ...")
+    m0, cpu0 = await scrape(s), cpu_snapshot(s)
+    stats = Stats()
+    remaining = max(1.0, hard_deadline - time.monotonic() - args.drain_seconds)
+    unreachable = await load_phase(caller, pop, stats, args, min(load_s, remaining))
+    cpu1, m1 = cpu_snapshot(s), await scrape(s)
+    lines = report(args, info, pop, stats, raw, (m0, m1), (cpu0, cpu1), load_s, started_at)
+    return lines, key_numbers(stats, raw, (cpu0, cpu1)), bool(restarted(cpu0, cpu1)), unreachable
+
+
+async def run(args: argparse.Namespace) -> int:
+    s = load_settings()
+    # Setup (reference data, readiness) at most 60 s, then each run at most --seconds + --drain-seconds.
+    hard_deadline = time.monotonic() + 60 + args.repeat * (args.seconds + args.drain_seconds)
+    try:
+        dataset, info = await ensure_refdata(s, seed=args.seed, persons_per_region=args.persons_per_region)
+        pop = await load_population(s, dataset)
+    except PipelineUnavailable as e:
+        log(f"bench: {e}")
+        return 2
+    session: aiohttp.ClientSession | None = None
+    caller: Any
+    if args.via == "kafka":
+        caller = KafkaCaller(s, args.reply_partition, timeout_s=args.request_timeout)
+    else:
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency + 4))
+        caller = HttpCaller(s.gateway_url, session, timeout_s=args.request_timeout)
+    results: list[tuple[list[str], dict[str, float], bool]] = []
+    unreachable: str | None = None
+    try:
+        if isinstance(caller, KafkaCaller):
+            await caller.start()
+        log(f"bench: {await wait_ready(caller, pop, timeout_s=30)}")
+        for i in range(args.repeat):
+            if args.repeat > 1:
+                log(f"bench: run {i + 1} of {args.repeat}")
+            lines, key, invalid, unreachable = await measure(s, args, caller, pop, info, hard_deadline)
+            results.append((lines, key, invalid))
+            if unreachable:
+                break
+    except (TransportError, PipelineUnavailable) as e:
+        log(f"bench: the pipeline is unreachable: {e}\nbench: start the stack with "
+            "'.venv/bin/python -m deploy.stack start'")
+        return 2
+    finally:
+        if isinstance(caller, KafkaCaller):
+            await caller.stop()
+        if session is not None:
+            await session.close()
+    if len(results) == 1:
+        print("\n".join(results[0][0]))
+    elif results:
+        # The full report of the run with the median settlement rate, then every run's key numbers.
+        ranked = sorted(range(len(results)), key=lambda i: results[i][1]["settl/s"])
+        median_run = ranked[len(ranked) // 2]
+        print("\n".join(results[median_run][0]))
+        print(f"(the report above is run {median_run + 1}: the median settlement rate)")
+        print("\n".join(median_table([r[1] for r in results], [r[2] for r in results])))
+    if unreachable:
+        log(f"bench: the pipeline became unreachable during the run: {unreachable}")
+        return 2
+    return 0
+
+
+def pop_sample_envelope(pop: Population) -> dict[str, Any]:
+    """A typical request (a fee upload of 8 items), for the raw round trip's payload size."""
+    rng = random.Random(0)
+    hospital, person = pop.probe_pair()
+    stay = Stay(hospital.his, person.psn_no, person.insuplc, person.insutype, shanghai_now())
+    stay.mdtrt_id = "M" + hospital.his.fixmedins_code + "0" * 18
+    return stay.upload(fee_lines(rng, pop.catalog[hospital.prov], 8))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--seconds", type=float, default=20.0, help="baseline + load time (default 20)")
+    p.add_argument("--max-stays", type=int, default=20_000, help="stop after this many stays (default 20000)")
+    p.add_argument("--concurrency", type=int, default=64, help="stays in flight at once (default 64)")
+    p.add_argument("--via", choices=("kafka", "http"), default="kafka", help="ingress path (default kafka)")
+    p.add_argument("--baseline-seconds", type=float, default=3.0,
+                   help="raw Kafka round trip before the load, part of --seconds (default 3)")
+    p.add_argument("--drain-seconds", type=float, default=10.0,
+                   help="time allowed for the requests in flight at the end (default 10)")
+    p.add_argument("--request-timeout", type=float, default=10.0,
+                   help="seconds before a request is resent with the same msgid (default 10)")
+    p.add_argument("--reply-partition", type=int, default=3, choices=range(REPLIES.partitions),
+                   metavar=f"0..{REPLIES.partitions - 1}", help="fsi.replies partition to read (default 3)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure this many times (baseline + load each) and print the medians (default 1)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="reference-data seed (default 7)")
+    p.add_argument("--persons-per-region", type=int, default=DEFAULT_PERSONS_PER_REGION,
+                   help=f"reference-data size (default {DEFAULT_PERSONS_PER_REGION})")
+    args = p.parse_args(argv)
+    if args.seconds <= 0 or min(args.concurrency, args.max_stays, args.repeat) < 1 or args.drain_seconds < 0:
+        p.error("--seconds, --concurrency, --max-stays and --repeat must be positive, --drain-seconds not negative")
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The demo: hospitals drive complete inpatient stays through the HTTP gateway, live.
+
+    python -m loadtest.demo [--seconds 60] [--concurrency 16] [--seed 7] [--max-stays 3000]
+
+1. Makes sure the reference data is generated (`.state/refdata/`) and loaded
+   (idempotent, fast when already done), and that the pipeline answers.
+2. Runs `--concurrency` hospitals' worth of stays at once — each stay sequential:
+   admission 2401, fee uploads 2301 (3–15 catalog items), discharge 2402,
+   pre-settlement 2303, settlement 2304, ~10% reversed (2305). Hospitals and
+   persons of the five seed regions (赤峰 150400, 开州 500154, 米易 510421,
+   莆田 350300, 太原 140100): care local, in another region of the same province,
+   and in other provinces; most non-local persons are filed or use the promise
+   flag, a few are unfiled and are refused (FILING_REQUIRED) — as expected.
+3. Stops after `--seconds` or `--max-stays` stays, whichever comes first, lets the
+   stays in flight finish (at most `--drain-seconds`), prints a summary and
+   cross-checks it against the PostgreSQL ledger.
+
+A progress line every second. Exit status: 0 ok; 1 unexpected error answers or the
+ledger disagrees with what the demo saw; 2 the pipeline is unreachable.
+No personal identifiers are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import asyncpg
+import msgspec
+
+from loadtest.his import GatewayClient
+from loadtest.population import (
+    DEFAULT_PERSONS_PER_REGION,
+    DEFAULT_SEED,
+    SCOPES,
+    PipelineUnavailable,
+    Population,
+    Stats,
+    TransportError,
+    drive_stay,
+    ensure_refdata,
+    load_population,
+    percentile,
+    wait_ready,
+)
+from services.common.config import Settings, load_settings
+
+INFNO_NAMES = {
+    "2401": "admission", "2301": "fee upload", "2402": "discharge", "2303": "pre-settlement",
+    "2304": "settlement", "2305": "reversal",
+}
+
+
+class HttpCaller:
+    """loadtest.his.GatewayClient, with transport failures as TransportError and a time limit."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession, timeout_s: float) -> None:
+        self.client = GatewayClient(url, session)
+        self.url = url
+        self.timeout_s = timeout_s
+
+    async def call(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self.client.call(envelope)
+        except aiohttp.ClientError as e:
+            raise TransportError(f"gateway {self.url}: {type(e).__name__}: {e}") from None
+        except (msgspec.DecodeError, RuntimeError) as e:
+            raise TransportError(f"gateway {self.url} answered something that is not an envelope: {e}") from None
+
+
+def _ms(seconds: float) -> str:
+    return "-" if seconds != seconds else f"{seconds * 1000:.0f}"  # nan → "-"
+
+
+def _yuan(fen: int) -> str:
+    sign = "-" if fen < 0 else ""
+    return f"{sign}{abs(fen) // 100:,}.{abs(fen) % 100:02d}"
+
+
+def progress_line(stats: Stats, elapsed: float) -> str:
+    settle = stats.latencies.get("2304", [])
+    scopes = " ".join(f"{s.split('_')[0]} {stats.settled_by_scope[s]}" for s in SCOPES)
+    errors = stats.errors()
+    refused = sum(stats.expected_refusals.values())
+    err = " ".join(f"{code}:{n}" for code, n in errors.most_common(4)) or "none"
+    return (
+        f"{elapsed:5.0f}s  settled {stats.settled:6d} ({stats.rate_in_window(stats.settled_at, 1.0):5.1f}/s)  "
+        f"p50 {_ms(percentile(settle, 50)):>4} ms p99 {_ms(percentile(settle, 99)):>5} ms  "
+        f"[{scopes}]  reversed {stats.reversed}  refused {refused}  errors {err}  in flight {stats.in_flight}"
+    )
+
+
+async def ledger_rows(s: Settings, since: datetime, until: datetime, psn_nos: list[str]) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(s.pg_dsn, timeout=5)
+    try:
+        return await conn.fetch(
+            "SELECT s.setl_id, s.kind, s.fund_pay_sumamt FROM settlement s"
+            " JOIN processed_request p ON p.msgid = s.msgid"
+            " WHERE p.processed_at >= $1 AND p.processed_at <= $2 AND s.psn_no = ANY($3)",
+            since, until, psn_nos,
+        )
+    finally:
+        await conn.close()
+
+
+async def db_now(s: Settings) -> datetime:
+    conn = await asyncpg.connect(s.pg_dsn, timeout=5)
+    try:
+        now: datetime = await conn.fetchval("SELECT clock_timestamp()")
+        return now
+    finally:
+        await conn.close()
+
+
+def cross_check(stats: Stats, rows: Sequence[Any]) -> tuple[bool, list[str]]:
+    ledger: dict[str, dict[str, int]] = {"settle": {}, "reverse": {}}
+    for r in rows:
+        ledger[r["kind"]][r["setl_id"]] = r["fund_pay_sumamt"]
+    seen = {"settle": stats.settle_ids, "reverse": stats.reverse_ids}
+    lines = [f"    {'kind':8} {'demo saw':>8} {'fund (yuan)':>16}   {'ledger':>8} {'fund (yuan)':>16}"]
+    ok = True
+    for kind in ("settle", "reverse"):
+        mine, theirs = seen[kind], ledger[kind]
+        agree = mine == theirs
+        ok &= agree
+        lines.append(
+            f"    {kind:8} {len(mine):8d} {_yuan(sum(mine.values())):>16}   {len(theirs):8d} "
+            f"{_yuan(sum(theirs.values())):>16}   {'agree' if agree else 'DIFFER'}"
+        )
+        if not agree:
+            only_ledger = len(theirs.keys() - mine.keys())
+            only_demo = len(mine.keys() - theirs.keys())
+            amounts = sum(1 for k in mine.keys() & theirs.keys() if mine[k] != theirs[k])
+            lines.append(f"      {only_ledger} only in the ledger, {only_demo} only in the demo, "
+                         f"{amounts} with different fund amounts")
+    return ok, lines
+
+
+def summary(stats: Stats, run_s: float, drain_s: float, args: argparse.Namespace) -> list[str]:
+    out = ["", "== summary ==",
+           f"ran {run_s:.1f} s (+ {drain_s:.1f} s for the stays in flight), concurrency {args.concurrency}, "
+           f"seed {args.seed}"]
+    o = stats.stay_outcomes
+    out.append(f"stays: {stats.stays_started} started — {o['done']} complete, {o['refused']} refused as expected "
+               f"(unfiled non-local persons), {o['failed']} failed, {o['cut']} cut at the end")
+    out.append(f"settlements (2304): {stats.settled}  = {stats.settled / run_s:.1f}/s; "
+               f"reversals (2305): {stats.reversed}")
+    out.append("  by scope: " + "   ".join(f"{s} {stats.settled_by_scope[s]}" for s in SCOPES)
+               + "   (stays started: " + ", ".join(f"{s} {stats.started_by_scope[s]}" for s in SCOPES) + ")")
+    settled_fund = sum(stats.settle_ids.values())
+    reversed_fund = sum(stats.reverse_ids.values())
+    out.append(f"  medical fees settled {_yuan(stats.settle_medfee_fen)} yuan; funds paid {_yuan(settled_fund)}, "
+               f"reversed {_yuan(reversed_fund)}, net {_yuan(settled_fund + reversed_fund)} yuan")
+    out.append(f"requests: {stats.requests()} answered = {stats.requests() / run_s:.1f}/s; same msgid resent "
+               f"after a TIMEOUT: {stats.resends}, after a failed delivery: {stats.transport_retries}")
+    out.append(f"  {'latency ms':22} {'count':>7} {'p50':>6} {'p90':>6} {'p99':>6} {'max':>6}")
+    rows = [(f"{i} {INFNO_NAMES.get(i, '')}", v) for i, v in sorted(stats.latencies.items())]
+    rows.append(("all requests", stats.all_latencies()))
+    for name, values in rows:
+        out.append(f"  {name:22} {len(values):7d} {_ms(percentile(values, 50)):>6} {_ms(percentile(values, 90)):>6} "
+                   f"{_ms(percentile(values, 99)):>6} {_ms(max(values) if values else float('nan')):>6}")
+    codes: Counter[str] = Counter()
+    for (_, code), n in stats.outcomes.items():
+        if code != "ok":
+            codes[code] += n
+    if codes:
+        out.append("error answers by code:")
+        for code, n in codes.most_common():
+            expected = stats.expected_refusals[code]
+            note = f"  ({expected} expected: unfiled non-local persons)" if expected else ""
+            out.append(f"  {code:24} {n:6d}{note}")
+    else:
+        out.append("error answers: none")
+    return out
+
+
+def how_to_look(s: Settings) -> list[str]:
+    q = ("SELECT scope, kind, count(*), sum(fund_pay_sumamt)/100.0 AS fund_yuan FROM settlement "
+         "GROUP BY 1, 2 ORDER BY 1, 2")
+    return [
+        "",
+        "how to look further:",
+        "  .venv/bin/python -m deploy.stack status                 # processes, ports, logs",
+        f"  psql -h 127.0.0.1 -p {s.pg_port} -U {s.pg_user} {s.pg_database} -c '{q}'",
+        f"  curl -s http://127.0.0.1:{s.gateway_metrics_port}/metrics | grep ^xs_   # gateway "
+        f"(router :{s.router_metrics_port}, settle :{s.settle_metrics_port})",
+        "  .venv/bin/python -m deploy.stack stop                   # stop everything",
+    ]
+
+
+async def run(args: argparse.Namespace) -> int:
+    s = load_settings()
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they are printed
+    print(f"xsettle demo: {args.seconds:g} s or {args.max_stays} stays, {args.concurrency} concurrent, "
+          f"seed {args.seed}, gateway {s.gateway_url}")
+    try:
+        dataset, info = await ensure_refdata(s, seed=args.seed, persons_per_region=args.persons_per_region)
+        pop = await load_population(s, dataset)
+    except PipelineUnavailable as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
+    print(f"reference data: {info['hospitals']} hospitals, {info['persons']} persons, {info['filings']} filings, "
+          f"{info['catalog']} catalog items ({'generated, ' if info['generated'] else ''}"
+          f"{info['changed_rows']} rows changed by the load, {info['seconds']:.1f} s) in {info['dir']}")
+    pairs = ", ".join(f"{scope} {len(pop.pairs[scope])}" for scope in SCOPES)
+    print(f"scenarios: {len(pop.hospitals)} hospitals × insured regions, pairs by scope: {pairs}")
+
+    connector = aiohttp.TCPConnector(limit=args.concurrency + 4)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        caller = HttpCaller(s.gateway_url, session, timeout_s=s.gateway_timeout_ms / 1000 + 5)
+        try:
+            print(await wait_ready(caller, pop, timeout_s=30))
+        except (TransportError, PipelineUnavailable) as e:
+            print(f"demo: the pipeline is unreachable: {e}\n"
+                  "demo: start the stack with '.venv/bin/python -m deploy.stack start' "
+                  "(or ./demo.sh, which does it)", file=sys.stderr)
+            return 2
+        since = await db_now(s)
+        stats = Stats()
+        unreachable = await drive(caller, pop, stats, args)
+        until = await db_now(s)
+    run_s = min(stats.run_s, args.seconds) if stats.run_s else 0.0
+    for line in summary(stats, max(run_s, 1e-9), stats.drain_s, args):
+        print(line)
+    rows = await ledger_rows(s, since, until, [p.psn_no for p in pop.persons])
+    ok, lines = cross_check(stats, rows)
+    print("cross-check with the PostgreSQL ledger (settlement rows committed during the run for this "
+          "dataset's persons):")
+    for line in lines:
+        print(line)
+    print(f"  → {'the ledger agrees with what the hospitals were told' if ok else 'MISMATCH (see above)'}")
+    for line in how_to_look(s):
+        print(line)
+    if unreachable:
+        print(f"demo: the pipeline became unreachable during the run: {unreachable}", file=sys.stderr)
+        return 2
+    if not ok or stats.errors():
+        return 1
+    return 0
+
+
+async def drive(caller: HttpCaller, pop: Population, stats: Stats, args: argparse.Namespace) -> str | None:
+    """Run the stays; returns a message when the gateway became unreachable."""
+    rng = random.Random(args.seed ^ time.time_ns())  # a new mix each run; --seed fixes the reference data
+    stop = asyncio.Event()
+    unreachable: list[str] = []
+    launched = 0
+    t0 = time.monotonic()
+    stats.t0 = t0
+
+    async def worker() -> None:
+        nonlocal launched
+        while not stop.is_set() and launched < args.max_stays:
+            scn = pop.scenario(rng)
+            if scn is None:
+                await asyncio.sleep(0.01)
+                continue
+            launched += 1
+            try:
+                await drive_stay(caller, scn, stats, outage_s=args.outage_seconds)
+            except TransportError as e:
+                unreachable.append(str(e))
+                stop.set()
+            finally:
+                pop.release(scn)
+
+    tty = sys.stdout.isatty()
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            line = progress_line(stats, time.monotonic() - t0)
+            print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", flush=True)
+
+    reporter = asyncio.create_task(progress())
+    workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+    all_done = asyncio.gather(*workers)
+    await asyncio.wait({all_done}, timeout=args.seconds)
+    stats.run_s = time.monotonic() - t0
+    stop.set()  # no new stays; the ones in flight finish
+    try:
+        await asyncio.wait_for(all_done, timeout=args.drain_seconds)
+    except TimeoutError:  # wait_for cancelled the workers
+        print(f"\ndemo: stays still in flight after {args.drain_seconds:g} s were abandoned", file=sys.stderr)
+    stats.drain_s = time.monotonic() - t0 - stats.run_s
+    reporter.cancel()
+    if tty:
+        print()
+    return unreachable[0] if unreachable else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--seconds", type=float, default=60.0, help="run time (default 60)")
+    p.add_argument("--concurrency", type=int, default=16, help="stays in flight at once (default 16)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="reference-data seed (default 7)")
+    p.add_argument("--max-stays", type=int, default=3000, help="stop after this many stays (default 3000)")
+    p.add_argument("--drain-seconds", type=float, default=20.0,
+                   help="time allowed for the stays in flight at the end (default 20)")
+    p.add_argument("--outage-seconds", type=float, default=15.0,
+                   help="how long a request is retried while the gateway does not accept it, e.g. during a "
+                   "restart (default 15); then the demo stops with exit status 2")
+    p.add_argument("--persons-per-region", type=int, default=DEFAULT_PERSONS_PER_REGION,
+                   help=f"reference-data size: persons per seed region (default {DEFAULT_PERSONS_PER_REGION})")
+    args = p.parse_args(argv)
+    if args.seconds <= 0 or args.concurrency < 1 or args.max_stays < 1 or args.drain_seconds < 0:
+        p.error("--seconds, --concurrency and --max-stays must be positive, --drain-seconds not negative")
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

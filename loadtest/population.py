@@ -1,0 +1,550 @@
+"""Shared by the demo and the benchmark: reference data, scenarios, the stay driver, statistics.
+
+- `ensure_refdata`: generate the reference data into `.state/refdata/` (only when the
+  directory is missing or was generated with another seed/size) and load it into
+  PostgreSQL (idempotent: a second load changes nothing and is fast).
+- `load_population`: the hospitals, persons, filings and catalog items of that
+  dataset as PostgreSQL has them now (filings include those the router created on
+  the spot), indexed for picking scenarios.
+- `Population.scenario`: one inpatient stay to drive — a treating hospital and a
+  person where the hospital or the person belongs to one of the five seed regions,
+  with a scope drawn by weight (local / intra_province / cross_province), 3–15 fee
+  items of the treating province's catalog in one or two uploads, and the filing
+  situation: filed, or promise flag (承诺制), or a declared emergency, or (a few)
+  unfiled — those are refused with FILING_REQUIRED at pre-settlement, as expected.
+- `drive_stay`: admission 2401 → fee uploads 2301 → discharge 2402 → pre-settlement
+  2303 → settlement 2304 (→ reversal 2305), each request after the previous answer,
+  a TIMEOUT answer resent with the same msgid (the broker returns the stored result).
+- `Stats`: latencies per transaction, outcomes, settlements seen, for progress lines
+  and summaries.
+
+Nothing here prints personal identifiers; psn_no never leaves this module except in
+the envelopes themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import asyncpg
+
+from loadtest.his import FeeLine, Hospital, Stay
+from schemas.refdata import CATALOG_FILE, FILINGS_FILE, HOSPITALS_FILE, PERSONS_FILE, RefDataSet
+from services.common.config import Settings
+from services.common.response import SHANGHAI
+from services.refdata.generate import generate, write_jsonl
+from services.refdata.load import load_dataset, read_dir
+from services.refdata.regions import SEED_REGIONS, Scope, classify_scope, region_of
+from services.refdata.store import Filing, filing_in_force
+
+DEFAULT_SEED: Final = 7
+DEFAULT_PERSONS_PER_REGION: Final = 1000
+STAMP_FILE: Final = "generated-with.json"
+SCOPES: Final[tuple[Scope, ...]] = ("local", "intra_province", "cross_province")
+SCOPE_WEIGHTS: Final[dict[Scope, float]] = {"local": 0.5, "intra_province": 0.2, "cross_province": 0.3}
+# For non-local care of a person without a filing in force: promise flag / declared emergency / nothing.
+PROMISE_SHARE: Final = 0.85
+EMERGENCY_SHARE: Final = 0.05
+REVERSAL_SHARE: Final = 0.10
+ACCOUNT_SHARE: Final = 0.5  # employees asking to pay the personal part from their account
+# Mirrors the router (services.router.logic): how long a filing made on the spot stays valid.
+PROMISE_FILING_DAYS: Final = 180
+EMERGENCY_FILING_DAYS: Final = 90
+STAY_DAYS: Final = 3  # loadtest.his.Stay: discharge = admission + 3 days, settlement 1 h later
+
+
+class PipelineUnavailable(RuntimeError):
+    """The stack does not answer (gateway, Kafka or PostgreSQL): the message says what to do."""
+
+
+class TransportError(RuntimeError):
+    """The request could not be delivered (connection refused, broker gone)."""
+
+
+# Reference data -----------------------------------------------------------------------
+
+
+def refdata_dir(s: Settings) -> Path:
+    return s.state_dir / "refdata"
+
+
+def generate_if_needed(out_dir: Path, seed: int, persons_per_region: int) -> bool:
+    """Generate the four files unless `out_dir` already holds them for this seed and size."""
+    wanted = {"seed": seed, "persons_per_region": persons_per_region}
+    stamp = out_dir / STAMP_FILE
+    try:
+        if json.loads(stamp.read_text()) == wanted and all(
+            (out_dir / name).is_file() for name in (HOSPITALS_FILE, PERSONS_FILE, FILINGS_FILE, CATALOG_FILE)
+        ):
+            return False
+    except (OSError, ValueError):
+        pass
+    write_jsonl(generate(seed, persons_per_region), out_dir)
+    stamp.write_text(json.dumps(wanted) + "\n")
+    return True
+
+
+async def ensure_refdata(
+    s: Settings, *, seed: int = DEFAULT_SEED, persons_per_region: int = DEFAULT_PERSONS_PER_REGION,
+    out_dir: Path | None = None,
+) -> tuple[RefDataSet, dict[str, Any]]:
+    """Generate (if needed) and load the reference data; returns the dataset and what happened."""
+    directory = out_dir or refdata_dir(s)
+    started = time.perf_counter()
+    generated = generate_if_needed(directory, seed, persons_per_region)
+    dataset = read_dir(directory)
+    try:
+        conn = await asyncpg.connect(s.pg_dsn, timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+        raise PipelineUnavailable(
+            f"PostgreSQL is not reachable at 127.0.0.1:{s.pg_port} ({type(e).__name__}); "
+            "start the stack: .venv/bin/python -m deploy.stack start"
+        ) from None
+    try:
+        counts = await load_dataset(conn, dataset)
+    finally:
+        await conn.close()
+    changed = sum(n for k, n in counts.items() if k.endswith("_changed"))
+    info = {
+        "dir": str(directory), "generated": generated, "changed_rows": changed,
+        "hospitals": len(dataset.hospitals), "persons": len(dataset.persons), "filings": len(dataset.filings),
+        "catalog": len(dataset.catalog), "seconds": time.perf_counter() - started,
+    }
+    return dataset, info
+
+
+# Population and scenarios ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HospitalInfo:
+    his: Hospital
+    admdvs: str
+    hosp_lv: int
+    prov: str
+    pool: str
+
+
+@dataclass(frozen=True, slots=True)
+class PersonInfo:
+    psn_no: str
+    insuplc: str
+    insutype: str
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogInfo:
+    code: str
+    lv: str
+    ceiling_fen: int | None
+
+
+@dataclass
+class Scenario:
+    hospital: HospitalInfo
+    person: PersonInfo
+    scope: Scope
+    filing: str  # "local" | "filed" | "promise" | "emergency" | "unfiled"
+    uploads: list[list[FeeLine]]
+    reverse: bool
+    use_account: bool
+    start: datetime
+    # Called when the admission is accepted: the router has then made the filing on the spot (if any).
+    on_admitted: Callable[[], None] | None = None
+
+    @property
+    def expect_refusal(self) -> str | None:
+        return "FILING_REQUIRED" if self.filing == "unfiled" else None
+
+    def stay(self) -> Stay:
+        return Stay(
+            self.hospital.his, self.person.psn_no, self.person.insuplc, self.person.insutype, self.start,
+            promise_filing=self.filing == "promise", use_account=self.use_account,
+        )
+
+
+def shanghai_now() -> datetime:
+    return datetime.now(SHANGHAI).replace(tzinfo=None)
+
+
+def fee_lines(rng: random.Random, items: Sequence[CatalogInfo], n: int) -> list[FeeLine]:
+    """n fee lines with plausible unit prices (2 decimals) and integer counts."""
+    lines = []
+    for item in rng.sample(list(items), min(n, len(items))):
+        if item.ceiling_fen is not None:  # around the ceiling: sometimes above it (overlmt_selfpay)
+            pric_fen = int(item.ceiling_fen * rng.uniform(0.7, 1.15))
+            cnt = rng.randint(1, 3) if item.code.startswith("C") else rng.randint(1, 6)
+        elif item.code.startswith("X"):  # 西药
+            pric_fen, cnt = rng.randint(200, 12_000), rng.randint(1, 20)
+        elif item.code.startswith("Z"):  # 中成药, 制剂
+            pric_fen, cnt = rng.randint(1_000, 20_000), rng.randint(1, 10)
+        elif item.code.startswith("C"):  # 耗材
+            pric_fen, cnt = rng.randint(500, 30_000), rng.randint(1, 4)
+        else:  # 医疗服务
+            pric_fen, cnt = rng.randint(500, 60_000), rng.randint(1, 5)
+        lines.append(FeeLine(item.code, Decimal(cnt), Decimal(max(pric_fen, 1)).scaleb(-2)))
+    return lines
+
+
+class Population:
+    """What scenarios are drawn from. `busy` persons (in a stay now) are never picked twice at once."""
+
+    def __init__(self, hospitals: list[HospitalInfo], persons: list[PersonInfo],
+                 filings: dict[str, list[Filing]], catalog: dict[str, list[CatalogInfo]]) -> None:
+        self.hospitals = [h for h in hospitals if len(catalog.get(h.prov, ())) >= 3]
+        self.persons = persons
+        self.filings = filings
+        self.catalog = catalog
+        self.busy: set[str] = set()
+        groups: dict[str, list[PersonInfo]] = defaultdict(list)
+        for p in persons:
+            groups[p.insuplc].append(p)
+        self.groups = dict(groups)
+        # (hospital, insured region) pairs per scope, where the hospital or the insured region is a seed region.
+        self.pairs: dict[Scope, list[tuple[HospitalInfo, str]]] = {scope: [] for scope in SCOPES}
+        for h in self.hospitals:
+            for insuplc in self.groups:
+                if h.admdvs in SEED_REGIONS or insuplc in SEED_REGIONS:
+                    self.pairs[classify_scope(insuplc, h.admdvs)].append((h, insuplc))
+        self.scopes = [s for s in SCOPES if self.pairs[s]]
+        if not self.scopes:
+            raise ValueError("no hospital/person pairs: is the reference data loaded?")
+
+    def __len__(self) -> int:
+        return len(self.persons)
+
+    def probe_pair(self) -> tuple[HospitalInfo, PersonInfo]:
+        """A local pair whose person is the last of its region in the dataset (the newest row)."""
+        for h, insuplc in self.pairs["local"] or [p for s in self.scopes for p in self.pairs[s]]:
+            return h, self.groups[insuplc][-1]
+        raise ValueError("no pair to probe with")
+
+    def filing_status(self, person: PersonInfo, treating_prov: str, on: date) -> bool:
+        return filing_in_force(self.filings.get(person.psn_no, ()), on, treating_prov) is not None
+
+    def scenario(self, rng: random.Random, *, reversal_share: float = REVERSAL_SHARE,
+                 now: datetime | None = None) -> Scenario | None:
+        """A new stay, its person marked busy (call `release` when done); None when every pick was busy."""
+        weights = [SCOPE_WEIGHTS[s] for s in self.scopes]
+        for _ in range(20):
+            scope = rng.choices(self.scopes, weights)[0]
+            hospital, insuplc = rng.choice(self.pairs[scope])
+            person = rng.choice(self.groups[insuplc])
+            if person.psn_no in self.busy:
+                continue
+            self.busy.add(person.psn_no)
+            # Admission 3 days + a bit ago, so the settlement (admission + 3 d + 1 h) is about now.
+            start = (now or shanghai_now()) - timedelta(days=STAY_DAYS, hours=1, minutes=rng.randint(1, 600))
+            start = start.replace(microsecond=0)
+            settle_day = (start + timedelta(days=STAY_DAYS, hours=1)).date()
+            filing = "local"
+            on_admitted = None
+            if scope != "local":
+                if self.filing_status(person, hospital.prov, settle_day):
+                    filing = "filed"
+                else:
+                    roll = rng.random()
+                    filing = ("promise" if roll < PROMISE_SHARE
+                              else "emergency" if roll < PROMISE_SHARE + EMERGENCY_SHARE else "unfiled")
+                    if filing != "unfiled":
+                        on_admitted = partial(self._remember_spot_filing, person, hospital.prov, filing,
+                                              start.date())
+            n_items = rng.randint(3, 15)
+            lines = fee_lines(rng, self.catalog[hospital.prov], n_items)
+            uploads = [lines] if len(lines) <= 8 or rng.random() < 0.5 else [lines[: len(lines) // 2],
+                                                                              lines[len(lines) // 2:]]
+            return Scenario(
+                hospital=hospital, person=person, scope=scope, filing=filing, uploads=uploads,
+                reverse=rng.random() < reversal_share,
+                use_account=person.insutype == "310" and rng.random() < ACCOUNT_SHARE, start=start,
+                on_admitted=on_admitted,
+            )
+        return None
+
+    def release(self, scenario: Scenario) -> None:
+        self.busy.discard(scenario.person.psn_no)
+
+    def _remember_spot_filing(self, person: PersonInfo, prov: str, kind: str, on: date) -> None:
+        """The router created this filing when it accepted the admission; later picks must know it."""
+        days = PROMISE_FILING_DAYS if kind == "promise" else EMERGENCY_FILING_DAYS
+        self.filings.setdefault(person.psn_no, []).append(Filing(
+            filing_id=f"local-{kind}-{on}", filing_type="TEMPORARY" if kind == "promise" else "EMERGENCY",
+            begndate=on, enddate=on + timedelta(days=days), target_admdvs=prov,
+        ))
+
+
+async def load_population(s: Settings, dataset: RefDataSet) -> Population:
+    """The dataset's rows as PostgreSQL has them now (filings made on the spot included)."""
+    conn = await asyncpg.connect(s.pg_dsn, timeout=5)
+    try:
+        hrows = await conn.fetch(
+            "SELECT fixmedins_code, fixmedins_name, admdvs, hosp_lv FROM hospital WHERE fixmedins_code = ANY($1)",
+            [h.fixmedins_code for h in dataset.hospitals],
+        )
+        psn_nos = [p.psn_no for p in dataset.persons]
+        prows = await conn.fetch(
+            "SELECT psn_no, insuplc_admdvs, insutype FROM person WHERE psn_no = ANY($1)", psn_nos
+        )
+        frows = await conn.fetch(
+            "SELECT psn_no, filing_id, filing_type, begndate, enddate, target_admdvs, source, revoked"
+            " FROM filing WHERE psn_no = ANY($1)", psn_nos,
+        )
+        crows = await conn.fetch(
+            "SELECT admdvs, med_list_codg, chrgitm_lv, pric_uplmt_fen FROM catalog_item"
+            " WHERE med_list_codg = ANY($1)", sorted({c.med_list_codg for c in dataset.catalog}),
+        )
+    finally:
+        await conn.close()
+    hospitals = []
+    for r in sorted(hrows, key=lambda r: r["fixmedins_code"]):
+        region = region_of(r["admdvs"])
+        hospitals.append(HospitalInfo(
+            Hospital(r["fixmedins_code"], r["fixmedins_name"], r["admdvs"]), r["admdvs"], r["hosp_lv"],
+            region.prov_admdvs, region.pool_admdvs,
+        ))
+    persons = [PersonInfo(r["psn_no"], r["insuplc_admdvs"], r["insutype"]) for r in sorted(prows, key=lambda r: r[0])]
+    filings: dict[str, list[Filing]] = defaultdict(list)
+    for r in frows:
+        filings[r["psn_no"]].append(Filing(
+            r["filing_id"], r["filing_type"], r["begndate"], r["enddate"], r["target_admdvs"], r["source"],
+            r["revoked"],
+        ))
+    catalog: dict[str, list[CatalogInfo]] = defaultdict(list)
+    for r in sorted(crows, key=lambda r: (r["admdvs"], r["med_list_codg"])):
+        catalog[r["admdvs"]].append(CatalogInfo(r["med_list_codg"], r["chrgitm_lv"], r["pric_uplmt_fen"]))
+    return Population(hospitals, persons, dict(filings), dict(catalog))
+
+
+# Driving a stay ----------------------------------------------------------------------------
+
+
+class Caller(Protocol):
+    """Sends one envelope and returns the response envelope (HTTP gateway or Kafka ingress)."""
+
+    async def call(self, envelope: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def error_code(response: dict[str, Any]) -> str:
+    """'ok', or the stable error code that starts err_msg ('CODE: text')."""
+    if response.get("infcode") == 0:
+        return "ok"
+    msg = str(response.get("err_msg") or "")
+    code = msg.split(":", 1)[0].strip()
+    return code if code and code.replace("_", "").isalnum() and code.isupper() else "UNKNOWN"
+
+
+def to_fen(amount: Any) -> int:
+    return int((Decimal(str(amount)) * 100).to_integral_value())
+
+
+@dataclass
+class Stats:
+    """Everything a run saw. Latencies in seconds, per infno; `t0` is the run's monotonic start."""
+
+    t0: float = field(default_factory=time.monotonic)
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    answered_at: list[float] = field(default_factory=list)  # monotonic time of every final answer
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (infno, code)
+    expected_refusals: Counter[str] = field(default_factory=Counter)
+    resends: int = 0  # same msgid again after a TIMEOUT
+    transport_retries: int = 0  # same msgid again after a failed delivery (a service restarting)
+    stays_started: int = 0
+    # done | refused (the expected FILING_REQUIRED) | failed (an unexpected error) | cut (the run was over)
+    stay_outcomes: Counter[str] = field(default_factory=Counter)
+    settled_by_scope: Counter[str] = field(default_factory=Counter)
+    started_by_scope: Counter[str] = field(default_factory=Counter)
+    settle_ids: dict[str, int] = field(default_factory=dict)  # setl_id → fund_pay_sumamt fen
+    reverse_ids: dict[str, int] = field(default_factory=dict)
+    settle_medfee_fen: int = 0
+    settled_at: list[float] = field(default_factory=list)
+    in_flight: int = 0
+    run_s: float = 0.0  # the load phase (rates are per this)
+    drain_s: float = 0.0  # after it, for the requests in flight
+
+    def record(self, infno: str, seconds: float, code: str, *, expected: bool = False) -> None:
+        now = time.monotonic()
+        self.latencies[infno].append(seconds)
+        self.answered_at.append(now)
+        self.outcomes[(infno, code)] += 1
+        if expected:
+            self.expected_refusals[code] += 1
+
+    @property
+    def settled(self) -> int:
+        return len(self.settle_ids)
+
+    @property
+    def reversed(self) -> int:
+        return len(self.reverse_ids)
+
+    def requests(self) -> int:
+        return len(self.answered_at)
+
+    def errors(self) -> Counter[str]:
+        """Unexpected error answers by code (expected refusals are not errors)."""
+        out: Counter[str] = Counter()
+        for (_, code), n in self.outcomes.items():
+            if code != "ok":
+                out[code] += n
+        for code, n in self.expected_refusals.items():
+            out[code] -= n
+        return +out
+
+    def all_latencies(self) -> list[float]:
+        return [x for values in self.latencies.values() for x in values]
+
+    def rate_in_window(self, times: list[float], seconds: float) -> float:
+        now = time.monotonic()
+        return sum(1 for t in reversed(times[-100_000:]) if t >= now - seconds) / seconds
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of unsorted values; nan when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+async def _send(
+    caller: Caller, envelope: dict[str, Any], stats: Stats, resends: int, outage_s: float
+) -> tuple[str, dict[str, Any]]:
+    """One request until a final answer. A TIMEOUT (answered or local) is resent with the same msgid, for
+    which the broker returns the stored result; so is a request that could not be delivered, for up to
+    `outage_s` (a service restarting), after which TransportError propagates. Returns (code, response)."""
+    code, response = "TIMEOUT", {}
+    attempt = 0
+    outage_until: float | None = None
+    while attempt <= resends:
+        try:
+            response = await caller.call(envelope)
+        except TimeoutError:
+            attempt += 1
+            if attempt <= resends:
+                stats.resends += 1
+            continue
+        except TransportError:
+            now = time.monotonic()
+            outage_until = outage_until or now + outage_s
+            if now >= outage_until:
+                raise
+            stats.transport_retries += 1
+            await asyncio.sleep(0.5)
+            continue
+        outage_until = None
+        code = error_code(response)
+        if code != "TIMEOUT":
+            break
+        attempt += 1
+        if attempt <= resends:
+            stats.resends += 1
+    return code, response
+
+
+async def drive_stay(
+    caller: Caller, scn: Scenario, stats: Stats, *, go_on: Callable[[], bool] = lambda: True,
+    resends: int = 3, outage_s: float = 0.0,
+) -> str:
+    """One stay, step by step; returns and counts its outcome: done | refused (the expected refusal) |
+    failed (an unexpected error answer) | cut (go_on() turned false before a step)."""
+    stay = scn.stay()
+    stats.stays_started += 1
+    stats.started_by_scope[scn.scope] += 1
+    stats.in_flight += 1
+    outcome = "failed"
+    try:
+        outcome = await _stay_steps(caller, stay, scn, stats, go_on, resends, outage_s)
+    except asyncio.CancelledError:
+        outcome = "cut"
+        raise
+    finally:
+        stats.stay_outcomes[outcome] += 1
+        stats.in_flight -= 1
+    return outcome
+
+
+async def _stay_steps(
+    caller: Caller, stay: Stay, scn: Scenario, stats: Stats, go_on: Callable[[], bool], resends: int,
+    outage_s: float,
+) -> str:
+    steps: list[Callable[[], dict[str, Any]]] = [lambda: stay.admit(emergency=scn.filing == "emergency")]
+    first = 1
+    for lines in scn.uploads:
+        steps.append(partial(stay.upload, lines, first_sn=first))
+        first += len(lines)
+    steps += [stay.discharge, lambda: stay.settle(pre=True), stay.settle]
+    if scn.reverse:
+        steps.append(stay.reverse)
+    for build in steps:
+        if not go_on():
+            return "cut"
+        envelope = build()  # built just before sending: it needs the mdtrt_id / setl_id of earlier answers
+        infno = envelope["infno"]
+        started = time.perf_counter()
+        code, r = await _send(caller, envelope, stats, resends, outage_s)
+        expected = infno == "2303" and code == scn.expect_refusal
+        stats.record(infno, time.perf_counter() - started, code, expected=expected)
+        if code != "ok":
+            return "refused" if expected else "failed"
+        if infno == "2401":
+            stay.mdtrt_id = r["output"]["result"]["mdtrt_id"]
+            if scn.on_admitted is not None:
+                scn.on_admitted()
+        elif infno == "2304":
+            info = r["output"]["setlinfo"]
+            stay.setl_id = info["setl_id"]
+            stats.settle_ids[stay.setl_id] = to_fen(info["fund_pay_sumamt"])
+            stats.settle_medfee_fen += to_fen(info["medfee_sumamt"])
+            stats.settled_by_scope[scn.scope] += 1
+            stats.settled_at.append(time.monotonic())
+        elif infno == "2305":
+            info = r["output"]["setlinfo"]
+            stats.reverse_ids[info["setl_id"]] = to_fen(info["fund_pay_sumamt"])
+    return "done"
+
+
+# Answers to the probe that may go away: reference data not reloaded yet by the router, a slow start.
+_PROBE_RETRY: Final = frozenset({"PERSON_UNKNOWN", "HOSPITAL_UNKNOWN", "TIMEOUT", "INTERNAL"})
+
+
+async def wait_ready(caller: Caller, pop: Population, timeout_s: float) -> str:
+    """Send a harmless request (2404 of an unknown visit) through the whole pipeline until the
+    settlement engine answers VISIT_UNKNOWN — which also proves the router knows the newest persons.
+    Returns a one-line description; raises PipelineUnavailable."""
+    hospital, person = pop.probe_pair()
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        env = hospital.his.envelope("2404", {"data": {"mdtrt_id": "MPROBE0", "psn_no": person.psn_no}},
+                                    insuplc=person.insuplc)
+        try:
+            async with asyncio.timeout(max(0.5, deadline - time.monotonic())):
+                r = await caller.call(env)
+        except TimeoutError:
+            last = "no answer (timeout)"
+            continue
+        code = error_code(r)
+        if code in ("VISIT_UNKNOWN", "ok"):
+            return f"pipeline answers ({code} for a probe, {1000 * (time.monotonic() - started):.0f} ms)"
+        last = code
+        if code not in _PROBE_RETRY:
+            raise PipelineUnavailable(f"the pipeline answered a probe with {code}: {r.get('err_msg', '')}")
+        await asyncio.sleep(0.3 if code != "TIMEOUT" else 1.0)
+    raise PipelineUnavailable(
+        f"the pipeline did not answer a probe within {timeout_s:.0f} s (last: {last}); check "
+        "'python -m deploy.stack status' and the logs in .state/logs/"
+    )
