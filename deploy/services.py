@@ -27,5 +27,6 @@ def service_specs(s: Settings) -> list[ServiceSpec]:
         ServiceSpec(
             "gateway", "services.gateway", (s.gateway_port, s.gateway_metrics_port), s.gateway_metrics_port
         ),
+        ServiceSpec("clearing", "services.clearing", (s.clearing_metrics_port,), s.clearing_metrics_port),
         ServiceSpec("monitor", "services.monitor", (s.monitor_metrics_port,), s.monitor_metrics_port),
     ]

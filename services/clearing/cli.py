@@ -1,0 +1,311 @@
+"""Clearing staff's command line. Every command is idempotent.
+
+    python -m services.clearing.cli close --month 2026-06            # freeze the month (statement v1)
+    python -m services.clearing.cli verify --month 2026-06           # streaming vs batch vs statement
+    python -m services.clearing.cli positions --month 2026-06 [--level pool|province]
+    python -m services.clearing.cli statement --month 2026-06 --region 510400 [--format json|csv|html]
+                                              [--out FILE] [--version N]
+    python -m services.clearing.cli sweep [--before 2026-07]        # record ledger rows the stream missed
+    python -m services.clearing.cli deposit topup --prov 510000 --yuan 5000000.00 --ref BANK-2026-0001
+    python -m services.clearing.cli deposit line --prov 510000 (--yuan 800000.00 | --default)
+    python -m services.clearing.cli deposit show [--prov 510000]
+    python -m services.clearing.cli claims submit FILE.jsonl        # ManualClaim rows → fsi.manual_claims
+    python -m services.clearing.cli claims rate --from 2026-06-01 --to 2026-06-30
+
+A statement of an open month is provisional (the running positions); of a closed month, the frozen
+statement. Exit status: 0 done, 1 refused (the message says why), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from schemas.clearing import ManualClaim
+from schemas.codec import encode
+from schemas.errors import BrokerError
+from schemas.money import AmountError, check_yuan, to_fen, to_yuan
+from services.clearing import store
+from services.clearing.logic import (
+    VISIT_TYPES,
+    ClearingError,
+    RateKey,
+    check_month,
+    month_statement,
+    pool_lines,
+    province_lines,
+    rate_lines,
+)
+from services.clearing.statement import RegionStatement, region_statement, render
+from services.common.config import Settings, load_settings
+from services.common.kafka import make_producer
+from services.refdata.regions import UnknownRegion, province_of
+from topics.catalog import MANUAL_CLAIMS
+
+CLAIMS_PER_FILE_MAX = 1_000_000
+_claim_decoder = msgspec.json.Decoder(ManualClaim)
+_encoder = msgspec.json.Encoder(decimal_format="number")
+
+
+# Reusable operations (the tests call these) ------------------------------------------------------
+
+
+async def close(s: Settings, month: str, *, publish: bool = True) -> store.CloseResult:
+    pool = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=2)
+    try:
+        result = await store.close_month(pool, month)
+        if publish:
+            await publish_outbox(s, pool)
+        return result
+    finally:
+        await pool.close()
+
+
+async def publish_outbox(s: Settings, pool: asyncpg.Pool) -> int:
+    """Publish what the last command queued (the clearing service does it too, within a second)."""
+    producer = make_producer(s)
+    await producer.start()
+    try:
+        async def send(topic: str, key: bytes | None, value: bytes) -> None:
+            await producer.send_and_wait(topic, value, key=key)
+
+        return await store.publish_outbox(pool, send)
+    finally:
+        await producer.stop()
+
+
+async def statement_for(conn: asyncpg.Connection, month: str, region: str, version: int | None = None
+                        ) -> RegionStatement:
+    """The frozen statement of a closed month, else the running positions (provisional)."""
+    check_month(month)
+    stored = await store.statement(conn, month, version)
+    if stored is not None:
+        return region_statement(stored["body"], region, status="closed", digest=stored["digest"])
+    if version is not None:
+        raise BrokerError("STATEMENT_UNKNOWN", f"no statement version {version} for {month}")
+    positions = await store.positions(conn, month)
+    return region_statement(month_statement(month, 0, "", positions.values()), region, status="provisional")
+
+
+async def deposit_topup(conn: asyncpg.Connection, prov: str, amount_fen: int, ref: str, memo: str = ""
+                        ) -> store.DepositMove:
+    if amount_fen <= 0:
+        raise ValueError("a top-up must be positive")
+    async with conn.transaction():
+        return await store.deposit_move(conn, f"topup-{ref}", prov, "topup", amount_fen, None, memo)
+
+
+async def rates(conn: asyncpg.Connection, begin: date, end: date) -> list[dict[str, Any]]:
+    """Direct-settlement rate per (insured province, treating province, scope, visit type) for visits
+    settled (or manually claimed, by their end) on days begin..end. A settlement counts as direct
+    unless reversed; a visit settled again after a reversal counts once."""
+    start, stop = datetime(begin.year, begin.month, begin.day), datetime(end.year, end.month, end.day) + timedelta(1)
+    direct: dict[RateKey, int] = {}
+    for r in await conn.fetch(
+        "SELECT s.insured_admdvs, s.treating_admdvs, s.scope, s.med_type, count(DISTINCT s.mdtrt_id) AS n"
+        " FROM settlement s WHERE s.kind = 'settle' AND s.scope <> 'local' AND s.setl_time >= $1"
+        " AND s.setl_time < $2 AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
+        " GROUP BY 1, 2, 3, 4", start, stop,
+    ):
+        key = RateKey(province_of(r["insured_admdvs"]), province_of(r["treating_admdvs"]), r["scope"],
+                      _visit_type(r["med_type"]))
+        direct[key] = direct.get(key, 0) + r["n"]
+    manual: dict[RateKey, int] = {}
+    for r in await conn.fetch(
+        "SELECT insured_prov, treating_prov, scope, visit_type, count(*) AS n FROM manual_claim"
+        " WHERE endtime >= $1 AND endtime < $2 GROUP BY 1, 2, 3, 4", start, stop,
+    ):
+        key = RateKey(r["insured_prov"], r["treating_prov"], r["scope"], r["visit_type"])
+        manual[key] = manual.get(key, 0) + r["n"]
+    return [{**asdict(line.key), "direct": line.direct, "manual": line.manual, "rate": line.rate}
+            for line in rate_lines(direct, manual)]
+
+
+def _visit_type(med_type: str) -> str:
+    return VISIT_TYPES.get(med_type, "other")
+
+
+async def submit_claims(s: Settings, claims: Sequence[ManualClaim]) -> int:
+    producer = make_producer(s)
+    await producer.start()
+    try:
+        futures = [await producer.send(MANUAL_CLAIMS.name, _encoder.encode(c), key=c.psn_no.encode())
+                   for c in claims]
+        if futures:
+            await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return len(claims)
+
+
+def read_claims(path: Path) -> list[ManualClaim]:
+    """Strict: every line a ManualClaim; errors name the line and the field, never a value."""
+    claims = []
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            if n > CLAIMS_PER_FILE_MAX:
+                raise ValueError(f"{path.name}: more than {CLAIMS_PER_FILE_MAX} lines")
+            if not line.strip():
+                continue
+            try:
+                claims.append(_claim_decoder.decode(line))
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                raise ValueError(f"{path.name}:{n}: {e}") from None
+    return claims
+
+
+# Command line ---------------------------------------------------------------------------------------
+
+
+def _yuan_fen(text: str) -> int:
+    try:
+        value = Decimal(text)
+        check_yuan("yuan", value)
+    except (ArithmeticError, AmountError) as e:
+        raise argparse.ArgumentTypeError(f"not an amount in yuan: {e}") from None
+    return to_fen(value)
+
+
+def _month(text: str) -> str:
+    try:
+        return check_month(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _date(text: str) -> date:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").date()
+    except ValueError:
+        raise argparse.ArgumentTypeError("a date is yyyy-mm-dd") from None
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(msgspec.json.format(encode(obj), indent=2).decode() + "\n")
+
+
+async def _run(args: argparse.Namespace, s: Settings) -> int:
+    if args.cmd == "close":
+        r = await close(s, args.month)
+        _print_json({**asdict(r), "drawdowns": {p: to_yuan(f) for p, f in r.drawdowns.items()},
+                     "fund_pay_sumamt": to_yuan(r.fund_pay_sumamt)})
+        return 0
+    if args.cmd == "claims" and args.action == "submit":
+        print(f"submitted {await submit_claims(s, read_claims(args.file))} claims to {MANUAL_CLAIMS.name}")
+        return 0
+    pool = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            return await _run_db(args, s, pool, conn)
+    finally:
+        await pool.close()
+
+
+async def _run_db(args: argparse.Namespace, s: Settings, pool: asyncpg.Pool, conn: asyncpg.Connection) -> int:
+    if args.cmd == "verify":
+        problems = await store.verify(conn, args.month)
+        for p in problems:
+            print(p)
+        print(f"{args.month}: " + ("streaming, batch and statement agree to the fen" if not problems
+                                   else f"{len(problems)} differences"))
+        return 1 if problems else 0
+    if args.cmd == "positions":
+        positions = (await store.positions(conn, args.month)).values()
+        lines = pool_lines(positions) if args.level == "pool" else province_lines(pool_lines(positions))
+        for ln in lines:
+            print(f"{ln.insured}->{ln.treating} {ln.scope:14} net_cnt {ln.net_cnt:6} "
+                  + " ".join(f"{f} {to_yuan(v)}" for f, v in ln.net.as_dict().items()))
+        return 0
+    if args.cmd == "statement":
+        st = await statement_for(conn, args.month, args.region, args.version)
+        data = render(st, args.format)
+        if args.out:
+            Path(args.out).write_bytes(data)
+            print(f"wrote {args.out} ({st.status})")
+        else:
+            sys.stdout.buffer.write(data + (b"\n" if not data.endswith(b"\n") else b""))
+        return 0
+    if args.cmd == "sweep":
+        async with conn.transaction():
+            n = await store.sweep(conn, store.month_start(args.before) if args.before else None)
+        print(f"recorded {n} ledger rows the stream had not delivered")
+        return 0
+    if args.cmd == "deposit":
+        if args.action == "topup":
+            move = await deposit_topup(conn, args.prov, args.yuan, args.ref, args.memo)
+            await publish_outbox(s, pool)
+            print(f"{args.prov}: balance {to_yuan(move.balance_fen)} warning line {to_yuan(move.warning_line_fen)}"
+                  + (" (already recorded)" if move.duplicate else "") + (" ALERT: at or below the line"
+                                                                           if move.alert else ""))
+        elif args.action == "line":
+            await store.set_warning_line(conn, args.prov, None if args.default else args.yuan)
+            print(f"{args.prov}: warning line {to_yuan(await store.current_line(conn, args.prov))}")
+        else:
+            for prov, balance, line in await store.deposits(conn):
+                if args.prov in (None, prov):
+                    flag = "  BELOW LINE" if line > 0 and balance <= line else ""
+                    print(f"{prov} balance {to_yuan(balance)} warning line {to_yuan(line)}{flag}")
+        return 0
+    if args.cmd == "claims":
+        _print_json(await rates(conn, args.date_from, args.date_to))
+        return 0
+    raise AssertionError(args.cmd)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m services.clearing.cli", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("close", "verify"):
+        sub.add_parser(name).add_argument("--month", type=_month, required=True)
+    pos = sub.add_parser("positions")
+    pos.add_argument("--month", type=_month, required=True)
+    pos.add_argument("--level", choices=("pool", "province"), default="pool")
+    st = sub.add_parser("statement")
+    st.add_argument("--month", type=_month, required=True)
+    st.add_argument("--region", required=True, help="a pooling region (e.g. 510400) or a province (XX0000)")
+    st.add_argument("--format", choices=("json", "csv", "html"), default="json")
+    st.add_argument("--out")
+    st.add_argument("--version", type=int)
+    sw = sub.add_parser("sweep")
+    sw.add_argument("--before", type=_month, help="only rows of months before this one")
+    dep = sub.add_parser("deposit").add_subparsers(dest="action", required=True)
+    top = dep.add_parser("topup")
+    top.add_argument("--prov", required=True)
+    top.add_argument("--yuan", type=_yuan_fen, required=True)
+    top.add_argument("--ref", required=True, help="the transfer's reference: a second top-up with it is a no-op")
+    top.add_argument("--memo", default="")
+    line = dep.add_parser("line")
+    line.add_argument("--prov", required=True)
+    group = line.add_mutually_exclusive_group(required=True)
+    group.add_argument("--yuan", type=_yuan_fen)
+    group.add_argument("--default", action="store_true", help="one month's average cleared amount")
+    dep.add_parser("show").add_argument("--prov")
+    claims = sub.add_parser("claims").add_subparsers(dest="action", required=True)
+    claims.add_parser("submit").add_argument("file", type=Path)
+    rate = claims.add_parser("rate")
+    rate.add_argument("--from", dest="date_from", type=_date, required=True)
+    rate.add_argument("--to", dest="date_to", type=_date, required=True)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return asyncio.run(_run(args, load_settings()))
+    except (ClearingError, BrokerError, ValueError, UnknownRegion) as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

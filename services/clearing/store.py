@@ -1,0 +1,575 @@
+"""PostgreSQL side of clearing: record rows into months and positions, close a month, recompute
+positions from the ledger, deposits, outbox. Every function runs in the caller's transaction
+unless it says otherwise.
+
+Exactly once: `record_rows` inserts one `clearing_entry` per setl_id (ON CONFLICT DO NOTHING)
+and adds to `clearing_position` only what that insert returned, in one transaction; the
+consumer commits its offsets after the commit. A replayed or duplicated event finds its
+entry and adds nothing; a crash before the commit leaves nothing.
+
+Months: writers lock the months they assign to FOR SHARE (`resolve_months`); a close locks
+its month FOR UPDATE, so it waits for writers in flight, and writers after it see the month
+closed and move to the next open one. The closed month's entries and positions are frozen
+(the triggers in clearing.sql refuse writes into a closed month as a second line of defence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from schemas.clearing import DepositAlert, DepositEvent
+from schemas.internal import SettlementEvent
+from schemas.money import to_yuan
+from services.clearing.logic import (
+    AMOUNT_FIELDS,
+    MONTHS_WALK_MAX,
+    Amounts,
+    ApplTotals,
+    ClearingError,
+    LedgerRow,
+    Position,
+    PositionKey,
+    Row,
+    aggregate,
+    assign_month,
+    at_or_below_line,
+    check_month,
+    compare_positions,
+    dedupe,
+    drawdowns,
+    month_end,
+    month_start,
+    month_statement,
+    next_month,
+    positions_from_statement,
+    warning_line,
+)
+from services.common.response import SHANGHAI
+from services.refdata.regions import province_of, region_of
+from topics.catalog import ALERTS, DEPOSITS
+
+CLOSE_LOCK_KEY = 0x78636C73  # "xcls": one close at a time
+SWEEP_CHUNK_ROWS = 5_000
+OUTBOX_CHUNK_ROWS = 500
+_encoder = msgspec.json.Encoder(decimal_format="number")
+
+_ENTRY_COLS = ("setl_id", "kind", "setl_month", "clr_month", "fixmedins_code", "mdtrt_id", "insutype", "med_type",
+               "scope", "insured_admdvs", "treating_admdvs", "insured_pool", "treating_pool", "insured_prov",
+               "treating_prov", "setl_time", *AMOUNT_FIELDS, "source")
+_ENTRY_TYPES = {"setl_time": "timestamp", **{f: "bigint" for f in AMOUNT_FIELDS}}
+_POS_COLS = ("clr_month", "insured_pool", "treating_pool", "kind", "adjustment", "insured_prov", "treating_prov",
+             "scope", "cnt", *AMOUNT_FIELDS)
+_LEDGER_COLS = ("setl_id", "kind", "setl_time", "fixmedins_code", "mdtrt_id", "insutype", "med_type", "scope",
+                "insured_admdvs", "treating_admdvs", "insured_pool", "treating_pool", *AMOUNT_FIELDS)
+
+
+def now_text() -> str:
+    return datetime.now(SHANGHAI).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# Rows from the stream and from the ledger ------------------------------------------------
+
+
+def row_from_event(ev: SettlementEvent) -> Row:
+    """Raises UnknownRegion for a region the table does not know, ClearingError for a broken row."""
+    insured, treating = region_of(ev.insured_admdvs), region_of(ev.treating_admdvs)
+    amounts = Amounts(ev.medfee_sumamt, ev.hifp_pay, ev.hifmi_pay, ev.hifob_pay, ev.maf_pay, ev.fund_pay_sumamt)
+    return Row(
+        setl_id=ev.setl_id, kind=ev.kind, setl_time=ev.setl_time, fixmedins_code=ev.fixmedins_code,
+        mdtrt_id=ev.mdtrt_id, insutype=ev.insutype, med_type=ev.med_type, scope=ev.scope,
+        insured_admdvs=ev.insured_admdvs, treating_admdvs=ev.treating_admdvs, insured_pool=insured.pool_admdvs,
+        treating_pool=treating.pool_admdvs, insured_prov=insured.prov_admdvs, treating_prov=treating.prov_admdvs,
+        amounts=amounts,
+    ).checked()
+
+
+def row_from_ledger(r: asyncpg.Record) -> Row:
+    return Row(
+        setl_id=r["setl_id"], kind=r["kind"], setl_time=r["setl_time"].strftime("%Y-%m-%d %H:%M:%S"),
+        fixmedins_code=r["fixmedins_code"], mdtrt_id=r["mdtrt_id"], insutype=r["insutype"], med_type=r["med_type"],
+        scope=r["scope"], insured_admdvs=r["insured_admdvs"], treating_admdvs=r["treating_admdvs"],
+        insured_pool=r["insured_pool"], treating_pool=r["treating_pool"],
+        insured_prov=province_of(r["insured_admdvs"]), treating_prov=province_of(r["treating_admdvs"]),
+        amounts=Amounts.of(r),
+    ).checked()
+
+
+# Months ---------------------------------------------------------------------------------
+
+
+async def resolve_months(conn: asyncpg.Connection, setl_months: Iterable[str]) -> dict[str, str]:
+    """setl_month → the first open month at or after it, each target locked FOR SHARE until commit."""
+    pending = {m: m for m in setl_months}
+    states: dict[str, str] = {}
+    resolved: dict[str, str] = {}
+    for _ in range(MONTHS_WALK_MAX):
+        need = sorted({c for c in pending.values() if c not in states})
+        if need:
+            await conn.execute(
+                "INSERT INTO clearing_month (clr_month) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", need
+            )
+            rows = await conn.fetch(
+                "SELECT clr_month, state FROM clearing_month WHERE clr_month = ANY($1::text[])"
+                " ORDER BY clr_month FOR SHARE",
+                need,
+            )
+            states.update({r["clr_month"]: r["state"] for r in rows})
+        for setl_month, candidate in list(pending.items()):
+            if states[candidate] == "open":
+                resolved[setl_month] = candidate
+                del pending[setl_month]
+            else:
+                pending[setl_month] = next_month(candidate)
+        if not pending:
+            return resolved
+    raise ClearingError("no open month within 100 years")
+
+
+async def closed_months(conn: asyncpg.Connection) -> set[str]:
+    return {r[0] for r in await conn.fetch("SELECT clr_month FROM clearing_month WHERE state = 'closed'")}
+
+
+async def month_state(conn: asyncpg.Connection, month: str) -> str:
+    state = await conn.fetchval("SELECT state FROM clearing_month WHERE clr_month = $1", month)
+    return state or "open"
+
+
+# Recording --------------------------------------------------------------------------------
+
+
+@dataclass
+class Recorded:
+    rows: list[tuple[Row, str]] = field(default_factory=list)  # newly recorded, with their month
+    duplicates: int = 0
+
+
+async def record_rows(conn: asyncpg.Connection, rows: Sequence[Row], source: str) -> Recorded:
+    """Record non-local rows not seen before, assign their months, add them to the positions."""
+    rows = dedupe(rows)
+    out = Recorded()
+    if not rows:
+        return out
+    seen = {r[0] for r in await conn.fetch(
+        "SELECT setl_id FROM clearing_entry WHERE setl_id = ANY($1::text[])", [r.setl_id for r in rows])}
+    fresh = [r for r in rows if r.setl_id not in seen]
+    out.duplicates = len(rows) - len(fresh)
+    if not fresh:
+        return out
+    months = await resolve_months(conn, {r.setl_month for r in fresh})
+    assigned = [(r, months[r.setl_month]) for r in fresh]
+    columns: dict[str, list[Any]] = {c: [] for c in _ENTRY_COLS}
+    for row, clr_month in assigned:
+        values = {**_row_values(row), "clr_month": clr_month, "source": source}
+        for c in _ENTRY_COLS:
+            columns[c].append(values[c])
+    unnest = ", ".join(f"${i}::{_ENTRY_TYPES.get(c, 'text')}[]" for i, c in enumerate(_ENTRY_COLS, 1))
+    inserted = {r[0] for r in await conn.fetch(
+        f"INSERT INTO clearing_entry ({', '.join(_ENTRY_COLS)}) SELECT * FROM unnest({unnest})"
+        " ON CONFLICT (setl_id) DO NOTHING RETURNING setl_id",
+        *(columns[c] for c in _ENTRY_COLS),
+    )}
+    out.rows = [(r, m) for r, m in assigned if r.setl_id in inserted]
+    out.duplicates += len(assigned) - len(out.rows)  # a concurrent writer recorded them first
+    await _add_positions(conn, aggregate(out.rows).values())
+    return out
+
+
+def _row_values(row: Row) -> dict[str, Any]:
+    return {
+        "setl_id": row.setl_id, "kind": row.kind, "setl_month": row.setl_month, "fixmedins_code": row.fixmedins_code,
+        "mdtrt_id": row.mdtrt_id, "insutype": row.insutype, "med_type": row.med_type, "scope": row.scope,
+        "insured_admdvs": row.insured_admdvs, "treating_admdvs": row.treating_admdvs,
+        "insured_pool": row.insured_pool, "treating_pool": row.treating_pool, "insured_prov": row.insured_prov,
+        "treating_prov": row.treating_prov,
+        "setl_time": datetime.strptime(row.setl_time, "%Y-%m-%d %H:%M:%S"), **row.amounts.as_dict(),
+    }
+
+
+async def _add_positions(conn: asyncpg.Connection, deltas: Iterable[Position]) -> None:
+    ordered = sorted(deltas, key=lambda p: p.key)  # one lock order for every writer
+    if not ordered:
+        return
+    updates = ", ".join(f"{c} = clearing_position.{c} + EXCLUDED.{c}" for c in ("cnt", *AMOUNT_FIELDS))
+    await conn.executemany(
+        f"INSERT INTO clearing_position ({', '.join(_POS_COLS)}) VALUES ({_params(len(_POS_COLS))})"
+        f" ON CONFLICT (clr_month, insured_pool, treating_pool, kind, adjustment) DO UPDATE SET {updates}",
+        [_position_values(p) for p in ordered],
+    )
+
+
+def _position_values(p: Position) -> tuple[Any, ...]:
+    k = p.key
+    return (k.clr_month, k.insured_pool, k.treating_pool, k.kind, k.adjustment, p.insured_prov, p.treating_prov,
+            p.scope, p.cnt, *(getattr(p.amounts, f) for f in AMOUNT_FIELDS))
+
+
+def _params(n: int) -> str:
+    return ", ".join(f"${i}" for i in range(1, n + 1))
+
+
+async def sweep(conn: asyncpg.Connection, before: datetime | None = None) -> int:
+    """Record non-local ledger rows the stream has not delivered (a lost event), oldest first."""
+    total = 0
+    while True:
+        recs = await conn.fetch(
+            f"SELECT {', '.join('s.' + c for c in _LEDGER_COLS)} FROM settlement s"
+            " WHERE s.scope <> 'local' AND ($1::timestamp IS NULL OR s.setl_time < $1)"
+            " AND NOT EXISTS (SELECT 1 FROM clearing_entry e WHERE e.setl_id = s.setl_id)"
+            " ORDER BY s.setl_time, s.setl_id LIMIT $2",
+            before, SWEEP_CHUNK_ROWS,
+        )
+        if not recs:
+            return total
+        done = await record_rows(conn, [row_from_ledger(r) for r in recs], "sweep")
+        total += len(done.rows)
+        if len(recs) < SWEEP_CHUNK_ROWS:
+            return total
+
+
+# Reading positions ---------------------------------------------------------------------------
+
+
+def _position(r: asyncpg.Record) -> Position:
+    key = PositionKey(r["clr_month"], r["insured_pool"], r["treating_pool"], r["kind"], r["adjustment"])
+    return Position(key, r["insured_prov"], r["treating_prov"], r["scope"], r["cnt"], Amounts.of(r))
+
+
+async def positions(conn: asyncpg.Connection, month: str) -> dict[PositionKey, Position]:
+    """The streaming side: running positions of a month."""
+    rows = await conn.fetch(f"SELECT {', '.join(_POS_COLS)} FROM clearing_position WHERE clr_month = $1", month)
+    return {p.key: p for p in map(_position, rows)}
+
+
+async def entry_positions(conn: asyncpg.Connection, month: str) -> dict[PositionKey, Position]:
+    """The entries of a month, summed (must equal `positions`: the pair check of STYLE 11)."""
+    rows = await conn.fetch(
+        "SELECT clr_month, insured_pool, treating_pool, kind, clr_month <> setl_month AS adjustment,"
+        " min(insured_prov) AS insured_prov, min(treating_prov) AS treating_prov, min(scope) AS scope,"
+        " count(*) AS cnt, " + ", ".join(f"sum({f})::bigint AS {f}" for f in AMOUNT_FIELDS) +
+        " FROM clearing_entry WHERE clr_month = $1 GROUP BY 1, 2, 3, 4, 5",
+        month,
+    )
+    return {p.key: p for p in map(_position, rows)}
+
+
+@dataclass
+class Batch:
+    positions: dict[PositionKey, Position]
+    unrecorded: int  # ledger rows of the month the clearing service has not recorded yet
+    misassigned: int  # recorded rows whose month differs from the rule's
+
+
+async def batch_positions(conn: asyncpg.Connection, month: str, *, closing: bool = False) -> Batch:
+    """The batch side: a month's positions recomputed from the ledger (`settlement`) alone, with the
+    month rule of `logic.assign_month`; clearing_entry only tells which closed month holds a row.
+    `closing`: as the month will be once closed (rows not recorded yet belong to the next month)."""
+    check_month(month)
+    closed = await closed_months(conn)
+    view = closed | {month} if closing else closed
+    earlier_closed = sorted(m for m in closed if m < month)
+    recs = await conn.fetch(
+        f"SELECT {', '.join('s.' + c for c in _LEDGER_COLS)}, e.clr_month AS member_of FROM settlement s"
+        " LEFT JOIN clearing_entry e ON e.setl_id = s.setl_id"
+        " WHERE s.scope <> 'local' AND s.setl_time < $2 AND (s.setl_time >= $1"
+        "   OR (to_char(s.setl_time, 'YYYY-MM') = ANY($3::text[]) AND (e.setl_id IS NULL OR e.clr_month >= $4)))",
+        month_start(month), month_end(month), earlier_closed, month,
+    )
+    assigned = []
+    unrecorded = misassigned = 0
+    for r in recs:
+        row = row_from_ledger(r)
+        member_of = r["member_of"]
+        target = assign_month(row.setl_month, view, member_of)
+        if target != month:
+            continue
+        assigned.append((row, target))
+        if member_of is None:
+            unrecorded += 1
+        elif member_of != target:
+            misassigned += 1
+    return Batch(aggregate(assigned), unrecorded, misassigned)
+
+
+async def verify(conn: asyncpg.Connection, month: str) -> list[str]:
+    """Streaming vs batch vs entries (vs the frozen statement, once closed). Empty: agree to the fen."""
+    stream = await positions(conn, month)
+    problems = compare_positions(await entry_positions(conn, month), stream, expected_name="entries",
+                                 actual_name="positions")
+    batch = await batch_positions(conn, month)
+    problems += compare_positions(batch.positions, stream, expected_name="ledger", actual_name="positions")
+    if batch.unrecorded:
+        problems.append(f"{batch.unrecorded} ledger rows of {month} not recorded by the clearing service yet")
+    if batch.misassigned:
+        problems.append(f"{batch.misassigned} rows recorded in a month other than the rule's")
+    stmt = await statement(conn, month)
+    if stmt is not None:
+        frozen = {p.key: p for p in _statement_positions(stmt["body"])}
+        problems += compare_positions(frozen, stream, expected_name="statement", actual_name="positions")
+    return problems
+
+
+# Close ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class CloseResult:
+    clr_month: str
+    version: int
+    closed_at: str
+    digest: str
+    entry_cnt: int
+    fund_pay_sumamt: int
+    already_closed: bool
+    swept: int = 0
+    drawdowns: dict[str, int] = field(default_factory=dict)
+
+
+def canonical(body: Any) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def close_month(pool: asyncpg.Pool, month: str) -> CloseResult:
+    """Freeze a month: idempotent (closing a closed month returns its statement). Refuses — raising
+    ClearingError and changing nothing — when the positions disagree with the entries or the ledger."""
+    check_month(month)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", CLOSE_LOCK_KEY)
+        await conn.execute("INSERT INTO clearing_month (clr_month) VALUES ($1) ON CONFLICT DO NOTHING", month)
+        # Waits for every writer holding the month FOR SHARE; later writers see it closed.
+        state = await conn.fetchrow("SELECT state, stmt_version FROM clearing_month WHERE clr_month = $1 FOR UPDATE",
+                                    month)
+        if state["state"] == "closed":
+            stmt = await statement(conn, month, state["stmt_version"])
+            if stmt is None:
+                raise ClearingError(f"{month} is closed but has no statement")
+            return CloseResult(month, stmt["version"], stmt["closed_at"], stmt["digest"], stmt["entry_cnt"],
+                               stmt["fund_pay_sumamt"], already_closed=True)
+        swept = await sweep(conn, month_end(month))
+        stream = await positions(conn, month)
+        problems = compare_positions(await entry_positions(conn, month), stream, expected_name="entries",
+                                     actual_name="positions")
+        batch = await batch_positions(conn, month, closing=True)
+        problems += compare_positions(batch.positions, stream, expected_name="ledger", actual_name="positions")
+        if batch.misassigned:
+            problems.append(f"{batch.misassigned} rows recorded in a month other than the rule's")
+        if problems:
+            raise ClearingError(f"{month} not closed: " + " | ".join(problems[:20]))
+        version = 1
+        closed_at = now_text()
+        body = month_statement(month, version, closed_at, stream.values())
+        digest = hashlib.sha256(canonical(body)).hexdigest()
+        total = body["total"]["fund_pay_sumamt"]  # type: ignore[index]
+        await conn.execute(
+            "INSERT INTO clearing_statement (clr_month, version, closed_at, entry_cnt, fund_pay_sumamt, body, digest)"
+            " VALUES ($1, $2, now(), $3, $4, $5::jsonb, $6)",
+            month, version, body["entry_cnt"], total, canonical(body).decode(), digest,
+        )
+        await conn.execute(
+            "UPDATE clearing_month SET state = 'closed', closed_at = now(), stmt_version = $2 WHERE clr_month = $1",
+            month, version,
+        )
+        drawn = drawdowns(stream.values())
+        for prov, amount in drawn.items():
+            await deposit_move(conn, f"clearing-{month}-{prov}", prov, "drawdown", -amount, month,
+                               f"clearing of {month}")
+        return CloseResult(month, version, closed_at, digest, int(body["entry_cnt"]), int(total),  # type: ignore[call-overload]
+                           already_closed=False, swept=swept, drawdowns=drawn)
+
+
+async def statement(conn: asyncpg.Connection, month: str, version: int | None = None) -> dict[str, Any] | None:
+    """A stored statement (the latest version unless asked), body decoded."""
+    r = await conn.fetchrow(
+        "SELECT clr_month, version, to_char(closed_at AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI:SS')"
+        " AS closed_at, entry_cnt, fund_pay_sumamt, body::text AS body, digest FROM clearing_statement"
+        " WHERE clr_month = $1 AND ($2::int IS NULL OR version = $2) ORDER BY version DESC LIMIT 1",
+        month, version,
+    )
+    if r is None:
+        return None
+    out = dict(r)
+    out["body"] = json.loads(r["body"])
+    if hashlib.sha256(canonical(out["body"])).hexdigest() != r["digest"]:
+        raise ClearingError(f"the statement of {month} does not match its digest")
+    return out
+
+
+def _statement_positions(body: dict[str, Any]) -> list[Position]:
+    return positions_from_statement(body)
+
+
+# Reconciliation queries (3201 / 3202 / 3203 / 3260) ------------------------------------------------
+
+
+async def ledger_rows(conn: asyncpg.Connection, fixmedins_code: str, begin: date, end: date, *,
+                      insutype: str | None = None, clr_type: str | None = None,
+                      setl_optins: str | None = None) -> list[LedgerRow]:
+    """A hospital's ledger rows with setl_time on days begin..end (a reversal on its own day)."""
+    recs = await conn.fetch(
+        "SELECT setl_id, kind, medfee_sumamt, fund_pay_sumamt, acct_pay, psn_cash_pay FROM settlement"
+        " WHERE fixmedins_code = $1 AND setl_time >= $2 AND setl_time < $3"
+        " AND ($4::text IS NULL OR insutype = $4) AND ($5::text IS NULL OR med_type = $5)"
+        " AND ($6::text IS NULL OR clr_optins = $6) ORDER BY setl_time, setl_id",
+        fixmedins_code, _day(begin), _day(end + timedelta(days=1)), insutype, clr_type, setl_optins,
+    )
+    return [LedgerRow(**dict(r)) for r in recs]
+
+
+def _day(d: date) -> datetime:
+    return datetime(d.year, d.month, d.day)
+
+
+async def application_totals(conn: asyncpg.Connection, fixmedins_code: str, clr_type: str, begin: date,
+                             end: date) -> ApplTotals:
+    r = await conn.fetchrow(
+        "SELECT coalesce(sum(CASE WHEN kind = 'settle' THEN 1 ELSE -1 END), 0)::bigint AS psntime,"
+        " coalesce(sum(medfee_sumamt), 0)::bigint AS medfee_sumamt,"
+        " coalesce(sum(inscp_scp_amt), 0)::bigint AS med_sumfee,"
+        " coalesce(sum(fund_pay_sumamt), 0)::bigint AS fund_appy_sum,"
+        " coalesce(sum(psn_cash_pay), 0)::bigint AS cash_payamt, coalesce(sum(acct_pay), 0)::bigint AS acct_pay"
+        " FROM settlement WHERE fixmedins_code = $1 AND med_type = $2 AND setl_time >= $3 AND setl_time < $4",
+        fixmedins_code, clr_type, _day(begin), _day(end + timedelta(days=1)),
+    )
+    return ApplTotals(**dict(r))
+
+
+async def month_details(conn: asyncpg.Connection, month: str, fixmedins_code: str, offset: int | None = None,
+                        limit: int | None = None) -> tuple[int, list[asyncpg.Record]]:
+    total = await conn.fetchval(
+        "SELECT count(*) FROM clearing_entry WHERE clr_month = $1 AND fixmedins_code = $2", month, fixmedins_code)
+    recs = await conn.fetch(
+        "SELECT * FROM clearing_entry WHERE clr_month = $1 AND fixmedins_code = $2 ORDER BY setl_time, setl_id"
+        " OFFSET $3 LIMIT $4",
+        month, fixmedins_code, offset or 0, limit,
+    )
+    return total, recs
+
+
+# Deposits ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class DepositMove:
+    txn_id: str
+    insured_prov: str
+    amount_fen: int
+    balance_fen: int
+    warning_line_fen: int
+    alert: bool
+    duplicate: bool
+
+
+async def cleared_history(conn: asyncpg.Connection, prov: str) -> list[int]:
+    """What each closed month's clearing drew (positive: paid out), oldest first."""
+    return [-r[0] for r in await conn.fetch(
+        "SELECT amount_fen FROM clearing_deposit_txn WHERE insured_prov = $1 AND kind = 'drawdown'"
+        " ORDER BY clr_month", prov)]
+
+
+async def current_line(conn: asyncpg.Connection, prov: str) -> int:
+    override = await conn.fetchval("SELECT warning_line_fen FROM clearing_deposit WHERE insured_prov = $1", prov)
+    return warning_line(override, await cleared_history(conn, prov))
+
+
+async def deposit_move(conn: asyncpg.Connection, txn_id: str, prov: str, kind: str, amount_fen: int,
+                       clr_month: str | None, memo: str) -> DepositMove:
+    """Apply one movement once (txn_id is the idempotency key); queue its event, and an alert when the
+    balance ends at or below the warning line."""
+    if province_of(prov) != prov:
+        raise ValueError("deposits are kept per province (XX0000)")
+    await conn.execute("INSERT INTO clearing_deposit (insured_prov) VALUES ($1) ON CONFLICT DO NOTHING", prov)
+    balance = await conn.fetchval(
+        "SELECT balance_fen FROM clearing_deposit WHERE insured_prov = $1 FOR UPDATE", prov)
+    seen = await conn.fetchrow("SELECT * FROM clearing_deposit_txn WHERE txn_id = $1", txn_id)
+    if seen is not None:
+        if (seen["insured_prov"], seen["kind"], seen["amount_fen"]) != (prov, kind, amount_fen):
+            raise ValueError("txn_id already used for another movement")
+        return DepositMove(txn_id, prov, amount_fen, seen["balance_after_fen"], await current_line(conn, prov),
+                           alert=False, duplicate=True)
+    balance += amount_fen
+    await conn.execute(
+        "INSERT INTO clearing_deposit_txn (txn_id, insured_prov, kind, amount_fen, clr_month, balance_after_fen, memo)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        txn_id, prov, kind, amount_fen, clr_month, balance, memo,
+    )
+    await conn.execute("UPDATE clearing_deposit SET balance_fen = $2, updated_at = now() WHERE insured_prov = $1",
+                       prov, balance)
+    line = await current_line(conn, prov)
+    at = now_text()
+    event = DepositEvent(txn_id=txn_id, insured_prov=prov, kind=kind, amount=to_yuan(amount_fen),  # type: ignore[arg-type]
+                         balance=to_yuan(balance), warning_line=to_yuan(line), clr_month=clr_month, at=at)
+    await outbox_add(conn, f"deposit-{txn_id}", DEPOSITS.name, prov.encode(), _encoder.encode(event))
+    alert = at_or_below_line(balance, line)
+    if alert:
+        warning = DepositAlert(alert_id=f"deposit-low-{txn_id}", insured_prov=prov, balance=to_yuan(balance),
+                               warning_line=to_yuan(line), txn_id=txn_id, at=at)
+        await outbox_add(conn, warning.alert_id, ALERTS.name, prov.encode(), _encoder.encode(warning))
+    return DepositMove(txn_id, prov, amount_fen, balance, line, alert=alert, duplicate=False)
+
+
+async def set_warning_line(conn: asyncpg.Connection, prov: str, line_fen: int | None) -> None:
+    if province_of(prov) != prov:
+        raise ValueError("deposits are kept per province (XX0000)")
+    await conn.execute(
+        "INSERT INTO clearing_deposit (insured_prov, warning_line_fen) VALUES ($1, $2)"
+        " ON CONFLICT (insured_prov) DO UPDATE SET warning_line_fen = EXCLUDED.warning_line_fen, updated_at = now()",
+        prov, line_fen,
+    )
+
+
+async def deposits(conn: asyncpg.Connection) -> list[tuple[str, int, int]]:
+    """(province, balance, warning line) for every province with a deposit account."""
+    out = []
+    for r in await conn.fetch("SELECT insured_prov, balance_fen FROM clearing_deposit ORDER BY insured_prov"):
+        out.append((r["insured_prov"], r["balance_fen"], await current_line(conn, r["insured_prov"])))
+    return out
+
+
+# Outbox ---------------------------------------------------------------------------------------------
+
+
+async def outbox_add(conn: asyncpg.Connection, event_id: str, topic: str, key: bytes | None, value: bytes) -> None:
+    await conn.execute(
+        "INSERT INTO clearing_outbox (event_id, topic, key, value) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (event_id) DO NOTHING",
+        event_id, topic, key, value,
+    )
+
+
+async def publish_outbox(pool: asyncpg.Pool, send: Any) -> int:
+    """Publish pending events (`send(topic, key, value)` awaits the broker's ack), then mark them.
+    Rows are locked while they are sent, so two publishers never send the same row at once; a crash
+    between send and mark sends a row again (consumers dedupe by event_id / alert_id / txn_id)."""
+    sent = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            recs = await conn.fetch(
+                "SELECT event_id, topic, key, value FROM clearing_outbox WHERE published_at IS NULL"
+                " ORDER BY created_at, event_id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                OUTBOX_CHUNK_ROWS,
+            )
+            if not recs:
+                return sent
+            for r in recs:
+                await send(r["topic"], bytes(r["key"]) if r["key"] is not None else None, bytes(r["value"]))
+            await conn.execute("UPDATE clearing_outbox SET published_at = now() WHERE event_id = ANY($1::text[])",
+                               [r["event_id"] for r in recs])
+            sent += len(recs)
+        if len(recs) < OUTBOX_CHUNK_ROWS:
+            return sent
+
+
+# Gauges -----------------------------------------------------------------------------------------------
+
+
+async def province_positions(conn: asyncpg.Connection, month: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT insured_prov, treating_prov, " + ", ".join(f"sum({f})::bigint AS {f}" for f in AMOUNT_FIELDS) +
+        " FROM clearing_position WHERE clr_month = $1 GROUP BY 1, 2 ORDER BY 1, 2", month)
