@@ -27,7 +27,7 @@ from services.clearing.logic import (
     PairLine,
     RegionNet,
 )
-from services.refdata.regions import UnknownRegion, region_of
+from services.refdata.regions import PROVINCE_POOLED, UnknownRegion, region_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +58,10 @@ def _line(d: Mapping[str, Any]) -> PairLine:
 def region_level(region: str) -> str:
     """'pool' for a pooling region (a municipality pools at province level), 'province' for a province."""
     r = region_of(region)
+    if r.prov_admdvs == region and region not in PROVINCE_POOLED:
+        return "province"
     if r.pool_admdvs == region:
         return "pool"
-    if r.prov_admdvs == region:
-        return "province"
     raise UnknownRegion(f"{region} is neither a pooling region nor a province")
 
 
