@@ -29,4 +29,6 @@ def service_specs(s: Settings) -> list[ServiceSpec]:
         ),
         ServiceSpec("clearing", "services.clearing", (s.clearing_metrics_port,), s.clearing_metrics_port),
         ServiceSpec("monitor", "services.monitor", (s.monitor_metrics_port,), s.monitor_metrics_port),
+        # The dashboard serves its page and /metrics on one port.
+        ServiceSpec("dashboard", "services.dashboard", (s.dashboard_port,), s.dashboard_port),
     ]

@@ -100,7 +100,8 @@ DEPOSIT_WARNING_LINE = Gauge(
 )
 CLEARING_POSITION = Gauge(
     "xs_clearing_position_yuan",
-    "Current month's running net amount the insured province owes the treating province, per fund, in yuan",
+    "Current month's running net amount the insured province owes the treating province, per fund "
+    "(fund=fund_pay_sumamt: all funds), in yuan",
     ["insured_prov", "treating_prov", "fund"],
 )
 PRODUCE_ERRORS = Counter(
@@ -184,9 +185,9 @@ def set_deposit(insured_prov: str, balance_fen: int, warning_line_fen: int) -> N
 
 
 def set_clearing_position(insured_prov: str, treating_prov: str, fund: str, amount_fen: int) -> None:
-    CLEARING_POSITION.labels(_prov(insured_prov), _prov(treating_prov), fund if fund in FUNDS else "other").set(
-        amount_fen / 100
-    )
+    """fund: one of FUNDS, or fund_pay_sumamt for all funds together (filter it out before summing funds)."""
+    fund = fund if fund in FUNDS or fund == "fund_pay_sumamt" else "other"
+    CLEARING_POSITION.labels(_prov(insured_prov), _prov(treating_prov), fund).set(amount_fen / 100)
 
 
 def record_produce_error(topic: str) -> None:

@@ -80,7 +80,8 @@ class MonitorCollector(Collector):  # type: ignore[misc]
 
         people = GaugeMetricFamily(
             "xs_ledger_month_person_times",
-            "This month's person-times from the ledger: kind=direct (settled − reversed) or kind=manual",
+            "This month's non-local person-times from the ledger: kind=direct (settled, not reversed) or "
+            "kind=manual (manual claims)",
             labels=["insured_prov", "treating_prov", "scope", "visit_type", "kind"])
         funds = GaugeMetricFamily("xs_ledger_month_fund_paid_yuan",
                                   "This month's net fund amounts from the ledger (settled − reversed), in yuan",
@@ -91,8 +92,8 @@ class MonitorCollector(Collector):  # type: ignore[misc]
             month_start.add_metric([], snap.month.start.replace(tzinfo=SHANGHAI).timestamp())
             per_fund: dict[tuple[str, str, str], int] = {}
             for (ins, trt, scope, vt), cell in sorted(snap.month.cells.items()):
-                people.add_metric([ins, trt, scope, vt, "direct"], cell.direct)
-                if snap.month.manual_source != "none":
+                if scope != "local":
+                    people.add_metric([ins, trt, scope, vt, "direct"], cell.direct)
                     people.add_metric([ins, trt, scope, vt, "manual"], cell.manual)
                 for f in FUND_COLUMNS:
                     per_fund[(ins, trt, f)] = per_fund.get((ins, trt, f), 0) + cell.funds_fen[f]

@@ -1,10 +1,11 @@
 """Month-to-date figures from the ledger (PostgreSQL): the authoritative numbers behind
 the direct-settlement rate and the money moved between provinces.
 
-A month is the calendar month of `settlement.setl_time` (Asia/Shanghai wall time),
-as for clearing (REFERENCE §5). Direct person-times = settlements − reversals in the
-month: a reversed settlement that is not settled again does not count (§6). Fund
-amounts are summed as stored (reversal rows are negative), so they are net.
+A month is the calendar month of `settlement.setl_time` (Asia/Shanghai wall time), as
+for clearing (REFERENCE §5). Person-times come from the clearing service's one
+definition (`services.clearing.cli.rates`): a non-local visit counts as direct once
+when settled and not reversed (REFERENCE §6), a manual claim by the end of its visit.
+Fund amounts are summed as stored (reversal rows are negative), so they are net.
 Used by the monitor (exported to Prometheus) and by the dashboard.
 """
 
@@ -17,13 +18,14 @@ from typing import Final
 
 import asyncpg
 
+from services.clearing.cli import rates
 from services.common.metrics import visit_type_of
 from services.common.response import SHANGHAI
 from services.refdata.regions import UnknownRegion, province_of
 
 FUND_COLUMNS: Final = ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")
 
-_MONTH_SQL: Final = """
+_MONEY_SQL: Final = """
 SELECT insured_admdvs, treating_admdvs, scope, med_type,
        count(*) FILTER (WHERE kind = 'settle') AS settled,
        count(*) FILTER (WHERE kind = 'reverse') AS reversed,
@@ -40,16 +42,13 @@ Key = tuple[str, str, str, str]  # insured_prov, treating_prov, scope, visit_typ
 
 @dataclass
 class Cell:
-    settled: int = 0
+    direct: int = 0  # person-times settled directly and not reversed (non-local care)
+    manual: int = 0  # manual claims (non-local care)
+    settled: int = 0  # ledger rows of kind settle / reverse this month
     reversed: int = 0
-    manual: int = 0
     medfee_fen: int = 0
     fund_fen: int = 0
     funds_fen: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FUND_COLUMNS, 0))
-
-    @property
-    def direct(self) -> int:
-        return self.settled - self.reversed
 
 
 @dataclass
@@ -58,7 +57,6 @@ class MonthFigures:
     start: datetime
     end: datetime
     cells: dict[Key, Cell]
-    manual_source: str  # where manual person-times come from ("none" until recorded in the ledger)
 
 
 def month_bounds(now: datetime | None = None) -> tuple[datetime, datetime]:
@@ -79,7 +77,7 @@ def _prov(admdvs: str) -> str:
 async def month_figures(conn: asyncpg.Connection | asyncpg.Pool, now: datetime | None = None) -> MonthFigures:
     start, end = month_bounds(now)
     cells: dict[Key, Cell] = defaultdict(Cell)
-    for r in await conn.fetch(_MONTH_SQL, start, end):
+    for r in await conn.fetch(_MONEY_SQL, start, end):
         key = (_prov(r["insured_admdvs"]), _prov(r["treating_admdvs"]), r["scope"], visit_type_of(r["med_type"]))
         c = cells[key]
         c.settled += r["settled"]
@@ -88,4 +86,8 @@ async def month_figures(conn: asyncpg.Connection | asyncpg.Pool, now: datetime |
         c.fund_fen += r["fund"]
         for f in FUND_COLUMNS:
             c.funds_fen[f] += r[f]
-    return MonthFigures(start.strftime("%Y-%m"), start, end, dict(cells), "none")
+    for line in await rates(conn, start.date(), (end - timedelta(days=1)).date()):  # type: ignore[arg-type]
+        c = cells[(line["insured_prov"], line["treating_prov"], line["scope"], line["visit_type"])]
+        c.direct += line["direct"]
+        c.manual += line["manual"]
+    return MonthFigures(start.strftime("%Y-%m"), start, end, dict(cells))
