@@ -153,14 +153,14 @@ class Recorded:
 
 async def record_rows(conn: asyncpg.Connection, rows: Sequence[Row], source: str) -> Recorded:
     """Record non-local rows not seen before, assign their months, add them to the positions."""
+    given = len(rows)
     rows = dedupe(rows)
-    out = Recorded()
+    out = Recorded(duplicates=given)
     if not rows:
         return out
     seen = {r[0] for r in await conn.fetch(
         "SELECT setl_id FROM clearing_entry WHERE setl_id = ANY($1::text[])", [r.setl_id for r in rows])}
     fresh = [r for r in rows if r.setl_id not in seen]
-    out.duplicates = len(rows) - len(fresh)
     if not fresh:
         return out
     months = await resolve_months(conn, {r.setl_month for r in fresh})
@@ -177,7 +177,7 @@ async def record_rows(conn: asyncpg.Connection, rows: Sequence[Row], source: str
         *(columns[c] for c in _ENTRY_COLS),
     )}
     out.rows = [(r, m) for r, m in assigned if r.setl_id in inserted]
-    out.duplicates += len(assigned) - len(out.rows)  # a concurrent writer recorded them first
+    out.duplicates = given - len(out.rows)  # seen before, twice in the batch, or recorded by a concurrent writer
     await _add_positions(conn, aggregate(out.rows).values())
     return out
 
