@@ -32,13 +32,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from deploy.services import ServiceSpec, service_specs
 from services.common.config import PROJECT_ROOT, ConfigError, Settings, load_settings
@@ -727,6 +728,31 @@ def _wait_service_ready(spec: ServiceSpec, pid: int, p: Paths, timeout: float) -
         time.sleep(0.1)
 
 
+_lock_guard = threading.RLock()
+_lock_file: IO[str] | None = None
+_lock_depth = 0
+
+
+@contextlib.contextmanager
+def stack_lock(p: Paths) -> Iterator[None]:
+    """One start/stop at a time across processes (several engineers' test sessions restart services
+    at once; two spawns of one service would leave the winner without its pidfile). Reentrant."""
+    global _lock_file, _lock_depth
+    with _lock_guard:
+        if _lock_depth == 0:
+            p.run.mkdir(parents=True, exist_ok=True)
+            _lock_file = open(p.run / "stack.lock", "w")  # noqa: SIM115 - closed when the depth returns to 0
+            fcntl.flock(_lock_file, fcntl.LOCK_EX)
+        _lock_depth += 1
+        try:
+            yield
+        finally:
+            _lock_depth -= 1
+            if _lock_depth == 0 and _lock_file is not None:
+                _lock_file.close()
+                _lock_file = None
+
+
 def start_service(
     name: str, settings: Settings | None = None, *, wait: bool = True, timeout: float = SERVICE_READY_TIMEOUT_S
 ) -> int:
@@ -734,6 +760,11 @@ def start_service(
     s = settings or load_settings()
     p = Paths.of(s)
     p.ensure()
+    with stack_lock(p):
+        return _start_service(name, s, p, wait=wait, timeout=timeout)
+
+
+def _start_service(name: str, s: Settings, p: Paths, *, wait: bool, timeout: float) -> int:
     spec = _spec(name, s)
     pid = service_pid(name, s)
     if pid is not None:
@@ -761,19 +792,22 @@ def stop_service(
     """Stop one service: SIGTERM (SIGKILL after timeout), or SIGKILL at once with kill=True."""
     s = settings or load_settings()
     p = Paths.of(s)
-    pid = service_pid(name, s)
-    if pid is None:
+    with stack_lock(p):
+        pid = service_pid(name, s)
+        if pid is None:
+            p.pidfile(name).unlink(missing_ok=True)
+            return False
+        say(f"{name}: {'killing' if kill else 'stopping'} pid {pid}")
+        _terminate(pid, timeout, kill=kill)
         p.pidfile(name).unlink(missing_ok=True)
-        return False
-    say(f"{name}: {'killing' if kill else 'stopping'} pid {pid}")
-    _terminate(pid, timeout, kill=kill)
-    p.pidfile(name).unlink(missing_ok=True)
-    return True
+        return True
 
 
 def restart_service(name: str, settings: Settings | None = None, kill: bool = False) -> int:
-    stop_service(name, kill=kill, settings=settings)
-    return start_service(name, settings)
+    s = settings or load_settings()
+    with stack_lock(Paths.of(s)):
+        stop_service(name, kill=kill, settings=s)
+        return start_service(name, s)
 
 
 def is_running(name: str, settings: Settings | None = None) -> bool:
@@ -984,6 +1018,26 @@ def print_status(s: Settings | None = None) -> None:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])
 
 
+def _command(args: argparse.Namespace) -> None:
+    if args.cmd == "start":
+        start(infra_only=args.infra_only)
+    elif args.cmd == "stop":
+        stop()
+    elif args.cmd == "status":
+        print_status()
+    elif getattr(args, "name", None) == "prometheus":
+        if args.cmd != "start-service":
+            stop_prometheus()
+        if args.cmd != "stop-service":
+            start_prometheus()
+    elif args.cmd == "restart-service":
+        restart_service(args.name, kill=args.kill)
+    elif args.cmd == "start-service":
+        start_service(args.name)
+    elif args.cmd == "stop-service":
+        stop_service(args.name, kill=args.kill)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.stack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -1004,27 +1058,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths.ensure()
     try:
-        lock = open(paths.run / "stack.lock", "w")  # noqa: SIM115 - held until exit
-        if args.cmd != "status":
-            # One start/stop at a time (e.g. two test.sh runs at once must not launch two Kafkas).
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if args.cmd == "start":
-            start(infra_only=args.infra_only)
-        elif args.cmd == "stop":
-            stop()
-        elif args.cmd == "status":
-            print_status()
-        elif getattr(args, "name", None) == "prometheus":
-            if args.cmd != "start-service":
-                stop_prometheus()
-            if args.cmd != "stop-service":
-                start_prometheus()
-        elif args.cmd == "restart-service":
-            restart_service(args.name, kill=args.kill)
-        elif args.cmd == "start-service":
-            start_service(args.name)
-        elif args.cmd == "stop-service":
-            stop_service(args.name, kill=args.kill)
+        # One start/stop at a time (e.g. two test.sh runs at once must not launch two Kafkas).
+        with contextlib.nullcontext() if args.cmd == "status" else stack_lock(paths):
+            _command(args)
     except StackError as exc:
         print(f"[stack] ERROR: {exc}", file=sys.stderr, flush=True)
         return 1
