@@ -29,6 +29,11 @@ _SETL_COLS = ("setl_id", "msgid", "kind", "orig_setl_id", "mdtrt_id", "psn_no", 
               "med_type", "scope", "filing_type", "insured_admdvs", "insured_pool", "treating_admdvs",
               "treating_pool", "clr_optins", "setl_time", "acc_year", *AMOUNT_FIELDS, "pool_prop_selfpay",
               "accum_delta")
+# What a batch must load, by the transactions in it: a batch of admissions and fee uploads (most of
+# the traffic) touches neither accumulators nor accounts nor earlier settlements.
+_MONEY_INFNOS = frozenset({"2101", "2102", "2103", "2206", "2207", "2208", "2303", "2304", "2305"})
+_FEE_INFNOS = frozenset({"2204", "2205", "2206", "2207", "2301", "2302", "2303", "2304"})
+_REVERSAL_INFNOS = frozenset({"2103", "2208", "2305"})
 _ACC_COUNTERS = ("basic_paid", "outpatient_dedc_used", "outpatient_paid", "critical_base", "critical_paid",
                  "supplementary_paid", "assistance_paid")
 
@@ -71,25 +76,30 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
         named_visits |= {r["mdtrt_id"] for r in await conn.fetch(
             "SELECT mdtrt_id FROM settlement WHERE setl_id = ANY($1)", list(named_settlements))}
     mdtrt_ids = sorted(named_visits)
+    infnos = {m.infno for m in fresh}
     # Lock order: accounts, accumulators, visits — always by sorted key, so workers never deadlock.
-    for r in await conn.fetch(
-        "SELECT psn_no, balc_fen FROM account WHERE psn_no = ANY($1) ORDER BY psn_no FOR UPDATE", persons
-    ):
-        st.accounts[r["psn_no"]] = r["balc_fen"]
-    for r in await conn.fetch(
-        "SELECT * FROM accumulator WHERE psn_no = ANY($1) ORDER BY psn_no, acc_year FOR UPDATE", persons
-    ):
-        data: dict[str, Any] = {c: r[c] for c in _ACC_COUNTERS}
-        data["chronic_paid"] = json.loads(r["chronic_paid"])
-        st.accumulators[(r["psn_no"], r["acc_year"])] = accumulators_from_json(data)
-    if mdtrt_ids:
+    if infnos & _MONEY_INFNOS:
         for r in await conn.fetch(
-            f"SELECT {', '.join(_VISIT_COLS)} FROM visit WHERE mdtrt_id = ANY($1) ORDER BY mdtrt_id FOR UPDATE",
-            mdtrt_ids,
+            "SELECT psn_no, balc_fen FROM account WHERE psn_no = ANY($1) ORDER BY psn_no FOR UPDATE", persons
         ):
-            st.visits[r["mdtrt_id"]] = Visit(**dict(r))
+            st.accounts[r["psn_no"]] = r["balc_fen"]
+        for r in await conn.fetch(
+            "SELECT * FROM accumulator WHERE psn_no = ANY($1) ORDER BY psn_no, acc_year FOR UPDATE", persons
+        ):
+            data: dict[str, Any] = {c: r[c] for c in _ACC_COUNTERS}
+            data["chronic_paid"] = json.loads(r["chronic_paid"])
+            st.accumulators[(r["psn_no"], r["acc_year"])] = accumulators_from_json(data)
+    if not mdtrt_ids:
+        return st
+    for r in await conn.fetch(
+        f"SELECT {', '.join(_VISIT_COLS)} FROM visit WHERE mdtrt_id = ANY($1) ORDER BY mdtrt_id FOR UPDATE",
+        mdtrt_ids,
+    ):
+        st.visits[r["mdtrt_id"]] = Visit(**dict(r))
+    if infnos & _FEE_INFNOS:
         for r in await conn.fetch(f"SELECT {', '.join(_FEE_COLS)} FROM fee_item WHERE mdtrt_id = ANY($1)", mdtrt_ids):
             st.fees.setdefault(r["mdtrt_id"], {})[r["feedetl_sn"]] = Fee(**dict(r))
+    if infnos & _REVERSAL_INFNOS:
         rows = await conn.fetch(
             f"SELECT {', '.join(_SETL_COLS)}, EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
             " AS reversed FROM settlement s WHERE mdtrt_id = ANY($1)",
