@@ -164,7 +164,8 @@ async def record_rows(conn: asyncpg.Connection, rows: Sequence[Row], source: str
     if not fresh:
         return out
     months = await resolve_months(conn, {r.setl_month for r in fresh})
-    assigned = [(r, months[r.setl_month]) for r in fresh]
+    # One insert order for every writer (by setl_id), so two writers of overlapping rows never deadlock.
+    assigned = sorted(((r, months[r.setl_month]) for r in fresh), key=lambda a: a[0].setl_id)
     columns: dict[str, list[Any]] = {c: [] for c in _ENTRY_COLS}
     for row, clr_month in assigned:
         values = {**_row_values(row), "clr_month": clr_month, "source": source}
