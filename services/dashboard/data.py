@@ -272,15 +272,53 @@ def now_figures(live: Live) -> dict[str, Any]:
     }
 
 
+# Alert names of deploy/prometheus/rules/alerts.yml, for people: (中文, English).
+ALERT_TITLES: Final[Mapping[str, tuple[str, str]]] = {
+    "DirectSettlementRateBelowTarget": ("直接结算率低于目标（近24小时）",
+                                        "direct-settlement rate below target, last 24 h"),
+    "DirectSettlementRateBelowTargetThisMonth": ("本月直接结算率低于目标",
+                                                 "this month's direct-settlement rate below target"),
+    "DepositBelowWarningLine": ("预付金低于预警线", "advance deposit at or below its warning line"),
+    "DeadLettersRising": ("被拒绝的请求增多", "rejected requests (dead letters) rising"),
+    "ConsumerLagGrowing": ("消息积压增长", "Kafka consumer lag growing"),
+    "SettlementLatencyP99High": ("结算耗时超过目标", "settlement p99 time above objective"),
+    "ProduceErrors": ("Kafka 写入失败", "Kafka produce errors"),
+    "ServiceDown": ("服务不可用", "service not answering"),
+}
+
+
+def _subject(labels: Mapping[str, str]) -> str:
+    """What an alert is about, in words: a province and route, an error code, a group, a transaction."""
+    if "insured_prov" in labels:
+        parts = [province_name(labels["insured_prov"])]
+        if "scope" in labels:
+            parts.append(SCOPE_NAMES.get(labels["scope"], (labels["scope"],))[0])
+        if "visit_type" in labels:
+            parts.append(VISIT_TYPE_NAMES.get(labels["visit_type"], (labels["visit_type"],))[0])
+        return " ".join(parts)
+    if "reason" in labels:
+        return f"{labels['reason']} ({labels.get('stage', '')})"
+    if "group" in labels:
+        return labels["group"]
+    if "infno" in labels:
+        return f"infno {labels['infno']}"
+    if "topic" in labels:
+        return f"{labels.get('job', '')} → {labels['topic']}"
+    return labels.get("job", "")
+
+
 def alert_rows(live: Live) -> list[dict[str, Any]]:
-    rows = [
-        {"name": a["labels"].get("alertname", ""), "state": a.get("state", ""),
-         "severity": a["labels"].get("severity", ""), "summary": a.get("annotations", {}).get("summary", ""),
-         "description": a.get("annotations", {}).get("description", ""), "since": a.get("activeAt", "")}
-        for a in live.alerts
-    ]
+    rows = []
+    for a in live.alerts:
+        labels = a.get("labels", {})
+        name = labels.get("alertname", "")
+        zh, en = ALERT_TITLES.get(name, (name, name))
+        rows.append({"name": name, "title_zh": zh, "title_en": en, "state": a.get("state", ""),
+                     "severity": labels.get("severity", ""), "subject": _subject(labels),
+                     "summary": a.get("annotations", {}).get("summary", ""),
+                     "description": a.get("annotations", {}).get("description", ""), "since": a.get("activeAt", "")})
     order = {"critical": 0, "warning": 1, "info": 2}
-    return sorted(rows, key=lambda r: (r["state"] != "firing", order.get(r["severity"], 3), r["name"], r["summary"]))
+    return sorted(rows, key=lambda r: (r["state"] != "firing", order.get(r["severity"], 3), r["name"], r["subject"]))
 
 
 def assemble(month: MonthFigures, targets: list[Target], clearing_positions: list[Mapping[str, Any]],

@@ -88,6 +88,13 @@ function divergingBars(rows, opts = {}) {
   return svg;
 }
 
+// A round axis maximum: 1, 2, 2.5 or 5 times a power of ten.
+function niceMax(v) {
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  return 10 * p;
+}
+
 // Time series. series: [{name, points: [[t, v]], color, width, dash}]; opts: {yMax, yFmt, target, height}
 function lineChart(series, opts = {}) {
   const W = opts.width || 1300, H = opts.height || 260, L = 56, R = 170, T = 10, B = 26;
@@ -95,7 +102,7 @@ function lineChart(series, opts = {}) {
   if (!all.length) return null;
   let t0 = Math.min(...all.map((p) => p[0])), t1 = Math.max(...all.map((p) => p[0]));
   if (t1 - t0 < 60) { t0 -= 30; t1 += 30; }
-  const yMax = opts.yMax || Math.max(1e-9, ...all.map((p) => p[1]), opts.target || 0) * 1.15;
+  const yMax = opts.yMax || niceMax(Math.max(1e-9, ...all.map((p) => p[1]), opts.target || 0) * 1.1);
   const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R);
   const y = (v) => T + (1 - Math.min(v, yMax) / yMax) * (H - T - B);
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
@@ -143,11 +150,22 @@ function renderAlerts(d) {
   if (d.sources.prometheus !== "ok") {
     nodes.push(h("div", { class: "alert warning" }, h("b", {}, "监控数据暂不可用"), "Live figures (Prometheus) are unavailable; month figures still come from the ledger."));
   }
+  // One line per kind of alert, naming everything it concerns (a page of 20 red boxes helps nobody).
   const active = d.alerts.filter((a) => a.state === "firing");
+  const groups = new Map();
   for (const a of active) {
-    nodes.push(h("div", { class: `alert ${a.severity || "warning"}`, "data-alert": a.name },
-      h("b", {}, a.severity === "critical" ? "严重 Critical" : a.severity === "info" ? "提示 Info" : "警告 Warning"),
-      h("span", {}, a.summary, a.description ? h("div", { class: "d" }, a.description) : null)));
+    if (!groups.has(a.name)) groups.set(a.name, []);
+    groups.get(a.name).push(a);
+  }
+  for (const [name, list] of groups) {
+    const a = list[0];
+    const sev = a.severity === "critical" ? "严重 Critical" : a.severity === "info" ? "提示 Info" : "警告 Warning";
+    const subjects = list.map((x) => x.subject).filter((x) => x);
+    const shown = subjects.slice(0, 8).join("、") + (subjects.length > 8 ? ` 等 ${subjects.length} 项 (${subjects.length} in all)` : "");
+    nodes.push(h("div", { class: `alert ${a.severity || "warning"}`, "data-alert": name, title: list.map((x) => x.summary).join("\n") },
+      h("b", {}, sev),
+      h("span", {}, h("b", {}, a.title_zh), " ", h("span", { class: "d" }, a.title_en), list.length > 1 ? ` ×${list.length}` : "",
+        h("div", { class: "d" }, shown || (a.description || "")))));
   }
   if (!active.length && d.sources.prometheus === "ok") {
     nodes.push(h("div", { class: "alert clear" }, h("b", {}, "一切正常"), "No alerts firing — all clear."));
@@ -287,33 +305,53 @@ function renderPositions(d) {
   const label = (k) => (k === "_other" ? "其他 others" : nameOf[k]);
   const shade = (v) => `background: rgba(21,101,192,${(0.08 + 0.55 * Math.abs(v) / maxCell).toFixed(2)})`;
   const exact = Object.fromEntries(d.positions.map((p) => [p.insured_prov + "|" + p.treating_prov, p]));
-  if (!d.positions.length) { fill("matrix", h("tr", {}, h("td", { class: "l empty" }, "本月暂无跨省结算 / no cross-province settlements this month"))); return; }
+  if (!d.positions.length) {
+    fill("matrix", h("tr", {}, h("td", { class: "l empty" }, "本月暂无跨省结算 / no cross-province settlements this month")));
+    fill("pairs");
+    return;
+  }
+  const pairs = [...d.positions].sort((a, b) => b.total_fen - a.total_fen);
+  fill("pairs",
+    h("tr", {}, h("th", { class: "l" }, ...bi("参保省（付款）", "insured province pays")), h("th", { class: "l" }, ...bi("就医省（收款）", "treating province receives")),
+      d.funds.map((f) => h("th", {}, ...bi(f.zh, f.en))), h("th", {}, ...bi("合计（元）", "total, yuan")), h("th", {}, ...bi("直接结算人次", "person-times"))),
+    pairs.map((p) => h("tr", { "data-test": "position-row", "data-ins": p.insured_prov, "data-trt": p.treating_prov },
+      h("td", { class: "l" }, p.insured_name), h("td", { class: "l" }, p.treating_name),
+      d.funds.map((f) => h("td", { "data-field": f.code }, fmtYuan(p.funds_fen[f.code] / 100))),
+      h("td", { "data-field": "total" }, h("b", {}, fmtYuan(p.total_fen / 100))), h("td", { "data-field": "person_times" }, fmtInt(p.person_times)))));
   fill("matrix",
     h("tr", {}, h("th", { class: "l" }, "参保省 ↓ 就医省 →"), cols.map((c) => h("th", {}, label(c))), h("th", {}, ...bi("合计", "total"))),
     rowsK.map((r) => h("tr", {}, h("td", { class: "l" }, label(r)),
       cols.map((c) => {
         const v = cell[r + "|" + c];
         const p = exact[r + "|" + c];
-        return h("td", { style: v ? shade(v) : null, "data-test": p ? "position" : null, "data-ins": p ? r : null, "data-trt": p ? c : null,
+        return h("td", { style: v ? shade(v) : null,
           title: p ? `${p.insured_name} → ${p.treating_name}: ${fmtYuan(p.total_fen / 100)} 元, ${p.person_times} 人次` : null }, v ? fmtYuan(v / 100) : "");
       }),
       h("td", {}, h("b", {}, fmtYuan(rowsK.length && r !== "_other" ? byIns[r] / 100 : ins.slice(N).reduce((a, k) => a + byIns[k], 0) / 100))))));
 }
 
 function renderDeposits(d) {
-  if (!d.deposits.length) { fill("deposit-chart", empty("尚无预付金数据（清算服务未上报）", "no deposit figures yet (from the clearing service)")); return; }
-  const rows = d.deposits.map((x) => ({
-    label: x.insured_name, value: x.balance_yuan, target: x.warning_line_yuan, cls: x.below ? "bad" : "ok",
-    display: `${fmtWan(x.balance_yuan)} 万` + (x.below ? " ⚠ 需补充 top up" : ""),
-    title: `余额 balance ${fmtYuan(x.balance_yuan)} 元; 预警线 warning line ${fmtYuan(x.warning_line_yuan)} 元`,
-  }));
-  const wrap = h("div", {}, hbars(rows, { width: 1000, labelW: 200 }),
-    h("div", { class: "legend" }, h("span", {}, h("i", { class: "sw ok" }), "高于预警线 above warning line"),
-      h("span", {}, h("i", { class: "sw bad" }), "低于预警线 below warning line"), h("span", {}, h("i", { class: "sw tgt" }), "预警线 warning line")));
-  for (const x of d.deposits) {
-    wrap.append(h("span", { hidden: "", "data-test": "deposit", "data-prov": x.insured_prov, "data-balance": x.balance_yuan, "data-warning": x.warning_line_yuan, "data-below": x.below }));
-  }
-  fill("deposit-chart", wrap);
+  if (!d.deposits.length) { fill("deposit-chart", empty("尚无预付金账户", "no deposit accounts yet")); return; }
+  const rows = [...d.deposits].sort((a, b) => (b.below - a.below) || a.insured_prov.localeCompare(b.insured_prov));
+  const bar = (x) => {
+    // Balance against the warning line: the line sits at 2/3 of the bar; an overdrawn balance shows no bar.
+    const scale = Math.max(x.warning_line_yuan * 1.5, x.balance_yuan, 1);
+    const w = Math.max(0, Math.min(100, (100 * x.balance_yuan) / scale));
+    const line = x.warning_line_yuan > 0 ? (100 * x.warning_line_yuan) / scale : null;
+    return h("div", { class: "dbar" }, h("i", { class: x.below ? "bad" : "ok", style: `width:${w.toFixed(1)}%` }),
+      line == null ? null : h("b", { style: `left:${line.toFixed(1)}%`, title: "预警线 warning line" }));
+  };
+  const status = (x) => x.balance_yuan < 0 ? h("span", { class: "badge bad" }, "透支，需补充 overdrawn, top up")
+    : x.below ? h("span", { class: "badge bad" }, "低于预警线，需补充 top up") : h("span", { class: "badge ok" }, "正常 ok");
+  fill("deposit-chart", h("table", { class: "grid" },
+    h("tr", {}, h("th", { class: "l" }, ...bi("参保省", "insured province")), h("th", {}, ...bi("余额（元）", "balance, yuan")),
+      h("th", {}, ...bi("预警线（元）", "warning line, yuan")), h("th", { class: "l" }, ...bi("余额与预警线", "balance against the line")),
+      h("th", {}, ...bi("状态", "status"))),
+    rows.map((x) => h("tr", { "data-test": "deposit", "data-prov": x.insured_prov, "data-balance": x.balance_yuan,
+      "data-warning": x.warning_line_yuan, "data-below": String(x.below) },
+      h("td", { class: "l" }, x.insured_name), h("td", { "data-field": "balance" }, fmtYuan(x.balance_yuan)),
+      h("td", { "data-field": "warning" }, x.warning_line_yuan > 0 ? fmtYuan(x.warning_line_yuan) : "—"),
+      h("td", { class: "l" }, bar(x)), h("td", {}, status(x))))));
 }
 
 function renderNow(d) {
@@ -343,6 +381,10 @@ async function load() {
     const d = await resp.json();
     renderHeader(d); renderAlerts(d); renderTiles(d); renderRates(d); renderTrend(d);
     renderPositions(d); renderDeposits(d); renderNow(d);
+    if (!document.body.dataset.loaded && location.hash) {  // deep link to a section, once drawn
+      const target = document.getElementById(location.hash.slice(1));
+      if (target) target.scrollIntoView();
+    }
     document.body.dataset.loaded = "1";
     document.body.dataset.generatedAt = String(d.generated_at);
   } catch (e) {
