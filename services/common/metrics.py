@@ -25,10 +25,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from schemas.errors import ERRORS
 from services.refdata.regions import UnknownRegion, province_of
+
+# No `_created` series: Prometheus 2 does not use them, and they would double every counter's series.
+disable_created_metrics()
 
 # Milliseconds to seconds: the platform's inpatient settlement averages ~0.8 s (REFERENCE §7).
 LATENCY_BUCKETS_S: Final = (
