@@ -91,10 +91,11 @@ async def test_settlements_reversals_and_funds_follow_the_ledger(traffic: object
                 got = delta("xs_fund_paid_yuan_total", fund=fund, kind=row["kind"], insured_prov=INSURED_PROV,
                             treating_prov=TREATING_CROSS_PROV)
                 assert got == pytest.approx(abs(row[fund]) / 100), (fund, row["kind"])
+        # Outcomes carry no province: other tests' traffic may add to them meanwhile.
         assert delta("xs_settlement_requests_total", infno="2304", scope="intra_province", visit_type="inpatient",
-                     outcome="settled") == 1
+                     outcome="settled") >= 1
         assert delta("xs_settlement_requests_total", infno="2305", scope="cross_province", visit_type="inpatient",
-                     outcome="reversed") == 1
+                     outcome="reversed") >= 1
         assert delta("xs_settlement_end_to_end_seconds_count", infno="2304") >= 2
         g0, g1 = before["gateway"], after["gateway"]
         assert delta("xs_gateway_request_seconds_count", g0, g1, infno="2304") >= 2
@@ -160,7 +161,7 @@ BOUNDED = {
     "scope": r"local|intra_province|cross_province|unknown",
     "visit_type": r"inpatient|general_outpatient|chronic_outpatient|pharmacy|outpatient|other",
     "kind": r"settle|reverse|direct|manual|other", "infno": r"\d{4}|unknown|[a-z_]+",
-    "outcome": r"[A-Z_]+|ok|duplicate|settled|reversed", "reason": r"[A-Z_]+", "stage": r"[a-z_]+",
+    "outcome": r"[A-Z_]+|ok|duplicate|settled|reversed", "reason": r"[A-Z_]+", "stage": r"[a-z0-9_]+",
     "fund": r"hifp_pay|hifmi_pay|hifob_pay|maf_pay|fund_pay_sumamt|other",
     "partition": r"\d{1,3}", "group": r"[a-z][a-z0-9.-]*", "topic": r"[a-z][a-z0-9._-]*",
 }
