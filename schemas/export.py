@@ -7,6 +7,7 @@ from pathlib import Path
 
 import msgspec
 
+from schemas import clearing
 from schemas.codec import BODY_TYPES
 from schemas.envelope import RequestEnvelope, ResponseEnvelope
 from schemas.inpatient import Output2301, Output2401, OutputSettlement
@@ -24,6 +25,14 @@ MESSAGES: dict[str, type] = {
     "routed_request": RoutedRequest,
     "settlement_event": SettlementEvent,
     "dead_letter": DeadLetter,
+    "output_3201": clearing.Output3201,
+    "output_3202": clearing.Output3202,
+    "output_3203": clearing.Output3203,
+    "output_3260": clearing.Output3260,
+    "output_3261": clearing.Output3261,
+    "manual_claim": clearing.ManualClaim,
+    "deposit_event": clearing.DepositEvent,
+    "deposit_alert": clearing.DepositAlert,
 }
 
 

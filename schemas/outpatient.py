@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from schemas.inpatient import FeeDetail, MdtrtId, PsnNo
+from schemas.inpatient import DiseInfo, FeeDetail, MdtrtId, PsnNo
 from schemas.wire import Code, Flag, InsuType, MdtrtCertType, Text, WireTime, check_amounts, check_times
 
 ChronicDisease = Literal["HTN", "DM", "CANCER_TX", "ESRD_DIALYSIS", "TRANSPLANT_AR"]
@@ -66,7 +66,7 @@ class OutpatientVisitInfo(msgspec.Struct, kw_only=True):
 
 class Input2203(msgspec.Struct, kw_only=True, tag=True):
     mdtrtinfo: OutpatientVisitInfo
-    diseinfo: list[dict[str, object]] = []
+    diseinfo: list[DiseInfo] = []
 
 
 class Input2204(msgspec.Struct, kw_only=True, tag=True):
