@@ -11,8 +11,9 @@ dated so that they settle a few minutes ago: they count in the current month.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -195,7 +196,7 @@ async def ensure_traffic(s: Settings, db: asyncpg.Pool, tmp: Path) -> Traffic:
             return _traffic
         await load_refdata(db, s, tmp)
         t = Traffic()
-        async with aiohttp.ClientSession() as session:
+        async with exclusive(db, "counters"), aiohttp.ClientSession() as session:
             client = GatewayClient(s.gateway_url, session, retry_for_s=RETRY_FOR_S)
             # One of each first, so Prometheus has seen the series before the rest arrive
             # (increase() cannot count the first value of a series it has never seen).
@@ -231,6 +232,21 @@ async def _both_seen(s: Settings, sel: str) -> bool:
 async def _claims_in(db: asyncpg.Pool, claim_ids: list[str]) -> bool:
     n = await db.fetchval("SELECT count(*) FROM manual_claim WHERE claim_id = ANY($1::text[])", claim_ids)
     return bool(n == len(claim_ids))
+
+
+# --- one session at a time --------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def exclusive(db: asyncpg.Pool, name: str) -> AsyncIterator[None]:
+    """Hold a PostgreSQL advisory lock: another engineer's run of these tests waits instead of moving the
+    same deposit, Kafka group or counters meanwhile."""
+    async with db.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"xsettle-monitoring-tests:{name}")
+        try:
+            yield
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", f"xsettle-monitoring-tests:{name}")
 
 
 # --- a deposit below its warning line ----------------------------------------------------------------

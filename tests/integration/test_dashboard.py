@@ -26,6 +26,7 @@ from tests.integration.monitoring_data import (
     TREATING_CROSS_PROV,
     Traffic,
     ensure_traffic,
+    exclusive,
     lower_deposit,
     prom_query,
     restore_deposit,
@@ -113,8 +114,9 @@ async def traffic(refdata: dict, services: Settings, db: asyncpg.Pool,
 
 @pytest.fixture(scope="module")
 async def low_deposit(db: asyncpg.Pool) -> AsyncIterator[int]:
-    yield await lower_deposit(db)
-    await restore_deposit(db)
+    async with exclusive(db, "deposit"):
+        yield await lower_deposit(db)
+        await restore_deposit(db)
 
 
 async def _ledger_truth(db: asyncpg.Pool) -> dict[str, int]:

@@ -26,6 +26,7 @@ from tests.integration.monitoring_data import (
     Samples,
     Traffic,
     ensure_traffic,
+    exclusive,
     lines,
     mpsn,
     scrape,
@@ -62,6 +63,11 @@ async def test_settlements_reversals_and_funds_follow_the_ledger(traffic: object
                                                                   db: asyncpg.Pool) -> None:
     """One intra-province and one cross-province stay, the second reversed: the settle service's counters
     move by exactly what the ledger recorded (retried once if another engineer restarts a service)."""
+    async with exclusive(db, "counters"):
+        await _settle_and_compare(services, db)
+
+
+async def _settle_and_compare(services: Settings, db: asyncpg.Pool) -> None:
     for attempt, (intra_n, cross_n) in enumerate(((10, 25), (11, 26))):
         before = await _snapshot(services)
         async with aiohttp.ClientSession() as session:

@@ -29,6 +29,7 @@ from tests.integration.monitoring_data import (
     SUZHOU,
     Traffic,
     ensure_traffic,
+    exclusive,
     lower_deposit,
     mpsn,
     prom_alerts,
@@ -102,13 +103,20 @@ async def test_rules_evaluate_without_errors(prometheus: Settings) -> None:
 
 @pytest.fixture
 async def low_deposit(db: asyncpg.Pool) -> AsyncIterator[int]:
-    yield await lower_deposit(db)
-    await restore_deposit(db)
+    async with exclusive(db, "deposit"):
+        yield await lower_deposit(db)
+        await restore_deposit(db)
 
 
 @pytest.fixture
-async def growing_lag(prometheus: Settings) -> AsyncIterator[asyncio.Task[None]]:
+async def growing_lag(prometheus: Settings, db: asyncpg.Pool) -> AsyncIterator[asyncio.Task[None]]:
     """A consumer group that stopped consuming a topic that keeps receiving records."""
+    async with exclusive(db, "lag"):
+        async for task in _growing_lag(prometheus):
+            yield task
+
+
+async def _growing_lag(prometheus: Settings) -> AsyncIterator[asyncio.Task[None]]:
     admin = AIOKafkaAdminClient(bootstrap_servers=prometheus.kafka_bootstrap, request_timeout_ms=10_000)
     await admin.start()
     if LAG_TOPIC not in await admin.list_topics():
