@@ -244,3 +244,31 @@ async def test_hospital_day_per_seed_region(refdata: dict, gateway: GatewayClien
             ("14", "local", "settle"), ("41", "local", "settle"), ("11", "cross_province", "settle"),
             ("21", "cross_province", "settle"), ("21", "local", "settle"), ("21", "local", "reverse"),
         ]), code
+
+
+async def test_fee_and_visit_cancellations(refdata: dict, gateway: GatewayClient, db: asyncpg.Pool) -> None:
+    p = person("op_employee")
+    # Outpatient: cancel one uploaded item (2205), settle on the rest.
+    visit = outpatient("op_employee", at=DAY + timedelta(days=8))
+    visit.mdtrt_id = ok(await gateway.call(visit.register()))["output"]["data"]["mdtrt_id"]
+    ok(await gateway.call(visit.upload([FeeLine(ITEM_A, D(1), D("10.00")), FeeLine(ITEM_A, D(1), D("20.00"))])))
+    cancelled = ok(await gateway.call(visit.hospital.envelope("2205", {"data": [
+        {"mdtrt_id": visit.mdtrt_id, "psn_no": p.psn_no, "feedetl_sn": "000002"}]}, insuplc=p.insuplc)))
+    assert cancelled["output"] == {"cancelled": 1}
+    refused(await gateway.call(visit.settle()), "MEDFEE_MISMATCH")  # the HIS still counts 30.00
+    visit.fees = visit.fees[:1]
+    assert ok(await gateway.call(visit.settle()))["output"]["setlinfo"]["medfee_sumamt"] == D(10)
+    # Inpatient: cancel all fees (2302 "0000"), then the admission itself (2404).
+    stay = Stay(HOSPITALS["chifeng"], p.psn_no, p.insuplc, p.insutype, DAY + timedelta(days=9))
+    stay.mdtrt_id = ok(await gateway.call(stay.admit()))["output"]["result"]["mdtrt_id"]
+    ok(await gateway.call(stay.upload([FeeLine(ITEM_A, D(1), D("5.00")), FeeLine(ITEM_B10, D(1), D("6.00"))])))
+    all_fees = ok(await gateway.call(stay.hospital.envelope("2302", {"data": [
+        {"feedetl_sn": "0000", "mdtrt_id": stay.mdtrt_id, "psn_no": p.psn_no}]}, insuplc=p.insuplc)))
+    assert all_fees["output"] == {"cancelled": 2}
+    ok(await gateway.call(stay.hospital.envelope("2404", {"data": {"mdtrt_id": stay.mdtrt_id, "psn_no": p.psn_no}},
+                                                 insuplc=p.insuplc)))
+    refused(await gateway.call(stay.discharge()), "VISIT_CANCELLED")
+    row = await db.fetchrow("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id)
+    assert row["state"] == "cancelled"
+    assert await db.fetchval("SELECT count(*) FROM fee_item WHERE mdtrt_id = $1 AND NOT cancelled",
+                             stay.mdtrt_id) == 0
