@@ -561,7 +561,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], pop: Population, stat
         elif name in after and name in before:
             used = cpu_used(before, after, name)
             known += used
-            parts.append(f"{name} {used:.1f}")
+            parts.append(f"{name}{' (all backends)' if name == 'postgres' else ''} {used:.1f}")
     out.append("  " + ", ".join(parts))
     stack_cpu = known - cpu_used(before, after, "bench (this client)")
     if not gone and stack_cpu > 0 and stats.requests():

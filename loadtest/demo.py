@@ -154,8 +154,8 @@ def summary(stats: Stats, run_s: float, drain_s: float, args: argparse.Namespace
     out.append(f"stays: {stats.stays_started} started — {o['done']} complete, {o['refused']} refused as expected "
                f"(unfiled non-local persons), {o['failed']} failed, {o['cut']} cut at the end")
     out.append(f"settlements (2304): {stats.settled}  = {stats.settled / run_s:.1f}/s; "
-               f"reversals (2305): {stats.reversed}")
-    out.append("  by scope: " + "   ".join(f"{s} {stats.settled_by_scope[s]}" for s in SCOPES)
+               f"reversals (2305): {stats.reversed}, of which {stats.resettled} settled again")
+    out.append("  settlements by scope: " + "   ".join(f"{s} {stats.settled_by_scope[s]}" for s in SCOPES)
                + "   (stays started: " + ", ".join(f"{s} {stats.started_by_scope[s]}" for s in SCOPES) + ")")
     settled_fund = sum(stats.settle_ids.values())
     reversed_fund = sum(stats.reverse_ids.values())

@@ -13,7 +13,7 @@
   situation: filed, or promise flag (承诺制), or a declared emergency, or (a few)
   unfiled — those are refused with FILING_REQUIRED at pre-settlement, as expected.
 - `drive_stay`: admission 2401 → fee uploads 2301 → discharge 2402 → pre-settlement
-  2303 → settlement 2304 (→ reversal 2305), each request after the previous answer,
+  2303 → settlement 2304 (→ reversal 2305 (→ settled again 2304)), each request after the previous answer,
   a TIMEOUT answer resent with the same msgid (the broker returns the stored result).
 - `Stats`: latencies per transaction, outcomes, settlements seen, for progress lines
   and summaries.
@@ -58,6 +58,7 @@ SCOPE_WEIGHTS: Final[dict[Scope, float]] = {"local": 0.5, "intra_province": 0.2,
 PROMISE_SHARE: Final = 0.85
 EMERGENCY_SHARE: Final = 0.05
 REVERSAL_SHARE: Final = 0.10
+RESETTLE_SHARE: Final = 0.5  # of the reversed stays, settled again afterwards
 ACCOUNT_SHARE: Final = 0.5  # employees asking to pay the personal part from their account
 # Mirrors the router (services.router.logic): how long a filing made on the spot stays valid.
 PROMISE_FILING_DAYS: Final = 180
@@ -159,6 +160,7 @@ class Scenario:
     filing: str  # "local" | "filed" | "promise" | "emergency" | "unfiled"
     uploads: list[list[FeeLine]]
     reverse: bool
+    resettle: bool  # after the reversal, settle the visit again (a corrected settlement)
     use_account: bool
     start: datetime
     # Called when the admission is accepted: the router has then made the filing on the spot (if any).
@@ -261,13 +263,14 @@ class Population:
                     if filing != "unfiled":
                         on_admitted = partial(self._remember_spot_filing, person, hospital.prov, filing,
                                               start.date())
+            reverse = rng.random() < reversal_share
             n_items = rng.randint(3, 15)
             lines = fee_lines(rng, self.catalog[hospital.prov], n_items)
             uploads = [lines] if len(lines) <= 8 or rng.random() < 0.5 else [lines[: len(lines) // 2],
                                                                               lines[len(lines) // 2:]]
             return Scenario(
                 hospital=hospital, person=person, scope=scope, filing=filing, uploads=uploads,
-                reverse=rng.random() < reversal_share,
+                reverse=reverse, resettle=reverse and rng.random() < RESETTLE_SHARE,
                 use_account=person.insutype == "310" and rng.random() < ACCOUNT_SHARE, start=start,
                 on_admitted=on_admitted,
             )
@@ -370,6 +373,7 @@ class Stats:
     settle_medfee_fen: int = 0
     settled_at: list[float] = field(default_factory=list)
     in_flight: int = 0
+    resettled: int = 0  # settlements of a visit whose earlier settlement was reversed
     run_s: float = 0.0  # the load phase (rates are per this)
     drain_s: float = 0.0  # after it, for the requests in flight
 
@@ -488,6 +492,8 @@ async def _stay_steps(
     steps += [stay.discharge, lambda: stay.settle(pre=True), stay.settle]
     if scn.reverse:
         steps.append(stay.reverse)
+        if scn.resettle:
+            steps.append(stay.settle)
     for build in steps:
         if not go_on():
             return "cut"
@@ -505,6 +511,8 @@ async def _stay_steps(
                 scn.on_admitted()
         elif infno == "2304":
             info = r["output"]["setlinfo"]
+            if stay.setl_id:
+                stats.resettled += 1
             stay.setl_id = info["setl_id"]
             stats.settle_ids[stay.setl_id] = to_fen(info["fund_pay_sumamt"])
             stats.settle_medfee_fen += to_fen(info["medfee_sumamt"])
