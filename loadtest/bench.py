@@ -57,6 +57,7 @@ from loadtest.his import Stay
 from loadtest.population import (
     DEFAULT_PERSONS_PER_REGION,
     DEFAULT_SEED,
+    INPATIENT_ONLY,
     SCOPES,
     PipelineUnavailable,
     Population,
@@ -429,7 +430,7 @@ async def load_phase(caller: Any, pop: Population, stats: Stats, args: argparse.
     async def worker() -> None:
         nonlocal launched
         while go_on() and launched < args.max_stays:
-            scn = pop.scenario(rng)
+            scn = pop.scenario(rng, kinds=INPATIENT_ONLY)
             if scn is None:
                 await asyncio.sleep(0.005)
                 continue

@@ -1,13 +1,14 @@
-"""The demo: hospitals drive complete inpatient stays through the HTTP gateway, live.
+"""The demo: a day of hospitals and pharmacies through the HTTP gateway, live.
 
     python -m loadtest.demo [--seconds 60] [--concurrency 16] [--seed 7] [--max-stays 3000]
 
 1. Makes sure the reference data is generated (`.state/refdata/`) and loaded
    (idempotent, fast when already done), and that the pipeline answers.
-2. Runs `--concurrency` hospitals' worth of stays at once — each stay sequential:
-   admission 2401, fee uploads 2301 (3–15 catalog items), discharge 2402,
-   pre-settlement 2303, settlement 2304, ~10% reversed (2305). Hospitals and
-   persons of the five seed regions (赤峰 150400, 开州 500154, 米易 510421,
+2. Runs `--concurrency` visits at once, each sequential: general outpatient (most:
+   2201 → 2204 → 2206 → 2207), chronic outpatient (2201 → 2203 med_type 14 → …),
+   inpatient stays (2401 → 2301 → 2402 → 2303 → 2304) and pharmacy purchases
+   (2101 → 2102); ~10% reversed (2208 / 2305 / 2103), half of those settled again.
+   Hospitals, pharmacies and persons of the five seed regions (赤峰 150400, 开州 500154, 米易 510421,
    莆田 350300, 太原 140100): care local, in another region of the same province,
    and in other provinces; most non-local persons are filed or use the promise
    flag, a few are unfiled and are refused (FILING_REQUIRED) — as expected.
@@ -42,6 +43,7 @@ from loadtest.population import (
     DEFAULT_PERSONS_PER_REGION,
     DEFAULT_SEED,
     SCOPES,
+    SETTLE_INFNOS,
     PipelineUnavailable,
     Population,
     Stats,
@@ -57,7 +59,10 @@ from services.common.config import Settings, load_settings
 INFNO_NAMES = {
     "2401": "admission", "2301": "fee upload", "2402": "discharge", "2303": "pre-settlement",
     "2304": "settlement", "2305": "reversal",
+    "2201": "registration", "2203": "visit info", "2204": "fee upload", "2206": "pre-settlement",
+    "2207": "settlement", "2208": "reversal", "2101": "pre-settlement", "2102": "settlement", "2103": "reversal",
 }
+KINDS = ("outpatient", "chronic", "inpatient", "pharmacy")
 
 
 class HttpCaller:
@@ -88,7 +93,7 @@ def _yuan(fen: int) -> str:
 
 
 def progress_line(stats: Stats, elapsed: float) -> str:
-    settle = stats.latencies.get("2304", [])
+    settle = [x for i in SETTLE_INFNOS for x in stats.latencies.get(i, [])]
     scopes = " ".join(f"{s.split('_')[0]} {stats.settled_by_scope[s]}" for s in SCOPES)
     errors = stats.errors()
     refused = sum(stats.expected_refusals.values())
@@ -151,12 +156,13 @@ def summary(stats: Stats, run_s: float, drain_s: float, args: argparse.Namespace
            f"ran {run_s:.1f} s (+ {drain_s:.1f} s for the stays in flight), concurrency {args.concurrency}, "
            f"seed {args.seed}"]
     o = stats.stay_outcomes
-    out.append(f"stays: {stats.stays_started} started — {o['done']} complete, {o['refused']} refused as expected "
+    out.append(f"visits: {stats.stays_started} started — {o['done']} complete, {o['refused']} refused as expected "
                f"(unfiled non-local persons), {o['failed']} failed, {o['cut']} cut at the end")
-    out.append(f"settlements (2304): {stats.settled}  = {stats.settled / run_s:.1f}/s; "
-               f"reversals (2305): {stats.reversed}, of which {stats.resettled} settled again")
+    out.append(f"settlements (2207/2304/2102): {stats.settled}  = {stats.settled / run_s:.1f}/s; "
+               f"reversals (2208/2305/2103): {stats.reversed}; {stats.resettled} visits settled again")
+    out.append("  settlements by visit type: " + "   ".join(f"{k} {stats.settled_by_kind[k]}" for k in KINDS))
     out.append("  settlements by scope: " + "   ".join(f"{s} {stats.settled_by_scope[s]}" for s in SCOPES)
-               + "   (stays started: " + ", ".join(f"{s} {stats.started_by_scope[s]}" for s in SCOPES) + ")")
+               + "   (visits started: " + ", ".join(f"{s} {stats.started_by_scope[s]}" for s in SCOPES) + ")")
     settled_fund = sum(stats.settle_ids.values())
     reversed_fund = sum(stats.reverse_ids.values())
     out.append(f"  medical fees settled {_yuan(stats.settle_medfee_fen)} yuan; funds paid {_yuan(settled_fund)}, "

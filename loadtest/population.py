@@ -6,15 +6,18 @@
 - `load_population`: the hospitals, persons, filings and catalog items of that
   dataset as PostgreSQL has them now (filings include those the router created on
   the spot), indexed for picking scenarios.
-- `Population.scenario`: one inpatient stay to drive — a treating hospital and a
-  person where the hospital or the person belongs to one of the five seed regions,
-  with a scope drawn by weight (local / intra_province / cross_province), 3–15 fee
-  items of the treating province's catalog in one or two uploads, and the filing
-  situation: filed, or promise flag (承诺制), or a declared emergency, or (a few)
-  unfiled — those are refused with FILING_REQUIRED at pre-settlement, as expected.
-- `drive_stay`: admission 2401 → fee uploads 2301 → discharge 2402 → pre-settlement
-  2303 → settlement 2304 (→ reversal 2305 (→ settled again 2304)), each request after the previous answer,
-  a TIMEOUT answer resent with the same msgid (the broker returns the stored result).
+- `Population.scenario`: one visit to drive — general outpatient (most), chronic
+  outpatient, inpatient stay or pharmacy purchase (`KIND_WEIGHTS`; the benchmark asks
+  for inpatient only) — at a treating hospital or pharmacy and a person where one of
+  them belongs to the five seed regions, with a scope drawn by weight (local /
+  intra_province / cross_province), fee items of the treating province's catalog, and
+  the filing situation: filed, or promise flag (承诺制), or a declared emergency, or (a
+  few) unfiled — those are refused with FILING_REQUIRED at pre-settlement, as expected.
+- `drive_stay`, each request after the previous answer, a TIMEOUT answer resent with
+  the same msgid (the broker returns the stored result):
+  inpatient  2401 → 2301 ×1–2 → 2402 → 2303 → 2304 (→ 2305 (→ 2304 again))
+  outpatient 2201 (→ 2203 for chronic, med_type 14) → 2204 → 2206 → 2207 (→ 2208 (→ 2207 again))
+  pharmacy   2101 → 2102 (→ 2103)
 - `Stats`: latencies per transaction, outcomes, settlements seen, for progress lines
   and summaries.
 
@@ -40,7 +43,7 @@ from typing import Any, Final, Protocol
 
 import asyncpg
 
-from loadtest.his import FeeLine, Hospital, Stay
+from loadtest.his import FeeLine, Hospital, OutpatientVisit, Purchase, Stay
 from schemas.refdata import CATALOG_FILE, FILINGS_FILE, HOSPITALS_FILE, PERSONS_FILE, RefDataSet
 from services.common.config import Settings
 from services.common.response import SHANGHAI
@@ -64,6 +67,17 @@ ACCOUNT_SHARE: Final = 0.5  # employees asking to pay the personal part from the
 PROMISE_FILING_DAYS: Final = 180
 EMERGENCY_FILING_DAYS: Final = 90
 STAY_DAYS: Final = 3  # loadtest.his.Stay: discharge = admission + 3 days, settlement 1 h later
+# The day's mix of visits (REFERENCE §7: outpatient far outnumbers inpatient; pharmacy is a large share).
+KIND_WEIGHTS: Final[dict[str, float]] = {"outpatient": 0.55, "chronic": 0.1, "inpatient": 0.2, "pharmacy": 0.15}
+INPATIENT_ONLY: Final[dict[str, float]] = {"inpatient": 1.0}
+# Per kind: (pre-settlement, settlement, reversal) transaction numbers.
+SETTLEMENT_INFNOS: Final[dict[str, tuple[str, str, str]]] = {
+    "inpatient": ("2303", "2304", "2305"), "outpatient": ("2206", "2207", "2208"),
+    "chronic": ("2206", "2207", "2208"), "pharmacy": ("2101", "2102", "2103"),
+}
+PRE_INFNOS: Final = frozenset(k[0] for k in SETTLEMENT_INFNOS.values())
+SETTLE_INFNOS: Final = frozenset(k[1] for k in SETTLEMENT_INFNOS.values())
+REVERSE_INFNOS: Final = frozenset(k[2] for k in SETTLEMENT_INFNOS.values())
 
 
 class PipelineUnavailable(RuntimeError):
@@ -143,6 +157,7 @@ class PersonInfo:
     psn_no: str
     insuplc: str
     insutype: str
+    chronic: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +169,7 @@ class CatalogInfo:
 
 @dataclass
 class Scenario:
+    kind: str  # inpatient | outpatient | chronic | pharmacy
     hospital: HospitalInfo
     person: PersonInfo
     scope: Scope
@@ -163,8 +179,9 @@ class Scenario:
     resettle: bool  # after the reversal, settle the visit again (a corrected settlement)
     use_account: bool
     start: datetime
-    # Called when the admission is accepted: the router has then made the filing on the spot (if any).
+    # Called when the first request is accepted: the router has then made the filing on the spot (if any).
     on_admitted: Callable[[], None] | None = None
+    chronic_disease: str | None = None
 
     @property
     def expect_refusal(self) -> str | None:
@@ -174,6 +191,19 @@ class Scenario:
         return Stay(
             self.hospital.his, self.person.psn_no, self.person.insuplc, self.person.insutype, self.start,
             promise_filing=self.filing == "promise", use_account=self.use_account,
+        )
+
+    def outpatient(self) -> OutpatientVisit:
+        return OutpatientVisit(
+            self.hospital.his, self.person.psn_no, self.person.insuplc, self.person.insutype, self.start,
+            med_type="14" if self.kind == "chronic" else "11", chronic_disease=self.chronic_disease,
+            use_account=self.use_account, promise_filing=self.filing == "promise",
+        )
+
+    def purchase(self) -> Purchase:
+        return Purchase(
+            self.hospital.his, self.person.psn_no, self.person.insuplc, self.person.insutype, self.start,
+            self.uploads[0], use_account=self.use_account, promise_filing=self.filing == "promise",
         )
 
 
@@ -205,7 +235,9 @@ class Population:
 
     def __init__(self, hospitals: list[HospitalInfo], persons: list[PersonInfo],
                  filings: dict[str, list[Filing]], catalog: dict[str, list[CatalogInfo]]) -> None:
-        self.hospitals = [h for h in hospitals if len(catalog.get(h.prov, ())) >= 3]
+        usable = [h for h in hospitals if len(catalog.get(h.prov, ())) >= 3]
+        self.hospitals = [h for h in usable if not h.his.fixmedins_code.startswith("P")]
+        self.pharmacies = [h for h in usable if h.his.fixmedins_code.startswith("P")]
         self.persons = persons
         self.filings = filings
         self.catalog = catalog
@@ -215,14 +247,19 @@ class Population:
             groups[p.insuplc].append(p)
         self.groups = dict(groups)
         # (hospital, insured region) pairs per scope, where the hospital or the insured region is a seed region.
-        self.pairs: dict[Scope, list[tuple[HospitalInfo, str]]] = {scope: [] for scope in SCOPES}
-        for h in self.hospitals:
-            for insuplc in self.groups:
-                if h.admdvs in SEED_REGIONS or insuplc in SEED_REGIONS:
-                    self.pairs[classify_scope(insuplc, h.admdvs)].append((h, insuplc))
+        self.pairs = self._pairs(self.hospitals)
+        self.pharmacy_pairs = self._pairs(self.pharmacies)
         self.scopes = [s for s in SCOPES if self.pairs[s]]
         if not self.scopes:
             raise ValueError("no hospital/person pairs: is the reference data loaded?")
+
+    def _pairs(self, places: list[HospitalInfo]) -> dict[Scope, list[tuple[HospitalInfo, str]]]:
+        pairs: dict[Scope, list[tuple[HospitalInfo, str]]] = {scope: [] for scope in SCOPES}
+        for h in places:
+            for insuplc in self.groups:
+                if h.admdvs in SEED_REGIONS or insuplc in SEED_REGIONS:
+                    pairs[classify_scope(insuplc, h.admdvs)].append((h, insuplc))
+        return pairs
 
     def __len__(self) -> int:
         return len(self.persons)
@@ -237,20 +274,33 @@ class Population:
         return filing_in_force(self.filings.get(person.psn_no, ()), on, treating_prov) is not None
 
     def scenario(self, rng: random.Random, *, reversal_share: float = REVERSAL_SHARE,
-                 now: datetime | None = None) -> Scenario | None:
-        """A new stay, its person marked busy (call `release` when done); None when every pick was busy."""
-        weights = [SCOPE_WEIGHTS[s] for s in self.scopes]
+                 now: datetime | None = None, kinds: dict[str, float] = KIND_WEIGHTS) -> Scenario | None:
+        """A new visit, its person marked busy (call `release` when done); None when every pick was busy."""
         for _ in range(20):
-            scope = rng.choices(self.scopes, weights)[0]
-            hospital, insuplc = rng.choice(self.pairs[scope])
-            person = rng.choice(self.groups[insuplc])
+            kind = rng.choices(list(kinds), list(kinds.values()))[0]
+            pairs = self.pharmacy_pairs if kind == "pharmacy" else self.pairs
+            scopes = [s for s in SCOPES if pairs[s]] or self.scopes
+            if kind == "pharmacy" and not any(pairs.values()):
+                kind, pairs = "outpatient", self.pairs
+            scope = rng.choices(scopes, [SCOPE_WEIGHTS[s] for s in scopes])[0]
+            hospital, insuplc = rng.choice(pairs[scope])
+            candidates = self.groups[insuplc]
+            if kind == "chronic":
+                candidates = [p for p in candidates if p.chronic] or candidates
+            person = rng.choice(candidates)
+            if kind == "chronic" and not person.chronic:
+                kind = "outpatient"
             if person.psn_no in self.busy:
                 continue
             self.busy.add(person.psn_no)
-            # Admission 3 days + a bit ago, so the settlement (admission + 3 d + 1 h) is about now.
-            start = (now or shanghai_now()) - timedelta(days=STAY_DAYS, hours=1, minutes=rng.randint(1, 600))
+            if kind == "inpatient":
+                # Admission 3 days + a bit ago, so the settlement (admission + 3 d + 1 h) is about now.
+                start = (now or shanghai_now()) - timedelta(days=STAY_DAYS, hours=1, minutes=rng.randint(1, 600))
+                settle_day = (start + timedelta(days=STAY_DAYS, hours=1)).date()
+            else:
+                start = (now or shanghai_now()) - timedelta(minutes=rng.randint(5, 60))
+                settle_day = start.date()
             start = start.replace(microsecond=0)
-            settle_day = (start + timedelta(days=STAY_DAYS, hours=1)).date()
             filing = "local"
             on_admitted = None
             if scope != "local":
@@ -260,19 +310,24 @@ class Population:
                     roll = rng.random()
                     filing = ("promise" if roll < PROMISE_SHARE
                               else "emergency" if roll < PROMISE_SHARE + EMERGENCY_SHARE else "unfiled")
+                    if filing == "emergency" and kind != "inpatient":
+                        filing = "promise"  # a declared emergency is an inpatient admission's flag
                     if filing != "unfiled":
                         on_admitted = partial(self._remember_spot_filing, person, hospital.prov, filing,
                                               start.date())
             reverse = rng.random() < reversal_share
-            n_items = rng.randint(3, 15)
-            lines = fee_lines(rng, self.catalog[hospital.prov], n_items)
+            items = self.catalog[hospital.prov]
+            if kind == "pharmacy":
+                items = [c for c in items if c.code[:1] in "XZ"] or items  # drugs
+            n_items = {"inpatient": rng.randint(3, 15), "pharmacy": rng.randint(1, 4)}.get(kind, rng.randint(1, 5))
+            lines = fee_lines(rng, items, n_items)
             uploads = [lines] if len(lines) <= 8 or rng.random() < 0.5 else [lines[: len(lines) // 2],
                                                                               lines[len(lines) // 2:]]
             return Scenario(
-                hospital=hospital, person=person, scope=scope, filing=filing, uploads=uploads,
-                reverse=reverse, resettle=reverse and rng.random() < RESETTLE_SHARE,
+                kind=kind, hospital=hospital, person=person, scope=scope, filing=filing, uploads=uploads,
+                reverse=reverse, resettle=reverse and kind != "pharmacy" and rng.random() < RESETTLE_SHARE,
                 use_account=person.insutype == "310" and rng.random() < ACCOUNT_SHARE, start=start,
-                on_admitted=on_admitted,
+                on_admitted=on_admitted, chronic_disease=rng.choice(person.chronic) if kind == "chronic" else None,
             )
         return None
 
@@ -298,7 +353,7 @@ async def load_population(s: Settings, dataset: RefDataSet) -> Population:
         )
         psn_nos = [p.psn_no for p in dataset.persons]
         prows = await conn.fetch(
-            "SELECT psn_no, insuplc_admdvs, insutype FROM person WHERE psn_no = ANY($1)", psn_nos
+            "SELECT psn_no, insuplc_admdvs, insutype, chronic FROM person WHERE psn_no = ANY($1)", psn_nos
         )
         frows = await conn.fetch(
             "SELECT psn_no, filing_id, filing_type, begndate, enddate, target_admdvs, source, revoked"
@@ -317,7 +372,8 @@ async def load_population(s: Settings, dataset: RefDataSet) -> Population:
             Hospital(r["fixmedins_code"], r["fixmedins_name"], r["admdvs"]), r["admdvs"], r["hosp_lv"],
             region.prov_admdvs, region.pool_admdvs,
         ))
-    persons = [PersonInfo(r["psn_no"], r["insuplc_admdvs"], r["insutype"]) for r in sorted(prows, key=lambda r: r[0])]
+    persons = [PersonInfo(r["psn_no"], r["insuplc_admdvs"], r["insutype"], tuple(r["chronic"]))
+               for r in sorted(prows, key=lambda r: r[0])]
     filings: dict[str, list[Filing]] = defaultdict(list)
     for r in frows:
         filings[r["psn_no"]].append(Filing(
@@ -367,6 +423,7 @@ class Stats:
     # done | refused (the expected FILING_REQUIRED) | failed (an unexpected error) | cut (the run was over)
     stay_outcomes: Counter[str] = field(default_factory=Counter)
     settled_by_scope: Counter[str] = field(default_factory=Counter)
+    settled_by_kind: Counter[str] = field(default_factory=Counter)
     started_by_scope: Counter[str] = field(default_factory=Counter)
     settle_ids: dict[str, int] = field(default_factory=dict)  # setl_id → fund_pay_sumamt fen
     reverse_ids: dict[str, int] = field(default_factory=dict)
@@ -464,13 +521,12 @@ async def drive_stay(
 ) -> str:
     """One stay, step by step; returns and counts its outcome: done | refused (the expected refusal) |
     failed (an unexpected error answer) | cut (go_on() turned false before a step)."""
-    stay = scn.stay()
     stats.stays_started += 1
     stats.started_by_scope[scn.scope] += 1
     stats.in_flight += 1
     outcome = "failed"
     try:
-        outcome = await _stay_steps(caller, stay, scn, stats, go_on, resends, outage_s)
+        outcome = await _visit_steps(caller, scn, stats, go_on, resends, outage_s)
     except asyncio.CancelledError:
         outcome = "cut"
         raise
@@ -480,20 +536,41 @@ async def drive_stay(
     return outcome
 
 
-async def _stay_steps(
-    caller: Caller, stay: Stay, scn: Scenario, stats: Stats, go_on: Callable[[], bool], resends: int,
-    outage_s: float,
-) -> str:
-    steps: list[Callable[[], dict[str, Any]]] = [lambda: stay.admit(emergency=scn.filing == "emergency")]
-    first = 1
-    for lines in scn.uploads:
-        steps.append(partial(stay.upload, lines, first_sn=first))
-        first += len(lines)
-    steps += [stay.discharge, lambda: stay.settle(pre=True), stay.settle]
+def _steps(scn: Scenario) -> tuple[Stay | Purchase | OutpatientVisit, list[Callable[[], dict[str, Any]]]]:
+    """The visit object and its requests in order, each built just before it is sent."""
+    steps: list[Callable[[], dict[str, Any]]]
+    settle: Callable[[], dict[str, Any]]
+    visit: Stay | Purchase | OutpatientVisit
+    if scn.kind == "inpatient":
+        stay = scn.stay()
+        steps = [lambda: stay.admit(emergency=scn.filing == "emergency")]
+        first = 1
+        for lines in scn.uploads:
+            steps.append(partial(stay.upload, lines, first_sn=first))
+            first += len(lines)
+        steps += [stay.discharge, lambda: stay.settle(pre=True), stay.settle]
+        settle, visit = stay.settle, stay
+    elif scn.kind == "pharmacy":
+        purchase = scn.purchase()
+        steps = [lambda: purchase.settle(pre=True), purchase.settle]
+        settle, visit = purchase.settle, purchase
+    else:
+        out = scn.outpatient()
+        steps = [out.register, *([out.declare] if scn.kind == "chronic" else []),
+                 partial(out.upload, [line for lines in scn.uploads for line in lines]),
+                 lambda: out.settle(pre=True), out.settle]
+        settle, visit = out.settle, out
     if scn.reverse:
-        steps.append(stay.reverse)
+        steps.append(visit.reverse)
         if scn.resettle:
-            steps.append(stay.settle)
+            steps.append(settle)
+    return visit, steps
+
+
+async def _visit_steps(
+    caller: Caller, scn: Scenario, stats: Stats, go_on: Callable[[], bool], resends: int, outage_s: float,
+) -> str:
+    visit, steps = _steps(scn)
     for build in steps:
         if not go_on():
             return "cut"
@@ -501,24 +578,26 @@ async def _stay_steps(
         infno = envelope["infno"]
         started = time.perf_counter()
         code, r = await _send(caller, envelope, stats, resends, outage_s)
-        expected = infno == "2303" and code == scn.expect_refusal
+        expected = infno in PRE_INFNOS and code == scn.expect_refusal
         stats.record(infno, time.perf_counter() - started, code, expected=expected)
         if code != "ok":
             return "refused" if expected else "failed"
-        if infno == "2401":
-            stay.mdtrt_id = r["output"]["result"]["mdtrt_id"]
-            if scn.on_admitted is not None:
-                scn.on_admitted()
-        elif infno == "2304":
+        if isinstance(visit, Stay | OutpatientVisit) and infno in ("2401", "2201"):
+            visit.mdtrt_id = r["output"]["result" if infno == "2401" else "data"]["mdtrt_id"]
+        if scn.on_admitted is not None and infno in ("2401", "2201", "2101"):
+            scn.on_admitted()
+            scn.on_admitted = None
+        if infno in SETTLE_INFNOS:
             info = r["output"]["setlinfo"]
-            if stay.setl_id:
+            if visit.setl_id:
                 stats.resettled += 1
-            stay.setl_id = info["setl_id"]
-            stats.settle_ids[stay.setl_id] = to_fen(info["fund_pay_sumamt"])
+            visit.setl_id = info["setl_id"]
+            stats.settle_ids[visit.setl_id] = to_fen(info["fund_pay_sumamt"])
             stats.settle_medfee_fen += to_fen(info["medfee_sumamt"])
             stats.settled_by_scope[scn.scope] += 1
+            stats.settled_by_kind[scn.kind] += 1
             stats.settled_at.append(time.monotonic())
-        elif infno == "2305":
+        elif infno in REVERSE_INFNOS:
             info = r["output"]["setlinfo"]
             stats.reverse_ids[info["setl_id"]] = to_fen(info["fund_pay_sumamt"])
     return "done"
