@@ -72,8 +72,10 @@ class HttpCaller:
         self.client = GatewayClient(url, session)
         self.url = url
         self.timeout_s = timeout_s
+        self.sent: set[str] = set()  # every msgid sent, answered or not: the ledger cross-check's key
 
     async def call(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        self.sent.add(envelope["msgid"])
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await self.client.call(envelope)
@@ -105,15 +107,23 @@ def progress_line(stats: Stats, elapsed: float) -> str:
     )
 
 
-async def ledger_rows(s: Settings, since: datetime, until: datetime, psn_nos: list[str]) -> list[asyncpg.Record]:
+async def ledger_rows(
+    s: Settings, msgids: list[str], since: datetime, until: datetime, psn_nos: list[str]
+) -> tuple[list[asyncpg.Record], int]:
+    """The ledger rows created by the requests this demo sent (settlement.msgid is the request's
+    msgid), and how many other rows other clients committed for this dataset's persons meanwhile."""
     conn = await asyncpg.connect(s.pg_dsn, timeout=5)
     try:
-        return await conn.fetch(
-            "SELECT s.setl_id, s.kind, s.fund_pay_sumamt FROM settlement s"
-            " JOIN processed_request p ON p.msgid = s.msgid"
-            " WHERE p.processed_at >= $1 AND p.processed_at <= $2 AND s.psn_no = ANY($3)",
-            since, until, psn_nos,
+        ours = await conn.fetch(
+            "SELECT setl_id, kind, fund_pay_sumamt FROM settlement WHERE msgid = ANY($1)", msgids
         )
+        others: int = await conn.fetchval(
+            "SELECT count(*) FROM settlement s JOIN processed_request p ON p.msgid = s.msgid"
+            " WHERE p.processed_at >= $1 AND p.processed_at <= $2 AND s.psn_no = ANY($3)"
+            " AND NOT s.msgid = ANY($4)",
+            since, until, psn_nos, msgids,
+        )
+        return list(ours), others
     finally:
         await conn.close()
 
@@ -239,12 +249,15 @@ async def run(args: argparse.Namespace) -> int:
     run_s = min(stats.run_s, args.seconds) if stats.run_s else 0.0
     for line in summary(stats, max(run_s, 1e-9), stats.drain_s, args):
         print(line)
-    rows = await ledger_rows(s, since, until, [p.psn_no for p in pop.persons])
+    rows, others = await ledger_rows(s, sorted(caller.sent), since, until, [p.psn_no for p in pop.persons])
     ok, lines = cross_check(stats, rows)
-    print("cross-check with the PostgreSQL ledger (settlement rows committed during the run for this "
-          "dataset's persons):")
+    print(f"cross-check with the PostgreSQL ledger (settlement rows written by the {len(caller.sent)} requests "
+          "this demo sent, answered or not):")
     for line in lines:
         print(line)
+    if others:
+        print(f"  ({others} other settlement rows were committed for these persons during the run by other "
+              "clients: not compared)")
     print(f"  → {'the ledger agrees with what the hospitals were told' if ok else 'MISMATCH (see above)'}")
     for line in how_to_look(s):
         print(line)

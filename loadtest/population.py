@@ -28,6 +28,7 @@ the envelopes themselves.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import random
@@ -47,6 +48,7 @@ from loadtest.his import FeeLine, Hospital, OutpatientVisit, Purchase, Stay
 from schemas.refdata import CATALOG_FILE, FILINGS_FILE, HOSPITALS_FILE, PERSONS_FILE, RefDataSet
 from services.common.config import Settings
 from services.common.response import SHANGHAI
+from services.refdata import generate as generate_module
 from services.refdata.generate import generate, write_jsonl
 from services.refdata.load import load_dataset, read_dir
 from services.refdata.regions import SEED_REGIONS, Scope, classify_scope, region_of
@@ -97,7 +99,10 @@ def refdata_dir(s: Settings) -> Path:
 
 def generate_if_needed(out_dir: Path, seed: int, persons_per_region: int) -> bool:
     """Generate the four files unless `out_dir` already holds them for this seed and size."""
-    wanted = {"seed": seed, "persons_per_region": persons_per_region}
+    # The generator's own source is part of the stamp: a changed generator regenerates the files.
+    source = Path(generate_module.__file__ or "").read_bytes()
+    wanted = {"seed": seed, "persons_per_region": persons_per_region,
+              "generator": hashlib.sha256(source).hexdigest()[:16]}
     stamp = out_dir / STAMP_FILE
     try:
         if json.loads(stamp.read_text()) == wanted and all(

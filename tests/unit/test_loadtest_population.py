@@ -9,6 +9,7 @@ from decimal import Decimal
 from loadtest.bench import Hist, _psn_no
 from loadtest.his import FeeLine, Hospital, Stay
 from loadtest.population import (
+    INPATIENT_ONLY,
     CatalogInfo,
     HospitalInfo,
     PersonInfo,
@@ -60,7 +61,7 @@ def test_scenarios_have_consistent_scope_and_a_seed_side() -> None:
     rng = random.Random(1)
     seen = set()
     for _ in range(300):
-        scn = pop.scenario(rng, now=NOW)
+        scn = pop.scenario(rng, now=NOW, kinds=INPATIENT_ONLY)
         assert scn is not None
         pop.release(scn)
         assert scn.scope == classify_scope(scn.person.insuplc, scn.hospital.admdvs)
@@ -83,7 +84,7 @@ def test_busy_persons_are_not_picked_twice() -> None:
     pop = _population()
     rng = random.Random(2)
     taken: list[Scenario] = []
-    while (scn := pop.scenario(rng, now=NOW)) is not None:
+    while (scn := pop.scenario(rng, now=NOW, kinds=INPATIENT_ONLY)) is not None:
         assert scn.person.psn_no not in {s.person.psn_no for s in taken}
         taken.append(scn)
         if len(taken) > 50:
@@ -100,7 +101,7 @@ def test_filed_persons_need_no_promise_and_promises_are_remembered() -> None:
     pop = _population({filed.psn_no: [filing]})
     rng = random.Random(3)
     for _ in range(400):
-        scn = pop.scenario(rng, now=NOW)
+        scn = pop.scenario(rng, now=NOW, kinds=INPATIENT_ONLY)
         assert scn is not None
         pop.release(scn)
         if scn.person.psn_no == filed.psn_no and scn.hospital.prov == "110000":
@@ -112,6 +113,34 @@ def test_filed_persons_need_no_promise_and_promises_are_remembered() -> None:
             assert pop.filing_status(scn.person, scn.hospital.prov, NOW.date())
         else:
             assert scn.on_admitted is None
+
+
+def test_a_day_mixes_visit_types() -> None:
+    pop = _population()
+    pop.pharmacies = [_hospital("P15040000001", "150400")]
+    pop.pharmacy_pairs = pop._pairs(pop.pharmacies)
+    pop.groups["150400"][0] = PersonInfo("P15040000000001", "150400", "390", ("DM",))
+    rng = random.Random(5)
+    kinds = []
+    for _ in range(400):
+        scn = pop.scenario(rng, now=NOW)
+        assert scn is not None
+        pop.release(scn)
+        kinds.append(scn.kind)
+        lines = [line for upload in scn.uploads for line in upload]
+        if scn.kind == "pharmacy":
+            assert scn.hospital.his.fixmedins_code.startswith("P") and 1 <= len(lines) <= 4
+            assert not scn.resettle
+        else:
+            assert scn.hospital.his.fixmedins_code.startswith("H")
+        if scn.kind == "chronic":
+            assert scn.chronic_disease in scn.person.chronic
+        if scn.kind in ("outpatient", "chronic"):
+            assert 1 <= len(lines) <= 5 and NOW - timedelta(hours=2) < scn.start <= NOW
+        assert scn.filing != "emergency" or scn.kind == "inpatient"
+    counts = {k: kinds.count(k) for k in set(kinds)}
+    assert set(counts) == {"outpatient", "chronic", "inpatient", "pharmacy"}
+    assert counts["outpatient"] > counts["inpatient"]  # most visits are outpatient
 
 
 def test_fee_lines_are_exact_two_decimal_amounts() -> None:
