@@ -1,148 +1,31 @@
-"""Router: a faust-streaming agent over `fsi.ingress`.
+"""Router shell on faust-streaming: an agent over `fsi.ingress` around `RouterCore`.
 
-For each request: decode (records may come straight from a HIS, not only from
-the gateway), route with `services.router.logic`, then either forward to
-`fsi.routed` (key psn_no), answer directly (1101), or reject (reply with the
-error + dead letter). At-least-once: faust flushes the producer before it
-commits offsets, and everything downstream is idempotent by msgid.
-
-Reference data is held in memory and reloaded when the loader NOTIFYs
-`refdata_changed`; filings created on the spot (promise / emergency) are written
-to PostgreSQL first, so they survive a restart.
+At-least-once: faust flushes the producer before it commits offsets, and everything
+downstream is idempotent by msgid. The default shell is the plain aiokafka consumer
+(`consumer.py`), which the benchmark measured cheaper per record; select this one with
+XS_ROUTER_SHELL=faust (README, Benchmark).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import time
-from dataclasses import replace
 from typing import Any
 
-import asyncpg
 import faust
-import msgspec
 
-from schemas.codec import decode_request
-from schemas.errors import BrokerError
-from schemas.internal import DeadLetter
-from schemas.wire import parse_wire_time
 from services.common.config import Settings
 from services.common.faust_sensor import KafkaMetricsSensor
-from services.common.metrics import DEAD_LETTERS, REQUESTS, STAGE_SECONDS, record_settlement_request, serve_metrics
-from services.common.response import received_from_ns, response_bytes
-from services.refdata.regions import UnknownRegion, classify_scope
-from services.refdata.store import Filing, RefData, fetch_refdata
-from services.router.logic import (
-    Answer,
-    ForwardClearing,
-    IngressMeta,
-    LedgerFacts,
-    NewFiling,
-    PersonQuery,
-    RefdataChange,
-    person_info,
-    route,
-)
-from topics.catalog import CLEARING, DEADLETTER, INGRESS, PARTITIONS, REPLIES, ROUTED
+from services.common.metrics import serve_metrics
+from services.router.core import RouterCore
+from topics.catalog import INGRESS, PARTITIONS
 
 log = logging.getLogger("router")
-REFDATA_CHANNEL = "refdata_changed"
-_encoder = msgspec.json.Encoder(decimal_format="number")
-
-
-class RouterState:
-    def __init__(self, s: Settings) -> None:
-        self.s = s
-        self.ref: RefData | None = None
-        self.ready = asyncio.Event()
-        self.pool: asyncpg.Pool | None = None
-        self._listener: asyncpg.Connection | None = None
-
-    async def start(self) -> None:
-        self.pool = await asyncpg.create_pool(self.s.pg_dsn, min_size=1, max_size=4)
-        await self.reload()
-        self._listener = await asyncpg.connect(self.s.pg_dsn)
-        await self._listener.add_listener(REFDATA_CHANNEL, self._on_notify)
-        self.ready.set()
-
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        # "person:<psn_no>": one person's filings or eligibility changed (any router may have done it);
-        # otherwise a reference-data load changed anything: reload everything.
-        if payload.startswith("person:"):
-            asyncio.get_running_loop().create_task(self.reload_person(payload.removeprefix("person:")))
-        else:
-            asyncio.get_running_loop().create_task(self.reload())
-
-    async def reload(self) -> None:
-        assert self.pool is not None
-        async with self.pool.acquire() as conn:
-            self.ref = await fetch_refdata(conn)
-        log.info(
-            "reference data loaded: %d hospitals, %d persons", len(self.ref.hospitals), len(self.ref.persons)
-        )
-
-    async def reload_person(self, psn_no: str) -> None:
-        assert self.pool is not None and self.ref is not None
-        async with self.pool.acquire() as conn:
-            row = await conn.fetchrow("SELECT chronic FROM person WHERE psn_no = $1", psn_no)
-            filings = await conn.fetch(
-                "SELECT filing_id, filing_type, begndate, enddate, target_admdvs, source, revoked FROM filing"
-                " WHERE psn_no = $1 ORDER BY filing_id", psn_no)
-        person = self.ref.persons.get(psn_no)
-        if row is not None and person is not None:
-            self.ref.persons[psn_no] = replace(person, chronic=frozenset(row["chronic"]))
-        self.ref.filings[psn_no] = [Filing(**dict(f)) for f in filings]
-
-    async def save_filing(self, new: NewFiling) -> None:
-        """Durable before the request that relies on it moves on; idempotent by filing_id."""
-        await self.apply_change(RefdataChange(new.psn_no, {}, new_filing=new.filing))
-
-    async def apply_change(self, change: RefdataChange) -> None:
-        """Write a filing / eligibility change, tell every router, then update this one's snapshot."""
-        assert self.pool is not None and self.ref is not None
-        psn_no = change.psn_no
-        async with self.pool.acquire() as conn, conn.transaction():
-            if (f := change.new_filing) is not None:
-                await conn.execute(
-                    "INSERT INTO filing (filing_id, psn_no, filing_type, begndate, enddate, target_admdvs, source)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (filing_id) DO NOTHING",
-                    f.filing_id, psn_no, f.filing_type, f.begndate, f.enddate, f.target_admdvs, f.source,
-                )
-            if change.revoke_filing_id is not None:
-                await conn.execute("UPDATE filing SET revoked = true WHERE filing_id = $1 AND psn_no = $2",
-                                   change.revoke_filing_id, psn_no)
-            if change.chronic is not None:
-                await conn.execute("UPDATE person SET chronic = $2 WHERE psn_no = $1", psn_no, sorted(change.chronic))
-            await conn.execute("SELECT pg_notify($1, $2)", REFDATA_CHANNEL, f"person:{psn_no}")
-        await self.reload_person(psn_no)
-
-    async def ledger_facts(self, psn_no: str, year: int) -> LedgerFacts:
-        """For 1101: the account balance now and this year's accumulators, read from the ledger."""
-        assert self.pool is not None
-        async with self.pool.acquire() as conn:
-            balance = await conn.fetchval("SELECT balc_fen FROM account WHERE psn_no = $1", psn_no)
-            acc = await conn.fetchrow("SELECT * FROM accumulator WHERE psn_no = $1 AND acc_year = $2", psn_no, year)
-        facts: dict[str, Any] = {}
-        if acc is not None:
-            facts = {k: v for k, v in dict(acc).items() if k not in ("psn_no", "acc_year")}
-            facts["chronic_paid"] = json.loads(facts["chronic_paid"])
-        return LedgerFacts(balance_fen=balance, year=year, accumulators=facts)
 
 
 def _headers(event: Any) -> dict[str, bytes]:
     raw = event.message.headers or {}
     items = raw.items() if isinstance(raw, dict) else raw
     return {k: bytes(v) for k, v in items}
-
-
-def _scope_of(req: Any) -> str:
-    """The scope a rejected request would have had (metrics label only)."""
-    try:
-        return classify_scope(req.envelope.insuplc_admdvs, req.envelope.mdtrtarea_admvs)
-    except (AttributeError, UnknownRegion):
-        return "unknown"
 
 
 def create_app(s: Settings) -> faust.App:
@@ -164,93 +47,27 @@ def create_app(s: Settings) -> faust.App:
         topic_disable_leader=True,
     )
     app.sensors.add(KafkaMetricsSensor("xsettle-router"))
-    state = RouterState(s)
+    core = RouterCore(s)
     ingress = app.topic(INGRESS.name, key_type=bytes, value_type=bytes, key_serializer="raw",
                         value_serializer="raw")
-    routed = app.topic(ROUTED.name, key_serializer="raw", value_serializer="raw")
-    deadletter = app.topic(DEADLETTER.name, key_serializer="raw", value_serializer="raw")
-    clearing = app.topic(CLEARING.name, key_serializer="raw", value_serializer="raw")
+    topics: dict[str, faust.TopicT] = {}
 
-    reply_topics: dict[str, faust.TopicT] = {}
-
-    async def reply(meta: IngressMeta, msgid: str, body: bytes) -> None:
-        topic = reply_topics.get(meta.reply_topic)
-        if topic is None:
-            topic = reply_topics[meta.reply_topic] = app.topic(meta.reply_topic, key_serializer="raw",
-                                                               value_serializer="raw")
-        await topic.send(key=msgid.encode(), value=body, partition=meta.reply_partition)
-
-    async def handle(raw: bytes, headers: dict[str, bytes]) -> None:
-        started = time.perf_counter()
-        reply_partition = headers.get("reply_partition")
-        meta = IngressMeta(
-            reply_topic=(headers.get("reply_topic") or REPLIES.name.encode()).decode(),
-            reply_partition=int(reply_partition) if reply_partition else None,
-            received_ns=int(headers.get("received_ns") or time.time_ns()),
-        )
-        infno, msgid, admdvs = "unknown", None, ""
-        req = None
-        try:
-            req = decode_request(raw)
-            infno, msgid = req.envelope.infno, req.envelope.msgid
-            admdvs = req.envelope.insuplc_admdvs or req.envelope.mdtrtarea_admvs
-            if state.ref is None:
-                raise RuntimeError("reference data not loaded")  # the agent waits for `ready`: a bug
-            decision = route(req, state.ref, meta, s.fee_items_per_upload_max)
-            if isinstance(decision, PersonQuery):
-                year = parse_wire_time("inf_time", req.envelope.inf_time).year
-                facts = await state.ledger_facts(decision.psn_no, year)
-                output = person_info(decision.psn_no, state.ref, req.envelope.inf_time, facts)
-                await reply(meta, msgid, response_bytes(admdvs, received_from_ns(meta.received_ns), output=output))
-            elif isinstance(decision, RefdataChange):
-                await state.apply_change(decision)
-                await reply(meta, msgid,
-                            response_bytes(admdvs, received_from_ns(meta.received_ns), output=decision.output))
-            elif isinstance(decision, ForwardClearing):
-                await clearing.send(key=decision.fixmedins_code.encode(), value=raw, headers=[
-                    ("reply_topic", meta.reply_topic.encode()),
-                    ("reply_partition", str(meta.reply_partition).encode() if meta.reply_partition is not None
-                     else b""),
-                    ("received_ns", str(meta.received_ns).encode()),
-                ])
-            elif isinstance(decision, Answer):
-                await reply(meta, msgid,
-                            response_bytes(admdvs, received_from_ns(meta.received_ns), output=decision.output))
-            else:
-                if decision.new_filing is not None:
-                    await state.save_filing(decision.new_filing)
-                key = decision.request.person.psn_no.encode()
-                await routed.send(key=key, value=_encoder.encode(decision.request))
-            outcome = "ok"
-        except BrokerError as e:
-            outcome = e.code
-            DEAD_LETTERS.labels("router", e.code).inc()
-            record_settlement_request(infno, _scope_of(req), e.code)
-            letter = DeadLetter(stage="router", err_code=e.code, err_msg=e.err_msg, msgid=msgid, infno=infno,
-                                fixmedins_code=None, at_ns=time.time_ns(), original=raw)
-            await deadletter.send(key=(msgid or "").encode() or None, value=_encoder.encode(letter))
-            if msgid is not None:
-                await reply(meta, msgid, response_bytes(admdvs, received_from_ns(meta.received_ns), err_msg=e.err_msg))
-        REQUESTS.labels("router", infno, outcome).inc()
-        STAGE_SECONDS.labels("router").observe(time.perf_counter() - started)
+    def topic(name: str) -> faust.TopicT:
+        if name not in topics:
+            topics[name] = app.topic(name, key_serializer="raw", value_serializer="raw")
+        return topics[name]
 
     @app.agent(ingress)
     async def process(stream: faust.StreamT) -> None:
-        await state.ready.wait()
+        await core.state.ready.wait()
         async for event in stream.events():
-            try:
-                await handle(event.value, _headers(event))
-            except Exception:  # never stop the pipeline on one record
-                log.exception("unexpected error routing a record; sent to dead letters")
-                DEAD_LETTERS.labels("router", "INTERNAL").inc()
-                letter = DeadLetter(stage="router", err_code="INTERNAL", err_msg="INTERNAL: unexpected error",
-                                    msgid=None, infno=None, fixmedins_code=None, at_ns=time.time_ns(),
-                                    original=event.value)
-                await deadletter.send(key=None, value=_encoder.encode(letter))
+            for out in await core.handle(event.value, _headers(event)):
+                await topic(out.topic).send(key=out.key, value=out.value, partition=out.partition,
+                                            headers=out.headers)
 
     @app.task
     async def startup() -> None:
-        await state.start()
+        await core.state.start()
         serve_metrics(s.router_metrics_port, stage="router")
         log.info("router ready")
 
