@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.clearing import Input3201, Input3202, Input3203, Input3204, Input3260, Input3261, Input3262
+from schemas.clearing import CLEARING_BODY_TYPES
 from schemas.envelope import RequestEnvelope, ResponseEnvelope
 from schemas.errors import BrokerError
 from schemas.filing import Input2501, Input2502, Input2503, Input2504, Input5301
@@ -60,14 +60,7 @@ BODY_TYPES: dict[str, type] = {
     "2503": Input2503,
     "2504": Input2504,
     "5301": Input5301,
-    # Reconciliation and clearing (services/clearing).
-    "3201": Input3201,
-    "3202": Input3202,
-    "3203": Input3203,
-    "3204": Input3204,
-    "3260": Input3260,
-    "3261": Input3261,
-    "3262": Input3262,
+    **CLEARING_BODY_TYPES,  # reconciliation and clearing (services/clearing)
 }
 
 _envelope_decoder = msgspec.json.Decoder(RequestEnvelope)

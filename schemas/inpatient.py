@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from schemas.wire import Code, Flag, InsuType, MdtrtCertType, Text, WireTime, check_amounts, check_times
+from schemas.wire import Code, Flag, InsuType, MdtrtCertType, Text, WireTime, check_amounts, check_fee_item, check_times
 
 PsnNo = Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{1,30}$")]
 MdtrtId = Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{1,40}$")]
@@ -112,10 +112,7 @@ class FeeDetail(msgspec.Struct, kw_only=True):
     bilg_dr_codg: Code = "-"
 
     def __post_init__(self) -> None:
-        check_amounts(self, "det_item_fee_sumamt", "pric")
-        check_times(self, "fee_ocur_time")
-        if not self.cnt.is_finite() or self.cnt <= 0 or self.cnt > 1_000_000:
-            raise ValueError("cnt: must be a positive count")
+        check_fee_item(self)
 
 
 class Input2301(msgspec.Struct, kw_only=True, tag=True):

@@ -13,7 +13,7 @@ import msgspec
 from msgspec import Meta
 
 from schemas.inpatient import PsnNo
-from schemas.wire import Flag, InsuType, MdtrtCertType, WireTime, check_amounts, check_times
+from schemas.wire import Flag, InsuType, MdtrtCertType, WireTime, check_amounts, check_fee_item, check_times
 
 
 class DrugDetail(msgspec.Struct, kw_only=True):
@@ -26,10 +26,7 @@ class DrugDetail(msgspec.Struct, kw_only=True):
     pric: Decimal
 
     def __post_init__(self) -> None:
-        check_amounts(self, "det_item_fee_sumamt", "pric")
-        check_times(self, "fee_ocur_time")
-        if not self.cnt.is_finite() or self.cnt <= 0 or self.cnt > 1_000_000:
-            raise ValueError("cnt: must be a positive count")
+        check_fee_item(self)
 
 
 class PurchaseInfo(msgspec.Struct, kw_only=True):

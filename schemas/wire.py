@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
@@ -46,3 +46,12 @@ def check_times(obj: object, *fields: str) -> None:
         value = getattr(obj, name)
         if value is not None:
             parse_wire_time(name, value)
+
+
+def check_fee_item(item: Any) -> None:
+    """A fee or drug line: exact amounts, a valid time, a positive finite count."""
+    check_amounts(item, "det_item_fee_sumamt", "pric")
+    check_times(item, "fee_ocur_time")
+    cnt = item.cnt
+    if not cnt.is_finite() or cnt <= 0 or cnt > 1_000_000:
+        raise ValueError("cnt: must be a positive count")

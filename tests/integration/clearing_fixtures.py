@@ -17,7 +17,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import msgspec
 
@@ -26,7 +25,7 @@ from services.clearing.logic import month_end, month_start
 from services.common.config import Settings
 from services.refdata.load import load_dir
 from services.refdata.regions import region_of
-from tests.integration.conftest import RUN_TOKEN
+from tests.integration.conftest import RUN_TOKEN, wait_router_knows
 
 D = Decimal
 YEAR = 3000 + int(RUN_TOKEN) % 5000
@@ -95,18 +94,7 @@ async def load_refdata(db: asyncpg.Pool, s: Settings, directory: Path) -> None:
     await load_dir(db, directory)
     # The router reloads on NOTIFY: wait until it knows the last person loaded.
     person = EXTRA_PERSONS[-1]
-    hospital = HOSPITALS["150400"]
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
-        client = GatewayClient(s.gateway_url, session, retry_for_s=RETRY_FOR_S)
-        while time.monotonic() < deadline:
-            env = hospital.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": person.psn_no}},
-                                    insuplc=person.insuplc)
-            r = await client.call(env)
-            if not r["err_msg"].startswith(("PERSON_UNKNOWN", "TIMEOUT")):
-                return
-            await asyncio.sleep(0.5)
-    raise AssertionError("router did not pick up the clearing test reference data within 30 s")
+    await wait_router_knows(s, HOSPITALS["150400"], person.psn_no, person.insuplc)
 
 
 @dataclass

@@ -152,14 +152,16 @@ async def refdata(db: asyncpg.Pool, services: Settings, tmp_path_factory: pytest
 
 
 async def _wait_router_knows(s: Settings, person: TestPerson) -> None:
+    await wait_router_knows(s, HOSPITALS["chifeng"], person.psn_no, person.insuplc)
+
+
+async def wait_router_knows(s: Settings, hospital: Hospital, psn_no: str, insuplc: str) -> None:
     """The router reloads on NOTIFY; wait until a request for a new person no longer says PERSON_UNKNOWN."""
-    hospital = HOSPITALS["chifeng"]
     deadline = time.monotonic() + 30
     async with aiohttp.ClientSession() as session:
         client = GatewayClient(s.gateway_url, session)
         while time.monotonic() < deadline:
-            env = hospital.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": person.psn_no}},
-                                    insuplc=person.insuplc)
+            env = hospital.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": psn_no}}, insuplc=insuplc)
             r = await client.call(env)
             if not r["err_msg"].startswith(("PERSON_UNKNOWN", "TIMEOUT")):
                 return
