@@ -56,7 +56,6 @@ class Settings:
     request_body_bytes_max: int
     fee_items_per_upload_max: int
     batch_size_max: int
-    batch_linger_ms: int
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -96,5 +95,4 @@ def load_settings() -> Settings:
         request_body_bytes_max=_int("XS_REQUEST_BODY_BYTES_MAX", 1_048_576, 1024, 16_777_216),
         fee_items_per_upload_max=_int("XS_FEE_ITEMS_PER_UPLOAD_MAX", 500, 1, 10_000),
         batch_size_max=_int("XS_BATCH_SIZE_MAX", 500, 1, 10_000),
-        batch_linger_ms=_int("XS_BATCH_LINGER_MS", 5, 0, 1000),
     )

@@ -23,7 +23,7 @@ from schemas.errors import BrokerError
 from schemas.internal import DeadLetter
 from schemas.person import Input9001
 from services.common.config import GATEWAY_PATH, Settings
-from services.common.kafka import make_producer
+from services.common.kafka import IDLE_FETCH_WAIT_MS, make_producer
 from services.common.metrics import DEAD_LETTERS, GATEWAY_SECONDS, REQUESTS, record_produce_error
 from services.common.response import SHANGHAI, response_bytes
 from topics.catalog import DEADLETTER, INGRESS, REPLIES
@@ -44,7 +44,7 @@ class Gateway:
             bootstrap_servers=s.kafka_bootstrap,
             enable_auto_commit=False,
             auto_offset_reset="latest",
-            fetch_max_wait_ms=5,
+            fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,
             isolation_level="read_committed",
         )
         self.pending: dict[str, list[asyncio.Future[bytes]]] = {}

@@ -25,7 +25,7 @@ from schemas.person import Input1101
 from schemas.pharmacy import Input2101, Input2102
 from schemas.wire import parse_wire_time
 from services.refdata.regions import UnknownRegion, classify_scope, region_of
-from services.refdata.store import Filing, RefData, filing_in_force
+from services.refdata.store import FILING_PREFERENCE, Filing, RefData, filing_in_force
 
 # How long a filing created on the spot stays valid (promise system / declared emergency).
 PROMISE_FILING_DAYS = 180
@@ -136,19 +136,21 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
     filing_type: str | None = None
     new_filing: NewFiling | None = None
     if scope != "local":
-        filings = ref.filings.get(psn_no, [])
+        found = filing_in_force(ref.filings.get(psn_no, []), on, treating.prov_admdvs)
         new_filing = _filing_on_the_spot(req, psn_no, treating.prov_admdvs, on)
         if new_filing is not None:
-            filings = [*filings, new_filing.filing]
-        found = filing_in_force(filings, on, treating.prov_admdvs)
+            if found is None or FILING_PREFERENCE.index(new_filing.filing.filing_type) < FILING_PREFERENCE.index(
+                found.filing_type
+            ):
+                found = new_filing.filing
+            else:
+                new_filing = None  # a filing in force already covers it as well or better: create nothing
         filing_type = found.filing_type if found else None
         if found is None and isinstance(req.body, SETTLEMENT_BODIES):
             raise BrokerError(
                 "FILING_REQUIRED",
                 "non-local care needs a cross-region filing in force for the treating province",
             )
-        if new_filing is not None and found is not new_filing.filing:
-            new_filing = None  # an existing filing already covers it: create nothing
 
     routed = RoutedRequest(
         msgid=env.msgid,

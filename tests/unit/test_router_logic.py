@@ -92,6 +92,22 @@ def test_promise_flag_files_temporary_on_the_spot_once() -> None:
     assert isinstance(covered, Routed) and covered.new_filing is None and covered.request.filing_type == "LONG_TERM"
 
 
+def test_promise_flag_on_every_message_of_a_stay_files_once() -> None:
+    """The router creates the TEMPORARY filing at the first flagged message; later ones find it in force."""
+    s = stay(promise_filing=True)
+    s.fees = [FeeLine("A1", Decimal(1), Decimal(10))]
+    first = decide(s.admit(), refdata())
+    assert isinstance(first, Routed) and first.new_filing is not None
+    after = refdata([first.new_filing.filing])
+    for env in (s.settle(pre=True), s.settle()):
+        again = decide(env, after)
+        assert isinstance(again, Routed) and again.new_filing is None and again.request.filing_type == "TEMPORARY"
+    # A declared emergency is better than a TEMPORARY filing in force (no ratio cut): it is still created.
+    emergency = decide(stay().admit(emergency=True), after)
+    assert isinstance(emergency, Routed) and emergency.new_filing is not None
+    assert emergency.request.filing_type == "EMERGENCY"
+
+
 def test_declared_emergency_counts_as_filed() -> None:
     env = stay().admit(emergency=True)
     decision = decide(env, refdata())
