@@ -50,6 +50,10 @@ _decoder = msgspec.json.Decoder(RoutedRequest)
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
 
+class PoisonedRequest(Exception):
+    """A request failed unexpectedly inside a batch; the batch's transaction is rolled back."""
+
+
 class Outbox:
     """What a committed batch must publish: (topic, partition, key, value)."""
 
@@ -67,6 +71,7 @@ class SettleEngine:
         self.consumer = make_group_consumer(s, GROUP_ID, ROUTED.name)
         self.producer = make_producer(s)
         self.pool: asyncpg.Pool | None = None
+        self._poisoned: set[str] = set()  # msgids to answer INTERNAL without applying (bounded by a batch)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.pool = await asyncpg.create_pool(self.s.pg_dsn, min_size=1, max_size=2)
@@ -85,21 +90,29 @@ class SettleEngine:
             await self.pool.close()
 
     async def _process_with_retry(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        for attempt, backoff in enumerate((*RETRY_BACKOFF_S, None)):
+        """Until the batch is committed: redo at once after a poisoned request (each redo answers one more
+        request INTERNAL, so this ends), back off after an infrastructure error, give up (raise) after the
+        last backoff — the consumer then stops and the records are delivered again after a restart."""
+        failures = 0
+        while True:
             try:
                 outbox = await self.process(batches)
                 await self._publish(outbox)
+            except PoisonedRequest:
+                continue
             except (asyncpg.PostgresError, OSError, TimeoutError, KafkaError) as e:
-                if backoff is None:
+                if failures == len(RETRY_BACKOFF_S):
                     raise
-                log.warning("batch failed (attempt %d: %s); retrying", attempt + 1, type(e).__name__)
-                await asyncio.sleep(backoff)
+                log.warning("batch failed (attempt %d: %s); retrying", failures + 1, type(e).__name__)
+                await asyncio.sleep(RETRY_BACKOFF_S[failures])
+                failures += 1
                 continue
             try:
                 await self.consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batches.items()})
             except (CommitFailedError, KafkaError) as e:
                 # Partitions moved: the new owner replays these records and finds them processed.
                 log.warning("offset commit failed (%s); the new owner will replay", type(e).__name__)
+            self._poisoned.clear()
             return
 
     async def process(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> Outbox:
@@ -149,6 +162,11 @@ class SettleEngine:
     def _apply(self, msg: RoutedRequest, st: BatchState, outbox: Outbox) -> tuple[bytes, Settlement | None, str]:
         received = received_from_ns(msg.received_ns)
         admdvs = msg.person.insured_admdvs
+        if msg.msgid in self._poisoned:
+            # It failed unexpectedly in an earlier attempt of this batch: answer INTERNAL, keep it for analysis.
+            err = "INTERNAL: unexpected error; the request was not applied"
+            self._dead_letter(outbox, "INTERNAL", err, msg, _encoder.encode(msg))
+            return response_bytes(admdvs, received, err_msg=err), None, "INTERNAL"
         try:
             effect = handle(msg, st, self.policies)
             if effect.settlement is not None:
@@ -157,12 +175,13 @@ class SettleEngine:
         except BrokerError as e:
             self._dead_letter(outbox, e.code, e.err_msg, msg, _encoder.encode(msg))
             return response_bytes(admdvs, received, err_msg=e.err_msg), None, e.code
-        except Exception:
-            # A bug must not stop the partition: answer INTERNAL, keep the record for analysis.
-            log.exception("unexpected error settling infno %s", msg.infno)
-            err = "INTERNAL: unexpected error; resend with the same msgid"
-            self._dead_letter(outbox, "INTERNAL", err, msg, _encoder.encode(msg))
-            return response_bytes(admdvs, received, err_msg=err), None, "INTERNAL"
+        except Exception as e:
+            # A bug may have left this request half-applied in the batch state: the whole batch is rolled
+            # back and done again with this request answered INTERNAL — nothing wrong is written, and the
+            # partition does not stop.
+            log.exception("unexpected error settling infno %s; the batch is redone without it", msg.infno)
+            self._poisoned.add(msg.msgid)
+            raise PoisonedRequest(msg.msgid) from e
 
     def _dead_letter(self, outbox: Outbox, code: str, err_msg: str, msg: RoutedRequest | None, raw: bytes) -> None:
         DEAD_LETTERS.labels("settle", code).inc()

@@ -283,18 +283,22 @@ def _upload_fees(msg: RoutedRequest, items: Sequence[FeeDetail], st: BatchState,
     visit = _visit(msg, st, items[0].mdtrt_id, kind)
     _not_settled(visit, "upload fees")
     existing = st.fees.setdefault(visit.mdtrt_id, {})
+    # Check every item before changing anything: a refused upload leaves no item behind.
+    fees = [_fee(visit.mdtrt_id, item, cat, msg.msgid) for item, cat in zip(items, msg.catalog, strict=True)]
+    if len({f.feedetl_sn for f in fees}) != len(fees):
+        raise BrokerError("FEE_ITEM_DUPLICATE", "feedetl_sn repeats within the upload")
+    for fee in fees:
+        before = existing.get(fee.feedetl_sn)
+        if before is not None and not before.cancelled and _fee_content(before) != _fee_content(fee):
+            raise BrokerError("FEE_ITEM_DUPLICATE", "feedetl_sn already uploaded with other content")
     results = []
-    for item, cat in zip(items, msg.catalog, strict=True):
-        fee = _fee(visit.mdtrt_id, item, cat, msg.msgid)
-        before = existing.get(item.feedetl_sn)
-        if before is not None and not before.cancelled:
-            if _fee_content(before) != _fee_content(fee):
-                raise BrokerError("FEE_ITEM_DUPLICATE", "feedetl_sn already uploaded with other content")
-        else:  # new, or a re-upload replacing a cancelled item
-            key = (visit.mdtrt_id, item.feedetl_sn)
+    for item, cat, fee in zip(items, msg.catalog, fees, strict=True):
+        before = existing.get(fee.feedetl_sn)
+        if before is None or before.cancelled:  # new, or a re-upload replacing a cancelled item
+            key = (visit.mdtrt_id, fee.feedetl_sn)
             st.cancelled_fees = [k for k in st.cancelled_fees if k != key]
             st.new_fees.append(key)
-            existing[item.feedetl_sn] = fee
+            existing[fee.feedetl_sn] = fee
         split = catalog_split([_fee_item(fee)])
         results.append(FeeResult(
             feedetl_sn=item.feedetl_sn, det_item_fee_sumamt=item.det_item_fee_sumamt, cnt=item.cnt,
@@ -419,18 +423,20 @@ def _pharmacy(msg: RoutedRequest, body: Input2101 | Input2102, st: BatchState, p
     if to_fen(d.medfee_sumamt) != sum(f.fee_fen for f in fees):
         raise BrokerError("MEDFEE_MISMATCH", "medfee_sumamt differs from the sum of the drug items")
     begntime = _time("begntime", d.begntime)
-    if effective:
-        visit = _new_visit(msg, st, med_type="41", ipt_otp_no=msg.msgid, begntime=begntime, dise_codg=None,
-                           state="settled")
+    draft = Visit(mdtrt_id=mdtrt_id if effective else "", psn_no=msg.person.psn_no,
+                  fixmedins_code=msg.fixmedins_code, med_type="41", insutype=msg.person.insutype, scope=msg.scope,
+                  insured_admdvs=msg.person.insured_admdvs, treating_admdvs=msg.hospital.admdvs,
+                  ipt_otp_no=msg.msgid, begntime=begntime, endtime=None, dise_codg=None, state="settled",
+                  created_msgid=msg.msgid)
+    use_account = d.acct_used_flag == "1"
+    row = _compute(msg, draft, st, policies, fees, use_account, effective=False)  # refusals happen here
+    if effective:  # nothing was changed before this point: a refused purchase leaves no trace
+        _new_visit(msg, st, med_type="41", ipt_otp_no=msg.msgid, begntime=begntime, dise_codg=None,
+                   state="settled")
         for f in fees:
             st.fees[mdtrt_id][f.feedetl_sn] = f
             st.new_fees.append((mdtrt_id, f.feedetl_sn))
-    else:
-        visit = Visit(mdtrt_id="", psn_no=msg.person.psn_no, fixmedins_code=msg.fixmedins_code, med_type="41",
-                      insutype=msg.person.insutype, scope=msg.scope, insured_admdvs=msg.person.insured_admdvs,
-                      treating_admdvs=msg.hospital.admdvs, ipt_otp_no="", begntime=begntime, endtime=None,
-                      dise_codg=None, state="registered", created_msgid=msg.msgid)
-    row = _compute(msg, visit, st, policies, fees, d.acct_used_flag == "1", effective)
+        row = _compute(msg, st.visits[mdtrt_id], st, policies, fees, use_account, effective=True)
     return Effect(settlement_output(row), row if effective else None)
 
 

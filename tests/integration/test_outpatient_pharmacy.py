@@ -272,3 +272,18 @@ async def test_fee_and_visit_cancellations(refdata: dict, gateway: GatewayClient
     assert row["state"] == "cancelled"
     assert await db.fetchval("SELECT count(*) FROM fee_item WHERE mdtrt_id = $1 AND NOT cancelled",
                              stay.mdtrt_id) == 0
+
+
+async def test_refused_fee_upload_changes_nothing(refdata: dict, gateway: GatewayClient, db: asyncpg.Pool) -> None:
+    p = person("op_employee")
+    visit = outpatient("op_employee", at=DAY + timedelta(days=12))
+    visit.mdtrt_id = ok(await gateway.call(visit.register()))["output"]["data"]["mdtrt_id"]
+    ok(await gateway.call(visit.upload([FeeLine(ITEM_A, D(1), D("10.00"))])))  # feedetl_sn 000001
+    # 000001 again with other content, after a new 000002: the whole upload is refused, 000002 included.
+    env = visit.upload([FeeLine(ITEM_A, D(1), D("11.00")), FeeLine(ITEM_A, D(1), D("5.00"))])
+    env["input"]["feedetail"][1]["feedetl_sn"] = "000002"
+    env["input"]["feedetail"][0]["feedetl_sn"] = "000001"
+    refused(await gateway.call(env), "FEE_ITEM_DUPLICATE")
+    sns = await db.fetch("SELECT feedetl_sn, fee_fen FROM fee_item WHERE mdtrt_id = $1", visit.mdtrt_id)
+    assert [(r["feedetl_sn"], r["fee_fen"]) for r in sns] == [("000001", 1000)]
+    assert p.psn_no == visit.psn_no
