@@ -39,13 +39,13 @@ STMT_DAYS_MAX: Final = 31
 DETAIL_ROWS_MAX: Final = 10_000
 CLEARING_PAGE_ROWS: Final = 100
 
-DateStr = Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}$")]
-YearStr = Annotated[str, Meta(pattern=r"^\d{4}$")]
+DateStr = Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
+YearStr = Annotated[str, Meta(pattern=r"^[0-9]{4}$")]
 MonthNum = Annotated[str, Meta(pattern=r"^(0?[1-9]|1[0-2])$")]  # "01" or "1"
 SetlId = Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{1,40}$")]
 Count = Annotated[int, Meta(ge=0, le=1_000_000_000)]
-InsuTypeCode = Annotated[str, Meta(pattern=r"^\d{3}$")]
-ClrType = Annotated[str, Meta(pattern=r"^\d{2,6}$")]
+InsuTypeCode = Annotated[str, Meta(pattern=r"^[0-9]{3}$")]
+ClrType = Annotated[str, Meta(pattern=r"^[0-9]{2,6}$")]
 MedType = Literal["11", "14", "21", "41"]
 
 FUNDS: Final = ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")
@@ -146,7 +146,7 @@ class StmtDetailHead(msgspec.Struct, kw_only=True):
     fund_pay_sumamt: Decimal
     cash_payamt: Decimal
     fixmedins_setl_cnt: Count
-    clr_type: Annotated[str, Meta(pattern=r"^(\d{2,6})?$")] = ""  # empty: every clr_type
+    clr_type: Annotated[str, Meta(pattern=r"^([0-9]{2,6})?$")] = ""  # empty: every clr_type
     refd_setl_flag: Flag = "1"
     file_qury_no: Annotated[str, Meta(max_length=64)] = ""  # the national file upload; unused here
 
@@ -211,7 +211,7 @@ class Output3202(msgspec.Struct, kw_only=True):
 class ClearingAppl(msgspec.Struct, kw_only=True):
     clr_type: ClrType
     clr_way: Annotated[str, Meta(max_length=30)] = "1"
-    setlym: Annotated[str, Meta(pattern=r"^\d{4}(0[1-9]|1[0-2])$")]
+    setlym: Annotated[str, Meta(pattern=r"^[0-9]{4}(0[1-9]|1[0-2])$")]
     psntime: Count
     medfee_sumamt: Decimal
     med_sumfee: Decimal
@@ -241,7 +241,7 @@ class Output3203(msgspec.Struct, kw_only=True):
 
 class ClearingApplRef(msgspec.Struct, kw_only=True):
     clr_appy_evt_id: Code
-    clr_optins: Annotated[str, Meta(pattern=r"^(\d{6})?$")] = ""
+    clr_optins: Annotated[str, Meta(pattern=r"^([0-9]{6})?$")] = ""
 
 
 class Input3204(msgspec.Struct, kw_only=True, tag=True):

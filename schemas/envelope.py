@@ -14,14 +14,14 @@ from msgspec import Meta
 from schemas.wire import Admdvs, Code, Text, WireTime, check_times
 
 MsgId = Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{30}$")]
-InfNo = Annotated[str, Meta(pattern=r"^\d{4}$")]
+InfNo = Annotated[str, Meta(pattern=r"^[0-9]{4}$")]
 
 
 class RequestEnvelope(msgspec.Struct, kw_only=True):
     infno: InfNo
     msgid: MsgId
     mdtrtarea_admvs: Admdvs
-    insuplc_admdvs: Annotated[str, Meta(pattern=r"^(\d{6})?$")] = ""
+    insuplc_admdvs: Annotated[str, Meta(pattern=r"^([0-9]{6})?$")] = ""
     recer_sys_code: Code
     dev_no: Annotated[str, Meta(max_length=100)] = ""
     dev_safe_info: Annotated[str, Meta(max_length=500)] = ""

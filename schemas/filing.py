@@ -28,7 +28,7 @@ class FilingRequest(msgspec.Struct, kw_only=True):
     filing_type: FilingType
     begndate: date
     enddate: date
-    target_admdvs: Annotated[str, Meta(pattern=r"^\d{2}0000$")] | None = None  # a province, or anywhere
+    target_admdvs: Annotated[str, Meta(pattern=r"^[0-9]{2}0000$")] | None = None  # a province, or anywhere
     promise_flag: Flag = "0"
 
     def __post_init__(self) -> None:

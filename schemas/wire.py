@@ -10,8 +10,8 @@ from msgspec import Meta
 
 from schemas.money import AmountError, check_yuan
 
-Admdvs = Annotated[str, Meta(pattern=r"^\d{6}$")]
-WireTime = Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")]
+Admdvs = Annotated[str, Meta(pattern=r"^[0-9]{6}$")]
+WireTime = Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$")]
 Code = Annotated[str, Meta(min_length=1, max_length=64)]
 Text = Annotated[str, Meta(max_length=500)]
 InsuType = Literal["310", "390"]
@@ -23,8 +23,15 @@ WIRE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 def parse_wire_time(field: str, value: str) -> datetime:
+    """`yyyy-MM-dd HH:mm:ss` → datetime. Slicing instead of strptime (a fifth of the engine's CPU went to
+    strptime); anything not in that exact shape, or not a real date, is refused naming the field."""
     try:
-        return datetime.strptime(value, WIRE_TIME_FORMAT)
+        if len(value) != 19 or not value.isascii() or (value[4], value[7], value[10], value[13], value[16]) != (
+            "-", "-", " ", ":", ":"
+        ):
+            raise ValueError
+        return datetime(int(value[0:4]), int(value[5:7]), int(value[8:10]), int(value[11:13]), int(value[14:16]),
+                        int(value[17:19]))
     except ValueError:
         raise ValueError(f"{field}: not a valid date-time yyyy-MM-dd HH:mm:ss") from None
 

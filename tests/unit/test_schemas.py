@@ -63,3 +63,21 @@ def test_body_errors_name_the_field(body: dict, fragment: str) -> None:
     with pytest.raises(BrokerError) as e:
         decode_request(_env(body))
     assert e.value.code == "BODY_MALFORMED" and fragment in e.value.err_msg
+
+
+@pytest.mark.parametrize("value", ["2026-11-23 10:00:00", "2024-02-29 23:59:59", "2026-01-01 00:00:00"])
+def test_wire_time_parses_like_strptime(value: str) -> None:
+    from datetime import datetime
+
+    from schemas.wire import WIRE_TIME_FORMAT, parse_wire_time
+
+    assert parse_wire_time("t", value) == datetime.strptime(value, WIRE_TIME_FORMAT)
+
+
+@pytest.mark.parametrize("value", ["2026-02-29 10:00:00", "2026-13-01 00:00:00", "2026-11-23T10:00:00",
+                                   "2026-11-23 24:00:00", "2026-11-23 10:00", "２０２６-11-23 10:00:00", ""])
+def test_wire_time_refuses_what_is_not_a_real_date_time(value: str) -> None:
+    from schemas.wire import parse_wire_time
+
+    with pytest.raises(ValueError, match="t: not a valid date-time"):
+        parse_wire_time("t", value)
