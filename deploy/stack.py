@@ -460,17 +460,18 @@ def start_kafka(s: Settings | None = None, wait: bool = True) -> int | None:
     return pid
 
 
+def _stop_component(p: Paths, name: str, pid: int | None, timeout: float, kill: bool = False) -> bool:
+    """Stop a component this stack started (its pid, or None when not running) and forget its pidfile."""
+    if pid is not None:
+        say(f"{name}: {'killing' if kill else 'stopping'} pid {pid}")
+        _terminate(pid, timeout, kill=kill)
+    p.pidfile(name).unlink(missing_ok=True)
+    return pid is not None
+
+
 def stop_kafka(s: Settings | None = None, timeout: float = KAFKA_STOP_TIMEOUT_S) -> bool:
     s = s or load_settings()
-    p = Paths.of(s)
-    pid = kafka_pid(s)
-    if pid is None:
-        p.pidfile("kafka").unlink(missing_ok=True)
-        return False
-    say(f"kafka: stopping pid {pid}")
-    _terminate(pid, timeout)
-    p.pidfile("kafka").unlink(missing_ok=True)
-    return True
+    return _stop_component(Paths.of(s), "kafka", kafka_pid(s), timeout)
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------
@@ -793,14 +794,7 @@ def stop_service(
     s = settings or load_settings()
     p = Paths.of(s)
     with stack_lock(p):
-        pid = service_pid(name, s)
-        if pid is None:
-            p.pidfile(name).unlink(missing_ok=True)
-            return False
-        say(f"{name}: {'killing' if kill else 'stopping'} pid {pid}")
-        _terminate(pid, timeout, kill=kill)
-        p.pidfile(name).unlink(missing_ok=True)
-        return True
+        return _stop_component(p, name, service_pid(name, s), timeout, kill=kill)
 
 
 def restart_service(name: str, settings: Settings | None = None, kill: bool = False) -> int:
@@ -908,15 +902,7 @@ def start_prometheus(s: Settings | None = None) -> int | None:
 
 def stop_prometheus(s: Settings | None = None) -> bool:
     s = s or load_settings()
-    p = Paths.of(s)
-    pid = prometheus_pid(s)
-    if pid is None:
-        p.pidfile("prometheus").unlink(missing_ok=True)
-        return False
-    say(f"prometheus: stopping pid {pid}")
-    _terminate(pid, SERVICE_STOP_TIMEOUT_S)
-    p.pidfile("prometheus").unlink(missing_ok=True)
-    return True
+    return _stop_component(Paths.of(s), "prometheus", prometheus_pid(s), SERVICE_STOP_TIMEOUT_S)
 
 
 # --- orchestration --------------------------------------------------------------------------
