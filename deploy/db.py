@@ -1,6 +1,11 @@
-"""Database set-up: the role and database, then the schema (deploy/sql/schema.sql).
+"""Database set-up: the role and database, then the schema migrations (deploy/migrations/).
 
-`python -m deploy.db [--dsn DSN]` applies the schema (idempotent: CREATE ... IF NOT EXISTS).
+Migrations are plain SQL files applied by yoyo-migrations, each in one transaction, under
+yoyo's lock (concurrent applies wait for each other), and recorded in `_yoyo_migration`:
+a second apply is a no-op, and the history is a query away.
+
+    python -m deploy.db migrate [--dsn DSN]   # create role + database if missing, apply what is new
+    python -m deploy.db history [--dsn DSN]   # applied migrations, oldest first
 """
 
 from __future__ import annotations
@@ -8,18 +13,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
+from yoyo import get_backend, read_migrations
 
 from services.common.config import load_settings
 
-SCHEMA_PATH = Path(__file__).resolve().parent / "sql" / "schema.sql"
-# Applied right after schema.sql, in this order and in the same transaction: one service's own tables.
-EXTRA_SCHEMA_PATHS = (SCHEMA_PATH.parent / "clearing.sql",)
-
-# Serialises concurrent schema applications (CREATE ... IF NOT EXISTS can race).
-_SCHEMA_LOCK_KEY = 0x78736574  # "xset"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# The first migration: today's complete schema (tests that build a throw-away schema read it).
+SCHEMA_PATH = MIGRATIONS_DIR / "0001.initial-schema.sql"
 
 
 def _ident(name: str) -> str:
@@ -42,40 +47,65 @@ async def ensure_role_and_database(admin_dsn: str, user: str, database: str) -> 
     return done
 
 
-async def apply_schema(dsn: str, schema_path: Path = SCHEMA_PATH) -> None:
-    """Apply the schema file in one transaction, under an advisory lock."""
-    sql = schema_path.read_text(encoding="utf-8")
-    if schema_path.resolve() == SCHEMA_PATH:
-        sql += "".join("\n" + p.read_text(encoding="utf-8") for p in EXTRA_SCHEMA_PATHS)
-    conn = await asyncpg.connect(dsn, timeout=10)
+async def drop_database(admin_dsn: str, database: str) -> None:
+    """Drop `database`, disconnecting whoever still uses it (a test run's own database at its end)."""
+    conn = await asyncpg.connect(admin_dsn, timeout=10)
     try:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_KEY)
-            await conn.execute(sql)
+        await conn.execute(f"DROP DATABASE IF EXISTS {_ident(database)} WITH (FORCE)")
     finally:
         await conn.close()
 
 
-async def table_names(dsn: str) -> set[str]:
+def _yoyo_uri(dsn: str) -> str:
+    # yoyo picks its driver from the scheme: psycopg 3.
+    return "postgresql+psycopg://" + dsn.split("://", 1)[1]
+
+
+def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply the migrations not applied yet; returns their ids (empty: the database was up to date)."""
+    backend = get_backend(_yoyo_uri(dsn))
+    migrations = read_migrations(str(directory))
+    try:
+        with backend.lock():
+            todo = backend.to_apply(migrations)
+            backend.apply_migrations(todo)
+    finally:
+        backend.connection.close()
+    return [m.id for m in todo]
+
+
+@dataclass(frozen=True)
+class Applied:
+    migration_id: str
+    applied_at_utc: datetime
+
+
+async def history(dsn: str) -> list[Applied]:
+    """The applied migrations, oldest first (yoyo's own table)."""
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        rows = await conn.fetch("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+        rows = await conn.fetch("SELECT migration_id, applied_at_utc FROM _yoyo_migration ORDER BY applied_at_utc")
     finally:
         await conn.close()
-    return {r["table_name"] for r in rows}
+    return [Applied(r["migration_id"], r["applied_at_utc"]) for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.db", description="Apply deploy/sql/schema.sql")
+    parser = argparse.ArgumentParser(prog="python -m deploy.db", description=__doc__.splitlines()[0])
+    parser.add_argument("cmd", choices=("migrate", "history"))
     parser.add_argument("--dsn", default=None, help="default: Settings.pg_dsn (XS_PG_* env vars)")
     args = parser.parse_args(argv)
     dsn = args.dsn or load_settings().pg_dsn
     try:
-        asyncio.run(apply_schema(dsn))
+        if args.cmd == "migrate":
+            applied = migrate(dsn)
+            print(f"applied {', '.join(applied)}" if applied else "database up to date")
+        else:
+            for row in asyncio.run(history(dsn)):
+                print(f"{row.applied_at_utc:%Y-%m-%d %H:%M:%S}  {row.migration_id}")
     except (OSError, asyncpg.PostgresError) as exc:
-        print(f"schema apply failed on {dsn}: {exc}", file=sys.stderr)
+        print(f"{args.cmd} failed on {dsn}: {exc}", file=sys.stderr)
         return 1
-    print(f"schema applied: {SCHEMA_PATH} -> {dsn}")
     return 0
 
 

@@ -1,20 +1,23 @@
-"""The local stack: PostgreSQL, a single-node KRaft Kafka and the broker's own services.
+"""The local stack: PostgreSQL and a single-node KRaft Kafka (shared), supervisord running the
+broker's services and Prometheus.
 
     python -m deploy.stack start [--infra-only]   # idempotent; reuses what already runs
-    python -m deploy.stack stop                   # services, then Kafka, then PostgreSQL
+    python -m deploy.stack stop                   # supervisord and its programs, then Kafka, then PostgreSQL
     python -m deploy.stack status                 # table: component, state, pid, ports, log
-    python -m deploy.stack restart-service NAME   # also: start-service NAME, stop-service NAME [--kill]
+    python -m deploy.stack restart-service NAME [--kill]   # also: start-service NAME, stop-service NAME [--kill]
                                                   # (NAME: a service of deploy/services.py, or prometheus)
 
-Everything listens on 127.0.0.1 only, on the ports from Settings (XS_* env vars), and keeps
-its files under Settings.state_dir (default .state/): pg/ (data), pgsock/, kafka/ (lib, data,
-server.properties, cluster-id), prometheus/ (config, rules, data), logs/<component>.log,
-run/<component>.pid. `start` also starts Prometheus (with --infra-only too) when installed.
+Everything listens on 127.0.0.1 only, on the ports from Settings (XS_* env vars). Kafka and
+PostgreSQL keep their files under Settings.state_dir (pg/, pgsock/, kafka/, logs/, run/); the
+services are programs of a supervisord (deploy/services.py renders its config) whose config,
+socket and logs live under Settings.run_dir (the same directory, except for a test run, which owns
+one). supervisord restarts a program that exits (autorestart, back-off on a crash loop); this
+module starts it, waits for health (GET / on the metrics port answers 200) and reports.
 
-Functions for tests (crash tests kill -9 and restart a service):
-    start_service(name) -> pid, stop_service(name, kill=False), restart_service(name),
-    is_running(name), is_healthy(name), service_pid(name).
-Run `deploy/bootstrap.sh` first: it installs PostgreSQL and resolves the Kafka jars.
+Functions for tests: start_service(name, s) -> pid, stop_service(name, kill, s),
+restart_service(name, s, kill=...), is_running, is_healthy, service_pid, start_kafka/stop_kafka,
+start_postgres/stop_postgres, start_prometheus, teardown_run.
+Run `deploy/bootstrap.sh` first: it installs PostgreSQL, supervisor and the Kafka jars.
 """
 
 from __future__ import annotations
@@ -36,18 +39,28 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import xmlrpc.client
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
-from deploy.services import ServiceSpec, service_specs
+from supervisor.xmlrpc import SupervisorTransport
+
+from deploy.services import (
+    PROMETHEUS,
+    START_RETRIES,
+    ServiceSpec,
+    SupervisorPaths,
+    service_specs,
+    supervisor_config,
+    venv_python,
+)
 from services.common.config import PROJECT_ROOT, ConfigError, Settings, load_settings
 
 ROOT = PROJECT_ROOT
 DEPLOY_DIR = Path(__file__).resolve().parent
 LOG4J_CONFIG = DEPLOY_DIR / "kafka" / "log4j2.yaml"
-SCHEMA_FILE = DEPLOY_DIR / "sql" / "schema.sql"
 
 PG_OS_USER = "xsettle-pg"  # initdb/postgres refuse to run as root
 PG_ADMIN_ROLE = "postgres"  # bootstrap superuser created by initdb
@@ -58,6 +71,7 @@ KAFKA_READY_TIMEOUT_S = 60.0
 PG_READY_TIMEOUT_S = 60.0
 SERVICE_READY_TIMEOUT_S = 60.0
 SERVICE_STOP_TIMEOUT_S = 10.0
+PROMETHEUS_READY_TIMEOUT_S = 30.0
 KAFKA_STOP_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
@@ -116,11 +130,6 @@ class Paths:
     def ensure(self) -> None:
         for d in (self.state, self.logs, self.run, self.kafka):
             d.mkdir(parents=True, exist_ok=True)
-
-
-def venv_python() -> str:
-    candidate = ROOT / ".venv" / "bin" / "python"
-    return str(candidate) if candidate.exists() else sys.executable
 
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -653,18 +662,19 @@ def start_postgres(s: Settings | None = None) -> int | None:
         pid = pg_pid(s)
         say(f"postgres: started pid {pid} on 127.0.0.1:{s.pg_port}")
 
-    from deploy.db import apply_schema, ensure_role_and_database
+    from deploy.db import ensure_role_and_database, migrate
 
     try:
         _run_async(_pg_wait_connect(admin_dsn, PG_READY_TIMEOUT_S))
         for done in _run_async(ensure_role_and_database(admin_dsn, s.pg_user, s.pg_database)):
             say(f"postgres: {done}")
-        _run_async(apply_schema(s.pg_dsn, SCHEMA_FILE))
+        for applied in migrate(s.pg_dsn):
+            say(f"postgres: applied migration {applied} to {s.pg_database}")
     except StackError as exc:
         raise StackError(f"{exc}\nlast lines of {log}:\n{tail(log)}") from exc
     except Exception as exc:
         raise StackError(f"postgres: set-up on {s.pg_dsn} failed: {exc!r}\nlast lines of {log}:\n{tail(log)}") from exc
-    say(f"postgres: ready, schema applied ({s.pg_dsn})")
+    say(f"postgres: ready, migrations applied ({s.pg_dsn})")
     return pid
 
 
@@ -688,7 +698,126 @@ def stop_postgres(s: Settings | None = None) -> bool:
     return True
 
 
-# --- the broker's services ------------------------------------------------------------------
+# --- the broker's services and Prometheus, under supervisord ---------------------------------
+
+
+class Supervisor:
+    """The run's supervisord: started on demand from the rendered config, driven over XML-RPC."""
+
+    def __init__(self, s: Settings) -> None:
+        self.settings = s
+        self.paths = SupervisorPaths.of(s)
+
+    def _proxy(self) -> Any:
+        transport = SupervisorTransport(None, None, f"unix://{self.paths.socket}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+
+    def running(self) -> bool:
+        if not self.paths.socket.exists():
+            return False
+        try:
+            return bool(self._proxy().getState()["statename"] == "RUNNING")
+        except (OSError, xmlrpc.client.Error):
+            return False
+
+    def rpc(self) -> Any:
+        """The XML-RPC namespace `supervisor.*` of a running supervisord (started if needed)."""
+        if not self.running():
+            self.ensure()
+        return self._proxy()
+
+    def ensure(self) -> None:
+        """Write the config; start supervisord, or make a running one take a changed config."""
+        p = self.paths
+        p.root.mkdir(parents=True, exist_ok=True)
+        p.logs.mkdir(parents=True, exist_ok=True)
+        with _file_lock(p.root / "lock"):
+            text = supervisor_config(self.settings)
+            changed = not p.config.exists() or p.config.read_text() != text
+            if changed:
+                p.config.write_text(text)
+            if self.running():
+                if changed:
+                    self._reload()
+                return
+            p.socket.unlink(missing_ok=True)
+            res = subprocess.run(
+                [str(Path(venv_python()).parent / "supervisord"), "-c", str(p.config)],
+                cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
+            )
+            deadline = time.monotonic() + 15
+            while not self.running():
+                if res.returncode != 0 or time.monotonic() > deadline:
+                    raise StackError(f"supervisord did not start ({res.returncode}): {res.stdout}{res.stderr}\n"
+                                     f"last lines of {p.log('supervisord')}:\n{tail(p.log('supervisord'))}")
+                time.sleep(0.1)
+            say(f"supervisord: started for {self.settings.run_dir} ({p.config})")
+
+    def _reload(self) -> None:
+        rpc = self._proxy()
+        [[added, changed, removed]] = rpc.reloadConfig()
+        for name in changed + removed:
+            rpc.stopProcessGroup(name)
+            rpc.removeProcessGroup(name)
+        for name in changed + added:
+            rpc.addProcessGroup(name)
+        if added or changed or removed:
+            say(f"supervisord: config reloaded (added {added}, changed {changed}, removed {removed})")
+
+    def info(self, name: str) -> dict[str, Any] | None:
+        """supervisord's view of a program (statename, pid, ...); None when supervisord is down."""
+        if not self.running():
+            return None
+        try:
+            return dict(self._proxy().getProcessInfo(name))
+        except xmlrpc.client.Fault as exc:
+            raise StackError(f"supervisord does not know {name!r}: {exc.faultString}") from None
+
+    def shutdown(self) -> None:
+        if self.running():
+            say(f"supervisord: stopping every program and itself ({self.settings.run_dir})")
+            self._proxy().stopAllProcesses(True)
+            pid = _read_pid(self.paths.pidfile)
+            self._proxy().shutdown()
+            deadline = time.monotonic() + 30
+            while pid is not None and _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+_lock_guard = threading.RLock()
+_lock_depth = 0
+
+
+@contextlib.contextmanager
+def stack_lock(p: Paths) -> Iterator[None]:
+    """One start/stop of the shared Kafka + PostgreSQL at a time across processes (two test runs
+    starting at once must not launch two Kafkas). Reentrant within a process."""
+    global _lock_depth
+    with _lock_guard:
+        if _lock_depth:
+            _lock_depth += 1
+            try:
+                yield
+            finally:
+                _lock_depth -= 1
+            return
+        p.run.mkdir(parents=True, exist_ok=True)
+        with _file_lock(p.run / "stack.lock"):
+            _lock_depth = 1
+            try:
+                yield
+            finally:
+                _lock_depth = 0
+
+
+LIVE_STATES = ("STARTING", "RUNNING")
 
 
 def _spec(name: str, s: Settings) -> ServiceSpec:
@@ -699,120 +828,135 @@ def _spec(name: str, s: Settings) -> ServiceSpec:
     raise StackError(f"unknown service {name!r} (known: {known})")
 
 
+def _ready_port(name: str, s: Settings) -> int:
+    return s.prometheus_port if name == PROMETHEUS else _spec(name, s).ready_port
+
+
+def _ready(name: str, s: Settings, timeout: float = 1.0) -> bool:
+    if name == PROMETHEUS:
+        return _prometheus_http(s, "/-/ready", timeout=timeout)
+    return _http_ok(_spec(name, s).ready_port, timeout=timeout)
+
+
 def service_pid(name: str, s: Settings | None = None) -> int | None:
     s = s or load_settings()
-    spec = _spec(name, s)
-    pid = _read_pid(Paths.of(s).pidfile(name))
-    if pid is None or not _pid_alive(pid):
+    _ready_port(name, s)  # an unknown name is an error, not "not running"
+    info = Supervisor(s).info(name)
+    if info is None or info["statename"] not in LIVE_STATES or not info["pid"]:
         return None
-    args = _cmdline(pid)
-    if "-m" in args and spec.module in args:
-        return pid
-    return None
+    return int(info["pid"])
 
 
-def _wait_service_ready(spec: ServiceSpec, pid: int, p: Paths, timeout: float) -> None:
+def _wait_ready(name: str, s: Settings, timeout: float, not_pid: int | None = None) -> int:
+    """Wait until supervisord runs `name` (a pid other than `not_pid`) and its endpoint answers."""
+    sup = Supervisor(s)
+    log = sup.paths.log(name)
     deadline = time.monotonic() + timeout
     while True:
-        if not _pid_alive(pid):
-            raise StackError(
-                f"{spec.name} (pid {pid}) exited during start-up; last lines of {p.log(spec.name)}:\n"
-                + tail(p.log(spec.name))
-            )
-        if _http_ok(spec.ready_port, timeout=1.0):
-            return
+        info = sup.info(name) or {}
+        pid = int(info.get("pid") or 0)
+        if info.get("statename") == "FATAL":
+            raise StackError(f"{name} could not start ({info.get('spawnerr') or 'exited too quickly'}, "
+                             f"{START_RETRIES} retries); last lines of {log}:\n{tail(log)}")
+        if pid and pid != not_pid and info.get("statename") in LIVE_STATES and _ready(name, s):
+            return pid
         if time.monotonic() > deadline:
-            raise StackError(
-                f"{spec.name} (pid {pid}) did not answer GET http://127.0.0.1:{spec.ready_port}/ with 200 "
-                f"within {timeout:.0f}s; last lines of {p.log(spec.name)}:\n" + tail(p.log(spec.name))
-            )
+            raise StackError(f"{name} ({info.get('statename')}, pid {pid or '-'}) did not answer "
+                             f"GET http://127.0.0.1:{_ready_port(name, s)}/ within {timeout:.0f}s; "
+                             f"last lines of {log}:\n{tail(log)}")
         time.sleep(0.1)
 
 
-_lock_guard = threading.RLock()
-_lock_file: IO[str] | None = None
-_lock_depth = 0
-
-
-@contextlib.contextmanager
-def stack_lock(p: Paths) -> Iterator[None]:
-    """One start/stop at a time across processes (several engineers' test sessions restart services
-    at once; two spawns of one service would leave the winner without its pidfile). Reentrant."""
-    global _lock_file, _lock_depth
-    with _lock_guard:
-        if _lock_depth == 0:
-            p.run.mkdir(parents=True, exist_ok=True)
-            _lock_file = open(p.run / "stack.lock", "w")  # noqa: SIM115 - closed when the depth returns to 0
-            fcntl.flock(_lock_file, fcntl.LOCK_EX)
-        _lock_depth += 1
-        try:
-            yield
-        finally:
-            _lock_depth -= 1
-            if _lock_depth == 0 and _lock_file is not None:
-                _lock_file.close()
-                _lock_file = None
+def _start_program(rpc: Any, name: str, s: Settings) -> None:
+    if service_pid(name, s) is None and _port_open(port := _ready_port(name, s)):
+        # Its health check would be answered by a stranger: refuse instead of a false "ready".
+        raise StackError(f"{name}: port {port} is taken by a process this stack's supervisord did not start")
+    try:
+        rpc.startProcess(name, False)
+    except xmlrpc.client.Fault as exc:
+        if "ALREADY_STARTED" not in exc.faultString:
+            raise StackError(f"{name}: supervisord could not start it: {exc.faultString}") from None
 
 
 def start_service(
     name: str, settings: Settings | None = None, *, wait: bool = True, timeout: float = SERVICE_READY_TIMEOUT_S
 ) -> int:
-    """Start one service (reused if it already runs); with wait, return once GET / answers 200."""
+    """Start one program (nothing to do if it runs); with wait, return once its endpoint answers."""
     s = settings or load_settings()
-    p = Paths.of(s)
-    p.ensure()
-    with stack_lock(p):
-        return _start_service(name, s, p, wait=wait, timeout=timeout)
-
-
-def _start_service(name: str, s: Settings, p: Paths, *, wait: bool, timeout: float) -> int:
-    spec = _spec(name, s)
-    pid = service_pid(name, s)
-    if pid is not None:
-        say(f"{name}: already running (pid {pid})")
-    else:
-        # A process that just exited may still hold its ports for a moment: give it a few seconds.
-        deadline = time.monotonic() + 5
-        while (busy := [port for port in spec.ports if _port_open(port)]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if busy:
-            raise StackError(
-                f"{name}: port(s) {busy} already in use by a process this stack did not start "
-                f"(no live pid in {p.pidfile(name)})"
-            )
-        pid = _spawn([venv_python(), "-m", spec.module], p.log(name), p.pidfile(name), cwd=ROOT)
-        say(f"{name}: started pid {pid} (ports {', '.join(map(str, spec.ports))})")
+    _ready_port(name, s)
+    _start_program(Supervisor(s).rpc(), name, s)
     if wait:
-        _wait_service_ready(spec, pid, p, timeout)
-    return pid
+        return _wait_ready(name, s, timeout)
+    return service_pid(name, s) or 0
 
 
 def stop_service(
     name: str, kill: bool = False, settings: Settings | None = None, timeout: float = SERVICE_STOP_TIMEOUT_S
 ) -> bool:
-    """Stop one service: SIGTERM (SIGKILL after timeout), or SIGKILL at once with kill=True."""
+    """Stop one program and keep it stopped: SIGTERM (supervisord SIGKILLs after stopwaitsecs), or
+    SIGKILL at once with kill=True (a crash: no clean shutdown). Returns whether it was running."""
     s = settings or load_settings()
-    p = Paths.of(s)
-    with stack_lock(p):
-        return _stop_component(p, name, service_pid(name, s), timeout, kill=kill)
+    pid = service_pid(name, s)
+    if pid is None:
+        return False
+    rpc = Supervisor(s).rpc()
+    say(f"{name}: {'killing' if kill else 'stopping'} pid {pid}")
+    if kill:
+        _signal_program(rpc, name)
+        _wait_dead(pid, timeout)
+    with contextlib.suppress(xmlrpc.client.Fault):  # NOT_RUNNING: it had already exited
+        rpc.stopProcess(name, True)
+    return True
+
+
+def _signal_program(rpc: Any, name: str) -> None:
+    try:
+        rpc.signalProcess(name, "KILL")
+    except xmlrpc.client.Fault as exc:
+        if "NOT_RUNNING" not in exc.faultString:
+            raise StackError(f"{name}: could not signal it: {exc.faultString}") from None
 
 
 def restart_service(name: str, settings: Settings | None = None, kill: bool = False) -> int:
+    """Restart one program and return its new pid once it answers. With kill=True the process gets
+    SIGKILL and supervisord itself brings it back (autorestart): the crash-recovery path."""
     s = settings or load_settings()
-    with stack_lock(Paths.of(s)):
-        stop_service(name, kill=kill, settings=s)
-        return start_service(name, s)
+    old = service_pid(name, s)
+    if kill and old is not None:
+        say(f"{name}: killing pid {old}; supervisord restarts it")
+        _signal_program(Supervisor(s).rpc(), name)
+        return _wait_ready(name, s, SERVICE_READY_TIMEOUT_S, not_pid=old)
+    stop_service(name, settings=s)
+    return start_service(name, s)
+
+
+def start_services(s: Settings, names: Sequence[str] | None = None) -> dict[str, int]:
+    """Start programs together, then wait for each to answer; errors name every one that did not."""
+    names = list(names or [spec.name for spec in service_specs(s)])
+    rpc = Supervisor(s).rpc()
+    for name in names:
+        _start_program(rpc, name, s)
+    pids: dict[str, int] = {}
+    errors: list[str] = []
+    for name in names:
+        try:
+            pids[name] = _wait_ready(name, s, SERVICE_READY_TIMEOUT_S)
+        except StackError as exc:
+            errors.append(str(exc))
+            continue
+        say(f"{name}: ready (pid {pids[name]}, GET http://127.0.0.1:{_ready_port(name, s)}/ -> 200)")
+    if errors:
+        raise StackError("\n\n".join(errors))
+    return pids
 
 
 def is_running(name: str, settings: Settings | None = None) -> bool:
-    """Whether the component's process (started by this stack) is alive."""
+    """Whether the component's process is alive (Kafka/PostgreSQL: started by this stack)."""
     s = settings or load_settings()
     if name == "kafka":
         return kafka_pid(s) is not None
     if name == "postgres":
         return pg_pid(s) is not None
-    if name == "prometheus":
-        return prometheus_pid(s) is not None
     return service_pid(name, s) is not None
 
 
@@ -825,29 +969,15 @@ def is_healthy(name: str, settings: Settings | None = None) -> bool:
         return _kafka_probe(s)
     if name == "postgres":
         return _port_open(s.pg_port)
-    if name == "prometheus":
-        return _prometheus_http(s, "/-/ready")
-    return _http_ok(_spec(name, s).ready_port)
+    return _ready(name, s, timeout=2.0)
 
 
-# --- Prometheus ------------------------------------------------------------------------------
-# The local stack's own server (Debian package `prometheus`, installed by deploy/bootstrap.sh),
-# configured by deploy/prometheus: scrapes every service, evaluates the project's rules.
-
-PROMETHEUS_READY_TIMEOUT_S = 30.0
+# --- Prometheus: config and rules from deploy/prometheus, the process under supervisord --------
 
 
 def prometheus_pid(s: Settings | None = None) -> int | None:
-    from deploy.prometheus import PromPaths
-
     s = s or load_settings()
-    pid = _read_pid(Paths.of(s).pidfile("prometheus"))
-    if pid is None or not _pid_alive(pid):
-        return None
-    args = _cmdline(pid)
-    if args and Path(args[0]).name == "prometheus" and f"--config.file={PromPaths.of(s).config}" in args:
-        return pid
-    return None
+    return service_pid(PROMETHEUS, s) if shutil.which("prometheus") else None
 
 
 def _prometheus_http(s: Settings, path: str, method: str = "GET", timeout: float = 2.0) -> bool:
@@ -870,93 +1000,99 @@ def reload_prometheus(s: Settings | None = None) -> bool:
 
 def start_prometheus(s: Settings | None = None) -> int | None:
     """Start the server unless it runs (then reload it if its files changed); None when not installed."""
-    from deploy.prometheus import command, write_files
+    from deploy.prometheus import write_files
 
     s = s or load_settings()
-    p = Paths.of(s)
-    binary = shutil.which("prometheus")
-    if binary is None:
+    if shutil.which("prometheus") is None:
         warn("prometheus: not installed (run deploy/bootstrap.sh): no metrics server")
         return None
     changed = write_files(s)
     pid = prometheus_pid(s)
     if pid is not None:
         if changed and not _prometheus_http(s, "/-/reload", method="POST", timeout=10.0):
-            raise StackError(f"prometheus: reload failed; last lines of {p.log('prometheus')}:\n"
-                             + tail(p.log("prometheus")))
-        say(f"prometheus: already running (pid {pid}){', reloaded' if changed else ''}")
+            raise StackError("prometheus: reload failed; last lines of its log:\n"
+                             + tail(SupervisorPaths.of(s).log(PROMETHEUS)))
         return pid
-    if _port_open(s.prometheus_port):
-        raise StackError(f"prometheus: port {s.prometheus_port} is taken by a process this stack did not start "
-                         "(set XS_PROMETHEUS_PORT)")
-    pid = _spawn(command(binary, s), p.log("prometheus"), p.pidfile("prometheus"), cwd=p.state)
-    deadline = time.monotonic() + PROMETHEUS_READY_TIMEOUT_S
-    while not _prometheus_http(s, "/-/ready"):
-        if not _pid_alive(pid) or time.monotonic() > deadline:
-            raise StackError(f"prometheus (pid {pid}) did not become ready; last lines of "
-                             f"{p.log('prometheus')}:\n{tail(p.log('prometheus'))}")
-        time.sleep(0.2)
+    pid = start_service(PROMETHEUS, s, timeout=PROMETHEUS_READY_TIMEOUT_S)
     say(f"prometheus: started pid {pid} on http://127.0.0.1:{s.prometheus_port}/")
     return pid
 
 
 def stop_prometheus(s: Settings | None = None) -> bool:
     s = s or load_settings()
-    return _stop_component(Paths.of(s), "prometheus", prometheus_pid(s), SERVICE_STOP_TIMEOUT_S)
+    return prometheus_pid(s) is not None and stop_service(PROMETHEUS, settings=s)
 
 
 # --- orchestration --------------------------------------------------------------------------
 
 
-def apply_topics() -> None:
-    if not (ROOT / "topics" / "apply.py").exists():
-        warn("topics/apply.py does not exist yet: skipping topic creation")
-        return
-    say("topics: python -m topics.apply")
-    res = subprocess.run([venv_python(), "-m", "topics.apply"], cwd=ROOT, stdin=subprocess.DEVNULL, check=False)
-    if res.returncode != 0:
-        raise StackError(f"python -m topics.apply failed with exit code {res.returncode}")
+def apply_topics(s: Settings) -> None:
+    from topics.apply import apply_topics as apply_catalog
+    from topics.catalog import catalog
+
+    for problem in _run_async(apply_catalog(s.kafka_bootstrap, catalog(s))):
+        warn(f"topics: {problem}")
 
 
 def start(infra_only: bool = False, settings: Settings | None = None) -> None:
+    """Kafka and PostgreSQL (shared), topics and migrations of `settings`, supervisord with Prometheus,
+    and unless infra_only the services."""
     s = settings or load_settings()
     p = Paths.of(s)
     p.ensure()
     t0 = time.monotonic()
-    # Kafka's JVM boots while PostgreSQL starts.
-    kpid = start_kafka(s, wait=False)
-    start_postgres(s)
-    if kpid is not None or kafka_pid(s) is not None:
-        _kafka_wait_ready(s, p, kpid)
-        say(f"kafka: ready on {s.kafka_bootstrap}")
-    apply_topics()
+    with stack_lock(p):  # one start of the shared infrastructure at a time (e.g. two test.sh)
+        # Kafka's JVM boots while PostgreSQL starts.
+        kpid = start_kafka(s, wait=False)
+        start_postgres(s)
+        if kpid is not None or kafka_pid(s) is not None:
+            _kafka_wait_ready(s, p, kpid)
+            say(f"kafka: ready on {s.kafka_bootstrap}")
+        apply_topics(s)
     if not infra_only:
-        specs = service_specs(s)
-        pids = {spec.name: start_service(spec.name, s, wait=False) for spec in specs}
-        errors: list[str] = []
-        for spec in specs:
-            try:
-                _wait_service_ready(spec, pids[spec.name], p, SERVICE_READY_TIMEOUT_S)
-            except StackError as exc:
-                errors.append(str(exc))
-                continue
-            say(f"{spec.name}: ready (GET http://127.0.0.1:{spec.ready_port}/ -> 200)")
-        if errors:
+        try:
+            start_services(s)
+        except StackError:
             print_status(s)
-            raise StackError("\n\n".join(errors))
+            raise
     start_prometheus(s)
     say(f"stack up in {time.monotonic() - t0:.1f}s")
     print_status(s)
 
 
 def stop(settings: Settings | None = None) -> None:
+    """supervisord and everything it runs, then Kafka, then PostgreSQL."""
     s = settings or load_settings()
-    stop_prometheus(s)
-    for spec in reversed(service_specs(s)):
-        stop_service(spec.name, settings=s)
-    stop_kafka(s)
-    stop_postgres(s)
+    Supervisor(s).shutdown()
+    with stack_lock(Paths.of(s)):
+        stop_kafka(s)
+        stop_postgres(s)
     say("stack stopped")
+
+
+def teardown_run(s: Settings) -> None:
+    """End a test run: its supervisord (services, Prometheus), its database and its topics."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from deploy.db import drop_database
+    from topics.catalog import catalog
+
+    Supervisor(s).shutdown()
+    _run_async(drop_database(_pg_admin_dsn(s), s.pg_database))
+
+    async def delete_topics() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=15_000)
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            names = [t.name for t in catalog(s) if t.name in existing]
+            if names:
+                await admin.delete_topics(names, timeout_ms=15_000)
+        finally:
+            await admin.close()
+
+    _run_async(delete_topics())
+    shutil.rmtree(s.run_dir / "prometheus", ignore_errors=True)  # logs stay for a post-mortem
 
 
 @dataclass(frozen=True)
@@ -971,6 +1107,7 @@ class Row:
 def status_rows(s: Settings | None = None) -> list[Row]:
     s = s or load_settings()
     p = Paths.of(s)
+    sup = Supervisor(s)
     rows: list[Row] = []
 
     def infra_state(pid: int | None, port: int) -> str:
@@ -984,13 +1121,19 @@ def status_rows(s: Settings | None = None) -> list[Row]:
     rows.append(
         Row("kafka", infra_state(pid, s.kafka_port), pid, (s.kafka_port, s.kafka_controller_port), p.log("kafka"))
     )
-    for spec in service_specs(s):
-        pid = service_pid(spec.name, s)
-        state = "down" if pid is None else "up" if _http_ok(spec.ready_port, timeout=1.0) else "starting"
-        rows.append(Row(spec.name, state, pid, spec.ports, p.log(spec.name)))
-    pid = prometheus_pid(s)
-    state = "down" if pid is None else "up" if _prometheus_http(s, "/-/ready", timeout=1.0) else "starting"
-    rows.append(Row("prometheus", state, pid, (s.prometheus_port,), p.log("prometheus")))
+    programs = [(spec.name, spec.ports) for spec in service_specs(s)]
+    if shutil.which("prometheus"):
+        programs.append((PROMETHEUS, (s.prometheus_port,)))
+    for name, ports in programs:
+        info = sup.info(name)
+        pid = service_pid(name, s)
+        if info is None:
+            state = "down (no supervisord)"
+        elif pid is not None and _ready(name, s):
+            state = "up"
+        else:
+            state = str(info["statename"]).lower()
+        rows.append(Row(name, state, pid, ports, sup.paths.log(name)))
     return rows
 
 
@@ -1011,11 +1154,10 @@ def _command(args: argparse.Namespace) -> None:
         stop()
     elif args.cmd == "status":
         print_status()
-    elif getattr(args, "name", None) == "prometheus":
-        if args.cmd != "start-service":
+    elif getattr(args, "name", None) == PROMETHEUS and args.cmd != "stop-service":
+        if args.cmd == "restart-service":
             stop_prometheus()
-        if args.cmd != "stop-service":
-            start_prometheus()
+        start_prometheus()
     elif args.cmd == "restart-service":
         restart_service(args.name, kill=args.kill)
     elif args.cmd == "start-service":
@@ -1027,15 +1169,16 @@ def _command(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.stack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p_start = sub.add_parser("start", help="start PostgreSQL, Kafka, topics and (unless --infra-only) services")
-    p_start.add_argument("--infra-only", action="store_true", help="only PostgreSQL, Kafka and topics")
-    sub.add_parser("stop", help="stop services, Kafka, PostgreSQL")
+    p_start = sub.add_parser("start", help="PostgreSQL, Kafka, topics, migrations and (unless --infra-only) services")
+    p_start.add_argument("--infra-only", action="store_true", help="only PostgreSQL, Kafka, topics, Prometheus")
+    sub.add_parser("stop", help="stop supervisord and its programs, Kafka, PostgreSQL")
     sub.add_parser("status", help="show what runs")
     for cmd in ("restart-service", "start-service", "stop-service"):
         sp = sub.add_parser(cmd)
         sp.add_argument("name")
         if cmd != "start-service":
-            sp.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
+            sp.add_argument("--kill", action="store_true",
+                            help="SIGKILL (restart-service: supervisord brings it back by itself)")
     args = parser.parse_args(argv)
     try:
         paths = Paths.of(load_settings())
@@ -1044,9 +1187,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths.ensure()
     try:
-        # One start/stop at a time (e.g. two test.sh runs at once must not launch two Kafkas).
-        with contextlib.nullcontext() if args.cmd == "status" else stack_lock(paths):
-            _command(args)
+        _command(args)
     except StackError as exc:
         print(f"[stack] ERROR: {exc}", file=sys.stderr, flush=True)
         return 1

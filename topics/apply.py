@@ -4,7 +4,7 @@ Idempotent. Never shrinks or grows partitions of an existing topic silently:
 changing a keyed topic's partition count moves persons between partitions and
 would break per-person ordering for records in flight, so it is reported.
 
-    python -m topics.apply [--bootstrap 127.0.0.1:19092]
+    python -m topics.apply [--bootstrap 127.0.0.1:19092]   # the topics of Settings (XS_TOPIC_PREFIX ...)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from services.common.config import load_settings
-from topics.catalog import ALL_TOPICS, TopicSpec
+from topics.catalog import ALL_TOPICS, TopicSpec, catalog
 
 
 async def apply_topics(bootstrap: str, specs: tuple[TopicSpec, ...] = ALL_TOPICS) -> list[str]:
@@ -55,10 +55,11 @@ async def apply_topics(bootstrap: str, specs: tuple[TopicSpec, ...] = ALL_TOPICS
 
 
 def main() -> int:
+    settings = load_settings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bootstrap", default=load_settings().kafka_bootstrap)
+    parser.add_argument("--bootstrap", default=settings.kafka_bootstrap)
     args = parser.parse_args()
-    problems = asyncio.run(apply_topics(args.bootstrap))
+    problems = asyncio.run(apply_topics(args.bootstrap, catalog(settings)))
     for p in problems:
         print(f"WARNING: {p}", file=sys.stderr)
     return 1 if problems else 0

@@ -49,7 +49,7 @@ class PromPaths:
 
     @staticmethod
     def of(s: Settings) -> PromPaths:
-        root = s.state_dir.resolve() / "prometheus"
+        root = s.run_dir.resolve() / "prometheus"
         return PromPaths(root, root / "prometheus.yml", root / "rules", root / "targets", root / "data")
 
 

@@ -7,6 +7,7 @@ service with a clear message instead of misbehaving later.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +35,23 @@ def _str(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+# A topic prefix names a test run's (or a tenant's) own topics and consumer groups, e.g. "t123.".
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{0,40}$")
+
+
+def _topic_prefix() -> str:
+    raw = os.environ.get("XS_TOPIC_PREFIX", "")
+    if not _TOPIC_PREFIX.match(raw):
+        raise ConfigError(f"XS_TOPIC_PREFIX={raw!r} is not up to 40 of A-Z a-z 0-9 . _ -")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
+    # Shared infrastructure (Kafka, PostgreSQL data and logs) lives in state_dir; the services'
+    # supervisor, their logs and Prometheus in run_dir (a test run's own directory, else state_dir).
     state_dir: Path
+    run_dir: Path
     kafka_port: int
     kafka_controller_port: int
     pg_port: int
@@ -56,6 +71,9 @@ class Settings:
     request_body_bytes_max: int
     fee_items_per_upload_max: int
     batch_size_max: int
+    topic_prefix: str
+    partitions: int
+    replication_factor: int
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -74,8 +92,10 @@ GATEWAY_PATH = "/fsi/api/rsfComIfsService/callService"
 
 
 def load_settings() -> Settings:
+    state_dir = Path(_str("XS_STATE_DIR", str(PROJECT_ROOT / ".state")))
     return Settings(
-        state_dir=Path(_str("XS_STATE_DIR", str(PROJECT_ROOT / ".state"))),
+        state_dir=state_dir,
+        run_dir=Path(_str("XS_RUN_DIR", str(state_dir))),
         kafka_port=_int("XS_KAFKA_PORT", 19092, 1024, 65535),
         kafka_controller_port=_int("XS_KAFKA_CONTROLLER_PORT", 19093, 1024, 65535),
         pg_port=_int("XS_PG_PORT", 15432, 1024, 65535),
@@ -95,4 +115,28 @@ def load_settings() -> Settings:
         request_body_bytes_max=_int("XS_REQUEST_BODY_BYTES_MAX", 1_048_576, 1024, 16_777_216),
         fee_items_per_upload_max=_int("XS_FEE_ITEMS_PER_UPLOAD_MAX", 500, 1, 10_000),
         batch_size_max=_int("XS_BATCH_SIZE_MAX", 500, 1, 10_000),
+        topic_prefix=_topic_prefix(),
+        # Partitions bound the parallelism of each stage (used when a topic is first created).
+        partitions=_int("XS_PARTITIONS", 8, 1, 256),
+        replication_factor=_int("XS_REPLICATION_FACTOR", 1, 1, 5),
     )
+
+
+# The environment variable of each Settings field that a child process reads back (see settings_env).
+_ENV_NAMES = {
+    "state_dir": "XS_STATE_DIR", "run_dir": "XS_RUN_DIR", "kafka_port": "XS_KAFKA_PORT",
+    "kafka_controller_port": "XS_KAFKA_CONTROLLER_PORT", "pg_port": "XS_PG_PORT", "pg_user": "XS_PG_USER",
+    "pg_database": "XS_PG_DATABASE", "gateway_host": "XS_GATEWAY_HOST", "gateway_port": "XS_GATEWAY_PORT",
+    "gateway_metrics_port": "XS_GATEWAY_METRICS_PORT", "router_metrics_port": "XS_ROUTER_METRICS_PORT",
+    "settle_metrics_port": "XS_SETTLE_METRICS_PORT", "monitor_metrics_port": "XS_MONITOR_METRICS_PORT",
+    "dashboard_port": "XS_DASHBOARD_PORT", "prometheus_port": "XS_PROMETHEUS_PORT",
+    "clearing_metrics_port": "XS_CLEARING_METRICS_PORT", "gateway_timeout_ms": "XS_GATEWAY_TIMEOUT_MS",
+    "gateway_instance": "XS_GATEWAY_INSTANCE", "request_body_bytes_max": "XS_REQUEST_BODY_BYTES_MAX",
+    "fee_items_per_upload_max": "XS_FEE_ITEMS_PER_UPLOAD_MAX", "batch_size_max": "XS_BATCH_SIZE_MAX",
+    "topic_prefix": "XS_TOPIC_PREFIX", "partitions": "XS_PARTITIONS", "replication_factor": "XS_REPLICATION_FACTOR",
+}
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    """The XS_* variables that make load_settings() in a child process return `s`."""
+    return {env: str(getattr(s, field)) for field, env in _ENV_NAMES.items()}

@@ -39,7 +39,8 @@ IDLE_FETCH_WAIT_MS = 100
 def make_group_consumer(s: Settings, group_id: str, *topics: str) -> AIOKafkaConsumer:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=s.kafka_bootstrap,
-        group_id=group_id,
+        # The prefix keeps a test run's groups apart from other runs' (metric labels keep the plain name).
+        group_id=s.topic_prefix + group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",

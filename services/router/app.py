@@ -30,7 +30,7 @@ def _headers(event: Any) -> dict[str, bytes]:
 
 def create_app(s: Settings) -> faust.App:
     app = faust.App(
-        "xsettle-router",
+        s.topic_prefix + "xsettle-router",  # a test run's own group (see Settings.topic_prefix)
         broker=f"kafka://{s.kafka_bootstrap}",
         store="memory://",
         web_enabled=False,

@@ -26,7 +26,7 @@ async def test_faust_shell_routes_a_stay(refdata: dict, gateway: GatewayClient, 
         r = await gateway.run_stay(stay, [FeeLine(ITEM_A, Decimal(2), Decimal("150.00"))])
         assert r["infcode"] == 0, r["err_msg"]
         assert r["output"]["setlinfo"]["medfee_sumamt"] == Decimal(300)
-        log = (services.state_dir / "logs" / "router.log").read_text(errors="replace")
+        log = (services.run_dir / "logs" / "router.log").read_text(errors="replace")
         assert "faust" in log.lower()
     finally:
         monkeypatch.delenv("XS_ROUTER_SHELL")
