@@ -9,6 +9,7 @@ to supervisord over its unix socket (no TCP port).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -99,6 +100,13 @@ def _program(name: str, command: Sequence[str], cwd: Path, env: dict[str, str], 
     return "\n".join(lines) + "\n"
 
 
+def _own_environment(program: str, settings_vars: dict[str, str]) -> dict[str, str]:
+    """The caller's XS_<PROGRAM>_* variables that are not Settings (e.g. XS_ROUTER_SHELL): they reach
+    that program only, so changing one restarts only it."""
+    prefix = f"XS_{program.upper()}_"
+    return {k: v for k, v in os.environ.items() if k.startswith(prefix) and k not in settings_vars}
+
+
 def supervisor_config(s: Settings) -> str:
     """supervisord.conf for the services (and Prometheus when installed) of `s`."""
     from deploy.prometheus import command as prometheus_command
@@ -114,7 +122,9 @@ def supervisor_config(s: Settings) -> str:
         f"[supervisorctl]\nserverurl=unix://{p.socket}\n",
     ]
     for spec in service_specs(s):
-        parts.append(_program(spec.name, [venv_python(), "-m", spec.module], PROJECT_ROOT, env, p.log(spec.name)))
+        own = _own_environment(spec.name, env)
+        parts.append(_program(spec.name, [venv_python(), "-m", spec.module], PROJECT_ROOT, {**env, **own},
+                              p.log(spec.name)))
     binary = shutil.which("prometheus")
     if binary is not None:
         parts.append(_program(PROMETHEUS, prometheus_command(binary, s), s.run_dir.resolve(), env,

@@ -721,9 +721,8 @@ class Supervisor:
             return False
 
     def rpc(self) -> Any:
-        """The XML-RPC namespace `supervisor.*` of a running supervisord (started if needed)."""
-        if not self.running():
-            self.ensure()
+        """The XML-RPC namespace `supervisor.*` of a supervisord running the current config."""
+        self.ensure()
         return self._proxy()
 
     def ensure(self) -> None:
@@ -754,13 +753,17 @@ class Supervisor:
             say(f"supervisord: started for {self.settings.run_dir} ({p.config})")
 
     def _reload(self) -> None:
+        """Take the new config: a changed program is stopped, replaced, and started again if it ran."""
         rpc = self._proxy()
         [[added, changed, removed]] = rpc.reloadConfig()
+        was_running = {i["name"] for i in rpc.getAllProcessInfo() if i["statename"] in LIVE_STATES}
         for name in changed + removed:
             rpc.stopProcessGroup(name)
             rpc.removeProcessGroup(name)
         for name in changed + added:
             rpc.addProcessGroup(name)
+            if name in was_running:
+                rpc.startProcess(name, False)
         if added or changed or removed:
             say(f"supervisord: config reloaded (added {added}, changed {changed}, removed {removed})")
 

@@ -1,18 +1,66 @@
-"""Shared fixtures.
+"""Shared fixtures, and the test run's own corner of the local stack.
 
-Stack part: `settings` (Settings from the environment) and `stack`, a session fixture that makes
-sure PostgreSQL and Kafka run (`python -m deploy.stack start --infra-only`, quick when they
-already do: test.sh starts them first) and returns the Settings.
+Each pytest run owns its database (`xsettle_t<token>`, created and migrated at the start, dropped
+at the end), its topics and consumer groups (prefix `t<token>.`), and its services and Prometheus
+(a supervisord of its own under `.state/runs/t<token>/`, on free ports). Kafka and PostgreSQL are
+shared. pytest_configure puts the run's settings into the environment before any test module is
+imported, so `load_settings()`, the topic catalog and every child process see the same run.
+
+`settings` is the run's Settings; `stack` makes sure Kafka and PostgreSQL run and the run's
+database, topics and Prometheus exist (`python -m deploy.stack start --infra-only` under the run's
+environment), and tears the run down at the end (XS_KEEP_RUN=1 keeps it for a post-mortem).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 
 from services.common.config import PROJECT_ROOT, Settings, load_settings
+
+RUN_PORTS = (
+    "XS_GATEWAY_PORT", "XS_GATEWAY_METRICS_PORT", "XS_ROUTER_METRICS_PORT", "XS_SETTLE_METRICS_PORT",
+    "XS_MONITOR_METRICS_PORT", "XS_CLEARING_METRICS_PORT", "XS_DASHBOARD_PORT", "XS_PROMETHEUS_PORT",
+)
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports the kernel has free on loopback right now."""
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def run_environment(token: str) -> dict[str, str]:
+    shared = load_settings()  # Kafka, PostgreSQL and the state dir from the caller's environment
+    env = {
+        "XS_TEST_RUN": token,
+        "XS_RUN_DIR": str(shared.state_dir.resolve() / "runs" / f"t{token}"),
+        "XS_PG_DATABASE": f"xsettle_t{token}",
+        "XS_TOPIC_PREFIX": f"t{token}.",
+    }
+    env.update(zip(RUN_PORTS, map(str, _free_ports(len(RUN_PORTS))), strict=True))
+    return env
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("XS_TEST_RUN"):
+        return  # a pytest started inside a run (or by hand with a run's environment) keeps that run
+    token = f"{os.getpid() % 100_000:05d}{time.time_ns() // 10**6 % 100_000:05d}"
+    os.environ.update(run_environment(token))
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +69,7 @@ def settings() -> Settings:
 
 
 @pytest.fixture(scope="session")
-def stack(settings: Settings) -> Settings:
+def stack(settings: Settings) -> Iterator[Settings]:
     res = subprocess.run(
         [sys.executable, "-m", "deploy.stack", "start", "--infra-only"],
         cwd=PROJECT_ROOT,
@@ -32,4 +80,8 @@ def stack(settings: Settings) -> Settings:
     )
     if res.returncode != 0:
         pytest.fail(f"local stack did not start:\n{res.stdout}\n{res.stderr}", pytrace=False)
-    return settings
+    yield settings
+    if not os.environ.get("XS_KEEP_RUN"):
+        from deploy.stack import teardown_run
+
+        teardown_run(settings)

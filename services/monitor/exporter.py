@@ -162,17 +162,20 @@ class Monitor:
         tps = [TopicPartition(t, p) for t, ps in partitions.items() for p in ps]
         end = {(tp.topic, tp.partition): o for tp, o in (await self.offsets.end_offsets(tps)).items()}
         begin = {(tp.topic, tp.partition): o for tp, o in (await self.offsets.beginning_offsets(tps)).items()}
-        groups = sorted(g for g, protocol in await self.admin.list_consumer_groups() if protocol in ("consumer", ""))
+        # Only this deployment's groups (Settings.topic_prefix), labelled without the prefix.
+        prefix = self.s.topic_prefix
+        groups = sorted(g for g, protocol in await self.admin.list_consumer_groups()
+                        if protocol in ("consumer", "") and g.startswith(prefix))
         lags: list[PartitionLag] = []
         members: dict[str, int] = {}
         for group in groups:
             # One group per request: aiokafka 0.14 fails to decode a multi-group answer from Kafka 4.1.
             for resp in await self.admin.describe_consumer_groups([group]):
                 for g in resp.groups:
-                    members[g[1]] = len(g[5])
+                    members[g[1].removeprefix(prefix)] = len(g[5])
             committed = {(tp.topic, tp.partition): om.offset
                          for tp, om in (await self.admin.list_consumer_group_offsets(group)).items()}
-            lags += group_lags(group, committed, partitions, begin, end)
+            lags += group_lags(group.removeprefix(prefix), committed, partitions, begin, end)
         snap = self.collector.snapshot
         snap.lags, snap.end_offsets, snap.members = lags, end, members
 

@@ -1,7 +1,7 @@
 """Integration fixtures: the real stack, the broker's services, and test reference data.
 
-Each test session loads its own persons (psn_no carries a per-run token), so
-year-to-date accumulators left by earlier runs never change expected splits.
+Each test run owns its database, topics and services (tests/conftest.py); persons still carry a
+per-run token in psn_no, which costs nothing and keeps them apart from the demo's.
 Hospitals and catalog items are fixed rows: reloading them is a no-op.
 """
 
@@ -136,9 +136,9 @@ async def db(stack: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture(scope="session")
 def services(stack: Settings) -> Settings:
-    """The broker's services, restarted so they run the code under test."""
-    for name in SERVICES:
-        stack_ctl.restart_service(name, stack)
+    """The run's own services (its supervisord, free ports, its database and topics), started from
+    this checkout's code; the `stack` fixture stops them at the end of the session."""
+    stack_ctl.start_services(stack, SERVICES)
     return stack
 
 

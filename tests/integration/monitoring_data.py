@@ -36,7 +36,7 @@ from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, RUN_TOKEN
 
 D = Decimal
 T = TypeVar("T")
-RETRY_FOR_S = 30.0  # other engineers restart services while testing: resend by msgid
+RETRY_FOR_S = 30.0  # the crash tests restart services meanwhile: resend by msgid
 INSURED = "320100"  # 南京市
 INSURED_PROV = "320000"  # 江苏省
 SUZHOU = Hospital("H32050099901", "苏州监控测试医院", "320500")

@@ -52,6 +52,7 @@ from tests.integration.clearing_fixtures import (
     run_stay,
     wait_recorded,
 )
+from topics.catalog import ALERTS, DEPOSITS, SETTLEMENTS
 
 pytestmark = pytest.mark.integration
 D = Decimal
@@ -89,17 +90,6 @@ async def metric(port: int, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-async def ensure_running(name: str, s: Settings, timeout_s: float = 60) -> None:
-    """Start a service, tolerating another test run starting it at the same moment."""
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(stack_ctl.is_healthy, name, s):
-        try:
-            await asyncio.to_thread(stack_ctl.start_service, name, s)
-        except stack_ctl.StackError:
-            assert time.monotonic() < deadline, f"{name} did not start"
-            await asyncio.sleep(1.0)
 
 
 # The month, streaming and batch ---------------------------------------------------------------------
@@ -142,23 +132,20 @@ async def test_replayed_settlement_events_are_not_counted_twice(traffic: Traffic
         before = await store.positions(conn, M1)
     dup_before = await metric(services.clearing_metrics_port, "xs_requests_total", stage="clearing",
                               infno="settlement_event", outcome="duplicate")
-    pid = stack_ctl.service_pid("clearing", services)
     producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:
         for _ in range(2):  # each event twice more: a replay and a duplicate
             for ev in events:
-                await producer.send_and_wait("fsi.settlements", enc.encode(ev), key=ev.psn_no.encode())
+                await producer.send_and_wait(SETTLEMENTS.name, enc.encode(ev), key=ev.psn_no.encode())
     finally:
         await producer.stop()
     deadline = time.monotonic() + 30
-    while await metric(services.clearing_metrics_port, "xs_requests_total", stage="clearing",
-                       infno="settlement_event", outcome="duplicate") < dup_before + 2 * len(events):
-        if stack_ctl.service_pid("clearing", services) != pid:  # restarted by another run: counter reset
-            await asyncio.sleep(5)
-            break
+    while (dup := await metric(services.clearing_metrics_port, "xs_requests_total", stage="clearing",
+                               infno="settlement_event", outcome="duplicate")) < dup_before + 2 * len(events):
         assert time.monotonic() < deadline, "the clearing service did not see the replayed events"
         await asyncio.sleep(0.2)
+    assert dup == dup_before + 2 * len(events)
     async with db.acquire() as conn:
         assert compare_positions(before, await store.positions(conn, M1)) == []
         assert await store.verify(conn, M1) == []
@@ -321,7 +308,7 @@ async def test_reversal_after_close_lands_in_the_next_month(traffic: Traffic, db
         assert sum(p.amounts.fund_pay_sumamt for p in adjustments) == to_fen(D(late["fund_pay_sumamt"]))
         st = await cli.statement_for(conn, M2, region_of(late_target.stay.insuplc).pool_admdvs)
         assert st.status == "provisional"
-        assert sum(ln.adj_reverse_cnt for ln in st.payable) >= 1
+        assert sum(ln.adj_reverse_cnt for ln in st.payable) == 1  # the late reversal, nothing else
 
 
 async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic, db: asyncpg.Pool,
@@ -357,7 +344,11 @@ async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic,
         rev_ids = [r[0] for r in await conn.fetch(
             "SELECT setl_id FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'",
             [r["setl_id"] for r in revs])]
-        assert len(rev_ids) >= 12
+        nonlocal_settled = await conn.fetchval(
+            "SELECT count(*) FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'",
+            [s.setl_id for s in settled])
+        assert len(rev_ids) == nonlocal_settled == sum(
+            region_of(h.admdvs).pool_admdvs != region_of(p.insuplc).pool_admdvs for h, p, _, _ in plan)
         months = [r[0] for r in await conn.fetch(
             "SELECT clr_month FROM clearing_entry WHERE setl_id = ANY($1::text[])", rev_ids)]
         assert len(months) == len(rev_ids) and set(months) <= {M2, M3}
@@ -471,7 +462,6 @@ async def test_deposit_warning_fires_at_the_line_and_not_above_it(db: asyncpg.Po
     prov = "620000"  # a province no test traffic draws from
     since_ms = int(time.time() * 1000) - 1000
     async with db.acquire() as conn, conn.transaction():
-        # Hold the account for the whole test: another run of this test waits instead of moving it meanwhile.
         await conn.execute("INSERT INTO clearing_deposit (insured_prov) VALUES ($1) ON CONFLICT DO NOTHING", prov)
         before = await conn.fetchval("SELECT balance_fen FROM clearing_deposit WHERE insured_prov = $1 FOR UPDATE",
                                      prov)
@@ -488,16 +478,14 @@ async def test_deposit_warning_fires_at_the_line_and_not_above_it(db: asyncpg.Po
         assert await store.current_line(conn, prov) == 0
     # The alert event for the movement at the line, none for the one above it (published by the service).
     alerts = {f"deposit-low-topup-T{RUN_TOKEN}A", f"deposit-low-topup-T{RUN_TOKEN}B"}
-    assert await _find_on_topic(services, "fsi.alerts", since_ms, alerts, "alert_id", timeout_s=8) == {
+    assert await _find_on_topic(services, ALERTS.name, since_ms, alerts, "alert_id", timeout_s=8) == {
         f"deposit-low-topup-T{RUN_TOKEN}A"}
     moves = {f"topup-T{RUN_TOKEN}A", f"topup-T{RUN_TOKEN}B"}
-    assert await _find_on_topic(services, "fsi.deposits", since_ms, moves, "txn_id") == moves
-    # The dashboard's gauge shows the balance (as it is now: another run may have moved it since).
+    assert await _find_on_topic(services, DEPOSITS.name, since_ms, moves, "txn_id") == moves
+    # The dashboard's gauge shows the balance.
     deadline = time.monotonic() + 25
-    while True:
-        shown = await metric(services.clearing_metrics_port, "xs_deposit_balance_yuan", insured_prov=prov)
-        if shown == await db.fetchval("SELECT balance_fen FROM clearing_deposit WHERE insured_prov = $1", prov) / 100:
-            break
+    gauge = {"insured_prov": prov}
+    while await metric(services.clearing_metrics_port, "xs_deposit_balance_yuan", **gauge) != (line + 1) / 100:
         assert time.monotonic() < deadline, "the deposit gauge did not show the balance"
         await asyncio.sleep(0.5)
 
@@ -517,7 +505,6 @@ async def test_manual_claims_are_stored_and_count_in_the_rate_denominator(traffi
     labels = {"insured_prov": "510000", "treating_prov": "150000", "scope": "cross_province",
               "visit_type": "inpatient"}
     counted_before = await metric(services.clearing_metrics_port, "xs_manual_claims_total", **labels)
-    pid = stack_ctl.service_pid("clearing", services)
     claims = [claim(0, "510421", "150400"), claim(1, "510421", "150400"), claim(2, "510421", "150400")]
     local = claim(3, "510421", "510402")  # same pooling region: not a non-local claim
     await cli.submit_claims(services, [*claims, claims[0], local])  # claim 0 twice
@@ -527,14 +514,13 @@ async def test_manual_claims_are_stored_and_count_in_the_rate_denominator(traffi
         assert time.monotonic() < deadline, "manual claims not stored"
         await asyncio.sleep(0.2)
     assert await db.fetchval("SELECT count(*) FROM manual_claim WHERE claim_id = $1", local.claim_id) == 0
-    # Counted once each (≥: another run of this test may count its own claims with the same labels; a
-    # restart of the service by another run resets the counter).
+    # Counted once each.
     deadline = time.monotonic() + 15
-    while await metric(services.clearing_metrics_port, "xs_manual_claims_total", **labels) < counted_before + 3:
-        if stack_ctl.service_pid("clearing", services) != pid:
-            break
+    while (counted := await metric(services.clearing_metrics_port, "xs_manual_claims_total", **labels)) \
+            < counted_before + 3:
         assert time.monotonic() < deadline, "manual claims not counted"
         await asyncio.sleep(0.2)
+    assert counted == counted_before + 3
 
     async with db.acquire() as conn:
         lines = await cli.rates(conn, month_start(M1).date(), (month_end(M1)).date())
@@ -558,10 +544,10 @@ async def test_clearing_service_crash_keeps_positions_exact(traffic: Traffic, db
     plan = month_plan(M4, EXTRA_PERSONS, 20, first_day=1, last_day=20)
     running = asyncio.ensure_future(gather_limited(run_stay(client, h, p, when, lines) for h, p, when, lines in plan))
     await asyncio.sleep(1.0)
-    # kill -9 mid-stream (if another engineer's run is restarting it right now, it is down anyway).
-    await asyncio.to_thread(stack_ctl.stop_service, "clearing", True, services)
+    # kill -9 mid-stream, kept down until the stays are answered, then started again.
+    assert await asyncio.to_thread(stack_ctl.stop_service, "clearing", True, services)
     settled = await running
-    await ensure_running("clearing", services)
+    await asyncio.to_thread(stack_ctl.start_service, "clearing", services)
     await wait_recorded(db, [s.setl_id for s in settled], timeout_s=60)
     async with db.acquire() as conn:
         assert await store.verify(conn, M4) == []
