@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -122,21 +122,6 @@ def load_settings() -> Settings:
     )
 
 
-# The environment variable of each Settings field that a child process reads back (see settings_env).
-_ENV_NAMES = {
-    "state_dir": "XS_STATE_DIR", "run_dir": "XS_RUN_DIR", "kafka_port": "XS_KAFKA_PORT",
-    "kafka_controller_port": "XS_KAFKA_CONTROLLER_PORT", "pg_port": "XS_PG_PORT", "pg_user": "XS_PG_USER",
-    "pg_database": "XS_PG_DATABASE", "gateway_host": "XS_GATEWAY_HOST", "gateway_port": "XS_GATEWAY_PORT",
-    "gateway_metrics_port": "XS_GATEWAY_METRICS_PORT", "router_metrics_port": "XS_ROUTER_METRICS_PORT",
-    "settle_metrics_port": "XS_SETTLE_METRICS_PORT", "monitor_metrics_port": "XS_MONITOR_METRICS_PORT",
-    "dashboard_port": "XS_DASHBOARD_PORT", "prometheus_port": "XS_PROMETHEUS_PORT",
-    "clearing_metrics_port": "XS_CLEARING_METRICS_PORT", "gateway_timeout_ms": "XS_GATEWAY_TIMEOUT_MS",
-    "gateway_instance": "XS_GATEWAY_INSTANCE", "request_body_bytes_max": "XS_REQUEST_BODY_BYTES_MAX",
-    "fee_items_per_upload_max": "XS_FEE_ITEMS_PER_UPLOAD_MAX", "batch_size_max": "XS_BATCH_SIZE_MAX",
-    "topic_prefix": "XS_TOPIC_PREFIX", "partitions": "XS_PARTITIONS", "replication_factor": "XS_REPLICATION_FACTOR",
-}
-
-
 def settings_env(s: Settings) -> dict[str, str]:
-    """The XS_* variables that make load_settings() in a child process return `s`."""
-    return {env: str(getattr(s, field)) for field, env in _ENV_NAMES.items()}
+    """The XS_* variables that make load_settings() in a child process return `s` (field x: XS_X)."""
+    return {f"XS_{f.name.upper()}": str(getattr(s, f.name)) for f in fields(s)}

@@ -1,0 +1,63 @@
+"""The run's services under supervisord: a crash is repaired by the manager itself, and each run's
+services are its own (ports, database, topic prefix)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy import stack as stack_ctl
+from deploy.services import SupervisorPaths
+from services.common.config import Settings, settings_env
+
+pytestmark = pytest.mark.integration
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+
+
+async def test_a_service_killed_with_sigkill_is_restarted_by_the_manager(services: Settings) -> None:
+    old = stack_ctl.service_pid("clearing", services)
+    assert old is not None
+    os.kill(old, signal.SIGKILL)  # behind the stack's back: only supervisord can bring it back
+    deadline = time.monotonic() + 30
+    while (new := stack_ctl.service_pid("clearing", services)) in (None, old) or not stack_ctl.is_healthy(
+            "clearing", services):
+        assert time.monotonic() < deadline, "supervisord did not restart the killed clearing service"
+        await asyncio.sleep(0.2)
+    assert new != old
+    log = SupervisorPaths.of(services).log("supervisord").read_text()
+    assert "exited: clearing (terminated by SIGKILL; not expected)" in log
+
+
+def test_restart_service_kill_returns_the_new_answering_pid(services: Settings) -> None:
+    old = stack_ctl.service_pid("monitor", services)
+    new = stack_ctl.restart_service("monitor", services, kill=True)
+    assert old is not None and new != old
+    assert stack_ctl.service_pid("monitor", services) == new and stack_ctl.is_healthy("monitor", services)
+
+
+def test_stop_service_keeps_it_stopped_until_started(services: Settings) -> None:
+    assert stack_ctl.stop_service("dashboard", kill=True, settings=services)
+    time.sleep(3)  # longer than supervisord's restart of a crashed program takes
+    assert not stack_ctl.is_running("dashboard", services)
+    pid = stack_ctl.start_service("dashboard", services)
+    assert stack_ctl.service_pid("dashboard", services) == pid
+
+
+def test_the_runs_services_use_its_own_settings(services: Settings) -> None:
+    assert services.pg_database.startswith("xsettle_t") and services.topic_prefix.startswith("t")
+    assert services.run_dir != services.state_dir
+    wanted = settings_env(services)
+    for name in ("settle", "router", "gateway", "clearing", "monitor", "dashboard"):
+        pid = stack_ctl.service_pid(name, services)
+        assert pid is not None, name
+        env = _environ(pid)
+        assert {k: env.get(k) for k in wanted} == wanted, name

@@ -1,0 +1,77 @@
+"""Deployment configuration, pure: Settings round-trips through the environment, the topic catalog
+follows Settings, and supervisord's config carries the restart policy and each run's settings."""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+
+import pytest
+
+from deploy.services import START_RETRIES, service_specs, supervisor_config
+from services.common.config import ConfigError, load_settings, settings_env
+from topics.catalog import catalog
+
+RUN_ENV = {"XS_TOPIC_PREFIX": "t42.", "XS_PARTITIONS": "3", "XS_REPLICATION_FACTOR": "2",
+           "XS_PG_DATABASE": "xsettle_t42", "XS_RUN_DIR": "/tmp/xs-run-t42", "XS_GATEWAY_PORT": "24001"}
+
+
+@pytest.fixture
+def run_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in RUN_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_settings_env_gives_a_child_the_same_settings(run_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    for field in dataclasses.fields(s):
+        monkeypatch.delenv(f"XS_{field.name.upper()}", raising=False)
+    for key, value in settings_env(s).items():
+        monkeypatch.setenv(key, value)
+    assert load_settings() == s
+    assert set(settings_env(s)) == {f"XS_{f.name.upper()}" for f in dataclasses.fields(s)}
+
+
+@pytest.mark.parametrize("bad", ["t 1.", "x" * 41, "t1/", "ünï"])
+def test_a_bad_topic_prefix_is_refused(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv("XS_TOPIC_PREFIX", bad)
+    with pytest.raises(ConfigError, match="XS_TOPIC_PREFIX"):
+        load_settings()
+
+
+@pytest.mark.parametrize(("key", "value"), [("XS_PARTITIONS", "0"), ("XS_REPLICATION_FACTOR", "9")])
+def test_partitions_and_replication_are_bounded(monkeypatch: pytest.MonkeyPatch, key: str, value: str) -> None:
+    monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=key):
+        load_settings()
+
+
+def test_catalog_names_and_sizes_topics_from_settings(run_env: None) -> None:
+    topics = {t.name: t for t in catalog(load_settings())}
+    assert sorted(topics) == sorted(f"t42.fsi.{n}" for n in (
+        "ingress", "routed", "replies", "settlements", "clearing", "deadletter", "manual_claims", "deposits", "alerts"))
+    assert {n: t.partitions for n, t in topics.items()} == {
+        "t42.fsi.ingress": 3, "t42.fsi.routed": 3, "t42.fsi.replies": 4, "t42.fsi.settlements": 3,
+        "t42.fsi.clearing": 3, "t42.fsi.deadletter": 1, "t42.fsi.manual_claims": 3, "t42.fsi.deposits": 1,
+        "t42.fsi.alerts": 1}
+    assert {t.replication_factor for t in topics.values()} == {2}
+
+
+def test_supervisor_config_restarts_every_service_with_the_runs_settings(
+        run_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XS_ROUTER_SHELL", "faust")
+    parser = configparser.RawConfigParser()
+    parser.read_string(supervisor_config(load_settings()))
+    assert parser.get("unix_http_server", "file") == "/tmp/xs-run-t42/supervisor/supervisor.sock"
+    assert not parser.has_section("inet_http_server")  # no TCP control port at all
+    for spec in service_specs(load_settings()):
+        program = dict(parser.items(f"program:{spec.name}"))
+        assert program["command"].endswith(f'"-m" "{spec.module}"')
+        assert (program["autorestart"], program["startretries"], program["autostart"]) == (
+            "true", str(START_RETRIES), "false")
+        assert program["stdout_logfile"] == f"/tmp/xs-run-t42/logs/{spec.name}.log"
+        env = program["environment"]
+        assert 'XS_PG_DATABASE="xsettle_t42"' in env and 'XS_TOPIC_PREFIX="t42."' in env
+        assert 'XS_GATEWAY_PORT="24001"' in env
+        # A program's own switches reach only that program (a change restarts only it).
+        assert ('XS_ROUTER_SHELL="faust"' in env) == (spec.name == "router")
