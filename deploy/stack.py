@@ -1037,6 +1037,18 @@ def apply_topics(s: Settings) -> None:
         warn(f"topics: {problem}")
 
 
+def _retire_legacy_processes(s: Settings, p: Paths) -> None:
+    """Services and Prometheus that the stack started before supervisord (pidfiles in run/) would
+    hold the ports: stop them once."""
+    for name in [*(spec.name for spec in service_specs(s)), PROMETHEUS]:
+        pidfile = p.pidfile(name)
+        pid = _read_pid(pidfile)
+        if pid is not None and _pid_alive(pid) and any(name in arg for arg in _cmdline(pid)):
+            say(f"{name}: stopping pid {pid}, started before supervisord ran the services")
+            _terminate(pid, SERVICE_STOP_TIMEOUT_S)
+        pidfile.unlink(missing_ok=True)
+
+
 def start(infra_only: bool = False, settings: Settings | None = None) -> None:
     """Kafka and PostgreSQL (shared), topics and migrations of `settings`, supervisord with Prometheus,
     and unless infra_only the services."""
@@ -1052,6 +1064,7 @@ def start(infra_only: bool = False, settings: Settings | None = None) -> None:
             _kafka_wait_ready(s, p, kpid)
             say(f"kafka: ready on {s.kafka_bootstrap}")
         apply_topics(s)
+        _retire_legacy_processes(s, p)
     if not infra_only:
         try:
             start_services(s)
