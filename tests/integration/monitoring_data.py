@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.his import FeeLine, GatewayClient, Hospital, Stay, wire_time
 from schemas.clearing import ManualClaim
-from services.clearing.cli import submit_claims
+from services.clearing.cli import deposit_topup, submit_claims
 from services.common.config import Settings
 from services.common.response import SHANGHAI
 from services.monitor.ledger import month_bounds
@@ -195,21 +195,26 @@ async def ensure_traffic(s: Settings, db: asyncpg.Pool, tmp: Path) -> Traffic:
         if _traffic is not None:
             return _traffic
         await load_refdata(db, s, tmp)
+        async with db.acquire() as conn:  # the run's database starts empty: one deposit for the deposit panels
+            await deposit_topup(conn, INSURED_PROV, 100_000_000, f"MON{RUN_TOKEN}", "monitoring traffic")
         t = Traffic()
         async with exclusive(db, "counters"), aiohttp.ClientSession() as session:
             client = GatewayClient(s.gateway_url, session, retry_for_s=RETRY_FOR_S)
             # One of each first, so Prometheus has seen the series before the rest arrive
             # (increase() cannot count the first value of a series it has never seen).
             t.intra.append(await settle_stay(client, SUZHOU, 0))
+            first_cross = await settle_stay(client, CHIFENG, 21)
             t.claims.append(manual_claim(30, 0))
             await submit_claims(s, t.claims)
             sel = ",".join(f'{k}="{v}"' for k, v in INTRA_KEY.items())
-            await wait_for("first settlement and manual claim in Prometheus", lambda: _both_seen(s, sel), 60)
+            cross = f'insured_prov="{INSURED_PROV}",treating_prov="{TREATING_CROSS_PROV}",scope="cross_province"'
+            await wait_for("first settlements and manual claim in Prometheus",
+                           lambda: _both_seen(s, sel, cross), 60)
             rest = [settle_stay(client, SUZHOU, n) for n in range(1, N_INTRA)]
-            rest += [settle_stay(client, CHIFENG, 20 + n, reverse=n == 0) for n in range(N_CROSS)]
+            rest += [settle_stay(client, CHIFENG, 20 + n, reverse=n == 0) for n in range(N_CROSS) if n != 1]
             stays = await asyncio.gather(*rest)
             t.intra += stays[: N_INTRA - 1]
-            t.cross = stays[N_INTRA - 1:]
+            t.cross = [*stays[N_INTRA - 1:], first_cross]
             t.reversed_cross = t.cross[:1]
             more = [manual_claim(30 + n % 10, n) for n in range(1, N_MANUAL)]
             await submit_claims(s, more)
@@ -223,10 +228,11 @@ async def ensure_traffic(s: Settings, db: asyncpg.Pool, tmp: Path) -> Traffic:
         return t
 
 
-async def _both_seen(s: Settings, sel: str) -> bool:
+async def _both_seen(s: Settings, sel: str, cross: str) -> bool:
     direct = await prom_query(s, f'xs_settlements_total{{kind="settle",{sel}}}')
     manual = await prom_query(s, f"xs_manual_claims_total{{{sel}}}")
-    return bool(direct) and bool(manual)
+    direct_cross = await prom_query(s, f'xs_settlements_total{{kind="settle",{cross}}}')
+    return bool(direct) and bool(manual) and bool(direct_cross)
 
 
 async def _claims_in(db: asyncpg.Pool, claim_ids: list[str]) -> bool:

@@ -21,7 +21,7 @@ from deploy import stack as stack_ctl
 from deploy.prometheus import RULE_FILES, UNIT_TESTS, PromPaths
 from deploy.services import service_specs
 from loadtest.his import GatewayClient, Stay
-from services.common.config import PROJECT_ROOT, Settings
+from services.common.config import PROJECT_ROOT, Settings, load_settings
 from tests.integration.monitoring_data import (
     INSURED,
     INSURED_PROV,
@@ -42,7 +42,9 @@ from tests.integration.monitoring_data import (
 pytestmark = pytest.mark.integration
 
 GRAFANA_DASHBOARD = PROJECT_ROOT / "deploy" / "grafana" / "dashboard.json"
-LAG_TOPIC, LAG_GROUP = "xsettle.test.lag", "xsettle-test-lag"
+# The run's own topic and group (the monitor reports the groups of its topic prefix, without the prefix).
+TOPIC_PREFIX = load_settings().topic_prefix
+LAG_TOPIC, LAG_GROUP = TOPIC_PREFIX + "xsettle.test.lag", TOPIC_PREFIX + "xsettle-test-lag"
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
