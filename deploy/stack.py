@@ -309,7 +309,9 @@ def kafka_properties(s: Settings, p: Paths) -> str:
             "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             f"log.dirs={p.kafka_data}",
             "num.partitions=1",
-            "auto.create.topics.enable=true",
+            # Topics come from topics/apply.py only: a client asking for a deleted topic (e.g. a finished
+            # test run's) must not bring it back, and a misspelt name must fail instead of appearing.
+            "auto.create.topics.enable=false",
             # single node: every internal topic with replication factor 1
             "offsets.topic.replication.factor=1",
             "offsets.topic.num.partitions=16",
@@ -1104,6 +1106,7 @@ def teardown_run(s: Settings) -> None:
             names = [t.name for t in catalog(s) if t.name in existing]
             if names:
                 await admin.delete_topics(names, timeout_ms=15_000)
+            say(f"teardown: dropped database {s.pg_database}, deleted {len(names)} topics {s.topic_prefix}*")
         finally:
             await admin.close()
 

@@ -154,7 +154,9 @@ class Monitor:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
     async def poll_kafka(self) -> None:
-        topics = [t for t in await self.admin.list_topics() if not t.startswith("__")]
+        # Only this deployment's topics (Settings.topic_prefix; a test run's own).
+        topics = [t for t in await self.admin.list_topics() if t.startswith(self.s.topic_prefix)
+                  and not t.startswith("__")]
         partitions: dict[str, list[int]] = {}
         for meta in await self.admin.describe_topics(topics):
             if meta["error_code"] == 0:
