@@ -50,6 +50,7 @@ from supervisor.xmlrpc import SupervisorTransport
 from deploy.services import (
     PROMETHEUS,
     START_RETRIES,
+    STOP_WAIT_SECS,
     ServiceSpec,
     SupervisorPaths,
     service_specs,
@@ -904,13 +905,21 @@ def stop_service(
     pid = service_pid(name, s)
     if pid is None:
         return False
-    rpc = Supervisor(s).rpc()
+    sup = Supervisor(s)
+    rpc = sup.rpc()
     say(f"{name}: {'killing' if kill else 'stopping'} pid {pid}")
     if kill:
         _signal_program(rpc, name)
-        _wait_dead(pid, timeout)
-    with contextlib.suppress(xmlrpc.client.Fault):  # NOT_RUNNING: it had already exited
-        rpc.stopProcess(name, True)
+    # After a kill supervisord passes through EXITED and restarts the program (autorestart): stop
+    # whatever it runs until the program rests in STOPPED.
+    deadline = time.monotonic() + timeout + STOP_WAIT_SECS
+    while (state := (sup.info(name) or {}).get("statename")) not in ("STOPPED", "FATAL", None):
+        if state in ("STARTING", "RUNNING", "BACKOFF"):
+            with contextlib.suppress(xmlrpc.client.Fault):  # NOT_RUNNING: it exited meanwhile
+                rpc.stopProcess(name, True)
+        elif time.monotonic() > deadline:
+            raise StackError(f"{name}: still {state} {timeout + STOP_WAIT_SECS:.0f}s after the stop")
+        time.sleep(0.05)
     return True
 
 
