@@ -112,7 +112,7 @@ async def fetch_refdata(conn: asyncpg.Connection) -> RefData:
 
 
 # Preference among filings in force (schemas.codes.FILING_PREFERENCE): the smallest ratio cut first.
-_RANK: Final = {t: i for i, t in enumerate(FILING_PREFERENCE)}
+_RANK: Final[dict[str, int]] = {t: i for i, t in enumerate(FILING_PREFERENCE)}
 
 
 def filing_in_force(filings: Iterable[Filing], on: date, treating_prov: str) -> Filing | None:
