@@ -60,6 +60,11 @@ VISIT_KIND_MED_TYPES: Final[Mapping[VisitKind, tuple[str, ...]]] = MappingProxyT
 VisitState = Literal["registered", "admitted", "discharged", "settled", "cancelled"]
 VISIT_STATES: Final[tuple[VisitState, ...]] = get_args(VisitState)
 
+# --- chronic and special diseases (门诊慢特病) with an eligibility registration (2503) -----------------
+
+ChronicDisease = Literal["HTN", "DM", "CANCER_TX", "ESRD_DIALYSIS", "TRANSPLANT_AR"]
+CHRONIC_DISEASES: Final[tuple[ChronicDisease, ...]] = get_args(ChronicDisease)
+
 # --- scope: where the person is insured against where they are treated ------------------------
 
 Scope = Literal["local", "intra_province", "cross_province"]
@@ -73,6 +78,8 @@ NON_LOCAL_SCOPES: Final[tuple[Scope, ...]] = (SCOPE_INTRA_PROVINCE, SCOPE_CROSS_
 
 FilingType = Literal["LONG_TERM", "REFERRAL", "EMERGENCY", "TEMPORARY"]
 FILING_TYPES: Final[tuple[FilingType, ...]] = get_args(FilingType)
+FILING_EMERGENCY: Final = "EMERGENCY"  # a declared emergency counts as filed (2401 emergency_flag)
+FILING_TEMPORARY: Final = "TEMPORARY"  # the promise system (承诺制) files it on the spot
 # Which filing wins when several are in force (the first: the smallest ratio cut).
 FILING_PREFERENCE: Final[tuple[FilingType, ...]] = ("EMERGENCY", "REFERRAL", "LONG_TERM", "TEMPORARY")
 

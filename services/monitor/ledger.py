@@ -18,12 +18,13 @@ from typing import Final
 
 import asyncpg
 
+from schemas.codes import FUNDS
 from services.clearing.cli import rates
 from services.common.metrics import visit_type_of
 from services.common.response import SHANGHAI
 from services.refdata.regions import UnknownRegion, province_of
 
-FUND_COLUMNS: Final = ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")
+FUND_COLUMNS: Final[tuple[str, ...]] = FUNDS
 
 _MONEY_SQL: Final = """
 SELECT insured_admdvs, treating_admdvs, scope, med_type,

@@ -15,7 +15,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from schemas.codec import Request
-from schemas.codes import FILING_PREFERENCE, SCOPE_LOCAL
+from schemas.codes import FILING_EMERGENCY, FILING_PREFERENCE, FILING_TEMPORARY, SCOPE_LOCAL
 from schemas.errors import BrokerError
 from schemas.filing import Input2501, Input2502, Input2503, Input2504, Input5301
 from schemas.inpatient import Input2401
@@ -194,12 +194,12 @@ def _filing_on_the_spot(req: Request, psn_no: str, treating_prov: str, on: date)
     if info is None or isinstance(info, list):
         return None
     if isinstance(body, Input2401) and body.mdtrtinfo.emergency_flag == "1":
-        kind, days = "EMERGENCY", EMERGENCY_FILING_DAYS
+        kind, days = FILING_EMERGENCY, EMERGENCY_FILING_DAYS
     elif getattr(info, "promise_filing_flag", "0") == "1":
-        kind, days = "TEMPORARY", PROMISE_FILING_DAYS
+        kind, days = FILING_TEMPORARY, PROMISE_FILING_DAYS
     else:
         return None
-    source = "emergency" if kind == "EMERGENCY" else "promise"
+    source = "emergency" if kind == FILING_EMERGENCY else "promise"
     filing_id = "F" + hashlib.sha256(f"{req.envelope.msgid}|{kind}".encode()).hexdigest()[:31]
     filing = Filing(
         filing_id=filing_id,

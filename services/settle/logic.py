@@ -32,6 +32,7 @@ from schemas.codes import (
     MED_TYPE_GENERAL_OUTPATIENT,
     MED_TYPE_INPATIENT,
     MED_TYPE_PHARMACY,
+    SCOPE_LOCAL,
     VISIT_KIND_MED_TYPES,
 )
 from schemas.errors import BrokerError
@@ -375,7 +376,7 @@ def _compute(msg: RoutedRequest, visit: Visit, st: BatchState, policies: PolicyB
     balance = st.accounts.get(person.psn_no, person.acct_balc_fen)
     inp = SettlementInput(
         med_type=visit.med_type, insutype=person.insutype, psn_type=person.psn_type, hosp_lv=msg.hospital.hosp_lv,
-        assistance=person.assistance, filing_type=msg.filing_type if visit.scope != "local" else None,
+        assistance=person.assistance, filing_type=msg.filing_type if visit.scope != SCOPE_LOCAL else None,
         chronic_disease=visit.chronic_disease, use_account=use_account and person.insutype == INSUTYPE_EMPLOYEE,
         account_balance_fen=balance, items=[_fee_item(f) for f in fees],
     )
@@ -398,7 +399,7 @@ def _compute(msg: RoutedRequest, visit: Visit, st: BatchState, policies: PolicyB
 def _row(msg: RoutedRequest, visit: Visit, setl_id: str, setl_time: datetime, year: int,
          split: FundSplit) -> Settlement:
     person, hospital = msg.person, msg.hospital
-    non_local = visit.scope != "local"
+    non_local = visit.scope != SCOPE_LOCAL
     return Settlement(
         setl_id=setl_id, msgid=msg.msgid, kind="settle", orig_setl_id=None, mdtrt_id=visit.mdtrt_id,
         psn_no=person.psn_no, fixmedins_code=msg.fixmedins_code, insutype=person.insutype,
