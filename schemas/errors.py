@@ -14,7 +14,7 @@ from dataclasses import dataclass
 class ErrorSpec:
     code: str
     meaning: str
-    transactions: str
+    transactions: str  # the README shows the registry's infnos instead when a transaction answers the code
     action: str
 
 
