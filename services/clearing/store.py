@@ -574,3 +574,33 @@ async def province_positions(conn: asyncpg.Connection, month: str) -> list[async
     return await conn.fetch(
         "SELECT insured_prov, treating_prov, " + ", ".join(f"sum({f})::bigint AS {f}" for f in AMOUNT_FIELDS) +
         " FROM clearing_position WHERE clr_month = $1 GROUP BY 1, 2 ORDER BY 1, 2", month)
+
+
+async def stored_response(conn: asyncpg.Connection, msgid: str) -> bytes | None:
+    """The answer already given to a 32xx msgid, byte for byte (None: not answered yet)."""
+    stored = await conn.fetchval("SELECT response FROM clearing_request WHERE msgid = $1", msgid)
+    return bytes(stored) if stored is not None else None
+
+
+async def store_response(conn: asyncpg.Connection, msgid: str, infno: str, fixmedins_code: str, infcode: int,
+                         response: bytes) -> None:
+    """A plain INSERT: a concurrent answer to the same msgid is a unique violation, not a second answer."""
+    await conn.execute(
+        "INSERT INTO clearing_request (msgid, infno, fixmedins_code, infcode, response) VALUES ($1, $2, $3, $4, $5)",
+        msgid, infno, fixmedins_code, infcode, response,
+    )
+
+
+async def insert_manual_claims(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> list[str]:
+    """Insert manual claims (columns in the order below); the claim_ids actually inserted (new ones)."""
+    inserted = await conn.fetch(
+        "INSERT INTO manual_claim (claim_id, psn_no, insured_admdvs, treating_admdvs, insured_prov,"
+        " treating_prov, scope, fixmedins_code, med_type, visit_type, begntime, endtime, medfee_sumamt,"
+        " fund_pay_sumamt, reason, reason_dscr, claim_time)"
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
+        " $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamp[], $12::timestamp[],"
+        " $13::bigint[], $14::bigint[], $15::text[], $16::text[], $17::timestamp[])"
+        " ON CONFLICT (claim_id) DO NOTHING RETURNING claim_id",
+        *(list(col) for col in zip(*rows, strict=True)),
+    )
+    return [r[0] for r in inserted]

@@ -140,6 +140,8 @@ class BatchProcessor(Generic[T]):
 
     stage: str = "unknown"
     decode_error_code: str = "INTERNAL"  # the code of a record that does not decode (BrokerError says its own)
+    # A decoder of the topic's value type with the service's error codes; None: the catalog's type.
+    decoder: Callable[[bytes], T] | None = None
 
     async def process(self, records: list[Record[T]], outbox: Outbox) -> None:
         raise NotImplementedError
@@ -170,8 +172,12 @@ class Backoff:
         return delay
 
     async def wait(self, stop: asyncio.Event) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), self.next_delay())
+        await sleep_or_stop(stop, self.next_delay())
+
+
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 async def until_up(what: str, start: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T | None:
@@ -231,15 +237,14 @@ class BatchConsumer(Generic[T]):
     """One consumer group over one topic, around a `BatchProcessor`; the producer may be shared."""
 
     def __init__(self, consumer: AIOKafkaConsumer, group_id: str, spec: TopicSpec, processor: BatchProcessor[T],
-                 producer: AIOKafkaProducer, *, max_records: int,
-                 decoder: Callable[[bytes], T] | None = None) -> None:
+                 producer: AIOKafkaProducer, *, max_records: int) -> None:
         self.consumer = consumer
         self.group_id = group_id
         self.spec = spec
         self.processor = processor
         self.producer = producer
         self.max_records = max_records
-        self.decode = decoder or catalog_decoder(spec)
+        self.decode: Callable[[bytes], T] = processor.decoder or catalog_decoder(spec)
 
     async def run(self, stop: asyncio.Event) -> None:
         await until_up(f"{self.group_id} consumer", self.consumer.start, stop)
