@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -31,12 +31,14 @@ from schemas.money import to_yuan
 from services.clearing.logic import (
     AMOUNT_FIELDS,
     MONTHS_WALK_MAX,
+    VISIT_TYPES,
     Amounts,
     ApplTotals,
     ClearingError,
     LedgerRow,
     Position,
     PositionKey,
+    RateKey,
     Row,
     aggregate,
     assign_month,
@@ -50,6 +52,7 @@ from services.clearing.logic import (
     month_statement,
     next_month,
     positions_from_statement,
+    rate_lines,
     warning_line,
 )
 from services.common.response import SHANGHAI
@@ -604,3 +607,30 @@ async def insert_manual_claims(conn: asyncpg.Connection, rows: Sequence[tuple[An
         *(list(col) for col in zip(*rows, strict=True)),
     )
     return [r[0] for r in inserted]
+
+
+async def rates(conn: asyncpg.Connection, begin: date, end: date) -> list[dict[str, Any]]:
+    """The one definition of person-times (clearing CLI, monitor, dashboard). Direct-settlement rate
+    per (insured province, treating province, scope, visit type) for visits
+    settled (or manually claimed, by their end) on days begin..end. A settlement counts as direct
+    unless reversed; a visit settled again after a reversal counts once."""
+    start, stop = datetime(begin.year, begin.month, begin.day), datetime(end.year, end.month, end.day) + timedelta(1)
+    direct: dict[RateKey, int] = {}
+    for r in await conn.fetch(
+        "SELECT s.insured_admdvs, s.treating_admdvs, s.scope, s.med_type, count(DISTINCT s.mdtrt_id) AS n"
+        " FROM settlement s WHERE s.kind = 'settle' AND s.scope <> 'local' AND s.setl_time >= $1"
+        " AND s.setl_time < $2 AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
+        " GROUP BY 1, 2, 3, 4", start, stop,
+    ):
+        key = RateKey(province_of(r["insured_admdvs"]), province_of(r["treating_admdvs"]), r["scope"],
+                      VISIT_TYPES.get(r["med_type"], "other"))
+        direct[key] = direct.get(key, 0) + r["n"]
+    manual: dict[RateKey, int] = {}
+    for r in await conn.fetch(
+        "SELECT insured_prov, treating_prov, scope, visit_type, count(*) AS n FROM manual_claim"
+        " WHERE endtime >= $1 AND endtime < $2 GROUP BY 1, 2, 3, 4", start, stop,
+    ):
+        key = RateKey(r["insured_prov"], r["treating_prov"], r["scope"], r["visit_type"])
+        manual[key] = manual.get(key, 0) + r["n"]
+    return [{**asdict(line.key), "direct": line.direct, "manual": line.manual, "rate": line.rate}
+            for line in rate_lines(direct, manual)]

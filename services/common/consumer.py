@@ -45,7 +45,7 @@ log = logging.getLogger("consumer")
 T = TypeVar("T")
 
 BACKOFF_FIRST_S: Final = 0.1
-BACKOFF_MAX_S: Final = 5.0
+BACKOFF_MAX_S: Final = 2.0  # at most this long between an outage's end and the next attempt
 POLL_TIMEOUT_MS: Final = 100
 # SQLSTATE classes that say the database (not the record) is in trouble: connection (08), transaction
 # rollback — deadlock, serialization — (40), resources (53), lock not available (55), operator
@@ -160,7 +160,7 @@ def catalog_decoder(spec: TopicSpec) -> Callable[[bytes], Any]:
 
 
 class Backoff:
-    """Capped exponential backoff: 0.1 s, 0.2 s, 0.4 s … 5 s, 5 s …"""
+    """Capped exponential backoff: 0.1 s, 0.2 s, 0.4 s … 2 s, 2 s …"""
 
     def __init__(self, first_s: float = BACKOFF_FIRST_S, max_s: float = BACKOFF_MAX_S) -> None:
         self.first_s, self.max_s = first_s, max_s

@@ -52,8 +52,16 @@ def instance_id(group_id: str) -> str:
 
 
 async def connect_pool(s: Settings, max_size: int) -> asyncpg.Pool:
-    """A pool whose connections are replaced after a database restart (asyncpg reconnects on acquire)."""
-    return await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=max_size)
+    """A pool whose connections are replaced after a database restart (asyncpg reconnects on acquire).
+    No connection floor: asyncpg would log a traceback for every failed refill while the database is
+    away; the shell's retries say it once per attempt. One query proves the database is there."""
+    pool = await asyncpg.create_pool(s.pg_dsn, min_size=0, max_size=max_size)
+    try:
+        await pool.execute("SELECT 1")
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
 
 
 def make_group_consumer(s: Settings, group_id: str, *topics: str) -> AIOKafkaConsumer:
