@@ -40,7 +40,7 @@ from services.common.consumer import (
     FailureKind,
     Outbox,
     Record,
-    RecordFailed,
+    applying,
     classify,
     until_up,
 )
@@ -188,14 +188,9 @@ class Requests(BatchProcessor[RequestEnvelope]):
 
     async def process(self, records: list[Record[RequestEnvelope]], outbox: Outbox) -> None:
         for rec in records:
-            try:
+            # A retried batch finds the answers stored so far and resends them.
+            with applying(rec, f"answering infno {rec.value.infno}"):
                 await self._request(rec, outbox)
-            except Exception as e:
-                if classify(e) is FailureKind.INFRASTRUCTURE:
-                    raise  # the shell retries the batch; answers stored so far are resent
-                log.exception("unexpected error answering infno %s", rec.value.infno)
-                # Not stored: a resend with the same msgid tries again.
-                raise RecordFailed(rec, "INTERNAL", "INTERNAL: unexpected error; resend with the same msgid") from e
 
     async def _request(self, rec: Record[RequestEnvelope], outbox: Outbox) -> None:
         started = time.perf_counter()

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final, Generic, TypeVar
@@ -90,6 +90,20 @@ class RecordFailed(Exception):
         self.record = record
         self.code = code
         self.err_msg = err_msg
+
+
+@contextlib.contextmanager
+def applying(record: Record[Any], what: str) -> Iterator[None]:
+    """Around the work on one record: an unexpected exception becomes `RecordFailed` for that record
+    (answered INTERNAL, not stored — a resend with the same msgid tries again); infrastructure
+    failures pass through to the shell's retry."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, RecordFailed) or classify(e) is FailureKind.INFRASTRUCTURE:
+            raise
+        log.exception("unexpected error %s; redone without this record", what)
+        raise RecordFailed(record, "INTERNAL", "INTERNAL: unexpected error; resend with the same msgid") from e
 
 
 @dataclass(slots=True)

@@ -16,16 +16,7 @@ from schemas.codec import Request, decode_envelope, decode_request
 from schemas.envelope import RequestEnvelope
 from schemas.errors import BrokerError
 from services.common.config import Settings
-from services.common.consumer import (
-    BatchConsumer,
-    BatchProcessor,
-    FailureKind,
-    Outbox,
-    Record,
-    RecordFailed,
-    classify,
-    until_up,
-)
+from services.common.consumer import BatchConsumer, BatchProcessor, Outbox, Record, applying, until_up
 from services.common.kafka import make_group_consumer, make_producer
 from services.common.metrics import REQUESTS, record_settlement_request, serve_metrics
 from services.common.response import received_from_ns, response_bytes
@@ -49,13 +40,8 @@ class Router(BatchProcessor[Request]):
 
     async def process(self, records: list[Record[Request]], outbox: Outbox) -> None:
         for rec in records:
-            try:
+            with applying(rec, f"routing infno {rec.value.envelope.infno}"):
                 await self.core.handle(rec.value, rec.raw.value, _headers(rec), outbox)
-            except Exception as e:
-                if classify(e) is FailureKind.INFRASTRUCTURE:
-                    raise
-                log.exception("unexpected error routing infno %s", rec.value.envelope.infno)
-                raise RecordFailed(rec, "INTERNAL", "INTERNAL: unexpected error; resend with the same msgid") from e
 
     def _envelope(self, record: Record[Request | None]) -> RequestEnvelope | None:
         if record.value is not None:

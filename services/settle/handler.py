@@ -23,7 +23,7 @@ import msgspec
 from schemas.errors import BrokerError
 from schemas.internal import RoutedRequest, SettlementEvent
 from services.common.config import Settings
-from services.common.consumer import BatchConsumer, BatchProcessor, Outbox, Record, RecordFailed, until_up
+from services.common.consumer import BatchConsumer, BatchProcessor, Outbox, Record, applying, until_up
 from services.common.kafka import connect_pool, make_group_consumer, make_producer
 from services.common.metrics import (
     END_TO_END_SECONDS,
@@ -116,20 +116,18 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
         msg = rec.value
         received = received_from_ns(msg.received_ns)
         admdvs = msg.person.insured_admdvs
-        try:
-            effect = handle(msg, st, self.policies)
-            if effect.settlement is not None:
-                check_row_invariants(effect.settlement)
-            return response_bytes(admdvs, received, output=effect.output), effect.settlement, "ok"
-        except BrokerError as e:
-            outbox.dead_letter(e.code, e.err_msg, rec.raw.value, msgid=msg.msgid, infno=msg.infno,
-                               fixmedins_code=msg.fixmedins_code)
-            return response_bytes(admdvs, received, err_msg=e.err_msg), None, e.code
-        except Exception as e:
-            # A bug may have left this request half-applied in the batch state: the transaction rolls
-            # back and the shell redoes the batch without it — nothing wrong is written.
-            log.exception("unexpected error settling infno %s; the batch is redone without it", msg.infno)
-            raise RecordFailed(rec, "INTERNAL", "INTERNAL: unexpected error; the request was not applied") from e
+        # A bug may leave this request half-applied in the batch state: `applying` makes it a failure of
+        # this record, the transaction rolls back and the shell redoes the batch without it.
+        with applying(rec, f"settling infno {msg.infno}"):
+            try:
+                effect = handle(msg, st, self.policies)
+                if effect.settlement is not None:
+                    check_row_invariants(effect.settlement)
+                return response_bytes(admdvs, received, output=effect.output), effect.settlement, "ok"
+            except BrokerError as e:
+                outbox.dead_letter(e.code, e.err_msg, rec.raw.value, msgid=msg.msgid, infno=msg.infno,
+                                   fixmedins_code=msg.fixmedins_code)
+                return response_bytes(admdvs, received, err_msg=e.err_msg), None, e.code
 
     def ids(self, record: Record[RoutedRequest | None]) -> tuple[str | None, str | None, str | None]:
         msg = record.value

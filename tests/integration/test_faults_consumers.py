@@ -247,3 +247,20 @@ async def _load_new_person_and_wait(s: Settings, db: asyncpg.Pool, directory: An
         (directory / f"{name}.jsonl").write_bytes(b"")
     await load_dir(db, directory)
     await wait_router_knows(s, HOSPITALS["chifeng"], psn_no, "150400")
+
+
+async def test_services_wait_out_a_kafka_restart(refdata: dict, services: Settings, db: asyncpg.Pool) -> None:
+    pids = {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED}
+    await db.expire_connections()  # an earlier test may have restarted PostgreSQL under this pool
+    assert await asyncio.to_thread(stack_ctl.stop_kafka, services)
+    await asyncio.sleep(2.0)
+    await asyncio.to_thread(stack_ctl.start_kafka, services)
+    p = FAULT_PERSONS[0]
+    stay = Stay(HOSPITALS["chifeng"], p.psn_no, p.insuplc, p.insutype, STAY_START + timedelta(days=250))
+    async with aiohttp.ClientSession() as session:
+        client = GatewayClient(services.gateway_url, session, retry_for_s=120)
+        r = await client.run_stay(stay, [FeeLine(ITEM_A, D(1), D("99.90"))])
+    assert r["infcode"] == 0, r["err_msg"]
+    kinds = await db.fetch("SELECT kind FROM settlement WHERE mdtrt_id = $1", stay.mdtrt_id)
+    assert [x["kind"] for x in kinds] == ["settle"]
+    assert {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED} == pids
