@@ -136,3 +136,20 @@ def test_an_infrastructure_failure_is_not_isolated_but_raised() -> None:
 def test_backoff_is_exponential_and_capped() -> None:
     b = Backoff(0.1, 2.0)
     assert [round(b.next_delay(), 3) for _ in range(8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]
+
+
+def test_client_log_throttle_passes_one_of_each_message_per_period_as_warning() -> None:
+    import logging
+
+    from services.common.lifecycle import ClientLogThrottle
+
+    throttle = ClientLogThrottle(period_s=60)
+
+    def rec(name: str, msg: str, level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, (1,), None)
+
+    first = rec("aiokafka.conn", "Unable connect to node with id %s")
+    assert throttle.filter(first) and first.levelname == "WARNING"
+    assert not throttle.filter(rec("aiokafka.conn", "Unable connect to node with id %s"))
+    assert throttle.filter(rec("aiokafka.cluster", "Unable to update metadata from %s"))
+    assert throttle.filter(rec("settle", "our own line")) and throttle.filter(rec("settle", "our own line"))
