@@ -54,9 +54,9 @@ INFRA_SQLSTATE_CLASSES: Final = frozenset({"08", "40", "53", "55", "57", "58", "
 
 FAILURES = Counter(
     "xs_consumer_failures_total",
-    "Failed batch attempts by consumer group and kind (record: isolated and dead-lettered; infrastructure: "
-    "retried with backoff), with the exception class",
-    ["group", "kind", "error"],
+    "Failed batch attempts by consumer group and failure kind (record: isolated and dead-lettered; "
+    "infrastructure: retried with backoff), with the exception class",
+    ["group", "failure", "error"],
 )
 
 _encoder = msgspec.json.Encoder(decimal_format="number")
