@@ -167,10 +167,6 @@ class Positions(BatchProcessor[SettlementEvent]):
         REQUESTS.labels(STAGE, "settlement_event", "duplicate").inc(recorded.duplicates)
         STAGE_SECONDS.labels("clearing_positions_batch").observe(time.perf_counter() - started)
 
-    def ids(self, record: Record[SettlementEvent | None]) -> tuple[str | None, str | None, str | None]:
-        ev = record.value
-        return (ev.msgid, None, ev.fixmedins_code) if ev is not None else (None, None, None)
-
 
 def _reply_to(record: Record[Any]) -> tuple[str, int | None]:
     partition = record.header("reply_partition")
@@ -221,10 +217,6 @@ class Requests(BatchProcessor[RequestEnvelope]):
         outbox.add(reply_topic, response, key=env.msgid.encode(), partition=reply_partition)
         REQUESTS.labels(STAGE, env.infno, outcome).inc()
         STAGE_SECONDS.labels(f"clearing_{env.infno}").observe(time.perf_counter() - started)
-
-    def ids(self, record: Record[RequestEnvelope | None]) -> tuple[str | None, str | None, str | None]:
-        env = record.value
-        return (env.msgid, env.infno, env.fixmedins_code) if env is not None else (None, None, None)
 
     def reject(self, record: Record[RequestEnvelope | None], code: str, err_msg: str, outbox: Outbox) -> None:
         env = record.value

@@ -161,8 +161,9 @@ class BatchProcessor(Generic[T]):
         raise NotImplementedError
 
     def ids(self, record: Record[T | None]) -> tuple[str | None, str | None, str | None]:
-        """(msgid, infno, fixmedins_code) of a record for its dead letter; None where unknown."""
-        return None, None, None
+        """(msgid, infno, fixmedins_code) of a record for its dead letter; None where unknown
+        (by default the decoded value's fields of those names)."""
+        return tuple(getattr(record.value, name, None) for name in ("msgid", "infno", "fixmedins_code"))  # type: ignore[return-value]
 
     def reject(self, record: Record[T | None], code: str, err_msg: str, outbox: Outbox) -> None:
         """Answer the requester of a failed record (default: nobody waits for an answer)."""

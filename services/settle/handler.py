@@ -129,10 +129,6 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
                                    fixmedins_code=msg.fixmedins_code)
                 return response_bytes(admdvs, received, err_msg=e.err_msg), None, e.code
 
-    def ids(self, record: Record[RoutedRequest | None]) -> tuple[str | None, str | None, str | None]:
-        msg = record.value
-        return (msg.msgid, msg.infno, msg.fixmedins_code) if msg is not None else (None, None, None)
-
     def reject(self, record: Record[RoutedRequest | None], code: str, err_msg: str, outbox: Outbox) -> None:
         msg = record.value
         if msg is None:
