@@ -211,6 +211,7 @@ async def test_services_wait_out_a_postgres_restart(refdata: dict, services: Set
     assert await asyncio.to_thread(stack_ctl.stop_postgres, services)
     await asyncio.sleep(3.0)
     await asyncio.to_thread(stack_ctl.start_postgres, services)
+    postgres_back = time.time()
     results = await asyncio.wait_for(drive, timeout=240)
     await db.expire_connections()  # the test's own pool holds connections from before the restart
     assert len(results) == 2 * len(FAULT_PERSONS)
@@ -233,10 +234,23 @@ async def test_services_wait_out_a_postgres_restart(refdata: dict, services: Set
     assert {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED} == pids
     # The router's LISTEN came back: a person loaded now is known without a restart.
     await _load_new_person_and_wait(services, db, tmp_path)
+    # The monitor polls the ledger again.
+    deadline = time.monotonic() + WAIT_S
+    while await _monitor_last_poll(services, "ledger") < postgres_back:
+        assert time.monotonic() < deadline, "the monitor did not poll the ledger after the restart"
+        await asyncio.sleep(0.5)
     # The dashboard answers from the ledger again.
     async with aiohttp.ClientSession() as session, session.get(
             f"http://127.0.0.1:{services.dashboard_port}/api/overview") as resp:
         assert resp.status == 200
+
+
+async def _monitor_last_poll(s: Settings, source: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{s.monitor_metrics_port}/metrics") as resp:
+        text = await resp.text()
+    line = f'xs_monitor_last_poll_timestamp_seconds{{source="{source}"}} '
+    return next((float(x.removeprefix(line)) for x in text.splitlines() if x.startswith(line)), 0.0)
 
 
 async def _load_new_person_and_wait(s: Settings, db: asyncpg.Pool, directory: Any) -> None:
