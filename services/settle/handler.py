@@ -20,6 +20,7 @@ import time
 import asyncpg
 import msgspec
 
+from schemas.codes import FUNDS
 from schemas.errors import BrokerError
 from schemas.internal import RoutedRequest, SettlementEvent
 from services.common.config import Settings
@@ -153,6 +154,6 @@ def _event(row: Settlement) -> SettlementEvent:
 
 
 def _count(row: Settlement) -> None:
-    funds = {fund: row.amounts[fund] for fund in ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")}
+    funds = {fund: row.amounts[fund] for fund in FUNDS}
     record_ledger_row(row.kind, row.scope, row.med_type, province_of(row.insured_admdvs),
                       province_of(row.treating_admdvs), funds)
