@@ -101,7 +101,7 @@ def _program(name: str, command: Sequence[str], cwd: Path, env: dict[str, str], 
 
 
 def _own_environment(program: str, settings_vars: dict[str, str]) -> dict[str, str]:
-    """The caller's XS_<PROGRAM>_* variables that are not Settings (e.g. XS_ROUTER_SHELL): they reach
+    """The caller's XS_<PROGRAM>_* variables that are not Settings (e.g. XS_ROUTER_TRACE): they reach
     that program only, so changing one restarts only it."""
     prefix = f"XS_{program.upper()}_"
     return {k: v for k, v in os.environ.items() if k.startswith(prefix) and k not in settings_vars}

@@ -31,6 +31,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from schemas.codes import MedType
 from schemas.money import AmountError, check_yuan
 from schemas.wire import Admdvs, Code, Flag, Text, WireTime, check_times
 
@@ -46,9 +47,7 @@ SetlId = Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{1,40}$")]
 Count = Annotated[int, Meta(ge=0, le=1_000_000_000)]
 InsuTypeCode = Annotated[str, Meta(pattern=r"^[0-9]{3}$")]
 ClrType = Annotated[str, Meta(pattern=r"^[0-9]{2,6}$")]
-MedType = Literal["11", "14", "21", "41"]
 
-FUNDS: Final = ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")
 
 
 def _check_signed(obj: object, *fields: str) -> None:

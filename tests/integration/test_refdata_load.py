@@ -1,6 +1,6 @@
 """The reference-data loader against the real PostgreSQL.
 
-Each test module run gets its own schema (search_path), with deploy/sql/schema.sql
+Each test module run gets its own schema (search_path), with the initial migration (deploy/migrations/0001)
 applied in it, so the shared database's data is not touched; it is dropped at the end.
 """
 

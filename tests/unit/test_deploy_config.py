@@ -59,7 +59,7 @@ def test_catalog_names_and_sizes_topics_from_settings(run_env: None) -> None:
 
 def test_supervisor_config_restarts_every_service_with_the_runs_settings(
         run_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XS_ROUTER_SHELL", "faust")
+    monkeypatch.setenv("XS_ROUTER_TRACE", "1")
     parser = configparser.RawConfigParser()
     parser.read_string(supervisor_config(load_settings()))
     assert parser.get("unix_http_server", "file") == "/tmp/xs-run-t42/supervisor/supervisor.sock"
@@ -74,4 +74,4 @@ def test_supervisor_config_restarts_every_service_with_the_runs_settings(
         assert 'XS_PG_DATABASE="xsettle_t42"' in env and 'XS_TOPIC_PREFIX="t42."' in env
         assert 'XS_GATEWAY_PORT="24001"' in env
         # A program's own switches reach only that program (a change restarts only it).
-        assert ('XS_ROUTER_SHELL="faust"' in env) == (spec.name == "router")
+        assert ('XS_ROUTER_TRACE="1"' in env) == (spec.name == "router")
