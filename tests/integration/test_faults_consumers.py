@@ -122,7 +122,7 @@ async def test_engine_dead_letters_poison_and_settles_what_follows(refdata: dict
     await taps.until(lambda: len(taps.letters_of("settle", GARBAGE)) == 1, "the garbage's dead letter")
     letter = taps.letters_of("settle", GARBAGE)[0]
     assert (letter.err_code, letter.msgid) == ("INTERNAL", None)
-    assert letter.err_msg.startswith("INTERNAL: undecodable fsi.routed record: JSON is malformed")
+    assert letter.err_msg.startswith(f"INTERNAL: undecodable {ROUTED.name} record: JSON is malformed")
     await taps.until(lambda: any(d.msgid == poisoned.msgid for d in taps.letters), "the poison's dead letter")
     assert [(d.stage, d.err_code) for d in taps.letters if d.msgid == poisoned.msgid] == [("settle", "INTERNAL")]
     rows = await db.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])

@@ -119,7 +119,7 @@ async def test_a_request_the_database_refuses_is_isolated(stack: Settings, db: a
     assert {m.msgid for m in msgs if replies[m.msgid]["infcode"] == 0} == {m.msgid for m in msgs} - {victim.msgid}
     letters = _dead_letters(outbox)
     assert [(d.msgid, d.err_code) for d in letters] == [(None, "INTERNAL"), (victim.msgid, "INTERNAL")]
-    assert letters[0].err_msg.startswith("INTERNAL: undecodable fsi.routed record: JSON is malformed")
+    assert letters[0].err_msg.startswith(f"INTERNAL: undecodable {ROUTED.name} record: JSON is malformed")
     assert letters[0].original == b"\x00 not json"
     rows = await db.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
     assert {r["msgid"] for r in rows} == {m.msgid for m in msgs} - {victim.msgid}
