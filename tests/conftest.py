@@ -9,16 +9,22 @@ imported, so `load_settings()`, the topic catalog and every child process see th
 `settings` is the run's Settings; `stack` makes sure Kafka and PostgreSQL run and the run's
 database, topics and Prometheus exist (`python -m deploy.stack start --infra-only` under the run's
 environment), and tears the run down at the end (XS_KEEP_RUN=1 keeps it for a post-mortem).
+
+A test that restarts the shared Kafka or PostgreSQL asks for `infra_exclusive`: every run holds a
+shared lock for its session, and that fixture trades it for the exclusive one, so the restart waits
+until no other run is in progress (and other runs wait for it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import IO
 
 import pytest
 
@@ -69,7 +75,29 @@ def settings() -> Settings:
 
 
 @pytest.fixture(scope="session")
-def stack(settings: Settings) -> Iterator[Settings]:
+def infra_share(settings: Settings) -> Iterator[IO[str]]:
+    """This run's shared hold on Kafka and PostgreSQL (see infra_exclusive)."""
+    path = settings.state_dir / "run" / "infra-tests.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        yield lock
+
+
+@pytest.fixture
+def infra_exclusive(infra_share: IO[str]) -> Iterator[None]:
+    """For a test that restarts the shared Kafka or PostgreSQL: waits until no other test run holds them
+    (mark such a test with a timeout long enough for another run to finish)."""
+    fcntl.flock(infra_share, fcntl.LOCK_UN)  # two runs waiting here must not hold each other's share
+    fcntl.flock(infra_share, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(infra_share, fcntl.LOCK_SH)
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings, infra_share: IO[str]) -> Iterator[Settings]:
     res = subprocess.run(
         [sys.executable, "-m", "deploy.stack", "start", "--infra-only"],
         cwd=PROJECT_ROOT,

@@ -203,8 +203,9 @@ async def _stays(s: Settings, day0: int) -> list[tuple[Stay, dict[str, Any], boo
     return results
 
 
+@pytest.mark.timeout(1200)  # infra_exclusive may wait for another test run to finish
 async def test_services_wait_out_a_postgres_restart(refdata: dict, services: Settings, db: asyncpg.Pool,
-                                                    tmp_path: Any) -> None:
+                                                    tmp_path: Any, infra_exclusive: None) -> None:
     pids = {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED}
     drive = asyncio.create_task(_stays(services, day0=200))
     await asyncio.sleep(1.0)
@@ -266,7 +267,9 @@ async def _load_new_person_and_wait(s: Settings, db: asyncpg.Pool, directory: An
     await wait_router_knows(s, HOSPITALS["chifeng"], psn_no, "150400")
 
 
-async def test_services_wait_out_a_kafka_restart(refdata: dict, services: Settings, db: asyncpg.Pool) -> None:
+@pytest.mark.timeout(1200)  # infra_exclusive may wait for another test run to finish
+async def test_services_wait_out_a_kafka_restart(refdata: dict, services: Settings, db: asyncpg.Pool,
+                                                 infra_exclusive: None) -> None:
     pids = {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED}
     await db.expire_connections()  # an earlier test may have restarted PostgreSQL under this pool
     assert await asyncio.to_thread(stack_ctl.stop_kafka, services)
