@@ -12,6 +12,7 @@ import sys
 
 import faust
 
+from schemas.limits import clock_window
 from services.common.config import load_settings
 from services.common.lifecycle import run_service
 from services.router import consumer
@@ -21,6 +22,10 @@ from services.router.app import create_app
 def main() -> None:
     shell = os.environ.get("XS_ROUTER_SHELL", "aiokafka")
     settings = load_settings()
+    try:
+        clock_window()  # XS_TIME_PAST_DAYS / XS_TIME_FUTURE_MINUTES, validated before any record
+    except ValueError as e:
+        sys.exit(f"router: {e}")
     if shell == "faust":
         faust.Worker(create_app(settings), loglevel="INFO").execute_from_commandline()
     elif shell == "aiokafka":
