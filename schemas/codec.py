@@ -98,8 +98,15 @@ _QUOTED_VALUE = re.compile(r"(Invalid enum value) .*? - at `", re.DOTALL)
 EVENT_TIME_FIELDS = frozenset({"begntime", "endtime", "fee_ocur_time"})
 
 
+# A __post_init__ check says "<field>: <what>"; msgspec adds the struct's path (none at the root).
+_OWN_CHECK = re.compile(r"^(\w+): (.*?)(?: - at `(\$[^`]*)`)?$", re.DOTALL)
+
+
 def _field_error(code: str, err: msgspec.ValidationError | msgspec.DecodeError, prefix: str) -> BrokerError:
     text = _QUOTED_VALUE.sub(r"\1 - at `", str(err))
+    if isinstance(err, msgspec.ValidationError) and (own := _OWN_CHECK.match(text)):
+        field, what, path = own.groups()
+        text = f"{what} - at `{path or '$'}.{field}`"  # name the field in the path, like msgspec does
     # msgspec paths start at `$`; re-root them so the hospital sees e.g. `$.input.mdtrtinfo.psn_no`.
     if prefix:
         text = text.replace("`$", f"`$.{prefix}")
