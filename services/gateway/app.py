@@ -151,10 +151,14 @@ class Gateway:
         limit = self.s.request_body_bytes_max
         if request.content_length is not None and request.content_length > limit:
             raise BrokerError("BODY_TOO_LARGE", f"body exceeds {limit} bytes")
-        raw = await request.content.read(limit + 1)
-        if len(raw) > limit:
-            raise BrokerError("BODY_TOO_LARGE", f"body exceeds {limit} bytes")
-        return raw
+        # read(n) returns what has arrived, not n bytes: collect chunks up to the limit.
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise BrokerError("BODY_TOO_LARGE", f"body exceeds {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _sign_in(self, admdvs: str, received: datetime) -> bytes:
         self._sign_seq += 1

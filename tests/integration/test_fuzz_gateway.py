@@ -24,7 +24,7 @@ from schemas.envelope import ResponseEnvelope
 from schemas.errors import ERRORS
 from schemas.internal import DeadLetter
 from services.common.config import Settings
-from tests.hostile import PERSONAL_MARKERS, hostile_request, valid_requests
+from tests.hostile import PERSONAL_MARKERS, hostile_request, msgid, valid_requests
 from tests.integration.conftest import HOSPITALS, PERSONS
 from topics.catalog import DEADLETTER, INGRESS
 
@@ -142,3 +142,13 @@ async def test_the_router_keeps_routing_after_hostile_records(refdata: dict, gat
     gateway.retry_for_s = 30
     answer = await gateway.call(env)
     assert answer["infcode"] == 0, answer["err_msg"]
+
+
+async def test_a_large_valid_upload_is_read_whole(refdata: dict, gateway: GatewayClient) -> None:
+    """500 fee items (about 150 KB, many TCP reads): decoded whole, refused only for the unknown person."""
+    upload = msgspec.json.decode(msgspec.json.encode(next(env for env in BASE if env["infno"] == "2301")))
+    upload["msgid"] = msgid(HOSPITAL.fixmedins_code)
+    item = upload["input"]["feedetail"][0]
+    upload["input"]["feedetail"] = [{**item, "feedetl_sn": f"{i:06d}"} for i in range(500)]
+    answer = await gateway.call(upload)
+    assert answer["err_msg"].startswith("PERSON_UNKNOWN: "), answer["err_msg"]
