@@ -79,6 +79,8 @@ def valid_requests(at: datetime = NOW, psn_no: str = PERSONAL_MARKERS[0], *, fix
             for infno, body in bodies.items()]
 
 
+_DEFAULT_BASE = valid_requests()
+
 # Raw JSON number texts no decimal context holds, or outside every bound.
 HOSTILE_NUMBERS = ("1E+999999999", "-1E+999999999", "1E-999999999", "123456789012345678901234567890.123",
                    "1.005", "0.001", "-0.01", "99999999999999999999", "1e400", "-0", "1E+2", "0.0000")
@@ -118,36 +120,39 @@ def _nested(depth: int) -> Any:
     return value
 
 
-def _hostile_text(draw: st.DrawFn) -> str:
-    base = draw(st.text(max_size=20))
-    char = draw(st.sampled_from(HOSTILE_CHARS))
-    pos = draw(st.integers(0, len(base)))
-    return base[:pos] + char + base[pos:]
+# Strategies built once (building them per draw costs more than the draws themselves).
+_SHORT_TEXT = st.text(max_size=20)
+_HOSTILE_CHAR = st.sampled_from(HOSTILE_CHARS)
+_KIND = st.sampled_from(("text", "number", "date", "time", "nest", "type", "long", "delete", "unicode"))
+_NUMBER = st.sampled_from(HOSTILE_NUMBERS).map(_NUMBER_SENTINEL.format)
+_DATE = st.sampled_from(HOSTILE_DATES)
+_TIME = st.builds("{} {}".format, st.sampled_from((*HOSTILE_DATES, "2026-11-23")),
+                  st.sampled_from(("00:00:00", "23:59:59", "24:00:00", "10:00")))
+_NEST = st.integers(1, 60).map(lambda depth: _nested(depth))
+_WRONG_TYPE = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                        st.lists(st.integers(), max_size=3),
+                        st.dictionaries(st.text(max_size=5), st.integers(), max_size=3))
+_LONG = st.integers(30, 3000).map(lambda n: "9" * n)
+_UNICODE = st.text(min_size=1, max_size=30)
 
 
 @st.composite
 def hostile_value(draw: st.DrawFn) -> Any:
-    kind = draw(st.sampled_from(("text", "number", "date", "time", "nest", "type", "long", "delete", "unicode")))
+    kind = draw(_KIND)
     if kind == "text":
-        return _hostile_text(draw)
-    if kind == "number":
-        return _NUMBER_SENTINEL.format(draw(st.sampled_from(HOSTILE_NUMBERS)))
-    if kind == "date":
-        return draw(st.sampled_from(HOSTILE_DATES))
-    if kind == "time":
-        day = draw(st.sampled_from((*HOSTILE_DATES, "2026-11-23")))
-        return f"{day} {draw(st.sampled_from(('00:00:00', '23:59:59', '24:00:00', '10:00')))}"
-    if kind == "nest":
-        return _nested(draw(st.integers(1, 60)))
-    if kind == "type":
-        return draw(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
-                              st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5),
-                                                                                   st.integers(), max_size=3)))
-    if kind == "long":
-        return "9" * draw(st.integers(30, 3000))
+        base = draw(_SHORT_TEXT)
+        pos = draw(st.integers(0, len(base)))
+        return base[:pos] + draw(_HOSTILE_CHAR) + base[pos:]
     if kind == "delete":
         return _DELETE
-    return draw(st.text(min_size=1, max_size=30))
+    strategy = {"number": _NUMBER, "date": _DATE, "time": _TIME, "nest": _NEST, "type": _WRONG_TYPE,
+                "long": _LONG, "unicode": _UNICODE}[kind]
+    return draw(strategy)
+
+
+_HOSTILE_VALUE = hostile_value()
+_MUTATIONS = st.integers(1, 3)
+_ON_BODY = st.integers(0, 2)
 
 
 def _encode(env: dict[str, Any]) -> bytes:
@@ -160,16 +165,16 @@ def _encode(env: dict[str, Any]) -> bytes:
 @st.composite
 def mutated_request(draw: st.DrawFn, base: list[dict[str, Any]] | None = None) -> bytes:
     """A valid envelope with 1-3 values replaced by hostile ones (or a field deleted)."""
-    env = json.loads(json.dumps(draw(st.sampled_from(base or valid_requests()))))
+    env = json.loads(json.dumps(draw(st.sampled_from(base or _DEFAULT_BASE))))
     env["msgid"] = msgid(env["fixmedins_code"])
-    for _ in range(draw(st.integers(1, 3))):
+    for _ in range(draw(_MUTATIONS)):
         paths = _paths(env)
         body_paths = [p for p in paths if p[0] == "input" and len(p) > 1]
         # Two in three mutations hit the body, where most fields are; hypothesis favours early elements.
-        on_body = bool(body_paths) and draw(st.integers(0, 2)) > 0
+        on_body = bool(body_paths) and draw(_ON_BODY) > 0
         path = draw(st.sampled_from(body_paths if on_body else paths))
         with contextlib.suppress(KeyError, IndexError, TypeError):  # an earlier mutation removed the parent
-            _set(env, path, draw(hostile_value()))
+            _set(env, path, draw(_HOSTILE_VALUE))
     return _encode(env)
 
 
@@ -177,7 +182,7 @@ def mutated_request(draw: st.DrawFn, base: list[dict[str, Any]] | None = None) -
 def corrupted_bytes(draw: st.DrawFn, base: list[dict[str, Any]] | None = None) -> bytes:
     """A valid envelope's bytes, corrupted: a byte that is not UTF-8, truncated, bytes replaced or
     inserted, or wrapped in deep nesting."""
-    raw = _encode(draw(st.sampled_from(base or valid_requests())))
+    raw = _encode(draw(st.sampled_from(base or _DEFAULT_BASE)))
     kind = draw(st.sampled_from(("invalid_utf8", "truncate", "flip", "insert", "deep")))
     pos = draw(st.integers(0, len(raw)))
     if kind == "invalid_utf8":
