@@ -45,19 +45,19 @@ from typing import Any, Final, Protocol
 import asyncpg
 
 from loadtest.his import FeeLine, Hospital, OutpatientVisit, Purchase, Stay
+from schemas.codes import SCOPES, Scope
 from schemas.refdata import CATALOG_FILE, FILINGS_FILE, HOSPITALS_FILE, PERSONS_FILE, RefDataSet
 from services.common.config import Settings
 from services.common.response import SHANGHAI
 from services.refdata import generate as generate_module
 from services.refdata.generate import generate, write_jsonl
 from services.refdata.load import load_dataset, read_dir
-from services.refdata.regions import SEED_REGIONS, Scope, classify_scope, region_of
+from services.refdata.regions import SEED_REGIONS, classify_scope, region_of
 from services.refdata.store import Filing, filing_in_force
 
 DEFAULT_SEED: Final = 7
 DEFAULT_PERSONS_PER_REGION: Final = 1000
 STAMP_FILE: Final = "generated-with.json"
-SCOPES: Final[tuple[Scope, ...]] = ("local", "intra_province", "cross_province")
 SCOPE_WEIGHTS: Final[dict[Scope, float]] = {"local": 0.5, "intra_province": 0.2, "cross_province": 0.3}
 # For non-local care of a person without a filing in force: promise flag / declared emergency / nothing.
 PROMISE_SHARE: Final = 0.85

@@ -31,9 +31,10 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from schemas.codes import InsuType, MedType
 from schemas.limits import check_date_range
 from schemas.money import AmountError, check_yuan
-from schemas.wire import Admdvs, Code, Flag, InsuType, Text, WireTime, check_times
+from schemas.wire import Admdvs, Code, Flag, Text, WireTime, check_times
 
 # Bounds (STYLE 4): a reconciliation period, rows inline in one request, a page of details.
 STMT_DAYS_MAX: Final = 31
@@ -46,9 +47,7 @@ MonthNum = Annotated[str, Meta(pattern=r"^(0?[1-9]|1[0-2])$")]  # "01" or "1"
 SetlId = Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{1,40}$")]
 Count = Annotated[int, Meta(ge=0, le=1_000_000_000)]
 ClrType = Annotated[str, Meta(pattern=r"^[0-9]{2,6}$")]
-MedType = Literal["11", "14", "21", "41"]
 
-FUNDS: Final = ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")
 
 
 def _check_signed(obj: object, *fields: str) -> None:

@@ -13,22 +13,9 @@ from typing import Any
 
 import msgspec
 
-from schemas.clearing import CLEARING_BODY_TYPES
 from schemas.envelope import RequestEnvelope, ResponseEnvelope
 from schemas.errors import BrokerError
-from schemas.filing import Input2501, Input2502, Input2503, Input2504, Input5301
-from schemas.inpatient import (
-    Input2301,
-    Input2302,
-    Input2303,
-    Input2304,
-    Input2305,
-    Input2401,
-    Input2402,
-    Input2403,
-    Input2404,
-    Input2405,
-)
+from schemas.filing import Input2501
 from schemas.limits import (
     EVENT_AFTER_INF,
     EVENT_BEFORE_INF,
@@ -40,42 +27,8 @@ from schemas.limits import (
     nesting_depth_exceeds,
     now_shanghai,
 )
-from schemas.outpatient import Input2201, Input2202, Input2203, Input2204, Input2205, Input2206, Input2207, Input2208
-from schemas.person import Input1101, Input9001
-from schemas.pharmacy import Input2101, Input2102, Input2103
+from schemas.transactions import BODY_TYPES
 from schemas.wire import parse_wire_time
-
-BODY_TYPES: dict[str, type] = {
-    "9001": Input9001,
-    "1101": Input1101,
-    "2101": Input2101,
-    "2102": Input2102,
-    "2103": Input2103,
-    "2201": Input2201,
-    "2202": Input2202,
-    "2203": Input2203,
-    "2204": Input2204,
-    "2205": Input2205,
-    "2206": Input2206,
-    "2207": Input2207,
-    "2208": Input2208,
-    "2301": Input2301,
-    "2302": Input2302,
-    "2303": Input2303,
-    "2304": Input2304,
-    "2305": Input2305,
-    "2401": Input2401,
-    "2402": Input2402,
-    "2403": Input2403,
-    "2404": Input2404,
-    "2405": Input2405,
-    "2501": Input2501,
-    "2502": Input2502,
-    "2503": Input2503,
-    "2504": Input2504,
-    "5301": Input5301,
-    **CLEARING_BODY_TYPES,  # reconciliation and clearing (services/clearing)
-}
 
 _envelope_decoder = msgspec.json.Decoder(RequestEnvelope)
 _body_decoders: dict[str, msgspec.json.Decoder] = {infno: msgspec.json.Decoder(t) for infno, t in BODY_TYPES.items()}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 class ErrorSpec:
     code: str
     meaning: str
-    transactions: str
+    transactions: str  # the README shows the registry's infnos instead when a transaction answers the code
     action: str
 
 
@@ -120,8 +120,13 @@ class BrokerError(Exception):
 
 
 def markdown_table() -> str:
+    """The README table; its "transactions" column comes from the transaction registry, and
+    `ErrorSpec.transactions` only names where a code occurs outside hospital transactions."""
+    from schemas.transactions import transactions_column  # the registry imports every body schema
+
     rows = ["| code | meaning | transactions | what the hospital should do |", "|---|---|---|---|"]
-    rows += [f"| `{e.code}` | {e.meaning} | {e.transactions} | {e.action} |" for e in ERRORS.values()]
+    rows += [f"| `{e.code}` | {e.meaning} | {transactions_column(e.code) or e.transactions} | {e.action} |"
+             for e in ERRORS.values()]
     return "\n".join(rows)
 
 

@@ -10,17 +10,17 @@ This broker's numbering (REFERENCE §2 lists 2501–2504 for filings):
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
+from schemas.codes import FilingType
 from schemas.inpatient import PsnNo
 from schemas.limits import FILING_DAYS_MAX, check_date_range
 from schemas.outpatient import ChronicDisease
 from schemas.wire import Flag
 
-FilingType = Literal["LONG_TERM", "REFERRAL", "EMERGENCY", "TEMPORARY"]
 FilingId = Annotated[str, Meta(pattern=r"^[0-9A-Za-z_-]{1,40}$")]
 
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
-from schemas.wire import Code, Flag, InsuType, MdtrtCertType, Text, WireTime, check_amounts, check_fee_item, check_times
+from schemas.codes import InsuType, MedType
+from schemas.wire import Code, Flag, MdtrtCertType, Text, WireTime, check_amounts, check_fee_item, check_times
 
 PsnNo = Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{1,30}$")]
 MdtrtId = Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{1,40}$")]
-MedType = Literal["11", "14", "21", "41"]
 Count = Annotated[Decimal, Meta()]
 
 

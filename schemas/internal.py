@@ -7,6 +7,7 @@ from typing import Literal
 
 import msgspec
 
+from schemas.codes import Scope
 from schemas.inpatient import (
     Input2301,
     Input2302,
@@ -21,8 +22,6 @@ from schemas.inpatient import (
 )
 from schemas.outpatient import Input2201, Input2202, Input2203, Input2204, Input2205, Input2206, Input2207, Input2208
 from schemas.pharmacy import Input2101, Input2102, Input2103
-
-Scope = Literal["local", "intra_province", "cross_province"]
 
 # Bodies the settlement engine handles (the router answers 1101, the gateway 9001).
 VisitBody = (

@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
+from schemas.codes import ChronicDisease, InsuType, OutpatientMedType
 from schemas.inpatient import DiseInfo, FeeDetail, MdtrtId, PsnNo
-from schemas.wire import Code, Flag, InsuType, MdtrtCertType, Text, WireTime, check_amounts, check_times
-
-ChronicDisease = Literal["HTN", "DM", "CANCER_TX", "ESRD_DIALYSIS", "TRANSPLANT_AR"]
+from schemas.wire import Code, Flag, MdtrtCertType, Text, WireTime, check_amounts, check_times
 
 
 class Registration(msgspec.Struct, kw_only=True):
@@ -50,7 +49,7 @@ class Input2202(msgspec.Struct, kw_only=True, tag=True):
 class OutpatientVisitInfo(msgspec.Struct, kw_only=True):
     mdtrt_id: MdtrtId
     psn_no: PsnNo
-    med_type: Literal["11", "14"]
+    med_type: OutpatientMedType
     begntime: WireTime
     main_cond_dscr: Text = ""
     dise_codg: Code
@@ -87,7 +86,7 @@ class OutpatientSettleInfo(msgspec.Struct, kw_only=True):
     psn_no: PsnNo
     mdtrt_cert_type: MdtrtCertType
     mdtrt_cert_no: Annotated[str, Meta(max_length=64)]
-    med_type: Literal["11", "14"]
+    med_type: OutpatientMedType
     medfee_sumamt: Decimal
     psn_setlway: Annotated[str, Meta(max_length=6)] = "01"
     mdtrt_id: MdtrtId

@@ -12,8 +12,9 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from schemas.codes import InsuType
 from schemas.inpatient import PsnNo
-from schemas.wire import Flag, InsuType, MdtrtCertType, WireTime, check_amounts, check_fee_item, check_times
+from schemas.wire import Flag, MdtrtCertType, WireTime, check_amounts, check_fee_item, check_times
 
 
 class DrugDetail(msgspec.Struct, kw_only=True):

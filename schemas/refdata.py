@@ -29,18 +29,16 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from schemas.codes import ChronicDisease, FilingType
+from schemas.codes import InsuType as Insutype
+
 ADMDVS_RE: Final = r"^[0-9]{6}$"
 PROVINCE_RE: Final = r"^[0-9]{2}0000$"
 
 Admdvs = Annotated[str, msgspec.Meta(pattern=ADMDVS_RE)]
 ProvinceAdmdvs = Annotated[str, msgspec.Meta(pattern=PROVINCE_RE)]
-ChronicDisease = Literal["HTN", "DM", "CANCER_TX", "ESRD_DIALYSIS", "TRANSPLANT_AR"]
-FilingType = Literal["LONG_TERM", "REFERRAL", "EMERGENCY", "TEMPORARY"]
-Insutype = Literal["310", "390"]
 ChrgitmLv = Literal["01", "02", "03"]
 
-CHRONIC_DISEASES: Final[tuple[ChronicDisease, ...]] = ("HTN", "DM", "CANCER_TX", "ESRD_DIALYSIS", "TRANSPLANT_AR")
-FILING_TYPES: Final[tuple[FilingType, ...]] = ("LONG_TERM", "REFERRAL", "EMERGENCY", "TEMPORARY")
 
 # Bounds on amounts (yuan): far above anything real, low enough for bigint fen.
 YUAN_MAX: Final = Decimal("1000000000")

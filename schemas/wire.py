@@ -15,7 +15,6 @@ Admdvs = Annotated[str, Meta(pattern=r"^[0-9]{6}$")]
 WireTime = Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$")]
 Code = Annotated[str, Meta(min_length=1, max_length=64)]
 Text = Annotated[str, Meta(max_length=500)]
-InsuType = Literal["310", "390"]
 MdtrtCertType = Literal["01", "02", "03"]
 Flag = Literal["0", "1"]
 Yuan = Decimal

@@ -23,7 +23,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -37,19 +37,16 @@ from schemas.errors import BrokerError
 from schemas.money import AmountError, check_yuan, to_fen, to_yuan
 from services.clearing import store
 from services.clearing.logic import (
-    VISIT_TYPES,
     ClearingError,
-    RateKey,
     check_month,
     month_statement,
     pool_lines,
     province_lines,
-    rate_lines,
 )
 from services.clearing.statement import RegionStatement, region_statement, render
 from services.common.config import Settings, load_settings
 from services.common.kafka import make_producer
-from services.refdata.regions import UnknownRegion, province_of
+from services.refdata.regions import UnknownRegion
 from topics.catalog import MANUAL_CLAIMS
 
 CLAIMS_PER_FILE_MAX = 1_000_000
@@ -103,36 +100,6 @@ async def deposit_topup(conn: asyncpg.Connection, prov: str, amount_fen: int, re
         raise ValueError("a top-up must be positive")
     async with conn.transaction():
         return await store.deposit_move(conn, f"topup-{ref}", prov, "topup", amount_fen, None, memo)
-
-
-async def rates(conn: asyncpg.Connection, begin: date, end: date) -> list[dict[str, Any]]:
-    """Direct-settlement rate per (insured province, treating province, scope, visit type) for visits
-    settled (or manually claimed, by their end) on days begin..end. A settlement counts as direct
-    unless reversed; a visit settled again after a reversal counts once."""
-    start, stop = datetime(begin.year, begin.month, begin.day), datetime(end.year, end.month, end.day) + timedelta(1)
-    direct: dict[RateKey, int] = {}
-    for r in await conn.fetch(
-        "SELECT s.insured_admdvs, s.treating_admdvs, s.scope, s.med_type, count(DISTINCT s.mdtrt_id) AS n"
-        " FROM settlement s WHERE s.kind = 'settle' AND s.scope <> 'local' AND s.setl_time >= $1"
-        " AND s.setl_time < $2 AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
-        " GROUP BY 1, 2, 3, 4", start, stop,
-    ):
-        key = RateKey(province_of(r["insured_admdvs"]), province_of(r["treating_admdvs"]), r["scope"],
-                      _visit_type(r["med_type"]))
-        direct[key] = direct.get(key, 0) + r["n"]
-    manual: dict[RateKey, int] = {}
-    for r in await conn.fetch(
-        "SELECT insured_prov, treating_prov, scope, visit_type, count(*) AS n FROM manual_claim"
-        " WHERE endtime >= $1 AND endtime < $2 GROUP BY 1, 2, 3, 4", start, stop,
-    ):
-        key = RateKey(r["insured_prov"], r["treating_prov"], r["scope"], r["visit_type"])
-        manual[key] = manual.get(key, 0) + r["n"]
-    return [{**asdict(line.key), "direct": line.direct, "manual": line.manual, "rate": line.rate}
-            for line in rate_lines(direct, manual)]
-
-
-def _visit_type(med_type: str) -> str:
-    return VISIT_TYPES.get(med_type, "other")
 
 
 async def submit_claims(s: Settings, claims: Sequence[ManualClaim]) -> int:
@@ -257,7 +224,7 @@ async def _run_db(args: argparse.Namespace, s: Settings, pool: asyncpg.Pool, con
                     print(f"{prov} balance {to_yuan(balance)} warning line {to_yuan(line)}{flag}")
         return 0
     if args.cmd == "claims":
-        _print_json(await rates(conn, args.date_from, args.date_to))
+        _print_json(await store.rates(conn, args.date_from, args.date_to))
         return 0
     raise AssertionError(args.cmd)
 

@@ -18,17 +18,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 
-FUNDS = ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")
-FUND_NAMES = {
-    "hifp_pay": "basic pool 统筹基金",
-    "hifmi_pay": "critical illness 大病保险",
-    "hifob_pay": "supplementary 大额医疗补助",
-    "maf_pay": "medical assistance 医疗救助",
-    "fund_pay_sumamt": "all funds",
-}
-AMOUNT_FIELDS = ("medfee_sumamt", *FUNDS, "fund_pay_sumamt")
-NON_LOCAL = ("intra_province", "cross_province")
-VISIT_TYPES = {"21": "inpatient", "11": "general_outpatient", "14": "chronic_outpatient", "41": "pharmacy"}
+from schemas.codes import FUND_NAMES as CODE_FUND_NAMES
+from schemas.codes import FUND_TOTAL, FUNDS, NON_LOCAL_SCOPES
+from schemas.codes import VISIT_TYPES as VISIT_TYPES  # the clearing handler and CLI label by it
+
+# Statement column heads: "English 中文" (schemas.codes.FUND_NAMES).
+FUND_NAMES = {**{f: f"{en} {zh}" for f, (zh, en) in CODE_FUND_NAMES.items()}, FUND_TOTAL: "all funds"}
+AMOUNT_FIELDS = ("medfee_sumamt", *FUNDS, FUND_TOTAL)
+NON_LOCAL = NON_LOCAL_SCOPES
 # How many months of clearing the default deposit warning line averages over.
 WARNING_HISTORY_MONTHS = 12
 MONTHS_WALK_MAX = 1200  # a row never walks further than 100 years of closed months

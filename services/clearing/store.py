@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -31,12 +31,14 @@ from schemas.money import to_yuan
 from services.clearing.logic import (
     AMOUNT_FIELDS,
     MONTHS_WALK_MAX,
+    VISIT_TYPES,
     Amounts,
     ApplTotals,
     ClearingError,
     LedgerRow,
     Position,
     PositionKey,
+    RateKey,
     Row,
     aggregate,
     assign_month,
@@ -50,6 +52,7 @@ from services.clearing.logic import (
     month_statement,
     next_month,
     positions_from_statement,
+    rate_lines,
     warning_line,
 )
 from services.common.response import SHANGHAI
@@ -574,3 +577,60 @@ async def province_positions(conn: asyncpg.Connection, month: str) -> list[async
     return await conn.fetch(
         "SELECT insured_prov, treating_prov, " + ", ".join(f"sum({f})::bigint AS {f}" for f in AMOUNT_FIELDS) +
         " FROM clearing_position WHERE clr_month = $1 GROUP BY 1, 2 ORDER BY 1, 2", month)
+
+
+async def stored_response(conn: asyncpg.Connection, msgid: str) -> bytes | None:
+    """The answer already given to a 32xx msgid, byte for byte (None: not answered yet)."""
+    stored = await conn.fetchval("SELECT response FROM clearing_request WHERE msgid = $1", msgid)
+    return bytes(stored) if stored is not None else None
+
+
+async def store_response(conn: asyncpg.Connection, msgid: str, infno: str, fixmedins_code: str, infcode: int,
+                         response: bytes) -> None:
+    """A plain INSERT: a concurrent answer to the same msgid is a unique violation, not a second answer."""
+    await conn.execute(
+        "INSERT INTO clearing_request (msgid, infno, fixmedins_code, infcode, response) VALUES ($1, $2, $3, $4, $5)",
+        msgid, infno, fixmedins_code, infcode, response,
+    )
+
+
+async def insert_manual_claims(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> list[str]:
+    """Insert manual claims (columns in the order below); the claim_ids actually inserted (new ones)."""
+    inserted = await conn.fetch(
+        "INSERT INTO manual_claim (claim_id, psn_no, insured_admdvs, treating_admdvs, insured_prov,"
+        " treating_prov, scope, fixmedins_code, med_type, visit_type, begntime, endtime, medfee_sumamt,"
+        " fund_pay_sumamt, reason, reason_dscr, claim_time)"
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
+        " $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamp[], $12::timestamp[],"
+        " $13::bigint[], $14::bigint[], $15::text[], $16::text[], $17::timestamp[])"
+        " ON CONFLICT (claim_id) DO NOTHING RETURNING claim_id",
+        *(list(col) for col in zip(*rows, strict=True)),
+    )
+    return [r[0] for r in inserted]
+
+
+async def rates(conn: asyncpg.Connection, begin: date, end: date) -> list[dict[str, Any]]:
+    """The one definition of person-times (clearing CLI, monitor, dashboard). Direct-settlement rate
+    per (insured province, treating province, scope, visit type) for visits
+    settled (or manually claimed, by their end) on days begin..end. A settlement counts as direct
+    unless reversed; a visit settled again after a reversal counts once."""
+    start, stop = datetime(begin.year, begin.month, begin.day), datetime(end.year, end.month, end.day) + timedelta(1)
+    direct: dict[RateKey, int] = {}
+    for r in await conn.fetch(
+        "SELECT s.insured_admdvs, s.treating_admdvs, s.scope, s.med_type, count(DISTINCT s.mdtrt_id) AS n"
+        " FROM settlement s WHERE s.kind = 'settle' AND s.scope <> 'local' AND s.setl_time >= $1"
+        " AND s.setl_time < $2 AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
+        " GROUP BY 1, 2, 3, 4", start, stop,
+    ):
+        key = RateKey(province_of(r["insured_admdvs"]), province_of(r["treating_admdvs"]), r["scope"],
+                      VISIT_TYPES.get(r["med_type"], "other"))
+        direct[key] = direct.get(key, 0) + r["n"]
+    manual: dict[RateKey, int] = {}
+    for r in await conn.fetch(
+        "SELECT insured_prov, treating_prov, scope, visit_type, count(*) AS n FROM manual_claim"
+        " WHERE endtime >= $1 AND endtime < $2 GROUP BY 1, 2, 3, 4", start, stop,
+    ):
+        key = RateKey(r["insured_prov"], r["treating_prov"], r["scope"], r["visit_type"])
+        manual[key] = manual.get(key, 0) + r["n"]
+    return [{**asdict(line.key), "direct": line.direct, "manual": line.manual, "rate": line.rate}
+            for line in rate_lines(direct, manual)]

@@ -4,12 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
+import time
 from collections.abc import Awaitable, Callable
+from typing import Final
+
+# While the broker is away aiokafka logs every failed reconnect at ERROR, hundreds of lines a second.
+CLIENT_LOGGERS: Final = ("aiokafka",)
+REPEAT_PERIOD_S: Final = 10.0
+
+
+class ClientLogThrottle(logging.Filter):
+    """Lets one record of each of the clients' messages through per period, at WARNING at most."""
+
+    def __init__(self, period_s: float = REPEAT_PERIOD_S) -> None:
+        super().__init__()
+        self.period_s = period_s
+        self.last: dict[tuple[str, object], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(CLIENT_LOGGERS):
+            return True
+        key = (record.name, record.msg)  # the message template: the same failure with other arguments
+        now = time.monotonic()
+        if now - self.last.get(key, -math.inf) < self.period_s:
+            return False
+        self.last[key] = now
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name} %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ClientLogThrottle())
 
     async def runner() -> None:
         stop = asyncio.Event()

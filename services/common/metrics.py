@@ -27,8 +27,10 @@ from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
+# The code tables label values come from (the monitor imports SCOPES, VISIT_TYPES, visit_type_of from here).
+from schemas.codes import FUND_TOTAL, FUNDS, SCOPES, VISIT_TYPES, is_province_code, visit_type_of
 from schemas.errors import ERRORS
-from services.refdata.regions import UnknownRegion, province_of
+from schemas.transactions import TRANSACTIONS
 
 # No `_created` series: Prometheus 2 does not use them, and they would double every counter's series.
 disable_created_metrics()
@@ -38,22 +40,6 @@ LATENCY_BUCKETS_S: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 
-# med_type → visit_type label (REFERENCE §2 code table).
-VISIT_TYPES: Final[Mapping[str, str]] = {
-    "11": "general_outpatient",
-    "14": "chronic_outpatient",
-    "21": "inpatient",
-    "41": "pharmacy",
-}
-SCOPES: Final = frozenset({"local", "intra_province", "cross_province"})
-FUNDS: Final = frozenset({"hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay"})
-# Settlement and reversal transactions, and the visit type each implies when the
-# visit's med_type is not at hand (an outpatient settlement may be 11 or 14).
-SETTLEMENT_INFNOS: Final[Mapping[str, str]] = {
-    "2304": "inpatient", "2207": "outpatient", "2102": "pharmacy",
-    "2305": "inpatient", "2208": "outpatient", "2103": "pharmacy",
-}
-REVERSAL_INFNOS: Final = frozenset({"2305", "2208", "2103"})
 OUTCOMES: Final = frozenset({"ok", "duplicate", "settled", "reversed"}) | frozenset(ERRORS)
 
 REQUESTS = Counter(
@@ -118,16 +104,10 @@ ASSIGNED_PARTITIONS = Gauge(
 )
 
 
-def visit_type_of(med_type: str) -> str:
-    return VISIT_TYPES.get(med_type, "other")
-
-
-def _prov(admdvs: str) -> str:
-    """A province code XX0000 (from any region code the region table knows), else `unknown`."""
-    try:
-        return province_of(admdvs)
-    except (UnknownRegion, TypeError):
-        return "unknown"
+def _prov(prov_admdvs: str) -> str:
+    """The caller passes a province code XX0000 (the region table maps a region to its province); anything
+    else becomes `unknown`, so the label space stays bounded."""
+    return prov_admdvs if is_province_code(prov_admdvs) else "unknown"
 
 
 def _scope(scope: str) -> str:
@@ -145,7 +125,8 @@ def _outcome(outcome: str) -> str:
 def record_ledger_row(
     kind: str, scope: str, med_type: str, insured_prov: str, treating_prov: str, funds: Mapping[str, int]
 ) -> None:
-    """One committed settlement (kind=settle) or reversal (kind=reverse); funds in fen, reversals negative."""
+    """One committed settlement (kind=settle) or reversal (kind=reverse); funds in fen, reversals negative;
+    provinces as XX0000 codes."""
     kind = kind if kind in ("settle", "reverse") else "other"
     ins, trt = _prov(insured_prov), _prov(treating_prov)
     labels = (_scope(scope), visit_type_of(med_type), ins, trt)
@@ -161,17 +142,18 @@ def record_ledger_row(
 
 
 def record_settlement_request(infno: str, scope: str, outcome: str, med_type: str | None = None) -> None:
-    """A settlement or reversal request's outcome (other transactions are ignored).
+    """A settlement or reversal request's outcome (transactions writing no ledger row are ignored).
 
-    outcome "ok" becomes `settled` or `reversed`; an error code stays as it is. The
-    visit type comes from med_type when known, else from the transaction number.
+    outcome "ok" becomes `settled` or `reversed`; an error code stays as it is. The visit type comes
+    from med_type when known, else it is the transaction's visit kind (an outpatient settlement may be
+    11 or 14), both from the transaction registry.
     """
-    implied = SETTLEMENT_INFNOS.get(infno)
-    if implied is None:
+    transaction = TRANSACTIONS.get(infno)
+    if transaction is None or transaction.ledger_row is None or transaction.visit is None:
         return
     if outcome == "ok":
-        outcome = "reversed" if infno in REVERSAL_INFNOS else "settled"
-    visit_type = visit_type_of(med_type) if med_type else implied
+        outcome = "reversed" if transaction.ledger_row == "reverse" else "settled"
+    visit_type = visit_type_of(med_type) if med_type else transaction.visit.kind
     SETTLEMENT_REQUESTS.labels(infno, _scope(scope), visit_type, _outcome(outcome)).inc()
 
 
@@ -189,7 +171,7 @@ def set_deposit(insured_prov: str, balance_fen: int, warning_line_fen: int) -> N
 
 def set_clearing_position(insured_prov: str, treating_prov: str, fund: str, amount_fen: int) -> None:
     """fund: one of FUNDS, or fund_pay_sumamt for all funds together (filter it out before summing funds)."""
-    fund = fund if fund in FUNDS or fund == "fund_pay_sumamt" else "other"
+    fund = fund if fund in FUNDS or fund == FUND_TOTAL else "other"
     CLEARING_POSITION.labels(_prov(insured_prov), _prov(treating_prov), fund).set(amount_fen / 100)
 
 

@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from services.common.config import Settings
+from services.common.consumer import FailureKind, classify
 from services.common.metrics import LATENCY_BUCKETS_S
 from services.dashboard.data import Prometheus, assemble, fetch_clearing, fetch_live
 from services.monitor.ledger import month_figures
@@ -43,7 +44,9 @@ class Dashboard:
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        self.pool = await asyncpg.create_pool(self.s.pg_dsn, min_size=1, max_size=2)
+        # No connection at start: the page (and live figures) must come up while PostgreSQL is away;
+        # the pool connects on the first query and reconnects after a restart.
+        self.pool = await asyncpg.create_pool(self.s.pg_dsn, min_size=0, max_size=2)
         self.session = aiohttp.ClientSession()
         self.prom = Prometheus(f"http://127.0.0.1:{self.s.prometheus_port}", self.session)
 
@@ -79,7 +82,9 @@ class Dashboard:
         hours = max(1, min(hours, 48))
         try:
             body = await self.overview(hours)
-        except (asyncpg.PostgresError, OSError) as e:
+        except Exception as e:
+            if classify(e) is not FailureKind.INFRASTRUCTURE:
+                raise
             OVERVIEW_ERRORS.labels("ledger").inc()
             log.warning("ledger query failed: %s", type(e).__name__)
             raise web.HTTPServiceUnavailable(text=f"ledger unavailable: {type(e).__name__}") from None

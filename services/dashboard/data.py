@@ -19,6 +19,7 @@ from typing import Any, Final
 import aiohttp
 import asyncpg
 
+from schemas.codes import NON_LOCAL_SCOPES
 from services.clearing import store
 from services.dashboard.names import FUND_NAMES, SCOPE_NAMES, VISIT_TYPE_NAMES, province_name, seed_regions
 from services.monitor.ledger import FUND_COLUMNS, MonthFigures
@@ -26,7 +27,7 @@ from services.monitor.targets import Target
 
 PROM_TIMEOUT_S: Final = 5.0
 TREND_HOURS_MAX: Final = 48
-NON_LOCAL: Final = ("intra_province", "cross_province")
+NON_LOCAL: Final = NON_LOCAL_SCOPES
 HEADLINE: Final = ("cross_province", "inpatient")
 
 # Live figures: name → PromQL (instant vectors).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from schemas.codes import FUND_NAMES as FUND_NAMES  # (zh, en) of each fund, for the dashboard
 from services.refdata.regions import REGIONS, SEED_REGIONS, province_of
 
 SCOPE_NAMES: Final = {
@@ -17,12 +18,6 @@ VISIT_TYPE_NAMES: Final = {
     "chronic_outpatient": ("门诊慢特病", "chronic-disease outpatient"),
     "pharmacy": ("定点药店", "pharmacy"),
     "outpatient": ("门诊", "outpatient"),
-}
-FUND_NAMES: Final = {
-    "hifp_pay": ("统筹基金", "basic pool"),
-    "hifmi_pay": ("大病保险", "critical illness"),
-    "hifob_pay": ("大额医疗补助", "supplementary"),
-    "maf_pay": ("医疗救助", "medical assistance"),
 }
 # Published baselines of the seed regions (REFERENCE §1), shown next to their targets.
 SEED_NOTES: Final = {

@@ -19,12 +19,12 @@ from typing import Final
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.common.config import Settings
+from services.common.consumer import FailureKind, classify, until_up
 from services.common.metrics import serve_metrics
 from services.common.response import SHANGHAI
 from services.monitor.lag import PartitionLag, group_lags
@@ -123,11 +123,12 @@ class Monitor:
         self.pool: asyncpg.Pool | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.pool = await asyncpg.create_pool(self.s.pg_dsn, min_size=1, max_size=1)
-        await self.admin.start()
-        await self.offsets.start()
         REGISTRY.register(self.collector)
         serve_metrics(self.s.monitor_metrics_port)
+        # No connection at start: the pool connects on the first poll and after a database restart.
+        self.pool = await asyncpg.create_pool(self.s.pg_dsn, min_size=0, max_size=1)
+        await until_up("Kafka admin client", self.admin.start, stop)
+        await until_up("Kafka consumer", self.offsets.start, stop)
         log.info("monitor ready on :%d", self.s.monitor_metrics_port)
         try:
             await asyncio.gather(
@@ -146,9 +147,12 @@ class Monitor:
             try:
                 await asyncio.wait_for(poll(), timeout=max(period_s * 5, 10))
                 self.collector.snapshot.polled_at[source] = time.time()
-            except (KafkaError, OSError, TimeoutError, asyncpg.PostgresError) as e:
+            except Exception as e:
                 POLL_ERRORS.labels(source).inc()
-                log.warning("%s poll failed: %s", source, type(e).__name__)
+                if classify(e) is FailureKind.INFRASTRUCTURE:
+                    log.warning("%s poll failed: %s", source, type(e).__name__)
+                else:  # a bug: logged in full, and the monitor goes on
+                    log.exception("%s poll failed", source)
             delay = max(0.0, period_s - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)

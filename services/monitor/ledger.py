@@ -3,7 +3,7 @@ the direct-settlement rate and the money moved between provinces.
 
 A month is the calendar month of `settlement.setl_time` (Asia/Shanghai wall time), as
 for clearing (REFERENCE §5). Person-times come from the clearing service's one
-definition (`services.clearing.cli.rates`): a non-local visit counts as direct once
+definition (`services.clearing.store.rates`): a non-local visit counts as direct once
 when settled and not reversed (REFERENCE §6), a manual claim by the end of its visit.
 Fund amounts are summed as stored (reversal rows are negative), so they are net.
 Used by the monitor (exported to Prometheus) and by the dashboard.
@@ -18,12 +18,13 @@ from typing import Final
 
 import asyncpg
 
-from services.clearing.cli import rates
+from schemas.codes import FUNDS
+from services.clearing.store import rates
 from services.common.metrics import visit_type_of
 from services.common.response import SHANGHAI
 from services.refdata.regions import UnknownRegion, province_of
 
-FUND_COLUMNS: Final = ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")
+FUND_COLUMNS: Final[tuple[str, ...]] = FUNDS
 
 _MONEY_SQL: Final = """
 SELECT insured_admdvs, treating_admdvs, scope, med_type,

@@ -16,17 +16,22 @@ from dataclasses import dataclass, field, fields
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 from typing import Any
 
-from services.policy.policies import FILING_TYPES, HOSP_LEVELS, INSUTYPES, Policy
+from schemas.codes import (
+    FILING_TYPES,
+    INSUTYPE_EMPLOYEE,
+    INSUTYPE_RESIDENT,
+    INSUTYPES,
+    MED_TYPE_CHRONIC_OUTPATIENT,
+    MED_TYPE_GENERAL_OUTPATIENT,
+    MED_TYPE_INPATIENT,
+    MED_TYPE_PHARMACY,
+    MED_TYPES,
+)
+from services.policy.policies import HOSP_LEVELS, Policy
 
-MED_TYPE_OUTPATIENT = "11"
-MED_TYPE_CHRONIC = "14"
-MED_TYPE_INPATIENT = "21"
-MED_TYPE_PHARMACY = "41"
-MED_TYPES: tuple[str, ...] = (MED_TYPE_OUTPATIENT, MED_TYPE_CHRONIC, MED_TYPE_INPATIENT, MED_TYPE_PHARMACY)
-SECOND_TIER_MED_TYPES: tuple[str, ...] = (MED_TYPE_INPATIENT, MED_TYPE_CHRONIC)
+# The visits whose fund split goes on to critical illness / supplementary insurance.
+SECOND_TIER_MED_TYPES: tuple[str, ...] = (MED_TYPE_INPATIENT, MED_TYPE_CHRONIC_OUTPATIENT)
 
-INSUTYPE_EMPLOYEE = "310"
-INSUTYPE_RESIDENT = "390"
 RETIREE_PSN_TYPE_PREFIX = "12"
 
 CHRGITM_LV_A = "01"  # 甲类
@@ -169,12 +174,12 @@ _DELTA_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AccumulatorDelta))
 
 @dataclass(frozen=True)
 class SettlementInput:
-    med_type: str  # "11" | "14" | "21" | "41"
-    insutype: str  # "310" | "390"
+    med_type: str  # one of schemas.codes.MED_TYPES
+    insutype: str  # one of schemas.codes.INSUTYPES
     psn_type: str
     hosp_lv: int  # 1..3; only read for inpatient (21)
     assistance: str | None  # assistance category ("1" 低保, "2" 特困) or None
-    filing_type: str | None  # None = local care (no cut); else LONG_TERM | REFERRAL | EMERGENCY | TEMPORARY
+    filing_type: str | None  # None = local care (no cut); else one of schemas.codes.FILING_TYPES
     chronic_disease: str | None  # required for med_type 14
     use_account: bool
     account_balance_fen: int
@@ -295,7 +300,7 @@ def _validate_input(policy: Policy, inp: SettlementInput, acc: Accumulators) -> 
         raise PolicyError("PSN_TYPE_INVALID", f"psn_type must be a string, got {inp.psn_type!r}")
     if inp.med_type == MED_TYPE_INPATIENT and (not _is_int(inp.hosp_lv) or not 1 <= inp.hosp_lv <= HOSP_LEVELS):
         raise PolicyError("HOSP_LV_INVALID", f"hosp_lv must be 1..{HOSP_LEVELS}, got {inp.hosp_lv!r}")
-    if inp.med_type == MED_TYPE_CHRONIC:
+    if inp.med_type == MED_TYPE_CHRONIC_OUTPATIENT:
         if not inp.chronic_disease:
             raise PolicyError("CHRONIC_DISEASE_REQUIRED", "med_type 14 needs a chronic_disease")
         if inp.chronic_disease not in policy.chronic_annual_cap_fen:
@@ -336,7 +341,7 @@ def compute_split(policy: Policy, inp: SettlementInput, acc: Accumulators) -> Fu
         hifp = min(raw, _left(policy.basic_annual_cap_fen[ins], acc.basic_paid))
         over_cap = raw - hifp
         basic_delta = hifp
-    elif inp.med_type == MED_TYPE_CHRONIC:
+    elif inp.med_type == MED_TYPE_CHRONIC_OUTPATIENT:
         disease = inp.chronic_disease
         if disease is None:  # already refused by _validate_input; narrows the type
             raise PolicyError("CHRONIC_DISEASE_REQUIRED", "med_type 14 needs a chronic_disease")
@@ -347,7 +352,7 @@ def compute_split(policy: Policy, inp: SettlementInput, acc: Accumulators) -> Fu
         over_cap = raw - hifp
         basic_delta = hifp
         chronic_delta = {disease: hifp}
-    elif inp.med_type == MED_TYPE_OUTPATIENT:
+    elif inp.med_type == MED_TYPE_GENERAL_OUTPATIENT:
         dedc = min(inscp, _left(policy.outpatient_deductible_fen[ins], acc.outpatient_dedc_used))
         ratio = max(_ZERO, policy.outpatient_ratio[ins] - cut)
         raw = mul_ratio(inscp - dedc, ratio)

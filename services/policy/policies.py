@@ -19,13 +19,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from schemas.codes import FILING_TYPES, INSUTYPES
+
 _V = TypeVar("_V")
 
 DEFAULT_TABLE = "DEFAULT"
 DEFAULT_POLICY_PATH = Path(__file__).with_name("policies.toml")
 
-INSUTYPES: tuple[str, ...] = ("310", "390")
-FILING_TYPES: tuple[str, ...] = ("LONG_TERM", "REFERRAL", "EMERGENCY", "TEMPORARY")
 HOSP_LEVELS = 3
 RATIO_DECIMAL_PLACES_MAX = 4  # pool_prop_selfpay is reported with 4 places: a ratio must fit exactly
 MONEY_YUAN_MAX = Decimal(10) ** 9  # sanity bound on any amount in the policy file (one billion yuan)
@@ -256,9 +256,9 @@ def _build_policy(region: str, table: Mapping[str, Any]) -> Policy:
     for filing in FILING_TYPES:
         if filing not in ratio_cut:
             raise r.fail(f"cross_region.ratio_cut.{filing}", "missing")
-    for filing in ratio_cut:
-        if filing not in FILING_TYPES:
-            raise r.fail(f"cross_region.ratio_cut.{filing}", f"unknown filing type (expected one of {FILING_TYPES})")
+    for name in ratio_cut:
+        if name not in FILING_TYPES:
+            raise r.fail(f"cross_region.ratio_cut.{name}", f"unknown filing type (expected one of {FILING_TYPES})")
     return Policy(
         region=region,
         name=r.text("name"),

@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final, Literal
+from typing import Final
 
-Scope = Literal["local", "intra_province", "cross_province"]
+from schemas.codes import SCOPE_CROSS_PROVINCE, SCOPE_INTRA_PROVINCE, SCOPE_LOCAL, Scope
 
 
 class UnknownRegion(LookupError):
@@ -204,7 +204,7 @@ def classify_scope(insured_admdvs: str, treating_admdvs: str) -> Scope:
     insured = region_of(insured_admdvs)
     treating = region_of(treating_admdvs)
     if insured.pool_admdvs == treating.pool_admdvs:
-        return "local"
+        return SCOPE_LOCAL
     if insured.prov_admdvs == treating.prov_admdvs:
-        return "intra_province"
-    return "cross_province"
+        return SCOPE_INTRA_PROVINCE
+    return SCOPE_CROSS_PROVINCE

@@ -15,6 +15,7 @@ from typing import Final
 
 import asyncpg
 
+from schemas.codes import FILING_PREFERENCE
 from services.refdata.regions import province_of
 
 
@@ -110,9 +111,8 @@ async def fetch_refdata(conn: asyncpg.Connection) -> RefData:
     return ref
 
 
-# Preference among filings in force: the smallest ratio cut first.
-FILING_PREFERENCE: Final[tuple[str, ...]] = ("EMERGENCY", "REFERRAL", "LONG_TERM", "TEMPORARY")
-_RANK: Final = {t: i for i, t in enumerate(FILING_PREFERENCE)}
+# Preference among filings in force (schemas.codes.FILING_PREFERENCE): the smallest ratio cut first.
+_RANK: Final[dict[str, int]] = {t: i for i, t in enumerate(FILING_PREFERENCE)}
 
 
 def filing_in_force(filings: Iterable[Filing], on: date, treating_prov: str) -> Filing | None:

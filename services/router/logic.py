@@ -15,17 +15,17 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from schemas.codec import Request
+from schemas.codes import FILING_EMERGENCY, FILING_PREFERENCE, FILING_TEMPORARY, SCOPE_LOCAL
 from schemas.errors import BrokerError
 from schemas.filing import Input2501, Input2502, Input2503, Input2504, Input5301
-from schemas.inpatient import Input2301, Input2302, Input2303, Input2304, Input2401
+from schemas.inpatient import Input2401
 from schemas.internal import CatalogCtx, HospitalCtx, PersonCtx, RoutedRequest
 from schemas.money import to_yuan
-from schemas.outpatient import Input2204, Input2205, Input2206, Input2207
 from schemas.person import Input1101
-from schemas.pharmacy import Input2101, Input2102
+from schemas.transactions import TRANSACTIONS
 from schemas.wire import parse_wire_time
 from services.refdata.regions import UnknownRegion, classify_scope, region_of
-from services.refdata.store import FILING_PREFERENCE, Filing, RefData, filing_in_force
+from services.refdata.store import Filing, RefData, filing_in_force
 
 # How long a filing created on the spot stays valid (promise system / declared emergency).
 PROMISE_FILING_DAYS = 180
@@ -59,10 +59,6 @@ class ForwardClearing:
     fixmedins_code: str
 
 
-# Transactions answered by the clearing service (services/clearing), not the settlement engine.
-CLEARING_INFNOS = frozenset({"3201", "3202", "3203", "3204", "3260", "3261", "3262"})
-
-
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A request answered by the router itself from its reference data (5301)."""
@@ -88,13 +84,12 @@ class RefdataChange:
     chronic: frozenset[str] | None = None  # the person's eligibility after the change
 
 
-# Settlements (not pre-settlements' effects, but those too need the ratio cut): non-local needs a filing.
-SETTLEMENT_BODIES = (Input2303, Input2304, Input2206, Input2207, Input2101, Input2102)
 Decision = Routed | Answer | PersonQuery | RefdataChange | ForwardClearing
 
 
 def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> Decision:
     env = req.envelope
+    transaction = TRANSACTIONS.get(env.infno)
     hospital = ref.hospitals.get(env.fixmedins_code)
     if hospital is None:
         raise BrokerError("HOSPITAL_UNKNOWN", "fixmedins_code is not a connected hospital")
@@ -103,11 +98,12 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
         raise BrokerError("MDTRTAREA_MISMATCH", "mdtrtarea_admvs is not the hospital's pooling region")
     if isinstance(req.body, Input1101):
         return PersonQuery(find_person(req.body, ref))
-    if env.infno in CLEARING_INFNOS:
+    if transaction is not None and transaction.stage == "clearing":
         return ForwardClearing(env.fixmedins_code)
 
     psn_no = req.psn_no
-    if psn_no is None:  # every visit body carries psn_no (schemas.codec.body_psn_no)
+    if transaction is None or transaction.stage not in ("router", "engine") or psn_no is None:
+        # The gateway answers 9001; every body the router or the engine answers carries psn_no.
         raise BrokerError("INFNO_UNSUPPORTED", f"infno {env.infno} is not routed to settlement")
     person = ref.persons.get(psn_no)
     if person is None:
@@ -121,21 +117,19 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
     insured = _region(person.insuplc_admdvs)
     scope = classify_scope(insured.admdvs, treating.admdvs)
     on = parse_wire_time("inf_time", env.inf_time).date()
-    if isinstance(req.body, Input2501 | Input2502 | Input2503 | Input2504 | Input5301):
+    if transaction.stage == "router":
         return filing_transaction(req.body, psn_no, person, ref, env.msgid, on)
 
     catalog: list[CatalogCtx] = []
-    if isinstance(req.body, Input2301 | Input2204):
-        _check_same_visit(req.body.feedetail)
-        catalog = _enrich_fees(req.body.feedetail, ref, treating.prov_admdvs, fee_items_max)
-    elif isinstance(req.body, Input2101 | Input2102):
-        catalog = _enrich_fees(req.body.drugdetail, ref, treating.prov_admdvs, fee_items_max)
-    elif isinstance(req.body, Input2302 | Input2205):
-        _check_same_visit(req.body.data)
+    if transaction.one_visit_items:
+        _check_same_visit(getattr(req.body, transaction.one_visit_items))
+    if transaction.priced_items:
+        catalog = _enrich_fees(getattr(req.body, transaction.priced_items), ref, treating.prov_admdvs,
+                               fee_items_max)
 
     filing_type: str | None = None
     new_filing: NewFiling | None = None
-    if scope != "local":
+    if scope != SCOPE_LOCAL:
         found = filing_in_force(ref.filings.get(psn_no, []), on, treating.prov_admdvs)
         new_filing = _filing_on_the_spot(req, psn_no, treating.prov_admdvs, on)
         if new_filing is not None:
@@ -146,7 +140,7 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
             else:
                 new_filing = None  # a filing in force already covers it as well or better: create nothing
         filing_type = found.filing_type if found else None
-        if found is None and isinstance(req.body, SETTLEMENT_BODIES):
+        if found is None and transaction.needs_filing:
             raise BrokerError(
                 "FILING_REQUIRED",
                 "non-local care needs a cross-region filing in force for the treating province",
@@ -200,12 +194,12 @@ def _filing_on_the_spot(req: Request, psn_no: str, treating_prov: str, on: date)
     if info is None or isinstance(info, list):
         return None
     if isinstance(body, Input2401) and body.mdtrtinfo.emergency_flag == "1":
-        kind, days = "EMERGENCY", EMERGENCY_FILING_DAYS
+        kind, days = FILING_EMERGENCY, EMERGENCY_FILING_DAYS
     elif getattr(info, "promise_filing_flag", "0") == "1":
-        kind, days = "TEMPORARY", PROMISE_FILING_DAYS
+        kind, days = FILING_TEMPORARY, PROMISE_FILING_DAYS
     else:
         return None
-    source = "emergency" if kind == "EMERGENCY" else "promise"
+    source = "emergency" if kind == FILING_EMERGENCY else "promise"
     filing_id = "F" + hashlib.sha256(f"{req.envelope.msgid}|{kind}".encode()).hexdigest()[:31]
     filing = Filing(
         filing_id=filing_id,

@@ -5,6 +5,8 @@ Order of effects per batch (crash anywhere replays safely):
   2. write ledger rows, accumulators, accounts and each msgid's response — one commit;
   3. produce replies and settlement events, wait for the broker's acks;
   4. commit the consumer offsets.
+Steps 3 and 4, decoding, retries and the isolation of a failing request are the shared shell's
+(`services/common/consumer.py`).
 A crash before 2 commits leaves no trace; after 2, the replay finds the msgids in
 `processed_request` and resends the stored responses — nothing is applied twice.
 """
@@ -17,20 +19,18 @@ import time
 
 import asyncpg
 import msgspec
-from aiokafka import ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
 
+from schemas.codes import FUNDS
 from schemas.errors import BrokerError
-from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
+from schemas.internal import RoutedRequest, SettlementEvent
 from services.common.config import Settings
-from services.common.kafka import make_group_consumer, make_producer
+from services.common.consumer import BatchConsumer, BatchProcessor, Outbox, Record, applying, until_up
+from services.common.kafka import connect_pool, make_group_consumer, make_producer
 from services.common.metrics import (
-    DEAD_LETTERS,
     END_TO_END_SECONDS,
     REQUESTS,
     STAGE_SECONDS,
     record_ledger_row,
-    record_produce_error,
     record_settlement_request,
     serve_metrics,
 )
@@ -40,110 +40,64 @@ from services.refdata.regions import province_of
 from services.settle import ledger
 from services.settle.logic import check_row_invariants, handle
 from services.settle.state import BatchState, Settlement
-from topics.catalog import DEADLETTER, ROUTED
+from topics.catalog import ROUTED
 from topics.catalog import SETTLEMENTS as SETTLEMENTS_TOPIC
 
 log = logging.getLogger("settle")
 GROUP_ID = "xsettle-settle"
-RETRY_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
-_decoder = msgspec.json.Decoder(RoutedRequest)
+POOL_SIZE_MAX = 2
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
 
-class PoisonedRequest(Exception):
-    """A request failed unexpectedly inside a batch; the batch's transaction is rolled back."""
+class SettleEngine(BatchProcessor[RoutedRequest]):
+    """The engine's batch processor; the shared shell (`services/common/consumer.py`) runs it."""
 
+    stage = "settle"
 
-class Outbox:
-    """What a committed batch must publish: (topic, partition, key, value)."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, int | None, bytes | None, bytes]] = []
-
-    def add(self, topic: str, partition: int | None, key: bytes | None, value: bytes) -> None:
-        self.records.append((topic, partition, key, value))
-
-
-class SettleEngine:
     def __init__(self, s: Settings, policies: PolicyBook) -> None:
         self.s = s
         self.policies = policies
-        self.consumer = make_group_consumer(s, GROUP_ID, ROUTED.name)
         self.producer = make_producer(s)
         self.pool: asyncpg.Pool | None = None
-        self._poisoned: set[str] = set()  # msgids to answer INTERNAL without applying (bounded by a batch)
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.pool = await asyncpg.create_pool(self.s.pg_dsn, min_size=1, max_size=2)
-        await self.producer.start()
-        await self.consumer.start()
-        serve_metrics(self.s.settle_metrics_port, stage="settle")
+        serve_metrics(self.s.settle_metrics_port, stage=self.stage)
+        self.pool = await until_up("PostgreSQL", lambda: connect_pool(self.s, POOL_SIZE_MAX), stop)
+        await until_up("Kafka producer", self.producer.start, stop)
         log.info("settlement engine ready")
         try:
-            while not stop.is_set():
-                batches = await self.consumer.getmany(timeout_ms=100, max_records=self.s.batch_size_max)
-                if batches:
-                    await self._process_with_retry(batches)
+            if not stop.is_set():
+                consumer = make_group_consumer(self.s, GROUP_ID, ROUTED.name)
+                await BatchConsumer(consumer, GROUP_ID, ROUTED, self, self.producer,
+                                    max_records=self.s.batch_size_max).run(stop)
         finally:
-            await self.consumer.stop()
             await self.producer.stop()
-            await self.pool.close()
+            if self.pool is not None:
+                await self.pool.close()
 
-    async def _process_with_retry(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        """Until the batch is committed: redo at once after a poisoned request (each redo answers one more
-        request INTERNAL, so this ends), back off after an infrastructure error, give up (raise) after the
-        last backoff — the consumer then stops and the records are delivered again after a restart."""
-        failures = 0
-        while True:
-            try:
-                outbox = await self.process(batches)
-                await self._publish(outbox)
-            except PoisonedRequest:
-                continue
-            except (asyncpg.PostgresError, OSError, TimeoutError, KafkaError) as e:
-                if failures == len(RETRY_BACKOFF_S):
-                    raise
-                log.warning("batch failed (attempt %d: %s); retrying", failures + 1, type(e).__name__)
-                await asyncio.sleep(RETRY_BACKOFF_S[failures])
-                failures += 1
-                continue
-            try:
-                await self.consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batches.items()})
-            except (CommitFailedError, KafkaError) as e:
-                # Partitions moved: the new owner replays these records and finds them processed.
-                log.warning("offset commit failed (%s); the new owner will replay", type(e).__name__)
-            self._poisoned.clear()
-            return
-
-    async def process(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> Outbox:
+    async def process(self, records: list[Record[RoutedRequest]], outbox: Outbox) -> None:
         started = time.perf_counter()
-        outbox = Outbox()
-        msgs: list[RoutedRequest] = []
-        for records in batches.values():
-            for rec in records:
-                try:
-                    msgs.append(_decoder.decode(rec.value))
-                except msgspec.ValidationError as e:  # a foreign record on an internal topic
-                    self._dead_letter(outbox, "INTERNAL", f"INTERNAL: undecodable routed record: {e}", None,
-                                      rec.value)
+        msgs = [r.value for r in records]
         assert self.pool is not None
         committed: list[Settlement] = []
         async with self.pool.acquire() as conn, conn.transaction():
             st = await ledger.load_batch(conn, msgs)
-            for msg in msgs:
+            for rec in records:
+                msg = rec.value
                 if msg.msgid in st.processed:
-                    outbox.add(msg.reply_topic, msg.reply_partition, msg.msgid.encode(), st.processed[msg.msgid])
+                    outbox.add(msg.reply_topic, st.processed[msg.msgid], key=msg.msgid.encode(),
+                               partition=msg.reply_partition)
                     REQUESTS.labels("settle", msg.infno, "duplicate").inc()
                     record_settlement_request(msg.infno, msg.scope, "duplicate")
                     replayed = st.replayed.pop(msg.msgid, None)
                     if replayed is not None:
-                        outbox.add(SETTLEMENTS_TOPIC.name, None, replayed.psn_no.encode(),
-                                   _encoder.encode(_event(replayed)))
+                        outbox.add(SETTLEMENTS_TOPIC.name, _encoder.encode(_event(replayed)),
+                                   key=replayed.psn_no.encode())
                     continue
-                body, row, outcome = self._apply(msg, st, outbox)
+                body, row, outcome = self._apply(rec, st, outbox)
                 st.responses[msg.msgid] = (msg.infno, msg.fixmedins_code, -1 if outcome != "ok" else 0, body)
                 st.processed[msg.msgid] = body  # a repeat later in the same batch gets the same answer
-                outbox.add(msg.reply_topic, msg.reply_partition, msg.msgid.encode(), body)
+                outbox.add(msg.reply_topic, body, key=msg.msgid.encode(), partition=msg.reply_partition)
                 if row is not None:
                     committed.append(row)
                 REQUESTS.labels("settle", msg.infno, outcome).inc()
@@ -154,58 +108,36 @@ class SettleEngine:
             if msg.msgid in st.responses:
                 END_TO_END_SECONDS.labels(msg.infno).observe(max(0, now_ns - msg.received_ns) / 1e9)
         for row in committed:
-            outbox.add(SETTLEMENTS_TOPIC.name, None, row.psn_no.encode(), _encoder.encode(_event(row)))
+            outbox.add(SETTLEMENTS_TOPIC.name, _encoder.encode(_event(row)), key=row.psn_no.encode())
             _count(row)
         STAGE_SECONDS.labels("settle_batch").observe(time.perf_counter() - started)
-        return outbox
 
-    def _apply(self, msg: RoutedRequest, st: BatchState, outbox: Outbox) -> tuple[bytes, Settlement | None, str]:
+    def _apply(self, rec: Record[RoutedRequest], st: BatchState, outbox: Outbox
+               ) -> tuple[bytes, Settlement | None, str]:
+        msg = rec.value
         received = received_from_ns(msg.received_ns)
         admdvs = msg.person.insured_admdvs
-        if msg.msgid in self._poisoned:
-            # It failed unexpectedly in an earlier attempt of this batch: answer INTERNAL, keep it for analysis.
-            err = "INTERNAL: unexpected error; the request was not applied"
-            self._dead_letter(outbox, "INTERNAL", err, msg, _encoder.encode(msg))
-            return response_bytes(admdvs, received, err_msg=err), None, "INTERNAL"
-        try:
-            effect = handle(msg, st, self.policies)
-            if effect.settlement is not None:
-                check_row_invariants(effect.settlement)
-            return response_bytes(admdvs, received, output=effect.output), effect.settlement, "ok"
-        except BrokerError as e:
-            self._dead_letter(outbox, e.code, e.err_msg, msg, _encoder.encode(msg))
-            return response_bytes(admdvs, received, err_msg=e.err_msg), None, e.code
-        except Exception as e:
-            # A bug may have left this request half-applied in the batch state: the whole batch is rolled
-            # back and done again with this request answered INTERNAL — nothing wrong is written, and the
-            # partition does not stop.
-            log.exception("unexpected error settling infno %s; the batch is redone without it", msg.infno)
-            self._poisoned.add(msg.msgid)
-            raise PoisonedRequest(msg.msgid) from e
-
-    def _dead_letter(self, outbox: Outbox, code: str, err_msg: str, msg: RoutedRequest | None, raw: bytes) -> None:
-        DEAD_LETTERS.labels("settle", code).inc()
-        letter = DeadLetter(
-            stage="settle", err_code=code, err_msg=err_msg, msgid=msg.msgid if msg else None,
-            infno=msg.infno if msg else None, fixmedins_code=msg.fixmedins_code if msg else None,
-            at_ns=time.time_ns(), original=raw,
-        )
-        outbox.add(DEADLETTER.name, None, msg.msgid.encode() if msg else None, _encoder.encode(letter))
-
-    async def _publish(self, outbox: Outbox) -> None:
-        futures = []
-        for topic, partition, key, value in outbox.records:
+        # A bug may leave this request half-applied in the batch state: `applying` makes it a failure of
+        # this record, the transaction rolls back and the shell redoes the batch without it.
+        with applying(rec, f"settling infno {msg.infno}"):
             try:
-                futures.append(await self.producer.send(topic, value, key=key, partition=partition))
-            except KafkaError:
-                record_produce_error(topic)
-                raise
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        failed = [(rec[0], r) for rec, r in zip(outbox.records, results, strict=True) if isinstance(r, BaseException)]
-        for topic, _ in failed:
-            record_produce_error(topic)
-        if failed:
-            raise failed[0][1]
+                effect = handle(msg, st, self.policies)
+                if effect.settlement is not None:
+                    check_row_invariants(effect.settlement)
+                return response_bytes(admdvs, received, output=effect.output), effect.settlement, "ok"
+            except BrokerError as e:
+                outbox.dead_letter(e.code, e.err_msg, rec.raw.value, msgid=msg.msgid, infno=msg.infno,
+                                   fixmedins_code=msg.fixmedins_code)
+                return response_bytes(admdvs, received, err_msg=e.err_msg), None, e.code
+
+    def reject(self, record: Record[RoutedRequest | None], code: str, err_msg: str, outbox: Outbox) -> None:
+        msg = record.value
+        if msg is None:
+            return  # undecodable: nobody to answer
+        body = response_bytes(msg.person.insured_admdvs, received_from_ns(msg.received_ns), err_msg=err_msg)
+        outbox.add(msg.reply_topic, body, key=msg.msgid.encode(), partition=msg.reply_partition)
+        REQUESTS.labels("settle", msg.infno, code).inc()
+        record_settlement_request(msg.infno, msg.scope, code)
 
 
 def _event(row: Settlement) -> SettlementEvent:
@@ -222,6 +154,6 @@ def _event(row: Settlement) -> SettlementEvent:
 
 
 def _count(row: Settlement) -> None:
-    funds = {fund: row.amounts[fund] for fund in ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")}
+    funds = {fund: row.amounts[fund] for fund in FUNDS}
     record_ledger_row(row.kind, row.scope, row.med_type, province_of(row.insured_admdvs),
                       province_of(row.treating_admdvs), funds)

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from schemas.internal import RoutedRequest
+from schemas.transactions import infnos_loading
 from services.policy.logic import accumulators_from_json, accumulators_to_json
 from services.settle.state import AMOUNT_FIELDS, BatchState, Fee, Settlement, Visit
 
@@ -29,11 +30,11 @@ _SETL_COLS = ("setl_id", "msgid", "kind", "orig_setl_id", "mdtrt_id", "psn_no", 
               "med_type", "scope", "filing_type", "insured_admdvs", "insured_pool", "treating_admdvs",
               "treating_pool", "clr_optins", "setl_time", "acc_year", *AMOUNT_FIELDS, "pool_prop_selfpay",
               "accum_delta")
-# What a batch must load, by the transactions in it: a batch of admissions and fee uploads (most of
-# the traffic) touches neither accumulators nor accounts nor earlier settlements.
-_MONEY_INFNOS = frozenset({"2101", "2102", "2103", "2206", "2207", "2208", "2303", "2304", "2305"})
-_FEE_INFNOS = frozenset({"2204", "2205", "2206", "2207", "2301", "2302", "2303", "2304"})
-_REVERSAL_INFNOS = frozenset({"2103", "2208", "2305"})
+# What a batch must load, by the transactions in it (the registry's `loads`): a batch of admissions and
+# fee uploads (most of the traffic) touches neither accumulators nor accounts nor earlier settlements.
+_MONEY_INFNOS = infnos_loading("money")
+_FEE_INFNOS = infnos_loading("fees")
+_REVERSAL_INFNOS = infnos_loading("settlements")
 _ACC_COUNTERS = ("basic_paid", "outpatient_dedc_used", "outpatient_paid", "critical_base", "critical_paid",
                  "supplementary_paid", "assistance_paid")
 

@@ -10,8 +10,10 @@ Visit state machine per mdtrt_id:
   pharmacy (41)       2102 creates the visit settled at once; 2103 reverses it (→ cancelled)
 
 Fees and cancellations only before settlement; pre-settlement (2206/2303/2101) computes
-without effect. Each handler returns the response `output` or raises BrokerError; state
-changes are recorded on the BatchState for the ledger to write.
+without effect. The machine is data in the transaction registry (schemas/transactions.py: each
+infno's visit kind, allowed-from states and resulting state); `_visit` and `_enter` apply it.
+Each handler returns the response `output` or raises BrokerError; state changes are recorded
+on the BatchState for the ledger to write.
 """
 
 from __future__ import annotations
@@ -19,8 +21,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
+from schemas.codes import (
+    FUND_PAY_TYPES,
+    FUND_TOTAL,
+    FUNDS,
+    INSUTYPE_EMPLOYEE,
+    MED_TYPE_CHRONIC_OUTPATIENT,
+    MED_TYPE_GENERAL_OUTPATIENT,
+    MED_TYPE_INPATIENT,
+    MED_TYPE_PHARMACY,
+    SCOPE_LOCAL,
+    VISIT_KIND_MED_TYPES,
+)
 from schemas.errors import BrokerError
 from schemas.inpatient import (
     FeeDetail,
@@ -55,6 +69,7 @@ from schemas.outpatient import (
     Input2208,
 )
 from schemas.pharmacy import DrugDetail, Input2101, Input2102, Input2103
+from schemas.transactions import STATE_REFUSALS, TRANSACTIONS, VisitEffect
 from schemas.wire import parse_wire_time
 from services.policy.logic import (
     Accumulators,
@@ -72,18 +87,6 @@ from services.policy.logic import (
 from services.policy.policies import PolicyBook
 from services.settle.state import AMOUNT_FIELDS, BatchState, Fee, Settlement, Visit
 
-VisitKind = Literal["outpatient", "inpatient", "pharmacy"]
-MED_TYPES_OF: dict[VisitKind, tuple[str, ...]] = {"outpatient": ("11", "14"), "inpatient": ("21",),
-                                                   "pharmacy": ("41",)}
-FUNDS = ("hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay")
-FUND_NAMES = {
-    ("hifp_pay", "310"): ("310100", "职工基本医疗保险统筹基金"),
-    ("hifp_pay", "390"): ("390100", "城乡居民基本医疗保险基金"),
-    ("hifmi_pay", "390"): ("390200", "城乡居民大病医疗保险资金"),
-    ("hifob_pay", "310"): ("330200", "职工大额医疗费用补助基金"),
-    ("maf_pay", "310"): ("610100", "医疗救助基金"),
-    ("maf_pay", "390"): ("610100", "医疗救助基金"),
-}
 # Policy refusals the hospital can act on; anything else from the policy engine is a bug (INTERNAL).
 _POLICY_CODES = {"CHRONIC_DISEASE_NOT_COVERED", "MED_TYPE_UNSUPPORTED"}
 
@@ -102,23 +105,19 @@ def handle(msg: RoutedRequest, st: BatchState, policies: PolicyBook) -> Effect:
         case Input2201():
             return _register(msg, body, st)
         case Input2202():
-            return _cancel_visit(msg, st, body.data.mdtrt_id, "outpatient")
+            return _cancel_visit(msg, st, body.data.mdtrt_id)
         case Input2203():
             return _outpatient_info(msg, body, st)
         case Input2204() | Input2301():
-            kind: VisitKind = "outpatient" if isinstance(body, Input2204) else "inpatient"
-            return _upload_fees(msg, body.feedetail, st, kind)
+            return _upload_fees(msg, body.feedetail, st)
         case Input2205() | Input2302():
-            kind = "outpatient" if isinstance(body, Input2205) else "inpatient"
-            return _cancel_fees(msg, body.data, st, kind)
+            return _cancel_fees(msg, body.data, st)
         case Input2206() | Input2207():
             return _settle_outpatient(msg, body, st, policies, effective=isinstance(body, Input2207))
         case Input2303() | Input2304():
             return _settle_inpatient(msg, body, st, policies, effective=isinstance(body, Input2304))
         case Input2208() | Input2305():
-            kind = "outpatient" if isinstance(body, Input2208) else "inpatient"
-            visit = _visit(msg, st, body.data.mdtrt_id, kind, allow_cancelled=True)
-            return _reverse(msg, st, body.data.setl_id, visit)
+            return _reverse(msg, st, body.data.setl_id, _visit(msg, st, body.data.mdtrt_id))
         case Input2401():
             return _admit(msg, body, st)
         case Input2402():
@@ -126,7 +125,7 @@ def handle(msg: RoutedRequest, st: BatchState, policies: PolicyBook) -> Effect:
         case Input2403():
             return _change_admission(msg, body, st)
         case Input2404():
-            return _cancel_visit(msg, st, body.data.mdtrt_id, "inpatient")
+            return _cancel_visit(msg, st, body.data.mdtrt_id)
         case Input2405():
             return _cancel_discharge(msg, body, st)
         case Input2101() | Input2102():
@@ -155,25 +154,42 @@ def _time(field: str, value: str) -> datetime:
 # --- visits ------------------------------------------------------------------------------------
 
 
-def _visit(msg: RoutedRequest, st: BatchState, mdtrt_id: str, kind: VisitKind, *,
-           allow_cancelled: bool = False) -> Visit:
+def _effect(msg: RoutedRequest) -> VisitEffect:
+    """The transaction's visit effect from the registry (schemas.transactions): kind, states, result."""
+    effect = TRANSACTIONS[msg.infno].visit
+    if effect is None:
+        raise RuntimeError(f"infno {msg.infno} has no visit effect in the transaction registry")
+    return effect
+
+
+def _visit(msg: RoutedRequest, st: BatchState, mdtrt_id: str) -> Visit:
+    """The visit the request names, if it is of the transaction's kind and in one of its allowed states."""
+    effect = _effect(msg)
     visit = st.visits.get(mdtrt_id)
     if visit is None or visit.psn_no != msg.person.psn_no or visit.fixmedins_code != msg.fixmedins_code:
         raise BrokerError("VISIT_UNKNOWN", "no visit with that mdtrt_id for this person and hospital")
-    if visit.med_type not in MED_TYPES_OF[kind]:
-        raise BrokerError("VISIT_TYPE_MISMATCH", f"the visit is not an {kind} visit")
-    if visit.state == "cancelled" and not allow_cancelled:
-        raise BrokerError("VISIT_CANCELLED", "the visit was cancelled")
+    if visit.med_type not in VISIT_KIND_MED_TYPES[effect.kind]:
+        raise BrokerError("VISIT_TYPE_MISMATCH", f"the visit is not an {effect.kind} visit")
+    if visit.state not in effect.from_states:
+        code, text = STATE_REFUSALS[visit.state]
+        raise BrokerError(code, f"{TRANSACTIONS[msg.infno].title}: {text}")
     return visit
 
 
-def _not_settled(visit: Visit, action: str) -> None:
-    if visit.state == "settled":
-        raise BrokerError("VISIT_SETTLED", f"cannot {action}: the visit is settled; reverse it first")
+def _enter(msg: RoutedRequest, st: BatchState, visit: Visit) -> None:
+    """Move the visit to the transaction's resulting state (if it has one) and mark it for writing."""
+    to_state = _effect(msg).to_state
+    if to_state is not None:
+        visit.state = to_state
+    _changed(st, visit)
 
 
 def _new_visit(msg: RoutedRequest, st: BatchState, *, med_type: str, ipt_otp_no: str, begntime: datetime,
-               dise_codg: str | None, state: str) -> Visit:
+               dise_codg: str | None) -> Visit:
+    effect = _effect(msg)
+    if not effect.creates or effect.to_state is None:
+        raise RuntimeError(f"infno {msg.infno} does not create a visit in the transaction registry")
+    state = effect.to_state
     mdtrt_id = mdtrt_id_for(msg.msgid)
     visit = Visit(
         mdtrt_id=mdtrt_id, psn_no=msg.person.psn_no, fixmedins_code=msg.fixmedins_code, med_type=med_type,
@@ -193,19 +209,18 @@ def _changed(st: BatchState, visit: Visit) -> None:
 
 def _register(msg: RoutedRequest, body: Input2201, st: BatchState) -> Effect:
     d = body.data
-    visit = _new_visit(msg, st, med_type="11", ipt_otp_no=d.ipt_otp_no, begntime=_time("begntime", d.begntime),
-                       dise_codg=None, state="registered")
+    visit = _new_visit(msg, st, med_type=MED_TYPE_GENERAL_OUTPATIENT, ipt_otp_no=d.ipt_otp_no,
+                       begntime=_time("begntime", d.begntime), dise_codg=None)
     return Effect({"data": VisitResult(mdtrt_id=visit.mdtrt_id, psn_no=d.psn_no, ipt_otp_no=d.ipt_otp_no)})
 
 
 def _outpatient_info(msg: RoutedRequest, body: Input2203, st: BatchState) -> Effect:
     info = body.mdtrtinfo
-    visit = _visit(msg, st, info.mdtrt_id, "outpatient")
-    _not_settled(visit, "change the visit information")
-    if info.med_type == "14" and info.chronic_disease not in msg.person.chronic:
+    visit = _visit(msg, st, info.mdtrt_id)
+    if info.med_type == MED_TYPE_CHRONIC_OUTPATIENT and info.chronic_disease not in msg.person.chronic:
         raise BrokerError("CHRONIC_DISEASE_NOT_COVERED", "the person has no eligibility for that chronic disease")
     visit.med_type, visit.dise_codg = info.med_type, info.dise_codg
-    visit.chronic_disease = info.chronic_disease if info.med_type == "14" else None
+    visit.chronic_disease = info.chronic_disease if info.med_type == MED_TYPE_CHRONIC_OUTPATIENT else None
     visit.begntime = _time("begntime", info.begntime)
     _changed(st, visit)
     return Effect({})
@@ -213,31 +228,27 @@ def _outpatient_info(msg: RoutedRequest, body: Input2203, st: BatchState) -> Eff
 
 def _admit(msg: RoutedRequest, body: Input2401, st: BatchState) -> Effect:
     info = body.mdtrtinfo
-    if info.med_type != "21":
-        raise BrokerError("MED_TYPE_UNSUPPORTED", "admission (2401) needs med_type 21")
-    visit = _new_visit(msg, st, med_type="21", ipt_otp_no=info.ipt_otp_no,
-                       begntime=_time("begntime", info.begntime), dise_codg=info.dise_codg, state="admitted")
+    if info.med_type != MED_TYPE_INPATIENT:
+        raise BrokerError("MED_TYPE_UNSUPPORTED", f"admission (2401) needs med_type {MED_TYPE_INPATIENT}")
+    visit = _new_visit(msg, st, med_type=MED_TYPE_INPATIENT, ipt_otp_no=info.ipt_otp_no,
+                       begntime=_time("begntime", info.begntime), dise_codg=info.dise_codg)
     return Effect(Output2401(result=VisitResult(mdtrt_id=visit.mdtrt_id, psn_no=info.psn_no,
                                                 ipt_otp_no=info.ipt_otp_no)))
 
 
 def _discharge(msg: RoutedRequest, body: Input2402, st: BatchState) -> Effect:
-    visit = _visit(msg, st, body.dscginfo.mdtrt_id, "inpatient")
-    _not_settled(visit, "discharge")
-    if visit.state == "discharged":
-        raise BrokerError("VISIT_DISCHARGED", "the stay is already discharged")
+    visit = _visit(msg, st, body.dscginfo.mdtrt_id)
     endtime = _time("endtime", body.dscginfo.endtime)
     if endtime < visit.begntime:
         raise BrokerError("BODY_MALFORMED", "endtime: before the admission time")
-    visit.state, visit.endtime = "discharged", endtime
-    _changed(st, visit)
+    visit.endtime = endtime
+    _enter(msg, st, visit)
     return Effect({})
 
 
 def _change_admission(msg: RoutedRequest, body: Input2403, st: BatchState) -> Effect:
     info = body.adminfo
-    visit = _visit(msg, st, info.mdtrt_id, "inpatient")
-    _not_settled(visit, "change the admission")
+    visit = _visit(msg, st, info.mdtrt_id)
     if info.begntime is not None:
         begntime = _time("begntime", info.begntime)
         if visit.endtime is not None and visit.endtime < begntime:
@@ -250,20 +261,15 @@ def _change_admission(msg: RoutedRequest, body: Input2403, st: BatchState) -> Ef
 
 
 def _cancel_discharge(msg: RoutedRequest, body: Input2405, st: BatchState) -> Effect:
-    visit = _visit(msg, st, body.data.mdtrt_id, "inpatient")
-    _not_settled(visit, "cancel the discharge")
-    if visit.state != "discharged":
-        raise BrokerError("VISIT_NOT_DISCHARGED", "the stay is not discharged")
-    visit.state, visit.endtime = "admitted", None
-    _changed(st, visit)
+    visit = _visit(msg, st, body.data.mdtrt_id)
+    visit.endtime = None
+    _enter(msg, st, visit)
     return Effect({})
 
 
-def _cancel_visit(msg: RoutedRequest, st: BatchState, mdtrt_id: str, kind: VisitKind) -> Effect:
-    visit = _visit(msg, st, mdtrt_id, kind)
-    _not_settled(visit, "cancel the visit")
-    visit.state = "cancelled"
-    _changed(st, visit)
+def _cancel_visit(msg: RoutedRequest, st: BatchState, mdtrt_id: str) -> Effect:
+    visit = _visit(msg, st, mdtrt_id)
+    _enter(msg, st, visit)
     return Effect({})
 
 
@@ -279,9 +285,8 @@ def _fee(mdtrt_id: str, item: FeeDetail | DrugDetail, cat: CatalogCtx, msgid: st
     )
 
 
-def _upload_fees(msg: RoutedRequest, items: Sequence[FeeDetail], st: BatchState, kind: VisitKind) -> Effect:
-    visit = _visit(msg, st, items[0].mdtrt_id, kind)
-    _not_settled(visit, "upload fees")
+def _upload_fees(msg: RoutedRequest, items: Sequence[FeeDetail], st: BatchState) -> Effect:
+    visit = _visit(msg, st, items[0].mdtrt_id)
     existing = st.fees.setdefault(visit.mdtrt_id, {})
     # Check every item before changing anything: a refused upload leaves no item behind.
     fees = [_fee(visit.mdtrt_id, item, cat, msg.msgid) for item, cat in zip(items, msg.catalog, strict=True)]
@@ -317,9 +322,8 @@ def _fee_item(f: Fee) -> FeeItem:
                    pric_uplmt_fen=f.pric_uplmt_fen)
 
 
-def _cancel_fees(msg: RoutedRequest, refs: Sequence[Any], st: BatchState, kind: VisitKind) -> Effect:
-    visit = _visit(msg, st, refs[0].mdtrt_id, kind)
-    _not_settled(visit, "cancel fees")
+def _cancel_fees(msg: RoutedRequest, refs: Sequence[Any], st: BatchState) -> Effect:
+    visit = _visit(msg, st, refs[0].mdtrt_id)
     sns = {r.feedetl_sn for r in refs}
     targets = [f for f in st.active_fees(visit.mdtrt_id) if "0000" in sns or f.feedetl_sn in sns]
     for f in targets:
@@ -334,18 +338,14 @@ def _cancel_fees(msg: RoutedRequest, refs: Sequence[Any], st: BatchState, kind: 
 def _settle_inpatient(msg: RoutedRequest, body: Input2303 | Input2304, st: BatchState, policies: PolicyBook,
                       *, effective: bool) -> Effect:
     info = body.mdtrtinfo
-    visit = _visit(msg, st, info.mdtrt_id, "inpatient")
-    _not_settled(visit, "settle")
-    if effective and visit.state != "discharged":
-        raise BrokerError("VISIT_NOT_DISCHARGED", "inpatient settlement needs the discharge (2402) first")
+    visit = _visit(msg, st, info.mdtrt_id)
     return _settle(msg, visit, st, policies, to_fen(info.medfee_sumamt), info.acct_used_flag == "1", effective)
 
 
 def _settle_outpatient(msg: RoutedRequest, body: Input2206 | Input2207, st: BatchState, policies: PolicyBook,
                        *, effective: bool) -> Effect:
     d = body.data
-    visit = _visit(msg, st, d.mdtrt_id, "outpatient")
-    _not_settled(visit, "settle")
+    visit = _visit(msg, st, d.mdtrt_id)
     if d.med_type != visit.med_type:
         raise BrokerError("MED_TYPE_UNSUPPORTED", "med_type differs from the visit's (declare 14 with 2203)")
     return _settle(msg, visit, st, policies, to_fen(d.medfee_sumamt), d.acct_used_flag == "1", effective)
@@ -358,12 +358,11 @@ def _settle(msg: RoutedRequest, visit: Visit, st: BatchState, policies: PolicyBo
         raise BrokerError("NO_FEES", "the visit has no uploaded fee items")
     if medfee_fen != sum(f.fee_fen for f in fees):
         raise BrokerError("MEDFEE_MISMATCH", "medfee_sumamt differs from the sum of uploaded fee items")
-    if visit.med_type == "14" and visit.chronic_disease not in msg.person.chronic:
+    if visit.med_type == MED_TYPE_CHRONIC_OUTPATIENT and visit.chronic_disease not in msg.person.chronic:
         raise BrokerError("CHRONIC_DISEASE_NOT_COVERED", "the person has no eligibility for that chronic disease")
     row = _compute(msg, visit, st, policies, fees, use_account, effective)
     if effective:
-        visit.state = "settled"
-        _changed(st, visit)
+        _enter(msg, st, visit)
     return Effect(settlement_output(row), row if effective else None)
 
 
@@ -377,8 +376,8 @@ def _compute(msg: RoutedRequest, visit: Visit, st: BatchState, policies: PolicyB
     balance = st.accounts.get(person.psn_no, person.acct_balc_fen)
     inp = SettlementInput(
         med_type=visit.med_type, insutype=person.insutype, psn_type=person.psn_type, hosp_lv=msg.hospital.hosp_lv,
-        assistance=person.assistance, filing_type=msg.filing_type if visit.scope != "local" else None,
-        chronic_disease=visit.chronic_disease, use_account=use_account and person.insutype == "310",
+        assistance=person.assistance, filing_type=msg.filing_type if visit.scope != SCOPE_LOCAL else None,
+        chronic_disease=visit.chronic_disease, use_account=use_account and person.insutype == INSUTYPE_EMPLOYEE,
         account_balance_fen=balance, items=[_fee_item(f) for f in fees],
     )
     try:
@@ -400,7 +399,7 @@ def _compute(msg: RoutedRequest, visit: Visit, st: BatchState, policies: PolicyB
 def _row(msg: RoutedRequest, visit: Visit, setl_id: str, setl_time: datetime, year: int,
          split: FundSplit) -> Settlement:
     person, hospital = msg.person, msg.hospital
-    non_local = visit.scope != "local"
+    non_local = visit.scope != SCOPE_LOCAL
     return Settlement(
         setl_id=setl_id, msgid=msg.msgid, kind="settle", orig_setl_id=None, mdtrt_id=visit.mdtrt_id,
         psn_no=person.psn_no, fixmedins_code=msg.fixmedins_code, insutype=person.insutype,
@@ -424,15 +423,15 @@ def _pharmacy(msg: RoutedRequest, body: Input2101 | Input2102, st: BatchState, p
         raise BrokerError("MEDFEE_MISMATCH", "medfee_sumamt differs from the sum of the drug items")
     begntime = _time("begntime", d.begntime)
     draft = Visit(mdtrt_id=mdtrt_id if effective else "", psn_no=msg.person.psn_no,
-                  fixmedins_code=msg.fixmedins_code, med_type="41", insutype=msg.person.insutype, scope=msg.scope,
+                  fixmedins_code=msg.fixmedins_code, med_type=MED_TYPE_PHARMACY, insutype=msg.person.insutype,
+                  scope=msg.scope,
                   insured_admdvs=msg.person.insured_admdvs, treating_admdvs=msg.hospital.admdvs,
                   ipt_otp_no=msg.msgid, begntime=begntime, endtime=None, dise_codg=None, state="settled",
                   created_msgid=msg.msgid)
     use_account = d.acct_used_flag == "1"
     row = _compute(msg, draft, st, policies, fees, use_account, effective=False)  # refusals happen here
     if effective:  # nothing was changed before this point: a refused purchase leaves no trace
-        _new_visit(msg, st, med_type="41", ipt_otp_no=msg.msgid, begntime=begntime, dise_codg=None,
-                   state="settled")
+        _new_visit(msg, st, med_type=MED_TYPE_PHARMACY, ipt_otp_no=msg.msgid, begntime=begntime, dise_codg=None)
         for f in fees:
             st.fees[mdtrt_id][f.feedetl_sn] = f
             st.new_fees.append((mdtrt_id, f.feedetl_sn))
@@ -447,7 +446,7 @@ def _reverse_pharmacy(msg: RoutedRequest, body: Input2103, st: BatchState) -> Ef
     orig = st.settlements.get(body.data.setl_id)
     if orig is None:
         raise BrokerError("SETTLEMENT_UNKNOWN", "no settlement with that setl_id for this person and pharmacy")
-    visit = _visit(msg, st, orig.mdtrt_id, "pharmacy", allow_cancelled=True)
+    visit = _visit(msg, st, orig.mdtrt_id)
     return _reverse(msg, st, body.data.setl_id, visit)
 
 
@@ -477,8 +476,7 @@ def _reverse(msg: RoutedRequest, st: BatchState, setl_id: str, visit: Visit) -> 
         acc_year=orig.acc_year, amounts=amounts, pool_prop_selfpay=orig.pool_prop_selfpay, accum_delta=negated,
     )
     orig.reversed = True
-    visit.state = {"21": "discharged", "41": "cancelled"}.get(visit.med_type, "registered")
-    _changed(st, visit)
+    _enter(msg, st, visit)
     st.add_settlement(row)
     return Effect(settlement_output(row), row)
 
@@ -497,7 +495,7 @@ def settlement_output(row: Settlement) -> OutputSettlement:
     detail = []
     for fund in FUNDS:
         if a[fund]:
-            code, name = FUND_NAMES.get((fund, row.insutype), ("999999", fund))
+            code, name = FUND_PAY_TYPES.get((fund, row.insutype), ("999999", fund))
             detail.append(SetlDetail(fund_pay_type=code, fund_pay_type_name=name,
                                      inscp_scp_amt=to_yuan(a["inscp_scp_amt"]), fund_payamt=to_yuan(a[fund])))
     return OutputSettlement(setlinfo=info, setldetail=detail)
@@ -506,7 +504,7 @@ def settlement_output(row: Settlement) -> OutputSettlement:
 def check_row_invariants(row: Settlement) -> None:
     """Pair assertion at the write side (the table's CHECKs are the read side)."""
     a = row.amounts
-    if a["fund_pay_sumamt"] != sum(a[f] for f in FUNDS):
+    if a[FUND_TOTAL] != sum(a[f] for f in FUNDS):
         raise RuntimeError("ledger row: fund total is not the sum of the funds")
     if a["psn_part_amt"] != a["medfee_sumamt"] - a["fund_pay_sumamt"]:
         raise RuntimeError("ledger row: personal part is not total minus fund")

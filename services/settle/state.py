@@ -12,6 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from schemas.codes import FUNDS, VisitState
 from services.policy.logic import Accumulators
 
 
@@ -29,7 +30,7 @@ class Visit:
     begntime: datetime
     endtime: datetime | None
     dise_codg: str | None
-    state: str  # registered | admitted | discharged | settled | cancelled
+    state: VisitState
     created_msgid: str
     chronic_disease: str | None = None  # outpatient med_type 14
 
@@ -81,8 +82,7 @@ class Settlement:
 
 AMOUNT_FIELDS = (
     "medfee_sumamt", "fulamt_ownpay_amt", "overlmt_selfpay", "preselfpay_amt", "inscp_scp_amt", "act_pay_dedc",
-    "hifp_pay", "hifmi_pay", "hifob_pay", "maf_pay", "fund_pay_sumamt", "psn_part_amt", "acct_pay",
-    "psn_cash_pay", "balc",
+    *FUNDS, "fund_pay_sumamt", "psn_part_amt", "acct_pay", "psn_cash_pay", "balc",
 )
 
 

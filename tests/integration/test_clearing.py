@@ -537,7 +537,7 @@ async def test_manual_claims_are_stored_and_count_in_the_rate_denominator(traffi
         await asyncio.sleep(0.2)
 
     async with db.acquire() as conn:
-        lines = await cli.rates(conn, month_start(M1).date(), (month_end(M1)).date())
+        lines = await store.rates(conn, month_start(M1).date(), (month_end(M1)).date())
         direct = await conn.fetchval(
             "SELECT count(DISTINCT s.mdtrt_id) FROM settlement s WHERE s.kind = 'settle' AND s.med_type = '21'"
             " AND s.insured_pool = '510400' AND left(s.treating_admdvs, 2) = '15' AND s.setl_time >= $1"

@@ -12,7 +12,7 @@ import pytest
 
 from deploy.services import service_specs
 from loadtest.his import GatewayClient, Stay
-from services.clearing.cli import rates
+from services.clearing.store import rates
 from services.common.config import Settings
 from services.monitor.ledger import month_bounds
 from tests.integration.monitoring_data import (

@@ -1,23 +1,30 @@
-"""The settlement engine's batch transaction on the real PostgreSQL: a request that fails unexpectedly
-half-way through is rolled back with its whole batch, and the batch is redone with that request answered
-INTERNAL — nothing half-applied is written, and the rest of the batch is settled."""
+"""The settlement engine's batch transaction inside the shared shell, on the real PostgreSQL: a request
+that fails unexpectedly half-way through, or that the database refuses, is rolled back with its whole
+batch, and the batch is redone without it (answered INTERNAL and dead-lettered) — nothing half-applied
+is written, and the rest of the batch is settled."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 import msgspec
 import pytest
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 
-from schemas.internal import PersonCtx, RoutedRequest
+from schemas.internal import DeadLetter, PersonCtx, RoutedRequest
+from schemas.pharmacy import Input2102
 from services.common.config import Settings
+from services.common.consumer import BatchConsumer, Outbox
+from services.common.kafka import make_group_consumer
 from services.policy.policies import PolicyBook
 from services.settle import handler as engine_module
-from services.settle.handler import PoisonedRequest, SettleEngine
+from services.settle.handler import GROUP_ID, SettleEngine
 from tests.unit.test_settle_properties import Script
+from topics.catalog import DEADLETTER, ROUTED
 
 pytestmark = pytest.mark.integration
 TOKEN = f"{time.time_ns() % 10**12:012d}"
@@ -28,20 +35,48 @@ def _person(n: int) -> PersonCtx:
                      insutype="310", psn_type="1101", assistance=None, acct_balc_fen=10_000)
 
 
-def _records(msgs: list[RoutedRequest]) -> dict[TopicPartition, list[ConsumerRecord]]:
-    tp = TopicPartition("fsi.routed", 0)
-    enc = msgspec.json.Encoder(decimal_format="number")
-    return {tp: [ConsumerRecord("fsi.routed", 0, i, 0, 0, None, enc.encode(m), None, 0, 0, [])
-                 for i, m in enumerate(msgs)]}
+def _records(values: list[bytes]) -> list[ConsumerRecord]:
+    return [ConsumerRecord("fsi.routed", 0, i, 0, 0, None, v, None, 0, 0, []) for i, v in enumerate(values)]
+
+
+def _encode(msgs: list[RoutedRequest]) -> list[bytes]:
+    return [msgspec.json.Encoder(decimal_format="number").encode(m) for m in msgs]
+
+
+@asynccontextmanager
+async def _engine(stack: Settings) -> AsyncIterator[BatchConsumer[RoutedRequest]]:
+    """The engine inside the shared shell, with a database pool; no Kafka client is started."""
+    engine = SettleEngine(stack, PolicyBook.load())
+    engine.pool = await asyncpg.create_pool(stack.pg_dsn, min_size=1, max_size=2)
+    consumer = make_group_consumer(stack, GROUP_ID, ROUTED.name)
+    try:
+        yield BatchConsumer(consumer, GROUP_ID, ROUTED, engine, engine.producer, max_records=500)
+    finally:
+        await engine.pool.close()
+        await consumer.stop()  # created, never started: process_batch() needs no Kafka
+        await engine.producer.stop()
+
+
+def _replies(outbox: Outbox, reply_topic: str) -> dict[str, dict]:
+    return {out.key.decode(): msgspec.json.decode(out.value) for out in outbox.records
+            if out.topic == reply_topic and out.key}
+
+
+def _dead_letters(outbox: Outbox) -> list[DeadLetter]:
+    return [msgspec.json.decode(out.value, type=DeadLetter) for out in outbox.records if out.topic == DEADLETTER.name]
+
+
+def _purchases(n: int, tag: str) -> list[RoutedRequest]:
+    people = [_person(i) for i in range(n)]
+    script = Script({p.psn_no: p for p in people})
+    for p in people:
+        script.purchase(p, [2_500])
+    return [msgspec.structs.replace(m, msgid=f"H{TOKEN}{tag}{i:016d}") for i, m in enumerate(script.messages)]
 
 
 async def test_poisoned_request_is_rolled_back_and_the_batch_redone(stack: Settings, db: asyncpg.Pool,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    people = [_person(i) for i in range(3)]
-    script = Script({p.psn_no: p for p in people})
-    for p in people:
-        script.purchase(p, [2_500])
-    msgs = [msgspec.structs.replace(m, msgid=f"H{TOKEN}{i:017d}") for i, m in enumerate(script.messages)]
+    msgs = _purchases(3, "1")
     victim = msgs[1].msgid
 
     real_handle = engine_module.handle
@@ -53,25 +88,38 @@ async def test_poisoned_request_is_rolled_back_and_the_batch_redone(stack: Setti
         return effect
 
     monkeypatch.setattr(engine_module, "handle", buggy_handle)
-    engine = SettleEngine(stack, PolicyBook.load())
-    engine.pool = await asyncpg.create_pool(stack.pg_dsn, min_size=1, max_size=2)
-    try:
-        with pytest.raises(PoisonedRequest):
-            await engine.process(_records(msgs))
-        assert await db.fetchval("SELECT count(*) FROM processed_request WHERE msgid = ANY($1)",
-                                 [m.msgid for m in msgs]) == 0  # the whole attempt was rolled back
-        outbox = await engine.process(_records(msgs))
-    finally:
-        await engine.pool.close()
-        await engine.consumer.stop()  # created, never started: process() needs no Kafka
-        await engine.producer.stop()
-    replies = {key.decode(): msgspec.json.decode(value) for topic, _, key, value in outbox.records
-               if topic == msgs[0].reply_topic and key}
+    async with _engine(stack) as shell:
+        outbox = await shell.process_batch(_records(_encode(msgs)))
+    replies = _replies(outbox, msgs[0].reply_topic)
     assert replies[victim]["infcode"] == -1 and replies[victim]["err_msg"].startswith("INTERNAL")
     assert all(replies[m.msgid]["infcode"] == 0 for m in msgs if m.msgid != victim)
+    assert [(d.msgid, d.err_code) for d in _dead_letters(outbox)] == [(victim, "INTERNAL")]
     rows = await db.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
     assert {r["msgid"] for r in rows} == {m.msgid for m in msgs} - {victim}
     assert await db.fetchval("SELECT count(*) FROM visit WHERE created_msgid = $1", victim) == 0
     assert await db.fetchval("SELECT balc_fen FROM account WHERE psn_no = $1", msgs[1].person.psn_no) is None
-    stored = await db.fetchrow("SELECT infcode FROM processed_request WHERE msgid = $1", victim)
-    assert stored["infcode"] == -1  # a resend of the same msgid gets the same INTERNAL answer
+    # Not stored: a resend of the msgid is tried again (INTERNAL tells the hospital to resend).
+    assert await db.fetchval("SELECT count(*) FROM processed_request WHERE msgid = $1", victim) == 0
+
+
+async def test_a_request_the_database_refuses_is_isolated(stack: Settings, db: asyncpg.Pool) -> None:
+    """A NUL in a drug code passes msgspec but PostgreSQL refuses it (CharacterNotInRepertoire) at the
+    batch's write: the batch is halved until the culprit is alone, the others settle."""
+    msgs = _purchases(5, "2")
+    victim = msgs[3]
+    assert isinstance(victim.body, Input2102)
+    drug = msgspec.structs.replace(victim.body.drugdetail[0], medins_list_codg="a\u0000b")
+    msgs[3] = msgspec.structs.replace(victim, body=msgspec.structs.replace(victim.body, drugdetail=[drug]))
+    async with _engine(stack) as shell:
+        outbox = await shell.process_batch(_records([b"\x00 not json", *_encode(msgs)]))
+    replies = _replies(outbox, msgs[0].reply_topic)
+    assert replies[victim.msgid]["infcode"] == -1
+    assert replies[victim.msgid]["err_msg"] == (
+        "INTERNAL: the record could not be applied (CharacterNotInRepertoireError (SQLSTATE 22021))")
+    assert {m.msgid for m in msgs if replies[m.msgid]["infcode"] == 0} == {m.msgid for m in msgs} - {victim.msgid}
+    letters = _dead_letters(outbox)
+    assert [(d.msgid, d.err_code) for d in letters] == [(None, "INTERNAL"), (victim.msgid, "INTERNAL")]
+    assert letters[0].err_msg.startswith("INTERNAL: undecodable fsi.routed record: JSON is malformed")
+    assert letters[0].original == b"\x00 not json"
+    rows = await db.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
+    assert {r["msgid"] for r in rows} == {m.msgid for m in msgs} - {victim.msgid}

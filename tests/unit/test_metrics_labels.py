@@ -24,21 +24,21 @@ def test_ledger_rows_count_person_times_and_yuan_by_route() -> None:
     before = {k: sample("xs_settlements_total", kind=k, **ROUTE) for k in ("settle", "reverse")}
     fund_before = sample("xs_fund_paid_yuan_total", fund="hifp_pay", kind="settle", insured_prov="510000",
                          treating_prov="150000")
-    # Region codes of any level map to their province.
-    m.record_ledger_row("settle", "cross_province", "21", "510421", "150400", {"hifp_pay": 2124000, "maf_pay": 0})
+    # Callers pass province codes (the region table maps a region to its province; metrics does not import it).
+    m.record_ledger_row("settle", "cross_province", "21", "510000", "150000", {"hifp_pay": 2124000, "maf_pay": 0})
     assert sample("xs_settlements_total", kind="settle", **ROUTE) == before["settle"] + 1
     # The reversal series exists (at its old value) as soon as a settlement does: settle − reverse is defined.
     assert REGISTRY.get_sample_value("xs_settlements_total", {"kind": "reverse", **ROUTE}) == before["reverse"]
     assert sample("xs_fund_paid_yuan_total", fund="hifp_pay", kind="settle", insured_prov="510000",
                   treating_prov="150000") == pytest.approx(fund_before + 21240.00)
-    m.record_ledger_row("reverse", "cross_province", "21", "510421", "150400", {"hifp_pay": -2124000})
+    m.record_ledger_row("reverse", "cross_province", "21", "510000", "150000", {"hifp_pay": -2124000})
     assert sample("xs_settlements_total", kind="reverse", **ROUTE) == before["reverse"] + 1
     assert sample("xs_fund_paid_yuan_total", fund="hifp_pay", kind="reverse", insured_prov="510000",
                   treating_prov="150000") >= 21240.00
 
 
 def test_unexpected_values_fall_back_to_fixed_labels() -> None:
-    m.record_ledger_row("bogus", "elsewhere", "77", "999999", "12", {"surprise": 100})
+    m.record_ledger_row("bogus", "elsewhere", "77", "510421", "12", {"surprise": 100})  # not province codes
     labels = {"kind": "other", "scope": "unknown", "visit_type": "other", "insured_prov": "unknown",
               "treating_prov": "unknown"}
     assert sample("xs_settlements_total", **labels) >= 1
@@ -73,7 +73,7 @@ def test_settlement_request_outcomes() -> None:
 def test_manual_claims_deposits_and_positions() -> None:
     key = {"insured_prov": "350000", "treating_prov": "150000", "scope": "cross_province", "visit_type": "inpatient"}
     before = sample("xs_manual_claims_total", **key)
-    m.record_manual_claim("350300", "150400", "cross_province", "inpatient")
+    m.record_manual_claim("350000", "150000", "cross_province", "inpatient")
     m.record_manual_claim("350000", "150000", "cross_province", "21")  # a med_type code works too
     assert sample("xs_manual_claims_total", **key) == before + 2
     m.set_deposit("150000", 12_345_678, 10_000_000)
@@ -123,3 +123,14 @@ def test_names_and_label_names_follow_conventions() -> None:
 def test_latency_buckets_span_milliseconds_to_seconds() -> None:
     assert m.LATENCY_BUCKETS_S[0] <= 0.001 and m.LATENCY_BUCKETS_S[-1] >= 10
     assert list(m.LATENCY_BUCKETS_S) == sorted(m.LATENCY_BUCKETS_S)
+
+
+def test_metrics_do_not_load_the_region_table() -> None:
+    """Layering: shared metrics take province codes from their callers and import no reference data."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sys, services.common.metrics; "
+                          "print(sorted(m for m in sys.modules if m.startswith('services.refdata')))"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

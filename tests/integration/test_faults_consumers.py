@@ -1,0 +1,283 @@
+"""Faults in the running pipeline (real Kafka, real PostgreSQL, the services as processes).
+
+Record faults: records written straight to a consumer's topic (so no validation upstream can catch
+them) — bytes that do not decode, data PostgreSQL refuses (a NUL in a text field) — are answered where
+someone waits, dead-lettered with their reason, and the records after them on the same partition are
+processed. Infrastructure faults: PostgreSQL restarted under load — every service waits, reconnects
+and continues without exiting, and the ledger has nothing lost or doubled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import asyncpg
+import msgspec
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from deploy import stack as stack_ctl
+from loadtest.his import FeeLine, GatewayClient, Stay
+from schemas.clearing import ManualClaim
+from schemas.internal import DeadLetter, PersonCtx, RoutedRequest
+from schemas.pharmacy import Input2102
+from services.common.config import Settings
+from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS, STAY_START, wait_router_knows
+from tests.unit.test_settle_properties import Script
+from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, REPLIES, ROUTED, SETTLEMENTS
+
+pytestmark = pytest.mark.integration
+TOKEN = f"{time.time_ns() % 10**11:011d}"
+REPLY_PARTITION = 3  # no gateway of the test stack reads it: the test reads its replies itself
+GARBAGE = b"\x00\xff not a record"
+WAIT_S = 30
+D = Decimal
+
+
+class Taps:
+    """Reads what the pipeline answers (fsi.replies, partition REPLY_PARTITION) and dead-letters,
+    from the end offsets at the start of a test."""
+
+    def __init__(self, s: Settings) -> None:
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+                                         isolation_level="read_committed")
+        self.replies: dict[str, dict[str, Any]] = {}
+        self.letters: list[DeadLetter] = []
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        tps = [TopicPartition(REPLIES.name, REPLY_PARTITION), TopicPartition(DEADLETTER.name, 0)]
+        self.consumer.assign(tps)
+        for tp, offset in (await self.consumer.end_offsets(tps)).items():
+            self.consumer.seek(tp, offset)
+
+    async def until(self, done: Any, what: str) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not done():
+            assert time.monotonic() < deadline, f"not seen within {WAIT_S} s: {what}"
+            for tp, records in (await self.consumer.getmany(timeout_ms=200)).items():
+                for rec in records:
+                    if tp.topic == REPLIES.name:
+                        self.replies[rec.key.decode()] = msgspec.json.decode(rec.value)
+                    else:
+                        self.letters.append(msgspec.json.decode(rec.value, type=DeadLetter))
+
+    def letters_of(self, stage: str, original: bytes) -> list[DeadLetter]:
+        return [d for d in self.letters if d.stage == stage and d.original == original]
+
+
+@pytest.fixture
+async def taps(services: Settings) -> AsyncIterator[Taps]:
+    t = Taps(services)
+    await t.start()
+    yield t
+    await t.consumer.stop()
+
+
+@pytest.fixture
+async def producer(services: Settings) -> AsyncIterator[AIOKafkaProducer]:
+    p = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all")
+    await p.start()
+    yield p
+    await p.stop()
+
+
+def _purchases(n: int) -> list[RoutedRequest]:
+    """n pharmacy purchases of one person (one key: one partition, in order), answered on REPLY_PARTITION."""
+    person = PersonCtx(psn_no=f"F{TOKEN}", insured_admdvs="150400", insured_prov="150000", insured_pool="150400",
+                       insutype="310", psn_type="1101", assistance=None, acct_balc_fen=10_000)
+    script = Script({person.psn_no: person})
+    for _ in range(n):
+        script.purchase(person, [1_800])
+    return [msgspec.structs.replace(m, msgid=f"H{TOKEN}{i:018d}", reply_topic=REPLIES.name,
+                                    reply_partition=REPLY_PARTITION) for i, m in enumerate(script.messages)]
+
+
+async def test_engine_dead_letters_poison_and_settles_what_follows(refdata: dict, services: Settings,
+                                                                   db: asyncpg.Pool, taps: Taps,
+                                                                   producer: AIOKafkaProducer) -> None:
+    msgs = _purchases(3)
+    poisoned = msgs[0]
+    assert isinstance(poisoned.body, Input2102)
+    drug = msgspec.structs.replace(poisoned.body.drugdetail[0], medins_list_codg="a\u0000b")
+    msgs[0] = msgspec.structs.replace(poisoned, body=msgspec.structs.replace(poisoned.body, drugdetail=[drug]))
+    key = poisoned.person.psn_no.encode()
+    settle_pid = stack_ctl.service_pid("settle", services)
+    enc = msgspec.json.Encoder(decimal_format="number")
+    started = time.monotonic()
+    for value in (GARBAGE, *(enc.encode(m) for m in msgs)):
+        await producer.send_and_wait(ROUTED.name, value, key=key)
+    await taps.until(lambda: all(m.msgid in taps.replies for m in msgs), "the three answers")
+    assert time.monotonic() - started < 5  # the partition moved on (no stall, no retry of the batch)
+    assert taps.replies[poisoned.msgid]["infcode"] == -1
+    assert taps.replies[poisoned.msgid]["err_msg"] == (
+        "INTERNAL: the record could not be applied (CharacterNotInRepertoireError (SQLSTATE 22021))")
+    assert [taps.replies[m.msgid]["infcode"] for m in msgs[1:]] == [0, 0]
+    await taps.until(lambda: len(taps.letters_of("settle", GARBAGE)) == 1, "the garbage's dead letter")
+    letter = taps.letters_of("settle", GARBAGE)[0]
+    assert (letter.err_code, letter.msgid) == ("INTERNAL", None)
+    assert letter.err_msg.startswith("INTERNAL: undecodable fsi.routed record: JSON is malformed")
+    await taps.until(lambda: any(d.msgid == poisoned.msgid for d in taps.letters), "the poison's dead letter")
+    assert [(d.stage, d.err_code) for d in taps.letters if d.msgid == poisoned.msgid] == [("settle", "INTERNAL")]
+    rows = await db.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
+    assert sorted(r["msgid"] for r in rows) == [m.msgid for m in msgs[1:]]
+    assert stack_ctl.service_pid("settle", services) == settle_pid  # it did not exit and restart
+
+
+async def test_router_dead_letters_garbage_and_routes_what_follows(refdata: dict, services: Settings,
+                                                                   taps: Taps, producer: AIOKafkaProducer) -> None:
+    p = PERSONS["plain"].person
+    stay = Stay(HOSPITALS["chifeng"], p.psn_no, p.insuplc, p.insutype, STAY_START + timedelta(days=180))
+    admit = stay.admit()
+    broken_body = {**admit, "msgid": admit["msgid"][:-4] + "9999", "input": {"mdtrtinfo": {"psn_no": p.psn_no}}}
+    headers = [("reply_topic", REPLIES.name.encode()), ("reply_partition", str(REPLY_PARTITION).encode())]
+    for value in (GARBAGE, msgspec.json.encode(broken_body), msgspec.json.encode(admit)):
+        await producer.send_and_wait(INGRESS.name, value, key=p.psn_no.encode(), headers=headers)
+    await taps.until(lambda: admit["msgid"] in taps.replies, "the admission's answer")
+    assert taps.replies[admit["msgid"]]["infcode"] == 0, taps.replies[admit["msgid"]]["err_msg"]
+    # The body that does not decode is answered (its envelope names the msgid) with the field.
+    broken = taps.replies[broken_body["msgid"]]
+    assert broken["infcode"] == -1 and broken["err_msg"].startswith("BODY_MALFORMED")
+    await taps.until(lambda: taps.letters_of("router", GARBAGE), "the garbage's dead letter")
+    assert [(d.err_code, d.msgid) for d in taps.letters_of("router", GARBAGE)] == [("ENVELOPE_MALFORMED", None)]
+
+
+def _claim(n: int, **changes: Any) -> ManualClaim:
+    claim = ManualClaim(
+        claim_id=f"FC{TOKEN}{n}", psn_no=f"F{TOKEN}", insuplc_admdvs="510421", mdtrtarea_admvs="150400",
+        med_type="21", begndate="2026-06-05 08:00:00", enddate="2026-06-09 08:00:00", medfee_sumamt=D("800.00"),
+        fund_pay_sumamt=D("300.00"), reason="NOT_FILED", claim_time="2026-06-20 10:00:00")
+    return msgspec.structs.replace(claim, **changes)
+
+
+async def test_clearing_dead_letters_poison_and_goes_on(refdata: dict, services: Settings, db: asyncpg.Pool,
+                                                        taps: Taps, producer: AIOKafkaProducer) -> None:
+    key = f"F{TOKEN}".encode()
+    refused = msgspec.json.encode(_claim(1, reason_dscr="a\u0000b"))  # PostgreSQL refuses NUL in text
+    for topic in (SETTLEMENTS.name, CLEARING.name, MANUAL_CLAIMS.name):
+        await producer.send_and_wait(topic, GARBAGE, key=key)
+    for claim in (refused, msgspec.json.encode(_claim(2))):
+        await producer.send_and_wait(MANUAL_CLAIMS.name, claim, key=key)
+    await taps.until(lambda: len(taps.letters_of("clearing", GARBAGE)) == 3, "three dead letters of garbage")
+    assert sorted(d.err_code for d in taps.letters_of("clearing", GARBAGE)) == [
+        "BODY_MALFORMED", "ENVELOPE_MALFORMED", "INTERNAL"]
+    await taps.until(lambda: taps.letters_of("clearing", refused), "the refused claim's dead letter")
+    letter = taps.letters_of("clearing", refused)[0]
+    # INTERNAL when PostgreSQL refuses it; BODY_MALFORMED if validation refuses control characters first.
+    assert letter.err_code in ("INTERNAL", "BODY_MALFORMED"), letter.err_msg
+    deadline = time.monotonic() + WAIT_S  # the good claim may come in the next poll
+    while not (stored := await db.fetch("SELECT claim_id FROM manual_claim WHERE claim_id LIKE $1", f"FC{TOKEN}%")):
+        assert time.monotonic() < deadline, "the claim after the refused one was not stored"
+        await asyncio.sleep(0.2)
+    assert [r["claim_id"] for r in stored] == [f"FC{TOKEN}2"]
+
+
+# --- infrastructure: PostgreSQL restarted under load -------------------------------------------------
+
+FAULT_PERSONS = [PERSONS[f"crash{i}"].person for i in range(20, 40)]
+LONG_LIVED = ("settle", "router", "clearing", "monitor", "dashboard")
+
+
+async def _stays(s: Settings, day0: int) -> list[tuple[Stay, dict[str, Any], bool]]:
+    """Two stays per person, persons in parallel, every third reversed; the HIS resends by msgid."""
+    results: list[tuple[Stay, dict[str, Any], bool]] = []
+    async with aiohttp.ClientSession() as session:
+        client = GatewayClient(s.gateway_url, session, retry_for_s=120)
+
+        async def person_stays(i: int) -> None:
+            p = FAULT_PERSONS[i]
+            for k in range(2):
+                stay = Stay(HOSPITALS["chifeng"], p.psn_no, p.insuplc, p.insutype,
+                            STAY_START + timedelta(days=day0 + k * 5), use_account=True)
+                reverse = (i + k) % 3 == 0
+                lines = [FeeLine(ITEM_A, D(2), D("120.40")), FeeLine(ITEM_B10, D(1), D("77.70"))]
+                results.append((stay, await client.run_stay(stay, lines, reverse=reverse), reverse))
+
+        await asyncio.gather(*(person_stays(i) for i in range(len(FAULT_PERSONS))))
+    return results
+
+
+async def test_services_wait_out_a_postgres_restart(refdata: dict, services: Settings, db: asyncpg.Pool,
+                                                    tmp_path: Any) -> None:
+    pids = {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED}
+    drive = asyncio.create_task(_stays(services, day0=200))
+    await asyncio.sleep(1.0)
+    assert await asyncio.to_thread(stack_ctl.stop_postgres, services)
+    await asyncio.sleep(3.0)
+    await asyncio.to_thread(stack_ctl.start_postgres, services)
+    postgres_back = time.time()
+    results = await asyncio.wait_for(drive, timeout=240)
+    await db.expire_connections()  # the test's own pool holds connections from before the restart
+    assert len(results) == 2 * len(FAULT_PERSONS)
+    for stay, r, reverse in results:
+        assert r["infcode"] == 0, r["err_msg"]
+        kinds = await db.fetch("SELECT kind FROM settlement WHERE mdtrt_id = $1 ORDER BY kind", stay.mdtrt_id)
+        assert [x["kind"] for x in kinds] == (["reverse", "settle"] if reverse else ["settle"])
+    persons = [p.psn_no for p in FAULT_PERSONS]
+    accounts = await db.fetch(
+        "SELECT p.psn_no, p.acct_balc_fen - coalesce(sum(s.acct_pay), 0) AS expected, a.balc_fen"
+        " FROM person p JOIN account a USING (psn_no) LEFT JOIN settlement s USING (psn_no)"
+        " WHERE p.psn_no = ANY($1) GROUP BY p.psn_no, p.acct_balc_fen, a.balc_fen", persons)
+    assert len(accounts) == len(persons) and all(a["expected"] == a["balc_fen"] for a in accounts)
+    basic = await db.fetch(
+        "SELECT a.psn_no FROM accumulator a LEFT JOIN (SELECT psn_no, acc_year, sum(hifp_pay) AS hifp"
+        " FROM settlement GROUP BY 1, 2) s USING (psn_no, acc_year)"
+        " WHERE a.psn_no = ANY($1) AND a.basic_paid <> coalesce(s.hifp, 0)", persons)
+    assert basic == []
+    # Every long-lived service waited the outage out in the same process.
+    assert {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED} == pids
+    # The router's LISTEN came back: a person loaded now is known without a restart.
+    await _load_new_person_and_wait(services, db, tmp_path)
+    # The monitor polls the ledger again.
+    deadline = time.monotonic() + WAIT_S
+    while await _monitor_last_poll(services, "ledger") < postgres_back:
+        assert time.monotonic() < deadline, "the monitor did not poll the ledger after the restart"
+        await asyncio.sleep(0.5)
+    # The dashboard answers from the ledger again.
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{services.dashboard_port}/api/overview") as resp:
+        assert resp.status == 200
+
+
+async def _monitor_last_poll(s: Settings, source: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{s.monitor_metrics_port}/metrics") as resp:
+        text = await resp.text()
+    line = f'xs_monitor_last_poll_timestamp_seconds{{source="{source}"}} '
+    return next((float(x.removeprefix(line)) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+
+async def _load_new_person_and_wait(s: Settings, db: asyncpg.Pool, directory: Any) -> None:
+    from services.refdata.load import load_dir
+
+    psn_no = f"F{TOKEN}R"
+    (directory / "persons.jsonl").write_bytes(msgspec.json.encode(
+        {"psn_no": psn_no, "insuplc_admdvs": "150400", "insutype": "310", "psn_type": "1101", "assistance": None,
+         "acct_balc": "0.00", "chronic": [], "certno": None}) + b"\n")
+    for name in ("hospitals", "filings", "catalog"):
+        (directory / f"{name}.jsonl").write_bytes(b"")
+    await load_dir(db, directory)
+    await wait_router_knows(s, HOSPITALS["chifeng"], psn_no, "150400")
+
+
+async def test_services_wait_out_a_kafka_restart(refdata: dict, services: Settings, db: asyncpg.Pool) -> None:
+    pids = {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED}
+    await db.expire_connections()  # an earlier test may have restarted PostgreSQL under this pool
+    assert await asyncio.to_thread(stack_ctl.stop_kafka, services)
+    await asyncio.sleep(2.0)
+    await asyncio.to_thread(stack_ctl.start_kafka, services)
+    p = FAULT_PERSONS[0]
+    stay = Stay(HOSPITALS["chifeng"], p.psn_no, p.insuplc, p.insutype, STAY_START + timedelta(days=250))
+    async with aiohttp.ClientSession() as session:
+        client = GatewayClient(services.gateway_url, session, retry_for_s=120)
+        r = await client.run_stay(stay, [FeeLine(ITEM_A, D(1), D("99.90"))])
+    assert r["infcode"] == 0, r["err_msg"]
+    kinds = await db.fetch("SELECT kind FROM settlement WHERE mdtrt_id = $1", stay.mdtrt_id)
+    assert [x["kind"] for x in kinds] == ["settle"]
+    assert {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED} == pids
