@@ -2,6 +2,8 @@
 
 Used by the gateway (to answer bad HTTP requests at once) and by the router
 (for records written straight into Kafka). One decoder per type, built once.
+Beyond the types, the bounds of `schemas.limits` (bytes, nesting, text, dates
+and the clock window). `decode_request` raises nothing but BrokerError.
 """
 
 from __future__ import annotations
