@@ -31,7 +31,8 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from schemas.codes import MedType
+from schemas.codes import InsuType, MedType
+from schemas.limits import check_date_range
 from schemas.money import AmountError, check_yuan
 from schemas.wire import Admdvs, Code, Flag, Text, WireTime, check_times
 
@@ -45,7 +46,6 @@ YearStr = Annotated[str, Meta(pattern=r"^[0-9]{4}$")]
 MonthNum = Annotated[str, Meta(pattern=r"^(0?[1-9]|1[0-2])$")]  # "01" or "1"
 SetlId = Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{1,40}$")]
 Count = Annotated[int, Meta(ge=0, le=1_000_000_000)]
-InsuTypeCode = Annotated[str, Meta(pattern=r"^[0-9]{3}$")]
 ClrType = Annotated[str, Meta(pattern=r"^[0-9]{2,6}$")]
 
 
@@ -72,9 +72,11 @@ def _check_positive(obj: object, *fields: str) -> None:
 
 def parse_date(field: str, value: str) -> date:
     try:
-        return datetime.strptime(value, "%Y-%m-%d").date()
+        parsed = datetime.strptime(value, "%Y-%m-%d").date()
     except ValueError:
         raise ValueError(f"{field}: not a valid date yyyy-MM-dd") from None
+    check_date_range(field, parsed)
+    return parsed
 
 
 def _check_period(begin_field: str, begin: str, end_field: str, end: str) -> None:
@@ -94,7 +96,7 @@ def clearing_month(year: str, month: str) -> str:
 
 
 class StmtTotals(msgspec.Struct, kw_only=True):
-    insutype: InsuTypeCode
+    insutype: InsuType
     clr_type: ClrType
     setl_optins: Admdvs
     stmt_begndate: DateStr

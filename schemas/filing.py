@@ -17,6 +17,7 @@ from msgspec import Meta
 
 from schemas.codes import FilingType
 from schemas.inpatient import PsnNo
+from schemas.limits import FILING_DAYS_MAX, check_date_range
 from schemas.outpatient import ChronicDisease
 from schemas.wire import Flag
 
@@ -28,12 +29,18 @@ class FilingRequest(msgspec.Struct, kw_only=True):
     filing_type: FilingType
     begndate: date
     enddate: date
-    target_admdvs: Annotated[str, Meta(pattern=r"^[0-9]{2}0000$")] | None = None  # a province, or anywhere
+    # The treating province the filing is for: required (a filing for "anywhere" comes only from the
+    # insured region's own records, loaded as reference data).
+    target_admdvs: Annotated[str, Meta(pattern=r"^[0-9]{2}0000$")]
     promise_flag: Flag = "0"
 
     def __post_init__(self) -> None:
+        check_date_range("begndate", self.begndate)
+        check_date_range("enddate", self.enddate)
         if self.enddate < self.begndate:
             raise ValueError("enddate: before begndate")
+        if (self.enddate - self.begndate).days + 1 > FILING_DAYS_MAX:
+            raise ValueError(f"enddate: a filing lasts at most {FILING_DAYS_MAX} days")
         if self.promise_flag == "1" and self.filing_type != "TEMPORARY":
             raise ValueError("filing_type: the promise system files TEMPORARY only")
 

@@ -18,7 +18,7 @@ Count = Annotated[Decimal, Meta()]
 
 class DiseInfo(msgspec.Struct, kw_only=True):
     diag_type: Annotated[str, Meta(max_length=6)] = "1"
-    diag_srt_no: int = 1
+    diag_srt_no: Annotated[int, Meta(ge=0, le=999)] = 1
     diag_code: Code
     diag_name: Text = ""
     maindiag_flag: Flag = "1"

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-# 10 billion yuan: far above any single settlement, far below int64 overflow.
+# 10 billion yuan: far above any hospital's period totals (3201/3203), far below int64 fen.
 YUAN_MAX = Decimal("10000000000")
+# One settlement or fee line: 100 million yuan, far above any single stay or item.
+FEE_YUAN_MAX = Decimal("100000000")
+# A fee line's quantity: positive, at most 4 decimals (the ledger's numeric(16, 4)), at most a million.
+CNT_MAX = Decimal("1000000")
+CNT_DECIMALS_MAX = 4
+# Digits in a wire amount, leading and trailing zeros included: bounds the arithmetic on hostile input
+# (1E+999999999 or 30 digits with 3 decimals must be refused, not overflow the decimal context).
+AMOUNT_DIGITS_MAX = 24
 _CENT = Decimal("0.01")
 
 
@@ -17,17 +25,35 @@ class AmountError(ValueError):
     pass
 
 
-def check_yuan(field: str, value: Decimal, *, allow_negative: bool = False) -> None:
-    """Raise AmountError naming `field` unless value is a finite amount with at most 2 decimals."""
+def _bounded_digits(field: str, value: Decimal) -> None:
     if not value.is_finite():
-        raise AmountError(f"{field}: not a finite amount")
-    exponent = value.as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -2 and value != value.quantize(_CENT):
+        raise AmountError(f"{field}: not a finite number")
+    digits = value.as_tuple().digits
+    # adjusted() is the exponent of the leading digit: checks magnitude without any arithmetic.
+    if len(digits) > AMOUNT_DIGITS_MAX or value.adjusted() > 12 or value.adjusted() < -AMOUNT_DIGITS_MAX:
+        raise AmountError(f"{field}: number out of range")
+
+
+def check_yuan(field: str, value: Decimal, *, allow_negative: bool = False, maximum: Decimal = YUAN_MAX) -> None:
+    """Raise AmountError naming `field` unless value is a finite amount with at most 2 decimals,
+    not negative (unless allowed) and at most `maximum` in absolute value."""
+    _bounded_digits(field, value)
+    if abs(value) > maximum:
+        raise AmountError(f"{field}: amount out of range (at most {maximum} yuan)")
+    # Bounded above, so quantize stays within the default 28-digit context.
+    if value != value.quantize(_CENT):
         raise AmountError(f"{field}: more than 2 decimal places")
     if not allow_negative and value < 0:
         raise AmountError(f"{field}: negative amount")
-    if abs(value) > YUAN_MAX:
-        raise AmountError(f"{field}: amount out of range")
+
+
+def check_cnt(field: str, value: Decimal) -> None:
+    """A fee line's quantity: positive, at most CNT_MAX, at most CNT_DECIMALS_MAX decimals."""
+    _bounded_digits(field, value)
+    if value <= 0 or value > CNT_MAX:
+        raise AmountError(f"{field}: must be a positive count of at most {CNT_MAX}")
+    if value != value.quantize(Decimal(1).scaleb(-CNT_DECIMALS_MAX)):
+        raise AmountError(f"{field}: more than {CNT_DECIMALS_MAX} decimal places")
 
 
 def to_fen(value: Decimal) -> int:

@@ -24,11 +24,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import IO
 
 import pytest
 
 from services.common.config import PROJECT_ROOT, Settings, load_settings
+
+# The suite replays fixed dates (2026 and 2027 stays, clearing months in 2025),
+# so the services it starts accept inf_time from 2000 (the static lower bound) to the year 8000.
+# The default window (schemas.limits) is tested with a gateway of its own (test_fuzz_gateway.py).
+os.environ.setdefault("XS_TIME_PAST_DAYS", str((datetime.now() - datetime(2000, 1, 1)).days + 1))
+os.environ.setdefault("XS_TIME_FUTURE_MINUTES", str(int((datetime(8001, 1, 1) - datetime.now()).total_seconds() // 60)))
 
 RUN_PORTS = (
     "XS_GATEWAY_PORT", "XS_GATEWAY_METRICS_PORT", "XS_ROUTER_METRICS_PORT", "XS_SETTLE_METRICS_PORT",

@@ -3,7 +3,13 @@
 POST the envelope → validate → publish to `fsi.ingress` (key psn_no) → wait for
 the answer on our partition of `fsi.replies` (key msgid) → return it.
 A request that times out answers TIMEOUT; the transaction may still complete,
-and resending the same msgid returns the stored result.
+and resending the same msgid returns the stored result. The time limit counts
+from the request's arrival and covers the produce too (a broker outage answers
+TIMEOUT in time). Every answer is the national envelope with HTTP 200, whatever
+the input: a bug answers INTERNAL, never HTTP 500.
+
+`GET /health/ready` answers 200 when the producer and the reply consumer reach
+the broker and the reply reader runs, 503 otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from datetime import datetime
 
 import msgspec
@@ -18,9 +25,10 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from schemas.codec import decode_request
+from schemas.codec import decode_request, peek_ids
 from schemas.errors import BrokerError
 from schemas.internal import DeadLetter
+from schemas.limits import clock_window
 from schemas.person import Input9001
 from services.common.config import GATEWAY_PATH, Settings
 from services.common.kafka import IDLE_FETCH_WAIT_MS, make_producer
@@ -30,6 +38,9 @@ from topics.catalog import DEADLETTER, INGRESS, REPLIES
 
 log = logging.getLogger("gateway")
 JSON = "application/json; charset=utf-8"
+READY_PATH = "/health/ready"
+READY_PROBE_S = 1.0  # each broker probe of the readiness check
+DEAD_LETTER_WAIT_S = 30.0  # a dead letter waits this long for the broker, in the background
 _dl_encoder = msgspec.json.Encoder()
 
 
@@ -50,8 +61,10 @@ class Gateway:
         self.pending: dict[str, list[asyncio.Future[bytes]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._sign_seq = 0
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        clock_window()  # a bad XS_TIME_* setting stops the gateway here, with the variable named
         await self.producer.start()
         await self.replies.start()
         tp = TopicPartition(REPLIES.name, self.reply_partition)
@@ -63,15 +76,22 @@ class Gateway:
     async def stop(self) -> None:
         if self._reader:
             self._reader.cancel()
+        for task in list(self._background):
+            task.cancel()
         await self.replies.stop()
         await self.producer.stop()
 
     async def _read_replies(self) -> None:
         while True:
-            batches = await self.replies.getmany(timeout_ms=100, max_records=1000)
+            try:
+                batches = await self.replies.getmany(timeout_ms=100, max_records=1000)
+            except KafkaError as e:  # the consumer reconnects by itself; keep reading
+                log.warning("reading replies failed: %s; retrying", type(e).__name__)
+                await asyncio.sleep(1)
+                continue
             for records in batches.values():
                 for rec in records:
-                    waiters = self.pending.pop(rec.key.decode() if rec.key else "", None)
+                    waiters = self.pending.pop(rec.key.decode(errors="replace") if rec.key else "", None)
                     for fut in waiters or ():
                         if not fut.done():
                             fut.set_result(rec.value)
@@ -79,6 +99,7 @@ class Gateway:
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         received = datetime.now(SHANGHAI)
+        deadline = asyncio.get_running_loop().time() + self.s.gateway_timeout_ms / 1000
         infno = "unknown"
         raw = b""
         try:
@@ -89,25 +110,55 @@ class Gateway:
             if isinstance(req.body, Input9001):
                 body = self._sign_in(env.mdtrtarea_admvs, received)
             else:
-                body = await self._forward(raw, env.msgid, req.psn_no, env.insuplc_admdvs, received)
+                body = await self._forward(raw, env.msgid, req.psn_no, received, deadline)
             outcome = "ok"
         except BrokerError as e:
             outcome = e.code
             body = response_bytes("", received, err_msg=e.err_msg)
-            if e.code not in ("TIMEOUT",):
-                await self._dead_letter(e, raw)
+            if e.code != "TIMEOUT":
+                self._dead_letter(e, raw)
+        except Exception as e:  # a bug: the hospital still gets an envelope, the request a dead letter
+            # The exception's text may quote request values (personal): log its type and frames only.
+            log.error("unexpected %s handling a request (infno %s):\n%s", type(e).__name__, infno,
+                      "".join(traceback.format_tb(e.__traceback__)))
+            err = BrokerError("INTERNAL", "unexpected error in the gateway; resend with the same msgid")
+            outcome = err.code
+            body = response_bytes("", received, err_msg=err.err_msg)
+            self._dead_letter(err, raw)
         REQUESTS.labels("gateway", infno, outcome).inc()
         GATEWAY_SECONDS.labels(infno).observe(time.perf_counter() - started)
         return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+    async def ready(self, _request: web.Request) -> web.Response:
+        problems = await self.readiness_problems()
+        return web.json_response({"ready": not problems, "problems": problems}, status=503 if problems else 200)
+
+    async def readiness_problems(self) -> list[str]:
+        """What keeps this gateway from answering: empty when the producer and the reply consumer each
+        get the broker's metadata within READY_PROBE_S and the reply reader runs."""
+        problems = []
+        if self._reader is None or self._reader.done():
+            problems.append("reply reader not running")
+        probes = {"producer": self.producer.client.fetch_all_metadata(), "reply consumer": self.replies.topics()}
+        for name, probe in probes.items():
+            try:
+                await asyncio.wait_for(probe, READY_PROBE_S)
+            except (KafkaError, TimeoutError, OSError) as e:
+                problems.append(f"{name}: broker unreachable ({type(e).__name__})")
+        return problems
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.s.request_body_bytes_max
         if request.content_length is not None and request.content_length > limit:
             raise BrokerError("BODY_TOO_LARGE", f"body exceeds {limit} bytes")
-        raw = await request.content.read(limit + 1)
-        if len(raw) > limit:
-            raise BrokerError("BODY_TOO_LARGE", f"body exceeds {limit} bytes")
-        return raw
+        # read(n) returns what has arrived, not n bytes: collect chunks up to the limit.
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise BrokerError("BODY_TOO_LARGE", f"body exceeds {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _sign_in(self, admdvs: str, received: datetime) -> bytes:
         self._sign_seq += 1
@@ -116,25 +167,30 @@ class Gateway:
         return response_bytes(admdvs, received, output=output)
 
     async def _forward(
-        self, raw: bytes, msgid: str, psn_no: str | None, insuplc: str, received: datetime
+        self, raw: bytes, msgid: str, psn_no: str | None, received: datetime, deadline: float
     ) -> bytes:
+        """Produce to ingress and wait for the reply, both within the time limit (`deadline`, loop time)."""
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.pending.setdefault(msgid, []).append(fut)
         try:
-            await self.producer.send_and_wait(
-                INGRESS.name,
-                raw,
-                key=(psn_no or msgid).encode(),
-                headers=[
-                    ("reply_topic", REPLIES.name.encode()),
-                    ("reply_partition", str(self.reply_partition).encode()),
-                    ("received_ns", str(time.time_ns()).encode()),
-                ],
-            )
-            return await asyncio.wait_for(asyncio.shield(fut), self.s.gateway_timeout_ms / 1000)
-        except KafkaError:
+            async with asyncio.timeout_at(deadline):
+                await self.producer.send_and_wait(
+                    INGRESS.name,
+                    raw,
+                    key=(psn_no or msgid).encode(),
+                    headers=[
+                        ("reply_topic", REPLIES.name.encode()),
+                        ("reply_partition", str(self.reply_partition).encode()),
+                        ("received_ns", str(time.time_ns()).encode()),
+                    ],
+                )
+                return await asyncio.shield(fut)
+        except KafkaError as e:
             record_produce_error(INGRESS.name)
-            raise
+            log.warning("produce to %s failed: %s", INGRESS.name, type(e).__name__)
+            raise BrokerError(
+                "TIMEOUT", "the broker did not accept the request in time; resend the same msgid"
+            ) from None
         except TimeoutError:
             raise BrokerError(
                 "TIMEOUT",
@@ -147,31 +203,31 @@ class Gateway:
                 if not waiters:
                     del self.pending[msgid]
 
-    async def _dead_letter(self, err: BrokerError, raw: bytes) -> None:
-        msgid = infno = fixmedins = None
-        try:
-            partial = msgspec.json.decode(raw)
-            if isinstance(partial, dict):
-                msgid, infno, fixmedins = (
-                    _str_or_none(partial.get(k)) for k in ("msgid", "infno", "fixmedins_code")
-                )
-        except (msgspec.DecodeError, ValueError):
-            pass
+    def _dead_letter(self, err: BrokerError, raw: bytes) -> None:
+        """Record the refusal on fsi.deadletter in the background: the answer never waits for the broker,
+        and hostile bytes (invalid UTF-8, deep nesting) are stored as they came."""
+        msgid, infno, fixmedins = peek_ids(raw)
         letter = DeadLetter(
             stage="gateway", err_code=err.code, err_msg=err.err_msg, msgid=msgid, infno=infno,
             fixmedins_code=fixmedins, at_ns=time.time_ns(), original=raw,
         )
         DEAD_LETTERS.labels("gateway", err.code).inc()
-        await self.producer.send(
-            DEADLETTER.name, _dl_encoder.encode(letter), key=(msgid or "").encode() or None
+        task = asyncio.get_running_loop().create_task(
+            self._send_dead_letter(_dl_encoder.encode(letter), (msgid or "").encode() or None)
         )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-
-def _str_or_none(v: object) -> str | None:
-    return v[:64] if isinstance(v, str) else None
+    async def _send_dead_letter(self, value: bytes, key: bytes | None) -> None:
+        try:
+            await asyncio.wait_for(self.producer.send_and_wait(DEADLETTER.name, value, key=key), DEAD_LETTER_WAIT_S)
+        except (KafkaError, TimeoutError) as e:
+            record_produce_error(DEADLETTER.name)
+            log.warning("dead letter not recorded: %s", type(e).__name__)
 
 
 def build_app(gw: Gateway) -> web.Application:
     app = web.Application(client_max_size=gw.s.request_body_bytes_max + 1024)
     app.router.add_post(GATEWAY_PATH, gw.handle)
+    app.router.add_get(READY_PATH, gw.ready)
     return app

@@ -71,7 +71,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "2404": {"data": {"mdtrt_id": "M1", "psn_no": "P1"}},
     "2405": {"data": {"mdtrt_id": "M1", "psn_no": "P1"}},
     "2501": {"data": {"psn_no": "P1", "filing_type": "LONG_TERM", "begndate": "2026-01-01",
-                      "enddate": "2026-12-31"}},
+                      "enddate": "2026-12-31", "target_admdvs": "150000"}},
     "2502": {"data": {"psn_no": "P1", "filing_id": "F1"}},
     "2503": {"data": {"psn_no": "P1", "chronic_disease": "HTN"}},
     "2504": {"data": {"psn_no": "P1", "chronic_disease": "HTN"}},

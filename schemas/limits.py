@@ -1,0 +1,143 @@
+"""What a request may contain, beyond its types: the bounds storage and the ledger rely on.
+
+Checked at decode time (`schemas.codec.decode_request`), so the gateway and the router refuse
+the same things. Errors name the field by its JSON path, never its value (it may be personal).
+
+- Text: no C0 control character (NUL included), no DEL, no lone surrogate, in any string.
+- Nesting: at most NESTING_MAX levels of JSON arrays/objects in a request.
+- Dates: a wire date-time between DATE_MIN and DATE_MAX always; the envelope's `inf_time`
+  within the clock window (XS_TIME_PAST_DAYS back, XS_TIME_FUTURE_MINUTES ahead of now, Asia/Shanghai);
+  visit and fee times within EVENT_BEFORE_INF back and EVENT_AFTER_INF ahead of `inf_time`;
+  a filing starting within FILING_START_FROM_INF of `inf_time` and lasting at most FILING_DAYS_MAX.
+Amount bounds live in `schemas.money`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from functools import cache
+from typing import Any, Final
+from zoneinfo import ZoneInfo
+
+import msgspec
+
+SHANGHAI: Final = ZoneInfo("Asia/Shanghai")
+
+# JSON arrays/objects inside each other; the deepest valid request (an envelope, its input, a list
+# of fee items, an item) has 4.
+NESTING_MAX: Final = 16
+
+# Any wire date or date-time, whatever the clock says (the ledger's accumulator years and PostgreSQL's
+# date range stay sane; 0001-01-01 and 9999-12-31 are not dates anyone was treated on).
+DATE_MIN: Final = date(2000, 1, 1)
+DATE_MAX: Final = date(9998, 12, 31)
+
+# The clock window for `inf_time` (settlement dates, accumulator years). Defaults: a hospital may
+# resend up to about a year late (a reversal of last year's settlement), clocks drift by minutes.
+TIME_PAST_DAYS_DEFAULT: Final = 400
+TIME_FUTURE_MINUTES_DEFAULT: Final = 10
+TIME_PAST_DAYS_MAX: Final = 3_650_000  # the settings' upper bounds: ~10,000 years (test stacks replay
+TIME_FUTURE_MINUTES_MAX: Final = 5_300_000_000  # fixed dates far from today)
+
+# Visit and fee times against the envelope's inf_time: a long stay's first fee, a clock a day off.
+EVENT_BEFORE_INF: Final = timedelta(days=731)
+EVENT_AFTER_INF: Final = timedelta(days=1)
+# Filings (2501): start within a year of the request, last at most 5 years, end not before start.
+FILING_START_FROM_INF: Final = timedelta(days=366)
+FILING_DAYS_MAX: Final = 1827
+
+# C0 controls (NUL..US), DEL and UTF-16 surrogates (a lone one cannot be stored as UTF-8).
+_FORBIDDEN_CHAR = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+class LimitError(ValueError):
+    """A bound is broken; `path` is the JSON path of the field, the text names the bound."""
+
+    def __init__(self, path: str, text: str) -> None:
+        super().__init__(f"{text} - at `{path}`")
+        self.path = path
+        self.text = text
+
+
+@dataclass(frozen=True)
+class ClockWindow:
+    past: timedelta
+    future: timedelta
+
+    def check(self, path: str, t: datetime, now: datetime) -> None:
+        if t < now - self.past:
+            raise LimitError(path, f"more than {self.past.days} days in the past")
+        if t > now + self.future:
+            raise LimitError(path, f"more than {int(self.future.total_seconds() // 60)} minutes in the future")
+
+
+def _env_int(name: str, default: int, lo: int, hi: int) -> int:
+    raw = os.environ.get(name) or ""
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} is outside {lo}..{hi}")
+    return value
+
+
+@cache
+def clock_window() -> ClockWindow:
+    """From XS_TIME_PAST_DAYS / XS_TIME_FUTURE_MINUTES, validated (ValueError naming the variable).
+    Services call it at start-up so a bad value stops them at once."""
+    past = _env_int("XS_TIME_PAST_DAYS", TIME_PAST_DAYS_DEFAULT, 1, TIME_PAST_DAYS_MAX)
+    future = _env_int("XS_TIME_FUTURE_MINUTES", TIME_FUTURE_MINUTES_DEFAULT, 0, TIME_FUTURE_MINUTES_MAX)
+    return ClockWindow(timedelta(days=past), timedelta(minutes=future))
+
+
+def now_shanghai() -> datetime:
+    """The broker's clock as Asia/Shanghai wall time (the wire's time zone), naive like wire times."""
+    return datetime.now(SHANGHAI).replace(tzinfo=None)
+
+
+def check_date_range(field: str, d: date) -> None:
+    if not DATE_MIN <= d <= DATE_MAX:
+        raise ValueError(f"{field}: outside {DATE_MIN.isoformat()}..{DATE_MAX.isoformat()}")
+
+
+_JSON_STRING_OR_BRACKET = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.DOTALL)
+
+
+def nesting_depth_exceeds(raw: bytes, limit: int = NESTING_MAX) -> bool:
+    """True when JSON `raw` nests arrays/objects deeper than `limit` (brackets inside strings do not
+    count). Stops at the first level too deep, so hostile input costs little."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # the common small request: no scan
+    depth = 0
+    for m in _JSON_STRING_OR_BRACKET.finditer(raw):
+        token = m.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
+def check_text_tree(obj: Any, path: str) -> None:
+    """Every string in a decoded struct tree is free of control characters and lone surrogates."""
+    if isinstance(obj, str):
+        if _FORBIDDEN_CHAR.search(obj):
+            raise LimitError(path, "control character or lone surrogate in text")
+    elif isinstance(obj, msgspec.Struct):
+        for name in obj.__struct_fields__:
+            check_text_tree(getattr(obj, name), f"{path}.{name}")
+    elif isinstance(obj, list | tuple):
+        for i, item in enumerate(obj):
+            check_text_tree(item, f"{path}[{i}]")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            check_text_tree(key, f"{path}.<key>")
+            check_text_tree(value, f"{path}.{key}" if isinstance(key, str) and key.isidentifier() else path)

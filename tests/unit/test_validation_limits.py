@@ -1,0 +1,208 @@
+"""Validation refuses what storage would refuse (issue 9): each case measured there, and the bounds of
+schemas.limits / schemas.money, refused with a stable code naming the field and never the value."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from schemas.codec import decode_request, encode
+from schemas.errors import BrokerError
+from schemas.limits import NESTING_MAX, ClockWindow, LimitError, check_text_tree, clock_window
+from schemas.money import AmountError, check_cnt, check_yuan
+from tests.hostile import NOW, PERSONAL_MARKERS, valid_requests
+
+
+@pytest.fixture(autouse=True)
+def default_window(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("XS_TIME_PAST_DAYS", raising=False)
+    monkeypatch.delenv("XS_TIME_FUTURE_MINUTES", raising=False)
+    clock_window.cache_clear()
+    yield
+    clock_window.cache_clear()
+
+
+def sample(infno: str, at: datetime = NOW) -> dict[str, Any]:
+    return next(env for env in valid_requests(at) if env["infno"] == infno)
+
+
+def refused(raw: bytes | dict[str, Any], code: str, path: str) -> BrokerError:
+    data = raw if isinstance(raw, bytes) else encode(raw)
+    with pytest.raises(BrokerError) as e:
+        decode_request(data, now=NOW)
+    assert e.value.code == code, e.value.err_msg
+    assert f"`{path}`" in e.value.err_msg, e.value.err_msg
+    assert not any(m in e.value.err_msg for m in PERSONAL_MARKERS), e.value.err_msg
+    return e.value
+
+
+def test_a_byte_that_is_not_utf8_is_refused() -> None:
+    raw = encode(sample("2401")).replace(b'"opter_name":"operator"', b'"opter_name":"\xff"')
+    with pytest.raises(BrokerError, match="ENVELOPE_MALFORMED: not valid UTF-8"):
+        decode_request(raw, now=NOW)
+
+
+@pytest.mark.parametrize("depth", [NESTING_MAX + 1, 1000, 100_000])
+def test_nesting_beyond_the_limit_is_refused(depth: int) -> None:
+    raw = encode(sample("2401")).replace(b'"input":', b'"input":' + b"[" * depth, 1) + b"]" * depth
+    with pytest.raises(BrokerError, match=f"ENVELOPE_MALFORMED: JSON nested deeper than {NESTING_MAX} levels"):
+        decode_request(raw, now=NOW)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    env = sample("2401")
+    env["input"]["mdtrtinfo"]["adm_diag_dscr"] = "[{" * 100 + '\\"' + "]}" * 100
+    assert decode_request(encode(env), now=NOW).body.mdtrtinfo.adm_diag_dscr.startswith("[{[{")
+
+
+@pytest.mark.parametrize("number", ["1E+999999999", "123456789012345678901234567890.123", "1.005", "-0.01",
+                                    "100000000.01", '"NaN"', '"Infinity"', '"sNaN"', "1E-999999999"])
+def test_amounts_outside_range_or_precision_are_refused(number: str) -> None:
+    env = sample("2304")
+    env["input"]["mdtrtinfo"]["medfee_sumamt"] = "__N__"
+    raw = encode(env).replace(b'"__N__"', number.encode())
+    refused(raw, "BODY_MALFORMED", "$.input.mdtrtinfo.medfee_sumamt")
+
+
+@pytest.mark.parametrize("cnt", ["0", "-1", "0.00001", "1000000.5", "1E+999999999", "1E-999999999"])
+def test_fee_quantities_outside_bounds_are_refused(cnt: str) -> None:
+    env = sample("2301")
+    env["input"]["feedetail"][0]["cnt"] = "__N__"
+    refused(encode(env).replace(b'"__N__"', cnt.encode()), "BODY_MALFORMED", "$.input.feedetail[0].cnt")
+
+
+def test_money_bounds_hold_without_touching_the_decimal_context() -> None:
+    check_yuan("x", Decimal("99999999.99"), maximum=Decimal("100000000"))
+    check_yuan("x", Decimal("1.000"))  # trailing zeros are still 2 decimals
+    for bad in ("1E+999999999", "123456789012345678901234567890.123", "NaN", "-Infinity", "sNaN"):
+        with pytest.raises(AmountError, match="x: "):
+            check_yuan("x", Decimal(bad))
+    check_cnt("cnt", Decimal("0.5"))
+    with pytest.raises(AmountError, match="cnt: more than 4 decimal places"):
+        check_cnt("cnt", Decimal("0.00001"))
+
+
+@pytest.mark.parametrize(("infno", "where", "field"), [
+    ("2102", ("drugdetail", 0), "medins_list_codg"),
+    ("2203", ("mdtrtinfo",), "dise_codg"),
+    ("2403", ("adminfo",), "dise_codg"),
+    ("2401", ("mdtrtinfo",), "chfpdr_name"),
+])
+@pytest.mark.parametrize("text", ["a\u0000b", "\u0000", "x\u007f", "tab\there", "\u001b[31m"])
+def test_control_characters_in_stored_text_are_refused(infno: str, where: tuple, field: str, text: str) -> None:
+    env = sample(infno)
+    node = env["input"]
+    for key in where:
+        node = node[key]
+    node[field] = text
+    path = "$.input." + ".".join(str(k) for k in where).replace(".0", "[0]") + f".{field}"
+    refused(env, "BODY_MALFORMED", path)
+
+
+def test_control_characters_in_envelope_text_are_refused() -> None:
+    env = sample("2401")
+    env["fixmedins_name"] = "医院\u0000"
+    refused(env, "ENVELOPE_MALFORMED", "$.fixmedins_name")
+
+
+def test_lone_surrogates_are_refused_wherever_they_come_from() -> None:
+    with pytest.raises(LimitError, match="lone surrogate"):
+        check_text_tree(["ok", "\ud800"], "$")
+    raw = encode(sample("2401")).replace(b'"operator"', b'"\\udc00"')
+    with pytest.raises(BrokerError, match="ENVELOPE_MALFORMED"):
+        decode_request(raw, now=NOW)
+
+
+@pytest.mark.parametrize(("inf_time", "text"), [
+    ("1970-01-01 08:00:00", "outside 2000-01-01..9998-12-31"),
+    ("0001-01-01 00:00:00", "outside 2000-01-01..9998-12-31"),
+    ("2100-01-01 00:00:00", "minutes in the future"),
+    ("2025-10-18 09:59:59", "more than 400 days in the past"),
+    ((NOW + timedelta(minutes=11)).strftime("%Y-%m-%d %H:%M:%S"), "more than 10 minutes in the future"),
+])
+def test_settlement_dates_outside_the_clock_window_are_refused(inf_time: str, text: str) -> None:
+    env = sample("2304")
+    env["inf_time"] = inf_time
+    e = refused(env, "ENVELOPE_MALFORMED", "$.inf_time")
+    assert text in e.message
+
+
+def test_the_clock_window_edges_are_accepted() -> None:
+    for at in (NOW - timedelta(days=400), NOW + timedelta(minutes=10)):
+        env = sample("2304")
+        env["inf_time"] = at.strftime("%Y-%m-%d %H:%M:%S")
+        decode_request(encode(env), now=NOW)
+
+
+def test_the_clock_window_is_a_validated_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XS_TIME_PAST_DAYS", "30")
+    monkeypatch.setenv("XS_TIME_FUTURE_MINUTES", "0")
+    clock_window.cache_clear()
+    assert clock_window() == ClockWindow(timedelta(days=30), timedelta(0))
+    for name, value in (("XS_TIME_PAST_DAYS", "0"), ("XS_TIME_PAST_DAYS", "ten"), ("XS_TIME_FUTURE_MINUTES", "-1")):
+        monkeypatch.setenv(name, value)
+        clock_window.cache_clear()
+        with pytest.raises(ValueError, match=name):
+            clock_window()
+        monkeypatch.setenv(name, "30")
+
+
+@pytest.mark.parametrize(("begntime", "text"), [
+    ("0001-01-01 00:00:00", "outside 2000-01-01"),
+    ("2023-11-22 09:00:00", "more than 731 days before"),
+    ("2026-11-24 10:00:01", "1 day after inf_time"),
+])
+def test_visit_and_fee_times_far_from_inf_time_are_refused(begntime: str, text: str) -> None:
+    env = sample("2102")
+    env["input"]["data"]["begntime"] = begntime
+    e = refused(env, "BODY_MALFORMED", "$.input.data.begntime")
+    assert text in e.message
+    env = sample("2102")
+    env["input"]["drugdetail"][0]["fee_ocur_time"] = begntime
+    refused(env, "BODY_MALFORMED", "$.input.drugdetail[0].fee_ocur_time")
+
+
+@pytest.mark.parametrize(("change", "path", "text"), [
+    ({"begndate": "1900-01-01", "enddate": "9999-12-31"}, "$.input.data.begndate", "outside 2000-01-01"),
+    ({"begndate": "2026-11-01", "enddate": "9999-12-31"}, "$.input.data.enddate", "outside"),
+    ({"begndate": "2026-11-01", "enddate": "2031-11-02"}, "$.input.data.enddate", "at most 1827 days"),
+    ({"begndate": "2026-11-01", "enddate": "2026-10-31"}, "$.input.data.enddate", "before begndate"),
+    ({"begndate": "2028-01-01", "enddate": "2028-02-01"}, "$.input.data.begndate", "more than 366 days"),
+    ({"target_admdvs": None}, "$.input.data", "missing required field `target_admdvs`"),
+    ({"target_admdvs": "150400"}, "$.input.data.target_admdvs", "regex"),
+    ({"filing_type": "ANYWHERE"}, "$.input.data.filing_type", "Invalid enum value"),
+])
+def test_implausible_filings_are_refused(change: dict[str, Any], path: str, text: str) -> None:
+    env = sample("2501")
+    env["input"]["data"].update(change)
+    env["input"]["data"] = {k: v for k, v in env["input"]["data"].items() if v is not None}
+    e = refused(env, "BODY_MALFORMED", path)
+    assert text in e.message
+
+
+@pytest.mark.parametrize(("infno", "where", "field", "value"), [
+    ("2401", "mdtrtinfo", "insutype", "99"),
+    ("2401", "mdtrtinfo", "med_type", "99"),
+    ("2304", "mdtrtinfo", "insutype", PERSONAL_MARKERS[0]),
+    ("2203", "mdtrtinfo", "med_type", "21"),
+])
+def test_codes_outside_their_tables_are_refused_without_quoting_them(infno: str, where: str, field: str,
+                                                                      value: str) -> None:
+    env = sample(infno)
+    env["input"][where][field] = value
+    e = refused(env, "BODY_MALFORMED", f"$.input.{where}.{field}")
+    assert value not in e.message
+
+
+def test_personal_values_never_appear_in_error_texts() -> None:
+    env = sample("2401")
+    env["input"]["mdtrtinfo"]["psn_no"] = PERSONAL_MARKERS[0] + "!"
+    refused(env, "BODY_MALFORMED", "$.input.mdtrtinfo.psn_no")
+    env = json.loads(json.dumps(sample("1101")))
+    env["input"]["data"]["mdtrt_cert_no"] = PERSONAL_MARKERS[2] * 10
+    refused(env, "BODY_MALFORMED", "$.input.data.mdtrt_cert_no")
