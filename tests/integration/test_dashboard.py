@@ -1,6 +1,6 @@
 """The clearing staff's dashboard in a real headless Chromium: it loads with live data from the
 running stack, shows the numbers the ledger says, and a screenshot is kept as a test artifact
-(test-artifacts/dashboard.png)."""
+(test-artifacts/dashboard-<run>.png, one per test run)."""
 
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ async def test_page_shows_the_ledger_in_chromium(services: Settings, traffic: Tr
         pytest.fail(mismatch)
 
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "dashboard.png"
+    shot = ARTIFACTS / f"dashboard-{services.topic_prefix.rstrip('.') or 'local'}.png"  # parallel runs: one each
     shot.unlink(missing_ok=True)
     res = await run_chromium(url, f"--screenshot={shot}", "--window-size=1400,4600")
     assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
