@@ -437,10 +437,16 @@ def _kafka_wait_ready(s: Settings, p: Paths, pid: int | None, timeout: float = K
 
 
 def start_kafka(s: Settings | None = None, wait: bool = True) -> int | None:
-    """Start Kafka unless it runs already; returns its pid (None: an instance we did not start)."""
+    """Start Kafka unless it runs already; returns its pid (None: an instance we did not start).
+    With a multi-broker cluster (--brokers N, deploy/kafka.py) it starts every node and waits."""
     s = s or load_settings()
     p = Paths.of(s)
     p.ensure()
+    from deploy import kafka as cluster
+
+    if s.kafka_brokers > 1:
+        return cluster.start_cluster(s)[0]
+    cluster.stop_any_cluster(s)  # a cluster left from --brokers N holds node 1's ports
     pid = kafka_pid(s)
     if pid is not None:
         say(f"kafka: already running (pid {pid})")
@@ -470,7 +476,10 @@ def _stop_component(p: Paths, name: str, pid: int | None, timeout: float, kill: 
 
 
 def stop_kafka(s: Settings | None = None, timeout: float = KAFKA_STOP_TIMEOUT_S) -> bool:
+    from deploy import kafka as cluster
+
     s = s or load_settings()
+    cluster.stop_any_cluster(s)
     return _stop_component(Paths.of(s), "kafka", kafka_pid(s), timeout)
 
 
@@ -808,7 +817,9 @@ def is_running(name: str, settings: Settings | None = None) -> bool:
     """Whether the component's process (started by this stack) is alive."""
     s = settings or load_settings()
     if name == "kafka":
-        return kafka_pid(s) is not None
+        from deploy import kafka as cluster
+
+        return kafka_pid(s) is not None or any(cluster.node_pid(s, n) for n in cluster.nodes(s)[1:])
     if name == "postgres":
         return pg_pid(s) is not None
     if name == "prometheus":
@@ -908,12 +919,17 @@ def stop_prometheus(s: Settings | None = None) -> bool:
 # --- orchestration --------------------------------------------------------------------------
 
 
-def apply_topics() -> None:
+def apply_topics(s: Settings | None = None) -> None:
+    from deploy import kafka as cluster
+
     if not (ROOT / "topics" / "apply.py").exists():
         warn("topics/apply.py does not exist yet: skipping topic creation")
         return
     say("topics: python -m topics.apply")
-    res = subprocess.run([venv_python(), "-m", "topics.apply"], cwd=ROOT, stdin=subprocess.DEVNULL, check=False)
+    # A multi-broker cluster replicates every topic 3 times (min.insync.replicas=2 is the brokers' default).
+    env = {"XS_REPLICATION_FACTOR": str(cluster.replication_factor(s or load_settings())), **os.environ}
+    res = subprocess.run([venv_python(), "-m", "topics.apply"], cwd=ROOT, stdin=subprocess.DEVNULL, check=False,
+                         env=env)
     if res.returncode != 0:
         raise StackError(f"python -m topics.apply failed with exit code {res.returncode}")
 
@@ -929,7 +945,7 @@ def start(infra_only: bool = False, settings: Settings | None = None) -> None:
     if kpid is not None or kafka_pid(s) is not None:
         _kafka_wait_ready(s, p, kpid)
         say(f"kafka: ready on {s.kafka_bootstrap}")
-    apply_topics()
+    apply_topics(s)
     if not infra_only:
         specs = service_specs(s)
         pids = {spec.name: start_service(spec.name, s, wait=False) for spec in specs}
@@ -981,9 +997,17 @@ def status_rows(s: Settings | None = None) -> list[Row]:
     pid = pg_pid(s)
     rows.append(Row("postgres", infra_state(pid, s.pg_port), pid, (s.pg_port,), p.log("postgres")))
     pid = kafka_pid(s)
-    rows.append(
-        Row("kafka", infra_state(pid, s.kafka_port), pid, (s.kafka_port, s.kafka_controller_port), p.log("kafka"))
-    )
+    if s.kafka_brokers > 1:
+        from deploy import kafka as cluster
+
+        for node in cluster.nodes(s):
+            pid = cluster.node_pid(s, node)
+            rows.append(Row(node.name, infra_state(pid, node.port), pid, (node.port, node.controller_port),
+                            p.log(node.name)))
+    else:
+        rows.append(
+            Row("kafka", infra_state(pid, s.kafka_port), pid, (s.kafka_port, s.kafka_controller_port), p.log("kafka"))
+        )
     for spec in service_specs(s):
         pid = service_pid(spec.name, s)
         state = "down" if pid is None else "up" if _http_ok(spec.ready_port, timeout=1.0) else "starting"
@@ -1029,6 +1053,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_start = sub.add_parser("start", help="start PostgreSQL, Kafka, topics and (unless --infra-only) services")
     p_start.add_argument("--infra-only", action="store_true", help="only PostgreSQL, Kafka and topics")
+    p_start.add_argument("--brokers", type=int, choices=(1, 3),
+                         help="Kafka brokers: 3 = a replicated KRaft cluster (deploy/kafka.py), remembered in the "
+                              "state dir until `start --brokers 1`; default: as last started (1 at first)")
     sub.add_parser("stop", help="stop services, Kafka, PostgreSQL")
     sub.add_parser("status", help="show what runs")
     for cmd in ("restart-service", "start-service", "stop-service"):
@@ -1037,12 +1064,19 @@ def main(argv: list[str] | None = None) -> int:
         if cmd != "start-service":
             sp.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
     args = parser.parse_args(argv)
+    if getattr(args, "brokers", None):
+        os.environ["XS_KAFKA_BROKERS"] = str(args.brokers)
     try:
-        paths = Paths.of(load_settings())
+        settings = load_settings()
+        paths = Paths.of(settings)
     except ConfigError as exc:
         print(f"[stack] ERROR: bad setting: {exc}", file=sys.stderr, flush=True)
         return 2
     paths.ensure()
+    if getattr(args, "brokers", None):
+        from deploy import kafka as cluster
+
+        cluster.write_cluster_size(settings, args.brokers)
     try:
         # One start/stop at a time (e.g. two test.sh runs at once must not launch two Kafkas).
         with contextlib.nullcontext() if args.cmd == "status" else stack_lock(paths):

@@ -56,10 +56,18 @@ class Settings:
     request_body_bytes_max: int
     fee_items_per_upload_max: int
     batch_size_max: int
+    kafka_brokers: int = 1
+
+    @property
+    def kafka_nodes(self) -> list[tuple[int, int, int]]:
+        """(node id, broker port, controller port) of each local Kafka node: node 1 on XS_KAFKA_PORT /
+        XS_KAFKA_CONTROLLER_PORT, node n on those + 2(n-1) (see deploy/kafka.py)."""
+        return [(i + 1, self.kafka_port + 2 * i, self.kafka_controller_port + 2 * i) for i in range(self.kafka_brokers)]
 
     @property
     def kafka_bootstrap(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
+        # Every broker, so a client (re)starting while one is down still finds the cluster.
+        return ",".join(f"127.0.0.1:{port}" for _, port, _ in self.kafka_nodes)
 
     @property
     def pg_dsn(self) -> str:
@@ -73,9 +81,24 @@ class Settings:
 GATEWAY_PATH = "/fsi/api/rsfComIfsService/callService"
 
 
+KAFKA_BROKERS_MAX = 5
+
+
+def _kafka_brokers(state_dir: Path) -> int:
+    """XS_KAFKA_BROKERS, else the size of the cluster `deploy.stack start --brokers N` formatted in
+    this state dir (its `kafka/brokers` file), else 1."""
+    default = 1
+    try:
+        default = int((state_dir / "kafka" / "brokers").read_text().strip())
+    except (OSError, ValueError):
+        pass
+    return _int("XS_KAFKA_BROKERS", min(max(default, 1), KAFKA_BROKERS_MAX), 1, KAFKA_BROKERS_MAX)
+
+
 def load_settings() -> Settings:
+    state_dir = Path(_str("XS_STATE_DIR", str(PROJECT_ROOT / ".state")))
     return Settings(
-        state_dir=Path(_str("XS_STATE_DIR", str(PROJECT_ROOT / ".state"))),
+        state_dir=state_dir,
         kafka_port=_int("XS_KAFKA_PORT", 19092, 1024, 65535),
         kafka_controller_port=_int("XS_KAFKA_CONTROLLER_PORT", 19093, 1024, 65535),
         pg_port=_int("XS_PG_PORT", 15432, 1024, 65535),
@@ -95,4 +118,5 @@ def load_settings() -> Settings:
         request_body_bytes_max=_int("XS_REQUEST_BODY_BYTES_MAX", 1_048_576, 1024, 16_777_216),
         fee_items_per_upload_max=_int("XS_FEE_ITEMS_PER_UPLOAD_MAX", 500, 1, 10_000),
         batch_size_max=_int("XS_BATCH_SIZE_MAX", 500, 1, 10_000),
+        kafka_brokers=_kafka_brokers(state_dir),
     )
