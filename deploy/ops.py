@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -184,12 +185,10 @@ def replay_target(letter: DeadLetter) -> tuple[str, bytes | None]:
                            "nothing to replay") from exc
         return ROUTED.name, routed.person.psn_no.encode()
     if letter.stage == "clearing":
-        for spec, kind in ((SETTLEMENTS, SettlementEvent), (MANUAL_CLAIMS, ManualClaim)):
-            try:
-                value = msgspec.json.decode(raw, type=kind)
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                continue
-            return spec.name, str(value.psn_no).encode()
+        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+            return SETTLEMENTS.name, msgspec.json.decode(raw, type=SettlementEvent).psn_no.encode()
+        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+            return MANUAL_CLAIMS.name, msgspec.json.decode(raw, type=ManualClaim).psn_no.encode()
         return CLEARING.name, letter.fixmedins_code.encode() if letter.fixmedins_code else None
     raise OpsError(f"dead letter of unknown stage {letter.stage!r}: nothing to replay")
 
@@ -215,7 +214,7 @@ async def replay(s: Settings, letters: Sequence[Letter], *, execute: bool, forge
              f"{item.letter.stage}/{item.letter.err_code} msgid={item.letter.msgid or '-'} -> {topic}"
              for item, topic, _ in plan]
     if not execute:
-        return lines + ["dry run: nothing sent (add --execute)"]
+        return [*lines, "dry run: nothing sent (add --execute)"]
     if forget_refusal:
         msgids = [item.letter.msgid for item, topic, _ in plan if topic == ROUTED.name and item.letter.msgid]
         lines.append(f"forgot {await forget_refusals(s, msgids)} stored refusal(s) of the engine")

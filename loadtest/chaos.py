@@ -201,16 +201,28 @@ class Report:
 # --- load ----------------------------------------------------------------------------------
 
 
-async def wait_router_knows(client: GatewayClient, person: Person, timeout_s: float = 60) -> None:
+async def router_knows(client: GatewayClient, person: Person, timeout_s: float) -> bool:
+    """Whether the router resolves the run's hospital and person (it reloads on NOTIFY refdata_changed)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         env = HOSPITAL.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": person.psn_no}},
                                 insuplc=person.insuplc)
         r = await client.call(env)
         if not r["err_msg"].startswith(("PERSON_UNKNOWN", "TIMEOUT", "HOSPITAL_UNKNOWN")):
-            return
+            return True
         await asyncio.sleep(0.5)
-    raise RuntimeError("the router did not pick up the chaos run's reference data within 60 s")
+    return False
+
+
+async def wait_router_knows(s: Settings, client: GatewayClient, person: Person) -> None:
+    if await router_knows(client, person, 15):
+        return
+    # Seen after an earlier run's database restart: the router kept running but its LISTEN connection
+    # was gone, so it never heard of the new reference data. A restart makes it load a fresh snapshot.
+    say("the router did not pick up the run's reference data (missed NOTIFY): restarting it")
+    await asyncio.to_thread(stack_ctl.restart_service, "router", s)
+    if not await router_knows(client, person, 60):
+        raise RuntimeError("the router did not pick up the chaos run's reference data")
 
 
 async def hospital(client: GatewayClient, person: Person, stop: asyncio.Event, out: list[StayResult],
@@ -389,7 +401,7 @@ async def run_chaos(s: Settings, cfg: Config) -> Report:
     async with aiohttp.ClientSession(timeout=timeout) as session:
         clients = [ChaosClient(s.gateway_url, session, retry_for_s=cfg.retry_for_s, answers=answers)
                    for _ in persons]
-        await wait_router_knows(clients[0], persons[-1])
+        await wait_router_knows(s, clients[0], persons[-1])
         say(f"{len(persons)} hospitals driving stays; schedule of {cfg.kills} kill(s) per service, "
             f"{cfg.broker_kills if s.kafka_brokers > 1 else 0} broker kill(s), {cfg.db_restarts} database restart(s), "
             f"at most {cfg.seconds:.0f} s")

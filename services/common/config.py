@@ -6,6 +6,7 @@ service with a clear message instead of misbehaving later.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +89,8 @@ def _kafka_brokers(state_dir: Path) -> int:
     """XS_KAFKA_BROKERS, else the size of the cluster `deploy.stack start --brokers N` formatted in
     this state dir (its `kafka/brokers` file), else 1."""
     default = 1
-    try:
+    with contextlib.suppress(OSError, ValueError):
         default = int((state_dir / "kafka" / "brokers").read_text().strip())
-    except (OSError, ValueError):
-        pass
     return _int("XS_KAFKA_BROKERS", min(max(default, 1), KAFKA_BROKERS_MAX), 1, KAFKA_BROKERS_MAX)
 
 
