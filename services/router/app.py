@@ -31,7 +31,7 @@ def _headers(event: Any) -> dict[str, bytes]:
 def create_app(s: Settings) -> faust.App:
     app = faust.App(
         "xsettle-router",
-        broker=f"kafka://{s.kafka_bootstrap}",
+        broker=[f"kafka://{server}" for server in s.kafka_bootstrap.split(",")],  # every broker of a cluster
         store="memory://",
         web_enabled=False,
         topic_partitions=PARTITIONS,
