@@ -274,9 +274,14 @@ async def inflict(s: Settings, target: str, n_broker_kill: int, cfg: Config) -> 
         await asyncio.to_thread(stack_ctl.start_postgres, s)
         return event
     if target == "broker":
+        # Even kills hit the active controller; odd ones the next other node in turn, so every node dies.
         nodes = cluster.nodes(s)
-        leader = await asyncio.to_thread(cluster.quorum_leader, s) if n_broker_kill % 2 == 0 else None
-        victim = next((n for n in nodes if n.node_id == leader), nodes[n_broker_kill % len(nodes)])
+        leader = await asyncio.to_thread(cluster.quorum_leader, s)
+        if n_broker_kill % 2 == 0 and leader is not None:
+            victim = next(n for n in nodes if n.node_id == leader)
+        else:
+            turn = [nodes[(n_broker_kill // 2 + 1 + i) % len(nodes)] for i in range(len(nodes))]
+            victim = next(n for n in turn if n.node_id != leader)
         event = Event(target, time.monotonic(),
                       f"kafka-{victim.node_id}{' (active controller)' if victim.node_id == leader else ''}")
         await asyncio.to_thread(cluster.kill_node, s, victim)
