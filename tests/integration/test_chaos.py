@@ -44,7 +44,7 @@ def three_brokers(stack: Settings) -> Iterator[Settings]:
 
 @pytest.mark.timeout(900)
 async def test_short_chaos_run_loses_and_doubles_nothing(three_brokers: Settings) -> None:
-    assert cluster.brokers_answering(three_brokers) == 3
+    cluster.wait_ready(three_brokers, timeout=60)  # all three registered and unfenced
     cfg = chaos.Config(kills=1, broker_kills=1, db_restarts=1, seconds=120, interval=1.5, persons=12)
     report = await chaos.run_chaos(three_brokers, cfg)
     print("\n".join(report.lines()))
@@ -55,4 +55,6 @@ async def test_short_chaos_run_loses_and_doubles_nothing(three_brokers: Settings
     assert "(active controller)" in next(e.detail for e in report.events if e.target == "broker")
     assert sum(1 for r in report.stays if r.settled) > 50
     assert report.resends > 0, "no kill hit a request in flight: the run proved nothing"
-    assert cluster.brokers_answering(three_brokers) == 3
+    # The killed broker is back in the cluster (on a busy box a broker may be fenced for a moment after
+    # a missed heartbeat, hence a wait rather than one look).
+    cluster.wait_ready(three_brokers, timeout=60)

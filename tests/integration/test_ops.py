@@ -89,6 +89,12 @@ def _write_person(directory: Path, psn_no: str) -> None:
     person: dict[str, object] = {"psn_no": psn_no, "insuplc_admdvs": "150400", "insutype": "310", "psn_type": "1101",
               "assistance": None, "acct_balc": "0.00", "chronic": [], "certno": None}
     (directory / "persons.jsonl").write_bytes(msgspec.json.encode(person) + b"\n")
+    h = HOSPITALS["chifeng"]  # unchanged: reloading it is a no-op
+    hospital = {"fixmedins_code": h.fixmedins_code, "fixmedins_name": h.fixmedins_name, "admdvs": h.admdvs,
+                "hosp_lv": 3}
+    (directory / "hospitals.jsonl").write_bytes(msgspec.json.encode(hospital) + b"\n")
+    for name in ("filings", "catalog"):
+        (directory / f"{name}.jsonl").write_bytes(b"")
 
 
 async def _wait_visit(db: asyncpg.Pool, mdtrt_id: str, state: str, timeout_s: float = 30) -> None:
