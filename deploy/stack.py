@@ -1064,9 +1064,10 @@ def main(argv: list[str] | None = None) -> int:
         if cmd != "start-service":
             sp.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
     args = parser.parse_args(argv)
-    if getattr(args, "brokers", None):
-        os.environ["XS_KAFKA_BROKERS"] = str(args.brokers)
     try:
+        previous = load_settings()
+        if getattr(args, "brokers", None):
+            os.environ["XS_KAFKA_BROKERS"] = str(args.brokers)
         settings = load_settings()
         paths = Paths.of(settings)
     except ConfigError as exc:
@@ -1077,6 +1078,10 @@ def main(argv: list[str] | None = None) -> int:
         from deploy import kafka as cluster
 
         cluster.write_cluster_size(settings, args.brokers)
+        if previous.kafka_brokers != args.brokers:
+            # Running services bootstrap from the other cluster's brokers: start them afresh.
+            for spec in reversed(service_specs(previous)):
+                stop_service(spec.name, settings=previous)
     try:
         # One start/stop at a time (e.g. two test.sh runs at once must not launch two Kafkas).
         with contextlib.nullcontext() if args.cmd == "status" else stack_lock(paths):
