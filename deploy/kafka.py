@@ -18,6 +18,7 @@ start_node, quorum_leader.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -183,11 +184,17 @@ def brokers_answering(s: Settings) -> int:
         return 0
 
 
+def _all_nodes_agree(s: Settings, want: int) -> bool:
+    # Asked one by one: a node that is up but not yet serving would pass a bootstrap-wide request.
+    return all(brokers_answering(dataclasses.replace(s, kafka_port=n.port, kafka_brokers=1)) >= want
+               for n in nodes(s))
+
+
 def wait_ready(s: Settings, want: int | None = None, timeout: float = CLUSTER_READY_TIMEOUT_S) -> None:
-    """Until a metadata request reports `want` brokers (all by default)."""
+    """Until every node answers a metadata request that reports `want` brokers (all by default)."""
     want = want or s.kafka_brokers
     deadline = time.monotonic() + timeout
-    while brokers_answering(s) < want:
+    while not _all_nodes_agree(s, want):
         dead = [n.name for n in nodes(s) if node_pid(s, n) is None]
         if time.monotonic() > deadline:
             logs = "\n".join(f"--- {name}:\n{st.tail(st.Paths.of(s).log(name), 15)}" for name in dead or ["kafka-1"])
