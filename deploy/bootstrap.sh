@@ -4,6 +4,7 @@
 #   - PostgreSQL server (Debian package `postgresql`) when no server binary exists
 #   - Java 17 + Maven (Debian packages) when missing
 #   - Apache Kafka jars from Maven Central into $STATE/kafka/lib when deploy/kafka/pom.xml changed
+#   - Kafka's tools (kafka-tools) into $STATE/kafka/tools-lib when deploy/kafka/tools-pom.xml changed
 #   - Prometheus server + promtool (Debian package `prometheus`) when missing
 #   - with --test-tools: headless Chromium and a CJK font (Debian), for the dashboard tests
 set -euo pipefail
@@ -87,6 +88,25 @@ else
     mv "$kafka_lib.tmp" "$kafka_lib"
     echo "$kafka_hash" > "$kafka_stamp"
     log "kafka jars: $(ls "$kafka_lib" | wc -l) files ($(basename "$(ls "$kafka_lib"/kafka_2.13-*.jar)"))"
+fi
+
+# --- Kafka's command-line tools (consumer-group offsets, quorum status) ----------------
+# kafka-tools has a heavier dependency tree than the broker: its own lib folder, same scheme.
+tools_lib="$STATE/kafka/tools-lib"
+tools_stamp="$STATE/kafka/tools-lib.stamp"
+tools_hash="$(sha256sum deploy/kafka/tools-pom.xml | cut -d' ' -f1)"
+if [ -d "$tools_lib" ] && [ "$(cat "$tools_stamp" 2>/dev/null || true)" = "$tools_hash" ] \
+    && compgen -G "$tools_lib/kafka-tools-*.jar" > /dev/null; then
+    log "kafka tools up to date ($(basename "$(ls "$tools_lib"/kafka-tools-[0-9]*.jar)"))"
+else
+    log "resolving kafka-tools from Maven Central into $tools_lib"
+    rm -rf "$tools_lib.tmp"
+    mvn -q -B -Dstyle.color=never -f deploy/kafka/tools-pom.xml dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$tools_lib.tmp" 2>&1 | sed -e 's/\x1b\[[0-9;]*m//g'
+    rm -rf "$tools_lib"
+    mv "$tools_lib.tmp" "$tools_lib"
+    echo "$tools_hash" > "$tools_stamp"
+    log "kafka tools: $(ls "$tools_lib" | wc -l) files"
 fi
 
 # --- Prometheus server + promtool ------------------------------------------------------

@@ -449,10 +449,16 @@ def _kafka_wait_ready(s: Settings, p: Paths, pid: int | None, timeout: float = K
 
 
 def start_kafka(s: Settings | None = None, wait: bool = True) -> int | None:
-    """Start Kafka unless it runs already; returns its pid (None: an instance we did not start)."""
+    """Start Kafka unless it runs already; returns its pid (None: an instance we did not start).
+    With a multi-broker cluster (--brokers N, deploy/kafka.py) it starts every node and waits."""
     s = s or load_settings()
     p = Paths.of(s)
     p.ensure()
+    from deploy import kafka as cluster
+
+    if s.kafka_brokers > 1:
+        return cluster.start_cluster(s)[0]
+    cluster.stop_any_cluster(s)  # a cluster left from --brokers N holds node 1's ports
     pid = kafka_pid(s)
     if pid is not None:
         say(f"kafka: already running (pid {pid})")
@@ -482,7 +488,10 @@ def _stop_component(p: Paths, name: str, pid: int | None, timeout: float, kill: 
 
 
 def stop_kafka(s: Settings | None = None, timeout: float = KAFKA_STOP_TIMEOUT_S) -> bool:
+    from deploy import kafka as cluster
+
     s = s or load_settings()
+    cluster.stop_any_cluster(s)
     return _stop_component(Paths.of(s), "kafka", kafka_pid(s), timeout)
 
 
@@ -968,7 +977,9 @@ def is_running(name: str, settings: Settings | None = None) -> bool:
     """Whether the component's process is alive (Kafka/PostgreSQL: started by this stack)."""
     s = settings or load_settings()
     if name == "kafka":
-        return kafka_pid(s) is not None
+        from deploy import kafka as cluster
+
+        return kafka_pid(s) is not None or any(cluster.node_pid(s, n) for n in cluster.nodes(s)[1:])
     if name == "postgres":
         return pg_pid(s) is not None
     return service_pid(name, s) is not None
@@ -1146,9 +1157,17 @@ def status_rows(s: Settings | None = None) -> list[Row]:
     pid = pg_pid(s)
     rows.append(Row("postgres", infra_state(pid, s.pg_port), pid, (s.pg_port,), p.log("postgres")))
     pid = kafka_pid(s)
-    rows.append(
-        Row("kafka", infra_state(pid, s.kafka_port), pid, (s.kafka_port, s.kafka_controller_port), p.log("kafka"))
-    )
+    if s.kafka_brokers > 1:
+        from deploy import kafka as cluster
+
+        for node in cluster.nodes(s):
+            pid = cluster.node_pid(s, node)
+            rows.append(Row(node.name, infra_state(pid, node.port), pid, (node.port, node.controller_port),
+                            p.log(node.name)))
+    else:
+        rows.append(
+            Row("kafka", infra_state(pid, s.kafka_port), pid, (s.kafka_port, s.kafka_controller_port), p.log("kafka"))
+        )
     programs = [(spec.name, spec.ports) for spec in service_specs(s)]
     if shutil.which("prometheus"):
         programs.append((PROMETHEUS, (s.prometheus_port,)))
@@ -1199,6 +1218,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_start = sub.add_parser("start", help="PostgreSQL, Kafka, topics, migrations and (unless --infra-only) services")
     p_start.add_argument("--infra-only", action="store_true", help="only PostgreSQL, Kafka, topics, Prometheus")
+    p_start.add_argument("--brokers", type=int, choices=(1, 3),
+                         help="Kafka brokers: 3 = a replicated KRaft cluster (deploy/kafka.py), remembered in the "
+                              "state dir until `start --brokers 1`; default: as last started (1 at first)")
     sub.add_parser("stop", help="stop supervisord and its programs, Kafka, PostgreSQL")
     sub.add_parser("status", help="show what runs")
     for cmd in ("restart-service", "start-service", "stop-service"):
@@ -1209,11 +1231,23 @@ def main(argv: list[str] | None = None) -> int:
                             help="SIGKILL (restart-service: supervisord brings it back by itself)")
     args = parser.parse_args(argv)
     try:
-        paths = Paths.of(load_settings())
+        previous = load_settings()
+        if getattr(args, "brokers", None):
+            os.environ["XS_KAFKA_BROKERS"] = str(args.brokers)
+        settings = load_settings()
+        paths = Paths.of(settings)
     except ConfigError as exc:
         print(f"[stack] ERROR: bad setting: {exc}", file=sys.stderr, flush=True)
         return 2
     paths.ensure()
+    if getattr(args, "brokers", None):
+        from deploy import kafka as cluster
+
+        cluster.write_cluster_size(settings, args.brokers)
+        if previous.kafka_brokers != args.brokers:
+            # Running services bootstrap from the other cluster's brokers: start them afresh.
+            for spec in reversed(service_specs(previous)):
+                stop_service(spec.name, settings=previous)
     try:
         _command(args)
     except StackError as exc:

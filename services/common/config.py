@@ -6,6 +6,7 @@ service with a clear message instead of misbehaving later.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, fields
@@ -74,10 +75,18 @@ class Settings:
     topic_prefix: str
     partitions: int
     replication_factor: int
+    kafka_brokers: int = 1
+
+    @property
+    def kafka_nodes(self) -> list[tuple[int, int, int]]:
+        """(node id, broker port, controller port) of each local Kafka node: node 1 on XS_KAFKA_PORT /
+        XS_KAFKA_CONTROLLER_PORT, node n on those + 2(n-1) (see deploy/kafka.py)."""
+        return [(i + 1, self.kafka_port + 2 * i, self.kafka_controller_port + 2 * i) for i in range(self.kafka_brokers)]
 
     @property
     def kafka_bootstrap(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
+        # Every broker, so a client (re)starting while one is down still finds the cluster.
+        return ",".join(f"127.0.0.1:{port}" for _, port, _ in self.kafka_nodes)
 
     @property
     def pg_dsn(self) -> str:
@@ -91,8 +100,21 @@ class Settings:
 GATEWAY_PATH = "/fsi/api/rsfComIfsService/callService"
 
 
+KAFKA_BROKERS_MAX = 5
+
+
+def _kafka_brokers(state_dir: Path) -> int:
+    """XS_KAFKA_BROKERS, else the size of the cluster `deploy.stack start --brokers N` formatted in
+    this state dir (its `kafka/brokers` file), else 1."""
+    default = 1
+    with contextlib.suppress(OSError, ValueError):
+        default = int((state_dir / "kafka" / "brokers").read_text().strip())
+    return _int("XS_KAFKA_BROKERS", min(max(default, 1), KAFKA_BROKERS_MAX), 1, KAFKA_BROKERS_MAX)
+
+
 def load_settings() -> Settings:
     state_dir = Path(_str("XS_STATE_DIR", str(PROJECT_ROOT / ".state")))
+    brokers = _kafka_brokers(state_dir)
     return Settings(
         state_dir=state_dir,
         run_dir=Path(_str("XS_RUN_DIR", str(state_dir))),
@@ -118,7 +140,9 @@ def load_settings() -> Settings:
         topic_prefix=_topic_prefix(),
         # Partitions bound the parallelism of each stage (used when a topic is first created).
         partitions=_int("XS_PARTITIONS", 8, 1, 256),
-        replication_factor=_int("XS_REPLICATION_FACTOR", 1, 1, 5),
+        # Every topic on up to 3 brokers (min.insync.replicas=2 is a multi-broker cluster's default).
+        replication_factor=_int("XS_REPLICATION_FACTOR", min(brokers, 3), 1, brokers),
+        kafka_brokers=brokers,
     )
 
 

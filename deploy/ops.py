@@ -1,0 +1,352 @@
+"""Operator tools: consumer-group offsets and dead letters.
+
+    python -m deploy.ops groups list
+    python -m deploy.ops groups describe GROUP
+    python -m deploy.ops groups reset GROUP --topic T[:P] (--to-offset N | --to-earliest | --to-latest
+                                              | --shift-by N | --to-datetime YYYY-MM-DDTHH:MM:SS) [--execute]
+    python -m deploy.ops deadletters list [--stage S] [--code C] [--infno N] [--msgid M] [--since T] [--until T]
+                                          [--limit N] [--json] [--show-original]
+    python -m deploy.ops deadletters replay (--offset N ... | filters as for list) [--forget-refusal] [--execute]
+
+`groups` wraps Kafka's own ConsumerGroupCommand (artifact org.apache.kafka:kafka-tools, resolved by
+deploy/bootstrap.sh into .state/kafka/tools-lib). A reset is a dry run unless --execute, and Kafka
+only resets a group with no live members: stop the service first (`python -m deploy.stack
+stop-service settle`), reset, start it again.
+
+`deadletters` reads fsi.deadletter. The listing shows stage, error code, reason, msgid, infno and
+hospital — never the original bytes (they hold personal identifiers) unless --show-original.
+`replay` re-publishes the original bytes to the topic the record came from, which the stage tells:
+gateway and router rejections to fsi.ingress, engine (settle) ones to fsi.routed, clearing ones to
+fsi.clearing / fsi.settlements / fsi.manual_claims (by what the bytes decode as). Every stage is
+idempotent by msgid, so a replay never applies anything twice. The engine stores its refusals as a
+msgid's answer: a replayed refusal returns that answer again unless --forget-refusal deletes the
+stored refusal first (only refusals: a request that changed the ledger keeps its record).
+A replay is a dry run unless --execute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from deploy import kafka as cluster
+from deploy.stack import StackError
+from schemas.clearing import ManualClaim
+from schemas.codec import decode_request
+from schemas.errors import BrokerError
+from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
+from services.common.config import Settings, load_settings
+from services.common.kafka import make_producer
+from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, ROUTED, SETTLEMENTS
+
+GROUP_MAIN = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"
+RESET_MODES = ("to_offset", "to_earliest", "to_latest", "shift_by", "to_datetime")
+REPLAY_HEADER = "replayed_from"  # "fsi.deadletter:<partition>:<offset>", for whoever traces a record
+_letter_decoder = msgspec.json.Decoder(DeadLetter)
+
+
+class OpsError(RuntimeError):
+    """A clear message for the operator (exit code 1)."""
+
+
+# --- consumer groups ------------------------------------------------------------------------
+
+
+def group_command(s: Settings, *args: str) -> str:
+    """Run ConsumerGroupCommand against this stack; its stdout, or OpsError with its message."""
+    try:
+        res = cluster.run_tool(s, GROUP_MAIN, "--bootstrap-server", s.kafka_bootstrap, *args)
+    except StackError as exc:
+        raise OpsError(str(exc)) from exc
+    if res.returncode != 0 or "Error:" in res.stdout:
+        text = (res.stdout + res.stderr).strip()
+        if "inactive" in text or "is not empty" in text or "Not Empty" in text:
+            text += "\nhint: stop the group's service first (python -m deploy.stack stop-service NAME), then reset"
+        raise OpsError(text or f"ConsumerGroupCommand exited with {res.returncode}")
+    return res.stdout
+
+
+def reset_args(group: str, topic: str, mode: str, value: str | None, execute: bool) -> list[str]:
+    """The ConsumerGroupCommand arguments of one reset (a dry run unless execute)."""
+    if mode not in RESET_MODES:
+        raise OpsError(f"unknown reset mode {mode!r}")
+    args = ["--reset-offsets", "--group", group, "--topic", topic, "--" + mode.replace("_", "-")]
+    if mode in ("to_offset", "shift_by", "to_datetime"):
+        if value is None:
+            raise OpsError(f"--{mode.replace('_', '-')} needs a value")
+        args.append(value)
+    args.append("--execute" if execute else "--dry-run")
+    return args
+
+
+# --- dead letters ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Letter:
+    partition: int
+    offset: int
+    letter: DeadLetter
+
+    @property
+    def at(self) -> datetime:
+        return datetime.fromtimestamp(self.letter.at_ns / 1e9, UTC)
+
+
+@dataclass(frozen=True)
+class LetterFilter:
+    stage: str | None = None
+    code: str | None = None
+    infno: str | None = None
+    msgid: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    offsets: frozenset[int] = frozenset()
+
+    def matches(self, item: Letter) -> bool:
+        dl = item.letter
+        return (
+            (self.stage is None or dl.stage == self.stage)
+            and (self.code is None or dl.err_code == self.code)
+            and (self.infno is None or dl.infno == self.infno)
+            and (self.msgid is None or dl.msgid == self.msgid)
+            and (self.since is None or item.at >= self.since)
+            and (self.until is None or item.at < self.until)
+            and (not self.offsets or item.offset in self.offsets)
+        )
+
+
+async def read_letters(s: Settings, flt: LetterFilter, limit: int) -> list[Letter]:
+    """The last `limit` matching dead letters (oldest first), read up to the end offsets at the start."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+                                request_timeout_ms=15_000)
+    await consumer.start()
+    found: list[Letter] = []
+    try:
+        parts = [TopicPartition(DEADLETTER.name, p) for p in sorted(consumer.partitions_for_topic(DEADLETTER.name)
+                                                                     or {0})]
+        consumer.assign(parts)
+        ends = await consumer.end_offsets(parts)
+        starts = await consumer.beginning_offsets(parts)
+        if flt.since is not None:
+            by_time = await consumer.offsets_for_times({tp: int(flt.since.timestamp() * 1000) for tp in parts})
+            starts = {tp: (found_at.offset if found_at else ends[tp]) for tp, found_at in by_time.items()}
+        for tp in parts:
+            consumer.seek(tp, starts[tp])
+        remaining = {tp for tp in parts if starts[tp] < ends[tp]}
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=1000, max_records=2000)
+            for tp, records in batches.items():
+                for rec in records:
+                    if rec.offset >= ends[tp]:
+                        continue
+                    try:
+                        letter = _letter_decoder.decode(rec.value or b"")
+                    except (msgspec.ValidationError, msgspec.DecodeError):
+                        continue  # not a dead letter of ours; nothing to show or replay
+                    item = Letter(tp.partition, rec.offset, letter)
+                    if flt.matches(item):
+                        found.append(item)
+                        del found[:-limit]
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    remaining.discard(tp)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    return found
+
+
+def replay_target(letter: DeadLetter) -> tuple[str, bytes | None]:
+    """Where a dead letter's original bytes came from, and their partition key there."""
+    raw = letter.original
+    if letter.stage in ("gateway", "router"):
+        try:
+            psn_no = decode_request(raw).psn_no
+        except BrokerError:
+            psn_no = None  # still refused: the router dead-letters it again, with the reason
+        key = psn_no or letter.msgid
+        return INGRESS.name, key.encode() if key else None
+    if letter.stage == "settle":
+        try:
+            routed = msgspec.json.decode(raw, type=RoutedRequest)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise OpsError(f"settle dead letter {letter.msgid or '(no msgid)'} is not a routed request: "
+                           "nothing to replay") from exc
+        return ROUTED.name, routed.person.psn_no.encode()
+    if letter.stage == "clearing":
+        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+            return SETTLEMENTS.name, msgspec.json.decode(raw, type=SettlementEvent).psn_no.encode()
+        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+            return MANUAL_CLAIMS.name, msgspec.json.decode(raw, type=ManualClaim).psn_no.encode()
+        return CLEARING.name, letter.fixmedins_code.encode() if letter.fixmedins_code else None
+    raise OpsError(f"dead letter of unknown stage {letter.stage!r}: nothing to replay")
+
+
+async def forget_refusals(s: Settings, msgids: Sequence[str]) -> int:
+    """Delete the engine's stored refusals (infcode -1) of these msgids: a refusal changed nothing,
+    so the replayed request is then decided anew. Accepted requests keep their record."""
+    if not msgids:
+        return 0
+    conn = await asyncpg.connect(s.pg_dsn, timeout=10)
+    try:
+        status = await conn.execute("DELETE FROM processed_request WHERE msgid = ANY($1) AND infcode = -1",
+                                    list(msgids))
+    finally:
+        await conn.close()
+    return int(status.split()[-1])
+
+
+async def replay(s: Settings, letters: Sequence[Letter], *, execute: bool, forget_refusal: bool) -> list[str]:
+    """Re-publish each letter's original bytes to its source topic (acks=all, idempotent producer)."""
+    plan = [(item, *replay_target(item.letter)) for item in letters]
+    lines = [f"{'replay' if execute else 'would replay'} {DEADLETTER.name}:{item.partition}:{item.offset} "
+             f"{item.letter.stage}/{item.letter.err_code} msgid={item.letter.msgid or '-'} -> {topic}"
+             for item, topic, _ in plan]
+    if not execute:
+        return [*lines, "dry run: nothing sent (add --execute)"]
+    if forget_refusal:
+        msgids = [item.letter.msgid for item, topic, _ in plan if topic == ROUTED.name and item.letter.msgid]
+        lines.append(f"forgot {await forget_refusals(s, msgids)} stored refusal(s) of the engine")
+    producer = make_producer(s)
+    await producer.start()
+    try:
+        for item, topic, key in plan:
+            origin = f"{DEADLETTER.name}:{item.partition}:{item.offset}".encode()
+            await producer.send_and_wait(topic, item.letter.original, key=key, headers=[(REPLAY_HEADER, origin)])
+    finally:
+        await producer.stop()
+    return lines
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _when(text: str) -> datetime:
+    """An ISO date or date-time; UTC unless it names an offset."""
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _filter(args: argparse.Namespace) -> LetterFilter:
+    return LetterFilter(stage=args.stage, code=args.code, infno=args.infno, msgid=args.msgid, since=args.since,
+                        until=args.until, offsets=frozenset(args.offset or ()))
+
+
+def letter_row(item: Letter, show_original: bool = False) -> str:
+    dl = item.letter
+    row = (f"{item.partition}:{item.offset}  {item.at:%Y-%m-%dT%H:%M:%S}Z  {dl.stage:8}  {dl.err_code:22}  "
+           f"{dl.infno or '-':5}  {dl.msgid or '-':30}  {dl.fixmedins_code or '-':12}  {dl.err_msg}")
+    if show_original:
+        row += "\n    original: " + dl.original.decode("utf-8", errors="replace")
+    return row
+
+
+def letter_json(item: Letter, show_original: bool = False) -> bytes:
+    dl = item.letter
+    doc: dict[str, object] = {"partition": item.partition, "offset": item.offset, "at": item.at.isoformat(),
+                              "stage": dl.stage, "err_code": dl.err_code, "err_msg": dl.err_msg, "msgid": dl.msgid,
+                              "infno": dl.infno, "fixmedins_code": dl.fixmedins_code}
+    if show_original:
+        doc["original"] = dl.original.decode("utf-8", errors="replace")
+    return msgspec.json.encode(doc)
+
+
+async def _deadletters(s: Settings, args: argparse.Namespace) -> int:
+    flt = _filter(args)
+    if args.action == "replay" and not (flt.offsets or flt.msgid or flt.stage or flt.code or flt.since):
+        raise OpsError("replay needs a selection: --offset, --msgid, --stage, --code or --since")
+    letters = await read_letters(s, flt, args.limit)
+    if args.action == "list":
+        if args.json:
+            for item in letters:
+                print(letter_json(item, args.show_original).decode())
+        else:
+            print(f"{len(letters)} dead letter(s)")
+            for item in letters:
+                print(letter_row(item, args.show_original))
+        return 0
+    if not letters:
+        raise OpsError("no dead letter matches the selection")
+    for line in await replay(s, letters, execute=args.execute, forget_refusal=args.forget_refusal):
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deploy.ops", description=(__doc__ or "").split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    groups = sub.add_parser("groups", help="consumer groups (Kafka's ConsumerGroupCommand)")
+    gsub = groups.add_subparsers(dest="action", required=True)
+    gsub.add_parser("list")
+    describe = gsub.add_parser("describe")
+    describe.add_argument("group")
+    reset = gsub.add_parser("reset", help="a dry run unless --execute; the group must have no live members")
+    reset.add_argument("group")
+    reset.add_argument("--topic", required=True, help="TOPIC or TOPIC:PARTITION[,PARTITION...]")
+    how = reset.add_mutually_exclusive_group(required=True)
+    how.add_argument("--to-offset", metavar="N")
+    how.add_argument("--shift-by", metavar="N")
+    how.add_argument("--to-datetime", metavar="YYYY-MM-DDTHH:mm:SS.sss")
+    how.add_argument("--to-earliest", action="store_true")
+    how.add_argument("--to-latest", action="store_true")
+    reset.add_argument("--execute", action="store_true")
+
+    letters = sub.add_parser("deadletters", help=f"list or replay {DEADLETTER.name}")
+    lsub = letters.add_subparsers(dest="action", required=True)
+    for action in ("list", "replay"):
+        sp = lsub.add_parser(action)
+        sp.add_argument("--stage", choices=("gateway", "router", "settle", "clearing"))
+        sp.add_argument("--code", help="error code, e.g. PERSON_UNKNOWN")
+        sp.add_argument("--infno")
+        sp.add_argument("--msgid")
+        sp.add_argument("--since", type=_when, help="ISO time (UTC unless an offset is given)")
+        sp.add_argument("--until", type=_when)
+        sp.add_argument("--offset", type=int, nargs="+", help=f"offsets on {DEADLETTER.name}")
+        sp.add_argument("--limit", type=int, default=100, help="the last N matches (default 100)")
+        if action == "list":
+            sp.add_argument("--json", action="store_true", help="one JSON object per line")
+            sp.add_argument("--show-original", action="store_true",
+                            help="also print the original bytes (personal identifiers!)")
+        else:
+            sp.add_argument("--forget-refusal", action="store_true",
+                            help="delete the engine's stored refusal of each msgid first, so it is decided anew")
+            sp.add_argument("--execute", action="store_true", help="send (default: a dry run)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    s = load_settings()
+    try:
+        if args.cmd == "groups":
+            if args.action == "list":
+                print(group_command(s, "--list"), end="")
+            elif args.action == "describe":
+                print(group_command(s, "--describe", "--group", args.group), end="")
+            else:
+                mode = next(m for m in RESET_MODES if getattr(args, m) not in (None, False))
+                value = getattr(args, mode)
+                cmd = reset_args(args.group, args.topic, mode, None if value is True else value, args.execute)
+                print(group_command(s, *cmd), end="")
+                if not args.execute:
+                    print("dry run: nothing changed (add --execute)")
+            return 0
+        return asyncio.run(_deadletters(s, args))
+    except OpsError as exc:
+        print(f"[ops] ERROR: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

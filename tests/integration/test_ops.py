@@ -1,0 +1,177 @@
+"""Operator tools on the real stack: consumer-group offsets through Kafka's own
+ConsumerGroupCommand, and dead letters listed and replayed after a fix."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import OffsetAndMetadata
+
+from deploy import kafka as cluster
+from deploy import ops
+from loadtest.his import GatewayClient, Stay, next_msgid
+from services.common.config import Settings
+from services.refdata.load import load_dir
+from tests.integration.conftest import HOSPITALS, RUN_TOKEN, STAY_START, psn, wait_router_knows
+
+pytestmark = pytest.mark.integration
+TOPIC = f"xsettle.test.ops.{RUN_TOKEN}"
+GROUP = f"xsettle-test-ops-{RUN_TOKEN}"
+
+
+async def _committed(s: Settings, group: str, tp: TopicPartition) -> int | None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return await consumer.committed(tp)
+    finally:
+        await consumer.stop()
+
+
+def _ops(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = ops.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+async def test_group_offsets_inspected_and_reset_with_kafkas_own_tool(stack: Settings,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(TOPIC, 1, cluster.replication_factor(stack))])
+    await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    for i in range(10):
+        await producer.send_and_wait(TOPIC, f"r{i}".encode(), partition=0)
+    await producer.stop()
+    tp = TopicPartition(TOPIC, 0)
+    member = AIOKafkaConsumer(TOPIC, bootstrap_servers=stack.kafka_bootstrap, group_id=GROUP,
+                              enable_auto_commit=False, auto_offset_reset="earliest")
+    await member.start()
+    try:
+        while sum(len(r) for r in (await member.getmany(timeout_ms=1000)).values()) == 0:
+            pass
+        await member.commit({tp: OffsetAndMetadata(10, "")})
+        # A live member: Kafka refuses the reset, and the tool says what to do.
+        code, _, err = await asyncio.to_thread(_ops, capsys, "groups", "reset", GROUP, "--topic", TOPIC,
+                                               "--to-offset", "3", "--execute")
+        assert code == 1 and "stop the group's service first" in err
+    finally:
+        await member.stop()
+
+    code, out, _ = await asyncio.to_thread(_ops, capsys, "groups", "list")
+    assert code == 0 and GROUP in out.split()
+    code, out, _ = await asyncio.to_thread(_ops, capsys, "groups", "describe", GROUP)
+    row = next(line.split() for line in out.splitlines() if line.startswith(GROUP))
+    assert row[1:6] == [TOPIC, "0", "10", "10", "0"]  # topic, partition, current, log end, lag
+
+    code, out, _ = await asyncio.to_thread(_ops, capsys, "groups", "reset", GROUP, "--topic", TOPIC,
+                                           "--to-offset", "3")
+    assert code == 0 and "dry run" in out
+    assert await _committed(stack, GROUP, tp) == 10
+    for argv, expected in ((("--to-offset", "3"), 3), (("--shift-by", "4"), 7), (("--to-earliest",), 0),
+                           (("--to-latest",), 10)):
+        code, out, err = await asyncio.to_thread(_ops, capsys, "groups", "reset", GROUP, "--topic", TOPIC, *argv,
+                                                 "--execute")
+        assert code == 0, err
+        assert await _committed(stack, GROUP, tp) == expected, argv
+
+
+def _write_person(directory: Path, psn_no: str) -> None:
+    person: dict[str, object] = {"psn_no": psn_no, "insuplc_admdvs": "150400", "insutype": "310", "psn_type": "1101",
+              "assistance": None, "acct_balc": "0.00", "chronic": [], "certno": None}
+    (directory / "persons.jsonl").write_bytes(msgspec.json.encode(person) + b"\n")
+    h = HOSPITALS["chifeng"]  # unchanged: reloading it is a no-op
+    hospital = {"fixmedins_code": h.fixmedins_code, "fixmedins_name": h.fixmedins_name, "admdvs": h.admdvs,
+                "hosp_lv": 3}
+    (directory / "hospitals.jsonl").write_bytes(msgspec.json.encode(hospital) + b"\n")
+    for name in ("filings", "catalog"):
+        (directory / f"{name}.jsonl").write_bytes(b"")
+
+
+async def _wait_visit(db: asyncpg.Pool, mdtrt_id: str, state: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await db.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", mdtrt_id) == state:
+            return
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"visit {mdtrt_id} not {state} within {timeout_s} s")
+
+
+async def test_router_rejection_replayed_after_the_fix(refdata: dict, services: Settings, db: asyncpg.Pool,
+                                                       gateway: GatewayClient, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    psn_no = psn(900)  # not loaded yet: the router refuses the admission
+    stay = Stay(HOSPITALS["chifeng"], psn_no, "150400", "310", STAY_START)
+    admission = stay.admit()
+    msgid = admission["msgid"]
+    r = await gateway.call(admission)
+    assert r["err_msg"].startswith("PERSON_UNKNOWN")
+
+    code, out, _ = await asyncio.to_thread(_ops, capsys, "deadletters", "list", "--msgid", msgid)
+    assert code == 0 and out.splitlines()[0] == "1 dead letter(s)"
+    row = out.splitlines()[1]
+    assert "router" in row and "PERSON_UNKNOWN" in row and "2401" in row
+    assert psn_no not in out  # never a personal value unless asked
+    code, out, _ = await asyncio.to_thread(_ops, capsys, "deadletters", "list", "--msgid", msgid, "--json",
+                                           "--show-original")
+    assert psn_no in msgspec.json.decode(out.splitlines()[0])["original"]
+
+    # The fix: the insured region's person file arrives.
+    _write_person(tmp_path, psn_no)
+    await load_dir(db, tmp_path)
+    await wait_router_knows(services, HOSPITALS["chifeng"], psn_no, "150400")
+
+    code, out, _ = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", msgid)
+    assert code == 0 and "dry run" in out and "-> fsi.ingress" in out
+    assert await db.fetchval("SELECT count(*) FROM visit WHERE mdtrt_id = $1", "M" + msgid) == 0
+    for _ in range(2):  # a second replay is harmless: the engine answers a known msgid from its record
+        code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", msgid,
+                                                 "--stage", "router", "--execute")
+        assert code == 0, err
+        await _wait_visit(db, "M" + msgid, "admitted")
+    await asyncio.sleep(2)
+    assert await db.fetchval("SELECT count(*) FROM processed_request WHERE msgid = $1", msgid) == 1
+    assert await db.fetchval("SELECT count(*) FROM visit WHERE psn_no = $1", psn_no) == 1
+
+
+async def test_engine_refusal_replayed_only_when_its_stored_refusal_is_forgotten(
+    refdata: dict, services: Settings, db: asyncpg.Pool, gateway: GatewayClient, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    psn_no = psn(901)
+    _write_person(tmp_path, psn_no)
+    await load_dir(db, tmp_path)
+    await wait_router_knows(services, HOSPITALS["chifeng"], psn_no, "150400")
+    stay = Stay(HOSPITALS["chifeng"], psn_no, "150400", "310", STAY_START)
+    admit_msgid = next_msgid(stay.hospital.fixmedins_code)
+    stay.mdtrt_id = "M" + admit_msgid  # the discharge arrives before the admission it names
+    discharge = stay.discharge()
+    r = await gateway.call(discharge)
+    assert r["err_msg"].startswith("VISIT_UNKNOWN")
+    admission = stay.admit()
+    admission["msgid"] = admit_msgid
+    assert (await gateway.call(admission))["infcode"] == 0
+    await _wait_visit(db, stay.mdtrt_id, "admitted")
+
+    dl_msgid = discharge["msgid"]
+    code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", dl_msgid,
+                                             "--stage", "settle", "--execute")
+    assert code == 0 and "-> fsi.routed" in out, err
+    await asyncio.sleep(3)  # the engine answers from its stored refusal and changes nothing
+    assert await db.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id) == "admitted"
+    assert await db.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == -1
+
+    code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", dl_msgid,
+                                             "--stage", "settle", "--forget-refusal", "--execute")
+    assert code == 0 and "forgot 1 stored refusal(s)" in out, err
+    await _wait_visit(db, stay.mdtrt_id, "discharged")
+    assert await db.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == 0
