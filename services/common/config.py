@@ -47,6 +47,13 @@ def _topic_prefix() -> str:
     return raw
 
 
+def _instance() -> str:
+    raw = os.environ.get("XS_INSTANCE") or "0"
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", raw):
+        raise ConfigError(f"XS_INSTANCE={raw!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     # Shared infrastructure (Kafka, PostgreSQL data and logs) lives in state_dir; the services'
@@ -75,6 +82,9 @@ class Settings:
     topic_prefix: str
     partitions: int
     replication_factor: int
+    # Static group membership: two processes of one service need different instances (the second
+    # would fence the first).
+    instance: str = "0"
     kafka_brokers: int = 1
 
     @property
@@ -141,7 +151,8 @@ def load_settings() -> Settings:
         # Partitions bound the parallelism of each stage (used when a topic is first created).
         partitions=_int("XS_PARTITIONS", 8, 1, 256),
         # Every topic on up to 3 brokers (min.insync.replicas=2 is a multi-broker cluster's default).
-        replication_factor=_int("XS_REPLICATION_FACTOR", min(brokers, 3), 1, brokers),
+        replication_factor=_int("XS_REPLICATION_FACTOR", min(brokers, 3), 1, KAFKA_BROKERS_MAX),
+        instance=_instance(),
         kafka_brokers=brokers,
     )
 

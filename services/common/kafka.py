@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
-
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 
@@ -40,15 +37,11 @@ class CountRebalances(ConsumerRebalanceListener):  # type: ignore[misc]
 IDLE_FETCH_WAIT_MS = 100
 # Static membership (KIP-345): a restarted process rejoins under the same instance id and gets its
 # partitions back at once, instead of the group waiting out the dead member's session (README, Failures).
-# Two processes of one service need different XS_INSTANCE values (the second would fence the first).
 SESSION_TIMEOUT_MS = 10_000
 
 
-def instance_id(group_id: str) -> str:
-    instance = os.environ.get("XS_INSTANCE", "0")
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", instance):
-        raise SystemExit(f"XS_INSTANCE={instance!r}: use 1-64 letters, digits, '.', '_' or '-'")
-    return f"{group_id}-{instance}"
+def instance_id(s: Settings, group_id: str) -> str:
+    return f"{group_id}-{s.instance}"
 
 
 async def connect_pool(s: Settings, max_size: int) -> asyncpg.Pool:
@@ -76,7 +69,7 @@ def make_group_consumer(s: Settings, group_id: str, *topics: str) -> AIOKafkaCon
         # The broker answers a fetch as soon as any record is there; this only bounds idle polling
         # (5 ms meant ~200 empty fetches a second per consumer, a third of a core on this 2-core box).
         fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,
-        group_instance_id=instance_id(group_id),
+        group_instance_id=instance_id(s, group_id),
         session_timeout_ms=SESSION_TIMEOUT_MS,
         heartbeat_interval_ms=3_000,
         max_poll_interval_ms=60_000,

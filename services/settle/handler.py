@@ -154,6 +154,6 @@ def _event(row: Settlement) -> SettlementEvent:
 
 
 def _count(row: Settlement) -> None:
-    funds = {fund: row.amounts[fund] for fund in FUNDS}
+    funds: dict[str, int] = {fund: row.amounts[fund] for fund in FUNDS}
     record_ledger_row(row.kind, row.scope, row.med_type, province_of(row.insured_admdvs),
                       province_of(row.treating_admdvs), funds)

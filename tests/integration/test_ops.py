@@ -20,6 +20,7 @@ from loadtest.his import GatewayClient, Stay, next_msgid
 from services.common.config import Settings
 from services.refdata.load import load_dir
 from tests.integration.conftest import HOSPITALS, RUN_TOKEN, STAY_START, psn, wait_router_knows
+from topics.catalog import INGRESS, ROUTED
 
 pytestmark = pytest.mark.integration
 TOPIC = f"xsettle.test.ops.{RUN_TOKEN}"
@@ -131,7 +132,7 @@ async def test_router_rejection_replayed_after_the_fix(refdata: dict, services: 
     await wait_router_knows(services, HOSPITALS["chifeng"], psn_no, "150400")
 
     code, out, _ = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", msgid)
-    assert code == 0 and "dry run" in out and "-> fsi.ingress" in out
+    assert code == 0 and "dry run" in out and f"-> {INGRESS.name}" in out
     assert await db.fetchval("SELECT count(*) FROM visit WHERE mdtrt_id = $1", "M" + msgid) == 0
     for _ in range(2):  # a second replay is harmless: the engine answers a known msgid from its record
         code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", msgid,
@@ -165,7 +166,7 @@ async def test_engine_refusal_replayed_only_when_its_stored_refusal_is_forgotten
     dl_msgid = discharge["msgid"]
     code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", dl_msgid,
                                              "--stage", "settle", "--execute")
-    assert code == 0 and "-> fsi.routed" in out, err
+    assert code == 0 and f"-> {ROUTED.name}" in out, err
     await asyncio.sleep(3)  # the engine answers from its stored refusal and changes nothing
     assert await db.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id) == "admitted"
     assert await db.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == -1

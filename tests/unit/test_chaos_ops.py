@@ -14,6 +14,7 @@ from deploy import ops
 from loadtest import chaos
 from schemas.internal import DeadLetter
 from services.common.config import Settings, load_settings
+from topics.catalog import INGRESS
 
 PSN = "T99999999901"
 ENVELOPE = (
@@ -93,10 +94,10 @@ def test_reset_needs_a_value_for_offset_modes() -> None:
 
 
 def test_replay_goes_back_to_the_topic_the_stage_read() -> None:
-    assert ops.replay_target(letter("gateway")) == ("fsi.ingress", PSN.encode())
-    assert ops.replay_target(letter("router")) == ("fsi.ingress", PSN.encode())
+    assert ops.replay_target(letter("gateway")) == (INGRESS.name, PSN.encode())
+    assert ops.replay_target(letter("router")) == (INGRESS.name, PSN.encode())
     # still malformed: back to ingress keyed by msgid, where the router refuses it again with its reason
-    assert ops.replay_target(letter("router", b"{not json")) == ("fsi.ingress",
+    assert ops.replay_target(letter("router", b"{not json")) == (INGRESS.name,
                                                                  b"H15040099903202611300930000001")
     with pytest.raises(ops.OpsError, match="not a routed request"):
         ops.replay_target(letter("settle", ENVELOPE))
