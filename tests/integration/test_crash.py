@@ -49,12 +49,15 @@ async def _drive(s: Settings, day0: int) -> tuple[list[tuple[Stay, dict, bool]],
         return results, client.retries
 
 
-async def _kill_and_restart(s: Settings, name: str, after_s: float) -> None:
+async def _kill_and_restart(s: Settings, name: str, after_s: float, drive: asyncio.Task) -> bool:
+    """Kill `name` after `after_s`, start it again; returns whether `drive` was running at the kill."""
     await asyncio.sleep(after_s)
+    running_at_kill = not drive.done()
     stopped = await asyncio.to_thread(stack_ctl.stop_service, name, True, s)
     assert stopped
     await asyncio.sleep(0.5)
     await asyncio.to_thread(stack_ctl.start_service, name, s)
+    return running_at_kill
 
 
 async def _assert_ledger_consistent(db: asyncpg.Pool, results: list[tuple[Stay, dict, bool]]) -> None:
@@ -94,11 +97,10 @@ async def _assert_ledger_consistent(db: asyncpg.Pool, results: list[tuple[Stay, 
 async def test_kill_processor_mid_stream(refdata: dict, services: Settings, db: asyncpg.Pool, victim: str,
                                          day0: int) -> None:
     drive = asyncio.create_task(_drive(services, day0))
-    await _kill_and_restart(services, victim, after_s=0.4)
+    hit_in_flight = await _kill_and_restart(services, victim, 0.4, drive)
     # Every person's stays are sequential without pause: while the drive runs, each has a request in
     # flight. With static group membership the restarted process resumes before the gateway's timeout,
     # so the hospitals need not resend (resends > 0 says the same on a slower restart).
-    hit_in_flight = not drive.done()
     results, resends = await asyncio.wait_for(drive, timeout=180)
     assert hit_in_flight or resends > 0, "the kill hit no request in flight: the test proved nothing"
     assert len(results) == len(CRASH_PERSONS) * ROUNDS
