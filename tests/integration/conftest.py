@@ -73,33 +73,34 @@ def _certno(body17: str) -> str:
 
 PERSONS: dict[str, PersonSpec] = {
     # REFERENCE §4 worked example: 米易县 resident, 低保, TEMPORARY filing for 内蒙古.
-    "example": (TestPerson(psn(1), "510421", "390"), "1501", "1", "0.00", ("TEMPORARY", "150000")),
-    "local_employee": (TestPerson(psn(2), "510421", "310"), "1101", None, "5000.00", None),
-    "intra_resident": (TestPerson(psn(3), "510421", "390"), "1501", None, "0.00", ("LONG_TERM", "510000")),
-    "unfiled": (TestPerson(psn(4), "510421", "390"), "1501", None, "0.00", None),
-    "retiree": (TestPerson(psn(5), "150400", "310"), "1201", None, "1000.00", None),
-    "plain": (TestPerson(psn(6), "150400", "390"), "1601", None, "0.00", None),
+    "example": PersonSpec(TestPerson(psn(1), "510421", "390"), "1501", "1", "0.00", ("TEMPORARY", "150000")),
+    "local_employee": PersonSpec(TestPerson(psn(2), "510421", "310"), "1101", None, "5000.00", None),
+    "intra_resident": PersonSpec(TestPerson(psn(3), "510421", "390"), "1501", None, "0.00", ("LONG_TERM", "510000")),
+    "unfiled": PersonSpec(TestPerson(psn(4), "510421", "390"), "1501", None, "0.00", None),
+    "retiree": PersonSpec(TestPerson(psn(5), "150400", "310"), "1201", None, "1000.00", None),
+    "plain": PersonSpec(TestPerson(psn(6), "150400", "390"), "1601", None, "0.00", None),
     # For the crash tests: many persons, local care in 赤峰, employees using their accounts.
-    **{f"crash{i}": (TestPerson(psn(100 + i), "150400", "310"), "1101", None, "800.00", None) for i in range(40)},
+    **{f"crash{i}": PersonSpec(TestPerson(psn(100 + i), "150400", "310"), "1101", None, "800.00", None)
+       for i in range(40)},
     # Outpatient, chronic, pharmacy, filings, 1101.
-    "op_employee": (TestPerson(psn(7), "150400", "310"), "1101", None, "3000.00", None),
-    "chronic_dm": (TestPerson(psn(8), "150400", "390"), "1501", None, "0.00", None, ("DM",)),
-    "chronic_none": (TestPerson(psn(9), "150400", "390"), "1501", None, "0.00", None),
-    "pharmacy_employee": (TestPerson(psn(10), "150400", "310"), "1101", None, "500.00", None),
-    "far_unfiled": (TestPerson(psn(11), "510421", "390"), "1501", None, "0.00", None),
-    "year_boundary": (TestPerson(psn(12), "150400", "310"), "1101", None, "0.00", None),
-    "info": (TestPerson(psn(13), "150400", "310"), "1201", "2", "1234.56", ("LONG_TERM", None), ("HTN",),
-             _certno(f"15040019580306{int(RUN_TOKEN) % 1000:03d}")),
+    "op_employee": PersonSpec(TestPerson(psn(7), "150400", "310"), "1101", None, "3000.00", None),
+    "chronic_dm": PersonSpec(TestPerson(psn(8), "150400", "390"), "1501", None, "0.00", None, ("DM",)),
+    "chronic_none": PersonSpec(TestPerson(psn(9), "150400", "390"), "1501", None, "0.00", None),
+    "pharmacy_employee": PersonSpec(TestPerson(psn(10), "150400", "310"), "1101", None, "500.00", None),
+    "far_unfiled": PersonSpec(TestPerson(psn(11), "510421", "390"), "1501", None, "0.00", None),
+    "year_boundary": PersonSpec(TestPerson(psn(12), "150400", "310"), "1101", None, "0.00", None),
+    "info": PersonSpec(TestPerson(psn(13), "150400", "310"), "1201", "2", "1234.56", ("LONG_TERM", None), ("HTN",),
+                       _certno(f"15040019580306{int(RUN_TOKEN) % 1000:03d}")),
     # A hospital day in each seed region: a local resident, a local employee with chronic HTN, and a
     # visitor insured in the next seed region with a LONG_TERM filing for anywhere.
     **{f"day_{code}_{role}": spec for i, code in enumerate(SEED_REGIONS) for role, spec in (
-        ("resident", (TestPerson(psn(200 + 3 * i), code, "390"), "1501", None, "0.00", None)),
-        ("employee", (TestPerson(psn(201 + 3 * i), code, "310"), "1101", None, "2000.00", None, ("HTN",))),
-        ("visitor", (TestPerson(psn(202 + 3 * i), SEED_REGIONS[(i + 1) % len(SEED_REGIONS)], "310"), "1201", None,
-                     "800.00", ("LONG_TERM", None))),
+        ("resident", PersonSpec(TestPerson(psn(200 + 3 * i), code, "390"), "1501", None, "0.00", None)),
+        ("employee", PersonSpec(TestPerson(psn(201 + 3 * i), code, "310"), "1101", None, "2000.00", None,
+                                ("HTN",))),
+        ("visitor", PersonSpec(TestPerson(psn(202 + 3 * i), SEED_REGIONS[(i + 1) % len(SEED_REGIONS)], "310"),
+                               "1201", None, "800.00", ("LONG_TERM", None))),
     )},
 }
-PERSONS = {key: PersonSpec(*spec) for key, spec in PERSONS.items()}
 
 
 def _write_refdata(directory: Path) -> None:

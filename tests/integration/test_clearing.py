@@ -270,10 +270,10 @@ async def test_close_freezes_the_month_and_statements_match_the_ledger(traffic: 
                                                 "--out", str(out)])
         assert rc == 0 and out.stat().st_size > 0
     body = json.loads((tmp_path / "510400.json").read_text())
-    pay = sum(v["fund_pay_sumamt"] for (i, t), v in expected.items() if i == "510400")
-    rec = sum(v["fund_pay_sumamt"] for (i, t), v in expected.items() if t == "510400")
-    assert D(str(body["net_position"]["fund_pay_sumamt"])) == D(rec - pay) / 100
-    assert f"{D(rec - pay) / 100:.2f}" in (tmp_path / "510400.csv").read_text()
+    pay_fen = sum(v["fund_pay_sumamt"] for (i, t), v in expected.items() if i == "510400")
+    rec_fen = sum(v["fund_pay_sumamt"] for (i, t), v in expected.items() if t == "510400")
+    assert D(str(body["net_position"]["fund_pay_sumamt"])) == D(rec_fen - pay_fen) / 100
+    assert f"{D(rec_fen - pay_fen) / 100:.2f}" in (tmp_path / "510400.csv").read_text()
     assert "<table>" in (tmp_path / "510400.html").read_text()
     assert await asyncio.to_thread(cli.main, ["verify", "--month", M1]) == 0
 

@@ -195,8 +195,8 @@ async def test_page_shows_the_ledger_in_chromium(services: Settings, traffic: Tr
         assert deposit and deposit[0][0]["data-below"] == "true"
         balance = await db.fetchval("SELECT balance_fen FROM clearing_deposit WHERE insured_prov = $1",
                                     LOW_DEPOSIT_PROV)
-        shown = dom.fields_in(deposit[0][0])
-        assert (shown["balance"], shown["warning"]) == (fmt_yuan(balance), fmt_yuan(low_deposit))
+        deposit_fields = dom.fields_in(deposit[0][0])
+        assert (deposit_fields["balance"], deposit_fields["warning"]) == (fmt_yuan(balance), fmt_yuan(low_deposit))
         alerts = {a["data-alert"] for a, _ in dom.found if "data-alert" in a}
         assert "DepositBelowWarningLine" in alerts, alerts  # the banner at the top of the page
         break

@@ -82,7 +82,7 @@ async def _settle_and_compare(services: Settings, db: asyncpg.Pool) -> None:
     assert _start_times(before) == _start_times(after), "a service restarted during the test"
     s0, s1 = before["settle"], after["settle"]
 
-    def delta(name: str, a: Samples = s0, b: Samples = s1, **labels: str) -> float:
+    def delta(name: str, a: Samples = s0, b: Samples = s1, /, **labels: str) -> float:
         return value(b, name, **labels) - value(a, name, **labels)
 
     assert delta("xs_settlements_total", kind="settle", **INTRA_KEY) == 1

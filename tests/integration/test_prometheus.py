@@ -197,8 +197,8 @@ async def test_alerts_fire_when_conditions_are_driven(prometheus: Settings, traf
     except AssertionError:
         alerts = await prom_alerts(prometheus)
         missing = [n for n, labels in want.items() if not _firing(alerts, n, **labels)]
-        rate = await prom_query(prometheus, f'xs:direct_settlement_rate:ratio_24h{{insured_prov="{INSURED_PROV}"}}')
-        raise AssertionError(f"not firing: {missing}; rate {rate}") from None
+        rate_now = await prom_query(prometheus, f'xs:direct_settlement_rate:ratio_24h{{insured_prov="{INSURED_PROV}"}}')
+        raise AssertionError(f"not firing: {missing}; rate {rate_now}") from None
     rate = fired["DirectSettlementRateBelowTarget"]
     assert "直接结算率低于目标" in rate["annotations"]["summary"] and "Direct-settlement rate" in rate["annotations"][
         "summary"]

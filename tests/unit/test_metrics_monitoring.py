@@ -4,8 +4,10 @@ Prometheus configuration and rules, and the dashboard's assembly of what it show
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,9 +124,11 @@ def test_positions_prefer_the_clearing_service_and_fall_back_to_the_ledger() -> 
     source, rows = position_rows(month, [])
     assert source == "ledger" and [(r["insured_prov"], r["treating_prov"], r["total_fen"]) for r in rows] == [
         ("320000", "150000", 5000)]
-    clearing = [{"insured_prov": "320000", "treating_prov": "150000", "hifp_pay": 4000, "hifmi_pay": 0,
-                 "hifob_pay": 0, "maf_pay": 100}, {"insured_prov": "320000", "treating_prov": "320000",
-                 "hifp_pay": 1, "hifmi_pay": 0, "hifob_pay": 0, "maf_pay": 0}]
+    clearing: list[Mapping[str, Any]] = [
+        {"insured_prov": "320000", "treating_prov": "150000", "hifp_pay": 4000, "hifmi_pay": 0, "hifob_pay": 0,
+         "maf_pay": 100},
+        {"insured_prov": "320000", "treating_prov": "320000", "hifp_pay": 1, "hifmi_pay": 0, "hifob_pay": 0,
+         "maf_pay": 0}]
     source, rows = position_rows(month, clearing)
     assert source == "clearing_position"
     assert [(r["total_fen"], r["person_times"]) for r in rows] == [(4100, 2)]
