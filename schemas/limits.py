@@ -6,7 +6,8 @@ the same things. Errors name the field by its JSON path, never its value (it may
 - Text: no C0 control character (NUL included), no DEL, no lone surrogate, in any string.
 - Nesting: at most NESTING_MAX levels of JSON arrays/objects in a request.
 - Dates: a wire date-time between DATE_MIN and DATE_MAX always; the envelope's `inf_time`
-  within the clock window (XS_TIME_PAST_DAYS back, XS_TIME_FUTURE_MINUTES ahead of now, Asia/Shanghai);
+  within the clock window (Settings: XS_TIME_PAST_DAYS back, XS_TIME_FUTURE_MINUTES ahead of now,
+  Asia/Shanghai; set by each service at start with `set_clock_window`);
   visit and fee times within EVENT_BEFORE_INF back and EVENT_AFTER_INF ahead of `inf_time`;
   a filing starting within FILING_START_FROM_INF of `inf_time` and lasting at most FILING_DAYS_MAX.
 Amount bounds live in `schemas.money`.
@@ -14,11 +15,9 @@ Amount bounds live in `schemas.money`.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from functools import cache
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
@@ -68,32 +67,27 @@ class ClockWindow:
     future: timedelta
 
     def check(self, path: str, t: datetime, now: datetime) -> None:
-        if t < now - self.past:
+        # Differences, not now ± window: a wide window must not overflow datetime's range.
+        if now - t > self.past:
             raise LimitError(path, f"more than {self.past.days} days in the past")
-        if t > now + self.future:
+        if t - now > self.future:
             raise LimitError(path, f"more than {int(self.future.total_seconds() // 60)} minutes in the future")
 
 
-def _env_int(name: str, default: int, lo: int, hi: int) -> int:
-    raw = os.environ.get(name) or ""
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if not lo <= value <= hi:
-        raise ValueError(f"{name}={value} is outside {lo}..{hi}")
-    return value
+_window = ClockWindow(timedelta(days=TIME_PAST_DAYS_DEFAULT), timedelta(minutes=TIME_FUTURE_MINUTES_DEFAULT))
 
 
-@cache
 def clock_window() -> ClockWindow:
-    """From XS_TIME_PAST_DAYS / XS_TIME_FUTURE_MINUTES, validated (ValueError naming the variable).
-    Services call it at start-up so a bad value stops them at once."""
-    past = _env_int("XS_TIME_PAST_DAYS", TIME_PAST_DAYS_DEFAULT, 1, TIME_PAST_DAYS_MAX)
-    future = _env_int("XS_TIME_FUTURE_MINUTES", TIME_FUTURE_MINUTES_DEFAULT, 0, TIME_FUTURE_MINUTES_MAX)
-    return ClockWindow(timedelta(days=past), timedelta(minutes=future))
+    """The window in force: the defaults until a service sets its own from Settings (set_clock_window)."""
+    return _window
+
+
+def set_clock_window(past_days: int, future_minutes: int) -> None:
+    """Called once at a service's start with its validated settings (XS_TIME_PAST_DAYS / XS_TIME_FUTURE_MINUTES)."""
+    global _window
+    if not 1 <= past_days <= TIME_PAST_DAYS_MAX or not 0 <= future_minutes <= TIME_FUTURE_MINUTES_MAX:
+        raise ValueError(f"clock window {past_days} days / {future_minutes} minutes is outside its bounds")
+    _window = ClockWindow(timedelta(days=past_days), timedelta(minutes=future_minutes))
 
 
 def now_shanghai() -> datetime:

@@ -30,6 +30,7 @@ from schemas.codec import decode_body, decode_envelope
 from schemas.envelope import RequestEnvelope
 from schemas.errors import BrokerError
 from schemas.internal import SettlementEvent
+from schemas.limits import set_clock_window
 from schemas.money import to_fen
 from services.clearing import requests, store
 from services.clearing.logic import FUNDS, VISIT_TYPES, ClearingError, month_of
@@ -74,6 +75,7 @@ class ClearingService:
         self.pool: asyncpg.Pool | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        set_clock_window(self.s.time_past_days, self.s.time_future_minutes)  # 32xx envelopes are decoded here too
         serve_metrics(self.s.clearing_metrics_port, STAGE)
         self.pool = await until_up("PostgreSQL", lambda: connect_pool(self.s, POOL_SIZE_MAX), stop)
         await until_up("Kafka producer", self.producer.start, stop)

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from schemas import limits
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -82,6 +84,9 @@ class Settings:
     topic_prefix: str
     partitions: int
     replication_factor: int
+    # The plausible window of a request's inf_time around the broker's clock (schemas.limits).
+    time_past_days: int = limits.TIME_PAST_DAYS_DEFAULT
+    time_future_minutes: int = limits.TIME_FUTURE_MINUTES_DEFAULT
     # Static group membership: two processes of one service need different instances (the second
     # would fence the first).
     instance: str = "0"
@@ -152,6 +157,9 @@ def load_settings() -> Settings:
         partitions=_int("XS_PARTITIONS", 8, 1, 256),
         # Every topic on up to 3 brokers (min.insync.replicas=2 is a multi-broker cluster's default).
         replication_factor=_int("XS_REPLICATION_FACTOR", min(brokers, 3), 1, KAFKA_BROKERS_MAX),
+        time_past_days=_int("XS_TIME_PAST_DAYS", limits.TIME_PAST_DAYS_DEFAULT, 1, limits.TIME_PAST_DAYS_MAX),
+        time_future_minutes=_int("XS_TIME_FUTURE_MINUTES", limits.TIME_FUTURE_MINUTES_DEFAULT, 0,
+                                 limits.TIME_FUTURE_MINUTES_MAX),
         instance=_instance(),
         kafka_brokers=brokers,
     )

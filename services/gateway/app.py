@@ -28,7 +28,7 @@ from aiokafka.errors import KafkaError
 from schemas.codec import decode_request, peek_ids
 from schemas.errors import BrokerError
 from schemas.internal import DeadLetter
-from schemas.limits import clock_window
+from schemas.limits import set_clock_window
 from schemas.person import Input9001
 from services.common.config import GATEWAY_PATH, Settings
 from services.common.kafka import IDLE_FETCH_WAIT_MS, make_producer
@@ -64,7 +64,7 @@ class Gateway:
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        clock_window()  # a bad XS_TIME_* setting stops the gateway here, with the variable named
+        set_clock_window(self.s.time_past_days, self.s.time_future_minutes)
         await self.producer.start()
         await self.replies.start()
         tp = TopicPartition(REPLIES.name, self.reply_partition)

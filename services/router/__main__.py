@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-from schemas.limits import clock_window
+from schemas.limits import set_clock_window
 from services.common.config import load_settings
 from services.common.lifecycle import run_service
 from services.router import consumer
 
 
 async def main(stop: asyncio.Event) -> None:
-    clock_window()  # XS_TIME_PAST_DAYS / XS_TIME_FUTURE_MINUTES: a bad value stops the router before any record
-    await consumer.run(load_settings(), stop)
+    s = load_settings()
+    set_clock_window(s.time_past_days, s.time_future_minutes)
+    await consumer.run(s, stop)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,14 @@ from hypothesis import HealthCheck, given, settings
 
 from schemas.codec import BODY_TYPES, decode_request, encode
 from schemas.errors import BrokerError
-from schemas.limits import DATE_MAX, DATE_MIN, clock_window
+from schemas.limits import (
+    DATE_MAX,
+    DATE_MIN,
+    TIME_FUTURE_MINUTES_DEFAULT,
+    TIME_PAST_DAYS_DEFAULT,
+    clock_window,
+    set_clock_window,
+)
 from schemas.money import FEE_YUAN_MAX
 from tests.hostile import NOW, PERSONAL_MARKERS, corrupted_bytes, mutated_request, random_json, valid_requests
 
@@ -27,12 +34,10 @@ FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck
 @pytest.fixture(autouse=True, scope="module")
 def default_window() -> Iterator[None]:
     """The default clock window (the suite widens it for the services: tests/conftest.py)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("XS_TIME_PAST_DAYS", raising=False)
-        mp.delenv("XS_TIME_FUTURE_MINUTES", raising=False)
-        clock_window.cache_clear()
-        yield
-    clock_window.cache_clear()
+    before = clock_window()
+    set_clock_window(TIME_PAST_DAYS_DEFAULT, TIME_FUTURE_MINUTES_DEFAULT)
+    yield
+    set_clock_window(before.past.days, int(before.future.total_seconds() // 60))
 
 
 def _leaves(obj: Any, path: str = "$") -> Iterator[tuple[str, Any]]:

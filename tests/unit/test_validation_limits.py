@@ -13,18 +13,27 @@ import pytest
 
 from schemas.codec import decode_request, encode
 from schemas.errors import BrokerError
-from schemas.limits import NESTING_MAX, ClockWindow, LimitError, check_text_tree, clock_window
+from schemas.limits import (
+    NESTING_MAX,
+    TIME_FUTURE_MINUTES_DEFAULT,
+    TIME_PAST_DAYS_DEFAULT,
+    ClockWindow,
+    LimitError,
+    check_text_tree,
+    clock_window,
+    set_clock_window,
+)
 from schemas.money import AmountError, check_cnt, check_yuan
+from services.common.config import ConfigError, load_settings
 from tests.hostile import NOW, PERSONAL_MARKERS, valid_requests
 
 
 @pytest.fixture(autouse=True)
-def default_window(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("XS_TIME_PAST_DAYS", raising=False)
-    monkeypatch.delenv("XS_TIME_FUTURE_MINUTES", raising=False)
-    clock_window.cache_clear()
+def default_window() -> Iterator[None]:
+    before = clock_window()
+    set_clock_window(TIME_PAST_DAYS_DEFAULT, TIME_FUTURE_MINUTES_DEFAULT)
     yield
-    clock_window.cache_clear()
+    set_clock_window(before.past.days, int(before.future.total_seconds() // 60))
 
 
 def sample(infno: str, at: datetime = NOW) -> dict[str, Any]:
@@ -142,14 +151,16 @@ def test_the_clock_window_edges_are_accepted() -> None:
 def test_the_clock_window_is_a_validated_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XS_TIME_PAST_DAYS", "30")
     monkeypatch.setenv("XS_TIME_FUTURE_MINUTES", "0")
-    clock_window.cache_clear()
+    s = load_settings()
+    set_clock_window(s.time_past_days, s.time_future_minutes)
     assert clock_window() == ClockWindow(timedelta(days=30), timedelta(0))
     for name, value in (("XS_TIME_PAST_DAYS", "0"), ("XS_TIME_PAST_DAYS", "ten"), ("XS_TIME_FUTURE_MINUTES", "-1")):
         monkeypatch.setenv(name, value)
-        clock_window.cache_clear()
-        with pytest.raises(ValueError, match=name):
-            clock_window()
+        with pytest.raises(ConfigError, match=name):
+            load_settings()
         monkeypatch.setenv(name, "30")
+    with pytest.raises(ValueError, match="outside its bounds"):
+        set_clock_window(0, 10)
 
 
 @pytest.mark.parametrize(("begntime", "text"), [
