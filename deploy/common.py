@@ -114,11 +114,6 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _rotate(log: Path) -> None:
-    if log.exists() and log.stat().st_size > 0:
-        log.replace(log.with_name(log.name + ".1"))
-
-
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     with open(path, "w") as f:

@@ -1,6 +1,7 @@
 """PostgreSQL for the local stack: our own cluster in .state/pg (initdb once, as the system user
-xsettle-pg: initdb/postgres refuse to run as root), started with pg_ctl on XS_PG_PORT, then the
-role, database and migrations (deploy/db.py) of the Settings."""
+xsettle-pg: initdb/postgres refuse to run as root), run on XS_PG_PORT by the state dir's supervisord
+(program `postgres`, as xsettle-pg, no autorestart), then the role, database and migrations
+(deploy/db.py) of the Settings."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from deploy.common import Paths, StackError, _port_open, _rotate, _run_async, say, tail, warn
-from deploy.procs import _cmdline, _pid_alive, _read_pid
+from deploy.common import Paths, StackError, _port_open, _run_async, say, tail, warn
+from deploy.services import infra_program
+from deploy.supervisor import Supervisor
 from services.common.config import Settings, load_settings
 
 PG_OS_USER = "xsettle-pg"  # initdb/postgres refuse to run as root
@@ -83,11 +85,55 @@ def _chown(path: Path, user: pwd.struct_passwd) -> None:
 
 
 def pg_pid(s: Settings | None = None) -> int | None:
-    p = Paths.of(s or load_settings())
-    pid = _read_pid(p.pg_data / "postmaster.pid")
-    if pid is not None and _pid_alive(pid) and any("postgres" in a for a in _cmdline(pid)[:1]):
-        return pid
-    return None
+    """The postmaster's pid while the state dir's supervisord runs it."""
+    return Supervisor(s or load_settings(), infra=True).pid("postgres")
+
+
+def postgres_programs(s: Settings) -> list[str]:
+    """The infrastructure supervisord's `postgres` program (none when PostgreSQL is not installed): the
+    postmaster in the foreground, as PG_OS_USER when supervisord runs as root. SIGINT is PostgreSQL's
+    fast shutdown; only the postmaster is signalled (it stops its backends itself)."""
+    p = Paths.of(s)
+    if not _pg_bindirs():
+        return []
+    user = _ensure_os_user().pw_name if os.geteuid() == 0 else None
+    command = [
+        str(_pg_bindir(p) / "postgres"),
+        "-D",
+        str(p.pg_data),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        f"port={s.pg_port}",
+        "-c",
+        f"unix_socket_directories={p.pg_sock}",
+        "-c",
+        "max_connections=200",
+    ]
+    return [infra_program("postgres", command, p.pg_data, p.log("postgres"), stop_signal="INT",
+                          stop_wait_secs=int(PG_READY_TIMEOUT_S), as_group=False, user=user)]
+
+
+def _pg_ctl(p: Paths, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _as_pg_user([str(_pg_bindir(p) / "pg_ctl"), "-D", str(p.pg_data), *args]),
+        capture_output=True, text=True, cwd=p.state, stdin=subprocess.DEVNULL, check=False,
+    )
+
+
+def stop_legacy_postgres(s: Settings) -> bool:
+    """Stop a server of this data dir that supervisord does not run (started by pg_ctl before PostgreSQL
+    became a supervisord program): once, when the stack takes over. Returns whether there was one."""
+    p = Paths.of(s)
+    if not (p.pg_data / "postmaster.pid").exists() or not _pg_bindirs() or pg_pid(s) is not None:
+        return False
+    if _pg_ctl(p, "status").returncode != 0:
+        return False  # a stale postmaster.pid (start_postgres removes it)
+    say(f"postgres: stopping the server in {p.pg_data} started before supervisord ran PostgreSQL")
+    res = _pg_ctl(p, "stop", "-m", "fast", "-w", "-t", "60")
+    if res.returncode != 0:
+        raise StackError(f"postgres: pg_ctl stop failed:\n{res.stdout}{res.stderr}")
+    return True
 
 
 def _pg_admin_dsn(s: Settings) -> str:
@@ -162,40 +208,16 @@ def start_postgres(s: Settings | None = None) -> int | None:
                 raise StackError(f"postgres: initdb failed:\n{res.stdout}{res.stderr}")
         p.pg_sock.mkdir(parents=True, exist_ok=True)
         _chown(p.pg_sock, user)
-        _rotate(log)
-        log.touch()
-        _chown(log, user)
-        options = (
-            f"-c listen_addresses=127.0.0.1 -c port={s.pg_port} "
-            f"-c unix_socket_directories='{p.pg_sock}' -c max_connections=200"
-        )
-        res = subprocess.run(
-            _as_pg_user(
-                [
-                    str(bindir / "pg_ctl"),
-                    "-D",
-                    str(p.pg_data),
-                    "-l",
-                    str(log),
-                    "-o",
-                    options,
-                    "-w",
-                    "-t",
-                    str(int(PG_READY_TIMEOUT_S)),
-                    "start",
-                ]
-            ),
-            capture_output=True,
-            text=True,
-            cwd=p.state,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        if res.returncode != 0:
-            raise StackError(
-                f"postgres: pg_ctl start failed:\n{res.stdout}{res.stderr}\nlast lines of {log}:\n{tail(log)}"
-            )
-        pid = pg_pid(s)
+        sup = Supervisor(s, infra=True)
+        pid = sup.start("postgres")
+        deadline = time.monotonic() + PG_READY_TIMEOUT_S
+        while not _port_open(s.pg_port):
+            if sup.pid("postgres") is None:
+                raise StackError(f"postgres exited during start-up; last lines of {log}:\n{tail(log)}")
+            if time.monotonic() > deadline:
+                raise StackError(f"postgres: port {s.pg_port} not open within {PG_READY_TIMEOUT_S:.0f}s; "
+                                 f"last lines of {log}:\n{tail(log)}")
+            time.sleep(0.1)
         say(f"postgres: started pid {pid} on 127.0.0.1:{s.pg_port}")
 
     from deploy.db import ensure_role_and_database, migrate
@@ -215,21 +237,5 @@ def start_postgres(s: Settings | None = None) -> int | None:
 
 
 def stop_postgres(s: Settings | None = None) -> bool:
-    s = s or load_settings()
-    p = Paths.of(s)
-    pid = pg_pid(s)
-    if pid is None:
-        return False
-    say(f"postgres: stopping pid {pid}")
-    bindir = _pg_bindir(p)
-    res = subprocess.run(
-        _as_pg_user([str(bindir / "pg_ctl"), "-D", str(p.pg_data), "stop", "-m", "fast", "-w", "-t", "60"]),
-        capture_output=True,
-        text=True,
-        cwd=p.state,
-        check=False,
-    )
-    if res.returncode != 0 and pg_pid(s) is not None:
-        raise StackError(f"postgres: pg_ctl stop failed:\n{res.stdout}{res.stderr}")
-    return True
-
+    """Fast shutdown (SIGINT) of the server supervisord runs; it stays down. Returns whether it ran."""
+    return Supervisor(s or load_settings(), infra=True).stop("postgres")

@@ -1,6 +1,7 @@
 """The local stack: orchestration and the command line. PostgreSQL (deploy/postgres.py) and Kafka
-(deploy/kafka.py: one broker, or a cluster with --brokers 3) are shared by every run of a state dir;
-supervisord (deploy/supervisor.py, config from deploy/services.py) runs the services and Prometheus.
+(deploy/kafka.py: one broker, or a cluster with --brokers 3) are shared by every run of a state dir and
+run under that state dir's supervisord; a run's own supervisord (deploy/supervisor.py, config from
+deploy/services.py) runs its services and Prometheus.
 
     python -m deploy.stack start [--infra-only] [--brokers 1|3]   # idempotent; reuses what already runs
     python -m deploy.stack stop                   # supervisord and its programs, then Kafka, then PostgreSQL
@@ -9,20 +10,23 @@ supervisord (deploy/supervisor.py, config from deploy/services.py) runs the serv
                                                   # (NAME: a service of deploy/services.py, or prometheus)
 
 Everything listens on 127.0.0.1 only, on the ports from Settings (XS_* env vars). Kafka and
-PostgreSQL keep their files under Settings.state_dir (pg/, pgsock/, kafka/, logs/, run/); the
-services' supervisord keeps its config, socket and logs under Settings.run_dir (the same directory,
-except for a test run, which owns one).
+PostgreSQL keep their files under Settings.state_dir (pg/, pgsock/, kafka/, logs/, supervisor-infra/);
+the services' supervisord keeps its config, socket and logs under Settings.run_dir (the same
+directory, except for a test run, which owns one).
 
 Functions for tests (re-exported here from the modules above): start_service(name, s) -> pid,
 stop_service(name, kill, s), restart_service(name, s, kill=...), is_running, is_healthy, service_pid,
 start_kafka/stop_kafka, start_postgres/stop_postgres, start_prometheus, teardown_run.
 Run `deploy/bootstrap.sh` first: it installs PostgreSQL, supervisor and the Kafka jars.
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -38,19 +42,18 @@ from deploy.common import stack_lock as stack_lock
 from deploy.common import tail as tail
 from deploy.common import warn as warn
 from deploy.kafka import KAFKA_MAIN as KAFKA_MAIN
+from deploy.kafka import KAFKA_STOP_TIMEOUT_S, _kafka_probe, _kafka_wait_ready
 from deploy.kafka import LOG4J_CONFIG as LOG4J_CONFIG
-from deploy.kafka import _kafka_probe, _kafka_wait_ready
 from deploy.kafka import kafka_metadata as kafka_metadata
 from deploy.kafka import kafka_pid as kafka_pid
 from deploy.kafka import kafka_properties as kafka_properties
 from deploy.kafka import start_kafka as start_kafka
 from deploy.kafka import stop_kafka as stop_kafka
 from deploy.postgres import PG_OS_USER as PG_OS_USER
-from deploy.postgres import _pg_admin_dsn
+from deploy.postgres import _pg_admin_dsn, stop_legacy_postgres
 from deploy.postgres import pg_pid as pg_pid
 from deploy.postgres import start_postgres as start_postgres
 from deploy.postgres import stop_postgres as stop_postgres
-from deploy.procs import _cmdline, _pid_alive, _read_pid, _terminate
 from deploy.services import PROMETHEUS, service_specs
 from deploy.supervisor import LIVE_STATES as LIVE_STATES
 from deploy.supervisor import SERVICE_STOP_TIMEOUT_S, _ready
@@ -102,16 +105,47 @@ def apply_topics(s: Settings) -> None:
         warn(f"topics: {problem}")
 
 
+def _legacy_pid(pidfile: Path, marker: str) -> int | None:
+    """The live process that a pid file of the former pid-file supervisor names, if its command line
+    contains `marker` (a pid reused by another process is left alone)."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if marker in cmdline else None
+
+
+def _legacy_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _retire_legacy_processes(s: Settings, p: Paths) -> None:
-    """Services and Prometheus that the stack started before supervisord (pidfiles in run/) would
-    hold the ports: stop them once."""
-    for name in [*(spec.name for spec in service_specs(s)), PROMETHEUS]:
+    """Processes that the stack started before supervisord ran them (pid files in run/: services,
+    Prometheus, Kafka brokers; a PostgreSQL started by pg_ctl) would hold the ports: stop them once.
+    They ran in their own session: SIGTERM to the group, SIGKILL after the component's stop timeout."""
+    markers = {spec.name: spec.name for spec in service_specs(s)} | {PROMETHEUS: PROMETHEUS}
+    markers |= {f.stem: KAFKA_MAIN for f in p.run.glob("kafka*.pid")}
+    for name, marker in markers.items():
         pidfile = p.pidfile(name)
-        pid = _read_pid(pidfile)
-        if pid is not None and _pid_alive(pid) and any(name in arg for arg in _cmdline(pid)):
-            say(f"{name}: stopping pid {pid}, started before supervisord ran the services")
-            _terminate(pid, SERVICE_STOP_TIMEOUT_S)
+        pid = _legacy_pid(pidfile, marker)
+        if pid is not None:
+            timeout = KAFKA_STOP_TIMEOUT_S if marker == KAFKA_MAIN else SERVICE_STOP_TIMEOUT_S
+            say(f"{name}: stopping pid {pid}, started before supervisord ran it")
+            deadline = time.monotonic() + timeout
+            sig = signal.SIGTERM
+            while not _legacy_gone(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, sig)
+                if time.monotonic() > deadline:
+                    warn(f"{name}: pid {pid} still alive {timeout:.0f}s after SIGTERM: SIGKILL")
+                    sig, deadline = signal.SIGKILL, time.monotonic() + 10
+                time.sleep(0.1)
         pidfile.unlink(missing_ok=True)
+    stop_legacy_postgres(s)
 
 
 def start(infra_only: bool = False, settings: Settings | None = None) -> None:
@@ -122,6 +156,7 @@ def start(infra_only: bool = False, settings: Settings | None = None) -> None:
     p.ensure()
     t0 = time.monotonic()
     with stack_lock(p):  # one start of the shared infrastructure at a time (e.g. two test.sh)
+        _retire_legacy_processes(s, p)
         # Kafka's JVM boots while PostgreSQL starts.
         kpid = start_kafka(s, wait=False)
         start_postgres(s)
@@ -129,7 +164,6 @@ def start(infra_only: bool = False, settings: Settings | None = None) -> None:
             _kafka_wait_ready(s, p, kpid)
             say(f"kafka: ready on {s.kafka_bootstrap}")
         apply_topics(s)
-        _retire_legacy_processes(s, p)
     if not infra_only:
         try:
             start_services(s)
@@ -142,12 +176,16 @@ def start(infra_only: bool = False, settings: Settings | None = None) -> None:
 
 
 def stop(settings: Settings | None = None) -> None:
-    """supervisord and everything it runs, then Kafka, then PostgreSQL."""
+    """The run's supervisord and everything it runs, then Kafka, then PostgreSQL, then the state dir's
+    supervisord."""
     s = settings or load_settings()
+    p = Paths.of(s)
     Supervisor(s).shutdown()
-    with stack_lock(Paths.of(s)):
+    with stack_lock(p):
+        _retire_legacy_processes(s, p)
         stop_kafka(s)
         stop_postgres(s)
+        Supervisor(s, infra=True).shutdown()
     say("stack stopped")
 
 

@@ -18,7 +18,6 @@ from typing import Any
 from supervisor.xmlrpc import SupervisorTransport
 
 from deploy.common import ROOT, StackError, _file_lock, _http_ok, _port_open, say, tail, warn
-from deploy.procs import _pid_alive, _read_pid
 from deploy.services import (
     PROMETHEUS,
     START_RETRIES,
@@ -27,6 +26,7 @@ from deploy.services import (
     SupervisorPaths,
     service_specs,
     supervisor_config,
+    supervisord_sections,
     venv_python,
 )
 from services.common.config import Settings, load_settings
@@ -37,11 +37,16 @@ PROMETHEUS_READY_TIMEOUT_S = 30.0
 
 
 class Supervisor:
-    """The run's supervisord: started on demand from the rendered config, driven over XML-RPC."""
+    """A supervisord started on demand from its rendered config, driven over XML-RPC: the run's (services,
+    Prometheus; under Settings.run_dir) or, with infra=True, the state dir's (Kafka, PostgreSQL)."""
 
-    def __init__(self, s: Settings) -> None:
+    def __init__(self, s: Settings, infra: bool = False) -> None:
         self.settings = s
-        self.paths = SupervisorPaths.of(s)
+        self.infra = infra
+        self.paths = SupervisorPaths.infra(s) if infra else SupervisorPaths.of(s)
+
+    def _render(self) -> str:
+        return infra_config(self.settings) if self.infra else supervisor_config(self.settings)
 
     def _proxy(self) -> Any:
         transport = SupervisorTransport(None, None, f"unix://{self.paths.socket}")
@@ -66,7 +71,7 @@ class Supervisor:
         p.root.mkdir(parents=True, exist_ok=True)
         p.logs.mkdir(parents=True, exist_ok=True)
         with _file_lock(p.root / "lock"):
-            text = supervisor_config(self.settings)
+            text = self._render()
             changed = not p.config.exists() or p.config.read_text() != text
             if changed:
                 p.config.write_text(text)
@@ -83,9 +88,9 @@ class Supervisor:
             while not self.running():
                 if res.returncode != 0 or time.monotonic() > deadline:
                     raise StackError(f"supervisord did not start ({res.returncode}): {res.stdout}{res.stderr}\n"
-                                     f"last lines of {p.log('supervisord')}:\n{tail(p.log('supervisord'))}")
+                                     f"last lines of {p.daemon_log}:\n{tail(p.daemon_log)}")
                 time.sleep(0.1)
-            say(f"supervisord: started for {self.settings.run_dir} ({p.config})")
+            say(f"supervisord: started for {p.root.parent} ({p.config})")
 
     def _reload(self) -> None:
         """Take the new config: a changed program is stopped, replaced, and started again if it ran."""
@@ -111,15 +116,72 @@ class Supervisor:
         except xmlrpc.client.Fault as exc:
             raise StackError(f"supervisord does not know {name!r}: {exc.faultString}") from None
 
+    def pid(self, name: str) -> int | None:
+        """The program's pid while supervisord runs it (STARTING or RUNNING), else None."""
+        if not self.running():
+            return None
+        try:
+            info = self._proxy().getProcessInfo(name)
+        except xmlrpc.client.Fault:
+            return None  # not in this config (e.g. a node of another cluster size)
+        if info["statename"] not in LIVE_STATES or not info["pid"]:
+            return None
+        return int(info["pid"])
+
+    def start(self, name: str, timeout: float = 10.0) -> int:
+        """Start a program (nothing to do if it runs) and return its pid once spawned."""
+        try:
+            self.rpc().startProcess(name, False)
+        except xmlrpc.client.Fault as exc:
+            if "ALREADY_STARTED" not in exc.faultString:
+                raise StackError(f"{name}: supervisord could not start it: {exc.faultString}; last lines of "
+                                 f"{self.paths.log(name)}:\n{tail(self.paths.log(name))}") from None
+        deadline = time.monotonic() + timeout
+        while (pid := self.pid(name)) is None:
+            if time.monotonic() > deadline:
+                raise StackError(f"{name}: not running after start; last lines of {self.paths.log(name)}:\n"
+                                 + tail(self.paths.log(name)))
+            time.sleep(0.05)
+        return pid
+
+    def stop(self, name: str, kill: bool = False) -> bool:
+        """Stop a program (its stopsignal, SIGKILL after stopwaitsecs), or SIGKILL it at once with kill=True.
+        Returns whether it was running. Infra programs do not autorestart: it stays down."""
+        pid = self.pid(name)
+        if pid is None:
+            return False
+        say(f"{name}: {'killing' if kill else 'stopping'} pid {pid}")
+        rpc = self._proxy()
+        with contextlib.suppress(xmlrpc.client.Fault):  # NOT_RUNNING: it exited meanwhile
+            if kill:
+                rpc.signalProcess(name, "KILL")
+            else:
+                rpc.stopProcess(name, True)
+        deadline = time.monotonic() + 15
+        while self.pid(name) is not None:
+            if time.monotonic() > deadline:
+                raise StackError(f"{name}: pid {pid} still running after the {'kill' if kill else 'stop'}")
+            time.sleep(0.05)
+        return True
+
     def shutdown(self) -> None:
         if self.running():
-            say(f"supervisord: stopping every program and itself ({self.settings.run_dir})")
+            say(f"supervisord: stopping every program and itself ({self.paths.root})")
             self._proxy().stopAllProcesses(True)
-            pid = _read_pid(self.paths.pidfile)
             self._proxy().shutdown()
             deadline = time.monotonic() + 30
-            while pid is not None and _pid_alive(pid) and time.monotonic() < deadline:
+            while self.paths.pidfile.exists() and time.monotonic() < deadline:  # removed when it exits
                 time.sleep(0.1)
+
+
+def infra_config(s: Settings) -> str:
+    """supervisord.conf of the state dir: the Kafka programs and PostgreSQL."""
+    from deploy.kafka import kafka_programs
+    from deploy.postgres import postgres_programs
+
+    p = SupervisorPaths.infra(s)
+    parts = supervisord_sections(p, f"xsettle-infra-{s.state_dir.resolve().name}")
+    return "\n".join([*parts, *kafka_programs(s), *postgres_programs(s)])
 
 
 LIVE_STATES = ("STARTING", "RUNNING")
