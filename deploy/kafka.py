@@ -1,6 +1,12 @@
-"""A local multi-broker KRaft cluster (the option `python -m deploy.stack start --brokers 3`).
+"""Kafka for the local stack: the single KRaft broker (default), and a local multi-broker KRaft cluster
+(the option `python -m deploy.stack start --brokers 3`).
 
-Three JVMs on 127.0.0.1, each a combined broker + controller with its own node id, ports and log
+Single broker: node id 1 on XS_KAFKA_PORT / XS_KAFKA_CONTROLLER_PORT, files in .state/kafka/
+(server.properties, data/, cluster-id), log .state/logs/kafka.log. Every broker is a program of the
+state dir's supervisord (deploy/supervisor.py, infra=True) without autorestart: a killed broker stays
+down until start_kafka / start_node starts it again.
+
+Cluster: three JVMs on 127.0.0.1, each a combined broker + controller with its own node id, ports and log
 dir: node n listens on XS_KAFKA_PORT + 2(n-1) (clients) and XS_KAFKA_CONTROLLER_PORT + 2(n-1)
 (controller quorum). The quorum is static (`controller.quorum.voters`), so formatting needs no
 directory ids and a node restarted after `kill -9` simply rejoins. Topics get replication factor
@@ -10,30 +16,287 @@ die — the active controller or a partition leader — without losing or blocki
 
 Files under .state/kafka/: `brokers` (the cluster size; Settings reads it so every client
 bootstraps from all nodes), `cluster<N>/cluster-id`, `cluster<N>/node-<n>/{data,server.properties}`;
-logs in .state/logs/kafka-<n>.log, pids in .state/run/kafka-<n>.pid.
+logs in .state/logs/kafka-<n>.log.
 
-Functions for the chaos command and tests: start_cluster, stop_cluster, node_pid, kill_node,
-start_node, quorum_leader.
+Functions for deploy.stack, the chaos command and tests: start_kafka, stop_kafka, kafka_pid,
+kafka_metadata; start_cluster, stop_cluster, node_pid, kill_node, start_node, quorum_leader.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy import stack as st
-from services.common.config import Settings
+from deploy.common import DEPLOY_DIR, Paths, StackError, _port_open, _run_async, say, tail, warn
+from deploy.services import infra_program
+from deploy.supervisor import LIVE_STATES, Supervisor
+from services.common.config import Settings, load_settings
+
+LOG4J_CONFIG = DEPLOY_DIR / "kafka" / "log4j2.yaml"
+KAFKA_NODE_ID = 1
+KAFKA_MAIN = "kafka.Kafka"
+KAFKA_READY_TIMEOUT_S = 60.0
+KAFKA_STOP_TIMEOUT_S = 30.0
 
 MIN_INSYNC_REPLICAS = 2
 CLUSTER_READY_TIMEOUT_S = 90.0
 NODE_HEAP = "-Xmx512M"  # three JVMs share a small machine with everything else
 QUORUM_MAIN = "org.apache.kafka.tools.MetadataQuorumCommand"
 TOOLS_LOG4J_CONFIG = Path(__file__).resolve().parent / "kafka" / "tools-log4j2.properties"
+
+
+# --- the single broker ---------------------------------------------------------------------
+
+
+def _java() -> str:
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").exists():
+        return str(Path(home) / "bin" / "java")
+    found = shutil.which("java")
+    if not found:
+        raise StackError("java not found: run deploy/bootstrap.sh")
+    return found
+
+
+def _kafka_classpath(p: Paths) -> str:
+    if not p.kafka_lib.is_dir() or not any(p.kafka_lib.glob("kafka_2.13-*.jar")):
+        raise StackError(f"Kafka jars missing in {p.kafka_lib}: run deploy/bootstrap.sh")
+    return f"{p.kafka_lib}/*"
+
+
+def _infra(s: Settings) -> Supervisor:
+    return Supervisor(s, infra=True)
+
+
+def kafka_pid(s: Settings | None = None) -> int | None:
+    """The single broker's pid while the state dir's supervisord runs it."""
+    return _infra(s or load_settings()).pid("kafka")
+
+
+def _broker_pids(s: Settings) -> set[int]:
+    """Pids of the Kafka programs (single broker, cluster nodes) that supervisord runs."""
+    sup = _infra(s)
+    if not sup.running():
+        return set()
+    return {int(i["pid"]) for i in sup.rpc().getAllProcessInfo()
+            if i["name"].startswith("kafka") and i["statename"] in LIVE_STATES and i["pid"]}
+
+
+def _broker_command(p: Paths, props: Path, heap: Sequence[str]) -> list[str]:
+    return [
+        _java(),
+        *heap,
+        "-server",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-XX:InitiatingHeapOccupancyPercent=35",
+        "-XX:+ExplicitGCInvokesConcurrent",
+        "-XX:MaxInlineLevel=15",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+        "-cp",
+        _kafka_classpath(p),
+        KAFKA_MAIN,
+        str(props),
+    ]
+
+
+def kafka_programs(s: Settings) -> list[str]:
+    """The infrastructure supervisord's Kafka programs: `kafka` (the single broker) and `kafka-<n>`, the
+    nodes of the cluster of `s` (of a three-broker cluster when `s` has one broker). SIGTERM is a clean
+    shutdown; a broker still running 30 s later gets SIGKILL."""
+    p = Paths.of(s)
+    cluster = s if s.kafka_brokers > 1 else dataclasses.replace(s, kafka_brokers=3)
+    programs = [infra_program("kafka", _broker_command(p, p.kafka_props, ["-Xmx1G", "-Xms1G"]), p.kafka,
+                              p.log("kafka"), stop_wait_secs=int(KAFKA_STOP_TIMEOUT_S))]
+    for node in nodes(cluster):
+        programs.append(infra_program(node.name, _broker_command(p, node.props, [NODE_HEAP, "-Xms256M"]),
+                                      p.kafka, p.log(node.name), stop_wait_secs=int(KAFKA_STOP_TIMEOUT_S)))
+    return programs
+
+
+def kafka_properties(s: Settings, p: Paths) -> str:
+    port, ctrl = s.kafka_port, s.kafka_controller_port
+    return "\n".join(
+        [
+            "# Generated by deploy/kafka.py on every start; edit there, not here.",
+            "process.roles=broker,controller",
+            f"node.id={KAFKA_NODE_ID}",
+            f"controller.quorum.bootstrap.servers=127.0.0.1:{ctrl}",
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctrl}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctrl}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"log.dirs={p.kafka_data}",
+            "num.partitions=1",
+            # Topics come from topics/apply.py only: a client asking for a deleted topic (e.g. a finished
+            # test run's) must not bring it back, and a misspelt name must fail instead of appearing.
+            "auto.create.topics.enable=false",
+            # single node: every internal topic with replication factor 1
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=16",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "transaction.state.log.num.partitions=16",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "default.replication.factor=1",
+            "min.insync.replicas=1",
+            "group.initial.rebalance.delay.ms=0",
+            "log.retention.hours=168",
+            "",
+        ]
+    )
+
+
+def _java_tool(p: Paths, main: str, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        _java(),
+        "-Xmx512M",
+        f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+        "-cp",
+        _kafka_classpath(p),
+        main,
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+
+
+def _kafka_format(s: Settings, p: Paths) -> None:
+    stamp = f"node={KAFKA_NODE_ID} port={s.kafka_port} controller={s.kafka_controller_port}"
+    meta = p.kafka_data / "meta.properties"
+    if meta.exists():
+        old = p.kafka_format_stamp.read_text().strip() if p.kafka_format_stamp.exists() else stamp
+        if old == stamp:
+            return
+        # The standalone controller's endpoint is recorded in the metadata log at format time.
+        warn(f"Kafka ports changed ({old} -> {stamp}): wiping {p.kafka_data} and formatting anew")
+        shutil.rmtree(p.kafka_data)
+    if p.kafka_cluster_id.exists():
+        cluster_id = p.kafka_cluster_id.read_text().strip()
+    else:
+        res = _java_tool(p, "kafka.tools.StorageTool", "random-uuid")
+        if res.returncode != 0:
+            raise StackError(f"kafka StorageTool random-uuid failed:\n{res.stdout}{res.stderr}")
+        cluster_id = res.stdout.strip().splitlines()[-1].strip()
+        p.kafka_cluster_id.write_text(cluster_id + "\n")
+    say(f"formatting Kafka storage {p.kafka_data} (cluster id {cluster_id})")
+    res = _java_tool(
+        p,
+        "kafka.tools.StorageTool",
+        "format",
+        "--standalone",
+        "-t",
+        cluster_id,
+        "-c",
+        str(p.kafka_props),
+        "--ignore-formatted",
+    )
+    if res.returncode != 0:
+        raise StackError(f"kafka StorageTool format failed:\n{res.stdout}{res.stderr}")
+    p.kafka_format_stamp.write_text(stamp + "\n")
+
+
+def _kafka_launch(s: Settings, p: Paths) -> int:
+    p.kafka_props.write_text(kafka_properties(s, p))
+    _kafka_format(s, p)
+    pid = _infra(s).start("kafka")
+    say(f"kafka: started pid {pid} on 127.0.0.1:{s.kafka_port} (controller {s.kafka_controller_port})")
+    return pid
+
+
+async def kafka_metadata(bootstrap: str, timeout_ms: int = 5000) -> int:
+    """One real metadata request; returns the number of brokers it reports."""
+    from aiokafka import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    try:
+        await client.bootstrap()
+        metadata = await client.fetch_all_metadata()
+        return len(metadata.brokers())
+    finally:
+        await client.close()
+
+
+def _kafka_probe(s: Settings) -> bool:
+    if not _port_open(s.kafka_port):
+        return False
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return _run_async(kafka_metadata(s.kafka_bootstrap)) >= 1
+    except Exception:
+        return False
+    finally:
+        quiet.setLevel(level)
+
+
+def _kafka_wait_ready(s: Settings, p: Paths, pid: int | None, timeout: float = KAFKA_READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if pid is not None and pid not in _broker_pids(s):
+            raise StackError(
+                f"kafka (pid {pid}) exited during start-up; last lines of {p.log('kafka')}:\n" + tail(p.log("kafka"))
+            )
+        if _kafka_probe(s):
+            return
+        if time.monotonic() > deadline:
+            raise StackError(
+                f"kafka did not answer a metadata request on {s.kafka_bootstrap} within {timeout:.0f}s; "
+                f"last lines of {p.log('kafka')}:\n" + tail(p.log("kafka"))
+            )
+        time.sleep(0.25)
+
+
+def start_kafka(s: Settings | None = None, wait: bool = True) -> int | None:
+    """Start Kafka unless it runs already; returns its pid (None: an instance we did not start).
+    With a multi-broker cluster (--brokers N, deploy/kafka.py) it starts every node and waits."""
+    s = s or load_settings()
+    p = Paths.of(s)
+    p.ensure()
+    if s.kafka_brokers > 1:
+        return start_cluster(s)[0]
+    stop_any_cluster(s)  # a cluster left from --brokers N holds node 1's ports
+    pid = kafka_pid(s)
+    if pid is not None:
+        say(f"kafka: already running (pid {pid})")
+    elif _port_open(s.kafka_port) or _port_open(s.kafka_controller_port):
+        if _kafka_probe(s):
+            warn(f"kafka: port {s.kafka_port} answers but was not started from {p.state}; reusing it")
+            return None
+        raise StackError(
+            f"kafka: port {s.kafka_port} or {s.kafka_controller_port} is taken by something that is not "
+            "this stack's Kafka (set XS_KAFKA_PORT / XS_KAFKA_CONTROLLER_PORT)"
+        )
+    else:
+        pid = _kafka_launch(s, p)
+    if wait:
+        _kafka_wait_ready(s, p, pid)
+        say(f"kafka: ready on {s.kafka_bootstrap}")
+    return pid
+
+
+
+def stop_kafka(s: Settings | None = None, timeout: float = KAFKA_STOP_TIMEOUT_S) -> bool:
+    """Stop the single broker and any cluster node of this state dir; SIGKILL after `timeout` is
+    supervisord's stopwaitsecs (KAFKA_STOP_TIMEOUT_S). Returns whether the single broker ran."""
+    s = s or load_settings()
+    stop_any_cluster(s)
+    return _infra(s).stop("kafka")
+
+
+
+# --- a multi-broker cluster ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -57,7 +320,7 @@ class Node:
 
 
 def cluster_dir(s: Settings) -> Path:
-    return st.Paths.of(s).kafka / f"cluster{s.kafka_brokers}"
+    return Paths.of(s).kafka / f"cluster{s.kafka_brokers}"
 
 
 def nodes(s: Settings) -> list[Node]:
@@ -109,19 +372,16 @@ def node_properties(s: Settings, node: Node) -> str:
 
 
 def node_pid(s: Settings, node: Node) -> int | None:
-    pid = st._read_pid(st.Paths.of(s).pidfile(node.name))
-    if pid is not None and st._pid_alive(pid) and str(node.props) in st._cmdline(pid):
-        return pid
-    return None
+    return _infra(s).pid(node.name)
 
 
 def _cluster_id(s: Settings) -> str:
     path = cluster_dir(s) / "cluster-id"
     if path.exists():
         return path.read_text().strip()
-    res = st._java_tool(st.Paths.of(s), "kafka.tools.StorageTool", "random-uuid")
+    res = _java_tool(Paths.of(s), "kafka.tools.StorageTool", "random-uuid")
     if res.returncode != 0:
-        raise st.StackError(f"kafka StorageTool random-uuid failed:\n{res.stdout}{res.stderr}")
+        raise StackError(f"kafka StorageTool random-uuid failed:\n{res.stdout}{res.stderr}")
     cluster_id = res.stdout.strip().splitlines()[-1].strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(cluster_id + "\n")
@@ -135,51 +395,44 @@ def _format(s: Settings, node: Node) -> None:
     if (node.data / "meta.properties").exists():
         if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
             return
-        st.warn(f"{node.name}: ports changed: wiping {node.data} and formatting anew")
+        warn(f"{node.name}: ports changed: wiping {node.data} and formatting anew")
         shutil.rmtree(node.data)
     cluster_id = _cluster_id(s)
-    st.say(f"{node.name}: formatting {node.data} (cluster id {cluster_id})")
-    res = st._java_tool(
-        st.Paths.of(s), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(node.props),
+    say(f"{node.name}: formatting {node.data} (cluster id {cluster_id})")
+    res = _java_tool(
+        Paths.of(s), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(node.props),
         "--ignore-formatted",
     )
     if res.returncode != 0:
-        raise st.StackError(f"{node.name}: StorageTool format failed:\n{res.stdout}{res.stderr}")
+        raise StackError(f"{node.name}: StorageTool format failed:\n{res.stdout}{res.stderr}")
     stamp_file.write_text(stamp + "\n")
 
 
 def start_node(s: Settings, node: Node) -> int:
     """Launch one node unless it runs (no wait); returns its pid."""
-    p = st.Paths.of(s)
     pid = node_pid(s, node)
     if pid is not None:
         return pid
-    if st._port_open(node.port) or st._port_open(node.controller_port):
-        raise st.StackError(f"{node.name}: port {node.port} or {node.controller_port} is taken by a process "
+    if _port_open(node.port) or _port_open(node.controller_port):
+        raise StackError(f"{node.name}: port {node.port} or {node.controller_port} is taken by a process "
                             "this stack did not start")
     node.dir.mkdir(parents=True, exist_ok=True)
     node.props.write_text(node_properties(s, node))
     _format(s, node)
-    cmd = [
-        st._java(), NODE_HEAP, "-Xms256M", "-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-        "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true",
-        f"-Dlog4j2.configurationFile={st.LOG4J_CONFIG}", "-cp", st._kafka_classpath(p), st.KAFKA_MAIN,
-        str(node.props),
-    ]
-    pid = st._spawn(cmd, p.log(node.name), p.pidfile(node.name), cwd=node.dir)
-    st.say(f"{node.name}: started pid {pid} on 127.0.0.1:{node.port} (controller {node.controller_port})")
+    pid = _infra(s).start(node.name)
+    say(f"{node.name}: started pid {pid} on 127.0.0.1:{node.port} (controller {node.controller_port})")
     return pid
 
 
 def kill_node(s: Settings, node: Node) -> bool:
     """SIGKILL one node (no clean shutdown: its page cache and open segments are what is left)."""
-    return st._stop_component(st.Paths.of(s), node.name, node_pid(s, node), 10, kill=True)
+    return _infra(s).stop(node.name, kill=True)
 
 
 def brokers_answering(s: Settings) -> int:
     """How many brokers a metadata request reports (0 when none answers)."""
     try:
-        return st._run_async(st.kafka_metadata(s.kafka_bootstrap))
+        return _run_async(kafka_metadata(s.kafka_bootstrap))
     except Exception:
         return 0
 
@@ -197,15 +450,15 @@ def wait_ready(s: Settings, want: int | None = None, timeout: float = CLUSTER_RE
     while not _all_nodes_agree(s, want):
         dead = [n.name for n in nodes(s) if node_pid(s, n) is None]
         if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {name}:\n{st.tail(st.Paths.of(s).log(name), 15)}" for name in dead or ["kafka-1"])
-            raise st.StackError(f"kafka cluster: fewer than {want} brokers answer on {s.kafka_bootstrap} "
+            logs = "\n".join(f"--- {name}:\n{tail(Paths.of(s).log(name), 15)}" for name in dead or ["kafka-1"])
+            raise StackError(f"kafka cluster: fewer than {want} brokers answer on {s.kafka_bootstrap} "
                                 f"after {timeout:.0f}s (not running: {dead or 'none'})\n{logs}")
         time.sleep(0.5)
 
 
 def write_cluster_size(s: Settings, brokers: int) -> None:
     """Remember the cluster size in the state dir (Settings reads it: every client bootstraps from all)."""
-    path = st.Paths.of(s).kafka / "brokers"
+    path = Paths.of(s).kafka / "brokers"
     if brokers <= 1:
         path.unlink(missing_ok=True)
     else:
@@ -216,46 +469,44 @@ def write_cluster_size(s: Settings, brokers: int) -> None:
 def start_cluster(s: Settings, wait: bool = True) -> list[int]:
     """Start every node (idempotent); the single-broker Kafka of this state dir is stopped first
     (node 1 takes its ports)."""
-    st.Paths.of(s).ensure()
-    if st.kafka_pid(s) is not None:
-        st.say("kafka: stopping the single broker (the cluster takes its ports)")
-        st.stop_kafka(s)
+    Paths.of(s).ensure()
+    if kafka_pid(s) is not None:
+        say("kafka: stopping the single broker (the cluster takes its ports)")
+        stop_kafka(s)
     pids = [start_node(s, node) for node in nodes(s)]
     if wait:
         wait_ready(s)
-        st.say(f"kafka cluster: {s.kafka_brokers} brokers ready on {s.kafka_bootstrap}")
+        say(f"kafka cluster: {s.kafka_brokers} brokers ready on {s.kafka_bootstrap}")
     return pids
 
 
 def stop_cluster(s: Settings) -> bool:
     stopped = False
     for node in nodes(s):
-        stopped |= st._stop_component(st.Paths.of(s), node.name, node_pid(s, node), st.KAFKA_STOP_TIMEOUT_S)
+        stopped |= _infra(s).stop(node.name)
     return stopped
 
 
 def stop_any_cluster(s: Settings) -> None:
     """Stop nodes of a cluster of any size left running from this state dir (before a mode switch)."""
-    p = st.Paths.of(s)
-    for pidfile in sorted(p.run.glob("kafka-*.pid")):
-        name = pidfile.stem
-        pid = st._read_pid(pidfile)
-        if pid is not None and st._pid_alive(pid) and st.KAFKA_MAIN in st._cmdline(pid):
-            st._stop_component(p, name, pid, st.KAFKA_STOP_TIMEOUT_S)
-        else:
-            pidfile.unlink(missing_ok=True)
+    sup = _infra(s)
+    if not sup.running():
+        return
+    for info in sup.rpc().getAllProcessInfo():
+        if info["name"].startswith("kafka-"):
+            sup.stop(info["name"])
 
 
 def tools_classpath(s: Settings) -> str:
-    lib = st.Paths.of(s).kafka / "tools-lib"
+    lib = Paths.of(s).kafka / "tools-lib"
     if not any(lib.glob("kafka-tools-*.jar")):
-        raise st.StackError(f"Kafka tools missing in {lib}: run deploy/bootstrap.sh")
+        raise StackError(f"Kafka tools missing in {lib}: run deploy/bootstrap.sh")
     return f"{lib}/*"
 
 
 def run_tool(s: Settings, main: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run one of Kafka's own command-line tools (artifact kafka-tools) against this stack."""
-    cmd = [st._java(), "-Xmx256M", "-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={TOOLS_LOG4J_CONFIG}",
+    cmd = [_java(), "-Xmx256M", "-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={TOOLS_LOG4J_CONFIG}",
            "-cp", tools_classpath(s), main, *args]
     return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
                           timeout=timeout)

@@ -1,0 +1,241 @@
+"""PostgreSQL for the local stack: our own cluster in .state/pg (initdb once, as the system user
+xsettle-pg: initdb/postgres refuse to run as root), run on XS_PG_PORT by the state dir's supervisord
+(program `postgres`, as xsettle-pg, no autorestart), then the role, database and migrations
+(deploy/db.py) of the Settings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from deploy.common import Paths, StackError, _port_open, _run_async, say, tail, warn
+from deploy.services import infra_program
+from deploy.supervisor import Supervisor
+from services.common.config import Settings, load_settings
+
+PG_OS_USER = "xsettle-pg"  # initdb/postgres refuse to run as root
+PG_ADMIN_ROLE = "postgres"  # bootstrap superuser created by initdb
+PG_READY_TIMEOUT_S = 60.0
+
+
+def _pg_bindirs() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for postgres in Path("/usr/lib/postgresql").glob("*/bin/postgres"):
+        found[postgres.parent.parent.name] = postgres.parent
+    return found
+
+
+def _pg_bindir(p: Paths) -> Path:
+    found = _pg_bindirs()
+    if not found:
+        raise StackError("no PostgreSQL server in /usr/lib/postgresql/*/bin: run deploy/bootstrap.sh")
+    version_file = p.pg_data / "PG_VERSION"
+    if version_file.exists():
+        version = version_file.read_text().strip()
+        if version not in found:
+            raise StackError(
+                f"{p.pg_data} was made by PostgreSQL {version}, but only {sorted(found)} is installed: "
+                f"stop the stack and delete {p.pg_data} to start afresh"
+            )
+        return found[version]
+    return found[max(found, key=lambda v: [int(x) for x in v.split(".") if x.isdigit()])]
+
+
+def _ensure_os_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(PG_OS_USER)
+    except KeyError:
+        pass
+    if os.geteuid() != 0:
+        raise StackError(f"system user {PG_OS_USER} is missing and only root can create it")
+    say(f"postgres: creating system user {PG_OS_USER}")
+    nologin = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            nologin,
+            PG_OS_USER,
+        ],
+        check=True,
+    )
+    return pwd.getpwnam(PG_OS_USER)
+
+
+def _as_pg_user(cmd: Sequence[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return ["runuser", "-u", PG_OS_USER, "--", *cmd]
+    return list(cmd)
+
+
+def _chown(path: Path, user: pwd.struct_passwd) -> None:
+    if os.geteuid() == 0:
+        os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def pg_pid(s: Settings | None = None) -> int | None:
+    """The postmaster's pid while the state dir's supervisord runs it."""
+    return Supervisor(s or load_settings(), infra=True).pid("postgres")
+
+
+def postgres_programs(s: Settings) -> list[str]:
+    """The infrastructure supervisord's `postgres` program (none when PostgreSQL is not installed): the
+    postmaster in the foreground, as PG_OS_USER when supervisord runs as root. SIGINT is PostgreSQL's
+    fast shutdown; only the postmaster is signalled (it stops its backends itself)."""
+    p = Paths.of(s)
+    if not _pg_bindirs():
+        return []
+    user = _ensure_os_user().pw_name if os.geteuid() == 0 else None
+    command = [
+        str(_pg_bindir(p) / "postgres"),
+        "-D",
+        str(p.pg_data),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        f"port={s.pg_port}",
+        "-c",
+        f"unix_socket_directories={p.pg_sock}",
+        "-c",
+        "max_connections=200",
+    ]
+    return [infra_program("postgres", command, p.pg_data, p.log("postgres"), stop_signal="INT",
+                          stop_wait_secs=int(PG_READY_TIMEOUT_S), as_group=False, user=user)]
+
+
+def _pg_ctl(p: Paths, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _as_pg_user([str(_pg_bindir(p) / "pg_ctl"), "-D", str(p.pg_data), *args]),
+        capture_output=True, text=True, cwd=p.state, stdin=subprocess.DEVNULL, check=False,
+    )
+
+
+def stop_legacy_postgres(s: Settings) -> bool:
+    """Stop a server of this data dir that supervisord does not run (started by pg_ctl before PostgreSQL
+    became a supervisord program): once, when the stack takes over. Returns whether there was one."""
+    p = Paths.of(s)
+    if not (p.pg_data / "postmaster.pid").exists() or not _pg_bindirs() or pg_pid(s) is not None:
+        return False
+    if _pg_ctl(p, "status").returncode != 0:
+        return False  # a stale postmaster.pid (start_postgres removes it)
+    say(f"postgres: stopping the server in {p.pg_data} started before supervisord ran PostgreSQL")
+    res = _pg_ctl(p, "stop", "-m", "fast", "-w", "-t", "60")
+    if res.returncode != 0:
+        raise StackError(f"postgres: pg_ctl stop failed:\n{res.stdout}{res.stderr}")
+    return True
+
+
+def _pg_admin_dsn(s: Settings) -> str:
+    return f"postgresql://{PG_ADMIN_ROLE}@127.0.0.1:{s.pg_port}/postgres"
+
+
+async def _pg_wait_connect(dsn: str, timeout: float) -> None:
+    import asyncpg
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=3)
+            await conn.fetchval("SELECT 1")
+            await conn.close()
+            return
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            if time.monotonic() > deadline:
+                raise StackError(f"postgres: no connection to {dsn} within {timeout:.0f}s: {exc}") from exc
+            await asyncio.sleep(0.2)
+
+
+def start_postgres(s: Settings | None = None) -> int | None:
+    """Start our own cluster in .state/pg unless it runs; create role + database; apply schema."""
+    s = s or load_settings()
+    p = Paths.of(s)
+    p.ensure()
+    log = p.log("postgres")
+    pid = pg_pid(s)
+    admin_dsn = _pg_admin_dsn(s)
+    if pid is not None:
+        say(f"postgres: already running (pid {pid})")
+    elif _port_open(s.pg_port):
+        warn(f"postgres: port {s.pg_port} answers but not from {p.pg_data}; reusing that server")
+        admin_dsn = s.pg_dsn
+    else:
+        bindir = _pg_bindir(p)
+        user = _ensure_os_user()
+        stale = p.pg_data / "postmaster.pid"
+        if stale.exists():
+            # No postgres of ours alive and nothing on the port: left by a killed server or a reboot,
+            # and its pid may now belong to another process (postgres would then refuse to start).
+            warn(f"postgres: removing stale {stale}")
+            stale.unlink()
+        if not (p.pg_data / "PG_VERSION").exists():
+            if p.pg_data.exists():
+                shutil.rmtree(p.pg_data)  # an initdb that did not finish
+            p.pg_data.mkdir(parents=True)
+            _chown(p.pg_data, user)
+            p.pg_data.chmod(0o700)
+            say(f"postgres: initdb {p.pg_data} ({bindir.parent.name})")
+            res = subprocess.run(
+                _as_pg_user(
+                    [
+                        str(bindir / "initdb"),
+                        "-D",
+                        str(p.pg_data),
+                        "-U",
+                        PG_ADMIN_ROLE,
+                        "--auth=trust",
+                        "-E",
+                        "UTF8",
+                        "--locale=C",
+                    ]
+                ),
+                capture_output=True,
+                text=True,
+                cwd=p.state,
+                check=False,
+            )
+            if res.returncode != 0:
+                raise StackError(f"postgres: initdb failed:\n{res.stdout}{res.stderr}")
+        p.pg_sock.mkdir(parents=True, exist_ok=True)
+        _chown(p.pg_sock, user)
+        sup = Supervisor(s, infra=True)
+        pid = sup.start("postgres")
+        deadline = time.monotonic() + PG_READY_TIMEOUT_S
+        while not _port_open(s.pg_port):
+            if sup.pid("postgres") is None:
+                raise StackError(f"postgres exited during start-up; last lines of {log}:\n{tail(log)}")
+            if time.monotonic() > deadline:
+                raise StackError(f"postgres: port {s.pg_port} not open within {PG_READY_TIMEOUT_S:.0f}s; "
+                                 f"last lines of {log}:\n{tail(log)}")
+            time.sleep(0.1)
+        say(f"postgres: started pid {pid} on 127.0.0.1:{s.pg_port}")
+
+    from deploy.db import ensure_role_and_database, migrate
+
+    try:
+        _run_async(_pg_wait_connect(admin_dsn, PG_READY_TIMEOUT_S))
+        for done in _run_async(ensure_role_and_database(admin_dsn, s.pg_user, s.pg_database)):
+            say(f"postgres: {done}")
+        for applied in migrate(s.pg_dsn):
+            say(f"postgres: applied migration {applied} to {s.pg_database}")
+    except StackError as exc:
+        raise StackError(f"{exc}\nlast lines of {log}:\n{tail(log)}") from exc
+    except Exception as exc:
+        raise StackError(f"postgres: set-up on {s.pg_dsn} failed: {exc!r}\nlast lines of {log}:\n{tail(log)}") from exc
+    say(f"postgres: ready, migrations applied ({s.pg_dsn})")
+    return pid
+
+
+def stop_postgres(s: Settings | None = None) -> bool:
+    """Fast shutdown (SIGINT) of the server supervisord runs; it stays down. Returns whether it ran."""
+    return Supervisor(s or load_settings(), infra=True).stop("postgres")
