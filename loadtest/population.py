@@ -68,7 +68,7 @@ ACCOUNT_SHARE: Final = 0.5  # employees asking to pay the personal part from the
 # Mirrors the router (services.router.logic): how long a filing made on the spot stays valid.
 PROMISE_FILING_DAYS: Final = 180
 EMERGENCY_FILING_DAYS: Final = 90
-STAY_DAYS: Final = 3  # loadtest.his.Stay: discharge = admission + 3 days, settlement 1 h later
+STAY_DAYS: Final = 3  # loadtest.his.Stay: discharge = admission + 3 days, settlement 1 h later, reversal 2 h
 # The day's mix of visits (REFERENCE §7: outpatient far outnumbers inpatient; pharmacy is a large share).
 KIND_WEIGHTS: Final[dict[str, float]] = {"outpatient": 0.55, "chronic": 0.1, "inpatient": 0.2, "pharmacy": 0.15}
 INPATIENT_ONLY: Final[dict[str, float]] = {"inpatient": 1.0}
@@ -299,8 +299,9 @@ class Population:
                 continue
             self.busy.add(person.psn_no)
             if kind == "inpatient":
-                # Admission 3 days + a bit ago, so the settlement (admission + 3 d + 1 h) is about now.
-                start = (now or shanghai_now()) - timedelta(days=STAY_DAYS, hours=1, minutes=rng.randint(1, 600))
+                # Admission 3 days + a bit ago, so the settlement (admission + 3 d + 1 h) and a reversal
+                # (+ 2 h) are just past: the broker refuses inf_time more than a few minutes ahead.
+                start = (now or shanghai_now()) - timedelta(days=STAY_DAYS, hours=2, minutes=rng.randint(1, 600))
                 settle_day = (start + timedelta(days=STAY_DAYS, hours=1)).date()
             else:
                 start = (now or shanghai_now()) - timedelta(minutes=rng.randint(5, 60))

@@ -77,6 +77,7 @@ def test_scenarios_have_consistent_scope_and_a_seed_side() -> None:
         assert (scn.expect_refusal == "FILING_REQUIRED") == (scn.filing == "unfiled")
         settle_at = scn.start + timedelta(days=3, hours=1)
         assert NOW - timedelta(hours=12) < settle_at <= NOW
+        assert scn.start + timedelta(days=3, hours=2) <= NOW  # the reversal too: inf_time is never ahead
     assert seen == {"local", "intra_province", "cross_province"}
 
 
