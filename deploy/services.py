@@ -62,18 +62,20 @@ class SupervisorPaths:
 
     @staticmethod
     def of(s: Settings) -> SupervisorPaths:
+        """A run's supervisord: its services and Prometheus."""
         run = s.run_dir.resolve()
-        root = run / "supervisor"
-        return SupervisorPaths(root, root / "supervisord.conf", root / "supervisor.sock", root / "supervisord.pid",
-                               run / "logs", run / "logs" / "supervisord.log")
+        return SupervisorPaths._under(run / "supervisor", run / "logs", "supervisord.log")
 
     @staticmethod
     def infra(s: Settings) -> SupervisorPaths:
         """The state dir's own supervisord: Kafka and PostgreSQL, shared by every run of that state dir."""
         state = s.state_dir.resolve()
-        root = state / "supervisor-infra"
+        return SupervisorPaths._under(state / "supervisor-infra", state / "logs", "supervisord-infra.log")
+
+    @staticmethod
+    def _under(root: Path, logs: Path, daemon_log: str) -> SupervisorPaths:
         return SupervisorPaths(root, root / "supervisord.conf", root / "supervisor.sock", root / "supervisord.pid",
-                               state / "logs", state / "logs" / "supervisord-infra.log")
+                               logs, logs / daemon_log)
 
     def log(self, program: str) -> Path:
         return self.logs / f"{program}.log"
