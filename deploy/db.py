@@ -1,11 +1,14 @@
-"""Database set-up: the role and database, then the schema migrations (deploy/migrations/).
+"""Database set-up: the role and databases, then the schema migrations.
+
+The hub database (Settings.pg_dsn) takes deploy/migrations/hub/, every shard database
+(services/common/shards.py) deploy/migrations/shard/.
 
 Migrations are plain SQL files applied by yoyo-migrations, each in one transaction, under
 yoyo's lock (concurrent applies wait for each other), and recorded in `_yoyo_migration`:
 a second apply is a no-op, and the history is a query away.
 
-    python -m deploy.db migrate [--dsn DSN]   # create role + database if missing, apply what is new
-    python -m deploy.db history [--dsn DSN]   # applied migrations, oldest first
+    python -m deploy.db migrate               # hub and every shard: create if missing, apply what is new
+    python -m deploy.db history [--dsn DSN]   # applied migrations, oldest first (default: the hub)
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from pathlib import Path
 import asyncpg
 from yoyo import get_backend, read_migrations
 
-from services.common.config import load_settings
+from services.common.config import Settings, load_settings
+from services.common.shards import shard_dsns
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-# The first migration: today's complete schema (tests that build a throw-away schema read it).
-SCHEMA_PATH = MIGRATIONS_DIR / "0001.initial-schema.sql"
+HUB_MIGRATIONS = MIGRATIONS_DIR / "hub"
+SHARD_MIGRATIONS = MIGRATIONS_DIR / "shard"
 
 
 def _ident(name: str) -> str:
@@ -61,7 +65,7 @@ def _yoyo_uri(dsn: str) -> str:
     return "postgresql+psycopg://" + dsn.split("://", 1)[1]
 
 
-def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+def migrate(dsn: str, directory: Path = HUB_MIGRATIONS) -> list[str]:
     """Apply the migrations not applied yet; returns their ids (empty: the database was up to date)."""
     backend = get_backend(_yoyo_uri(dsn))
     migrations = read_migrations(str(directory))
@@ -72,6 +76,38 @@ def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     finally:
         backend.connection.close()
     return [m.id for m in todo]
+
+
+def _database_of(dsn: str) -> str:
+    return dsn.rsplit("/", 1)[1].split("?", 1)[0]
+
+
+def _local_shards(s: Settings) -> dict[str, str]:
+    """Shard databases on the hub's server (the ones the local stack creates); name → database."""
+    base = s.pg_dsn.rsplit("/", 1)[0] + "/"
+    return {name: _database_of(dsn) for name, dsn in shard_dsns(s).items() if dsn.startswith(base)}
+
+
+async def ensure_databases(admin_dsn: str, s: Settings) -> list[str]:
+    """The role, the hub database and every shard database on this server, if missing."""
+    done = await ensure_role_and_database(admin_dsn, s.pg_user, s.pg_database)
+    for database in _local_shards(s).values():
+        done += await ensure_role_and_database(admin_dsn, s.pg_user, database)
+    return done
+
+
+def migrate_all(s: Settings) -> list[str]:
+    """The hub's migrations, then every shard's; returns "<database>: <migration id>" per applied one."""
+    applied = [f"{s.pg_database}: {m}" for m in migrate(s.pg_dsn, HUB_MIGRATIONS)]
+    for dsn in shard_dsns(s).values():
+        applied += [f"{_database_of(dsn)}: {m}" for m in migrate(dsn, SHARD_MIGRATIONS)]
+    return applied
+
+
+async def drop_databases(admin_dsn: str, s: Settings) -> None:
+    """Drop the hub database and this server's shard databases (a test run's, at its end)."""
+    for database in [*_local_shards(s).values(), s.pg_database]:
+        await drop_database(admin_dsn, database)
 
 
 @dataclass(frozen=True)
@@ -95,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cmd", choices=("migrate", "history"))
     parser.add_argument("--dsn", default=None, help="default: Settings.pg_dsn (XS_PG_* env vars)")
     args = parser.parse_args(argv)
-    dsn = args.dsn or load_settings().pg_dsn
+    s = load_settings()
+    dsn = args.dsn or s.pg_dsn
     try:
         if args.cmd == "migrate":
-            applied = migrate(dsn)
-            print(f"applied {', '.join(applied)}" if applied else "database up to date")
+            applied = migrate_all(s) if args.dsn is None else migrate(dsn)
+            print(f"applied {', '.join(applied)}" if applied else "databases up to date")
         else:
             for row in asyncio.run(history(dsn)):
                 print(f"{row.applied_at_utc:%Y-%m-%d %H:%M:%S}  {row.migration_id}")

@@ -220,14 +220,14 @@ def start_postgres(s: Settings | None = None) -> int | None:
             time.sleep(0.1)
         say(f"postgres: started pid {pid} on 127.0.0.1:{s.pg_port}")
 
-    from deploy.db import ensure_role_and_database, migrate
+    from deploy.db import ensure_databases, migrate_all
 
     try:
         _run_async(_pg_wait_connect(admin_dsn, PG_READY_TIMEOUT_S))
-        for done in _run_async(ensure_role_and_database(admin_dsn, s.pg_user, s.pg_database)):
+        for done in _run_async(ensure_databases(admin_dsn, s)):
             say(f"postgres: {done}")
-        for applied in migrate(s.pg_dsn):
-            say(f"postgres: applied migration {applied} to {s.pg_database}")
+        for applied in migrate_all(s):
+            say(f"postgres: applied migration {applied}")
     except StackError as exc:
         raise StackError(f"{exc}\nlast lines of {log}:\n{tail(log)}") from exc
     except Exception as exc:

@@ -193,11 +193,11 @@ def teardown_run(s: Settings) -> None:
     """End a test run: its supervisord (services, Prometheus), its database and its topics."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from deploy.db import drop_database
+    from deploy.db import drop_databases
     from topics.catalog import catalog
 
     Supervisor(s).shutdown()
-    _run_async(drop_database(_pg_admin_dsn(s), s.pg_database))
+    _run_async(drop_databases(_pg_admin_dsn(s), s))
 
     async def delete_topics() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=15_000)
@@ -207,7 +207,7 @@ def teardown_run(s: Settings) -> None:
             names = [t.name for t in catalog(s) if t.name in existing]
             if names:
                 await admin.delete_topics(names, timeout_ms=15_000)
-            say(f"teardown: dropped database {s.pg_database}, deleted {len(names)} topics {s.topic_prefix}*")
+            say(f"teardown: dropped databases {s.pg_database}(_*), deleted {len(names)} topics {s.topic_prefix}*")
         finally:
             await admin.close()
 

@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     pass
 
 
+# North, north-east and east (11–37) on s1; centre, south, south-west and north-west (41–65) on s2.
+DEFAULT_SHARDS = "s1=11,12,13,14,15,21,22,23,31,32,33,34,35,36,37;s2=41,42,43,44,45,46,50,51,52,53,54,61,62,63,64,65"
+
+
 def _int(name: str, default: int, lo: int, hi: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -91,6 +95,11 @@ class Settings:
     # would fence the first).
     instance: str = "0"
     kafka_brokers: int = 1
+    # Settlement state is sharded by insured province (services.common.shards): "name=prefixes;..."
+    # maps every province's two-digit prefix to a shard; a shard's database is `<pg_database>_<name>`
+    # on this server unless shard_dsns ("name=dsn;...") points it elsewhere.
+    shards: str = DEFAULT_SHARDS
+    shard_dsns: str = ""
 
     @property
     def kafka_nodes(self) -> list[tuple[int, int, int]]:
@@ -162,6 +171,8 @@ def load_settings() -> Settings:
                                  limits.TIME_FUTURE_MINUTES_MAX),
         instance=_instance(),
         kafka_brokers=brokers,
+        shards=_str("XS_SHARDS", DEFAULT_SHARDS),
+        shard_dsns=os.environ.get("XS_SHARD_DSNS", ""),
     )
 
 

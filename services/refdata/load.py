@@ -51,7 +51,8 @@ from schemas.refdata import (
     RefDataSet,
     yuan_to_fen,
 )
-from services.common.config import load_settings
+from services.common.config import Settings, load_settings
+from services.common.shards import ShardPools, certno_digest, person_index_key
 from services.refdata.regions import REGIONS, Region, UnknownRegion, region_of
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,8 @@ class _Table:
     key: tuple[str, ...]
     values: tuple[str, ...]
     update: bool = True  # False: an existing row is never changed (filings)
+    also_set: str = ""  # extra assignments on insert and update (derived columns)
+    returning: str = ""  # the key expression of each changed row, for the change log
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -214,25 +217,32 @@ class _Table:
     def upsert_sql(self, source: str) -> str:
         cols = ", ".join(self.columns)
         head = f"INSERT INTO {self.name} AS t ({cols}) SELECT {cols} FROM {source} ON CONFLICT ({', '.join(self.key)})"
+        tail = f" RETURNING {self.returning}" if self.returning else ""
         if not self.update:
-            return head + " DO NOTHING"
-        sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in self.values)
+            return head + " DO NOTHING" + tail
+        sets = ", ".join([f"{c} = EXCLUDED.{c}" for c in self.values] + ([self.also_set] if self.also_set else []))
         old = ", ".join(f"t.{c}" for c in self.values)
         new = ", ".join(f"EXCLUDED.{c}" for c in self.values)
-        return f"{head} DO UPDATE SET {sets} WHERE ({old}) IS DISTINCT FROM ({new})"
+        return f"{head} DO UPDATE SET {sets} WHERE ({old}) IS DISTINCT FROM ({new}){tail}"
 
 
 _REGION = _Table("region", ("admdvs",), ("name", "prov_admdvs", "pool_admdvs"))
-_HOSPITAL = _Table("hospital", ("fixmedins_code",), ("fixmedins_name", "admdvs", "hosp_lv"))
+_HOSPITAL = _Table("hospital", ("fixmedins_code",), ("fixmedins_name", "admdvs", "hosp_lv"),
+                   returning="fixmedins_code")
+# The file sets chronic_file; the effective `chronic` keeps what was registered online (2503/2504).
 _PERSON = _Table(
     "person",
     ("psn_no",),
-    ("insuplc_admdvs", "insutype", "psn_type", "assistance", "acct_balc_fen", "chronic", "certno", "psn_name"),
+    ("insuplc_admdvs", "insutype", "psn_type", "assistance", "acct_balc_fen", "chronic_file", "certno", "psn_name"),
+    also_set="chronic = person_chronic(EXCLUDED.chronic_file, t.chronic_online)",
 )
 _FILING = _Table(
     "filing", ("filing_id",), ("psn_no", "filing_type", "begndate", "enddate", "target_admdvs"), update=False
 )
-_CATALOG = _Table("catalog_item", ("admdvs", "med_list_codg"), ("name", "chrgitm_lv", "selfpay_prop", "pric_uplmt_fen"))
+_CATALOG = _Table("catalog_item", ("admdvs", "med_list_codg"), ("name", "chrgitm_lv", "selfpay_prop", "pric_uplmt_fen"),
+                  returning="admdvs || ':' || med_list_codg")
+_HUB_TABLES = (_REGION, _HOSPITAL, _CATALOG)
+_SHARD_TABLES = (_PERSON, _FILING)
 
 
 def _records(dataset: RefDataSet) -> list[tuple[_Table, list[tuple[Any, ...]]]]:
@@ -286,30 +296,72 @@ def _affected(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def load_dataset(conn: asyncpg.Connection, dataset: RefDataSet) -> dict[str, int]:
-    """Upsert a checked dataset in one transaction; returns per table rows given and rows changed."""
+async def _upsert(conn: asyncpg.Connection, table: _Table, records: list[tuple[Any, ...]],
+                  counts: dict[str, int]) -> list[str]:
+    temp = f"_load_{table.name}"
+    await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {temp} (LIKE {table.name} INCLUDING DEFAULTS)"
+                       " ON COMMIT DELETE ROWS")
+    await conn.copy_records_to_table(temp, records=records, columns=list(table.columns))
+    changed = await conn.fetch(table.upsert_sql(temp)) if table.returning else None
+    if changed is None:
+        n = _affected(await conn.execute(table.upsert_sql(temp)))
+    else:
+        n = len(changed)
+    counts[table.name] = counts.get(table.name, 0) + len(records)
+    counts[f"{table.name}_changed"] = counts.get(f"{table.name}_changed", 0) + n
+    return [r[0] for r in changed or ()]
+
+
+async def load_dataset(conn: asyncpg.Connection, dataset: RefDataSet, s: Settings | None = None) -> dict[str, int]:
+    """Upsert a checked dataset: the hub's tables and the person index in one transaction on `conn`
+    (the hub), persons and filings in one transaction per shard. Returns per table rows given and
+    rows changed. Changed hospitals and catalog items go to the ordered change log."""
+    s = s or load_settings()
     counts: dict[str, int] = {}
-    async with conn.transaction():
-        for table, records in _records(dataset):
-            temp = f"_load_{table.name}"
-            await conn.execute(f"CREATE TEMP TABLE {temp} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DROP")
-            await conn.copy_records_to_table(temp, records=records, columns=list(table.columns))
-            status = await conn.execute(table.upsert_sql(temp))
-            counts[table.name] = len(records)
-            counts[f"{table.name}_changed"] = _affected(status)
-        if any(n for k, n in counts.items() if k.endswith("_changed")):
-            # Delivered on commit: routers reload their snapshot.
-            await conn.execute("SELECT pg_notify($1, '')", REFDATA_CHANNEL)
+    tables = dict(_records(dataset))
+    shards = await ShardPools.connect(s, 1)
+    try:
+        smap = shards.map
+        by_shard: dict[str, dict[_Table, list[tuple[Any, ...]]]] = {}
+        shard_of_person: dict[str, str] = {}
+        for rec in tables[_PERSON]:
+            shard_of_person[rec[0]] = shard = smap.shard_of(rec[1])
+            by_shard.setdefault(shard, {}).setdefault(_PERSON, []).append(rec)
+        for rec in tables[_FILING]:
+            by_shard.setdefault(shard_of_person[rec[1]], {}).setdefault(_FILING, []).append(rec)
+        for shard, pool in shards:
+            async with pool.acquire() as sconn, sconn.transaction():
+                for table in _SHARD_TABLES:
+                    await _upsert(sconn, table, by_shard.get(shard, {}).get(table, []), counts)
+        key = person_index_key(s)
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(refdata_lock_id())")
+            changes: list[tuple[str, str]] = []
+            for table in _HUB_TABLES:
+                changes += [(table.name, k) for k in await _upsert(conn, table, tables[table], counts)]
+            await conn.executemany(
+                "INSERT INTO person_index (certno_digest, psn_no, insuplc_admdvs) VALUES ($1, $2, $3)"
+                " ON CONFLICT (certno_digest) DO UPDATE SET psn_no = EXCLUDED.psn_no,"
+                " insuplc_admdvs = EXCLUDED.insuplc_admdvs",
+                [(certno_digest(key, p.certno), p.psn_no, p.insuplc_admdvs) for p in dataset.persons if p.certno],
+            )
+            if changes:
+                await conn.executemany("INSERT INTO refdata_change (entity, key) VALUES ($1, $2)", changes)
+                await conn.execute("SELECT pg_notify($1, (SELECT max(version) FROM refdata_change)::text)",
+                                   REFDATA_CHANNEL)
+    finally:
+        await shards.close()
     return counts
 
 
-async def load_dir(db: asyncpg.Pool | asyncpg.Connection, directory: str | Path) -> dict[str, int]:
+async def load_dir(db: asyncpg.Pool | asyncpg.Connection, directory: str | Path,
+                   s: Settings | None = None) -> dict[str, int]:
     """Validate `directory` (RefDataError on any bad line, before any write) and load it."""
     dataset = read_dir(directory)
     if isinstance(db, asyncpg.Pool):
         async with db.acquire() as conn:
-            return await load_dataset(conn, dataset)
-    return await load_dataset(db, dataset)
+            return await load_dataset(conn, dataset, s)
+    return await load_dataset(db, dataset, s)
 
 
 async def _main_async(directory: Path, dsn: str) -> dict[str, int]:

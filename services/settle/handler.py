@@ -1,14 +1,19 @@
 """Settlement engine shell: Kafka batch in, one PostgreSQL transaction, replies out, offsets last.
 
 Order of effects per batch (crash anywhere replays safely):
-  1. load the batch's rows and lock them; apply every request in memory (pure logic);
-  2. write ledger rows, accumulators, accounts and each msgid's response — one commit;
+  1. per shard (the persons' insured provinces, `services/common/shards.py`): load the batch's rows
+     and lock them; apply every request in memory (pure logic);
+  2. write ledger rows, accumulators, accounts and each msgid's response — one commit per shard;
   3. produce replies and settlement events, wait for the broker's acks;
   4. commit the consumer offsets.
 Steps 3 and 4, decoding, retries and the isolation of a failing request are the shared shell's
 (`services/common/consumer.py`).
 A crash before 2 commits leaves no trace; after 2, the replay finds the msgids in
-`processed_request` and resends the stored responses — nothing is applied twice.
+`processed_request` and resends the stored responses — nothing is applied twice. A msgid always
+lands in one shard (its person's), so its processed_request row sits with the ledger rows it wrote:
+a batch whose second shard fails after the first committed replays the first as duplicates.
+The router puts a shard's persons on the partitions that shard owns (`ShardMap.partition_for`), so
+an engine instance serves exactly the shards of its partitions.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from schemas.errors import BrokerError
 from schemas.internal import RoutedRequest, SettlementEvent
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer, BatchProcessor, Outbox, Record, applying, until_up
-from services.common.kafka import connect_pool, make_group_consumer, make_producer
+from services.common.kafka import make_group_consumer, make_producer
 from services.common.metrics import (
     END_TO_END_SECONDS,
     REQUESTS,
@@ -36,6 +41,7 @@ from services.common.metrics import (
 )
 from services.common.response import received_from_ns, response_bytes
 from services.policy.policies import PolicyBook
+from services.common.shards import ShardPools
 from services.refdata.regions import province_of
 from services.settle import ledger
 from services.settle.logic import check_row_invariants, handle
@@ -58,11 +64,11 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
         self.s = s
         self.policies = policies
         self.producer = make_producer(s)
-        self.pool: asyncpg.Pool | None = None
+        self.shards: ShardPools | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.s.settle_metrics_port, stage=self.stage)
-        self.pool = await until_up("PostgreSQL", lambda: connect_pool(self.s, POOL_SIZE_MAX), stop)
+        self.shards = await until_up("PostgreSQL shards", lambda: ShardPools.connect(self.s, POOL_SIZE_MAX), stop)
         await until_up("Kafka producer", self.producer.start, stop)
         log.info("settlement engine ready")
         try:
@@ -72,15 +78,23 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
                                     max_records=self.s.batch_size_max).run(stop)
         finally:
             await self.producer.stop()
-            if self.pool is not None:
-                await self.pool.close()
+            if self.shards is not None:
+                await self.shards.close()
 
     async def process(self, records: list[Record[RoutedRequest]], outbox: Outbox) -> None:
         started = time.perf_counter()
+        assert self.shards is not None
+        by_shard: dict[str, list[Record[RoutedRequest]]] = {}
+        for rec in records:
+            by_shard.setdefault(self.shards.map.shard_of(rec.value.person.insured_admdvs), []).append(rec)
+        for shard, shard_records in by_shard.items():
+            await self._process_shard(self.shards.pools[shard], shard_records, outbox)
+        STAGE_SECONDS.labels("settle_batch").observe(time.perf_counter() - started)
+
+    async def _process_shard(self, pool: asyncpg.Pool, records: list[Record[RoutedRequest]], outbox: Outbox) -> None:
         msgs = [r.value for r in records]
-        assert self.pool is not None
         committed: list[Settlement] = []
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with pool.acquire() as conn, conn.transaction():
             st = await ledger.load_batch(conn, msgs)
             for rec in records:
                 msg = rec.value
@@ -110,7 +124,6 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
         for row in committed:
             outbox.add(SETTLEMENTS_TOPIC.name, _encoder.encode(_event(row)), key=row.psn_no.encode())
             _count(row)
-        STAGE_SECONDS.labels("settle_batch").observe(time.perf_counter() - started)
 
     def _apply(self, rec: Record[RoutedRequest], st: BatchState, outbox: Outbox
                ) -> tuple[bytes, Settlement | None, str]:

@@ -1,0 +1,167 @@
+"""Settlement state sharded by insured province.
+
+The insured region owns its persons, their filings, accounts, accumulators, visits, fees, ledger
+rows and processed requests (REFERENCE §1): all of it lives in the shard of the person's insured
+province, each shard its own PostgreSQL database (`deploy/migrations/shard/`). Everything else —
+regions, hospitals, catalogs, the person index, clearing — is in the hub database (`Settings.pg_dsn`,
+`deploy/migrations/hub/`).
+
+`ShardMap` is pure: which shard holds a province (by the first two digits of any region code), and
+which partitions of `fsi.routed` carry a shard's persons (partition p belongs to shard p mod n, so
+an engine instance serves exactly the shards of the partitions it owns). `ShardPools` holds one
+asyncpg pool per shard.
+
+The person index maps a certificate number to (psn_no, insured region) for 1101 without knowing the
+shard. It stores a keyed digest (HMAC-SHA-256, first 16 bytes), never the number itself: the key is
+generated at first start in the state dir (`secrets/person-index.key`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import asyncpg
+
+from services.common.config import ConfigError, Settings
+from services.refdata.regions import PROVINCES
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
+PERSON_INDEX_KEY_FILE: Final = Path("secrets") / "person-index.key"
+DIGEST_BYTES: Final = 16
+
+
+@dataclass(frozen=True)
+class ShardMap:
+    names: tuple[str, ...]  # in configuration order: shard i owns routed partitions p with p % n == i
+    by_prefix: dict[str, str]  # two-digit province prefix → shard name
+
+    def shard_of(self, admdvs: str) -> str:
+        """The shard of any region code (its province's). KeyError for a province no shard holds."""
+        return self.by_prefix[admdvs[:2]]
+
+    def partitions_of(self, shard: str, partitions: int) -> list[int]:
+        i = self.names.index(shard)
+        return [p for p in range(partitions) if p % len(self.names) == i]
+
+    def partition_for(self, shard: str, key: bytes, partitions: int) -> int:
+        """A person's partition of `fsi.routed`: among its shard's, by a stable hash of the key (psn_no)."""
+        owned = self.partitions_of(shard, partitions)
+        return owned[zlib.crc32(key) % len(owned)]
+
+    def shards_of_partitions(self, partitions: Iterable[int]) -> list[str]:
+        return sorted({self.names[p % len(self.names)] for p in partitions}, key=self.names.index)
+
+
+def parse_shard_map(spec: str) -> ShardMap:
+    """"s1=11,12,...;s2=41,..." — every province of the region table in exactly one shard."""
+    names: list[str] = []
+    by_prefix: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, sep, prefixes = part.partition("=")
+        name = name.strip()
+        if not sep or not _NAME.match(name):
+            raise ConfigError(f"XS_SHARDS: {part!r} is not name=prefix,prefix,... (name: a-z, 0-9, _)")
+        if name in names:
+            raise ConfigError(f"XS_SHARDS: shard {name} listed twice")
+        names.append(name)
+        for prefix in filter(None, (x.strip() for x in prefixes.split(","))):
+            if not re.fullmatch(r"\d\d", prefix):
+                raise ConfigError(f"XS_SHARDS: {prefix!r} is not a two-digit province prefix")
+            if prefix in by_prefix:
+                raise ConfigError(f"XS_SHARDS: province {prefix}0000 is in {by_prefix[prefix]} and {name}")
+            by_prefix[prefix] = name
+    if not names:
+        raise ConfigError("XS_SHARDS: no shard")
+    missing = [p for p in PROVINCES if p[:2] not in by_prefix]
+    if missing:
+        raise ConfigError(f"XS_SHARDS: no shard holds province(s) {', '.join(missing)}")
+    return ShardMap(tuple(names), by_prefix)
+
+
+def shard_map(s: Settings) -> ShardMap:
+    return parse_shard_map(s.shards)
+
+
+def shard_database(s: Settings, name: str) -> str:
+    return f"{s.pg_database}_{name}"
+
+
+def shard_dsns(s: Settings) -> dict[str, str]:
+    """Every shard's DSN: XS_SHARD_DSNS's, else `<pg_database>_<name>` on the hub's server."""
+    overrides: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in s.shard_dsns.split(";"))):
+        name, sep, dsn = part.partition("=")
+        if not sep or not dsn.startswith("postgresql://"):
+            raise ConfigError(f"XS_SHARD_DSNS: {part!r} is not name=postgresql://...")
+        overrides[name.strip()] = dsn.strip()
+    names = shard_map(s).names
+    unknown = set(overrides) - set(names)
+    if unknown:
+        raise ConfigError(f"XS_SHARD_DSNS: {', '.join(sorted(unknown))} not in XS_SHARDS")
+    base = s.pg_dsn.rsplit("/", 1)[0]
+    return {n: overrides.get(n, f"{base}/{shard_database(s, n)}") for n in names}
+
+
+class ShardPools:
+    """One asyncpg pool per shard (all of them: a batch of any partition may name any of its shards)."""
+
+    def __init__(self, map_: ShardMap, pools: dict[str, asyncpg.Pool]) -> None:
+        self.map = map_
+        self.pools = pools
+
+    @classmethod
+    async def connect(cls, s: Settings, max_size: int) -> ShardPools:
+        map_ = shard_map(s)
+        dsns = shard_dsns(s)
+        pools: dict[str, asyncpg.Pool] = {}
+        try:
+            for name in map_.names:
+                pools[name] = await asyncpg.create_pool(dsns[name], min_size=0, max_size=max_size)
+        except BaseException:
+            await asyncio.gather(*(p.close() for p in pools.values()), return_exceptions=True)
+            raise
+        return cls(map_, pools)
+
+    def of(self, admdvs: str) -> asyncpg.Pool:
+        """The pool of the shard holding region `admdvs`'s province."""
+        return self.pools[self.map.shard_of(admdvs)]
+
+    def __iter__(self) -> Iterator[tuple[str, asyncpg.Pool]]:
+        return iter(self.pools.items())
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
+
+
+def person_index_key(s: Settings) -> bytes:
+    """The deployment's key for certificate digests, created (0600) on first use."""
+    path = s.state_dir / PERSON_INDEX_KEY_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    try:
+        os.link(tmp, path)  # the first writer wins; a concurrent first start reads the winner's key
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_bytes()
+
+
+def certno_digest(key: bytes, certno: str) -> bytes:
+    return hmac.new(key, certno.encode(), hashlib.sha256).digest()[:DIGEST_BYTES]
