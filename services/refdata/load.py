@@ -303,10 +303,7 @@ async def _upsert(conn: asyncpg.Connection, table: _Table, records: list[tuple[A
                        " ON COMMIT DELETE ROWS")
     await conn.copy_records_to_table(temp, records=records, columns=list(table.columns))
     changed = await conn.fetch(table.upsert_sql(temp)) if table.returning else None
-    if changed is None:
-        n = _affected(await conn.execute(table.upsert_sql(temp)))
-    else:
-        n = len(changed)
+    n = _affected(await conn.execute(table.upsert_sql(temp))) if changed is None else len(changed)
     counts[table.name] = counts.get(table.name, 0) + len(records)
     counts[f"{table.name}_changed"] = counts.get(f"{table.name}_changed", 0) + n
     return [r[0] for r in changed or ()]

@@ -40,8 +40,8 @@ from services.common.metrics import (
     serve_metrics,
 )
 from services.common.response import received_from_ns, response_bytes
-from services.policy.policies import PolicyBook
 from services.common.shards import ShardPools
+from services.policy.policies import PolicyBook
 from services.refdata.regions import province_of
 from services.settle import ledger
 from services.settle.logic import check_row_invariants, handle
