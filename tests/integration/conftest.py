@@ -26,6 +26,7 @@ from deploy import stack as stack_ctl
 from loadtest.his import GatewayClient, Hospital
 from schemas.refdata import certno_check_char
 from services.common.config import Settings
+from services.common.shards import ShardPools
 from services.refdata.load import load_dir
 from services.refdata.regions import SEED_REGIONS
 
@@ -133,6 +134,47 @@ async def db(stack: Settings) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(stack.pg_dsn, min_size=1, max_size=4)
     yield pool
     await pool.close()
+
+
+class Ledger:
+    """The run's shard databases, for assertions on settlement state wherever it lives: `fetch` runs a
+    query on every shard and concatenates the rows, `fetchrow` expects the row in at most one shard,
+    `total` sums a scalar over the shards; `of(admdvs)` is the pool of the shard of that region."""
+
+    def __init__(self, shards: ShardPools) -> None:
+        self.shards = shards
+
+    def of(self, admdvs: str) -> asyncpg.Pool:
+        return self.shards.of(admdvs)
+
+    async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = []
+        for _, pool in self.shards:
+            rows += await pool.fetch(sql, *args)
+        return rows
+
+    async def fetchrow(self, sql: str, *args: object) -> asyncpg.Record | None:
+        rows = [r for _, pool in self.shards if (r := await pool.fetchrow(sql, *args)) is not None]
+        assert len(rows) <= 1, f"{len(rows)} shards have a row for {sql!r}"
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, *args: object) -> object:
+        row = await self.fetchrow(sql, *args)
+        return None if row is None else row[0]
+
+    async def total(self, sql: str, *args: object) -> int:
+        return sum(int(await pool.fetchval(sql, *args) or 0) for _, pool in self.shards)
+
+    async def execute(self, sql: str, *args: object) -> None:
+        for _, pool in self.shards:
+            await pool.execute(sql, *args)
+
+
+@pytest.fixture(scope="session")
+async def ledger(stack: Settings) -> AsyncIterator[Ledger]:
+    shards = await ShardPools.connect(stack, 2)
+    yield Ledger(shards)
+    await shards.close()
 
 
 @pytest.fixture(scope="session")
