@@ -1,9 +1,9 @@
-"""Schema migrations (yoyo-migrations, deploy/migrations/): a fresh database gets every migration
-once, a second apply is a no-op, the history is queryable, and a new migration applies alone."""
+"""Schema migrations (yoyo-migrations, deploy/migrations/hub and shard/): a fresh database gets every
+migration once, a second apply is a no-op, the history is queryable, a new migration applies alone, and
+settlement state is only in the shards, clearing and reference data only in the hub."""
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,12 +11,30 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from deploy.db import MIGRATIONS_DIR, SCHEMA_PATH, drop_database, ensure_role_and_database, history, migrate
+from deploy.db import (
+    HUB_MIGRATIONS,
+    SHARD_MIGRATIONS,
+    drop_database,
+    ensure_role_and_database,
+    history,
+    migrate,
+)
 from services.common.config import Settings
+from services.common.shards import shard_dsns
 
 pytestmark = pytest.mark.integration
 
-ALL_IDS = sorted(p.stem for p in MIGRATIONS_DIR.glob("*.sql") if not p.name.endswith(".rollback.sql"))
+
+def _ids(directory: Path) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.sql") if not p.name.endswith(".rollback.sql"))
+
+
+ALL_IDS = _ids(HUB_MIGRATIONS)
+SHARD_IDS = _ids(SHARD_MIGRATIONS)
+SHARD_STATE = {"person", "filing", "processed_request", "visit", "fee_item", "settlement", "accumulator", "account"}
+HUB_STATE = {"region", "hospital", "catalog_item", "person_index", "refdata_change", "clearing_entry",
+             "clearing_position", "clearing_statement", "clearing_month", "manual_claim"}
+YOYO = {"_yoyo_migration", "_yoyo_log", "_yoyo_version", "yoyo_lock"}
 
 
 @pytest.fixture
@@ -39,22 +57,47 @@ async def _tables(dsn: str) -> set[str]:
     return {r["table_name"] for r in rows}
 
 
-async def test_fresh_database_gets_every_migration_once(scratch: str) -> None:
+async def test_fresh_hub_gets_every_migration_once(scratch: str) -> None:
     assert migrate(scratch) == ALL_IDS
     assert migrate(scratch) == []  # the second apply is a no-op
     assert [h.migration_id for h in await history(scratch)] == ALL_IDS
-    expected = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA_PATH.read_text()))
-    assert {"settlement", "visit", "processed_request", "clearing_entry", "clearing_statement"} <= expected
-    yoyo = {"_yoyo_migration", "_yoyo_log", "_yoyo_version", "yoyo_lock"}
-    assert await _tables(scratch) == expected | yoyo
+    tables = await _tables(scratch)
+    assert HUB_STATE | YOYO <= tables
+    assert not tables & SHARD_STATE
 
 
-async def test_the_runs_database_has_the_whole_history(stack: Settings) -> None:
+async def test_fresh_shard_gets_the_shard_schema(scratch: str) -> None:
+    assert migrate(scratch, SHARD_MIGRATIONS) == SHARD_IDS
+    assert migrate(scratch, SHARD_MIGRATIONS) == []
+    tables = await _tables(scratch)
+    assert SHARD_STATE | YOYO <= tables
+    assert not tables & HUB_STATE
+
+
+async def test_the_runs_databases_have_the_whole_history(stack: Settings) -> None:
     assert [h.migration_id for h in await history(stack.pg_dsn)] == ALL_IDS
+    dsns = shard_dsns(stack)
+    assert len(dsns) >= 2
+    for dsn in dsns.values():
+        assert [h.migration_id for h in await history(dsn)] == SHARD_IDS
+        assert SHARD_STATE <= await _tables(dsn)
+
+
+async def test_chronic_eligibility_online_wins_over_the_file(scratch: str) -> None:
+    """person_chronic(file, online): a 2504 withdrawal hides the file's disease, a 2503 grant adds one
+    the file lacks, diseases online never mentioned follow the file."""
+    migrate(scratch, SHARD_MIGRATIONS)
+    conn = await asyncpg.connect(scratch)
+    try:
+        got = await conn.fetchval("SELECT person_chronic($1, $2::jsonb)", ["DM", "HTN", "COPD"],
+                                  '{"HTN": false, "CKD": true, "DM": true}')
+    finally:
+        await conn.close()
+    assert got == ["CKD", "COPD", "DM"]
 
 
 async def test_a_new_migration_applies_alone_and_in_order(scratch: str, tmp_path: Path) -> None:
-    for path in MIGRATIONS_DIR.glob("*.sql"):
+    for path in HUB_MIGRATIONS.glob("*.sql"):
         shutil.copy(path, tmp_path / path.name)
     assert migrate(scratch, tmp_path) == ALL_IDS
     (tmp_path / "9999.test-note.sql").write_text(
