@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import aiohttp
 import asyncpg
@@ -153,17 +153,18 @@ class Ledger:
             rows += await pool.fetch(sql, *args)
         return rows
 
-    async def fetchrow(self, sql: str, *args: object) -> asyncpg.Record | None:
+    async def fetchrow(self, sql: str, *args: object) -> Any:
         rows = [r for _, pool in self.shards if (r := await pool.fetchrow(sql, *args)) is not None]
         assert len(rows) <= 1, f"{len(rows)} shards have a row for {sql!r}"
         return rows[0] if rows else None
 
-    async def fetchval(self, sql: str, *args: object) -> object:
+    async def fetchval(self, sql: str, *args: object) -> Any:
         row = await self.fetchrow(sql, *args)
         return None if row is None else row[0]
 
     async def total(self, sql: str, *args: object) -> int:
-        return sum(int(await pool.fetchval(sql, *args) or 0) for _, pool in self.shards)
+        values = [await pool.fetchval(sql, *args) for _, pool in self.shards]
+        return sum(int(v or 0) for v in values)
 
     async def execute(self, sql: str, *args: object) -> None:
         for _, pool in self.shards:

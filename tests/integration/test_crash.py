@@ -13,13 +13,12 @@ from datetime import timedelta
 from decimal import Decimal
 
 import aiohttp
-import asyncpg
 import pytest
 
 from deploy import stack as stack_ctl
 from loadtest.his import FeeLine, GatewayClient, Stay
 from services.common.config import Settings
-from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS, STAY_START
+from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS, STAY_START, Ledger
 
 pytestmark = pytest.mark.integration
 D = Decimal
@@ -60,17 +59,17 @@ async def _kill_and_restart(s: Settings, name: str, after_s: float, drive: async
     return running_at_kill
 
 
-async def _assert_ledger_consistent(db: asyncpg.Pool, results: list[tuple[Stay, dict, bool]]) -> None:
+async def _assert_ledger_consistent(ledger: Ledger, results: list[tuple[Stay, dict, bool]]) -> None:
     for stay, r, reverse in results:
         assert r["infcode"] == 0, r["err_msg"]
-        rows = await db.fetch("SELECT kind FROM settlement WHERE mdtrt_id = $1 ORDER BY kind", stay.mdtrt_id)
+        rows = await ledger.fetch("SELECT kind FROM settlement WHERE mdtrt_id = $1 ORDER BY kind", stay.mdtrt_id)
         assert [x["kind"] for x in rows] == (["reverse", "settle"] if reverse else ["settle"]), stay.mdtrt_id
-    visits = await db.fetchval(
+    visits = await ledger.total(
         "SELECT count(*) FROM visit WHERE mdtrt_id = ANY($1)", [stay.mdtrt_id for stay, _, _ in results]
     )
     assert visits == len(results)
     persons = [p.psn_no for p in CRASH_PERSONS]
-    mismatched = await db.fetch(
+    mismatched = await ledger.fetch(
         """
         SELECT a.psn_no FROM accumulator a
         LEFT JOIN (SELECT psn_no, acc_year, sum(hifp_pay) AS hifp, sum((accum_delta->>'supplementary_paid')::bigint)
@@ -81,7 +80,7 @@ async def _assert_ledger_consistent(db: asyncpg.Pool, results: list[tuple[Stay, 
         persons,
     )
     assert mismatched == []
-    accounts = await db.fetch(
+    accounts = await ledger.fetch(
         """
         SELECT p.psn_no, p.acct_balc_fen - coalesce(sum(s.acct_pay), 0) AS expected, a.balc_fen
         FROM person p JOIN account a USING (psn_no) LEFT JOIN settlement s USING (psn_no)
@@ -94,7 +93,7 @@ async def _assert_ledger_consistent(db: asyncpg.Pool, results: list[tuple[Stay, 
 
 
 @pytest.mark.parametrize(("victim", "day0"), [("settle", 100), ("router", 140)])
-async def test_kill_processor_mid_stream(refdata: dict, services: Settings, db: asyncpg.Pool, victim: str,
+async def test_kill_processor_mid_stream(refdata: dict, services: Settings, ledger: Ledger, victim: str,
                                          day0: int) -> None:
     drive = asyncio.create_task(_drive(services, day0))
     hit_in_flight = await _kill_and_restart(services, victim, 0.4, drive)
@@ -104,4 +103,4 @@ async def test_kill_processor_mid_stream(refdata: dict, services: Settings, db: 
     results, resends = await asyncio.wait_for(drive, timeout=180)
     assert hit_in_flight or resends > 0, "the kill hit no request in flight: the test proved nothing"
     assert len(results) == len(CRASH_PERSONS) * ROUNDS
-    await _assert_ledger_consistent(db, results)
+    await _assert_ledger_consistent(ledger, results)

@@ -28,7 +28,7 @@ from schemas.clearing import ManualClaim
 from schemas.internal import DeadLetter, PersonCtx, RoutedRequest
 from schemas.pharmacy import Input2102
 from services.common.config import Settings
-from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS, STAY_START, wait_router_knows
+from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS, STAY_START, Ledger, wait_router_knows
 from tests.unit.test_settle_properties import Script
 from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, REPLIES, ROUTED, SETTLEMENTS
 
@@ -100,7 +100,7 @@ def _purchases(n: int) -> list[RoutedRequest]:
 
 
 async def test_engine_dead_letters_poison_and_settles_what_follows(refdata: dict, services: Settings,
-                                                                   db: asyncpg.Pool, taps: Taps,
+                                                                   ledger: Ledger, taps: Taps,
                                                                    producer: AIOKafkaProducer) -> None:
     msgs = _purchases(3)
     poisoned = msgs[0]
@@ -125,7 +125,7 @@ async def test_engine_dead_letters_poison_and_settles_what_follows(refdata: dict
     assert letter.err_msg.startswith(f"INTERNAL: undecodable {ROUTED.name} record: JSON is malformed")
     await taps.until(lambda: any(d.msgid == poisoned.msgid for d in taps.letters), "the poison's dead letter")
     assert [(d.stage, d.err_code) for d in taps.letters if d.msgid == poisoned.msgid] == [("settle", "INTERNAL")]
-    rows = await db.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
+    rows = await ledger.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
     assert sorted(r["msgid"] for r in rows) == [m.msgid for m in msgs[1:]]
     assert stack_ctl.service_pid("settle", services) == settle_pid  # it did not exit and restart
 
@@ -204,7 +204,7 @@ async def _stays(s: Settings, day0: int) -> list[tuple[Stay, dict[str, Any], boo
 
 
 @pytest.mark.timeout(1200)  # infra_exclusive may wait for another test run to finish
-async def test_services_wait_out_a_postgres_restart(refdata: dict, services: Settings, db: asyncpg.Pool,
+async def test_services_wait_out_a_postgres_restart(refdata: dict, services: Settings, db: asyncpg.Pool, ledger: Ledger,
                                                     tmp_path: Any, infra_exclusive: None) -> None:
     pids = {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED}
     drive = asyncio.create_task(_stays(services, day0=200))
@@ -218,15 +218,15 @@ async def test_services_wait_out_a_postgres_restart(refdata: dict, services: Set
     assert len(results) == 2 * len(FAULT_PERSONS)
     for stay, r, reverse in results:
         assert r["infcode"] == 0, r["err_msg"]
-        kinds = await db.fetch("SELECT kind FROM settlement WHERE mdtrt_id = $1 ORDER BY kind", stay.mdtrt_id)
+        kinds = await ledger.fetch("SELECT kind FROM settlement WHERE mdtrt_id = $1 ORDER BY kind", stay.mdtrt_id)
         assert [x["kind"] for x in kinds] == (["reverse", "settle"] if reverse else ["settle"])
     persons = [p.psn_no for p in FAULT_PERSONS]
-    accounts = await db.fetch(
+    accounts = await ledger.fetch(
         "SELECT p.psn_no, p.acct_balc_fen - coalesce(sum(s.acct_pay), 0) AS expected, a.balc_fen"
         " FROM person p JOIN account a USING (psn_no) LEFT JOIN settlement s USING (psn_no)"
         " WHERE p.psn_no = ANY($1) GROUP BY p.psn_no, p.acct_balc_fen, a.balc_fen", persons)
     assert len(accounts) == len(persons) and all(a["expected"] == a["balc_fen"] for a in accounts)
-    basic = await db.fetch(
+    basic = await ledger.fetch(
         "SELECT a.psn_no FROM accumulator a LEFT JOIN (SELECT psn_no, acc_year, sum(hifp_pay) AS hifp"
         " FROM settlement GROUP BY 1, 2) s USING (psn_no, acc_year)"
         " WHERE a.psn_no = ANY($1) AND a.basic_paid <> coalesce(s.hifp, 0)", persons)
@@ -268,7 +268,7 @@ async def _load_new_person_and_wait(s: Settings, db: asyncpg.Pool, directory: An
 
 
 @pytest.mark.timeout(1200)  # infra_exclusive may wait for another test run to finish
-async def test_services_wait_out_a_kafka_restart(refdata: dict, services: Settings, db: asyncpg.Pool,
+async def test_services_wait_out_a_kafka_restart(refdata: dict, services: Settings, db: asyncpg.Pool, ledger: Ledger,
                                                  infra_exclusive: None) -> None:
     pids = {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED}
     await db.expire_connections()  # an earlier test may have restarted PostgreSQL under this pool
@@ -281,6 +281,6 @@ async def test_services_wait_out_a_kafka_restart(refdata: dict, services: Settin
         client = GatewayClient(services.gateway_url, session, retry_for_s=120)
         r = await client.run_stay(stay, [FeeLine(ITEM_A, D(1), D("99.90"))])
     assert r["infcode"] == 0, r["err_msg"]
-    kinds = await db.fetch("SELECT kind FROM settlement WHERE mdtrt_id = $1", stay.mdtrt_id)
+    kinds = await ledger.fetch("SELECT kind FROM settlement WHERE mdtrt_id = $1", stay.mdtrt_id)
     assert [x["kind"] for x in kinds] == ["settle"]
     assert {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED} == pids

@@ -12,7 +12,7 @@ import pytest
 
 from loadtest.his import FeeLine, GatewayClient, OutpatientVisit, Purchase, Stay, run_outpatient, run_purchase
 from services.refdata.regions import SEED_REGIONS
-from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS
+from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS, Ledger
 
 pytestmark = pytest.mark.integration
 D = Decimal
@@ -37,13 +37,13 @@ def refused(r: dict[str, Any], code: str) -> None:
     assert r["infcode"] == -1 and r["err_msg"].startswith(code + ": "), r
 
 
-async def accumulators(db: asyncpg.Pool, psn_no: str, year: int = 2026) -> dict[str, Any]:
-    row = await db.fetchrow("SELECT * FROM accumulator WHERE psn_no = $1 AND acc_year = $2", psn_no, year)
+async def accumulators(ledger: Ledger, psn_no: str, year: int = 2026) -> dict[str, Any]:
+    row = await ledger.fetchrow("SELECT * FROM accumulator WHERE psn_no = $1 AND acc_year = $2", psn_no, year)
     return dict(row) if row else {}
 
 
 async def test_general_outpatient_deductible_spans_visits(refdata: dict, gateway: GatewayClient,
-                                                          db: asyncpg.Pool) -> None:
+                                                          db: asyncpg.Pool, ledger: Ledger) -> None:
     """Employee outpatient: annual deductible 1000, ratio 0.60 (赤峰 uses the default outpatient policy)."""
     first = outpatient("op_employee", use_account=True)
     s1 = ok(await run_outpatient(gateway, first, [FeeLine(ITEM_A, D(1), D("800.00"))]))["output"]["setlinfo"]
@@ -58,7 +58,7 @@ async def test_general_outpatient_deductible_spans_visits(refdata: dict, gateway
     ok(await gateway.call(second.reverse()))
     acc = await accumulators(db, first.psn_no)
     assert (acc["outpatient_dedc_used"], acc["outpatient_paid"]) == (80000, 0)
-    assert await db.fetchval("SELECT balc_fen FROM account WHERE psn_no = $1", first.psn_no) == 220000
+    assert await ledger.fetchval("SELECT balc_fen FROM account WHERE psn_no = $1", first.psn_no) == 220000
 
 
 async def test_chronic_outpatient_needs_eligibility(refdata: dict, gateway: GatewayClient, db: asyncpg.Pool) -> None:
@@ -82,7 +82,7 @@ async def test_chronic_outpatient_needs_eligibility(refdata: dict, gateway: Gate
     refused(await run_outpatient(gateway, again, [FeeLine(ITEM_A, D(1), D("100.00"))]), "CHRONIC_DISEASE_NOT_COVERED")
 
 
-async def test_pharmacy_account_and_cash(refdata: dict, gateway: GatewayClient, db: asyncpg.Pool) -> None:
+async def test_pharmacy_account_and_cash(refdata: dict, gateway: GatewayClient, ledger: Ledger) -> None:
     p = person("pharmacy_employee")
     pharmacy = HOSPITALS["chifeng_pharmacy"]
     first = Purchase(pharmacy, p.psn_no, p.insuplc, p.insutype, DAY, [FeeLine(ITEM_A, D(2), D("150.00"))])
@@ -93,7 +93,7 @@ async def test_pharmacy_account_and_cash(refdata: dict, gateway: GatewayClient, 
         "41", 0, D(300), 0, D(200))
     ok(await gateway.call(first.reverse()))
     refused(await gateway.call(first.reverse()), "SETTLEMENT_REVERSED")
-    assert await db.fetchval("SELECT balc_fen FROM account WHERE psn_no = $1", p.psn_no) == 50000
+    assert await ledger.fetchval("SELECT balc_fen FROM account WHERE psn_no = $1", p.psn_no) == 50000
     bigger = Purchase(pharmacy, p.psn_no, p.insuplc, p.insutype, DAY + timedelta(hours=1),
                       [FeeLine(ITEM_B10, D(3), D("200.00"))])
     s = ok(await run_purchase(gateway, bigger))["output"]["setlinfo"]
@@ -227,12 +227,12 @@ async def _hospital_day(gateway: GatewayClient, code: str) -> list[dict[str, Any
     return results
 
 
-async def test_hospital_day_per_seed_region(refdata: dict, gateway: GatewayClient, db: asyncpg.Pool) -> None:
+async def test_hospital_day_per_seed_region(refdata: dict, gateway: GatewayClient, ledger: Ledger) -> None:
     days = await asyncio.gather(*(_hospital_day(gateway, code) for code in SEED_REGIONS))
     for code, results in zip(SEED_REGIONS, days, strict=True):
         for r in results:
             assert r["infcode"] == 0, (code, r["err_msg"])
-        rows = await db.fetch(
+        rows = await ledger.fetch(
             "SELECT med_type, scope, kind FROM settlement WHERE fixmedins_code = ANY($1) AND setl_time >= '2026-09-01'"
             " AND setl_time < '2026-09-10' AND psn_no = ANY($2)",
             [HOSPITALS[f"seed_{code}"].fixmedins_code, HOSPITALS[f"seed_{code}_pharmacy"].fixmedins_code],
@@ -246,7 +246,7 @@ async def test_hospital_day_per_seed_region(refdata: dict, gateway: GatewayClien
         ]), code
 
 
-async def test_fee_and_visit_cancellations(refdata: dict, gateway: GatewayClient, db: asyncpg.Pool) -> None:
+async def test_fee_and_visit_cancellations(refdata: dict, gateway: GatewayClient, ledger: Ledger) -> None:
     p = person("op_employee")
     # Outpatient: cancel one uploaded item (2205), settle on the rest.
     visit = outpatient("op_employee", at=DAY + timedelta(days=8))
@@ -268,13 +268,13 @@ async def test_fee_and_visit_cancellations(refdata: dict, gateway: GatewayClient
     ok(await gateway.call(stay.hospital.envelope("2404", {"data": {"mdtrt_id": stay.mdtrt_id, "psn_no": p.psn_no}},
                                                  insuplc=p.insuplc)))
     refused(await gateway.call(stay.discharge()), "VISIT_CANCELLED")
-    row = await db.fetchrow("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id)
+    row = await ledger.fetchrow("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id)
     assert row["state"] == "cancelled"
-    assert await db.fetchval("SELECT count(*) FROM fee_item WHERE mdtrt_id = $1 AND NOT cancelled",
+    assert await ledger.total("SELECT count(*) FROM fee_item WHERE mdtrt_id = $1 AND NOT cancelled",
                              stay.mdtrt_id) == 0
 
 
-async def test_refused_fee_upload_changes_nothing(refdata: dict, gateway: GatewayClient, db: asyncpg.Pool) -> None:
+async def test_refused_fee_upload_changes_nothing(refdata: dict, gateway: GatewayClient, ledger: Ledger) -> None:
     p = person("op_employee")
     visit = outpatient("op_employee", at=DAY + timedelta(days=12))
     visit.mdtrt_id = ok(await gateway.call(visit.register()))["output"]["data"]["mdtrt_id"]
@@ -284,6 +284,6 @@ async def test_refused_fee_upload_changes_nothing(refdata: dict, gateway: Gatewa
     env["input"]["feedetail"][1]["feedetl_sn"] = "000002"
     env["input"]["feedetail"][0]["feedetl_sn"] = "000001"
     refused(await gateway.call(env), "FEE_ITEM_DUPLICATE")
-    sns = await db.fetch("SELECT feedetl_sn, fee_fen FROM fee_item WHERE mdtrt_id = $1", visit.mdtrt_id)
+    sns = await ledger.fetch("SELECT feedetl_sn, fee_fen FROM fee_item WHERE mdtrt_id = $1", visit.mdtrt_id)
     assert [(r["feedetl_sn"], r["fee_fen"]) for r in sns] == [("000001", 1000)]
     assert p.psn_no == visit.psn_no

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import asyncpg
 import msgspec
 import pytest
 from aiokafka import ConsumerRecord
@@ -20,9 +19,11 @@ from schemas.pharmacy import Input2102
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer, Outbox
 from services.common.kafka import make_group_consumer
+from services.common.shards import ShardPools
 from services.policy.policies import PolicyBook
 from services.settle import handler as engine_module
 from services.settle.handler import GROUP_ID, SettleEngine
+from tests.integration.conftest import Ledger
 from tests.unit.test_settle_properties import Script
 from topics.catalog import DEADLETTER, ROUTED
 
@@ -47,12 +48,12 @@ def _encode(msgs: list[RoutedRequest]) -> list[bytes]:
 async def _engine(stack: Settings) -> AsyncIterator[BatchConsumer[RoutedRequest]]:
     """The engine inside the shared shell, with a database pool; no Kafka client is started."""
     engine = SettleEngine(stack, PolicyBook.load())
-    engine.pool = await asyncpg.create_pool(stack.pg_dsn, min_size=1, max_size=2)
+    engine.shards = await ShardPools.connect(stack, 2)
     consumer = make_group_consumer(stack, GROUP_ID, ROUTED.name)
     try:
         yield BatchConsumer(consumer, GROUP_ID, ROUTED, engine, engine.producer, max_records=500)
     finally:
-        await engine.pool.close()
+        await engine.shards.close()
         await consumer.stop()  # created, never started: process_batch() needs no Kafka
         await engine.producer.stop()
 
@@ -74,7 +75,7 @@ def _purchases(n: int, tag: str) -> list[RoutedRequest]:
     return [msgspec.structs.replace(m, msgid=f"H{TOKEN}{tag}{i:016d}") for i, m in enumerate(script.messages)]
 
 
-async def test_poisoned_request_is_rolled_back_and_the_batch_redone(stack: Settings, db: asyncpg.Pool,
+async def test_poisoned_request_is_rolled_back_and_the_batch_redone(stack: Settings, ledger: Ledger,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     msgs = _purchases(3, "1")
     victim = msgs[1].msgid
@@ -94,15 +95,15 @@ async def test_poisoned_request_is_rolled_back_and_the_batch_redone(stack: Setti
     assert replies[victim]["infcode"] == -1 and replies[victim]["err_msg"].startswith("INTERNAL")
     assert all(replies[m.msgid]["infcode"] == 0 for m in msgs if m.msgid != victim)
     assert [(d.msgid, d.err_code) for d in _dead_letters(outbox)] == [(victim, "INTERNAL")]
-    rows = await db.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
+    rows = await ledger.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
     assert {r["msgid"] for r in rows} == {m.msgid for m in msgs} - {victim}
-    assert await db.fetchval("SELECT count(*) FROM visit WHERE created_msgid = $1", victim) == 0
-    assert await db.fetchval("SELECT balc_fen FROM account WHERE psn_no = $1", msgs[1].person.psn_no) is None
+    assert await ledger.total("SELECT count(*) FROM visit WHERE created_msgid = $1", victim) == 0
+    assert await ledger.fetchval("SELECT balc_fen FROM account WHERE psn_no = $1", msgs[1].person.psn_no) is None
     # Not stored: a resend of the msgid is tried again (INTERNAL tells the hospital to resend).
-    assert await db.fetchval("SELECT count(*) FROM processed_request WHERE msgid = $1", victim) == 0
+    assert await ledger.total("SELECT count(*) FROM processed_request WHERE msgid = $1", victim) == 0
 
 
-async def test_a_request_the_database_refuses_is_isolated(stack: Settings, db: asyncpg.Pool) -> None:
+async def test_a_request_the_database_refuses_is_isolated(stack: Settings, ledger: Ledger) -> None:
     """A NUL in a drug code passes msgspec but PostgreSQL refuses it (CharacterNotInRepertoire) at the
     batch's write: the batch is halved until the culprit is alone, the others settle."""
     msgs = _purchases(5, "2")
@@ -121,5 +122,5 @@ async def test_a_request_the_database_refuses_is_isolated(stack: Settings, db: a
     assert [(d.msgid, d.err_code) for d in letters] == [(None, "INTERNAL"), (victim.msgid, "INTERNAL")]
     assert letters[0].err_msg.startswith(f"INTERNAL: undecodable {ROUTED.name} record: JSON is malformed")
     assert letters[0].original == b"\x00 not json"
-    rows = await db.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
+    rows = await ledger.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
     assert {r["msgid"] for r in rows} == {m.msgid for m in msgs} - {victim.msgid}
