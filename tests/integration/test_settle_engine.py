@@ -31,8 +31,9 @@ pytestmark = pytest.mark.integration
 TOKEN = f"{time.time_ns() % 10**12:012d}"
 
 
-def _person(n: int) -> PersonCtx:
-    return PersonCtx(psn_no=f"E{TOKEN}{n}", insured_admdvs="150400", insured_prov="150000", insured_pool="150400",
+def _person(n: int, insured: tuple[str, str, str] = ("150400", "150000", "150400")) -> PersonCtx:
+    admdvs, prov, pool = insured
+    return PersonCtx(psn_no=f"E{TOKEN}{n}", insured_admdvs=admdvs, insured_prov=prov, insured_pool=pool,
                      insutype="310", psn_type="1101", assistance=None, acct_balc_fen=10_000)
 
 
@@ -67,8 +68,13 @@ def _dead_letters(outbox: Outbox) -> list[DeadLetter]:
     return [msgspec.json.decode(out.value, type=DeadLetter) for out in outbox.records if out.topic == DEADLETTER.name]
 
 
-def _purchases(n: int, tag: str) -> list[RoutedRequest]:
-    people = [_person(i) for i in range(n)]
+# 赤峰 (province 15: shard s1) and 米易 (province 51, pooling at 攀枝花: shard s2).
+CHIFENG, MIYI = ("150400", "150000", "150400"), ("510421", "510000", "510400")
+
+
+def _purchases(n: int, tag: str, insured: list[tuple[str, str, str]] | None = None) -> list[RoutedRequest]:
+    """n pharmacy purchases of n persons of their own (tag names them and the msgids)."""
+    people = [_person(int(tag) * 100 + i, insured[i] if insured else CHIFENG) for i in range(n)]
     script = Script({p.psn_no: p for p in people})
     for p in people:
         script.purchase(p, [2_500])
@@ -124,3 +130,26 @@ async def test_a_request_the_database_refuses_is_isolated(stack: Settings, ledge
     assert letters[0].original == b"\x00 not json"
     rows = await ledger.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
     assert {r["msgid"] for r in rows} == {m.msgid for m in msgs} - {victim.msgid}
+
+
+async def test_a_batch_of_two_shards_lands_each_person_in_their_insured_provinces_shard(
+        stack: Settings, ledger: Ledger) -> None:
+    """One batch with persons of both shards: each shard gets exactly its persons' ledger rows, accounts
+    and processed requests; the batch replayed (a crash after the commits) changes nothing."""
+    msgs = _purchases(4, "3", [CHIFENG, MIYI, CHIFENG, MIYI])
+    async with _engine(stack) as shell:
+        outbox = await shell.process_batch(_records(_encode(msgs)))
+        assert all(r["infcode"] == 0 for r in _replies(outbox, msgs[0].reply_topic).values())
+        replay = await shell.process_batch(_records(_encode(msgs)))
+    assert _replies(replay, msgs[0].reply_topic) == _replies(outbox, msgs[0].reply_topic)
+    msgids = [m.msgid for m in msgs]
+    for insured, expected in ((CHIFENG, {msgs[0].msgid, msgs[2].msgid}), (MIYI, {msgs[1].msgid, msgs[3].msgid})):
+        shard = ledger.of(insured[0])
+        assert {r["msgid"] for r in await shard.fetch(
+            "SELECT msgid FROM settlement WHERE msgid = ANY($1)", msgids)} == expected
+        assert {r["msgid"] for r in await shard.fetch(
+            "SELECT msgid FROM processed_request WHERE msgid = ANY($1)", msgids)} == expected
+        persons = {m.person.psn_no for m in msgs if m.msgid in expected}
+        assert {r["psn_no"] for r in await shard.fetch(
+            "SELECT psn_no FROM account WHERE psn_no = ANY($1)", [m.person.psn_no for m in msgs])} == persons
+    assert await ledger.total("SELECT count(*) FROM settlement WHERE msgid = ANY($1)", msgids) == 4
