@@ -64,10 +64,13 @@ from loadtest.population import (
     Stats,
     TransportError,
     drive_stay,
+    ensure_national,
     ensure_refdata,
     fee_lines,
     load_population,
     percentile,
+    persons_in_shards,
+    sample_population,
     shanghai_now,
     wait_ready,
 )
@@ -359,6 +362,35 @@ def cpu_snapshot(s: Settings) -> CpuSnap:
     return out
 
 
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def rss_lines(s: Settings) -> list[str]:
+    """Resident memory of every process of the stack now (MB). PostgreSQL: the postmaster and its largest
+    backend (backends share the buffer pool, so their sum would count it many times)."""
+    parts = []
+    for name in ("gateway", "router", "settle", "clearing", "monitor", "dashboard"):
+        pid = stack.service_pid(name, s)
+        parts.append(f"{name} {_rss_mb(pid):.0f}" if pid else f"{name} -")
+    kpid = stack.kafka_pid(s)
+    parts.append(f"kafka {_rss_mb(kpid):.0f}" if kpid else "kafka -")
+    ppid = stack.pg_pid(s)
+    if ppid:
+        backends = [_rss_mb(p) for p in _children(ppid)]
+        parts.append(f"postgres {_rss_mb(ppid):.0f} (largest of {len(backends)} backends "
+                     f"{max(backends, default=0.0):.0f})")
+    prom = stack.prometheus_pid(s)
+    parts.append(f"prometheus {_rss_mb(prom):.0f}" if prom else "prometheus -")
+    return ["", "memory after the load (RSS, MB)", "  " + ", ".join(parts)]
+
+
 def cpu_used(before: CpuSnap, after: CpuSnap, name: str) -> float:
     """CPU seconds between the snapshots: processes gone by the second one are not counted, new ones are
     counted whole."""
@@ -472,7 +504,9 @@ def report(args: argparse.Namespace, info: dict[str, Any], pop: Population, stat
     out = [f"xsettle benchmark, {started_at:%Y-%m-%d %H:%M} UTC", *machine_info(), code_version()]
     out.append(f"run: via {args.via}, concurrency {args.concurrency} stays, load {load_s:.1f} s "
                f"(max {args.max_stays} stays), baseline {raw[1]:.1f} s; reference data seed "
-               f"{args.seed}: {info['persons']} persons, {len(pop.hospitals)} hospitals")
+               f"{args.seed}: {info['persons']} persons, {len(pop.hospitals)} hospitals; population "
+               f"{args.population}: {info.get('persons_in_shards', info['persons']):,} persons in the shards, "
+               f"{len(pop.persons)} driven")
     window = max(stats.run_s, 1e-9)
     end = stats.t0 + stats.run_s
     settled_in = sum(1 for t in stats.settled_at if t <= end)
@@ -631,20 +665,25 @@ async def measure(s: Settings, args: argparse.Namespace, caller: Any, pop: Popul
     remaining = max(1.0, hard_deadline - time.monotonic() - args.drain_seconds)
     unreachable = await load_phase(caller, pop, stats, args, min(load_s, remaining))
     cpu1, m1 = cpu_snapshot(s), await scrape(s)
-    lines = report(args, info, pop, stats, raw, (m0, m1), (cpu0, cpu1), load_s, started_at)
+    lines = report(args, info, pop, stats, raw, (m0, m1), (cpu0, cpu1), load_s, started_at) + rss_lines(s)
     return lines, key_numbers(stats, raw, (cpu0, cpu1)), bool(restarted(cpu0, cpu1)), unreachable
 
 
 async def run(args: argparse.Namespace) -> int:
     s = load_settings()
-    # Setup (reference data, readiness) at most 60 s, then each run at most --seconds + --drain-seconds.
-    hard_deadline = time.monotonic() + 60 + args.repeat * (args.seconds + args.drain_seconds)
     try:
         dataset, info = await ensure_refdata(s, seed=args.seed, persons_per_region=args.persons_per_region)
-        pop = await load_population(s, dataset)
+        if args.population == "national":
+            info["persons_in_shards"] = await ensure_national(s, args.seed)
+            pop = await sample_population(s, dataset, len(dataset.persons), args.seed)
+        else:
+            info["persons_in_shards"] = await persons_in_shards(s)
+            pop = await load_population(s, dataset)
     except PipelineUnavailable as e:
         log(f"bench: {e}")
         return 2
+    # After the reference data is there: readiness at most 60 s, then each run --seconds + --drain-seconds.
+    hard_deadline = time.monotonic() + 60 + args.repeat * (args.seconds + args.drain_seconds)
     session: aiohttp.ClientSession | None = None
     caller: Any
     if args.via == "kafka":
@@ -717,6 +756,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="reference-data seed (default 7)")
     p.add_argument("--persons-per-region", type=int, default=DEFAULT_PERSONS_PER_REGION,
                    help=f"reference-data size (default {DEFAULT_PERSONS_PER_REGION})")
+    p.add_argument("--population", choices=("default", "national"), default="default",
+                   help="default: drive the reference data's persons; national: load the seed regions' real "
+                        "population (about 13 million persons; generated and loaded once, ~10 min) and drive as "
+                        "many persons sampled from it (default: default)")
     args = p.parse_args(argv)
     if args.seconds <= 0 or min(args.concurrency, args.max_stays, args.repeat) < 1 or args.drain_seconds < 0:
         p.error("--seconds, --concurrency, --max-stays and --repeat must be positive, --drain-seconds not negative")

@@ -31,7 +31,9 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import random
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -47,8 +49,9 @@ import asyncpg
 from loadtest.his import FeeLine, Hospital, OutpatientVisit, Purchase, Stay
 from schemas.codes import SCOPES, Scope
 from schemas.refdata import CATALOG_FILE, FILINGS_FILE, HOSPITALS_FILE, PERSONS_FILE, RefDataSet
-from services.common.config import Settings
+from services.common.config import Settings, settings_env
 from services.common.response import SHANGHAI
+from services.common.shards import ShardPools
 from services.refdata import generate as generate_module
 from services.refdata.generate import generate, write_jsonl
 from services.refdata.load import load_dataset, read_dir
@@ -58,6 +61,7 @@ from services.refdata.store import Filing, filing_in_force
 DEFAULT_SEED: Final = 7
 DEFAULT_PERSONS_PER_REGION: Final = 1000
 STAMP_FILE: Final = "generated-with.json"
+NATIONAL_PERSONS_MIN: Final = 13_000_000  # the seed regions' insured persons (REFERENCE §10), about
 SCOPE_WEIGHTS: Final[dict[Scope, float]] = {"local": 0.5, "intra_province": 0.2, "cross_province": 0.3}
 # For non-local care of a person without a filing in force: promise flag / declared emergency / nothing.
 PROMISE_SHARE: Final = 0.85
@@ -350,27 +354,100 @@ class Population:
 
 
 async def load_population(s: Settings, dataset: RefDataSet) -> Population:
-    """The dataset's rows as PostgreSQL has them now (filings made on the spot included)."""
-    conn = await asyncpg.connect(s.pg_dsn, timeout=5)
+    """The dataset's rows as PostgreSQL has them now (filings made on the spot included): hospitals and
+    catalog from the hub, persons and filings from their shards."""
+    psn_nos = [p.psn_no for p in dataset.persons]
+    return await _population(s, [h.fixmedins_code for h in dataset.hospitals], psn_nos,
+                             sorted({c.med_list_codg for c in dataset.catalog}))
+
+
+async def persons_in_shards(s: Settings) -> int:
+    """How many persons the shards hold (the planner's estimate: exact counts of 13 million rows take
+    seconds)."""
+    shards = await ShardPools.connect(s, 1)
+    try:
+        total = 0
+        for _, pool in shards:
+            total += max(0, int(await pool.fetchval(
+                "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE relname = 'person'") or 0))
+        return total
+    finally:
+        await shards.close()
+
+
+async def ensure_national(s: Settings, seed: int) -> int:
+    """The seed regions' real population in the shards: generated and loaded (with progress) unless the
+    shards already hold about that many persons. Returns how many persons they hold."""
+    held = await persons_in_shards(s)
+    if held >= NATIONAL_PERSONS_MIN:
+        return held
+    directory = s.state_dir / "refdata-national"
+    env = {**os.environ, **settings_env(s)}
+    for argv in (["-m", "services.refdata.generate", "--out", str(directory), "--national", "--seed", str(seed)],
+                 ["-m", "services.refdata.load", str(directory)]):
+        res = await asyncio.create_subprocess_exec(sys.executable, *argv, env=env)
+        if await res.wait() != 0:
+            raise PipelineUnavailable(f"national population: {' '.join(argv[1:3])} failed (exit {res.returncode})")
+    shards = await ShardPools.connect(s, 1)
+    try:
+        for _, pool in shards:
+            await pool.execute("ANALYZE person")  # the estimate persons_in_shards reads
+    finally:
+        await shards.close()
+    return await persons_in_shards(s)
+
+
+async def sample_population(s: Settings, dataset: RefDataSet, n: int, seed: int) -> Population:
+    """The dataset's hospitals and catalog with n persons sampled from the whole population of the seed
+    regions (spread over the shards' tables, not the newest rows), insured where the dataset's are."""
+    regions = sorted({p.insuplc_admdvs for p in dataset.persons})
+    shards = await ShardPools.connect(s, 1)
+    psn_nos: list[str] = []
+    try:
+        for _, pool in shards:
+            held = max(1, int(await pool.fetchval(
+                "SELECT greatest(reltuples, 1)::bigint FROM pg_class WHERE relname = 'person'") or 1))
+            pct = min(100.0, 100.0 * 4 * n / held)  # pages sampled: a few times what is needed, then a cut
+            psn_nos += [r[0] for r in await pool.fetch(
+                f"SELECT psn_no FROM person TABLESAMPLE SYSTEM ({pct:.6f}) REPEATABLE ($1)"
+                " WHERE insuplc_admdvs = ANY($2) LIMIT $3", seed, regions, n)]
+    finally:
+        await shards.close()
+    random.Random(seed).shuffle(psn_nos)
+    return await _population(s, [h.fixmedins_code for h in dataset.hospitals], psn_nos[:n],
+                             sorted({c.med_list_codg for c in dataset.catalog}))
+
+
+async def _population(s: Settings, hospital_codes: list[str], psn_nos: list[str], item_codes: list[str]
+                      ) -> Population:
+    try:
+        conn = await asyncpg.connect(s.pg_dsn, timeout=5)
+        shards = await ShardPools.connect(s, 1)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+        raise PipelineUnavailable(
+            f"PostgreSQL is not reachable at 127.0.0.1:{s.pg_port} ({type(e).__name__}); "
+            "start the stack: .venv/bin/python -m deploy.stack start"
+        ) from None
     try:
         hrows = await conn.fetch(
             "SELECT fixmedins_code, fixmedins_name, admdvs, hosp_lv FROM hospital WHERE fixmedins_code = ANY($1)",
-            [h.fixmedins_code for h in dataset.hospitals],
-        )
-        psn_nos = [p.psn_no for p in dataset.persons]
-        prows = await conn.fetch(
-            "SELECT psn_no, insuplc_admdvs, insutype, chronic FROM person WHERE psn_no = ANY($1)", psn_nos
-        )
-        frows = await conn.fetch(
-            "SELECT psn_no, filing_id, filing_type, begndate, enddate, target_admdvs, source, revoked"
-            " FROM filing WHERE psn_no = ANY($1)", psn_nos,
+            hospital_codes,
         )
         crows = await conn.fetch(
             "SELECT admdvs, med_list_codg, chrgitm_lv, pric_uplmt_fen FROM catalog_item"
-            " WHERE med_list_codg = ANY($1)", sorted({c.med_list_codg for c in dataset.catalog}),
+            " WHERE med_list_codg = ANY($1)", item_codes,
         )
+        prows: list[asyncpg.Record] = []
+        frows: list[asyncpg.Record] = []
+        for _, pool in shards:
+            prows += await pool.fetch(
+                "SELECT psn_no, insuplc_admdvs, insutype, chronic FROM person WHERE psn_no = ANY($1)", psn_nos)
+            frows += await pool.fetch(
+                "SELECT psn_no, filing_id, filing_type, begndate, enddate, target_admdvs, source, revoked"
+                " FROM filing WHERE psn_no = ANY($1)", psn_nos)
     finally:
         await conn.close()
+        await shards.close()
     hospitals = []
     for r in sorted(hrows, key=lambda r: r["fixmedins_code"]):
         region = region_of(r["admdvs"])
