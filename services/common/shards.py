@@ -55,6 +55,8 @@ class ShardMap:
     def partition_for(self, shard: str, key: bytes, partitions: int) -> int:
         """A person's partition of `fsi.routed`: among its shard's, by a stable hash of the key (psn_no)."""
         owned = self.partitions_of(shard, partitions)
+        if not owned:
+            raise ConfigError(f"fsi.routed has {partitions} partitions, fewer than the {len(self.names)} shards")
         return owned[zlib.crc32(key) % len(owned)]
 
     def shards_of_partitions(self, partitions: Iterable[int]) -> list[str]:
