@@ -210,6 +210,13 @@ async def second_router(services: Settings) -> AsyncIterator[int]:
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
+        # A static member keeps its partitions until its session times out (10 s): wait for the
+        # run's router to hold them all again, so later tests are not answered TIMEOUT.
+        deadline = time.monotonic() + 60
+        async with aiohttp.ClientSession() as session:
+            while _assigned(await _metrics(session, services.router_metrics_port)) != INGRESS.partitions:
+                assert time.monotonic() < deadline, "the run's router did not get its partitions back"
+                await asyncio.sleep(0.5)
 
 
 def _keys_for_every_partition(n: int) -> list[str]:
