@@ -63,31 +63,6 @@ async def _routed_partitions(s: Settings, psn_nos: set[str]) -> dict[str, set[in
         await consumer.stop()
 
 
-async def test_persons_of_both_shards_settle_at_one_hospital(refdata: dict, gateway: GatewayClient,
-                                                             ledger: Ledger, services: Settings) -> None:
-    smap = shard_map(services)
-    stays = {key: Stay(HOSPITALS["chifeng"], PERSONS[key].person.psn_no, PERSONS[key].person.insuplc,
-                       PERSONS[key].person.insutype, STAY_START) for key in ("example", "retiree")}
-    assert {smap.shard_of(s.insuplc) for s in stays.values()} == {"s1", "s2"}
-    setl_ids: dict[str, str] = {}
-    for key, stay in stays.items():
-        r = _ok(await gateway.run_stay(stay, [FeeLine(ITEM_A, D(2), D("150.00"))]))
-        setl_ids[key] = r["output"]["setlinfo"]["setl_id"]
-    for key, stay in stays.items():
-        own = smap.shard_of(stay.insuplc)
-        for name, pool in ledger.shards:  # the ledger row is in the person's shard and only there
-            n = await pool.fetchval("SELECT count(*) FROM settlement WHERE setl_id = $1", setl_ids[key])
-            assert n == (1 if name == own else 0), (key, name)
-    # Every routed record of each person is on its partition, one of its shard's, of fsi.routed.
-    found = await _routed_partitions(services, {stay.psn_no for stay in stays.values()})
-    n = ROUTED.partitions
-    for stay in stays.values():
-        shard = smap.shard_of(stay.insuplc)
-        expected = smap.partition_for(shard, stay.psn_no.encode(), n)
-        assert found[stay.psn_no] == {expected}
-        assert expected in smap.partitions_of(shard, n)
-
-
 # Persons of this module only, loaded with the file loader (interim load_dir of the base commit).
 def _certno(body17: str) -> str:
     return body17 + certno_check_char(body17)
@@ -103,6 +78,11 @@ MINE: dict[str, dict[str, Any]] = {
 }
 
 
+# The s2 person is treated in 赤峰 (another province): filed for it.
+FILINGS = [{"psn_no": MINE["s2"]["psn_no"], "filing_type": "TEMPORARY", "begndate": "2026-01-01",
+            "enddate": "2026-12-31", "target_admdvs": "150000"}]
+
+
 def _write_dir(directory: Path, persons: list[dict[str, Any]]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     h = HOSPITALS["chifeng"]
@@ -110,7 +90,7 @@ def _write_dir(directory: Path, persons: list[dict[str, Any]]) -> Path:
         "hospitals": [{"fixmedins_code": h.fixmedins_code, "fixmedins_name": h.fixmedins_name, "admdvs": h.admdvs,
                        "hosp_lv": 3}],
         "persons": persons,
-        "filings": [],
+        "filings": [f for f in FILINGS if f["psn_no"] in {p["psn_no"] for p in persons}],
         "catalog": [{"admdvs": "150000", "med_list_codg": ITEM_A, "name": "测试甲类", "chrgitm_lv": "01",
                      "selfpay_prop": "0"}],
     }
@@ -168,6 +148,32 @@ async def test_online_2503_survives_a_file_load(mine: Path, gateway: GatewayClie
     assert row is not None
     assert (row["chronic_file"], msgspec.json.decode(row["chronic_online"]), row["acct_balc_fen"]) == (
         ["DM"], {"HTN": True, "DM": False}, 5678)
+
+
+async def test_persons_of_both_shards_settle_at_one_hospital(mine: Path, gateway: GatewayClient,
+                                                             ledger: Ledger, services: Settings) -> None:
+    smap = shard_map(services)
+    stays = {key: Stay(HOSPITALS["chifeng"], p["psn_no"], p["insuplc_admdvs"], p["insutype"], STAY_START)
+             for key, p in MINE.items()}
+    assert {smap.shard_of(s.insuplc) for s in stays.values()} == {"s1", "s2"}
+    setl_ids: dict[str, str] = {}
+    for key, stay in stays.items():
+        r = _ok(await gateway.run_stay(stay, [FeeLine(ITEM_A, D(2), D("150.00"))]))
+        assert r["output"]["setlinfo"]["medfee_sumamt"] == D("300.00")
+        setl_ids[key] = r["output"]["setlinfo"]["setl_id"]
+    for key, stay in stays.items():
+        own = smap.shard_of(stay.insuplc)
+        for name, pool in ledger.shards:  # the ledger row is in the person's shard and only there
+            n = await pool.fetchval("SELECT count(*) FROM settlement WHERE setl_id = $1", setl_ids[key])
+            assert n == (1 if name == own else 0), (key, name)
+    # Every routed record of each person is on its partition, one of its shard's, of fsi.routed.
+    found = await _routed_partitions(services, {stay.psn_no for stay in stays.values()})
+    n = ROUTED.partitions
+    for stay in stays.values():
+        shard = smap.shard_of(stay.insuplc)
+        expected = smap.partition_for(shard, stay.psn_no.encode(), n)
+        assert found[stay.psn_no] == {expected}
+        assert expected in smap.partitions_of(shard, n)
 
 
 # A hospital added while requests run, seen by two routers ----------------------------------------
