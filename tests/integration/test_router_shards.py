@@ -27,6 +27,7 @@ from schemas.refdata import certno_check_char
 from services.common.config import Settings, settings_env
 from services.common.shards import shard_map
 from services.refdata.load import load_dir
+from services.refdata.store import CatalogEntry, apply_changes, fetch_changes, fetch_view
 from tests.integration.conftest import HOSPITALS, ITEM_A, PERSONS, RUN_TOKEN, STAY_START, Ledger, psn
 from topics.catalog import INGRESS, ROUTED
 
@@ -282,3 +283,47 @@ async def test_hospital_added_while_requests_run_is_accepted_by_every_router(
             await conn.execute("DELETE FROM hospital WHERE fixmedins_code = $1", new.fixmedins_code)
             await conn.execute("INSERT INTO refdata_change (entity, key) VALUES ('hospital', $1)", new.fixmedins_code)
     assert answered > 0
+
+
+async def test_change_log_reads_only_the_changed_keys_of_every_entity(refdata: dict, db: asyncpg.Pool) -> None:
+    """fetch_changes + apply_changes on the real hub: a hospital, a catalog item and a region changed
+    after a snapshot reach the view; an unchanged row is not read again; deletions remove the key."""
+    code, item, region = f"H150400{RUN_TOKEN[-5:]}8", f"TESTNEW{RUN_TOKEN[-4:]}", "150499"
+
+    async def write(sql: str, *args: object, entity: str, key: str) -> None:
+        async with db.acquire() as conn, conn.transaction():  # as every writer of the hub's reference data
+            await conn.execute("SELECT pg_advisory_xact_lock(refdata_lock_id())")
+            await conn.execute(sql, *args)
+            await conn.execute("INSERT INTO refdata_change (entity, key) VALUES ($1, $2)", entity, key)
+
+    async with db.acquire() as conn:
+        view = await fetch_view(conn)
+    before = view.version
+    chifeng = view.hospitals[HOSPITALS["chifeng"].fixmedins_code]
+    try:
+        await write("INSERT INTO hospital (fixmedins_code, fixmedins_name, admdvs, hosp_lv)"
+                    " VALUES ($1, 'x', '150400', 1)", code, entity="hospital", key=code)
+        await write("INSERT INTO catalog_item (admdvs, med_list_codg, name, chrgitm_lv, selfpay_prop, pric_uplmt_fen)"
+                    " VALUES ('150000', $1, 'x', '02', 0.15, 1234)", item, entity="catalog_item", key=f"150000:{item}")
+        await write("INSERT INTO region (admdvs, name, prov_admdvs, pool_admdvs) VALUES ($1, 'x', '150000', '150400')",
+                    region, entity="region", key=region)
+        async with db.acquire() as conn:
+            changes, rows = await fetch_changes(conn, before, 100)
+        mine = [c for c in changes if c.key in (code, f"150000:{item}", region)]
+        assert [c.entity for c in mine] == ["hospital", "catalog_item", "region"]
+        assert set(rows.hospitals) <= {c.key for c in changes if c.entity == "hospital"}
+        apply_changes(view, changes, rows)
+        assert view.version == max(c.version for c in changes) > before
+        assert view.hospitals[code].hosp_lv == 1
+        assert view.catalog[("150000", item)] == CatalogEntry("02", D("0.1500"), 1234, "x")
+        assert view.regions[region].pool_admdvs == "150400"
+        assert view.hospitals[HOSPITALS["chifeng"].fixmedins_code] is chifeng  # unchanged: not read again
+    finally:
+        await write("DELETE FROM hospital WHERE fixmedins_code = $1", code, entity="hospital", key=code)
+        await write("DELETE FROM catalog_item WHERE admdvs = '150000' AND med_list_codg = $1", item,
+                    entity="catalog_item", key=f"150000:{item}")
+        await write("DELETE FROM region WHERE admdvs = $1", region, entity="region", key=region)
+    async with db.acquire() as conn:
+        changes, rows = await fetch_changes(conn, view.version, 100)
+    apply_changes(view, changes, rows)
+    assert code not in view.hospitals and ("150000", item) not in view.catalog and region not in view.regions
