@@ -90,8 +90,11 @@ async def test_unknown_references(refdata: dict, gateway: GatewayClient) -> None
     env["input"]["mdtrtinfo"]["psn_no"] = "NOBODY0000001"
     await _expect(gateway, env, "PERSON_UNKNOWN")
     env = _stay().admit()
-    env["insuplc_admdvs"] = "510421"
+    env["insuplc_admdvs"] = "150100"  # 呼和浩特: the shard of the person's 赤峰, another region
     await _expect(gateway, env, "INSUPLC_MISMATCH")
+    env = _stay().admit()
+    env["insuplc_admdvs"] = "510421"  # another shard's region: the person is looked up there only
+    await _expect(gateway, env, "PERSON_UNKNOWN")
     stay = _stay()
     r = await gateway.call(stay.admit())
     stay.mdtrt_id = r["output"]["result"]["mdtrt_id"]
