@@ -7,7 +7,6 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
 import pytest
 
 from loadtest.his import FeeLine, GatewayClient, OutpatientVisit, Purchase, Stay, run_outpatient, run_purchase
@@ -43,7 +42,7 @@ async def accumulators(ledger: Ledger, psn_no: str, year: int = 2026) -> dict[st
 
 
 async def test_general_outpatient_deductible_spans_visits(refdata: dict, gateway: GatewayClient,
-                                                          db: asyncpg.Pool, ledger: Ledger) -> None:
+                                                          ledger: Ledger) -> None:
     """Employee outpatient: annual deductible 1000, ratio 0.60 (赤峰 uses the default outpatient policy)."""
     first = outpatient("op_employee", use_account=True)
     s1 = ok(await run_outpatient(gateway, first, [FeeLine(ITEM_A, D(1), D("800.00"))]))["output"]["setlinfo"]
@@ -52,20 +51,20 @@ async def test_general_outpatient_deductible_spans_visits(refdata: dict, gateway
     s2 = ok(await run_outpatient(gateway, second, [FeeLine(ITEM_A, D(1), D("700.00"))]))["output"]["setlinfo"]
     assert (s2["act_pay_dedc"], s2["hifp_pay"], s2["pool_prop_selfpay"]) == (D(200), D(300), D("0.6"))
     assert (s2["acct_pay"], s2["psn_cash_pay"], s2["balc"]) == (D(400), 0, D(1800))
-    acc = await accumulators(db, first.psn_no)
+    acc = await accumulators(ledger, first.psn_no)
     assert (acc["outpatient_dedc_used"], acc["outpatient_paid"]) == (100000, 30000)
     # Reversal restores exactly what the second visit added, account included.
     ok(await gateway.call(second.reverse()))
-    acc = await accumulators(db, first.psn_no)
+    acc = await accumulators(ledger, first.psn_no)
     assert (acc["outpatient_dedc_used"], acc["outpatient_paid"]) == (80000, 0)
     assert await ledger.fetchval("SELECT balc_fen FROM account WHERE psn_no = $1", first.psn_no) == 220000
 
 
-async def test_chronic_outpatient_needs_eligibility(refdata: dict, gateway: GatewayClient, db: asyncpg.Pool) -> None:
+async def test_chronic_outpatient_needs_eligibility(refdata: dict, gateway: GatewayClient, ledger: Ledger) -> None:
     visit = outpatient("chronic_dm", med_type="14", chronic_disease="DM")
     s = ok(await run_outpatient(gateway, visit, [FeeLine(ITEM_A, D(1), D("1000.00"))]))["output"]["setlinfo"]
     assert (s["med_type"], s["act_pay_dedc"], s["hifp_pay"], s["psn_cash_pay"]) == ("14", 0, D(650), D(350))
-    acc = await accumulators(db, visit.psn_no)
+    acc = await accumulators(ledger, visit.psn_no)
     assert acc["basic_paid"] == 65000 and '"DM": 65000' in acc["chronic_paid"]
 
     # Not eligible: refused at 2203; eligible after the chronic-disease filing (2503); revoked by 2504.
@@ -189,7 +188,7 @@ async def test_visit_state_machine(refdata: dict, gateway: GatewayClient) -> Non
     refused(await gateway.call(visit.settle()), "VISIT_CANCELLED")
 
 
-async def test_calendar_year_boundary(refdata: dict, gateway: GatewayClient, db: asyncpg.Pool) -> None:
+async def test_calendar_year_boundary(refdata: dict, gateway: GatewayClient, ledger: Ledger) -> None:
     """Accumulators are per calendar year of the settlement (Asia/Shanghai wall time on the wire)."""
     new_year = datetime(2027, 1, 1, 0, 0)
     lines = [FeeLine(ITEM_A, D(1), D("600.00"))]
@@ -200,8 +199,8 @@ async def test_calendar_year_boundary(refdata: dict, gateway: GatewayClient, db:
     last = ok(await run_outpatient(gateway, outpatient("year_boundary", at=new_year - timedelta(minutes=5)), lines))
     assert (last["output"]["setlinfo"]["act_pay_dedc"], last["output"]["setlinfo"]["hifp_pay"]) == (D(400), D(120))
     psn_no = person("year_boundary").psn_no
-    assert (await accumulators(db, psn_no, 2026))["outpatient_dedc_used"] == 100000
-    assert (await accumulators(db, psn_no, 2027))["outpatient_dedc_used"] == 60000
+    assert (await accumulators(ledger, psn_no, 2026))["outpatient_dedc_used"] == 100000
+    assert (await accumulators(ledger, psn_no, 2027))["outpatient_dedc_used"] == 60000
 
 
 async def _hospital_day(gateway: GatewayClient, code: str) -> list[dict[str, Any]]:
