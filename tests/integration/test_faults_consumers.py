@@ -214,7 +214,9 @@ async def test_services_wait_out_a_postgres_restart(refdata: dict, services: Set
     await asyncio.to_thread(stack_ctl.start_postgres, services)
     postgres_back = time.time()
     results = await asyncio.wait_for(drive, timeout=240)
-    await db.expire_connections()  # the test's own pool holds connections from before the restart
+    await db.expire_connections()  # the test's own pools hold connections from before the restart
+    for _, pool in ledger.shards:
+        await pool.expire_connections()
     assert len(results) == 2 * len(FAULT_PERSONS)
     for stay, r, reverse in results:
         assert r["infcode"] == 0, r["err_msg"]
@@ -271,7 +273,9 @@ async def _load_new_person_and_wait(s: Settings, db: asyncpg.Pool, directory: An
 async def test_services_wait_out_a_kafka_restart(refdata: dict, services: Settings, db: asyncpg.Pool, ledger: Ledger,
                                                  infra_exclusive: None) -> None:
     pids = {name: stack_ctl.service_pid(name, services) for name in LONG_LIVED}
-    await db.expire_connections()  # an earlier test may have restarted PostgreSQL under this pool
+    await db.expire_connections()  # an earlier test may have restarted PostgreSQL under these pools
+    for _, pool in ledger.shards:
+        await pool.expire_connections()
     assert await asyncio.to_thread(stack_ctl.stop_kafka, services)
     await asyncio.sleep(2.0)
     await asyncio.to_thread(stack_ctl.start_kafka, services)
