@@ -46,6 +46,7 @@ from schemas.errors import BrokerError
 from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
 from services.common.config import Settings, load_settings
 from services.common.kafka import make_producer
+from services.common.shards import shard_dsns, shard_map
 from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, ROUTED, SETTLEMENTS
 
 GROUP_MAIN = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"
@@ -193,18 +194,31 @@ def replay_target(letter: DeadLetter) -> tuple[str, bytes | None]:
     raise OpsError(f"dead letter of unknown stage {letter.stage!r}: nothing to replay")
 
 
-async def forget_refusals(s: Settings, msgids: Sequence[str]) -> int:
-    """Delete the engine's stored refusals (infcode -1) of these msgids: a refusal changed nothing,
+async def forget_refusals(s: Settings, requests: Sequence[tuple[str, str]]) -> int:
+    """Delete the engine's stored refusals (infcode -1) of these (msgid, insured region) pairs, each in
+    the shard of its person's insured province (where the engine stored it): a refusal changed nothing,
     so the replayed request is then decided anew. Accepted requests keep their record."""
-    if not msgids:
+    if not requests:
         return 0
-    conn = await asyncpg.connect(s.pg_dsn, timeout=10)
-    try:
-        status = await conn.execute("DELETE FROM processed_request WHERE msgid = ANY($1) AND infcode = -1",
-                                    list(msgids))
-    finally:
-        await conn.close()
-    return int(status.split()[-1])
+    by_shard: dict[str, list[str]] = {}
+    shard_of = shard_map(s).shard_of
+    for msgid, admdvs in requests:
+        by_shard.setdefault(shard_of(admdvs), []).append(msgid)
+    dsns = shard_dsns(s)
+    deleted = 0
+    for shard, msgids in sorted(by_shard.items()):
+        conn = await asyncpg.connect(dsns[shard], timeout=10)
+        try:
+            status = await conn.execute("DELETE FROM processed_request WHERE msgid = ANY($1) AND infcode = -1",
+                                        msgids)
+        finally:
+            await conn.close()
+        deleted += int(status.split()[-1])
+    return deleted
+
+
+def _routed_person_region(raw: bytes) -> str:
+    return msgspec.json.decode(raw, type=RoutedRequest).person.insured_admdvs
 
 
 async def replay(s: Settings, letters: Sequence[Letter], *, execute: bool, forget_refusal: bool) -> list[str]:
@@ -216,8 +230,9 @@ async def replay(s: Settings, letters: Sequence[Letter], *, execute: bool, forge
     if not execute:
         return [*lines, "dry run: nothing sent (add --execute)"]
     if forget_refusal:
-        msgids = [item.letter.msgid for item, topic, _ in plan if topic == ROUTED.name and item.letter.msgid]
-        lines.append(f"forgot {await forget_refusals(s, msgids)} stored refusal(s) of the engine")
+        refused = [(item.letter.msgid, _routed_person_region(item.letter.original))
+                   for item, topic, _ in plan if topic == ROUTED.name and item.letter.msgid]
+        lines.append(f"forgot {await forget_refusals(s, refused)} stored refusal(s) of the engine")
     producer = make_producer(s)
     await producer.start()
     try:
