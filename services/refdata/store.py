@@ -1,22 +1,31 @@
-"""In-memory snapshot of the reference data, for the router.
+"""Reference data for the router: institutions in memory, persons a batch at a time.
 
-`fetch_refdata(conn)` reads the four reference tables in one read-only,
-repeatable-read transaction (a consistent snapshot). The dataclasses are plain
-values; money is integer fen. `filing_in_force` is pure.
+Two kinds of state, two ways of reading it (README "Where person facts are read"):
+
+- `RefView` — hospitals, catalog items and regions: bounded by institutions and items, held in
+  memory, read once in one repeatable-read snapshot (`fetch_view`) and then kept current by applying
+  the hub's ordered change log `refdata_change` (`fetch_changes` + the pure `apply_changes`): only
+  the changed keys are read again, and the applied version never goes back.
+- `RefData` — the view one batch routes against: the hospitals and catalog of the `RefView` (shared,
+  not copied) plus the batch's persons and filings, read from their shard (`fetch_persons`: one round
+  trip per shard per batch). Nothing about a person outlives the batch.
+
+The dataclasses are plain values; money is integer fen. `filing_in_force` and `apply_changes` are pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
 from schemas.codes import FILING_PREFERENCE
-from services.refdata.regions import province_of
+from services.refdata.regions import Region, province_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,56 +68,182 @@ class CatalogEntry:
 
 @dataclass
 class RefData:
+    """What `route()` sees: institutions (from the `RefView`) and the batch's persons."""
+
     hospitals: dict[str, Hospital] = field(default_factory=dict)  # fixmedins_code →
     persons: dict[str, Person] = field(default_factory=dict)  # psn_no →
-    persons_by_cert: dict[str, str] = field(default_factory=dict)  # certno → psn_no
+    persons_by_cert: dict[str, str] = field(default_factory=dict)  # certno → psn_no (1101 of this batch)
     filings: dict[str, list[Filing]] = field(default_factory=dict)  # psn_no → filings, ordered by filing_id
     catalog: dict[tuple[str, str], CatalogEntry] = field(default_factory=dict)  # (province, med_list_codg) →
+    # Which shard holds a region code (None: one database). A person is looked up only in the shard
+    # of the region the request names: found in another shard's province is not found at all.
+    shard_of: Callable[[str], str] | None = None
+
+    def person_in(self, psn_no: str, insuplc_admdvs: str) -> Person | None:
+        person = self.persons.get(psn_no)
+        if person is None or self.shard_of is None:
+            return person
+        try:
+            return person if self.shard_of(insuplc_admdvs) == self.shard_of(person.insuplc_admdvs) else None
+        except KeyError:  # a province no shard holds
+            return None
 
 
-async def fetch_refdata(conn: asyncpg.Connection) -> RefData:
-    ref = RefData()
+# Institutions in memory, kept current from the change log ----------------------------------------
+
+
+@dataclass
+class RefView:
+    """Hospitals, catalog items and regions as of change-log `version` (every change ≤ version applied)."""
+
+    hospitals: dict[str, Hospital] = field(default_factory=dict)
+    catalog: dict[tuple[str, str], CatalogEntry] = field(default_factory=dict)
+    regions: dict[str, Region] = field(default_factory=dict)
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RefChange:
+    """One row of `refdata_change`: `key` is fixmedins_code | "admdvs:med_list_codg" | admdvs."""
+
+    version: int
+    entity: str  # hospital | catalog_item | region
+    key: str
+
+
+@dataclass
+class ChangedRows:
+    """The current rows of the changed keys, read in the same snapshot as the changes (absent: deleted)."""
+
+    hospitals: dict[str, Hospital] = field(default_factory=dict)
+    catalog: dict[tuple[str, str], CatalogEntry] = field(default_factory=dict)
+    regions: dict[str, Region] = field(default_factory=dict)
+
+
+def catalog_key(key: str) -> tuple[str, str]:
+    admdvs, _, code = key.partition(":")
+    return admdvs, code
+
+
+def apply_changes(view: RefView, changes: Sequence[RefChange], rows: ChangedRows) -> int:
+    """Apply `changes` in version order to `view`: each changed key takes its row from `rows`, or is
+    removed when the row is gone. Changes at or below the view's version are already in it and are
+    skipped; the version only moves forward. Returns how many changes were applied."""
+    applied = 0
+    for change in sorted(changes, key=lambda c: c.version):
+        if change.version <= view.version:
+            continue
+        if change.entity == "hospital":
+            _put(view.hospitals, change.key, rows.hospitals.get(change.key))
+        elif change.entity == "catalog_item":
+            key = catalog_key(change.key)
+            _put(view.catalog, key, rows.catalog.get(key))
+        elif change.entity == "region":
+            _put(view.regions, change.key, rows.regions.get(change.key))
+        else:
+            raise ValueError(f"refdata_change {change.version}: unknown entity {change.entity!r}")
+        view.version = change.version
+        applied += 1
+    return applied
+
+
+def _put(target: dict[Any, Any], key: Any, value: Any) -> None:
+    if value is None:
+        target.pop(key, None)
+    else:
+        target[key] = value
+
+
+_HOSPITALS_SQL: Final = "SELECT fixmedins_code, fixmedins_name, admdvs, hosp_lv FROM hospital"
+_CATALOG_SQL: Final = "SELECT admdvs, med_list_codg, name, chrgitm_lv, selfpay_prop, pric_uplmt_fen FROM catalog_item"
+_REGIONS_SQL: Final = "SELECT admdvs, name, prov_admdvs, pool_admdvs FROM region"
+
+
+def _hospital(r: asyncpg.Record) -> Hospital:
+    return Hospital(r["admdvs"].strip(), r["hosp_lv"], r["fixmedins_name"])
+
+
+def _catalog(r: asyncpg.Record) -> CatalogEntry:
+    return CatalogEntry(r["chrgitm_lv"], r["selfpay_prop"], r["pric_uplmt_fen"], r["name"])
+
+
+def _region(r: asyncpg.Record) -> Region:
+    return Region(r["admdvs"].strip(), r["name"], r["prov_admdvs"].strip(), r["pool_admdvs"].strip())
+
+
+async def fetch_view(conn: asyncpg.Connection) -> RefView:
+    """Every hospital, catalog item and region and the change log's version, in one snapshot."""
+    view = RefView()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        for r in await conn.fetch("SELECT fixmedins_code, fixmedins_name, admdvs, hosp_lv FROM hospital"):
-            ref.hospitals[r["fixmedins_code"]] = Hospital(r["admdvs"], r["hosp_lv"], r["fixmedins_name"])
-        for r in await conn.fetch(
-            "SELECT psn_no, insuplc_admdvs, insutype, psn_type, assistance, acct_balc_fen, chronic, certno, psn_name"
-            " FROM person"
-        ):
-            ref.persons[r["psn_no"]] = Person(
-                r["insuplc_admdvs"],
-                r["insutype"],
-                r["psn_type"],
-                r["assistance"],
-                r["acct_balc_fen"],
-                frozenset(r["chronic"]),
-                r["certno"],
-                r["psn_name"],
-            )
-            if r["certno"] is not None:
-                ref.persons_by_cert[r["certno"]] = r["psn_no"]
-        for r in await conn.fetch(
-            "SELECT filing_id, psn_no, filing_type, begndate, enddate, target_admdvs, source, revoked"
-            " FROM filing ORDER BY psn_no, filing_id"
-        ):
-            ref.filings.setdefault(r["psn_no"], []).append(
-                Filing(
-                    r["filing_id"],
-                    r["filing_type"],
-                    r["begndate"],
-                    r["enddate"],
-                    r["target_admdvs"],
-                    r["source"],
-                    r["revoked"],
-                )
-            )
-        for r in await conn.fetch(
-            "SELECT admdvs, med_list_codg, name, chrgitm_lv, selfpay_prop, pric_uplmt_fen FROM catalog_item"
-        ):
-            ref.catalog[(r["admdvs"], r["med_list_codg"])] = CatalogEntry(
-                r["chrgitm_lv"], r["selfpay_prop"], r["pric_uplmt_fen"], r["name"]
-            )
-    return ref
+        view.version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM refdata_change")
+        for r in await conn.fetch(_HOSPITALS_SQL):
+            view.hospitals[r["fixmedins_code"]] = _hospital(r)
+        for r in await conn.fetch(_CATALOG_SQL):
+            view.catalog[(r["admdvs"].strip(), r["med_list_codg"])] = _catalog(r)
+        for r in await conn.fetch(_REGIONS_SQL):
+            view.regions[r["admdvs"].strip()] = _region(r)
+    return view
+
+
+async def fetch_changes(conn: asyncpg.Connection, after: int, limit: int) -> tuple[list[RefChange], ChangedRows]:
+    """The next `limit` changes after version `after` and the current rows of their keys, in one snapshot
+    (a row read here is at least as new as the last change read: applying them never goes back)."""
+    rows = ChangedRows()
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        changes = [RefChange(r["version"], r["entity"], r["key"]) for r in await conn.fetch(
+            "SELECT version, entity, key FROM refdata_change WHERE version > $1 ORDER BY version LIMIT $2",
+            after, limit)]
+        keys: dict[str, set[str]] = {}
+        for c in changes:
+            keys.setdefault(c.entity, set()).add(c.key)
+        if "hospital" in keys:
+            for r in await conn.fetch(_HOSPITALS_SQL + " WHERE fixmedins_code = ANY($1)", list(keys["hospital"])):
+                rows.hospitals[r["fixmedins_code"]] = _hospital(r)
+        if "catalog_item" in keys:
+            wanted = [catalog_key(k) for k in keys["catalog_item"]]
+            for r in await conn.fetch(
+                _CATALOG_SQL + " WHERE (admdvs, med_list_codg) IN"
+                " (SELECT * FROM unnest($1::text[], $2::text[]))",
+                    [a for a, _ in wanted], [c for _, c in wanted]):
+                rows.catalog[(r["admdvs"].strip(), r["med_list_codg"])] = _catalog(r)
+        if "region" in keys:
+            for r in await conn.fetch(_REGIONS_SQL + " WHERE admdvs = ANY($1)", list(keys["region"])):
+                rows.regions[r["admdvs"].strip()] = _region(r)
+    return changes, rows
+
+
+# Persons of one batch, from one shard ------------------------------------------------------------
+
+# One round trip: each person with their filings aggregated (ordered by filing_id, as route expects).
+_PERSONS_SQL: Final = """
+SELECT p.psn_no, p.insuplc_admdvs, p.insutype, p.psn_type, p.assistance, p.acct_balc_fen, p.chronic,
+       p.certno, p.psn_name,
+       (SELECT json_agg(json_build_array(f.filing_id, f.filing_type, f.begndate, f.enddate, f.target_admdvs,
+                                         f.source, f.revoked) ORDER BY f.filing_id)
+          FROM filing f WHERE f.psn_no = p.psn_no) AS filings
+  FROM person p WHERE p.psn_no = ANY($1::text[])
+"""
+
+
+async def fetch_persons(conn: asyncpg.Connection | asyncpg.Pool,
+                        psn_nos: Iterable[str]) -> tuple[dict[str, Person], dict[str, list[Filing]]]:
+    """The persons among `psn_nos` in this shard and their filings (`= ANY($1)`: one statement)."""
+    persons: dict[str, Person] = {}
+    filings: dict[str, list[Filing]] = {}
+    for r in await conn.fetch(_PERSONS_SQL, list(psn_nos)):
+        psn_no = r["psn_no"]
+        persons[psn_no] = person_of(r)
+        filings[psn_no] = [
+            Filing(fid, ftype, date.fromisoformat(beg), date.fromisoformat(end),
+                   target.strip() if target else None, source, revoked)
+            for fid, ftype, beg, end, target, source, revoked in json.loads(r["filings"] or "[]")
+        ]
+    return persons, filings
+
+
+def person_of(r: asyncpg.Record) -> Person:
+    return Person(r["insuplc_admdvs"].strip(), r["insutype"], r["psn_type"], r["assistance"], r["acct_balc_fen"],
+                  frozenset(r["chronic"]), r["certno"], r["psn_name"])
 
 
 # Preference among filings in force (schemas.codes.FILING_PREFERENCE): the smallest ratio cut first.

@@ -1,7 +1,8 @@
 """The router's batch processor in the shared consumer shell (`services/common/consumer.py`).
 
-Per poll: route every record in order (a person's records stay in order: one partition,
-one key), then the shell produces what was routed, waits for all acknowledgements and
+Per poll: read the batch's persons (one query per shard), route every record in order (a
+person's records stay in order: one partition, one key), then the shell produces what was routed,
+waits for all acknowledgements and
 commits the offsets. At-least-once; downstream is idempotent by msgid. A request that
 fails unexpectedly is answered INTERNAL and dead-lettered; a database outage is waited out.
 """
@@ -21,7 +22,7 @@ from services.common.kafka import make_group_consumer, make_producer
 from services.common.metrics import REQUESTS, record_settlement_request, serve_metrics
 from services.common.response import received_from_ns, response_bytes
 from services.router.core import RouterCore, ingress_meta, scope_of
-from topics.catalog import INGRESS
+from topics.catalog import INGRESS, ROUTED
 
 log = logging.getLogger("router")
 GROUP_ID = "xsettle-router"
@@ -39,6 +40,7 @@ class Router(BatchProcessor[Request]):
         self.core = core
 
     async def process(self, records: list[Record[Request]], outbox: Outbox) -> None:
+        await self.core.begin_batch([rec.value for rec in records])  # one read per shard for the batch
         for rec in records:
             with applying(rec, f"routing infno {rec.value.envelope.infno}"):
                 await self.core.handle(rec.value, rec.raw.value, _headers(rec), outbox)
@@ -77,6 +79,7 @@ async def run(s: Settings, stop: asyncio.Event) -> None:
         await until_up("Kafka producer", producer.start, stop)
         if stop.is_set():
             return
+        core.routed_partitions = len(await producer.partitions_for(ROUTED.name))
         log.info("router ready")
         consumer = make_group_consumer(s, GROUP_ID, INGRESS.name)
         await BatchConsumer(consumer, GROUP_ID, INGRESS, Router(core), producer,

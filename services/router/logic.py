@@ -82,6 +82,8 @@ class RefdataChange:
     new_filing: Filing | None = None
     revoke_filing_id: str | None = None
     chronic: frozenset[str] | None = None  # the person's eligibility after the change
+    chronic_disease: str | None = None  # 2503 / 2504: the disease registered online ...
+    chronic_grant: bool = False  # ... granted (2503) or withdrawn (2504)
 
 
 Decision = Routed | Answer | PersonQuery | RefdataChange | ForwardClearing
@@ -105,7 +107,7 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
     if transaction is None or transaction.stage not in ("router", "engine") or psn_no is None:
         # The gateway answers 9001; every body the router or the engine answers carries psn_no.
         raise BrokerError("INFNO_UNSUPPORTED", f"infno {env.infno} is not routed to settlement")
-    person = ref.persons.get(psn_no)
+    person = ref.person_in(psn_no, env.insuplc_admdvs)  # only the shard of the region named is asked
     if person is None:
         raise BrokerError("PERSON_UNKNOWN", "no insured person with that psn_no")
     if env.insuplc_admdvs != person.insuplc_admdvs:
@@ -335,11 +337,11 @@ def filing_transaction(body: Any, psn_no: str, person: Any, ref: RefData, msgid:
         case Input2503(data=d):
             chronic = frozenset(person.chronic) | {d.chronic_disease}
             return RefdataChange(psn_no, {"chronicinfo": [{"chronic_disease": c} for c in sorted(chronic)]},
-                                 chronic=chronic)
+                                 chronic=chronic, chronic_disease=d.chronic_disease, chronic_grant=True)
         case Input2504(data=d):
             chronic = frozenset(person.chronic) - {d.chronic_disease}
             return RefdataChange(psn_no, {"chronicinfo": [{"chronic_disease": c} for c in sorted(chronic)]},
-                                 chronic=chronic)
+                                 chronic=chronic, chronic_disease=d.chronic_disease, chronic_grant=False)
     raise BrokerError("INFNO_UNSUPPORTED", "not a filing transaction")
 
 

@@ -1,50 +1,74 @@
-"""The router's state: reference data in memory, and the few rows it reads and writes in PostgreSQL.
+"""The router's state: institutions in memory, persons read a batch at a time, and the few writes.
 
-Reference data is held in memory and reloaded when the loader NOTIFYs `refdata_changed`;
-filings created on the spot (promise / emergency / 2501–2504) are written to PostgreSQL
-first, so they survive a restart, and announced to every router with a per-person NOTIFY.
-
-The LISTEN connection is watched: after a database restart it is opened again, LISTENs
-again and reloads everything (a NOTIFY sent while it was away is lost, the reload is not).
+- Hospitals, catalog items, regions (`RefView`): read once in one snapshot, then one applier task
+  applies the hub's `refdata_change` rows after the applied version, in order, reading only the
+  changed keys. It wakes on NOTIFY `refdata_changed` and polls every `POLL_S` anyway (a NOTIFY sent
+  while the LISTEN connection was away is lost; the change log is not). Nothing else writes the view,
+  so there are never two reloads at once and the version never goes back.
+- Persons, filings, eligibility (`read_batch`): per batch, the person index (hub) for the 1101
+  certificates in one query, then one query per shard for the batch's psn_nos, the shards
+  concurrently. Nothing about a person is kept after the batch.
+- Writes (2501–2504, filings made on the spot) go to the person's shard and into the batch's view, so
+  the batch's later records see them. Nobody caches persons, so nobody is told.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Final
 
 import asyncpg
 
+from schemas.codec import Request
+from schemas.person import Input1101
 from services.common.config import Settings
 from services.common.consumer import Backoff, FailureKind, classify, sleep_or_stop, until_up
 from services.common.kafka import connect_pool
-from services.refdata.store import Filing, RefData, fetch_refdata
-from services.router.logic import LedgerFacts, NewFiling, RefdataChange
+from services.common.shards import ShardPools, certno_digest, person_index_key
+from services.refdata.store import (
+    Filing,
+    RefData,
+    RefView,
+    apply_changes,
+    fetch_changes,
+    fetch_persons,
+    fetch_view,
+)
+from services.router.logic import LedgerFacts, RefdataChange
 
 log = logging.getLogger("router")
 REFDATA_CHANNEL: Final = "refdata_changed"
+POLL_S: Final = 0.5  # the change log is read at least this often, NOTIFY or not
 LISTENER_CHECK_S: Final = 0.5
+CHANGES_PER_READ: Final = 5_000
 POOL_SIZE_MAX: Final = 4
 
 
 class RouterState:
     def __init__(self, s: Settings) -> None:
         self.s = s
-        self.ref: RefData | None = None
+        self.view: RefView | None = None
         self.ready = asyncio.Event()
-        self.pool: asyncpg.Pool | None = None
+        self.pool: asyncpg.Pool | None = None  # the hub
+        self.shards: ShardPools | None = None
+        self._index_key = person_index_key(s)
         self._listener: asyncpg.Connection | None = None
+        self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, stop: asyncio.Event) -> None:
-        """Connect and load (waiting for the database if it is away); then keep the LISTEN alive."""
+        """Connect and read the view (waiting for the database if it is away); then keep it current."""
         self.pool = await until_up("PostgreSQL", lambda: connect_pool(self.s, POOL_SIZE_MAX), stop)
-        await until_up("reference data", self._listen_and_reload, stop)
-        if self.ref is not None:
+        self.shards = await until_up("shard databases", lambda: ShardPools.connect(self.s, POOL_SIZE_MAX), stop)
+        await until_up("reference data", self._read_view, stop)
+        if self.view is not None:
             self.ready.set()
+            self._spawn(self._apply_changes(stop))
             self._spawn(self._watch_listener(stop))
 
     async def close(self) -> None:
@@ -53,18 +77,60 @@ class RouterState:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._listener is not None:
             await self._listener.close()
+        if self.shards is not None:
+            await self.shards.close()
         if self.pool is not None:
             await self.pool.close()
 
-    async def _listen_and_reload(self) -> None:
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # Institutions ----------------------------------------------------------------------------------
+
+    async def _read_view(self) -> None:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            self.view = await fetch_view(conn)
+        log.info("reference data read: %d hospitals, %d catalog items, version %d",
+                 len(self.view.hospitals), len(self.view.catalog), self.view.version)
+
+    async def catch_up(self) -> int:
+        """Apply every change committed after the view's version. Only the applier task calls this."""
+        assert self.pool is not None and self.view is not None
+        total = 0
+        while True:
+            async with self.pool.acquire() as conn:
+                changes, rows = await fetch_changes(conn, self.view.version, CHANGES_PER_READ)
+            total += apply_changes(self.view, changes, rows)
+            if len(changes) < CHANGES_PER_READ:
+                if total:
+                    log.info("reference data: %d changes applied, version %d", total, self.view.version)
+                return total
+
+    async def _apply_changes(self, stop: asyncio.Event) -> None:
+        backoff = Backoff()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_S)
+            self._wake.clear()
+            try:
+                await self.catch_up()
+                backoff = Backoff()
+            except Exception as e:
+                _warn("reference data update", e)
+                await backoff.wait(stop)
+
+    async def _listen(self) -> None:
         listener = await asyncpg.connect(self.s.pg_dsn)
         try:
             await listener.add_listener(REFDATA_CHANNEL, self._on_notify)
-            await self.reload()  # after LISTEN: a change committed in between is not missed
         except BaseException:
             await listener.close()
             raise
         self._listener = listener
+        self._wake.set()  # whatever was announced while nobody listened: read the log now
 
     async def _watch_listener(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
@@ -74,54 +140,69 @@ class RouterState:
                 await sleep_or_stop(stop, LISTENER_CHECK_S)
                 continue
             try:
-                await self._listen_and_reload()
-                log.info("LISTEN %s restored; reference data reloaded", REFDATA_CHANNEL)
+                await self._listen()
+                log.info("LISTEN %s", REFDATA_CHANNEL)
             except Exception as e:
-                _warn("LISTEN reconnect", e)
+                _warn("LISTEN", e)
                 await backoff.wait(stop)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        self._wake.set()
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        # "person:<psn_no>": one person's filings or eligibility changed (any router may have done it);
-        # otherwise a reference-data load changed anything: reload everything.
-        if payload.startswith("person:"):
-            self._spawn(_logged("person reload", self.reload_person(payload.removeprefix("person:"))))
-        else:
-            self._spawn(_logged("reference data reload", self.reload()))
+    # Persons, a batch at a time --------------------------------------------------------------------
 
-    async def reload(self) -> None:
-        assert self.pool is not None
-        async with self.pool.acquire() as conn:
-            self.ref = await fetch_refdata(conn)
-        log.info(
-            "reference data loaded: %d hospitals, %d persons", len(self.ref.hospitals), len(self.ref.persons)
-        )
+    def _shard(self, admdvs: str | None) -> str | None:
+        assert self.shards is not None
+        try:
+            return self.shards.map.shard_of(admdvs) if admdvs else None
+        except KeyError:  # a province no shard holds: nobody is insured there
+            return None
 
-    async def reload_person(self, psn_no: str) -> None:
-        assert self.pool is not None and self.ref is not None
-        async with self.pool.acquire() as conn:
-            row = await conn.fetchrow("SELECT chronic FROM person WHERE psn_no = $1", psn_no)
-            filings = await conn.fetch(
-                "SELECT filing_id, filing_type, begndate, enddate, target_admdvs, source, revoked FROM filing"
-                " WHERE psn_no = $1 ORDER BY filing_id", psn_no)
-        person = self.ref.persons.get(psn_no)
-        if row is not None and person is not None:
-            self.ref.persons[psn_no] = replace(person, chronic=frozenset(row["chronic"]))
-        self.ref.filings[psn_no] = [Filing(**dict(f)) for f in filings]
+    async def read_batch(self, requests: Sequence[Request]) -> RefData:
+        """The batch's view: institutions from memory, the persons the requests name from their shards.
+        A person is asked for in the shard of the region the request names (the insured region)."""
+        assert self.pool is not None and self.shards is not None and self.view is not None
+        wanted: dict[str, set[str]] = {}
+        certs: dict[bytes, str] = {}  # digest → certificate, for 1101
+        for req in requests:
+            psn_no = req.psn_no
+            if isinstance(req.body, Input1101):
+                q = req.body.data
+                cert = q.certno or q.mdtrt_cert_no
+                certs[certno_digest(self._index_key, cert)] = cert
+                psn_no = q.mdtrt_cert_no  # a psn_no may stand as the certificate
+            if psn_no and (shard := self._shard(req.envelope.insuplc_admdvs)) is not None:
+                wanted.setdefault(shard, set()).add(psn_no)
+        by_cert: dict[str, str] = {}
+        if certs:
+            for r in await self.pool.fetch(
+                    "SELECT certno_digest, psn_no, insuplc_admdvs FROM person_index"
+                    " WHERE certno_digest = ANY($1::bytea[])", list(certs)):
+                by_cert[certs[bytes(r["certno_digest"])]] = r["psn_no"]
+                if (shard := self._shard(r["insuplc_admdvs"])) is not None:
+                    wanted.setdefault(shard, set()).add(r["psn_no"])
+        found = await asyncio.gather(*(fetch_persons(self.shards.pools[shard], sorted(psn_nos))
+                                       for shard, psn_nos in wanted.items()))
+        ref = RefData(hospitals=self.view.hospitals, catalog=self.view.catalog, persons_by_cert=by_cert,
+                      shard_of=self.shards.map.shard_of)
+        for persons, filings in found:
+            ref.persons.update(persons)
+            ref.filings.update(filings)
+        return ref
 
-    async def save_filing(self, new: NewFiling) -> None:
-        """Durable before the request that relies on it moves on; idempotent by filing_id."""
-        await self.apply_change(RefdataChange(new.psn_no, {}, new_filing=new.filing))
+    def _pool_of(self, ref: RefData, psn_no: str) -> asyncpg.Pool:
+        assert self.shards is not None
+        return self.shards.of(ref.persons[psn_no].insuplc_admdvs)
 
-    async def apply_change(self, change: RefdataChange) -> None:
-        """Write a filing / eligibility change, tell every router, then update this one's snapshot."""
-        assert self.pool is not None and self.ref is not None
+    async def save_filing(self, ref: RefData, psn_no: str, filing: Filing) -> None:
+        """A filing made on the spot: durable before the request that relies on it moves on."""
+        await self.apply_change(ref, RefdataChange(psn_no, {}, new_filing=filing))
+
+    async def apply_change(self, ref: RefData, change: RefdataChange) -> None:
+        """Write a filing / eligibility change to the person's shard, then into the batch's view."""
         psn_no = change.psn_no
-        async with self.pool.acquire() as conn, conn.transaction():
+        chronic: list[str] | None = None
+        async with self._pool_of(ref, psn_no).acquire() as conn, conn.transaction():
             if (f := change.new_filing) is not None:
                 await conn.execute(
                     "INSERT INTO filing (filing_id, psn_no, filing_type, begndate, enddate, target_admdvs, source)"
@@ -131,15 +212,19 @@ class RouterState:
             if change.revoke_filing_id is not None:
                 await conn.execute("UPDATE filing SET revoked = true WHERE filing_id = $1 AND psn_no = $2",
                                    change.revoke_filing_id, psn_no)
-            if change.chronic is not None:
-                await conn.execute("UPDATE person SET chronic = $2 WHERE psn_no = $1", psn_no, sorted(change.chronic))
-            await conn.execute("SELECT pg_notify($1, $2)", REFDATA_CHANNEL, f"person:{psn_no}")
-        await self.reload_person(psn_no)
+            if change.chronic_disease is not None:
+                # Online wins over the file for this disease until its next online change (person_chronic).
+                chronic = await conn.fetchval(
+                    "UPDATE person SET chronic_online = chronic_online || jsonb_build_object($2::text, $3::boolean),"
+                    " chronic = person_chronic(chronic_file,"
+                    "                          chronic_online || jsonb_build_object($2::text, $3::boolean))"
+                    " WHERE psn_no = $1 RETURNING chronic",
+                    psn_no, change.chronic_disease, change.chronic_grant)
+        _into_batch(ref, change, chronic)
 
-    async def ledger_facts(self, psn_no: str, year: int) -> LedgerFacts:
-        """For 1101: the account balance now and this year's accumulators, read from the ledger."""
-        assert self.pool is not None
-        async with self.pool.acquire() as conn:
+    async def ledger_facts(self, ref: RefData, psn_no: str, year: int) -> LedgerFacts:
+        """For 1101: the account balance now and this year's accumulators, from the person's shard."""
+        async with self._pool_of(ref, psn_no).acquire() as conn:
             balance = await conn.fetchval("SELECT balc_fen FROM account WHERE psn_no = $1", psn_no)
             acc = await conn.fetchrow("SELECT * FROM accumulator WHERE psn_no = $1 AND acc_year = $2", psn_no, year)
         facts: dict[str, Any] = {}
@@ -149,11 +234,18 @@ class RouterState:
         return LedgerFacts(balance_fen=balance, year=year, accumulators=facts)
 
 
-async def _logged(what: str, coro: Any) -> None:
-    try:
-        await coro
-    except Exception as e:  # the watcher reloads everything after a reconnect; nothing else to do here
-        _warn(what, e)
+def _into_batch(ref: RefData, change: RefdataChange, chronic: list[str] | None) -> None:
+    """What the shard now holds, as the rest of the batch must see it."""
+    psn_no = change.psn_no
+    filings = ref.filings.setdefault(psn_no, [])
+    if (f := change.new_filing) is not None and all(x.filing_id != f.filing_id for x in filings):
+        filings.append(f)
+        filings.sort(key=lambda x: x.filing_id)
+    if change.revoke_filing_id is not None:
+        ref.filings[psn_no] = [replace(x, revoked=True) if x.filing_id == change.revoke_filing_id else x
+                               for x in filings]
+    if chronic is not None:
+        ref.persons[psn_no] = replace(ref.persons[psn_no], chronic=frozenset(chronic))
 
 
 def _warn(what: str, e: BaseException) -> None:
