@@ -163,7 +163,7 @@ class Ledger:
         return None if row is None else row[0]
 
     async def total(self, sql: str, *args: object) -> int:
-        return sum(int(await pool.fetchval(sql, *args) or 0) for _, pool in self.shards)
+        return sum([int(await pool.fetchval(sql, *args) or 0) for _, pool in self.shards])
 
     async def execute(self, sql: str, *args: object) -> None:
         for _, pool in self.shards:

@@ -52,6 +52,7 @@ from tests.integration.clearing_fixtures import (
     run_stay,
     wait_recorded,
 )
+from tests.integration.conftest import Ledger
 from topics.catalog import ALERTS, DEPOSITS, SETTLEMENTS
 
 pytestmark = pytest.mark.integration
@@ -65,11 +66,11 @@ async def client(services: Settings) -> AsyncIterator[GatewayClient]:
 
 
 @pytest.fixture(scope="module")
-async def traffic(db: asyncpg.Pool, services: Settings, client: GatewayClient,
+async def traffic(db: asyncpg.Pool, ledger: Ledger, services: Settings, client: GatewayClient,
                   tmp_path_factory: pytest.TempPathFactory) -> Traffic:
     await load_refdata(db, services, tmp_path_factory.mktemp("clearing_refdata"))
     t = await generate_month(client)
-    await wait_recorded(db, t.setl_ids())
+    await wait_recorded(db, ledger, t.setl_ids())
     return t
 
 
@@ -95,11 +96,13 @@ async def metric(port: int, name: str, **labels: str) -> float:
 # The month, streaming and batch ---------------------------------------------------------------------
 
 
-async def test_month_of_traffic_clears_exactly_like_the_ledger(traffic: Traffic, db: asyncpg.Pool) -> None:
+async def test_month_of_traffic_clears_exactly_like_the_ledger(traffic: Traffic, db: asyncpg.Pool,
+                                                                ledger: Ledger) -> None:
     async with db.acquire() as conn:
-        assert await store.verify(conn, M1) == []  # streaming = entries = batch recomputation, to the fen
+        # streaming = entries = batch recomputation over every shard, to the fen
+        assert await store.verify(conn, ledger.shards, M1) == []
         positions = await store.positions(conn, M1)
-    expected = await ledger_pairs(db, M1)
+    expected = await ledger_pairs(ledger, M1)
     assert pair_sums(positions) == expected
     scopes = {p.scope for p in positions.values()}
     assert scopes == {"intra_province", "cross_province"}
@@ -109,16 +112,16 @@ async def test_month_of_traffic_clears_exactly_like_the_ledger(traffic: Traffic,
     assert {"440300", "110000", "330100"} <= {p.key.insured_pool for p in positions.values()}
     totals = {f: sum(v[f] for v in expected.values()) for f in AMOUNT_FIELDS}
     assert totals["hifp_pay"] > 0 and totals["hifmi_pay"] > 0 and totals["maf_pay"] > 0
-    reversals = await db.fetchval(
+    reversals = await ledger.total(
         "SELECT count(*) FROM settlement WHERE kind = 'reverse' AND scope <> 'local' AND setl_time >= $1"
         " AND setl_time < $2", month_start(M1), month_end(M1))
     assert sum(p.cnt for p in positions.values() if p.key.kind == "reverse") == reversals >= 5
 
 
-async def test_replayed_settlement_events_are_not_counted_twice(traffic: Traffic, db: asyncpg.Pool,
+async def test_replayed_settlement_events_are_not_counted_twice(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                                 services: Settings) -> None:
     ids = traffic.setl_ids()[:10]
-    rows = await db.fetch("SELECT * FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'", ids)
+    rows = await ledger.fetch("SELECT * FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'", ids)
     assert len(rows) >= 5
     enc = msgspec.json.Encoder()
     events = [SettlementEvent(
@@ -148,7 +151,7 @@ async def test_replayed_settlement_events_are_not_counted_twice(traffic: Traffic
     assert dup == dup_before + 2 * len(events)
     async with db.acquire() as conn:
         assert compare_positions(before, await store.positions(conn, M1)) == []
-        assert await store.verify(conn, M1) == []
+        assert await store.verify(conn, ledger.shards, M1) == []
 
 
 # Hospital reconciliation ----------------------------------------------------------------------------
@@ -229,11 +232,12 @@ async def test_hospital_reconciliation_totals_and_details(traffic: Traffic, clie
 
 
 async def test_close_freezes_the_month_and_statements_match_the_ledger(traffic: Traffic, db: asyncpg.Pool,
-                                                                       services: Settings, tmp_path: Path) -> None:
+                                                                       ledger: Ledger, services: Settings,
+                                                                       tmp_path: Path) -> None:
     closed = await cli.close(services, M1)
     again = await cli.close(services, M1)
     assert again.already_closed and (again.version, again.digest) == (closed.version, closed.digest)
-    expected = await ledger_pairs(db, M1)
+    expected = await ledger_pairs(ledger, M1)
     total = sum(v["fund_pay_sumamt"] for v in expected.values())
     assert closed.fund_pay_sumamt == total and closed.entry_cnt == sum(v["cnt"] for v in expected.values())
 
@@ -241,7 +245,7 @@ async def test_close_freezes_the_month_and_statements_match_the_ledger(traffic: 
         return region_of(pool).prov_admdvs
 
     async with db.acquire() as conn:
-        assert await store.verify(conn, M1) == []
+        assert await store.verify(conn, ledger.shards, M1) == []
         for region in ("150400", "500000", "510400", "350300", "140100", "440300", "510000", "150000"):
             st = await cli.statement_for(conn, M1, region)
             assert st.status == "closed" and st.digest == closed.digest
@@ -278,20 +282,20 @@ async def test_close_freezes_the_month_and_statements_match_the_ledger(traffic: 
     assert await asyncio.to_thread(cli.main, ["verify", "--month", M1]) == 0
 
 
-async def test_reversal_after_close_lands_in_the_next_month(traffic: Traffic, db: asyncpg.Pool,
+async def test_reversal_after_close_lands_in_the_next_month(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                             client: GatewayClient, services: Settings) -> None:
     closed = await cli.close(services, M1)  # idempotent: closed already by the test before, or now
     reversed_ids = {r["setl_id"] for r in traffic.reversals}
     candidates = [s for s in traffic.settled if s.setl_id not in reversed_ids]
     async with db.acquire() as conn:
         before = await store.positions(conn, M1)
-        nonlocal_ids = {r[0] for r in await conn.fetch(
+        nonlocal_ids = {r[0] for r in await ledger.fetch(
             "SELECT setl_id FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'",
             [s.setl_id for s in candidates])}
     late_target, next_target = [s for s in candidates if s.setl_id in nonlocal_ids][:2]
     late = await reverse(client, late_target, at(M1, 31, 23, 30))  # dated in the closed month: arrives late
     normal = await reverse(client, next_target, at(M2, 2, 10, 0))
-    await wait_recorded(db, [late["setl_id"], normal["setl_id"]])
+    await wait_recorded(db, ledger, [late["setl_id"], normal["setl_id"]])
     async with db.acquire() as conn:
         entries = {r["setl_id"]: r for r in await conn.fetch(
             "SELECT setl_id, setl_month, clr_month FROM clearing_entry WHERE setl_id = ANY($1::text[])",
@@ -302,8 +306,8 @@ async def test_reversal_after_close_lands_in_the_next_month(traffic: Traffic, db
         assert compare_positions(before, await store.positions(conn, M1)) == []
         stmt = await store.statement(conn, M1)
         assert stmt is not None and stmt["digest"] == closed.digest
-        assert await store.verify(conn, M1) == []
-        assert await store.verify(conn, M2) == []  # the batch puts the late reversal in M2 as well
+        assert await store.verify(conn, ledger.shards, M1) == []
+        assert await store.verify(conn, ledger.shards, M2) == []  # the batch puts the late reversal in M2 as well
         adjustments = [p for p in (await store.positions(conn, M2)).values() if p.key.adjustment]
         assert sum(p.amounts.fund_pay_sumamt for p in adjustments) == to_fen(D(late["fund_pay_sumamt"]))
         st = await cli.statement_for(conn, M2, region_of(late_target.stay.insuplc).pool_admdvs)
@@ -311,11 +315,11 @@ async def test_reversal_after_close_lands_in_the_next_month(traffic: Traffic, db
         assert sum(ln.adj_reverse_cnt for ln in st.payable) == 1  # the late reversal, nothing else
 
 
-async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic, db: asyncpg.Pool,
+async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                                client: GatewayClient, services: Settings) -> None:
     plan = month_plan(M2, EXTRA_PERSONS, 16, first_day=3, last_day=12)
     settled = await gather_limited(run_stay(client, h, p, when, lines) for h, p, when, lines in plan)
-    await wait_recorded(db, [s.setl_id for s in settled])
+    await wait_recorded(db, ledger, [s.setl_id for s in settled])
 
     some_done = asyncio.Event()
     done: list[dict[str, Any]] = []
@@ -339,12 +343,12 @@ async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic,
         return await cli.close(services, M2)
 
     revs, closed = await asyncio.gather(reversals(), close_midway())
-    await wait_recorded(db, [r["setl_id"] for r in revs])
+    await wait_recorded(db, ledger, [r["setl_id"] for r in revs])
     async with db.acquire() as conn:
-        rev_ids = [r[0] for r in await conn.fetch(
+        rev_ids = [r[0] for r in await ledger.fetch(
             "SELECT setl_id FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'",
             [r["setl_id"] for r in revs])]
-        nonlocal_settled = await conn.fetchval(
+        nonlocal_settled = await ledger.total(
             "SELECT count(*) FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'",
             [s.setl_id for s in settled])
         assert len(rev_ids) == nonlocal_settled == sum(
@@ -358,8 +362,8 @@ async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic,
         # Nothing slipped into the closed month after its freeze, nothing was lost.
         assert compare_positions(frozen, await store.positions(conn, M2)) == []
         assert compare_positions(frozen, await store.entry_positions(conn, M2)) == []
-        assert await store.verify(conn, M2) == []
-        assert await store.verify(conn, M3) == []
+        assert await store.verify(conn, ledger.shards, M2) == []
+        assert await store.verify(conn, ledger.shards, M3) == []
         late = await conn.fetchval(
             "SELECT count(*) FROM clearing_entry WHERE setl_id = ANY($1::text[]) AND clr_month = $2", rev_ids, M3)
     print(f"reversals during the close: {len(rev_ids) - late} in {M2}, {late} as adjustments of {M3}")
@@ -368,7 +372,7 @@ async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic,
 # Clearing details and applications ----------------------------------------------------------------
 
 
-async def test_clearing_details_confirmation_and_applications(traffic: Traffic, db: asyncpg.Pool,
+async def test_clearing_details_confirmation_and_applications(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                               client: GatewayClient, services: Settings) -> None:
     await cli.close(services, M1)
     hospital = HOSPITALS["150400"]
@@ -376,9 +380,11 @@ async def test_clearing_details_confirmation_and_applications(traffic: Traffic, 
     q = {"trt_year": year, "trt_month": mon}
     page = await client.call(hospital.envelope("3260", {"data": {**q, "startrow": 1}}))
     assert page["infcode"] == 0, page["err_msg"]
-    ours = await db.fetch(
-        "SELECT e.setl_id, s.fund_pay_sumamt, s.medfee_sumamt FROM clearing_entry e JOIN settlement s USING (setl_id)"
-        " WHERE e.clr_month = $1 AND e.fixmedins_code = $2", M1, hospital.fixmedins_code)
+    entry_ids = [r[0] for r in await db.fetch(
+        "SELECT setl_id FROM clearing_entry WHERE clr_month = $1 AND fixmedins_code = $2", M1, hospital.fixmedins_code)]
+    ours = await ledger.fetch(
+        "SELECT setl_id, fund_pay_sumamt, medfee_sumamt FROM settlement WHERE setl_id = ANY($1::text[])", entry_ids)
+    assert len(ours) == len(entry_ids)
     out = page["output"]
     assert out["totalrow"] == len(ours) == len(out["data"]) > 2
     assert {r["setl_sn"] for r in out["data"]} == {r["setl_id"] for r in ours}
@@ -494,7 +500,7 @@ async def test_deposit_warning_fires_at_the_line_and_not_above_it(db: asyncpg.Po
 
 
 async def test_manual_claims_are_stored_and_count_in_the_rate_denominator(traffic: Traffic, db: asyncpg.Pool,
-                                                                          services: Settings) -> None:
+                                                                          ledger: Ledger, services: Settings) -> None:
     def claim(n: int, insured: str, treating: str) -> ManualClaim:
         return ManualClaim(
             claim_id=f"MC{RUN_TOKEN}{n}", psn_no=EXTRA_PERSONS[n].psn_no, insuplc_admdvs=insured,
@@ -523,8 +529,8 @@ async def test_manual_claims_are_stored_and_count_in_the_rate_denominator(traffi
     assert counted == counted_before + 3
 
     async with db.acquire() as conn:
-        lines = await store.rates(conn, month_start(M1).date(), (month_end(M1)).date())
-        direct = await conn.fetchval(
+        lines = await store.rates(conn, ledger.shards, month_start(M1).date(), (month_end(M1)).date())
+        direct = await ledger.total(
             "SELECT count(DISTINCT s.mdtrt_id) FROM settlement s WHERE s.kind = 'settle' AND s.med_type = '21'"
             " AND s.insured_pool = '510400' AND left(s.treating_admdvs, 2) = '15' AND s.setl_time >= $1"
             " AND s.setl_time < $2 AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)",
@@ -539,7 +545,7 @@ async def test_manual_claims_are_stored_and_count_in_the_rate_denominator(traffi
 # A crash of the clearing service ------------------------------------------------------------------------------
 
 
-async def test_clearing_service_crash_keeps_positions_exact(traffic: Traffic, db: asyncpg.Pool,
+async def test_clearing_service_crash_keeps_positions_exact(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                             client: GatewayClient, services: Settings) -> None:
     plan = month_plan(M4, EXTRA_PERSONS, 20, first_day=1, last_day=20)
     running = asyncio.ensure_future(gather_limited(run_stay(client, h, p, when, lines) for h, p, when, lines in plan))
@@ -548,7 +554,7 @@ async def test_clearing_service_crash_keeps_positions_exact(traffic: Traffic, db
     assert await asyncio.to_thread(stack_ctl.stop_service, "clearing", True, services)
     settled = await running
     await asyncio.to_thread(stack_ctl.start_service, "clearing", services)
-    await wait_recorded(db, [s.setl_id for s in settled], timeout_s=60)
+    await wait_recorded(db, ledger, [s.setl_id for s in settled], timeout_s=60)
     async with db.acquire() as conn:
-        assert await store.verify(conn, M4) == []
-        assert pair_sums(await store.positions(conn, M4)) == await ledger_pairs(db, M4)
+        assert await store.verify(conn, ledger.shards, M4) == []
+        assert pair_sums(await store.positions(conn, M4)) == await ledger_pairs(ledger, M4)

@@ -19,7 +19,7 @@ from deploy import ops
 from loadtest.his import GatewayClient, Stay, next_msgid
 from services.common.config import Settings
 from services.refdata.load import load_dir
-from tests.integration.conftest import HOSPITALS, RUN_TOKEN, STAY_START, psn, wait_router_knows
+from tests.integration.conftest import HOSPITALS, RUN_TOKEN, STAY_START, Ledger, psn, wait_router_knows
 from topics.catalog import INGRESS, ROUTED
 
 pytestmark = pytest.mark.integration
@@ -98,18 +98,19 @@ def _write_person(directory: Path, psn_no: str) -> None:
         (directory / f"{name}.jsonl").write_bytes(b"")
 
 
-async def _wait_visit(db: asyncpg.Pool, mdtrt_id: str, state: str, timeout_s: float = 30) -> None:
+async def _wait_visit(shard: asyncpg.Pool, mdtrt_id: str, state: str, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if await db.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", mdtrt_id) == state:
+        if await shard.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", mdtrt_id) == state:
             return
         await asyncio.sleep(0.3)
     raise AssertionError(f"visit {mdtrt_id} not {state} within {timeout_s} s")
 
 
 async def test_router_rejection_replayed_after_the_fix(refdata: dict, services: Settings, db: asyncpg.Pool,
-                                                       gateway: GatewayClient, tmp_path: Path,
+                                                       ledger: Ledger, gateway: GatewayClient, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    shard = ledger.of("150400")  # the person's insured province's shard holds its visits and requests
     psn_no = psn(900)  # not loaded yet: the router refuses the admission
     stay = Stay(HOSPITALS["chifeng"], psn_no, "150400", "310", STAY_START)
     admission = stay.admit()
@@ -133,21 +134,22 @@ async def test_router_rejection_replayed_after_the_fix(refdata: dict, services: 
 
     code, out, _ = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", msgid)
     assert code == 0 and "dry run" in out and f"-> {INGRESS.name}" in out
-    assert await db.fetchval("SELECT count(*) FROM visit WHERE mdtrt_id = $1", "M" + msgid) == 0
+    assert await shard.fetchval("SELECT count(*) FROM visit WHERE mdtrt_id = $1", "M" + msgid) == 0
     for _ in range(2):  # a second replay is harmless: the engine answers a known msgid from its record
         code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", msgid,
                                                  "--stage", "router", "--execute")
         assert code == 0, err
-        await _wait_visit(db, "M" + msgid, "admitted")
+        await _wait_visit(shard, "M" + msgid, "admitted")
     await asyncio.sleep(2)
-    assert await db.fetchval("SELECT count(*) FROM processed_request WHERE msgid = $1", msgid) == 1
-    assert await db.fetchval("SELECT count(*) FROM visit WHERE psn_no = $1", psn_no) == 1
+    assert await shard.fetchval("SELECT count(*) FROM processed_request WHERE msgid = $1", msgid) == 1
+    assert await shard.fetchval("SELECT count(*) FROM visit WHERE psn_no = $1", psn_no) == 1
 
 
 async def test_engine_refusal_replayed_only_when_its_stored_refusal_is_forgotten(
-    refdata: dict, services: Settings, db: asyncpg.Pool, gateway: GatewayClient, tmp_path: Path,
+    refdata: dict, services: Settings, db: asyncpg.Pool, ledger: Ledger, gateway: GatewayClient, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    shard = ledger.of("150400")  # the person's insured province's shard holds its visits and requests
     psn_no = psn(901)
     _write_person(tmp_path, psn_no)
     await load_dir(db, tmp_path)
@@ -161,18 +163,19 @@ async def test_engine_refusal_replayed_only_when_its_stored_refusal_is_forgotten
     admission = stay.admit()
     admission["msgid"] = admit_msgid
     assert (await gateway.call(admission))["infcode"] == 0
-    await _wait_visit(db, stay.mdtrt_id, "admitted")
+    await _wait_visit(shard, stay.mdtrt_id, "admitted")
 
     dl_msgid = discharge["msgid"]
     code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", dl_msgid,
                                              "--stage", "settle", "--execute")
     assert code == 0 and f"-> {ROUTED.name}" in out, err
     await asyncio.sleep(3)  # the engine answers from its stored refusal and changes nothing
-    assert await db.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id) == "admitted"
-    assert await db.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == -1
+    assert await shard.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id) == "admitted"
+    assert await shard.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == -1
 
     code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", dl_msgid,
                                              "--stage", "settle", "--forget-refusal", "--execute")
     assert code == 0 and "forgot 1 stored refusal(s)" in out, err
-    await _wait_visit(db, stay.mdtrt_id, "discharged")
-    assert await db.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == 0
+    await _wait_visit(shard, stay.mdtrt_id, "discharged")
+    assert await shard.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == 0
+    assert await ledger.total("SELECT count(*) FROM processed_request WHERE msgid = $1", dl_msgid) == 1
