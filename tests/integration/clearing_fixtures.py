@@ -37,6 +37,8 @@ ITEM_A, ITEM_B = "CLRA001", "CLRB010"
 TREATING = ("150400", "500154", "510421", "350300", "140100", "440300", "110105", "330100", "510100")
 HOSPITALS = {code: Hospital(f"H{code}99911", f"清算测试医院{code}", code) for code in TREATING}
 RECON = Hospital("H15040099912", "清算对账测试医院", "150400")  # reconciliation: its own day, its own persons
+# One hospital treating persons of both shards (赤峰 150400 on s1, 米易 510421 on s2): cross-province for both.
+CROSS_SHARD = Hospital("H44030099913", "清算跨分片测试医院", "440300")
 INSURED = ("150400", "500154", "510421", "350300", "140100", "440300", "110105", "330100")
 
 
@@ -70,7 +72,7 @@ EXTRA_PERSONS = [Person(f"C{RUN_TOKEN}{200 + i:03d}", INSURED[i % len(INSURED)],
 def write_refdata(directory: Path) -> None:
     enc = msgspec.json.Encoder()
     hospitals = [{"fixmedins_code": h.fixmedins_code, "fixmedins_name": h.fixmedins_name, "admdvs": h.admdvs,
-                  "hosp_lv": 3} for h in (*HOSPITALS.values(), RECON)]
+                  "hosp_lv": 3} for h in (*HOSPITALS.values(), RECON, CROSS_SHARD)]
     provinces = sorted({region_of(code).prov_admdvs for code in TREATING})
     catalog = []
     for prov in provinces:
