@@ -706,9 +706,10 @@ async def test_a_visit_settled_again_after_its_reversal_counts_once(ledger: Ledg
         assert (agg["s"], agg["r"], agg["f"]) == (3, 1, 30_000 - 30_000 + 31_000 + 12_000)
     finally:  # leave February 2024 as empty as it was (no other test writes it)
         async with shard.acquire() as conn, conn.transaction():
-            await conn.execute("DELETE FROM settlement WHERE mdtrt_id = ANY($1) AND kind = 'reverse'",
-                               [visit_a, visit_b])
-            await conn.execute("DELETE FROM settlement WHERE mdtrt_id = ANY($1)", [visit_a, visit_b])
+            ids = [r[0] for r in rows]
+            await conn.execute("DELETE FROM settlement WHERE setl_id = ANY($1)", ids)
+            await conn.execute("DELETE FROM settlement_key WHERE setl_id = ANY($1) AND orig_setl_id IS NOT NULL", ids)
+            await conn.execute("DELETE FROM settlement_key WHERE setl_id = ANY($1)", ids)
             await conn.execute("DELETE FROM visit WHERE mdtrt_id = ANY($1)", [visit_a, visit_b])
             await conn.execute("DELETE FROM ledger_daily WHERE day BETWEEN $1 AND $2", day[0].date(), day[2].date())
 
