@@ -37,6 +37,7 @@ log = logging.getLogger("monitor")
 
 KAFKA_POLL_S: Final = 2.0
 LEDGER_POLL_S: Final = 3.0
+PARTITIONS_EVERY_S: Final = 3600.0  # the ledger's monthly partitions, created ahead
 KAFKA_TIMEOUT_MS: Final = 5_000
 POLL_ERRORS = Counter("xs_monitor_poll_errors_total", "Failed polls of a source (kept the last snapshot)",
                       ["source"])
@@ -123,6 +124,7 @@ class Monitor:
                                         isolation_level="read_committed", request_timeout_ms=KAFKA_TIMEOUT_MS)
         self.pool: asyncpg.Pool | None = None
         self.shards: ShardPools | None = None
+        self._partitions_due = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         REGISTRY.register(self.collector)
@@ -192,3 +194,16 @@ class Monitor:
     async def poll_ledger(self) -> None:
         assert self.pool is not None and self.shards is not None
         self.collector.snapshot.month = await month_figures(self.pool, self.shards)
+        if time.monotonic() >= self._partitions_due:
+            await self.ensure_partitions()
+
+    async def ensure_partitions(self) -> None:
+        """This month's and the next months' ledger partitions on every shard (the retention command does
+        the same): a month never starts in the default partition while the monitor runs."""
+        assert self.shards is not None
+        for name, shard in self.shards:
+            created = await shard.fetchval(
+                "SELECT ensure_ledger_partitions(now()::date, (now() + interval '3 months')::date)")
+            if created:
+                log.info("shard %s: created ledger partitions %s", name, ", ".join(created))
+        self._partitions_due = time.monotonic() + PARTITIONS_EVERY_S

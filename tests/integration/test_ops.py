@@ -4,7 +4,9 @@ ConsumerGroupCommand, and dead letters listed and replayed after a fix."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -179,3 +181,65 @@ async def test_engine_refusal_replayed_only_when_its_stored_refusal_is_forgotten
     await _wait_visit(shard, stay.mdtrt_id, "discharged")
     assert await shard.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == 0
     assert await ledger.total("SELECT count(*) FROM processed_request WHERE msgid = $1", dl_msgid) == 1
+
+
+# Retention and partitions ----------------------------------------------------------------------------
+
+
+async def test_retention_prunes_only_answers_older_than_the_window_and_creates_partitions_ahead(
+    stack: Settings, ledger: Ledger, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A clock 200 days ahead (its months ahead have no partition yet: the migration made them up to 3 months
+    # from today); the window is the run's clock window (XS_TIME_PAST_DAYS) + 31 days before that clock.
+    now = datetime.now(UTC) + timedelta(days=200)
+    window_start = now - timedelta(days=stack.time_past_days + ops.RETENTION_MARGIN_DAYS)
+    shard = ledger.of("150400")
+    old, young = f"{RUN_TOKEN}RETOLD", f"{RUN_TOKEN}RETYOUNG"
+    await shard.executemany(
+        "INSERT INTO processed_request (msgid, infno, fixmedins_code, infcode, response, processed_at)"
+        " VALUES ($1, '2401', 'H15040099901', 0, '\\x7b7d', $2)",
+        [(old, window_start - timedelta(days=1)), (young, window_start + timedelta(days=1))])
+    ledger_rows = await ledger.total("SELECT count(*) FROM settlement")
+    try:
+        with pytest.raises(ops.OpsError, match="inside the clock window"):
+            await ops.retention(stack, execute=True, keep_days=stack.time_past_days, now=now)
+        dry = {r.shard: r for r in await ops.retention(stack, execute=False, now=now)}
+        ahead = [f"settlement_{m:%Y_%m}" for m in ops.months_ahead(now)]
+        assert dry["s1"].responses_due == 1 and dry["s2"].responses_due == 0
+        assert dry["s1"].partitions_missing == dry["s2"].partitions_missing == ahead
+        assert await shard.fetchval("SELECT count(*) FROM processed_request WHERE msgid = $1", old) == 1  # dry run
+
+        done = {r.shard: r for r in await ops.retention(stack, execute=True, now=now)}
+        assert (done["s1"].responses_deleted, done["s2"].responses_deleted) == (1, 0)
+        assert done["s1"].partitions_created == done["s2"].partitions_created == ahead
+        assert [r[0] for r in await shard.fetch("SELECT msgid FROM processed_request WHERE msgid = ANY($1)",
+                                                [old, young])] == [young]
+        again = await ops.retention(stack, execute=True, now=now)
+        assert [(r.responses_deleted, r.partitions_created) for r in again] == [(0, []), (0, [])]
+        assert await ledger.total("SELECT count(*) FROM settlement") == ledger_rows  # the ledger is never pruned
+
+        code, out, _ = await asyncio.to_thread(_ops, capsys, "retention")
+        assert code == 0 and "s1: would delete 0 stored response(s)" in out and "dry run" in out
+    finally:
+        await shard.execute("DELETE FROM processed_request WHERE msgid = ANY($1)", [old, young])
+
+
+async def test_a_hospital_day_reads_one_monthly_partition_through_its_index(ledger: Ledger) -> None:
+    """However many months accumulate, a hospital's day (3201/3202) and a month's non-local rows (clearing)
+    are planned on that month's partition alone, through an index."""
+    month = datetime.now(UTC).replace(day=1)
+    partition = f"settlement_{month:%Y_%m}"
+    shard = ledger.of("150400")
+    async with shard.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")  # tiny test tables: show the index the plan can use
+        day = f"{month:%Y-%m}-05"
+        for sql in (
+            f"SELECT * FROM settlement WHERE fixmedins_code = 'H15040099901' AND setl_time >= '{day}'"
+            f" AND setl_time < '{day}'::timestamp + interval '1 day'",
+            f"SELECT * FROM settlement WHERE scope <> 'local' AND setl_time >= '{month:%Y-%m}-01'"
+            f" AND setl_time < '{month:%Y-%m}-01'::timestamp + interval '1 month'",
+        ):
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql))
+            scanned = set(re.findall(r"on (settlement_(?:\d{4}_\d{2}|default))\b", plan))
+            assert scanned == {partition}, plan
+            assert "Index" in plan, plan
