@@ -67,6 +67,7 @@ from topics.catalog import ALERTS, DEPOSITS
 
 CLOSE_LOCK_KEY = 0x78636C73  # "xcls": one close at a time
 SWEEP_CHUNK_ROWS = 5_000
+MEMBERSHIP_CHUNK_IDS = 10_000
 OUTBOX_CHUNK_ROWS = 500
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
@@ -226,11 +227,14 @@ def _params(n: int) -> str:
 
 
 async def recorded_months(conn: asyncpg.Connection, setl_ids: Sequence[str]) -> dict[str, str]:
-    """setl_id → the clearing month of its entry, for the ids the clearing service has recorded."""
-    if not setl_ids:
-        return {}
-    return {r[0]: r[1] for r in await conn.fetch(
-        "SELECT setl_id, clr_month FROM clearing_entry WHERE setl_id = ANY($1::text[])", list(setl_ids))}
+    """setl_id → the clearing month of its entry, for the ids the clearing service has recorded (by
+    primary-key lookups, a bounded array at a time)."""
+    out: dict[str, str] = {}
+    for i in range(0, len(setl_ids), MEMBERSHIP_CHUNK_IDS):
+        out.update({r[0]: r[1] for r in await conn.fetch(
+            "SELECT setl_id, clr_month FROM clearing_entry WHERE setl_id = ANY($1::text[])",
+            list(setl_ids[i:i + MEMBERSHIP_CHUNK_IDS]))})
+    return out
 
 
 async def sweep(conn: asyncpg.Connection, shards: ShardPools, before: datetime | None = None) -> int:

@@ -195,7 +195,11 @@ class Monitor:
         assert self.pool is not None and self.shards is not None
         self.collector.snapshot.month = await month_figures(self.pool, self.shards)
         if time.monotonic() >= self._partitions_due:
-            await self.ensure_partitions()
+            self._partitions_due = time.monotonic() + PARTITIONS_EVERY_S
+            try:
+                await self.ensure_partitions()
+            except asyncpg.PostgresError as e:  # not the month figures' fault: say so, try again in an hour
+                log.warning("creating ledger partitions ahead failed: %s", type(e).__name__)
 
     async def ensure_partitions(self) -> None:
         """This month's and the next months' ledger partitions on every shard (the retention command does
@@ -206,4 +210,3 @@ class Monitor:
                 "SELECT ensure_ledger_partitions(now()::date, (now() + interval '3 months')::date)")
             if created:
                 log.info("shard %s: created ledger partitions %s", name, ", ".join(created))
-        self._partitions_due = time.monotonic() + PARTITIONS_EVERY_S
