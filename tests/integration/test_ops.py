@@ -243,3 +243,42 @@ async def test_a_hospital_day_reads_one_monthly_partition_through_its_index(ledg
             scanned = set(re.findall(r"on (settlement_(?:\d{4}_\d{2}|default))\b", plan))
             assert scanned == {partition}, plan
             assert "Index" in plan, plan
+
+
+class _Rollback(Exception):
+    pass
+
+
+async def test_partitioned_ledger_keeps_its_global_unique_keys(ledger: Ledger) -> None:
+    """settlement's unique keys cannot span its monthly partitions; settlement_key keeps them: a setl_id or a
+    msgid twice (in other months) and a second reversal of one settlement are refused like before."""
+    cols = ("setl_id, msgid, kind, orig_setl_id, mdtrt_id, psn_no, fixmedins_code, insutype, med_type, scope,"
+            " insured_admdvs, insured_pool, treating_admdvs, treating_pool, clr_optins, setl_time, acc_year,"
+            " medfee_sumamt, fulamt_ownpay_amt, overlmt_selfpay, preselfpay_amt, inscp_scp_amt, act_pay_dedc,"
+            " hifp_pay, pool_prop_selfpay, hifmi_pay, hifob_pay, maf_pay, fund_pay_sumamt, psn_part_amt, acct_pay,"
+            " psn_cash_pay, balc, accum_delta")
+    insert = (f"INSERT INTO settlement ({cols}) VALUES ($1, $2, $3, $4, $5, 'P1', 'H15040099901', '390', '21',"
+              " 'local', '150400', '150400', '150400', '150400', '150400', $6, 2026, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,"
+              " 0, 0, 0, 0, 0, 0, '{}')")
+    mdtrt_id = f"MKEY{RUN_TOKEN}"
+    may, june = datetime(2026, 5, 10, 9), datetime(2026, 6, 10, 9)
+    async with ledger.of("150400").acquire() as conn:
+        with pytest.raises(_Rollback):  # nothing of this test stays
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO visit (mdtrt_id, psn_no, fixmedins_code, med_type, insutype, scope, insured_admdvs,"
+                    " treating_admdvs, ipt_otp_no, begntime, state, created_msgid) VALUES ($1, 'P1', 'H15040099901',"
+                    " '21', '390', 'local', '150400', '150400', $1, $2, 'settled', $1)", mdtrt_id, may)
+                await conn.execute(insert, "SKEY1", "MSGKEY1", "settle", None, mdtrt_id, may)
+                await conn.execute(insert, "RKEY1", "MSGKEY2", "reverse", "SKEY1", mdtrt_id, june)
+                for setl_id, msgid, kind, orig in (("SKEY1", "MSGKEY9", "settle", None),  # same setl_id, June
+                                                   ("SKEY9", "MSGKEY1", "settle", None),  # same msgid, June
+                                                   ("RKEY9", "MSGKEY8", "reverse", "SKEY1")):  # second reversal
+                    with pytest.raises(asyncpg.UniqueViolationError):
+                        async with conn.transaction():
+                            await conn.execute(insert, setl_id, msgid, kind, orig, mdtrt_id, june)
+                with pytest.raises(asyncpg.ForeignKeyViolationError):  # a reversal of no settlement
+                    async with conn.transaction():
+                        await conn.execute(insert, "RKEY8", "MSGKEY7", "reverse", "SNONE", mdtrt_id, june)
+                assert await conn.fetchval("SELECT count(*) FROM settlement WHERE mdtrt_id = $1", mdtrt_id) == 2
+                raise _Rollback
