@@ -22,6 +22,15 @@ idempotent by msgid, so a replay never applies anything twice. The engine stores
 msgid's answer: a replayed refusal returns that answer again unless --forget-refusal deletes the
 stored refusal first (only refusals: a request that changed the ledger keeps its record).
 A replay is a dry run unless --execute.
+
+    python -m deploy.ops retention [--keep-days N] [--execute]
+
+`retention` looks after how the shards' state grows (a dry run unless --execute): it creates the ledger's
+monthly partitions (settlement_YYYY_MM) for this month and the next three where missing, and deletes
+stored responses (processed_request) older than the window — by default the clock window
+(XS_TIME_PAST_DAYS) plus a month: a request that old is refused by validation, so its stored answer can
+never be asked for again. It never deletes ledger rows, visits, fees, accumulators or accounts (the ledger,
+reconciliation and clearing need them). Deletes go in chunks along processed_request_at.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import msgspec
@@ -46,6 +55,7 @@ from schemas.errors import BrokerError
 from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
 from services.common.config import Settings, load_settings
 from services.common.kafka import make_producer
+from services.common.shards import shard_dsns, shard_map
 from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, ROUTED, SETTLEMENTS
 
 GROUP_MAIN = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"
@@ -193,18 +203,31 @@ def replay_target(letter: DeadLetter) -> tuple[str, bytes | None]:
     raise OpsError(f"dead letter of unknown stage {letter.stage!r}: nothing to replay")
 
 
-async def forget_refusals(s: Settings, msgids: Sequence[str]) -> int:
-    """Delete the engine's stored refusals (infcode -1) of these msgids: a refusal changed nothing,
+async def forget_refusals(s: Settings, requests: Sequence[tuple[str, str]]) -> int:
+    """Delete the engine's stored refusals (infcode -1) of these (msgid, insured region) pairs, each in
+    the shard of its person's insured province (where the engine stored it): a refusal changed nothing,
     so the replayed request is then decided anew. Accepted requests keep their record."""
-    if not msgids:
+    if not requests:
         return 0
-    conn = await asyncpg.connect(s.pg_dsn, timeout=10)
-    try:
-        status = await conn.execute("DELETE FROM processed_request WHERE msgid = ANY($1) AND infcode = -1",
-                                    list(msgids))
-    finally:
-        await conn.close()
-    return int(status.split()[-1])
+    by_shard: dict[str, list[str]] = {}
+    shard_of = shard_map(s).shard_of
+    for msgid, admdvs in requests:
+        by_shard.setdefault(shard_of(admdvs), []).append(msgid)
+    dsns = shard_dsns(s)
+    deleted = 0
+    for shard, msgids in sorted(by_shard.items()):
+        conn = await asyncpg.connect(dsns[shard], timeout=10)
+        try:
+            status = await conn.execute("DELETE FROM processed_request WHERE msgid = ANY($1) AND infcode = -1",
+                                        msgids)
+        finally:
+            await conn.close()
+        deleted += int(status.split()[-1])
+    return deleted
+
+
+def _routed_person_region(raw: bytes) -> str:
+    return msgspec.json.decode(raw, type=RoutedRequest).person.insured_admdvs
 
 
 async def replay(s: Settings, letters: Sequence[Letter], *, execute: bool, forget_refusal: bool) -> list[str]:
@@ -216,8 +239,9 @@ async def replay(s: Settings, letters: Sequence[Letter], *, execute: bool, forge
     if not execute:
         return [*lines, "dry run: nothing sent (add --execute)"]
     if forget_refusal:
-        msgids = [item.letter.msgid for item, topic, _ in plan if topic == ROUTED.name and item.letter.msgid]
-        lines.append(f"forgot {await forget_refusals(s, msgids)} stored refusal(s) of the engine")
+        refused = [(item.letter.msgid, _routed_person_region(item.letter.original))
+                   for item, topic, _ in plan if topic == ROUTED.name and item.letter.msgid]
+        lines.append(f"forgot {await forget_refusals(s, refused)} stored refusal(s) of the engine")
     producer = make_producer(s)
     await producer.start()
     try:
@@ -226,6 +250,78 @@ async def replay(s: Settings, letters: Sequence[Letter], *, execute: bool, forge
             await producer.send_and_wait(topic, item.letter.original, key=key, headers=[(REPLAY_HEADER, origin)])
     finally:
         await producer.stop()
+    return lines
+
+
+# --- retention -----------------------------------------------------------------------------
+
+RETENTION_MARGIN_DAYS = 31  # past the clock window: no resend of a request that old is accepted
+RETENTION_CHUNK_ROWS = 10_000
+PARTITIONS_AHEAD_MONTHS = 3
+
+
+@dataclass
+class ShardRetention:
+    shard: str
+    cutoff: datetime
+    responses_due: int  # stored responses older than the window
+    responses_deleted: int
+    partitions_missing: list[str]  # of this month and the next ones (dry run: what --execute creates)
+    partitions_created: list[str]
+
+
+def months_ahead(now: datetime, n: int = PARTITIONS_AHEAD_MONTHS) -> list[date]:
+    first = date(now.year, now.month, 1)
+    return [date(first.year + (first.month - 1 + i) // 12, (first.month - 1 + i) % 12 + 1, 1) for i in range(n + 1)]
+
+
+async def retention(s: Settings, *, execute: bool, keep_days: int | None = None,
+                    now: datetime | None = None) -> list[ShardRetention]:
+    keep = s.time_past_days + RETENTION_MARGIN_DAYS if keep_days is None else keep_days
+    if keep <= s.time_past_days:
+        raise OpsError(f"--keep-days {keep} is inside the clock window (XS_TIME_PAST_DAYS = {s.time_past_days}): "
+                       "a resend of such a request must still find its stored answer")
+    now = now or datetime.now(UTC)
+    cutoff = now - timedelta(days=keep)
+    months = months_ahead(now)
+    out = []
+    for shard, dsn in shard_dsns(s).items():
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            due = await conn.fetchval("SELECT count(*) FROM processed_request WHERE processed_at < $1", cutoff)
+            missing = [r[0] for r in await conn.fetch(
+                "SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL",
+                [f"settlement_{m:%Y_%m}" for m in months])]
+            created: list[str] = []
+            deleted = 0
+            if execute:
+                created = list(await conn.fetchval("SELECT ensure_ledger_partitions($1, $2)", months[0], months[-1]))
+                while True:  # chunks: short transactions, no long lock on the engine's table
+                    status = await conn.execute(
+                        "DELETE FROM processed_request WHERE msgid IN (SELECT msgid FROM processed_request"
+                        " WHERE processed_at < $1 ORDER BY processed_at LIMIT $2)", cutoff, RETENTION_CHUNK_ROWS)
+                    n = int(status.split()[-1])
+                    deleted += n
+                    if n < RETENTION_CHUNK_ROWS:
+                        break
+            out.append(ShardRetention(shard, cutoff, due, deleted, missing, created))
+        finally:
+            await conn.close()
+    return out
+
+
+def retention_lines(report: list[ShardRetention], execute: bool) -> list[str]:
+    lines = []
+    for r in report:
+        if execute:
+            lines.append(f"{r.shard}: deleted {r.responses_deleted} stored response(s) before {r.cutoff:%Y-%m-%d}; "
+                         f"created partitions: {', '.join(r.partitions_created) or 'none needed'}")
+        else:
+            lines.append(f"{r.shard}: would delete {r.responses_due} stored response(s) before {r.cutoff:%Y-%m-%d}; "
+                         f"would create partitions: {', '.join(r.partitions_missing) or 'none needed'}")
+    lines.append("ledger rows, visits, fees, accumulators and accounts are kept (never pruned)")
+    if not execute:
+        lines.append("dry run: nothing changed (add --execute)")
     return lines
 
 
@@ -322,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--forget-refusal", action="store_true",
                             help="delete the engine's stored refusal of each msgid first, so it is decided anew")
             sp.add_argument("--execute", action="store_true", help="send (default: a dry run)")
+    keep = sub.add_parser("retention", help="ledger partitions ahead, old stored responses pruned (dry run)")
+    keep.add_argument("--keep-days", type=int, default=None,
+                      help="keep stored responses this many days (default: XS_TIME_PAST_DAYS + 31)")
+    keep.add_argument("--execute", action="store_true", help="change (default: a dry run)")
     return parser
 
 
@@ -341,6 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(group_command(s, *cmd), end="")
                 if not args.execute:
                     print("dry run: nothing changed (add --execute)")
+            return 0
+        if args.cmd == "retention":
+            report = asyncio.run(retention(s, execute=args.execute, keep_days=args.keep_days))
+            print("\n".join(retention_lines(report, args.execute)))
             return 0
         return asyncio.run(_deadletters(s, args))
     except OpsError as exc:

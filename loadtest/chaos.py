@@ -47,6 +47,7 @@ from deploy import kafka as cluster
 from deploy import stack as stack_ctl
 from loadtest.his import FeeLine, GatewayClient, Hospital, Stay
 from services.common.config import Settings, load_settings
+from services.common.shards import ShardPools
 from services.refdata.load import load_dir
 
 SERVICES = ("settle", "router", "gateway", "clearing", "monitor")
@@ -319,21 +320,34 @@ def measure_stalls(events: list[Event], answers: list[float], end: float) -> Non
 # --- checks --------------------------------------------------------------------------------
 
 
-async def wait_clearing(pool: asyncpg.Pool, persons: list[str], timeout_s: float = 90) -> None:
+async def _on_shards(shards: ShardPools, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """A per-person query on every shard (a person's rows are all in one shard), rows concatenated."""
+    return [r for _, shard in shards for r in await shard.fetch(sql, *args)]
+
+
+async def _uncleared(hub: asyncpg.Pool, shards: ShardPools, persons: list[str]) -> list[str]:
+    """The persons' non-local ledger rows (shards) without an equal clearing entry (hub)."""
+    ledger = {r["setl_id"]: r["fund_pay_sumamt"] for r in await _on_shards(
+        shards, "SELECT setl_id, fund_pay_sumamt FROM settlement WHERE psn_no = ANY($1) AND scope <> 'local'",
+        persons)}
+    cleared = {r["setl_id"]: r["fund_pay_sumamt"] for r in await hub.fetch(
+        "SELECT setl_id, fund_pay_sumamt FROM clearing_entry WHERE setl_id = ANY($1::text[])", list(ledger))}
+    return [f"{setl_id}: ledger {fen} fen, clearing {cleared.get(setl_id)} fen"
+            for setl_id, fen in sorted(ledger.items()) if cleared.get(setl_id) != fen]
+
+
+async def wait_clearing(hub: asyncpg.Pool, shards: ShardPools, persons: list[str], timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        missing = await pool.fetchval(
-            "SELECT count(*) FROM settlement s LEFT JOIN clearing_entry c USING (setl_id)"
-            " WHERE s.psn_no = ANY($1) AND s.scope <> 'local' AND c.setl_id IS NULL", persons)
-        if missing == 0:
+        if not await _uncleared(hub, shards, persons):
             return
         await asyncio.sleep(1)
 
 
-async def check(pool: asyncpg.Pool, persons: list[Person], report: Report) -> None:
+async def check(hub: asyncpg.Pool, shards: ShardPools, persons: list[Person], report: Report) -> None:
     psn = [p.psn_no for p in persons]
-    rows = await pool.fetch("SELECT mdtrt_id, kind, setl_id, orig_setl_id FROM settlement WHERE psn_no = ANY($1)",
-                            psn)
+    rows = await _on_shards(shards, "SELECT mdtrt_id, kind, setl_id, orig_setl_id FROM settlement"
+                            " WHERE psn_no = ANY($1)", psn)
     settles: dict[str, list[str]] = {}
     reversals: dict[str, list[str]] = {}
     for r in rows:
@@ -354,35 +368,31 @@ async def check(pool: asyncpg.Pool, persons: list[Person], report: Report) -> No
             refused[stay.error] = refused.get(stay.error, 0) + 1
     report.refused = refused
 
-    open_settlements = await pool.fetch(
+    open_settlements = await _on_shards(
+        shards,
         """SELECT mdtrt_id, count(*) FROM settlement s WHERE psn_no = ANY($1) AND kind = 'settle'
            AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)
            GROUP BY mdtrt_id HAVING count(*) > 1""", psn)
     report.invariants["one open settlement per visit"] = [f"visit {r['mdtrt_id']}: {r['count']}"
                                                           for r in open_settlements]
-    accumulators = await pool.fetch(
+    accumulators = await _on_shards(
+        shards,
         """SELECT a.psn_no FROM accumulator a
            LEFT JOIN (SELECT psn_no, acc_year, sum(hifp_pay) AS hifp,
                              sum((accum_delta->>'supplementary_paid')::bigint) AS supp
-                      FROM settlement GROUP BY psn_no, acc_year) s USING (psn_no, acc_year)
+                      FROM settlement WHERE psn_no = ANY($1) GROUP BY psn_no, acc_year) s USING (psn_no, acc_year)
            WHERE a.psn_no = ANY($1)
              AND (a.basic_paid <> coalesce(s.hifp, 0) OR a.supplementary_paid <> coalesce(s.supp, 0))""", psn)
     report.invariants["accumulators = sums of ledger rows"] = [f"person #{psn.index(r['psn_no'])}"
                                                                for r in accumulators]
-    accounts = await pool.fetch(
+    accounts = await _on_shards(
+        shards,
         """SELECT p.psn_no FROM person p JOIN account a USING (psn_no) LEFT JOIN settlement s USING (psn_no)
            WHERE p.psn_no = ANY($1) GROUP BY p.psn_no, p.acct_balc_fen, a.balc_fen
            HAVING p.acct_balc_fen - coalesce(sum(s.acct_pay), 0) <> a.balc_fen""", psn)
     report.invariants["accounts = opening balance - ledger"] = [f"person #{psn.index(r['psn_no'])}"
                                                                 for r in accounts]
-    clearing = await pool.fetch(
-        """SELECT coalesce(s.setl_id, c.setl_id) AS setl_id, s.fund_pay_sumamt AS ledger, c.fund_pay_sumamt AS cleared
-           FROM (SELECT * FROM settlement WHERE psn_no = ANY($1) AND scope <> 'local') s
-           FULL JOIN (SELECT c.* FROM clearing_entry c JOIN settlement x USING (setl_id) WHERE x.psn_no = ANY($1)) c
-             USING (setl_id)
-           WHERE s.setl_id IS NULL OR c.setl_id IS NULL OR s.fund_pay_sumamt <> c.fund_pay_sumamt""", psn)
-    report.invariants["clearing = non-local ledger rows"] = [
-        f"{r['setl_id']}: ledger {r['ledger']} fen, clearing {r['cleared']} fen" for r in clearing]
+    report.invariants["clearing = non-local ledger rows"] = await _uncleared(hub, shards, psn)
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -434,10 +444,12 @@ async def run_chaos(s: Settings, cfg: Config) -> Report:
         report.resends = sum(c.retries for c in clients)
     measure_stalls(report.events, answers, end)
     pool = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=2)
+    shards = await ShardPools.connect(s, 2)
     try:
-        await wait_clearing(pool, [p.psn_no for p in persons])
-        await check(pool, persons, report)
+        await wait_clearing(pool, shards, [p.psn_no for p in persons])
+        await check(pool, shards, persons, report)
     finally:
+        await shards.close()
         await pool.close()
     return report
 

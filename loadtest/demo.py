@@ -55,6 +55,7 @@ from loadtest.population import (
     wait_ready,
 )
 from services.common.config import Settings, load_settings
+from services.common.shards import shard_database, shard_dsns, shard_map
 
 INFNO_NAMES = {
     "2401": "admission", "2301": "fee upload", "2402": "discharge", "2303": "pre-settlement",
@@ -111,21 +112,25 @@ async def ledger_rows(
     s: Settings, msgids: list[str], since: datetime, until: datetime, psn_nos: list[str]
 ) -> tuple[list[asyncpg.Record], int]:
     """The ledger rows created by the requests this demo sent (settlement.msgid is the request's
-    msgid), and how many other rows other clients committed for this dataset's persons meanwhile."""
-    conn = await asyncpg.connect(s.pg_dsn, timeout=5)
-    try:
-        ours = await conn.fetch(
-            "SELECT setl_id, kind, fund_pay_sumamt FROM settlement WHERE msgid = ANY($1)", msgids
-        )
-        others: int = await conn.fetchval(
-            "SELECT count(*) FROM settlement s JOIN processed_request p ON p.msgid = s.msgid"
-            " WHERE p.processed_at >= $1 AND p.processed_at <= $2 AND s.psn_no = ANY($3)"
-            " AND NOT s.msgid = ANY($4)",
-            since, until, psn_nos, msgids,
-        )
-        return list(ours), others
-    finally:
-        await conn.close()
+    msgid), and how many other rows other clients committed for this dataset's persons meanwhile;
+    from every shard (each holds its persons' ledger and processed requests)."""
+    ours: list[asyncpg.Record] = []
+    others = 0
+    for dsn in shard_dsns(s).values():
+        conn = await asyncpg.connect(dsn, timeout=5)
+        try:
+            ours += await conn.fetch(
+                "SELECT setl_id, kind, fund_pay_sumamt FROM settlement WHERE msgid = ANY($1)", msgids
+            )
+            others += await conn.fetchval(
+                "SELECT count(*) FROM settlement s JOIN processed_request p ON p.msgid = s.msgid"
+                " WHERE p.processed_at >= $1 AND p.processed_at <= $2 AND s.psn_no = ANY($3)"
+                " AND NOT s.msgid = ANY($4)",
+                since, until, psn_nos, msgids,
+            )
+        finally:
+            await conn.close()
+    return ours, others
 
 
 async def db_now(s: Settings) -> datetime:
@@ -207,7 +212,8 @@ def how_to_look(s: Settings) -> list[str]:
         "",
         "how to look further:",
         "  .venv/bin/python -m deploy.stack status                 # processes, ports, logs",
-        f"  psql -h 127.0.0.1 -p {s.pg_port} -U {s.pg_user} {s.pg_database} -c '{q}'",
+        *(f"  psql -h 127.0.0.1 -p {s.pg_port} -U {s.pg_user} {shard_database(s, name)} -c '{q}'   # shard {name}"
+          for name in shard_map(s).names),
         f"  curl -s http://127.0.0.1:{s.gateway_metrics_port}/metrics | grep ^xs_   # gateway "
         f"(router :{s.router_metrics_port}, settle :{s.settle_metrics_port})",
         "  .venv/bin/python -m deploy.stack stop                   # stop everything",

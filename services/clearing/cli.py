@@ -10,7 +10,7 @@
     python -m services.clearing.cli deposit line --prov 510000 (--yuan 800000.00 | --default)
     python -m services.clearing.cli deposit show [--prov 510000]
     python -m services.clearing.cli claims submit FILE.jsonl        # ManualClaim rows → fsi.manual_claims
-    python -m services.clearing.cli claims rate --from 2026-06-01 --to 2026-06-30
+    python -m services.clearing.cli claims rate --from 2026-06-01 --to 2026-06-30 [--recompute]
 
 A statement of an open month is provisional (the running positions); of a closed month, the frozen
 statement. Exit status: 0 done, 1 refused (the message says why), 2 usage.
@@ -46,6 +46,7 @@ from services.clearing.logic import (
 from services.clearing.statement import RegionStatement, region_statement, render
 from services.common.config import Settings, load_settings
 from services.common.kafka import make_producer
+from services.common.shards import ShardPools
 from services.refdata.regions import UnknownRegion
 from topics.catalog import MANUAL_CLAIMS
 
@@ -59,12 +60,14 @@ _encoder = msgspec.json.Encoder(decimal_format="number")
 
 async def close(s: Settings, month: str, *, publish: bool = True) -> store.CloseResult:
     pool = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=2)
+    shards = await ShardPools.connect(s, 1)
     try:
-        result = await store.close_month(pool, month)
+        result = await store.close_month(pool, shards, month)
         if publish:
             await publish_outbox(s, pool)
         return result
     finally:
+        await shards.close()
         await pool.close()
 
 
@@ -171,16 +174,19 @@ async def _run(args: argparse.Namespace, s: Settings) -> int:
         print(f"submitted {await submit_claims(s, read_claims(args.file))} claims to {MANUAL_CLAIMS.name}")
         return 0
     pool = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=2)
+    shards = await ShardPools.connect(s, 1)
     try:
         async with pool.acquire() as conn:
-            return await _run_db(args, s, pool, conn)
+            return await _run_db(args, s, pool, shards, conn)
     finally:
+        await shards.close()
         await pool.close()
 
 
-async def _run_db(args: argparse.Namespace, s: Settings, pool: asyncpg.Pool, conn: asyncpg.Connection) -> int:
+async def _run_db(args: argparse.Namespace, s: Settings, pool: asyncpg.Pool, shards: ShardPools,
+                  conn: asyncpg.Connection) -> int:
     if args.cmd == "verify":
-        problems = await store.verify(conn, args.month)
+        problems = await store.verify(conn, shards, args.month)
         for p in problems:
             print(p)
         print(f"{args.month}: " + ("streaming, batch and statement agree to the fen" if not problems
@@ -204,7 +210,7 @@ async def _run_db(args: argparse.Namespace, s: Settings, pool: asyncpg.Pool, con
         return 0
     if args.cmd == "sweep":
         async with conn.transaction():
-            n = await store.sweep(conn, store.month_start(args.before) if args.before else None)
+            n = await store.sweep(conn, shards, store.month_start(args.before) if args.before else None)
         print(f"recorded {n} ledger rows the stream had not delivered")
         return 0
     if args.cmd == "deposit":
@@ -224,7 +230,8 @@ async def _run_db(args: argparse.Namespace, s: Settings, pool: asyncpg.Pool, con
                     print(f"{prov} balance {to_yuan(balance)} warning line {to_yuan(line)}{flag}")
         return 0
     if args.cmd == "claims":
-        _print_json(await store.rates(conn, args.date_from, args.date_to))
+        rates = store.rates_recomputed if args.recompute else store.rates
+        _print_json(await rates(conn, shards, args.date_from, args.date_to))
         return 0
     raise AssertionError(args.cmd)
 
@@ -262,6 +269,8 @@ def parser() -> argparse.ArgumentParser:
     rate = claims.add_parser("rate")
     rate.add_argument("--from", dest="date_from", type=_date, required=True)
     rate.add_argument("--to", dest="date_to", type=_date, required=True)
+    rate.add_argument("--recompute", action="store_true",
+                      help="count from the ledger rows instead of the daily aggregates (a check)")
     return p
 
 

@@ -55,6 +55,7 @@ from services.common.metrics import (
     set_deposit,
 )
 from services.common.response import SHANGHAI, received_from_ns, response_bytes
+from services.common.shards import ShardPools
 from services.refdata.regions import UnknownRegion, classify_scope, region_of
 from topics.catalog import CLEARING, MANUAL_CLAIMS, REPLIES, SETTLEMENTS, TopicSpec
 
@@ -73,19 +74,21 @@ class ClearingService:
         self.s = s
         self.producer = make_producer(s)
         self.pool: asyncpg.Pool | None = None
+        self.shards: ShardPools | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         set_clock_window(self.s.time_past_days, self.s.time_future_minutes)  # 32xx envelopes are decoded here too
         serve_metrics(self.s.clearing_metrics_port, STAGE)
         self.pool = await until_up("PostgreSQL", lambda: connect_pool(self.s, POOL_SIZE_MAX), stop)
+        self.shards = await until_up("shard databases", lambda: ShardPools.connect(self.s, POOL_SIZE_MAX), stop)
         await until_up("Kafka producer", self.producer.start, stop)
-        if stop.is_set() or self.pool is None:
+        if stop.is_set() or self.pool is None or self.shards is None:
             await self.producer.stop()
             return
         log.info("clearing service ready")
         processors: list[tuple[str, TopicSpec, BatchProcessor[Any]]] = [
             (GROUP_POSITIONS, SETTLEMENTS, Positions(self.pool)),
-            (GROUP_REQUESTS, CLEARING, Requests(self.pool)),
+            (GROUP_REQUESTS, CLEARING, Requests(self.pool, self.shards)),
             (GROUP_CLAIMS, MANUAL_CLAIMS, Claims(self.pool)),
         ]
         shells = [BatchConsumer(make_group_consumer(self.s, group, spec.name), group, spec, processor, self.producer,
@@ -102,6 +105,7 @@ class ClearingService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.producer.stop()
+            await self.shards.close()
             await self.pool.close()
 
     # Ticker: outbox and gauges ----------------------------------------------------------------------
@@ -181,8 +185,9 @@ class Requests(BatchProcessor[RequestEnvelope]):
     stage = STAGE
     decoder = staticmethod(decode_envelope)  # its BrokerError names the field and the code
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, shards: ShardPools) -> None:
         self.pool = pool
+        self.shards = shards
 
     async def process(self, records: list[Record[RequestEnvelope]], outbox: Outbox) -> None:
         for rec in records:
@@ -206,7 +211,7 @@ class Requests(BatchProcessor[RequestEnvelope]):
             try:
                 body = decode_body(env)
                 async with conn.transaction():  # a savepoint: a rejection leaves nothing behind
-                    output, warn = await requests.answer(conn, env, body)
+                    output, warn = await requests.answer(conn, self.shards, env, body)
                 response = response_bytes(admdvs, received, output=output, warn_msg=warn)
             except BrokerError as e:
                 outcome, infcode = e.code, -1

@@ -50,19 +50,20 @@ from services.clearing.logic import (
     reconcile_rows,
     totals_of,
 )
+from services.common.shards import ShardPools
 
 Output = Output3201 | Output3202 | Output3203 | Output3260 | Output3261
 
 
-async def answer(conn: asyncpg.Connection, env: RequestEnvelope, body: Any) -> tuple[Output, str]:
+async def answer(conn: asyncpg.Connection, shards: ShardPools, env: RequestEnvelope, body: Any) -> tuple[Output, str]:
     """(output, warn_msg) for one 32xx request of hospital `env.fixmedins_code`."""
     match body:
         case Input3201():
-            return await reconcile_totals(conn, env, body), ""
+            return await reconcile_totals(shards, env, body), ""
         case Input3202():
-            return await reconcile_details(conn, env, body), ""
+            return await reconcile_details(shards, env, body), ""
         case Input3203():
-            return await apply_for_clearing(conn, env, body)
+            return await apply_for_clearing(conn, shards, env, body)
         case Input3204():
             return await withdraw_application(conn, env, body)
         case Input3260():
@@ -85,10 +86,10 @@ def _diffs(diffs: list[FieldDiff]) -> list[StmtDiff]:
 # 3201 -------------------------------------------------------------------------------------
 
 
-async def reconcile_totals(conn: asyncpg.Connection, env: RequestEnvelope, body: Input3201) -> Output3201:
+async def reconcile_totals(shards: ShardPools, env: RequestEnvelope, body: Input3201) -> Output3201:
     d = body.data
     rows = await store.ledger_rows(
-        conn, env.fixmedins_code, parse_date("stmt_begndate", d.stmt_begndate),
+        shards, env.fixmedins_code, parse_date("stmt_begndate", d.stmt_begndate),
         parse_date("stmt_enddate", d.stmt_enddate), insutype=d.insutype, clr_type=d.clr_type,
         setl_optins=d.setl_optins,
     )
@@ -107,10 +108,10 @@ async def reconcile_totals(conn: asyncpg.Connection, env: RequestEnvelope, body:
 # 3202 -------------------------------------------------------------------------------------
 
 
-async def reconcile_details(conn: asyncpg.Connection, env: RequestEnvelope, body: Input3202) -> Output3202:
+async def reconcile_details(shards: ShardPools, env: RequestEnvelope, body: Input3202) -> Output3202:
     d = body.data
     rows = await store.ledger_rows(
-        conn, env.fixmedins_code, parse_date("stmt_begndate", d.stmt_begndate),
+        shards, env.fixmedins_code, parse_date("stmt_begndate", d.stmt_begndate),
         parse_date("stmt_enddate", d.stmt_enddate), clr_type=d.clr_type or None, setl_optins=d.setl_optins,
     )
     with_reversals = d.refd_setl_flag == "1"
@@ -154,11 +155,11 @@ def _appl_id(msgid: str) -> str:
     return f"CA{msgid}"
 
 
-async def apply_for_clearing(conn: asyncpg.Connection, env: RequestEnvelope, body: Input3203
-                             ) -> tuple[Output3203, str]:
+async def apply_for_clearing(conn: asyncpg.Connection, shards: ShardPools, env: RequestEnvelope,
+                             body: Input3203) -> tuple[Output3203, str]:
     d = body.data
     begin, end = parse_date("begndate", d.begndate), parse_date("enddate", d.enddate)
-    ledger = await store.application_totals(conn, env.fixmedins_code, d.clr_type, begin, end)
+    ledger = await store.application_totals(shards, env.fixmedins_code, d.clr_type, begin, end)
     theirs = {"psntime": d.psntime, **{f: to_fen(getattr(d, f)) for f in APPL_FIELDS if f != "psntime"}}
     diffs = compare_fields(theirs, ledger.as_dict(), counts=("psntime",))
     if diffs:

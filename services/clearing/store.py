@@ -11,6 +11,10 @@ Months: writers lock the months they assign to FOR SHARE (`resolve_months`); a c
 its month FOR UPDATE, so it waits for writers in flight, and writers after it see the month
 closed and move to the next open one. The closed month's entries and positions are frozen
 (the triggers in clearing.sql refuse writes into a closed month as a second line of defence).
+
+The ledger (`settlement`) lives in the shard databases, clearing in the hub (services/common/shards.py):
+readers of ledger rows run one index-bound query per shard and join with the hub's entries in Python
+(membership by `setl_id = ANY($1)`), never across databases.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from schemas.internal import SettlementEvent
 from schemas.money import to_yuan
 from services.clearing.logic import (
     AMOUNT_FIELDS,
+    APPL_FIELDS,
     MONTHS_WALK_MAX,
     VISIT_TYPES,
     Amounts,
@@ -56,11 +61,13 @@ from services.clearing.logic import (
     warning_line,
 )
 from services.common.response import SHANGHAI
+from services.common.shards import ShardPools
 from services.refdata.regions import province_of, region_of
 from topics.catalog import ALERTS, DEPOSITS
 
 CLOSE_LOCK_KEY = 0x78636C73  # "xcls": one close at a time
 SWEEP_CHUNK_ROWS = 5_000
+MEMBERSHIP_CHUNK_IDS = 10_000
 OUTBOX_CHUNK_ROWS = 500
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
@@ -219,23 +226,41 @@ def _params(n: int) -> str:
     return ", ".join(f"${i}" for i in range(1, n + 1))
 
 
-async def sweep(conn: asyncpg.Connection, before: datetime | None = None) -> int:
-    """Record non-local ledger rows the stream has not delivered (a lost event), oldest first."""
+async def recorded_months(conn: asyncpg.Connection, setl_ids: Sequence[str]) -> dict[str, str]:
+    """setl_id → the clearing month of its entry, for the ids the clearing service has recorded (by
+    primary-key lookups, a bounded array at a time)."""
+    out: dict[str, str] = {}
+    for i in range(0, len(setl_ids), MEMBERSHIP_CHUNK_IDS):
+        out.update({r[0]: r[1] for r in await conn.fetch(
+            "SELECT setl_id, clr_month FROM clearing_entry WHERE setl_id = ANY($1::text[])",
+            list(setl_ids[i:i + MEMBERSHIP_CHUNK_IDS]))})
+    return out
+
+
+async def sweep(conn: asyncpg.Connection, shards: ShardPools, before: datetime | None = None) -> int:
+    """Record non-local ledger rows the stream has not delivered (a lost event), each shard's oldest
+    first: the shard's rows in chunks along (setl_time, setl_id), membership checked on the hub."""
     total = 0
-    while True:
-        recs = await conn.fetch(
-            f"SELECT {', '.join('s.' + c for c in _LEDGER_COLS)} FROM settlement s"
-            " WHERE s.scope <> 'local' AND ($1::timestamp IS NULL OR s.setl_time < $1)"
-            " AND NOT EXISTS (SELECT 1 FROM clearing_entry e WHERE e.setl_id = s.setl_id)"
-            " ORDER BY s.setl_time, s.setl_id LIMIT $2",
-            before, SWEEP_CHUNK_ROWS,
-        )
-        if not recs:
-            return total
-        done = await record_rows(conn, [row_from_ledger(r) for r in recs], "sweep")
-        total += len(done.rows)
-        if len(recs) < SWEEP_CHUNK_ROWS:
-            return total
+    for _, shard in shards:
+        after: tuple[datetime, str] | None = None
+        while True:
+            recs = await shard.fetch(
+                f"SELECT {', '.join(_LEDGER_COLS)} FROM settlement"
+                " WHERE scope <> 'local' AND ($1::timestamp IS NULL OR setl_time < $1)"
+                " AND ($2::timestamp IS NULL OR (setl_time, setl_id) > ($2, $3::text))"
+                " ORDER BY setl_time, setl_id LIMIT $4",
+                before, after[0] if after else None, after[1] if after else None, SWEEP_CHUNK_ROWS,
+            )
+            if not recs:
+                break
+            seen = await recorded_months(conn, [r["setl_id"] for r in recs])
+            missing = [row_from_ledger(r) for r in recs if r["setl_id"] not in seen]
+            if missing:
+                total += len((await record_rows(conn, missing, "sweep")).rows)
+            if len(recs) < SWEEP_CHUNK_ROWS:
+                break
+            after = (recs[-1]["setl_time"], recs[-1]["setl_id"])
+    return total
 
 
 # Reading positions ---------------------------------------------------------------------------
@@ -271,43 +296,54 @@ class Batch:
     misassigned: int  # recorded rows whose month differs from the rule's
 
 
-async def batch_positions(conn: asyncpg.Connection, month: str, *, closing: bool = False) -> Batch:
-    """The batch side: a month's positions recomputed from the ledger (`settlement`) alone, with the
-    month rule of `logic.assign_month`; clearing_entry only tells which closed month holds a row.
+async def batch_positions(conn: asyncpg.Connection, shards: ShardPools, month: str, *,
+                          closing: bool = False) -> Batch:
+    """The batch side: a month's positions recomputed from the ledger (`settlement`, every shard) alone,
+    with the month rule of `logic.assign_month`; clearing_entry only tells which closed month holds a row.
     `closing`: as the month will be once closed (rows not recorded yet belong to the next month)."""
     check_month(month)
     closed = await closed_months(conn)
     view = closed | {month} if closing else closed
-    earlier_closed = sorted(m for m in closed if m < month)
-    recs = await conn.fetch(
-        f"SELECT {', '.join('s.' + c for c in _LEDGER_COLS)}, e.clr_month AS member_of FROM settlement s"
-        " LEFT JOIN clearing_entry e ON e.setl_id = s.setl_id"
-        " WHERE s.scope <> 'local' AND s.setl_time < $2 AND (s.setl_time >= $1"
-        "   OR (to_char(s.setl_time, 'YYYY-MM') = ANY($3::text[]) AND (e.setl_id IS NULL OR e.clr_month >= $4)))",
-        month_start(month), month_end(month), earlier_closed, month,
-    )
+    # Only a row of the closed months right before `month` (no open month between) can walk into it.
+    run: list[str] = []
+    m = month
+    while len(run) < MONTHS_WALK_MAX and (m := _previous_month(m)) in closed:
+        run.append(m)
+    since = month_start(run[-1]) if run else month_start(month)
     assigned = []
     unrecorded = misassigned = 0
-    for r in recs:
-        row = row_from_ledger(r)
-        member_of = r["member_of"]
-        target = assign_month(row.setl_month, view, member_of)
-        if target != month:
-            continue
-        assigned.append((row, target))
-        if member_of is None:
-            unrecorded += 1
-        elif member_of != target:
-            misassigned += 1
+    for _, shard in shards:
+        recs = await shard.fetch(
+            f"SELECT {', '.join(_LEDGER_COLS)} FROM settlement"
+            " WHERE scope <> 'local' AND setl_time >= $1 AND setl_time < $2",
+            since, month_end(month),
+        )
+        members = await recorded_months(conn, [r["setl_id"] for r in recs])
+        for r in recs:
+            row = row_from_ledger(r)
+            member_of = members.get(row.setl_id)
+            target = assign_month(row.setl_month, view, member_of)
+            if target != month:
+                continue
+            assigned.append((row, target))
+            if member_of is None:
+                unrecorded += 1
+            elif member_of != target:
+                misassigned += 1
     return Batch(aggregate(assigned), unrecorded, misassigned)
 
 
-async def verify(conn: asyncpg.Connection, month: str) -> list[str]:
+def _previous_month(month: str) -> str:
+    year, mon = int(month[:4]), int(month[5:])
+    return f"{year - 1}-12" if mon == 1 else f"{year}-{mon - 1:02d}"
+
+
+async def verify(conn: asyncpg.Connection, shards: ShardPools, month: str) -> list[str]:
     """Streaming vs batch vs entries (vs the frozen statement, once closed). Empty: agree to the fen."""
     stream = await positions(conn, month)
     problems = compare_positions(await entry_positions(conn, month), stream, expected_name="entries",
                                  actual_name="positions")
-    batch = await batch_positions(conn, month)
+    batch = await batch_positions(conn, shards, month)
     problems += compare_positions(batch.positions, stream, expected_name="ledger", actual_name="positions")
     if batch.unrecorded:
         problems.append(f"{batch.unrecorded} ledger rows of {month} not recorded by the clearing service yet")
@@ -340,7 +376,7 @@ def canonical(body: Any) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-async def close_month(pool: asyncpg.Pool, month: str) -> CloseResult:
+async def close_month(pool: asyncpg.Pool, shards: ShardPools, month: str) -> CloseResult:
     """Freeze a month: idempotent (closing a closed month returns its statement). Refuses — raising
     ClearingError and changing nothing — when the positions disagree with the entries or the ledger."""
     check_month(month)
@@ -356,11 +392,11 @@ async def close_month(pool: asyncpg.Pool, month: str) -> CloseResult:
                 raise ClearingError(f"{month} is closed but has no statement")
             return CloseResult(month, stmt["version"], stmt["closed_at"], stmt["digest"], stmt["entry_cnt"],
                                stmt["fund_pay_sumamt"], already_closed=True)
-        swept = await sweep(conn, month_end(month))
+        swept = await sweep(conn, shards, month_end(month))
         stream = await positions(conn, month)
         problems = compare_positions(await entry_positions(conn, month), stream, expected_name="entries",
                                      actual_name="positions")
-        batch = await batch_positions(conn, month, closing=True)
+        batch = await batch_positions(conn, shards, month, closing=True)
         problems += compare_positions(batch.positions, stream, expected_name="ledger", actual_name="positions")
         if batch.misassigned:
             problems.append(f"{batch.misassigned} rows recorded in a month other than the rule's")
@@ -412,36 +448,44 @@ def _statement_positions(body: dict[str, Any]) -> list[Position]:
 # Reconciliation queries (3201 / 3202 / 3203 / 3260) ------------------------------------------------
 
 
-async def ledger_rows(conn: asyncpg.Connection, fixmedins_code: str, begin: date, end: date, *,
+async def ledger_rows(shards: ShardPools, fixmedins_code: str, begin: date, end: date, *,
                       insutype: str | None = None, clr_type: str | None = None,
                       setl_optins: str | None = None) -> list[LedgerRow]:
-    """A hospital's ledger rows with setl_time on days begin..end (a reversal on its own day)."""
-    recs = await conn.fetch(
-        "SELECT setl_id, kind, medfee_sumamt, fund_pay_sumamt, acct_pay, psn_cash_pay FROM settlement"
-        " WHERE fixmedins_code = $1 AND setl_time >= $2 AND setl_time < $3"
-        " AND ($4::text IS NULL OR insutype = $4) AND ($5::text IS NULL OR med_type = $5)"
-        " AND ($6::text IS NULL OR clr_optins = $6) ORDER BY setl_time, setl_id",
-        fixmedins_code, _day(begin), _day(end + timedelta(days=1)), insutype, clr_type, setl_optins,
-    )
-    return [LedgerRow(**dict(r)) for r in recs]
+    """A hospital's ledger rows with setl_time on days begin..end (a reversal on its own day), from
+    every shard (a hospital treats persons of every province), in (setl_time, setl_id) order."""
+    recs: list[asyncpg.Record] = []
+    for _, shard in shards:
+        recs += await shard.fetch(
+            "SELECT setl_id, kind, medfee_sumamt, fund_pay_sumamt, acct_pay, psn_cash_pay, setl_time FROM settlement"
+            " WHERE fixmedins_code = $1 AND setl_time >= $2 AND setl_time < $3"
+            " AND ($4::text IS NULL OR insutype = $4) AND ($5::text IS NULL OR med_type = $5)"
+            " AND ($6::text IS NULL OR clr_optins = $6)",
+            fixmedins_code, _day(begin), _day(end + timedelta(days=1)), insutype, clr_type, setl_optins,
+        )
+    recs.sort(key=lambda r: (r["setl_time"], r["setl_id"]))
+    return [LedgerRow(**{k: v for k, v in r.items() if k != "setl_time"}) for r in recs]
 
 
 def _day(d: date) -> datetime:
     return datetime(d.year, d.month, d.day)
 
 
-async def application_totals(conn: asyncpg.Connection, fixmedins_code: str, clr_type: str, begin: date,
+async def application_totals(shards: ShardPools, fixmedins_code: str, clr_type: str, begin: date,
                              end: date) -> ApplTotals:
-    r = await conn.fetchrow(
-        "SELECT coalesce(sum(CASE WHEN kind = 'settle' THEN 1 ELSE -1 END), 0)::bigint AS psntime,"
-        " coalesce(sum(medfee_sumamt), 0)::bigint AS medfee_sumamt,"
-        " coalesce(sum(inscp_scp_amt), 0)::bigint AS med_sumfee,"
-        " coalesce(sum(fund_pay_sumamt), 0)::bigint AS fund_appy_sum,"
-        " coalesce(sum(psn_cash_pay), 0)::bigint AS cash_payamt, coalesce(sum(acct_pay), 0)::bigint AS acct_pay"
-        " FROM settlement WHERE fixmedins_code = $1 AND med_type = $2 AND setl_time >= $3 AND setl_time < $4",
-        fixmedins_code, clr_type, _day(begin), _day(end + timedelta(days=1)),
-    )
-    return ApplTotals(**dict(r))
+    sums = dict.fromkeys(APPL_FIELDS, 0)
+    for _, shard in shards:
+        r = await shard.fetchrow(
+            "SELECT coalesce(sum(CASE WHEN kind = 'settle' THEN 1 ELSE -1 END), 0)::bigint AS psntime,"
+            " coalesce(sum(medfee_sumamt), 0)::bigint AS medfee_sumamt,"
+            " coalesce(sum(inscp_scp_amt), 0)::bigint AS med_sumfee,"
+            " coalesce(sum(fund_pay_sumamt), 0)::bigint AS fund_appy_sum,"
+            " coalesce(sum(psn_cash_pay), 0)::bigint AS cash_payamt, coalesce(sum(acct_pay), 0)::bigint AS acct_pay"
+            " FROM settlement WHERE fixmedins_code = $1 AND med_type = $2 AND setl_time >= $3 AND setl_time < $4",
+            fixmedins_code, clr_type, _day(begin), _day(end + timedelta(days=1)),
+        )
+        for k in sums:
+            sums[k] += r[k]
+    return ApplTotals(**sums)
 
 
 async def month_details(conn: asyncpg.Connection, month: str, fixmedins_code: str, offset: int | None = None,
@@ -609,22 +653,11 @@ async def insert_manual_claims(conn: asyncpg.Connection, rows: Sequence[tuple[An
     return [r[0] for r in inserted]
 
 
-async def rates(conn: asyncpg.Connection, begin: date, end: date) -> list[dict[str, Any]]:
-    """The one definition of person-times (clearing CLI, monitor, dashboard). Direct-settlement rate
-    per (insured province, treating province, scope, visit type) for visits
-    settled (or manually claimed, by their end) on days begin..end. A settlement counts as direct
-    unless reversed; a visit settled again after a reversal counts once."""
-    start, stop = datetime(begin.year, begin.month, begin.day), datetime(end.year, end.month, end.day) + timedelta(1)
-    direct: dict[RateKey, int] = {}
-    for r in await conn.fetch(
-        "SELECT s.insured_admdvs, s.treating_admdvs, s.scope, s.med_type, count(DISTINCT s.mdtrt_id) AS n"
-        " FROM settlement s WHERE s.kind = 'settle' AND s.scope <> 'local' AND s.setl_time >= $1"
-        " AND s.setl_time < $2 AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
-        " GROUP BY 1, 2, 3, 4", start, stop,
-    ):
-        key = RateKey(province_of(r["insured_admdvs"]), province_of(r["treating_admdvs"]), r["scope"],
-                      VISIT_TYPES.get(r["med_type"], "other"))
-        direct[key] = direct.get(key, 0) + r["n"]
+def _window(begin: date, end: date) -> tuple[datetime, datetime]:
+    return datetime(begin.year, begin.month, begin.day), datetime(end.year, end.month, end.day) + timedelta(1)
+
+
+async def _manual_counts(conn: asyncpg.Connection, start: datetime, stop: datetime) -> dict[RateKey, int]:
     manual: dict[RateKey, int] = {}
     for r in await conn.fetch(
         "SELECT insured_prov, treating_prov, scope, visit_type, count(*) AS n FROM manual_claim"
@@ -632,5 +665,52 @@ async def rates(conn: asyncpg.Connection, begin: date, end: date) -> list[dict[s
     ):
         key = RateKey(r["insured_prov"], r["treating_prov"], r["scope"], r["visit_type"])
         manual[key] = manual.get(key, 0) + r["n"]
+    return manual
+
+
+def _rate_dicts(direct: dict[RateKey, int], manual: dict[RateKey, int]) -> list[dict[str, Any]]:
     return [{**asdict(line.key), "direct": line.direct, "manual": line.manual, "rate": line.rate}
             for line in rate_lines(direct, manual)]
+
+
+def _rate_key(insured: str, treating: str, scope: str, med_type: str) -> RateKey:
+    return RateKey(province_of(insured), province_of(treating), scope, VISIT_TYPES.get(med_type, "other"))
+
+
+async def rates(conn: asyncpg.Connection, shards: ShardPools, begin: date, end: date) -> list[dict[str, Any]]:
+    """The one definition of person-times (clearing CLI, monitor, dashboard). Direct-settlement rate
+    per (insured province, treating province, scope, visit type) for visits
+    settled (or manually claimed, by their end) on days begin..end. A settlement counts as direct
+    unless reversed; a visit settled again after a reversal counts once.
+
+    Direct person-times come from the shards' daily aggregates (`ledger_daily.direct`, kept by the
+    engine); `rates_recomputed` counts the same from the ledger rows (a test proves them equal)."""
+    start, stop = _window(begin, end)
+    direct: dict[RateKey, int] = {}
+    for _, shard in shards:
+        for r in await shard.fetch(
+            "SELECT insured_prov, treating_prov, scope, med_type, sum(direct)::bigint AS n FROM ledger_daily"
+            " WHERE day >= $1 AND day < $2 AND scope <> 'local' GROUP BY 1, 2, 3, 4",
+            start.date(), stop.date(),
+        ):
+            if r["n"]:
+                key = _rate_key(r["insured_prov"], r["treating_prov"], r["scope"], r["med_type"])
+                direct[key] = direct.get(key, 0) + r["n"]
+    return _rate_dicts(direct, await _manual_counts(conn, start, stop))
+
+
+async def rates_recomputed(conn: asyncpg.Connection, shards: ShardPools, begin: date, end: date
+                           ) -> list[dict[str, Any]]:
+    """`rates` counted from the ledger rows themselves (a scan of the window): the check of the aggregates."""
+    start, stop = _window(begin, end)
+    direct: dict[RateKey, int] = {}
+    for _, shard in shards:
+        for r in await shard.fetch(
+            "SELECT s.insured_admdvs, s.treating_admdvs, s.scope, s.med_type, count(DISTINCT s.mdtrt_id) AS n"
+            " FROM settlement s WHERE s.kind = 'settle' AND s.scope <> 'local' AND s.setl_time >= $1"
+            " AND s.setl_time < $2 AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
+            " GROUP BY 1, 2, 3, 4", start, stop,
+        ):
+            key = _rate_key(r["insured_admdvs"], r["treating_admdvs"], r["scope"], r["med_type"])
+            direct[key] = direct.get(key, 0) + r["n"]
+    return _rate_dicts(direct, await _manual_counts(conn, start, stop))

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from services.common.config import Settings
 from services.common.consumer import FailureKind, classify
 from services.common.metrics import LATENCY_BUCKETS_S
+from services.common.shards import ShardPools
 from services.dashboard.data import Prometheus, assemble, fetch_clearing, fetch_live
 from services.monitor.ledger import month_figures
 from services.monitor.targets import Target, load_targets
@@ -38,6 +39,7 @@ class Dashboard:
         self.s = s
         self.targets: list[Target] = load_targets(PROVINCES)
         self.pool: asyncpg.Pool | None = None
+        self.shards: ShardPools | None = None
         self.session: aiohttp.ClientSession | None = None
         self.prom: Prometheus | None = None
         self._cache: dict[int, tuple[float, bytes]] = {}
@@ -47,12 +49,15 @@ class Dashboard:
         # No connection at start: the page (and live figures) must come up while PostgreSQL is away;
         # the pool connects on the first query and reconnects after a restart.
         self.pool = await asyncpg.create_pool(self.s.pg_dsn, min_size=0, max_size=2)
+        self.shards = await ShardPools.connect(self.s, 2)
         self.session = aiohttp.ClientSession()
         self.prom = Prometheus(f"http://127.0.0.1:{self.s.prometheus_port}", self.session)
 
     async def stop(self) -> None:
         if self.session:
             await self.session.close()
+        if self.shards:
+            await self.shards.close()
         if self.pool:
             await self.pool.close()
 
@@ -62,8 +67,8 @@ class Dashboard:
             if cached and time.monotonic() - cached[0] < CACHE_S:
                 return cached[1]
             started = time.perf_counter()
-            assert self.pool is not None and self.prom is not None
-            month, live = await asyncio.gather(month_figures(self.pool), fetch_live(self.prom, hours))
+            assert self.pool is not None and self.shards is not None and self.prom is not None
+            month, live = await asyncio.gather(month_figures(self.pool, self.shards), fetch_live(self.prom, hours))
             positions, deposits = await fetch_clearing(self.pool, month.month)
             if live.error:
                 OVERVIEW_ERRORS.labels("prometheus").inc()

@@ -27,6 +27,7 @@ from services.common.config import Settings
 from services.common.consumer import FailureKind, classify, until_up
 from services.common.metrics import serve_metrics
 from services.common.response import SHANGHAI
+from services.common.shards import ShardPools
 from services.monitor.lag import PartitionLag, group_lags
 from services.monitor.ledger import FUND_COLUMNS, MonthFigures, month_figures
 from services.monitor.targets import Target, load_targets
@@ -36,6 +37,7 @@ log = logging.getLogger("monitor")
 
 KAFKA_POLL_S: Final = 2.0
 LEDGER_POLL_S: Final = 3.0
+PARTITIONS_EVERY_S: Final = 3600.0  # the ledger's monthly partitions, created ahead
 KAFKA_TIMEOUT_MS: Final = 5_000
 POLL_ERRORS = Counter("xs_monitor_poll_errors_total", "Failed polls of a source (kept the last snapshot)",
                       ["source"])
@@ -121,12 +123,15 @@ class Monitor:
         self.offsets = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None, enable_auto_commit=False,
                                         isolation_level="read_committed", request_timeout_ms=KAFKA_TIMEOUT_MS)
         self.pool: asyncpg.Pool | None = None
+        self.shards: ShardPools | None = None
+        self._partitions_due = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         REGISTRY.register(self.collector)
         serve_metrics(self.s.monitor_metrics_port)
         # No connection at start: the pool connects on the first poll and after a database restart.
         self.pool = await asyncpg.create_pool(self.s.pg_dsn, min_size=0, max_size=1)
+        self.shards = await ShardPools.connect(self.s, 1)
         await until_up("Kafka admin client", self.admin.start, stop)
         await until_up("Kafka consumer", self.offsets.start, stop)
         log.info("monitor ready on :%d", self.s.monitor_metrics_port)
@@ -138,6 +143,7 @@ class Monitor:
         finally:
             await self.offsets.stop()
             await self.admin.close()
+            await self.shards.close()
             await self.pool.close()
 
     async def _every(self, period_s: float, source: str, poll: Callable[[], Awaitable[None]],
@@ -186,5 +192,21 @@ class Monitor:
         snap.lags, snap.end_offsets, snap.members = lags, end, members
 
     async def poll_ledger(self) -> None:
-        assert self.pool is not None
-        self.collector.snapshot.month = await month_figures(self.pool)
+        assert self.pool is not None and self.shards is not None
+        self.collector.snapshot.month = await month_figures(self.pool, self.shards)
+        if time.monotonic() >= self._partitions_due:
+            self._partitions_due = time.monotonic() + PARTITIONS_EVERY_S
+            try:
+                await self.ensure_partitions()
+            except asyncpg.PostgresError as e:  # not the month figures' fault: say so, try again in an hour
+                log.warning("creating ledger partitions ahead failed: %s", type(e).__name__)
+
+    async def ensure_partitions(self) -> None:
+        """This month's and the next months' ledger partitions on every shard (the retention command does
+        the same): a month never starts in the default partition while the monitor runs."""
+        assert self.shards is not None
+        for name, shard in self.shards:
+            created = await shard.fetchval(
+                "SELECT ensure_ledger_partitions(now()::date, (now() + interval '3 months')::date)")
+            if created:
+                log.info("shard %s: created ledger partitions %s", name, ", ".join(created))

@@ -1,6 +1,10 @@
 """Month-to-date figures from the ledger (PostgreSQL): the authoritative numbers behind
 the direct-settlement rate and the money moved between provinces.
 
+They come from the shards' daily aggregates (`ledger_daily`, kept by the settlement engine in
+the ledger's own transaction, shard migration 0002): a poll reads about 31 days × keys per shard,
+not the month's ledger rows.
+
 A month is the calendar month of `settlement.setl_time` (Asia/Shanghai wall time), as
 for clearing (REFERENCE §5). Person-times come from the clearing service's one
 definition (`services.clearing.store.rates`): a non-local visit counts as direct once
@@ -22,19 +26,19 @@ from schemas.codes import FUNDS
 from services.clearing.store import rates
 from services.common.metrics import visit_type_of
 from services.common.response import SHANGHAI
+from services.common.shards import ShardPools
 from services.refdata.regions import UnknownRegion, province_of
 
 FUND_COLUMNS: Final[tuple[str, ...]] = FUNDS
 
 _MONEY_SQL: Final = """
-SELECT insured_admdvs, treating_admdvs, scope, med_type,
-       count(*) FILTER (WHERE kind = 'settle') AS settled,
-       count(*) FILTER (WHERE kind = 'reverse') AS reversed,
+SELECT insured_prov, treating_prov, scope, med_type,
+       sum(settled)::bigint AS settled, sum(reversed)::bigint AS reversed,
        sum(medfee_sumamt)::bigint AS medfee, sum(fund_pay_sumamt)::bigint AS fund,
        sum(hifp_pay)::bigint AS hifp_pay, sum(hifmi_pay)::bigint AS hifmi_pay,
        sum(hifob_pay)::bigint AS hifob_pay, sum(maf_pay)::bigint AS maf_pay
-FROM settlement
-WHERE setl_time >= $1 AND setl_time < $2
+FROM ledger_daily
+WHERE day >= $1 AND day < $2
 GROUP BY 1, 2, 3, 4
 """
 
@@ -75,11 +79,13 @@ def _prov(admdvs: str) -> str:
         return "unknown"
 
 
-async def month_figures(conn: asyncpg.Connection | asyncpg.Pool, now: datetime | None = None) -> MonthFigures:
+async def month_figures(hub: asyncpg.Connection | asyncpg.Pool, shards: ShardPools,
+                        now: datetime | None = None) -> MonthFigures:
     start, end = month_bounds(now)
     cells: dict[Key, Cell] = defaultdict(Cell)
-    for r in await conn.fetch(_MONEY_SQL, start, end):
-        key = (_prov(r["insured_admdvs"]), _prov(r["treating_admdvs"]), r["scope"], visit_type_of(r["med_type"]))
+    rows = [r for _, shard in shards for r in await shard.fetch(_MONEY_SQL, start.date(), end.date())]
+    for r in rows:
+        key = (_prov(r["insured_prov"]), _prov(r["treating_prov"]), r["scope"], visit_type_of(r["med_type"]))
         c = cells[key]
         c.settled += r["settled"]
         c.reversed += r["reversed"]
@@ -87,7 +93,7 @@ async def month_figures(conn: asyncpg.Connection | asyncpg.Pool, now: datetime |
         c.fund_fen += r["fund"]
         for f in FUND_COLUMNS:
             c.funds_fen[f] += r[f]
-    for line in await rates(conn, start.date(), (end - timedelta(days=1)).date()):  # type: ignore[arg-type]
+    for line in await rates(hub, shards, start.date(), (end - timedelta(days=1)).date()):  # type: ignore[arg-type]
         c = cells[(line["insured_prov"], line["treating_prov"], line["scope"], line["visit_type"])]
         c.direct += line["direct"]
         c.manual += line["manual"]

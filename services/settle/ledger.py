@@ -148,6 +148,8 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
             f"INSERT INTO settlement ({', '.join(_SETL_COLS)}) VALUES ({_params(len(_SETL_COLS))})",
             [_settlement_values(st.settlements[s]) for s in st.new_settlements],
         )
+        # The month-to-date aggregates, in this transaction (shard migration 0002.ledger-daily).
+        await conn.execute("SELECT ledger_daily_add($1::text[])", list(st.new_settlements))
     if st.changed_accumulators:
         cols = ("psn_no", "acc_year", *_ACC_COUNTERS, "chronic_paid")
         rows = []

@@ -25,7 +25,7 @@ from services.clearing.logic import month_end, month_start
 from services.common.config import Settings
 from services.refdata.load import load_dir
 from services.refdata.regions import region_of
-from tests.integration.conftest import RUN_TOKEN, wait_router_knows
+from tests.integration.conftest import RUN_TOKEN, Ledger, wait_router_knows
 
 D = Decimal
 YEAR = 2025
@@ -37,6 +37,8 @@ ITEM_A, ITEM_B = "CLRA001", "CLRB010"
 TREATING = ("150400", "500154", "510421", "350300", "140100", "440300", "110105", "330100", "510100")
 HOSPITALS = {code: Hospital(f"H{code}99911", f"清算测试医院{code}", code) for code in TREATING}
 RECON = Hospital("H15040099912", "清算对账测试医院", "150400")  # reconciliation: its own day, its own persons
+# One hospital treating persons of both shards (赤峰 150400 on s1, 米易 510421 on s2): cross-province for both.
+CROSS_SHARD = Hospital("H44030099913", "清算跨分片测试医院", "440300")
 INSURED = ("150400", "500154", "510421", "350300", "140100", "440300", "110105", "330100")
 
 
@@ -70,7 +72,7 @@ EXTRA_PERSONS = [Person(f"C{RUN_TOKEN}{200 + i:03d}", INSURED[i % len(INSURED)],
 def write_refdata(directory: Path) -> None:
     enc = msgspec.json.Encoder()
     hospitals = [{"fixmedins_code": h.fixmedins_code, "fixmedins_name": h.fixmedins_name, "admdvs": h.admdvs,
-                  "hosp_lv": 3} for h in (*HOSPITALS.values(), RECON)]
+                  "hosp_lv": 3} for h in (*HOSPITALS.values(), RECON, CROSS_SHARD)]
     provinces = sorted({region_of(code).prov_admdvs for code in TREATING})
     catalog = []
     for prov in provinces:
@@ -193,13 +195,14 @@ async def generate_month(client: GatewayClient) -> Traffic:
     return t
 
 
-async def wait_recorded(db: asyncpg.Pool, setl_ids: list[str], timeout_s: float = 45) -> None:
-    """Until the clearing service has recorded every non-local one of these ledger rows."""
+async def wait_recorded(db: asyncpg.Pool, ledger: Ledger, setl_ids: list[str], timeout_s: float = 45) -> None:
+    """Until the clearing service (hub) has recorded every non-local one of these ledger rows (shards)."""
     deadline = time.monotonic() + timeout_s
+    nonlocal_ids = [r[0] for r in await ledger.fetch(
+        "SELECT setl_id FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'", setl_ids)]
     while True:
-        missing = await db.fetchval(
-            "SELECT count(*) FROM settlement s WHERE s.setl_id = ANY($1::text[]) AND s.scope <> 'local'"
-            " AND NOT EXISTS (SELECT 1 FROM clearing_entry e WHERE e.setl_id = s.setl_id)", setl_ids)
+        missing = len(nonlocal_ids) - await db.fetchval(
+            "SELECT count(*) FROM clearing_entry WHERE setl_id = ANY($1::text[])", nonlocal_ids)
         if missing == 0:
             return
         if time.monotonic() > deadline:
@@ -207,10 +210,10 @@ async def wait_recorded(db: asyncpg.Pool, setl_ids: list[str], timeout_s: float 
         await asyncio.sleep(0.2)
 
 
-async def ledger_pairs(db: asyncpg.Pool, month: str) -> dict[tuple[str, str], dict[str, int]]:
-    """Independent SQL over `settlement`: per (insured pool → treating pool) of rows whose setl_time is
-    in the month, the count and the sums of every fund."""
-    rows = await db.fetch(
+async def ledger_pairs(ledger: Ledger, month: str) -> dict[tuple[str, str], dict[str, int]]:
+    """Independent SQL over `settlement` of every shard: per (insured pool → treating pool) of rows whose
+    setl_time is in the month, the count and the sums of every fund (the shards' sums added)."""
+    rows = await ledger.fetch(
         "SELECT insured_pool, treating_pool, count(*) AS cnt, sum(medfee_sumamt)::bigint AS medfee_sumamt,"
         " sum(hifp_pay)::bigint AS hifp_pay, sum(hifmi_pay)::bigint AS hifmi_pay, sum(hifob_pay)::bigint AS hifob_pay,"
         " sum(maf_pay)::bigint AS maf_pay, sum(fund_pay_sumamt)::bigint AS fund_pay_sumamt FROM settlement"
@@ -218,4 +221,10 @@ async def ledger_pairs(db: asyncpg.Pool, month: str) -> dict[tuple[str, str], di
         month_start(month), month_end(month),
     )
     keys = ("insured_pool", "treating_pool")
-    return {(r["insured_pool"], r["treating_pool"]): {k: v for k, v in r.items() if k not in keys} for r in rows}
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for r in rows:
+        acc = out.setdefault((r["insured_pool"], r["treating_pool"]), {})
+        for k, v in r.items():
+            if k not in keys:
+                acc[k] = acc.get(k, 0) + v
+    return out

@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from services.clearing.logic import AMOUNT_FIELDS, Position, compare_positions, 
 from services.common.config import Settings
 from services.refdata.regions import region_of
 from tests.integration.clearing_fixtures import (
+    CROSS_SHARD,
     EXTRA_PERSONS,
     HOSPITALS,
     M1,
@@ -43,6 +45,7 @@ from tests.integration.clearing_fixtures import (
     RUN_TOKEN,
     Traffic,
     at,
+    fee_lines,
     gather_limited,
     generate_month,
     ledger_pairs,
@@ -52,6 +55,7 @@ from tests.integration.clearing_fixtures import (
     run_stay,
     wait_recorded,
 )
+from tests.integration.conftest import Ledger
 from topics.catalog import ALERTS, DEPOSITS, SETTLEMENTS
 
 pytestmark = pytest.mark.integration
@@ -65,11 +69,11 @@ async def client(services: Settings) -> AsyncIterator[GatewayClient]:
 
 
 @pytest.fixture(scope="module")
-async def traffic(db: asyncpg.Pool, services: Settings, client: GatewayClient,
+async def traffic(db: asyncpg.Pool, ledger: Ledger, services: Settings, client: GatewayClient,
                   tmp_path_factory: pytest.TempPathFactory) -> Traffic:
     await load_refdata(db, services, tmp_path_factory.mktemp("clearing_refdata"))
     t = await generate_month(client)
-    await wait_recorded(db, t.setl_ids())
+    await wait_recorded(db, ledger, t.setl_ids())
     return t
 
 
@@ -95,11 +99,13 @@ async def metric(port: int, name: str, **labels: str) -> float:
 # The month, streaming and batch ---------------------------------------------------------------------
 
 
-async def test_month_of_traffic_clears_exactly_like_the_ledger(traffic: Traffic, db: asyncpg.Pool) -> None:
+async def test_month_of_traffic_clears_exactly_like_the_ledger(traffic: Traffic, db: asyncpg.Pool,
+                                                                ledger: Ledger) -> None:
     async with db.acquire() as conn:
-        assert await store.verify(conn, M1) == []  # streaming = entries = batch recomputation, to the fen
+        # streaming = entries = batch recomputation over every shard, to the fen
+        assert await store.verify(conn, ledger.shards, M1) == []
         positions = await store.positions(conn, M1)
-    expected = await ledger_pairs(db, M1)
+    expected = await ledger_pairs(ledger, M1)
     assert pair_sums(positions) == expected
     scopes = {p.scope for p in positions.values()}
     assert scopes == {"intra_province", "cross_province"}
@@ -109,16 +115,16 @@ async def test_month_of_traffic_clears_exactly_like_the_ledger(traffic: Traffic,
     assert {"440300", "110000", "330100"} <= {p.key.insured_pool for p in positions.values()}
     totals = {f: sum(v[f] for v in expected.values()) for f in AMOUNT_FIELDS}
     assert totals["hifp_pay"] > 0 and totals["hifmi_pay"] > 0 and totals["maf_pay"] > 0
-    reversals = await db.fetchval(
+    reversals = await ledger.total(
         "SELECT count(*) FROM settlement WHERE kind = 'reverse' AND scope <> 'local' AND setl_time >= $1"
         " AND setl_time < $2", month_start(M1), month_end(M1))
     assert sum(p.cnt for p in positions.values() if p.key.kind == "reverse") == reversals >= 5
 
 
-async def test_replayed_settlement_events_are_not_counted_twice(traffic: Traffic, db: asyncpg.Pool,
+async def test_replayed_settlement_events_are_not_counted_twice(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                                 services: Settings) -> None:
     ids = traffic.setl_ids()[:10]
-    rows = await db.fetch("SELECT * FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'", ids)
+    rows = await ledger.fetch("SELECT * FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'", ids)
     assert len(rows) >= 5
     enc = msgspec.json.Encoder()
     events = [SettlementEvent(
@@ -148,7 +154,7 @@ async def test_replayed_settlement_events_are_not_counted_twice(traffic: Traffic
     assert dup == dup_before + 2 * len(events)
     async with db.acquire() as conn:
         assert compare_positions(before, await store.positions(conn, M1)) == []
-        assert await store.verify(conn, M1) == []
+        assert await store.verify(conn, ledger.shards, M1) == []
 
 
 # Hospital reconciliation ----------------------------------------------------------------------------
@@ -229,11 +235,12 @@ async def test_hospital_reconciliation_totals_and_details(traffic: Traffic, clie
 
 
 async def test_close_freezes_the_month_and_statements_match_the_ledger(traffic: Traffic, db: asyncpg.Pool,
-                                                                       services: Settings, tmp_path: Path) -> None:
+                                                                       ledger: Ledger, services: Settings,
+                                                                       tmp_path: Path) -> None:
     closed = await cli.close(services, M1)
     again = await cli.close(services, M1)
     assert again.already_closed and (again.version, again.digest) == (closed.version, closed.digest)
-    expected = await ledger_pairs(db, M1)
+    expected = await ledger_pairs(ledger, M1)
     total = sum(v["fund_pay_sumamt"] for v in expected.values())
     assert closed.fund_pay_sumamt == total and closed.entry_cnt == sum(v["cnt"] for v in expected.values())
 
@@ -241,7 +248,7 @@ async def test_close_freezes_the_month_and_statements_match_the_ledger(traffic: 
         return region_of(pool).prov_admdvs
 
     async with db.acquire() as conn:
-        assert await store.verify(conn, M1) == []
+        assert await store.verify(conn, ledger.shards, M1) == []
         for region in ("150400", "500000", "510400", "350300", "140100", "440300", "510000", "150000"):
             st = await cli.statement_for(conn, M1, region)
             assert st.status == "closed" and st.digest == closed.digest
@@ -278,20 +285,20 @@ async def test_close_freezes_the_month_and_statements_match_the_ledger(traffic: 
     assert await asyncio.to_thread(cli.main, ["verify", "--month", M1]) == 0
 
 
-async def test_reversal_after_close_lands_in_the_next_month(traffic: Traffic, db: asyncpg.Pool,
+async def test_reversal_after_close_lands_in_the_next_month(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                             client: GatewayClient, services: Settings) -> None:
     closed = await cli.close(services, M1)  # idempotent: closed already by the test before, or now
     reversed_ids = {r["setl_id"] for r in traffic.reversals}
     candidates = [s for s in traffic.settled if s.setl_id not in reversed_ids]
     async with db.acquire() as conn:
         before = await store.positions(conn, M1)
-        nonlocal_ids = {r[0] for r in await conn.fetch(
+        nonlocal_ids = {r[0] for r in await ledger.fetch(
             "SELECT setl_id FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'",
             [s.setl_id for s in candidates])}
     late_target, next_target = [s for s in candidates if s.setl_id in nonlocal_ids][:2]
     late = await reverse(client, late_target, at(M1, 31, 23, 30))  # dated in the closed month: arrives late
     normal = await reverse(client, next_target, at(M2, 2, 10, 0))
-    await wait_recorded(db, [late["setl_id"], normal["setl_id"]])
+    await wait_recorded(db, ledger, [late["setl_id"], normal["setl_id"]])
     async with db.acquire() as conn:
         entries = {r["setl_id"]: r for r in await conn.fetch(
             "SELECT setl_id, setl_month, clr_month FROM clearing_entry WHERE setl_id = ANY($1::text[])",
@@ -302,8 +309,8 @@ async def test_reversal_after_close_lands_in_the_next_month(traffic: Traffic, db
         assert compare_positions(before, await store.positions(conn, M1)) == []
         stmt = await store.statement(conn, M1)
         assert stmt is not None and stmt["digest"] == closed.digest
-        assert await store.verify(conn, M1) == []
-        assert await store.verify(conn, M2) == []  # the batch puts the late reversal in M2 as well
+        assert await store.verify(conn, ledger.shards, M1) == []
+        assert await store.verify(conn, ledger.shards, M2) == []  # the batch puts the late reversal in M2 as well
         adjustments = [p for p in (await store.positions(conn, M2)).values() if p.key.adjustment]
         assert sum(p.amounts.fund_pay_sumamt for p in adjustments) == to_fen(D(late["fund_pay_sumamt"]))
         st = await cli.statement_for(conn, M2, region_of(late_target.stay.insuplc).pool_admdvs)
@@ -311,11 +318,11 @@ async def test_reversal_after_close_lands_in_the_next_month(traffic: Traffic, db
         assert sum(ln.adj_reverse_cnt for ln in st.payable) == 1  # the late reversal, nothing else
 
 
-async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic, db: asyncpg.Pool,
+async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                                client: GatewayClient, services: Settings) -> None:
     plan = month_plan(M2, EXTRA_PERSONS, 16, first_day=3, last_day=12)
     settled = await gather_limited(run_stay(client, h, p, when, lines) for h, p, when, lines in plan)
-    await wait_recorded(db, [s.setl_id for s in settled])
+    await wait_recorded(db, ledger, [s.setl_id for s in settled])
 
     some_done = asyncio.Event()
     done: list[dict[str, Any]] = []
@@ -339,12 +346,12 @@ async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic,
         return await cli.close(services, M2)
 
     revs, closed = await asyncio.gather(reversals(), close_midway())
-    await wait_recorded(db, [r["setl_id"] for r in revs])
+    await wait_recorded(db, ledger, [r["setl_id"] for r in revs])
     async with db.acquire() as conn:
-        rev_ids = [r[0] for r in await conn.fetch(
+        rev_ids = [r[0] for r in await ledger.fetch(
             "SELECT setl_id FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'",
             [r["setl_id"] for r in revs])]
-        nonlocal_settled = await conn.fetchval(
+        nonlocal_settled = await ledger.total(
             "SELECT count(*) FROM settlement WHERE setl_id = ANY($1::text[]) AND scope <> 'local'",
             [s.setl_id for s in settled])
         assert len(rev_ids) == nonlocal_settled == sum(
@@ -358,8 +365,8 @@ async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic,
         # Nothing slipped into the closed month after its freeze, nothing was lost.
         assert compare_positions(frozen, await store.positions(conn, M2)) == []
         assert compare_positions(frozen, await store.entry_positions(conn, M2)) == []
-        assert await store.verify(conn, M2) == []
-        assert await store.verify(conn, M3) == []
+        assert await store.verify(conn, ledger.shards, M2) == []
+        assert await store.verify(conn, ledger.shards, M3) == []
         late = await conn.fetchval(
             "SELECT count(*) FROM clearing_entry WHERE setl_id = ANY($1::text[]) AND clr_month = $2", rev_ids, M3)
     print(f"reversals during the close: {len(rev_ids) - late} in {M2}, {late} as adjustments of {M3}")
@@ -368,7 +375,7 @@ async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic,
 # Clearing details and applications ----------------------------------------------------------------
 
 
-async def test_clearing_details_confirmation_and_applications(traffic: Traffic, db: asyncpg.Pool,
+async def test_clearing_details_confirmation_and_applications(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                               client: GatewayClient, services: Settings) -> None:
     await cli.close(services, M1)
     hospital = HOSPITALS["150400"]
@@ -376,9 +383,11 @@ async def test_clearing_details_confirmation_and_applications(traffic: Traffic, 
     q = {"trt_year": year, "trt_month": mon}
     page = await client.call(hospital.envelope("3260", {"data": {**q, "startrow": 1}}))
     assert page["infcode"] == 0, page["err_msg"]
-    ours = await db.fetch(
-        "SELECT e.setl_id, s.fund_pay_sumamt, s.medfee_sumamt FROM clearing_entry e JOIN settlement s USING (setl_id)"
-        " WHERE e.clr_month = $1 AND e.fixmedins_code = $2", M1, hospital.fixmedins_code)
+    entry_ids = [r[0] for r in await db.fetch(
+        "SELECT setl_id FROM clearing_entry WHERE clr_month = $1 AND fixmedins_code = $2", M1, hospital.fixmedins_code)]
+    ours = await ledger.fetch(
+        "SELECT setl_id, fund_pay_sumamt, medfee_sumamt FROM settlement WHERE setl_id = ANY($1::text[])", entry_ids)
+    assert len(ours) == len(entry_ids)
     out = page["output"]
     assert out["totalrow"] == len(ours) == len(out["data"]) > 2
     assert {r["setl_sn"] for r in out["data"]} == {r["setl_id"] for r in ours}
@@ -494,7 +503,7 @@ async def test_deposit_warning_fires_at_the_line_and_not_above_it(db: asyncpg.Po
 
 
 async def test_manual_claims_are_stored_and_count_in_the_rate_denominator(traffic: Traffic, db: asyncpg.Pool,
-                                                                          services: Settings) -> None:
+                                                                          ledger: Ledger, services: Settings) -> None:
     def claim(n: int, insured: str, treating: str) -> ManualClaim:
         return ManualClaim(
             claim_id=f"MC{RUN_TOKEN}{n}", psn_no=EXTRA_PERSONS[n].psn_no, insuplc_admdvs=insured,
@@ -523,8 +532,8 @@ async def test_manual_claims_are_stored_and_count_in_the_rate_denominator(traffi
     assert counted == counted_before + 3
 
     async with db.acquire() as conn:
-        lines = await store.rates(conn, month_start(M1).date(), (month_end(M1)).date())
-        direct = await conn.fetchval(
+        lines = await store.rates(conn, ledger.shards, month_start(M1).date(), (month_end(M1)).date())
+        direct = await ledger.total(
             "SELECT count(DISTINCT s.mdtrt_id) FROM settlement s WHERE s.kind = 'settle' AND s.med_type = '21'"
             " AND s.insured_pool = '510400' AND left(s.treating_admdvs, 2) = '15' AND s.setl_time >= $1"
             " AND s.setl_time < $2 AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)",
@@ -539,7 +548,7 @@ async def test_manual_claims_are_stored_and_count_in_the_rate_denominator(traffi
 # A crash of the clearing service ------------------------------------------------------------------------------
 
 
-async def test_clearing_service_crash_keeps_positions_exact(traffic: Traffic, db: asyncpg.Pool,
+async def test_clearing_service_crash_keeps_positions_exact(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                             client: GatewayClient, services: Settings) -> None:
     plan = month_plan(M4, EXTRA_PERSONS, 20, first_day=1, last_day=20)
     running = asyncio.ensure_future(gather_limited(run_stay(client, h, p, when, lines) for h, p, when, lines in plan))
@@ -548,7 +557,162 @@ async def test_clearing_service_crash_keeps_positions_exact(traffic: Traffic, db
     assert await asyncio.to_thread(stack_ctl.stop_service, "clearing", True, services)
     settled = await running
     await asyncio.to_thread(stack_ctl.start_service, "clearing", services)
-    await wait_recorded(db, [s.setl_id for s in settled], timeout_s=60)
+    await wait_recorded(db, ledger, [s.setl_id for s in settled], timeout_s=60)
     async with db.acquire() as conn:
-        assert await store.verify(conn, M4) == []
-        assert pair_sums(await store.positions(conn, M4)) == await ledger_pairs(db, M4)
+        assert await store.verify(conn, ledger.shards, M4) == []
+        assert pair_sums(await store.positions(conn, M4)) == await ledger_pairs(ledger, M4)
+
+
+# Across the shard boundary --------------------------------------------------------------------------------
+
+M_CROSS = "2025-08"  # no other clearing test sends traffic for August 2025
+
+
+async def test_a_hospital_treating_both_shards_reconciles_and_clears_like_the_shards(
+        traffic: Traffic, db: asyncpg.Pool, ledger: Ledger, client: GatewayClient) -> None:
+    """Persons of both shards at one hospital on one day: 3201 per clearing agency, 3203 over the whole
+    hospital, the month's clearing positions and the batch recomputation all equal what the shards hold."""
+    s1 = [p for p in EXTRA_PERSONS if p.insuplc == "150400"][:2]
+    s2 = [p for p in EXTRA_PERSONS if p.insuplc == "510421"][:2]
+    assert len(s1) == len(s2) == 2 and ledger.of("150400") is not ledger.of("510421")
+    settled = await gather_limited(run_stay(client, CROSS_SHARD, p, at(M_CROSS, 2, 9, 5 * i), fee_lines(70 + i))
+                                   for i, p in enumerate([*s1, *s2]))
+    day = f"{M_CROSS}-05"  # admission + 3 days + 1 hour
+    assert {s.setlinfo["setl_time"][:10] for s in settled} == {day}
+    ids = [s.setl_id for s in settled]
+    for shard_of, persons in (("150400", s1), ("510421", s2)):  # each shard holds exactly its persons' rows
+        held = await ledger.of(shard_of).fetch("SELECT psn_no FROM settlement WHERE setl_id = ANY($1::text[])", ids)
+        assert sorted(r[0] for r in held) == sorted(p.psn_no for p in persons)
+
+    # 3201, one clearing agency at a time: balanced against the rows of that agency's shard.
+    for persons, optins in ((s1, "150400"), (s2, "510400")):
+        mine = [s.setlinfo for s in settled if s.stay.psn_no in {p.psn_no for p in persons}]
+        r = await client.call(CROSS_SHARD.envelope("3201", {"data": {
+            "insutype": "390", "clr_type": "21", "setl_optins": optins, "stmt_begndate": day, "stmt_enddate": day,
+            "medfee_sumamt": _sum(mine, "medfee_sumamt"), "fund_pay_sumamt": _sum(mine, "fund_pay_sumamt"),
+            "acct_pay": _sum(mine, "acct_pay"), "fixmedins_setl_cnt": len(mine)}}))
+        assert r["infcode"] == 0, r["err_msg"]
+        assert r["output"]["stmtinfo"]["stmt_rslt"] == "0", r["output"]
+
+    # The ledger side of an application sums both shards; 3203 is accepted with the hospital's own totals.
+    begin = end = datetime.strptime(day, "%Y-%m-%d").date()
+    totals = await store.application_totals(ledger.shards, CROSS_SHARD.fixmedins_code, "21", begin, end)
+    per_shard = [await pool.fetchrow(
+        "SELECT count(*) AS n, sum(fund_pay_sumamt)::bigint AS fund FROM settlement WHERE fixmedins_code = $1",
+        CROSS_SHARD.fixmedins_code) for _, pool in ledger.shards]
+    assert [r["n"] for r in per_shard] == [2, 2]
+    assert totals.psntime == 4 and totals.fund_appy_sum == sum(r["fund"] for r in per_shard) > 0
+    rows = [s.setlinfo for s in settled]
+    appl = {"clr_type": "21", "setlym": M_CROSS.replace("-", ""), "psntime": 4,
+            "medfee_sumamt": _sum(rows, "medfee_sumamt"), "med_sumfee": _sum(rows, "inscp_scp_amt"),
+            "fund_appy_sum": _sum(rows, "fund_pay_sumamt"), "cash_payamt": _sum(rows, "psn_cash_pay"),
+            "acct_pay": _sum(rows, "acct_pay"), "begndate": day, "enddate": day}
+    applied = await client.call(CROSS_SHARD.envelope("3203", {"data": appl}))
+    assert applied["infcode"] == 0, applied["err_msg"]
+
+    # Clearing: the month's positions equal the shards' rows, the batch recomputation agrees.
+    await wait_recorded(db, ledger, ids)
+    async with db.acquire() as conn:
+        assert await store.verify(conn, ledger.shards, M_CROSS) == []
+        positions = await store.positions(conn, M_CROSS)
+    assert pair_sums(positions) == await ledger_pairs(ledger, M_CROSS)
+    assert {("150400", "440300"), ("510400", "440300")} <= set(pair_sums(positions))
+
+
+# Month-to-date aggregates -----------------------------------------------------------------------------------
+
+
+async def test_rates_from_the_daily_aggregates_equal_the_ledger_recount(traffic: Traffic, db: asyncpg.Pool,
+                                                                        ledger: Ledger) -> None:
+    """The engine keeps `ledger_daily` in its transaction: the month's rates (settlements, reversals of
+    them two days later, both shards) equal the recount from the ledger rows, day windows included."""
+    async with db.acquire() as conn:
+        for begin, end in ((month_start(M1).date(), month_end(M1).date()), (at(M1, 1).date(), at(M1, 10).date()),
+                           (at(M1, 11).date(), at(M1, 11).date())):
+            aggregated = await store.rates(conn, ledger.shards, begin, end)
+            assert aggregated == await store.rates_recomputed(conn, ledger.shards, begin, end), (begin, end)
+        month = await store.rates(conn, ledger.shards, month_start(M1).date(), month_end(M1).date())
+    assert sum(x["direct"] for x in month) > 40
+    assert {"150000", "510000"} <= {x["insured_prov"] for x in month}  # persons of both shards
+    # The money: the aggregates' daily sums equal the ledger's, per shard.
+    for _, shard in ledger.shards:
+        agg = await shard.fetchrow(
+            "SELECT sum(settled)::bigint AS settled, sum(reversed)::bigint AS reversed, sum(fund_pay_sumamt)::bigint"
+            " AS fund, sum(maf_pay)::bigint AS maf FROM ledger_daily WHERE day >= $1 AND day < $2",
+            month_start(M1).date(), month_end(M1).date())
+        raw = await shard.fetchrow(
+            "SELECT count(*) FILTER (WHERE kind = 'settle') AS settled, count(*) FILTER (WHERE kind = 'reverse')"
+            " AS reversed, sum(fund_pay_sumamt)::bigint AS fund, sum(maf_pay)::bigint AS maf FROM settlement"
+            " WHERE setl_time >= $1 AND setl_time < $2", month_start(M1), month_end(M1))
+        assert dict(agg) == dict(raw) and raw["settled"] > 0
+
+
+def _ledger_row(setl_id: str, kind: str, orig: str | None, mdtrt_id: str, psn_no: str, when: datetime,
+                fund: int) -> tuple[Any, ...]:
+    sign = 1 if kind == "settle" else -1
+    medfee, hifp = sign * (fund + 5_000), sign * fund
+    return (setl_id, "X" + setl_id, kind, orig, mdtrt_id, psn_no, CROSS_SHARD.fixmedins_code, "390", "21",
+            "cross_province", "LONG_TERM", "150400", "150400", "440300", "440300", "150400", when, when.year,
+            medfee, 0, 0, 0, medfee, 0, hifp, 0, 0, 0, 0, hifp, medfee - hifp, 0, medfee - hifp, 0, "{}")
+
+
+async def test_a_visit_settled_again_after_its_reversal_counts_once(ledger: Ledger, db: asyncpg.Pool) -> None:
+    """The definition of the direct rate, on rows written the engine's way (rows, then ledger_daily_add in
+    the same transaction): settled on day 1, reversed on day 2, settled again on day 3 → one person-time,
+    on day 3; a settlement still standing → one on its day. Aggregate = recount for every window."""
+    shard = ledger.of("150400")
+    day = [datetime(2024, 2, d, 10, 0) for d in (1, 2, 3)]
+    psn_no, visit_a, visit_b = f"A{RUN_TOKEN}001", f"MAGG{RUN_TOKEN}A", f"MAGG{RUN_TOKEN}B"
+    rows = [("SAGG1" + RUN_TOKEN, "settle", None, visit_a, day[0], 30_000),
+            ("RAGG1" + RUN_TOKEN, "reverse", "SAGG1" + RUN_TOKEN, visit_a, day[1], 30_000),
+            ("SAGG2" + RUN_TOKEN, "settle", None, visit_a, day[2], 31_000),
+            ("SAGG3" + RUN_TOKEN, "settle", None, visit_b, day[0], 12_000)]
+    cols = ("setl_id, msgid, kind, orig_setl_id, mdtrt_id, psn_no, fixmedins_code, insutype, med_type, scope,"
+            " filing_type, insured_admdvs, insured_pool, treating_admdvs, treating_pool, clr_optins, setl_time,"
+            " acc_year, medfee_sumamt, fulamt_ownpay_amt, overlmt_selfpay, preselfpay_amt, inscp_scp_amt,"
+            " act_pay_dedc, hifp_pay, pool_prop_selfpay, hifmi_pay, hifob_pay, maf_pay, fund_pay_sumamt,"
+            " psn_part_amt, acct_pay, psn_cash_pay, balc, accum_delta")
+    try:
+        async with shard.acquire() as conn:
+            for mdtrt_id in (visit_a, visit_b):
+                await conn.execute(
+                    "INSERT INTO visit (mdtrt_id, psn_no, fixmedins_code, med_type, insutype, scope, insured_admdvs,"
+                    " treating_admdvs, ipt_otp_no, begntime, state, created_msgid) VALUES ($1, $2, $3, '21', '390',"
+                    " 'cross_province', '150400', '440300', $1, $4, 'settled', $1)",
+                    mdtrt_id, psn_no, CROSS_SHARD.fixmedins_code, day[0] - timedelta(days=3))
+            for setl_id, kind, orig, mdtrt_id, when, fund in rows:  # one engine batch per row
+                async with conn.transaction():
+                    await conn.execute(f"INSERT INTO settlement ({cols}) VALUES ({_params(35)})",
+                                       *_ledger_row(setl_id, kind, orig, mdtrt_id, psn_no, when, fund))
+                    await conn.execute("SELECT ledger_daily_add($1::text[])", [setl_id])
+        async with db.acquire() as hub:
+            key = ("150000", "440000", "cross_province", "inpatient")
+
+            async def direct(first: int, last: int) -> tuple[int, int]:
+                begin, end = day[first].date(), day[last].date()
+                agg = await store.rates(hub, ledger.shards, begin, end)
+                recount = await store.rates_recomputed(hub, ledger.shards, begin, end)
+                assert agg == recount, (first, last)
+                return sum(x["direct"] for x in agg if (x["insured_prov"], x["treating_prov"], x["scope"],
+                                                        x["visit_type"]) == key), len(agg)
+
+            assert await direct(0, 2) == (2, 1)  # visit A once (its second settlement), visit B once
+            assert await direct(0, 0) == (1, 1)  # day 1: only B stands (A's first settlement was reversed)
+            assert await direct(1, 1) == (0, 0)  # the reversal's own day adds no person-time
+            assert await direct(2, 2) == (1, 1)
+        agg = await shard.fetchrow(
+            "SELECT sum(settled) AS s, sum(reversed) AS r, sum(fund_pay_sumamt) AS f FROM ledger_daily"
+            " WHERE day BETWEEN $1 AND $2", day[0].date(), day[2].date())
+        assert (agg["s"], agg["r"], agg["f"]) == (3, 1, 30_000 - 30_000 + 31_000 + 12_000)
+    finally:  # leave February 2024 as empty as it was (no other test writes it)
+        async with shard.acquire() as conn, conn.transaction():
+            ids = [r[0] for r in rows]
+            await conn.execute("DELETE FROM settlement WHERE setl_id = ANY($1)", ids)
+            await conn.execute("DELETE FROM settlement_key WHERE setl_id = ANY($1) AND orig_setl_id IS NOT NULL", ids)
+            await conn.execute("DELETE FROM settlement_key WHERE setl_id = ANY($1)", ids)
+            await conn.execute("DELETE FROM visit WHERE mdtrt_id = ANY($1)", [visit_a, visit_b])
+            await conn.execute("DELETE FROM ledger_daily WHERE day BETWEEN $1 AND $2", day[0].date(), day[2].date())
+
+
+def _params(n: int) -> str:
+    return ", ".join(f"${i}" for i in range(1, n + 1))

@@ -20,6 +20,7 @@ import pytest
 from services.common.config import PROJECT_ROOT, Settings
 from services.dashboard.app import STATIC_DIR
 from services.monitor.ledger import month_bounds
+from tests.integration.conftest import Ledger
 from tests.integration.monitoring_data import (
     INSURED_PROV,
     LOW_DEPOSIT_PROV,
@@ -121,10 +122,11 @@ async def low_deposit(db: asyncpg.Pool) -> AsyncIterator[int]:
         await restore_deposit(db)
 
 
-async def _ledger_truth(db: asyncpg.Pool) -> dict[str, int]:
-    """This month's figures for the test's route, counted straight from the ledger tables."""
+async def _ledger_truth(db: asyncpg.Pool, ledger: Ledger) -> dict[str, int]:
+    """This month's figures for the test's route, counted straight from the ledger tables (every shard;
+    the page reads the shards' daily aggregates)."""
     start, end = month_bounds()
-    direct = await db.fetchval(
+    direct = await ledger.total(
         "SELECT count(DISTINCT s.mdtrt_id) FROM settlement s WHERE s.kind = 'settle' AND s.scope = 'intra_province'"
         " AND s.med_type = '21' AND left(s.insured_admdvs, 2) = $1 AND s.setl_time >= $2 AND s.setl_time < $3"
         " AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)",
@@ -132,7 +134,7 @@ async def _ledger_truth(db: asyncpg.Pool) -> dict[str, int]:
     manual = await db.fetchval(
         "SELECT count(*) FROM manual_claim WHERE insured_prov = $1 AND scope = 'intra_province'"
         " AND visit_type = 'inpatient' AND endtime >= $2 AND endtime < $3", INSURED_PROV, start, end)
-    cross_fund = await db.fetchval(
+    cross_fund = await ledger.total(
         "SELECT coalesce(sum(fund_pay_sumamt), 0)::bigint FROM settlement WHERE left(insured_admdvs, 2) = $1"
         " AND left(treating_admdvs, 2) = $2 AND setl_time >= $3 AND setl_time < $4",
         INSURED_PROV[:2], TREATING_CROSS_PROV[:2], start, end)
@@ -147,7 +149,7 @@ async def _clearing_caught_up(db: asyncpg.Pool, traffic: Traffic) -> bool:
 
 
 async def test_page_shows_the_ledger_in_chromium(services: Settings, traffic: Traffic, db: asyncpg.Pool,
-                                                 low_deposit: int) -> None:
+                                                 ledger: Ledger, low_deposit: int) -> None:
     url = f"http://127.0.0.1:{services.dashboard_port}/"
     await wait_for("clearing positions to include the test's settlements", lambda: _clearing_caught_up(db, traffic),
                    timeout=60, every=0.5)
@@ -161,9 +163,9 @@ async def test_page_shows_the_ledger_in_chromium(services: Settings, traffic: Tr
 
     mismatch = ""
     for _attempt in range(4):  # others may settle on the same routes meanwhile: compare one snapshot
-        before = await _ledger_truth(db)
+        before = await _ledger_truth(db, ledger)
         res = await run_chromium(url, "--dump-dom")
-        after = await _ledger_truth(db)
+        after = await _ledger_truth(db, ledger)
         assert res.returncode == 0, res.stderr[-2000:]
         dom = Dom()
         dom.feed(res.stdout)

@@ -23,6 +23,7 @@ from services.clearing.handler import GROUP_REQUESTS, Requests
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer, BatchProcessor, Outbox
 from services.common.kafka import make_group_consumer, make_producer
+from services.common.shards import ShardPools
 from services.router.consumer import GROUP_ID as ROUTER_GROUP
 from services.router.consumer import Router
 from services.router.core import RouterCore
@@ -94,15 +95,18 @@ async def test_clearing_answers_a_request_that_hits_a_bug_internal(stack: Settin
             raise KeyError("a bug")
         return None
 
-    async def answer(conn: asyncpg.Connection, env: Any, body: Any) -> tuple[dict[str, Any], str]:
+    async def answer(conn: asyncpg.Connection, shards: Any, env: Any, body: Any) -> tuple[dict[str, Any], str]:
         return {"ok": env.msgid[-1]}, ""
 
     monkeypatch.setattr(clearing_handler, "decode_body", decode_body)
     monkeypatch.setattr(clearing_handler.requests, "answer", answer)
     pool = await asyncpg.create_pool(stack.pg_dsn, min_size=0, max_size=2)
+    shards = await ShardPools.connect(stack, 1)
     try:
-        outbox = await _process(stack, GROUP_REQUESTS, CLEARING, Requests(pool), [msgspec.json.encode(e) for e in envs])
+        outbox = await _process(stack, GROUP_REQUESTS, CLEARING, Requests(pool, shards),
+                                [msgspec.json.encode(e) for e in envs])
     finally:
+        await shards.close()
         await pool.close()
     answers = _answers(outbox)
     assert answers[victim] == (-1, 2, "INTERNAL: unexpected error; resend with the same msgid")

@@ -12,9 +12,10 @@ import pytest
 
 from deploy.services import service_specs
 from loadtest.his import GatewayClient, Stay
-from services.clearing.store import rates
+from services.clearing.store import rates_recomputed
 from services.common.config import Settings
 from services.monitor.ledger import month_bounds
+from tests.integration.conftest import Ledger
 from tests.integration.monitoring_data import (
     CHIFENG,
     INSURED,
@@ -61,14 +62,14 @@ def _start_times(snap: dict[str, Samples]) -> dict[str, float]:
 
 
 async def test_settlements_reversals_and_funds_follow_the_ledger(traffic: object, services: Settings,
-                                                                  db: asyncpg.Pool) -> None:
+                                                                  db: asyncpg.Pool, ledger: Ledger) -> None:
     """One intra-province and one cross-province stay, the second reversed: the settle service's counters
     move by exactly what the ledger recorded."""
     async with exclusive(db, "counters"):
-        await _settle_and_compare(services, db)
+        await _settle_and_compare(services, ledger)
 
 
-async def _settle_and_compare(services: Settings, db: asyncpg.Pool) -> None:
+async def _settle_and_compare(services: Settings, ledger: Ledger) -> None:
     intra_n, cross_n = 10, 25
     before = await _snapshot(services)
     async with aiohttp.ClientSession() as session:
@@ -89,8 +90,8 @@ async def _settle_and_compare(services: Settings, db: asyncpg.Pool) -> None:
     assert delta("xs_settlements_total", kind="reverse", **INTRA_KEY) == 0
     assert delta("xs_settlements_total", kind="settle", **CROSS) == 1
     assert delta("xs_settlements_total", kind="reverse", **CROSS) == 1
-    rows = await db.fetch("SELECT kind, " + ", ".join(FUNDS) + " FROM settlement WHERE mdtrt_id = $1",
-                          cross.mdtrt_id)
+    rows = await ledger.fetch("SELECT kind, " + ", ".join(FUNDS) + " FROM settlement WHERE mdtrt_id = $1",
+                              cross.mdtrt_id)
     assert sorted(r["kind"] for r in rows) == ["reverse", "settle"]
     for row in rows:
         for fund in FUNDS:
@@ -124,7 +125,8 @@ async def test_refusals_counted_by_error_code_and_scope(traffic: object, service
     assert value(after, "xs_dead_letters_total", **dl) - value(before, "xs_dead_letters_total", **dl) == 1
 
 
-async def test_manual_claims_counted_once(traffic: object, services: Settings, db: asyncpg.Pool) -> None:
+async def test_manual_claims_counted_once(traffic: object, services: Settings, db: asyncpg.Pool,
+                                          ledger: Ledger) -> None:
     """The clearing service counts each manual claim it records (the rate's denominator) and the monitor
     exports the month's count from the ledger, the same as the clearing service's rate query."""
     _, clearing = await scrape(services.clearing_metrics_port)
@@ -133,7 +135,7 @@ async def test_manual_claims_counted_once(traffic: object, services: Settings, d
 
     async def monitor_matches() -> bool:
         lines_ = {(x["insured_prov"], x["treating_prov"], x["scope"], x["visit_type"]): x
-                  for x in await rates(db, start.date(), end.date())}  # type: ignore[arg-type]
+                  for x in await rates_recomputed(db, ledger.shards, start.date(), end.date())}  # type: ignore[arg-type]
         want = lines_[(INSURED_PROV, INSURED_PROV, "intra_province", "inpatient")]
         _, mon = await scrape(services.monitor_metrics_port)
         return (value(mon, "xs_ledger_month_person_times", kind="manual", **INTRA_KEY) == want["manual"]

@@ -4,7 +4,9 @@ ConsumerGroupCommand, and dead letters listed and replayed after a fix."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -19,7 +21,7 @@ from deploy import ops
 from loadtest.his import GatewayClient, Stay, next_msgid
 from services.common.config import Settings
 from services.refdata.load import load_dir
-from tests.integration.conftest import HOSPITALS, RUN_TOKEN, STAY_START, psn, wait_router_knows
+from tests.integration.conftest import HOSPITALS, RUN_TOKEN, STAY_START, Ledger, psn, wait_router_knows
 from topics.catalog import INGRESS, ROUTED
 
 pytestmark = pytest.mark.integration
@@ -98,18 +100,19 @@ def _write_person(directory: Path, psn_no: str) -> None:
         (directory / f"{name}.jsonl").write_bytes(b"")
 
 
-async def _wait_visit(db: asyncpg.Pool, mdtrt_id: str, state: str, timeout_s: float = 30) -> None:
+async def _wait_visit(shard: asyncpg.Pool, mdtrt_id: str, state: str, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if await db.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", mdtrt_id) == state:
+        if await shard.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", mdtrt_id) == state:
             return
         await asyncio.sleep(0.3)
     raise AssertionError(f"visit {mdtrt_id} not {state} within {timeout_s} s")
 
 
 async def test_router_rejection_replayed_after_the_fix(refdata: dict, services: Settings, db: asyncpg.Pool,
-                                                       gateway: GatewayClient, tmp_path: Path,
+                                                       ledger: Ledger, gateway: GatewayClient, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    shard = ledger.of("150400")  # the person's insured province's shard holds its visits and requests
     psn_no = psn(900)  # not loaded yet: the router refuses the admission
     stay = Stay(HOSPITALS["chifeng"], psn_no, "150400", "310", STAY_START)
     admission = stay.admit()
@@ -133,21 +136,22 @@ async def test_router_rejection_replayed_after_the_fix(refdata: dict, services: 
 
     code, out, _ = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", msgid)
     assert code == 0 and "dry run" in out and f"-> {INGRESS.name}" in out
-    assert await db.fetchval("SELECT count(*) FROM visit WHERE mdtrt_id = $1", "M" + msgid) == 0
+    assert await shard.fetchval("SELECT count(*) FROM visit WHERE mdtrt_id = $1", "M" + msgid) == 0
     for _ in range(2):  # a second replay is harmless: the engine answers a known msgid from its record
         code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", msgid,
                                                  "--stage", "router", "--execute")
         assert code == 0, err
-        await _wait_visit(db, "M" + msgid, "admitted")
+        await _wait_visit(shard, "M" + msgid, "admitted")
     await asyncio.sleep(2)
-    assert await db.fetchval("SELECT count(*) FROM processed_request WHERE msgid = $1", msgid) == 1
-    assert await db.fetchval("SELECT count(*) FROM visit WHERE psn_no = $1", psn_no) == 1
+    assert await shard.fetchval("SELECT count(*) FROM processed_request WHERE msgid = $1", msgid) == 1
+    assert await shard.fetchval("SELECT count(*) FROM visit WHERE psn_no = $1", psn_no) == 1
 
 
 async def test_engine_refusal_replayed_only_when_its_stored_refusal_is_forgotten(
-    refdata: dict, services: Settings, db: asyncpg.Pool, gateway: GatewayClient, tmp_path: Path,
+    refdata: dict, services: Settings, db: asyncpg.Pool, ledger: Ledger, gateway: GatewayClient, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    shard = ledger.of("150400")  # the person's insured province's shard holds its visits and requests
     psn_no = psn(901)
     _write_person(tmp_path, psn_no)
     await load_dir(db, tmp_path)
@@ -161,18 +165,120 @@ async def test_engine_refusal_replayed_only_when_its_stored_refusal_is_forgotten
     admission = stay.admit()
     admission["msgid"] = admit_msgid
     assert (await gateway.call(admission))["infcode"] == 0
-    await _wait_visit(db, stay.mdtrt_id, "admitted")
+    await _wait_visit(shard, stay.mdtrt_id, "admitted")
 
     dl_msgid = discharge["msgid"]
     code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", dl_msgid,
                                              "--stage", "settle", "--execute")
     assert code == 0 and f"-> {ROUTED.name}" in out, err
     await asyncio.sleep(3)  # the engine answers from its stored refusal and changes nothing
-    assert await db.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id) == "admitted"
-    assert await db.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == -1
+    assert await shard.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id) == "admitted"
+    assert await shard.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == -1
 
     code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", dl_msgid,
                                              "--stage", "settle", "--forget-refusal", "--execute")
     assert code == 0 and "forgot 1 stored refusal(s)" in out, err
-    await _wait_visit(db, stay.mdtrt_id, "discharged")
-    assert await db.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == 0
+    await _wait_visit(shard, stay.mdtrt_id, "discharged")
+    assert await shard.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == 0
+    assert await ledger.total("SELECT count(*) FROM processed_request WHERE msgid = $1", dl_msgid) == 1
+
+
+# Retention and partitions ----------------------------------------------------------------------------
+
+
+async def test_retention_prunes_only_answers_older_than_the_window_and_creates_partitions_ahead(
+    stack: Settings, ledger: Ledger, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A clock 200 days ahead (its months ahead have no partition yet: the migration made them up to 3 months
+    # from today); the window is the run's clock window (XS_TIME_PAST_DAYS) + 31 days before that clock.
+    now = datetime.now(UTC) + timedelta(days=200)
+    window_start = now - timedelta(days=stack.time_past_days + ops.RETENTION_MARGIN_DAYS)
+    shard = ledger.of("150400")
+    old, young = f"{RUN_TOKEN}RETOLD", f"{RUN_TOKEN}RETYOUNG"
+    await shard.executemany(
+        "INSERT INTO processed_request (msgid, infno, fixmedins_code, infcode, response, processed_at)"
+        " VALUES ($1, '2401', 'H15040099901', 0, '\\x7b7d', $2)",
+        [(old, window_start - timedelta(days=1)), (young, window_start + timedelta(days=1))])
+    ledger_rows = await ledger.total("SELECT count(*) FROM settlement")
+    try:
+        with pytest.raises(ops.OpsError, match="inside the clock window"):
+            await ops.retention(stack, execute=True, keep_days=stack.time_past_days, now=now)
+        dry = {r.shard: r for r in await ops.retention(stack, execute=False, now=now)}
+        ahead = [f"settlement_{m:%Y_%m}" for m in ops.months_ahead(now)]
+        assert dry["s1"].responses_due == 1 and dry["s2"].responses_due == 0
+        assert dry["s1"].partitions_missing == dry["s2"].partitions_missing == ahead
+        assert await shard.fetchval("SELECT count(*) FROM processed_request WHERE msgid = $1", old) == 1  # dry run
+
+        done = {r.shard: r for r in await ops.retention(stack, execute=True, now=now)}
+        assert (done["s1"].responses_deleted, done["s2"].responses_deleted) == (1, 0)
+        assert done["s1"].partitions_created == done["s2"].partitions_created == ahead
+        assert [r[0] for r in await shard.fetch("SELECT msgid FROM processed_request WHERE msgid = ANY($1)",
+                                                [old, young])] == [young]
+        again = await ops.retention(stack, execute=True, now=now)
+        assert [(r.responses_deleted, r.partitions_created) for r in again] == [(0, []), (0, [])]
+        assert await ledger.total("SELECT count(*) FROM settlement") == ledger_rows  # the ledger is never pruned
+
+        code, out, _ = await asyncio.to_thread(_ops, capsys, "retention")
+        assert code == 0 and "s1: would delete 0 stored response(s)" in out and "dry run" in out
+    finally:
+        await shard.execute("DELETE FROM processed_request WHERE msgid = ANY($1)", [old, young])
+
+
+async def test_a_hospital_day_reads_one_monthly_partition_through_its_index(ledger: Ledger) -> None:
+    """However many months accumulate, a hospital's day (3201/3202) and a month's non-local rows (clearing)
+    are planned on that month's partition alone, through an index."""
+    month = datetime.now(UTC).replace(day=1)
+    partition = f"settlement_{month:%Y_%m}"
+    shard = ledger.of("150400")
+    async with shard.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")  # tiny test tables: show the index the plan can use
+        day = f"{month:%Y-%m}-05"
+        for sql in (
+            f"SELECT * FROM settlement WHERE fixmedins_code = 'H15040099901' AND setl_time >= '{day}'"
+            f" AND setl_time < '{day}'::timestamp + interval '1 day'",
+            f"SELECT * FROM settlement WHERE scope <> 'local' AND setl_time >= '{month:%Y-%m}-01'"
+            f" AND setl_time < '{month:%Y-%m}-01'::timestamp + interval '1 month'",
+        ):
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql))
+            scanned = set(re.findall(r"on (settlement_(?:\d{4}_\d{2}|default))\b", plan))
+            assert scanned == {partition}, plan
+            assert "Index" in plan, plan
+
+
+class _Rollback(Exception):
+    pass
+
+
+async def test_partitioned_ledger_keeps_its_global_unique_keys(ledger: Ledger) -> None:
+    """settlement's unique keys cannot span its monthly partitions; settlement_key keeps them: a setl_id or a
+    msgid twice (in other months) and a second reversal of one settlement are refused like before."""
+    cols = ("setl_id, msgid, kind, orig_setl_id, mdtrt_id, psn_no, fixmedins_code, insutype, med_type, scope,"
+            " insured_admdvs, insured_pool, treating_admdvs, treating_pool, clr_optins, setl_time, acc_year,"
+            " medfee_sumamt, fulamt_ownpay_amt, overlmt_selfpay, preselfpay_amt, inscp_scp_amt, act_pay_dedc,"
+            " hifp_pay, pool_prop_selfpay, hifmi_pay, hifob_pay, maf_pay, fund_pay_sumamt, psn_part_amt, acct_pay,"
+            " psn_cash_pay, balc, accum_delta")
+    insert = (f"INSERT INTO settlement ({cols}) VALUES ($1, $2, $3, $4, $5, 'P1', 'H15040099901', '390', '21',"
+              " 'local', '150400', '150400', '150400', '150400', '150400', $6, 2026, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,"
+              " 0, 0, 0, 0, 0, 0, '{}')")
+    mdtrt_id = f"MKEY{RUN_TOKEN}"
+    may, june = datetime(2026, 5, 10, 9), datetime(2026, 6, 10, 9)
+    async with ledger.of("150400").acquire() as conn:
+        with pytest.raises(_Rollback):  # nothing of this test stays
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO visit (mdtrt_id, psn_no, fixmedins_code, med_type, insutype, scope, insured_admdvs,"
+                    " treating_admdvs, ipt_otp_no, begntime, state, created_msgid) VALUES ($1, 'P1', 'H15040099901',"
+                    " '21', '390', 'local', '150400', '150400', $1, $2, 'settled', $1)", mdtrt_id, may)
+                await conn.execute(insert, "SKEY1", "MSGKEY1", "settle", None, mdtrt_id, may)
+                await conn.execute(insert, "RKEY1", "MSGKEY2", "reverse", "SKEY1", mdtrt_id, june)
+                for setl_id, msgid, kind, orig in (("SKEY1", "MSGKEY9", "settle", None),  # same setl_id, June
+                                                   ("SKEY9", "MSGKEY1", "settle", None),  # same msgid, June
+                                                   ("RKEY9", "MSGKEY8", "reverse", "SKEY1")):  # second reversal
+                    with pytest.raises(asyncpg.UniqueViolationError):
+                        async with conn.transaction():
+                            await conn.execute(insert, setl_id, msgid, kind, orig, mdtrt_id, june)
+                with pytest.raises(asyncpg.ForeignKeyViolationError):  # a reversal of no settlement
+                    async with conn.transaction():
+                        await conn.execute(insert, "RKEY8", "MSGKEY7", "reverse", "SNONE", mdtrt_id, june)
+                assert await conn.fetchval("SELECT count(*) FROM settlement WHERE mdtrt_id = $1", mdtrt_id) == 2
+                raise _Rollback

@@ -47,6 +47,10 @@ CREATE INDEX filing_psn ON filing (psn_no);
 
 -- One row per accepted request that changed or could change state: the idempotency record.
 -- A repeated msgid returns `response` and changes nothing.
+-- Not partitioned: msgid must stay unique across all time (a partitioned table's unique keys must
+-- contain the partition key, and no column of a msgid determines a month). It is pruned instead by
+-- `python -m deploy.ops retention` (bounded DELETEs along processed_request_at): a response older than
+-- the clock window (XS_TIME_PAST_DAYS) can never be asked for again, its request would be refused.
 CREATE TABLE processed_request (
     msgid          text    PRIMARY KEY,
     infno          text    NOT NULL,
@@ -55,6 +59,7 @@ CREATE TABLE processed_request (
     response       bytea   NOT NULL,      -- the response envelope's `output`/error as sent
     processed_at   timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX processed_request_at ON processed_request (processed_at);
 
 CREATE TABLE visit (
     mdtrt_id        text    PRIMARY KEY,
@@ -92,12 +97,26 @@ CREATE TABLE fee_item (
     PRIMARY KEY (mdtrt_id, feedetl_sn)
 );
 
+-- The ledger's global unique keys (see settlement): one narrow row per ledger row, never pruned.
+CREATE TABLE settlement_key (
+    setl_id      text PRIMARY KEY,
+    msgid        text NOT NULL UNIQUE,
+    orig_setl_id text UNIQUE REFERENCES settlement_key (setl_id)  -- one reversal per settlement
+);
+
 -- Settlements and reversals. A reversal is its own row with negated amounts.
+-- Partitioned by calendar month of setl_time (settlement_YYYY_MM, created ahead by
+-- ensure_ledger_partitions; settlement_default catches a month without its partition, so an insert never
+-- fails for want of one): the readers' queries are by hospital and day or by month, and prune to the
+-- months they ask for; rows are never deleted (the ledger and clearing need them all).
+-- A partitioned table's unique keys must contain setl_time, so the global ones — one row per setl_id,
+-- one per msgid, one reversal per settlement — are kept by settlement_key below (filled by a trigger
+-- in the same statement); the reversal's reference to its settlement points there too.
 CREATE TABLE settlement (
-    setl_id          text    PRIMARY KEY,
-    msgid            text    NOT NULL UNIQUE,
+    setl_id          text    NOT NULL,
+    msgid            text    NOT NULL,
     kind             text    NOT NULL CHECK (kind IN ('settle', 'reverse')),
-    orig_setl_id     text    UNIQUE REFERENCES settlement (setl_id),  -- set on reversals: one per settlement
+    orig_setl_id     text    REFERENCES settlement_key (setl_id),  -- set on reversals: one per settlement
     mdtrt_id         text    NOT NULL REFERENCES visit (mdtrt_id),
     psn_no           text    NOT NULL,
     fixmedins_code   text    NOT NULL,
@@ -131,10 +150,52 @@ CREATE TABLE settlement (
     accum_delta      jsonb  NOT NULL,      -- exactly what this row added to the accumulators
     CHECK (fund_pay_sumamt = hifp_pay + hifmi_pay + hifob_pay + maf_pay),
     CHECK (psn_part_amt = medfee_sumamt - fund_pay_sumamt),
-    CHECK (psn_cash_pay = psn_part_amt - acct_pay)
-);
+    CHECK (psn_cash_pay = psn_part_amt - acct_pay),
+    PRIMARY KEY (setl_id, setl_time)
+) PARTITION BY RANGE (setl_time);
 CREATE INDEX settlement_hospital_day ON settlement (fixmedins_code, setl_time);
 CREATE INDEX settlement_psn ON settlement (psn_no);
+CREATE INDEX settlement_msgid ON settlement (msgid);
+CREATE INDEX settlement_visit ON settlement (mdtrt_id);
+CREATE INDEX settlement_orig ON settlement (orig_setl_id) WHERE orig_setl_id IS NOT NULL;
+
+CREATE FUNCTION settlement_key_add() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- A second row for a setl_id or msgid, or a second reversal, is a unique violation here.
+    INSERT INTO settlement_key (setl_id, msgid, orig_setl_id) VALUES (NEW.setl_id, NEW.msgid, NEW.orig_setl_id);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER settlement_key_add AFTER INSERT ON settlement FOR EACH ROW EXECUTE FUNCTION settlement_key_add();
+
+CREATE TABLE settlement_default PARTITION OF settlement DEFAULT;
+
+-- Monthly partitions settlement_YYYY_MM for every month from first to last (dates of any day in them);
+-- idempotent. A month whose rows already sit in settlement_default keeps them there (still correct,
+-- just not pruned): its partition is not created. Returns the partitions created.
+CREATE FUNCTION ensure_ledger_partitions(first date, last date) RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    m date := date_trunc('month', first);
+    created text[] := '{}';
+    name text;
+BEGIN
+    WHILE m <= last LOOP
+        name := 'settlement_' || to_char(m, 'YYYY_MM');
+        IF to_regclass(name) IS NULL AND NOT EXISTS (
+            SELECT 1 FROM settlement_default WHERE setl_time >= m AND setl_time < m + interval '1 month'
+        ) THEN
+            EXECUTE format('CREATE TABLE %I PARTITION OF settlement FOR VALUES FROM (%L) TO (%L)',
+                           name, m::timestamp, (m + interval '1 month')::timestamp);
+            created := created || name;
+        END IF;
+        m := m + interval '1 month';
+    END LOOP;
+    RETURN created;
+END
+$$;
+
+-- The clock window's months (XS_TIME_PAST_DAYS, 400 by default) and three ahead.
+SELECT ensure_ledger_partitions((now() - interval '400 days')::date, (now() + interval '3 months')::date);
 
 -- Year-to-date accumulators per person and calendar year (Asia/Shanghai).
 CREATE TABLE accumulator (
