@@ -195,7 +195,7 @@ END
 $$;
 
 -- The clock window's months (XS_TIME_PAST_DAYS, 400 by default) and three ahead.
-SELECT ensure_ledger_partitions((now() - interval '400 days')::date, (now() + interval '3 months')::date);
+DO $$ BEGIN PERFORM ensure_ledger_partitions((now() - interval '400 days')::date, (now() + interval '3 months')::date); END $$;
 
 -- Year-to-date accumulators per person and calendar year (Asia/Shanghai).
 CREATE TABLE accumulator (
