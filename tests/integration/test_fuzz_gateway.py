@@ -12,7 +12,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
-import asyncpg
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -25,7 +24,7 @@ from schemas.errors import ERRORS
 from schemas.internal import DeadLetter
 from services.common.config import Settings
 from tests.hostile import PERSONAL_MARKERS, hostile_request, msgid, valid_requests
-from tests.integration.conftest import HOSPITALS, PERSONS
+from tests.integration.conftest import HOSPITALS, PERSONS, Ledger
 from topics.catalog import DEADLETTER, INGRESS
 
 pytestmark = pytest.mark.integration
@@ -48,10 +47,10 @@ BASE = _base()
 LEDGER_TABLES = ("settlement", "processed_request", "visit")
 
 
-async def _ledger_rows(db: asyncpg.Pool) -> dict[str, int]:
-    async with db.acquire() as conn:
-        return {t: await conn.fetchval(f"SELECT count(*) FROM {t} WHERE fixmedins_code = $1",
-                                       HOSPITAL.fixmedins_code) for t in LEDGER_TABLES}
+async def _ledger_rows(ledger: Ledger) -> dict[str, int]:
+    """The hospital's rows in every shard."""
+    return {t: await ledger.total(f"SELECT count(*) FROM {t} WHERE fixmedins_code = $1", HOSPITAL.fixmedins_code)
+            for t in LEDGER_TABLES}
 
 
 async def _post(session: aiohttp.ClientSession, url: str, raw: bytes) -> tuple[int, bytes]:
@@ -71,8 +70,8 @@ OUTCOMES: Counter[str] = Counter()
 @settings(FUZZ, max_examples=HTTP_BATCHES)
 @given(batch=st.lists(hostile_request(BASE), min_size=BATCH, max_size=BATCH))
 async def test_hostile_requests_through_the_gateway(batch: list[bytes], refdata: dict, services: Settings,
-                                                    db: asyncpg.Pool, http_session: aiohttp.ClientSession) -> None:
-    before = await _ledger_rows(db)
+                                                    ledger: Ledger, http_session: aiohttp.ClientSession) -> None:
+    before = await _ledger_rows(ledger)
     answers = await asyncio.gather(*(_post(http_session, services.gateway_url, raw) for raw in batch))
     for raw, (status, body) in zip(batch, answers, strict=True):
         assert status == 200, (status, raw[:200], body[:200])
@@ -82,7 +81,7 @@ async def test_hostile_requests_through_the_gateway(batch: list[bytes], refdata:
         assert code != "INTERNAL", (raw[:200], env.err_msg)
         assert not any(m in env.err_msg for m in PERSONAL_MARKERS), env.err_msg
         OUTCOMES[code] += 1
-    assert await _ledger_rows(db) == before
+    assert await _ledger_rows(ledger) == before
 
 
 def test_the_gateway_fuzz_reached_the_router() -> None:
@@ -112,13 +111,13 @@ async def ingress(services: Settings) -> Any:
 @settings(FUZZ, max_examples=KAFKA_BATCHES)
 @given(batch=st.lists(hostile_request(BASE), min_size=KAFKA_BATCH, max_size=KAFKA_BATCH, unique=True))
 async def test_hostile_records_on_ingress_are_dead_lettered_by_the_router(
-    batch: list[bytes], refdata: dict, services: Settings, db: asyncpg.Pool, ingress: Any
+    batch: list[bytes], refdata: dict, services: Settings, ledger: Ledger, ingress: Any
 ) -> None:
     producer, consumer, tps = ingress
     await consumer.seek_to_end(*tps)
     for tp in tps:
         await consumer.position(tp)
-    before = await _ledger_rows(db)
+    before = await _ledger_rows(ledger)
     for raw in batch:  # no reply headers: what a HIS writing straight into Kafka would send
         await producer.send(INGRESS.name, raw, key=b"fuzz")
     await producer.flush()
@@ -133,7 +132,7 @@ async def test_hostile_records_on_ingress_are_dead_lettered_by_the_router(
                     assert not any(m in letter.err_msg for m in PERSONAL_MARKERS), letter.err_msg
                     waiting.discard(letter.original)
     assert not waiting, f"{len(waiting)} of {len(batch)} hostile records were not dead-lettered by the router"
-    assert await _ledger_rows(db) == before
+    assert await _ledger_rows(ledger) == before
 
 
 async def test_the_router_keeps_routing_after_hostile_records(refdata: dict, gateway: GatewayClient) -> None:
