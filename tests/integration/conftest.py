@@ -147,14 +147,23 @@ class Ledger:
     def of(self, admdvs: str) -> asyncpg.Pool:
         return self.shards.of(admdvs)
 
-    async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = []
+    async def _each(self, method: str, sql: str, *args: object) -> list[Any]:
+        """`method` on every shard. A test that restarted PostgreSQL leaves dead connections in the pools:
+        those are dropped and the query tried once more."""
+        out = []
         for _, pool in self.shards:
-            rows += await pool.fetch(sql, *args)
-        return rows
+            try:
+                out.append(await getattr(pool, method)(sql, *args))
+            except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, ConnectionError):
+                await pool.expire_connections()
+                out.append(await getattr(pool, method)(sql, *args))
+        return out
+
+    async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        return [row for rows in await self._each("fetch", sql, *args) for row in rows]
 
     async def fetchrow(self, sql: str, *args: object) -> Any:
-        rows = [r for _, pool in self.shards if (r := await pool.fetchrow(sql, *args)) is not None]
+        rows = [r for r in await self._each("fetchrow", sql, *args) if r is not None]
         assert len(rows) <= 1, f"{len(rows)} shards have a row for {sql!r}"
         return rows[0] if rows else None
 
@@ -163,12 +172,10 @@ class Ledger:
         return None if row is None else row[0]
 
     async def total(self, sql: str, *args: object) -> int:
-        values = [await pool.fetchval(sql, *args) for _, pool in self.shards]
-        return sum(int(v or 0) for v in values)
+        return sum(int(v or 0) for v in await self._each("fetchval", sql, *args))
 
     async def execute(self, sql: str, *args: object) -> None:
-        for _, pool in self.shards:
-            await pool.execute(sql, *args)
+        await self._each("execute", sql, *args)
 
 
 @pytest.fixture(scope="session")
