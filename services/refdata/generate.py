@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -419,7 +420,7 @@ OTHER_PROVINCE_PERSONS: Final = 1_000  # visitors insured elsewhere, in each oth
 PERSONS_PER_INSTITUTION: Final = 2_000
 _DENSE_LEVELS: Final[tuple[Literal[1, 2, 3], ...]] = (3,) * 5 + (2,) * 15 + (1,) * 80  # per cent
 _FIRST_DENSE_SEQ: Final = 101  # after the featured hospitals' and pharmacy's sequence numbers
-_FLUSH_ROWS: Final = 50_000
+_FLUSH_BYTES: Final = 1 << 20
 
 
 def national_counts(scale: float = 1.0) -> dict[str, int]:
@@ -434,18 +435,21 @@ def national_counts(scale: float = 1.0) -> dict[str, int]:
 
 class _CertnoAllocator:
     """Unique certificate numbers without remembering them: a counter per (birth date, gender) picks
-    the 3-digit sequence and, past 500, the next area code of the prefecture (memory: one int per day
-    of birth, not per person)."""
+    the 3-digit sequence and, past 500, the next area code of the prefecture. Memory: one counter per
+    day of birth and gender (an array of ~70,000 ints), not per person."""
+
+    _FIRST_BIRTH: Final = date(DATA_YEAR - 100, 1, 1).toordinal()
 
     def __init__(self, admdvs: str) -> None:
         self.prefix, self.area = admdvs[:4], int(admdvs[4:])
-        self.used: dict[tuple[date, bool], int] = {}
+        self.used = array("I", bytes(4 * 2 * (date(DATA_YEAR, 12, 31).toordinal() - self._FIRST_BIRTH + 1)))
 
     def __call__(self, birth: date, male: bool) -> str:
-        n = self.used.get((birth, male), 0)
-        self.used[(birth, male)] = n + 1
+        i = 2 * (birth.toordinal() - self._FIRST_BIRTH) + male
+        n = self.used[i]
         if n >= 500 * 100:
             raise ValueError("more than 50,000 persons born on one day in one region")
+        self.used[i] = n + 1
         first17 = f"{self.prefix}{(self.area + n // 500) % 100:02d}{birth:%Y%m%d}{n % 500 * 2 + male:03d}"
         return first17 + certno_check_char(first17)
 
@@ -492,7 +496,7 @@ class _LineWriter:
         self.encoder.encode_into(row, self.buf, -1)
         self.buf += b"\n"
         self.rows += 1
-        if self.rows % _FLUSH_ROWS == 0:
+        if len(self.buf) >= _FLUSH_BYTES:
             self.f.write(self.buf)
             self.buf.clear()
 

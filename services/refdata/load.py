@@ -1,6 +1,6 @@
 """Load a reference-data directory into the hub and the shard databases, streaming.
 
-    python -m services.refdata.load DIR [--dsn HUB_DSN] [--quiet]
+    python -m services.refdata.load DIR [--dsn HUB_DSN] [--quiet] [--chunk-lines N]
 
 Reads hospitals.jsonl, persons.jsonl, filings.jsonl and catalog.jsonl (all four are required).
 Sized for a country: persons and filings are never held in memory.
@@ -78,7 +78,8 @@ ERRORS_REPORTED_MAX: Final = 20
 REFDATA_CHANNEL: Final = "refdata_changed"  # NOTIFYed when a load changed a hub table
 LOAD_LOCK_ID: Final = 7170510002  # session lock: one load at a time (refdata_lock_id() is 7170510001)
 BATCH_LINES: Final = 20_000  # lines decoded and COPYed at a time
-CHUNK_LINES: Final = 1_000_000  # lines merged per transaction
+CHUNK_LINES: Final = 1_000_000  # lines merged per transaction (default)
+CHUNK_LINES_MIN: Final = 1_000
 PROGRESS_EVERY_S: Final = 3.0
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -401,13 +402,14 @@ def _read_hub_files(d: Path, errors: _Errors) -> _Hub:
 
 class _Loader:
     def __init__(self, hub: asyncpg.Connection, shards: dict[str, asyncpg.Connection], smap: ShardMap,
-                 directory: Path, key: bytes, progress: _Progress) -> None:
+                 directory: Path, key: bytes, progress: _Progress, chunk_lines: int) -> None:
         self.hub = hub
         self.shards = shards
         self.smap = smap
         self.dir = directory
         self.key = key
         self.progress = progress
+        self.chunk_lines = chunk_lines
         self.load_id = 0
 
     # -- staging -------------------------------------------------------------------------
@@ -574,11 +576,11 @@ class _Loader:
         """(step, kind, shard, first line, end line) for every chunk of the merge."""
         steps: list[tuple[str, str, str, int, int]] = []
         for shard in self.shards:
-            for a, b in chunks(1, staged.person_lines, CHUNK_LINES):
+            for a, b in chunks(1, staged.person_lines, self.chunk_lines):
                 steps.append((f"person:{shard}:{a}", "person", shard, a, b))
-            for a, b in chunks(1, staged.filing_lines, CHUNK_LINES):
+            for a, b in chunks(1, staged.filing_lines, self.chunk_lines):
                 steps.append((f"filing:{shard}:{a}", "filing", shard, a, b))
-        for a, b in chunks(1, staged.person_lines, CHUNK_LINES):
+        for a, b in chunks(1, staged.person_lines, self.chunk_lines):
             steps.append((f"person_index:{a}", "person_index", "", a, b))
         return steps
 
@@ -696,7 +698,10 @@ async def _start(hub: asyncpg.Connection, digest: str) -> tuple[int, set[str], d
     return load_id, set(steps), steps.get("staged")
 
 
-async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress: _Progress) -> dict[str, int]:
+async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress: _Progress,
+                chunk_lines: int) -> dict[str, int]:
+    if chunk_lines < CHUNK_LINES_MIN:
+        raise ValueError(f"chunk_lines must be >= {CHUNK_LINES_MIN}")
     errors = _Errors()
     for name in (HOSPITALS_FILE, PERSONS_FILE, FILINGS_FILE, CATALOG_FILE):
         if not (directory / name).is_file():
@@ -715,11 +720,15 @@ async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress:
             for sql in _SESSION:
                 await conns[name].execute(sql)
         digest = await asyncio.to_thread(files_digest, directory)
-        loader = _Loader(hub, conns, shards.map, directory, person_index_key(s), progress)
+        loader = _Loader(hub, conns, shards.map, directory, person_index_key(s), progress, chunk_lines)
         loader.load_id, done, staged_json = await _start(hub, digest)
         staged = _Staged.from_json(staged_json) if staged_json else None
+        phase = time.monotonic()
         if staged is None or not await loader.staging_intact(staged):
             staged = await loader.stage(errors)
+            log.info("staged %d persons, %d filings in %.1f s", staged.persons, staged.filings,
+                     time.monotonic() - phase)
+            phase = time.monotonic()
             if not errors.total:
                 await loader.check(errors)
             if errors.total:
@@ -729,6 +738,8 @@ async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress:
                 errors.raise_if_any()
             await loader.route_filings(staged)
             await loader.index_staging()
+            log.info("checked, routed and indexed in %.1f s", time.monotonic() - phase)
+            phase = time.monotonic()
             await hub.execute("DELETE FROM refdata_load_step WHERE load_id = $1 AND step = 'staged'", loader.load_id)
             await loader.record("staged", staged.to_json())
         if "hub" not in done:
@@ -743,6 +754,7 @@ async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress:
             progress("merge", merged, i + 1, len(todo), force=i + 1 == len(todo))
             if kind == "person" and a == 1:
                 await conns[shard].execute("ANALYZE person")  # the planner's view of a table that was empty
+        log.info("merged %d chunk(s) in %.1f s", len(todo), time.monotonic() - phase)
         counts = await _totals(hub, loader.load_id, staged)
         await hub.execute("UPDATE refdata_load SET state = 'done', finished_at = now(), updated_at = now(),"
                           " counts = $2::jsonb WHERE load_id = $1", loader.load_id, json.dumps(counts))
@@ -768,15 +780,16 @@ async def _totals(hub: asyncpg.Connection, load_id: int, staged: _Staged) -> dic
 
 
 async def load_dir(db: asyncpg.Pool | asyncpg.Connection, directory: str | Path, s: Settings | None = None,
-                   *, progress: IO[str] | None = None) -> dict[str, int]:
+                   *, progress: IO[str] | None = None, chunk_lines: int = CHUNK_LINES) -> dict[str, int]:
     """Validate and load `directory` into the hub `db` and the shards of `s` (RefDataError on any bad
     line, before any write to a real table). Returns per table rows in the files and rows changed
-    (`<table>`, `<table>_changed`). `progress`: a stream for progress lines (the command: stderr)."""
+    (`<table>`, `<table>_changed`). `progress`: a stream for progress lines (the command: stderr);
+    `chunk_lines`: lines of persons.jsonl / filings.jsonl merged per transaction and resume step."""
     s = s or load_settings()
     if isinstance(db, asyncpg.Pool):
         async with db.acquire() as conn:
-            return await _load(conn, Path(directory), s, _Progress(progress))
-    return await _load(db, Path(directory), s, _Progress(progress))
+            return await _load(conn, Path(directory), s, _Progress(progress), chunk_lines)
+    return await _load(db, Path(directory), s, _Progress(progress), chunk_lines)
 
 
 async def load_dataset(conn: asyncpg.Connection, dataset: RefDataSet, s: Settings | None = None) -> dict[str, int]:
@@ -788,10 +801,10 @@ async def load_dataset(conn: asyncpg.Connection, dataset: RefDataSet, s: Setting
         return await load_dir(conn, tmp, s)
 
 
-async def _main_async(directory: Path, dsn: str, quiet: bool) -> dict[str, int]:
+async def _main_async(directory: Path, dsn: str, quiet: bool, chunk_lines: int) -> dict[str, int]:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        return await load_dir(conn, directory, progress=None if quiet else sys.stderr)
+        return await load_dir(conn, directory, progress=None if quiet else sys.stderr, chunk_lines=chunk_lines)
     finally:
         await conn.close()
 
@@ -802,12 +815,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dsn", help="the hub's PostgreSQL DSN (default: from the XS_PG_* settings); "
                                       "the shards come from the settings (XS_SHARDS, XS_SHARD_DSNS)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--chunk-lines", type=int, default=CHUNK_LINES,
+                        help=f"lines merged per transaction and resume step (>= {CHUNK_LINES_MIN})")
     args = parser.parse_args(argv)
+    if args.chunk_lines < CHUNK_LINES_MIN:
+        parser.error(f"--chunk-lines must be >= {CHUNK_LINES_MIN}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     dsn = args.dsn or load_settings().pg_dsn
     started = time.monotonic()
     try:
-        counts = asyncio.run(_main_async(args.directory, dsn, args.quiet))
+        counts = asyncio.run(_main_async(args.directory, dsn, args.quiet, args.chunk_lines))
     except RefDataError as exc:
         print(f"refdata load refused, nothing written:\n{exc}", file=sys.stderr)
         return 1
