@@ -24,6 +24,10 @@ Sized for a country: persons and filings are never held in memory.
    with one `refdata_change` row per changed key and `NOTIFY refdata_changed`; the person index by
    `certno_digest`. Nothing is ever deleted.
 
+A kill between a chunk's commit in its shard and the record of its step in the hub makes the resumed
+load merge that chunk again: it then finds nothing to change (same final state), so only that
+chunk's `_changed` count is missing from the totals.
+
 Precedence (`services.refdata.changes`): an existing filing is never updated (a revocation stays,
 online and promise filings are never touched); the file sets `chronic_file`, and the effective
 `chronic` = person_chronic(chronic_file, chronic_online) keeps what 2503/2504 registered online.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -764,7 +769,9 @@ async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress:
         for name, conn in conns.items():
             await shards.pools[name].release(conn)
         await shards.close()
-        await hub.execute("SELECT pg_advisory_unlock($1)", LOAD_LOCK_ID)
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):  # keep the first error
+            await hub.execute("SELECT pg_advisory_unlock($1)", LOAD_LOCK_ID)
+            await hub.execute("RESET work_mem; RESET maintenance_work_mem")
 
 
 async def _totals(hub: asyncpg.Connection, load_id: int, staged: _Staged) -> dict[str, int]:
