@@ -227,14 +227,18 @@ def filing_id(row: FilingRow) -> str:
 
 
 class _Progress:
-    """At most one stderr line every PROGRESS_EVERY_S seconds."""
+    """At most one stderr line every PROGRESS_EVERY_S seconds; rate and ETA per phase (staging, merge)."""
 
     def __init__(self, out: IO[str] | None) -> None:
         self.out = out
+        self.phase = ""
         self.started = self.last = time.monotonic()
 
     def __call__(self, phase: str, rows: int, done: int, total: int, *, force: bool = False) -> None:
         now = time.monotonic()
+        kind = "merge" if phase == "merge" else "stage"
+        if kind != self.phase:
+            self.phase, self.started = kind, now
         if self.out is None or (not force and now - self.last < PROGRESS_EVERY_S):
             return
         self.last = now
@@ -756,7 +760,7 @@ async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress:
         for i, (step, kind, shard, a, b) in enumerate(p for p in plan if p[0] in todo):
             n = await loader.merge_chunk(kind, shard, a, b)
             await loader.record(step, {f"{kind}_changed": n})
-            merged += b - a
+            merged += n  # rows inserted or updated
             progress("merge", merged, i + 1, len(todo), force=i + 1 == len(todo))
             if kind == "person" and a == 1:
                 await conns[shard].execute("ANALYZE person")  # the planner's view of a table that was empty
