@@ -231,7 +231,7 @@ class _Progress:
 
     def __init__(self, out: IO[str] | None) -> None:
         self.out = out
-        self.phase = ""
+        self.phase = "stage"
         self.started = self.last = time.monotonic()
 
     def __call__(self, phase: str, rows: int, done: int, total: int, *, force: bool = False) -> None:
