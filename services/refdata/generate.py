@@ -1,6 +1,7 @@
 """Deterministic generator of realistic (fake) reference data.
 
     python -m services.refdata.generate --out DIR [--seed 7] [--persons-per-region 200]
+    python -m services.refdata.generate --out DIR --national [--scale F | --persons N]
 
 writes hospitals.jsonl, persons.jsonl, filings.jsonl and catalog.jsonl. The same
 seed and size give byte-identical files; nothing depends on today's date (the
@@ -30,6 +31,13 @@ What it produces:
   Some items carry a unit price ceiling that varies a little by province. The
   `ITEM_*` anchors below have the same class, ratio and ceiling everywhere, for
   tests and demos that need an item valid in any province.
+
+`--national` (`write_national`) writes the seed regions at their real sizes (`NATIONAL_PERSONS`,
+~13.2 M persons; `--scale`/`--persons` for less) and `OTHER_PROVINCE_PERSONS` in every other
+province, filings at the same shares, hospitals and pharmacies at national density (one per
+`PERSONS_PER_INSTITUTION` persons of a seed region) on top of the ones above, the same catalog.
+It streams: persons and filings are written as they are made; certificate numbers are unique by
+construction (`_CertnoAllocator`), not by remembering them. Each region has its own random stream.
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import Decimal
@@ -240,7 +249,7 @@ def _weighted(rng: random.Random, options: Sequence[tuple[_S, int]]) -> _S:
     return rng.choices([o for o, _ in options], weights=[w for _, w in options])[0]
 
 
-def _person(rng: random.Random, admdvs: str, seq: int, taken: set[str]) -> PersonRow:
+def _person(rng: random.Random, admdvs: str, seq: int, certno: Callable[[date, bool], str]) -> PersonRow:
     assistance: Literal["1", "2"] | None = None
     insutype: Insutype
     balance_fen = 0
@@ -275,7 +284,7 @@ def _person(rng: random.Random, admdvs: str, seq: int, taken: set[str]) -> Perso
         assistance=assistance,
         acct_balc=Decimal(balance_fen).scaleb(-2),
         chronic=chronic,
-        certno=_certno(rng, admdvs, birth, male, taken),
+        certno=certno(birth, male),
         psn_name=_name(rng, male),
     )
 
@@ -287,7 +296,11 @@ def _persons(rng: random.Random, persons_per_region: int) -> list[PersonRow]:
     for prov in PROVINCES:
         code = _first_sub_region(prov)
         counts.setdefault(code, others)
-    return [_person(rng, admdvs, seq, taken) for admdvs, n in counts.items() for seq in range(1, n + 1)]
+    return [
+        _person(rng, admdvs, seq, lambda birth, male: _certno(rng, admdvs, birth, male, taken))  # noqa: B023 (called at once)
+        for admdvs, n in counts.items()
+        for seq in range(1, n + 1)
+    ]
 
 
 def _filing_dates(rng: random.Random, filing_type: str) -> tuple[date, date]:
@@ -305,32 +318,34 @@ def _filing_dates(rng: random.Random, filing_type: str) -> tuple[date, date]:
     return begin, year_end
 
 
-def _filings(rng: random.Random, persons: list[PersonRow]) -> list[FilingRow]:
+def _person_filings(rng: random.Random, person: PersonRow, seeded: set[str]) -> list[FilingRow]:
+    admdvs = person.insuplc_admdvs
+    if admdvs in SEED_FILINGS and admdvs not in seeded:
+        seeded.add(admdvs)
+        kind = SEED_FILINGS[admdvs]
+        return [FilingRow(person.psn_no, kind, date(DATA_YEAR, 1, 1), date(DATA_YEAR, 12, 31), None)]
+    if rng.random() >= 0.33:
+        return []
+    home = REGIONS[admdvs].prov_admdvs
+    kinds = [_weighted(rng, _FILING_WEIGHTS)]
+    if rng.random() < 0.1:
+        kinds.append(_weighted(rng, _FILING_WEIGHTS))
     rows: list[FilingRow] = []
-    seeded: set[str] = set()
-    for person in persons:
-        admdvs = person.insuplc_admdvs
-        if admdvs in SEED_FILINGS and admdvs not in seeded:
-            seeded.add(admdvs)
-            kind = SEED_FILINGS[admdvs]
-            rows.append(FilingRow(person.psn_no, kind, date(DATA_YEAR, 1, 1), date(DATA_YEAR, 12, 31), None))
+    seen: set[tuple[str, date, date, str | None]] = set()
+    for kind in kinds:
+        roll = rng.random()
+        target = None if roll < 0.25 else home if roll < 0.4 else rng.choice([p for p in PROVINCES if p != home])
+        begin, end = _filing_dates(rng, kind)
+        if (kind, begin, end, target) in seen:
             continue
-        if rng.random() >= 0.33:
-            continue
-        home = REGIONS[admdvs].prov_admdvs
-        kinds = [_weighted(rng, _FILING_WEIGHTS)]
-        if rng.random() < 0.1:
-            kinds.append(_weighted(rng, _FILING_WEIGHTS))
-        seen: set[tuple[str, date, date, str | None]] = set()
-        for kind in kinds:
-            roll = rng.random()
-            target = None if roll < 0.25 else home if roll < 0.4 else rng.choice([p for p in PROVINCES if p != home])
-            begin, end = _filing_dates(rng, kind)
-            if (kind, begin, end, target) in seen:
-                continue
-            seen.add((kind, begin, end, target))
-            rows.append(FilingRow(person.psn_no, kind, begin, end, target))
+        seen.add((kind, begin, end, target))
+        rows.append(FilingRow(person.psn_no, kind, begin, end, target))
     return rows
+
+
+def _filings(rng: random.Random, persons: list[PersonRow]) -> list[FilingRow]:
+    seeded: set[str] = set()
+    return [row for person in persons for row in _person_filings(rng, person, seeded)]
 
 
 def _catalog(rng: random.Random) -> list[CatalogRow]:
@@ -388,10 +403,141 @@ def write_jsonl(dataset: RefDataSet, out_dir: str | Path) -> dict[str, int]:
     return {name: len(rows) for name, rows in files.items()}
 
 
+# National shape, streamed ----------------------------------------------------------------------
+
+# Insured persons of the seed regions (REFERENCE §10): 赤峰 4.00 M, 开州 1.61 M, 莆田 ~2.9 M,
+# 太原 ~4.5 M, 米易 ~0.2 M — about 13.2 million.
+NATIONAL_PERSONS: Final[dict[str, int]] = {
+    "150400": 4_000_000,
+    "500154": 1_610_000,
+    "510421": 200_000,
+    "350300": 2_900_000,
+    "140100": 4_500_000,
+}
+OTHER_PROVINCE_PERSONS: Final = 1_000  # visitors insured elsewhere, in each other province's first region
+# About 650,000 designated institutions for 1.33 billion insured: one per ~2,000 persons, about
+# half of them pharmacies; hospitals mostly level 1 (clinics, township health centres).
+PERSONS_PER_INSTITUTION: Final = 2_000
+_DENSE_LEVELS: Final[tuple[Literal[1, 2, 3], ...]] = (3,) * 5 + (2,) * 15 + (1,) * 80  # per cent
+_FIRST_DENSE_SEQ: Final = 101  # after the featured hospitals' and pharmacy's sequence numbers
+_FLUSH_BYTES: Final = 1 << 20
+
+
+def national_counts(scale: float = 1.0) -> dict[str, int]:
+    """Persons per insured region at national shape times `scale` (at least 1 each)."""
+    if not 0 < scale <= 10:
+        raise ValueError("scale must be within (0, 10]")
+    counts = {code: max(1, round(n * scale)) for code, n in NATIONAL_PERSONS.items()}
+    for prov in PROVINCES:
+        counts.setdefault(_first_sub_region(prov), max(1, round(OTHER_PROVINCE_PERSONS * scale)))
+    return counts
+
+
+class _CertnoAllocator:
+    """Unique certificate numbers without remembering them: a counter per (birth date, gender) picks
+    the 3-digit sequence and, past 500, the next area code of the prefecture. Memory: one counter per
+    day of birth and gender (an array of ~70,000 ints), not per person."""
+
+    _FIRST_BIRTH: Final = date(DATA_YEAR - 100, 1, 1).toordinal()
+
+    def __init__(self, admdvs: str) -> None:
+        self.prefix, self.area = admdvs[:4], int(admdvs[4:])
+        self.used = array("I", bytes(4 * 2 * (date(DATA_YEAR, 12, 31).toordinal() - self._FIRST_BIRTH + 1)))
+
+    def __call__(self, birth: date, male: bool) -> str:
+        i = 2 * (birth.toordinal() - self._FIRST_BIRTH) + male
+        n = self.used[i]
+        if n >= 500 * 100:
+            raise ValueError("more than 50,000 persons born on one day in one region")
+        self.used[i] = n + 1
+        first17 = f"{self.prefix}{(self.area + n // 500) % 100:02d}{birth:%Y%m%d}{n % 500 * 2 + male:03d}"
+        return first17 + certno_check_char(first17)
+
+
+def _dense_institutions(rng: random.Random, admdvs: str, persons: int) -> list[HospitalRow]:
+    """Extra hospitals and pharmacies of a seed region at national density."""
+    region = REGIONS[admdvs]
+    prefix, _ = _hospital_prefix(region)
+    n = persons // PERSONS_PER_INSTITUTION
+    rows: list[HospitalRow] = []
+    for i in range(n // 2):
+        lv = rng.choice(_DENSE_LEVELS)
+        seq = _FIRST_DENSE_SEQ + i
+        kind = {3: "医院", 2: "医院", 1: "卫生院"}[lv]
+        rows.append(HospitalRow(f"H{admdvs}{seq:05d}", f"{prefix}{rng.choice(_TOWNS)}第{i + 1}{kind}", admdvs, lv))
+    for i in range(n - n // 2):
+        seq = _FIRST_DENSE_SEQ + i
+        rows.append(HospitalRow(f"P{admdvs}{seq:05d}", f"{prefix}{rng.choice(_TOWNS)}大药房第{i + 1}分店", admdvs, 1))
+    return rows
+
+
+def _national_persons(seed: int, counts: dict[str, int]) -> Iterator[tuple[PersonRow, list[FilingRow]]]:
+    seeded: set[str] = set()
+    for admdvs, n in counts.items():
+        rng = random.Random(f"{seed}:persons:{admdvs}")  # one stream per region: sizes do not shift others
+        certno = _CertnoAllocator(admdvs)
+        for seq in range(1, n + 1):
+            person = _person(rng, admdvs, seq, certno)
+            yield person, _person_filings(rng, person, seeded)
+
+
+class _LineWriter:
+    """JSON Lines to `<name>.tmp`, renamed into place by `close` (a killed run leaves no half file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.f = self.tmp.open("wb")
+        self.buf = bytearray()
+        self.rows = 0
+        self.encoder = msgspec.json.Encoder()
+
+    def write(self, row: msgspec.Struct) -> None:
+        self.encoder.encode_into(row, self.buf, -1)
+        self.buf += b"\n"
+        self.rows += 1
+        if len(self.buf) >= _FLUSH_BYTES:
+            self.f.write(self.buf)
+            self.buf.clear()
+
+    def close(self) -> None:
+        self.f.write(self.buf)
+        self.f.close()
+        self.tmp.replace(self.path)
+
+
+def write_national(out_dir: str | Path, seed: int = 7, scale: float = 1.0) -> dict[str, int]:
+    """Write the four files at national shape (`scale` 1: ~13.2 M persons), streaming: persons and
+    their filings are written as they are made, never held. Deterministic for a seed and scale."""
+    counts = national_counts(scale)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    hospitals = _hospitals(rng)
+    for admdvs in NATIONAL_PERSONS:
+        hospitals += _dense_institutions(random.Random(f"{seed}:institutions:{admdvs}"), admdvs, counts[admdvs])
+    writers = {name: _LineWriter(out / name) for name in (HOSPITALS_FILE, PERSONS_FILE, FILINGS_FILE, CATALOG_FILE)}
+    for h in hospitals:
+        writers[HOSPITALS_FILE].write(h)
+    for c in _catalog(random.Random(f"{seed}:catalog")):
+        writers[CATALOG_FILE].write(c)
+    for person, filings in _national_persons(seed, counts):
+        writers[PERSONS_FILE].write(person)
+        for f in filings:
+            writers[FILINGS_FILE].write(f)
+    for w in writers.values():
+        w.close()
+    return {name: w.rows for name, w in writers.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", required=True, type=Path, help="directory for the four .jsonl files")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--national", action="store_true",
+                        help="the seed regions at their real sizes (~13.2 M persons), streamed; see --scale/--persons")
+    parser.add_argument("--scale", type=float, help="with --national: multiply every size (e.g. 0.01)")
+    parser.add_argument("--persons", type=int, help="with --national: about this many persons in all")
     parser.add_argument(
         "--persons-per-region",
         type=int,
@@ -400,10 +546,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        dataset = generate(args.seed, args.persons_per_region)
+        if args.national or args.scale is not None or args.persons is not None:
+            if args.scale is not None and args.persons is not None:
+                parser.error("--scale and --persons exclude each other")
+            scale = args.scale or (args.persons / sum(NATIONAL_PERSONS.values()) if args.persons else 1.0)
+            counts = write_national(args.out, args.seed, scale)
+        else:
+            counts = write_jsonl(generate(args.seed, args.persons_per_region), args.out)
     except ValueError as exc:
         parser.error(str(exc))
-    counts = write_jsonl(dataset, args.out)
     for name, n in counts.items():
         print(f"{args.out / name}: {n} rows")
     return 0

@@ -1,40 +1,58 @@
-"""Load a reference-data directory into PostgreSQL.
+"""Load a reference-data directory into the hub and the shard databases, streaming.
 
-    python -m services.refdata.load DIR [--dsn DSN]
+    python -m services.refdata.load DIR [--dsn HUB_DSN] [--quiet] [--chunk-lines N]
 
-Reads hospitals.jsonl, persons.jsonl, filings.jsonl and catalog.jsonl (all four
-are required), validates every line with the strict structs of
-`schemas.refdata`, checks references (known regions, filings of persons in the
-same persons.jsonl, catalog and filing targets are provinces, no duplicate
-keys), and only then writes, in one transaction: the region table of
-`services.refdata.regions` (plus any county a row uses that the table derives),
-then the four files.
+Reads hospitals.jsonl, persons.jsonl, filings.jsonl and catalog.jsonl (all four are required).
+Sized for a country: persons and filings are never held in memory.
 
-Writes are upserts that never delete: a row whose content is unchanged is not
-touched, so loading the same directory twice changes nothing (the `_changed`
-counts of the second load are all 0). A load that changed anything NOTIFYs
-`refdata_changed` on commit, so routers reload their snapshot. Filings are
-keyed by a hash of their content (`filing_id`); an existing filing is never
-updated, so a revocation recorded by the router survives a reload. The
-`account` table is not touched: accounts start from `person.acct_balc_fen` on
-first use.
+1. **Lock.** A session advisory lock on the hub (`LOAD_LOCK_ID`) for the whole load: two loads run
+   one after the other, the later one last, so the result is never a mix and never the older files.
+2. **Resume.** The load is recorded in the hub's `refdata_load` (keyed by the sha256 of the four
+   files) and every committed unit of work in `refdata_load_step`; a load of the same files that
+   was killed midway is continued: its recorded steps are skipped.
+3. **Validate and stage.** Every line is decoded with the strict structs of `schemas.refdata`
+   (file:line and field of each bad line, never a value) and region codes are checked; valid rows
+   are COPYed into UNLOGGED staging tables (`refdata_stage_*`, not the real tables): persons into
+   their shard's (`ShardMap` by insured province), person keys (psn_no, shard, the certificate's
+   keyed digest) and filings into the hub's. Hospitals and catalog items (bounded by institutions,
+   not persons) are checked in memory. Set-based checks run in SQL on the staging tables: duplicate
+   psn_no, certno (by digest) and filings, filings of persons not in persons.jsonl. Any bad line:
+   `RefDataError`, and nothing is written to a real table.
+4. **Merge what changed**, staging against current rows: inserts of new keys, updates only where
+   a value is distinct; one transaction per chunk of `CHUNK_LINES` lines per shard. Hub tables
+   (regions, hospitals, catalog) in one transaction under `pg_advisory_xact_lock(refdata_lock_id())`
+   with one `refdata_change` row per changed key and `NOTIFY refdata_changed`; the person index by
+   `certno_digest`. Nothing is ever deleted.
 
-Errors name the file, the line and the field, never a personal identifier (the
-only values quoted are code-table values of a bad enum field):
-``persons.jsonl:12: Invalid enum value '311' - at `$.insutype```.
+A kill between a chunk's commit in its shard and the record of its step in the hub makes the resumed
+load merge that chunk again: it then finds nothing to change (same final state), so only that
+chunk's `_changed` count is missing from the totals.
+
+Precedence (`services.refdata.changes`): an existing filing is never updated (a revocation stays,
+online and promise filings are never touched); the file sets `chronic_file`, and the effective
+`chronic` = person_chronic(chronic_file, chronic_online) keeps what 2503/2504 registered online.
+The `account` table is not touched: accounts start from `person.acct_balc_fen` on first use.
+
+Progress (rows, rows/s, %, ETA) goes to stderr at most every `PROGRESS_EVERY_S` seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
+import hmac
+import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import asyncpg
 import msgspec
@@ -52,15 +70,22 @@ from schemas.refdata import (
     yuan_to_fen,
 )
 from services.common.config import Settings, load_settings
-from services.common.shards import ShardPools, certno_digest, person_index_key
+from services.common.shards import DIGEST_BYTES, ShardMap, ShardPools, person_index_key
+from services.refdata.changes import change_log, chunks, diff_rows, progress_line, remaining_steps
 from services.refdata.regions import REGIONS, Region, UnknownRegion, region_of
 
 log = logging.getLogger(__name__)
 
 LINE_BYTES_MAX: Final = 64 * 1024
-ROWS_PER_FILE_MAX: Final = 10_000_000
+ROWS_PER_FILE_MAX: Final = 100_000_000  # line numbers are int4 in staging; the country is 1.33 billion in many files
+IN_MEMORY_ROWS_MAX: Final = 1_000_000  # read_dir (tests, demo) holds the rows
 ERRORS_REPORTED_MAX: Final = 20
-REFDATA_CHANNEL: Final = "refdata_changed"  # NOTIFYed when a load changed anything
+REFDATA_CHANNEL: Final = "refdata_changed"  # NOTIFYed when a load changed a hub table
+LOAD_LOCK_ID: Final = 7170510002  # session lock: one load at a time (refdata_lock_id() is 7170510001)
+BATCH_LINES: Final = 20_000  # lines decoded and COPYed at a time
+CHUNK_LINES: Final = 1_000_000  # lines merged per transaction (default)
+CHUNK_LINES_MIN: Final = 1_000
+PROGRESS_EVERY_S: Final = 3.0
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -104,8 +129,8 @@ def _read_file(directory: Path, name: str, row_type: type[T], errors: _Errors) -
                 continue
             if not raw.strip():
                 continue
-            if len(rows) >= ROWS_PER_FILE_MAX:
-                errors.add(name, lineno, f"more than {ROWS_PER_FILE_MAX} rows")
+            if len(rows) >= IN_MEMORY_ROWS_MAX:
+                errors.add(name, lineno, f"more than {IN_MEMORY_ROWS_MAX} rows")
                 break
             try:
                 rows.append((lineno, decoder.decode(raw)))
@@ -198,7 +223,405 @@ def filing_id(row: FilingRow) -> str:
     return "rd-" + hashlib.sha256(content.encode()).hexdigest()[:32]
 
 
-# Writing ----------------------------------------------------------------------------
+# Streaming load -----------------------------------------------------------------------------
+
+
+class _Progress:
+    """At most one stderr line every PROGRESS_EVERY_S seconds; rate and ETA per phase (staging, merge)."""
+
+    def __init__(self, out: IO[str] | None) -> None:
+        self.out = out
+        self.phase = "stage"
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, phase: str, rows: int, done: int, total: int, *, force: bool = False) -> None:
+        now = time.monotonic()
+        kind = "merge" if phase == "merge" else "stage"
+        if kind != self.phase:
+            self.phase, self.started = kind, now
+        if self.out is None or (not force and now - self.last < PROGRESS_EVERY_S):
+            return
+        self.last = now
+        print(progress_line(phase, rows, done, total, now - self.started), file=self.out, flush=True)
+
+
+def files_digest(directory: Path) -> str:
+    """sha256 over the four files' names and contents: the identity of a load."""
+    h = hashlib.sha256()
+    for name in (HOSPITALS_FILE, PERSONS_FILE, FILINGS_FILE, CATALOG_FILE):
+        h.update(name.encode() + b"\0")
+        with (directory / name).open("rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+# Staging tables: UNLOGGED, recreated for each staging pass (no index while COPYing).
+_PERSON_COLS: Final = ("line", "psn_no", "insuplc_admdvs", "insutype", "psn_type", "assistance", "acct_balc_fen",
+                       "chronic_file", "certno", "psn_name")
+_KEY_COLS: Final = ("line", "psn_no", "insuplc_admdvs", "certno_digest", "shard")
+_FILING_COLS: Final = ("line", "filing_id", "psn_no", "filing_type", "begndate", "enddate", "target_admdvs")
+_STAGE_FILING_DDL: Final = (
+    "CREATE UNLOGGED TABLE refdata_stage_filing (line integer NOT NULL, filing_id text NOT NULL,"
+    " psn_no text NOT NULL, filing_type text NOT NULL, begndate date NOT NULL, enddate date NOT NULL,"
+    " target_admdvs char(6))"
+)
+_HUB_STAGE_DDL: Final = (
+    "DROP TABLE IF EXISTS refdata_stage_person_key, refdata_stage_filing",
+    "CREATE UNLOGGED TABLE refdata_stage_person_key (line integer NOT NULL, psn_no text NOT NULL,"
+    " insuplc_admdvs char(6) NOT NULL, certno_digest bytea, shard text NOT NULL)",
+    _STAGE_FILING_DDL,
+)
+_SHARD_STAGE_DDL: Final = (
+    "DROP TABLE IF EXISTS refdata_stage_person, refdata_stage_filing",
+    "CREATE UNLOGGED TABLE refdata_stage_person (line integer NOT NULL, psn_no text NOT NULL,"
+    " insuplc_admdvs char(6) NOT NULL, insutype text NOT NULL, psn_type text NOT NULL, assistance text,"
+    " acct_balc_fen bigint NOT NULL, chronic_file text[] NOT NULL, certno text, psn_name text)",
+    _STAGE_FILING_DDL,
+)
+_HUB_STAGE_TABLES: Final = ("refdata_stage_person_key", "refdata_stage_filing")
+_SHARD_STAGE_TABLES: Final = ("refdata_stage_person", "refdata_stage_filing")
+_SESSION: Final = ("SET work_mem = '256MB'", "SET maintenance_work_mem = '512MB'")
+
+
+@lru_cache(maxsize=4096)
+def _region_problem(admdvs: str, province: bool) -> str | None:
+    if province:
+        region = REGIONS.get(admdvs)
+        return None if region is not None and region.is_province else "not a province in the region table"
+    try:
+        region_of(admdvs)
+    except UnknownRegion:
+        return "unknown region"
+    return None
+
+
+@dataclass
+class _Staged:
+    """What the staging pass produced (recorded in the 'staged' step, checked on resume)."""
+
+    persons: int = 0
+    filings: int = 0
+    person_lines: int = 0
+    filing_lines: int = 0
+    by_shard: dict[str, dict[str, int]] = field(default_factory=dict)  # shard -> {person, filing}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"person": self.persons, "filing": self.filings, "person_lines": self.person_lines,
+                "filing_lines": self.filing_lines, "by_shard": self.by_shard}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _Staged:
+        return cls(d["person"], d["filing"], d["person_lines"], d["filing_lines"], d["by_shard"])
+
+
+def _lines(path: Path, errors: _Errors, name: str) -> Iterator[list[tuple[int, bytes]]]:
+    """Batches of (line number, raw line); blank lines skipped; over-long lines reported."""
+    batch: list[tuple[int, bytes]] = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if len(raw) > LINE_BYTES_MAX:
+                errors.add(name, lineno, f"line longer than {LINE_BYTES_MAX} bytes")
+                continue
+            if lineno > ROWS_PER_FILE_MAX:
+                errors.add(name, lineno, f"more than {ROWS_PER_FILE_MAX} lines")
+                break
+            if raw.strip():
+                batch.append((lineno, raw))
+            if len(batch) >= BATCH_LINES:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _decode_error(exc: Exception) -> str:
+    if isinstance(exc, msgspec.ValidationError):
+        return str(exc) if "- at `$" in str(exc) else f"{exc} - at `$`"
+    return "line is not a valid JSON object"
+
+
+def _decode_persons(batch: list[tuple[int, bytes]], smap: ShardMap, key: bytes
+                    ) -> tuple[dict[str, list[tuple[Any, ...]]], list[tuple[Any, ...]], list[tuple[int, str]]]:
+    """Rows per shard, key rows for the hub, and (line, problem) of the bad lines. Pure, no I/O."""
+    decoder = _PERSON_DECODER
+    by_shard: dict[str, list[tuple[Any, ...]]] = {}
+    keys: list[tuple[Any, ...]] = []
+    bad: list[tuple[int, str]] = []
+    for lineno, raw in batch:
+        try:
+            p = decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            bad.append((lineno, _decode_error(exc)))
+            continue
+        problem = _region_problem(p.insuplc_admdvs, False)
+        if problem:
+            bad.append((lineno, f"{problem} - at `$.insuplc_admdvs`"))
+            continue
+        shard = smap.shard_of(p.insuplc_admdvs)
+        # chronic_file sorted: then it equals person_chronic(file, '{}') and inserts need no function call.
+        by_shard.setdefault(shard, []).append((lineno, p.psn_no, p.insuplc_admdvs, p.insutype, p.psn_type,
+                                               p.assistance, yuan_to_fen(p.acct_balc), sorted(p.chronic),
+                                               p.certno, p.psn_name))
+        digest = None if p.certno is None else hmac.new(key, p.certno.encode(), "sha256").digest()[:DIGEST_BYTES]
+        keys.append((lineno, p.psn_no, p.insuplc_admdvs, digest, shard))
+    return by_shard, keys, bad
+
+
+def _decode_filings(batch: list[tuple[int, bytes]]) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]]]:
+    decoder = _FILING_DECODER
+    rows: list[tuple[Any, ...]] = []
+    bad: list[tuple[int, str]] = []
+    for lineno, raw in batch:
+        try:
+            f = decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            bad.append((lineno, _decode_error(exc)))
+            continue
+        if f.target_admdvs is not None and (problem := _region_problem(f.target_admdvs, True)):
+            bad.append((lineno, f"{problem} - at `$.target_admdvs`"))
+            continue
+        rows.append((lineno, filing_id(f), f.psn_no, f.filing_type, f.begndate, f.enddate, f.target_admdvs))
+    return rows, bad
+
+
+_PERSON_DECODER: Final = msgspec.json.Decoder(PersonRow)
+_FILING_DECODER: Final = msgspec.json.Decoder(FilingRow)
+
+
+@dataclass
+class _Hub:
+    """The hub's small tables, checked in memory (bounded by institutions and items, not persons)."""
+
+    hospitals: list[HospitalRow]
+    catalog: list[CatalogRow]
+
+
+def _read_hub_files(d: Path, errors: _Errors) -> _Hub:
+    hospitals = _read_file(d, HOSPITALS_FILE, HospitalRow, errors)
+    catalog = _read_file(d, CATALOG_FILE, CatalogRow, errors)
+    _unique(HOSPITALS_FILE, hospitals, lambda r: r.fixmedins_code, "fixmedins_code", "hospital code", errors)
+    for lineno, h in hospitals:
+        _known_region(HOSPITALS_FILE, lineno, h.admdvs, "admdvs", errors)
+    _unique(CATALOG_FILE, catalog, lambda r: (r.admdvs, r.med_list_codg), "med_list_codg", "catalog item", errors)
+    for lineno, c in catalog:
+        _province(CATALOG_FILE, lineno, c.admdvs, "admdvs", errors)
+    return _Hub([r for _, r in hospitals], [r for _, r in catalog])
+
+
+class _Loader:
+    def __init__(self, hub: asyncpg.Connection, shards: dict[str, asyncpg.Connection], smap: ShardMap,
+                 directory: Path, key: bytes, progress: _Progress, chunk_lines: int) -> None:
+        self.hub = hub
+        self.shards = shards
+        self.smap = smap
+        self.dir = directory
+        self.key = key
+        self.progress = progress
+        self.chunk_lines = chunk_lines
+        self.load_id = 0
+
+    # -- staging -------------------------------------------------------------------------
+
+    async def stage(self, errors: _Errors) -> _Staged:
+        for ddl in _HUB_STAGE_DDL:
+            await self.hub.execute(ddl)
+        for conn in self.shards.values():
+            for ddl in _SHARD_STAGE_DDL:
+                await conn.execute(ddl)
+        staged = _Staged(by_shard={name: {"person": 0, "filing": 0} for name in self.shards})
+        total = sum((self.dir / n).stat().st_size for n in (PERSONS_FILE, FILINGS_FILE))
+        done_bytes = 0
+        pending: asyncio.Future[Any] | None = None
+
+        async def flush() -> None:
+            nonlocal pending
+            if pending is not None:
+                await pending
+                pending = None
+
+        for batch in _lines(self.dir / PERSONS_FILE, errors, PERSONS_FILE):
+            by_shard, keys, bad = await asyncio.to_thread(_decode_persons, batch, self.smap, self.key)
+            for lineno, problem in bad:
+                errors.add(PERSONS_FILE, lineno, problem)
+            await flush()
+            if not errors.total:  # after a bad line only decoding goes on, to report every bad line
+                copies = [self.hub.copy_records_to_table("refdata_stage_person_key", records=keys,
+                                                         columns=list(_KEY_COLS))]
+                for shard, rows in by_shard.items():
+                    staged.by_shard[shard]["person"] += len(rows)
+                    copies.append(self.shards[shard].copy_records_to_table(
+                        "refdata_stage_person", records=rows, columns=list(_PERSON_COLS)))
+                pending = asyncio.gather(*copies)
+            staged.persons += len(keys)
+            staged.person_lines = batch[-1][0]
+            done_bytes += sum(len(raw) for _, raw in batch)
+            self.progress(PERSONS_FILE, staged.persons, done_bytes, total)
+        await flush()
+        for batch in _lines(self.dir / FILINGS_FILE, errors, FILINGS_FILE):
+            rows, bad = await asyncio.to_thread(_decode_filings, batch)
+            for lineno, problem in bad:
+                errors.add(FILINGS_FILE, lineno, problem)
+            await flush()
+            if not errors.total:
+                pending = asyncio.ensure_future(self.hub.copy_records_to_table(
+                    "refdata_stage_filing", records=rows, columns=list(_FILING_COLS)))
+            staged.filings += len(rows)
+            staged.filing_lines = batch[-1][0]
+            done_bytes += sum(len(raw) for _, raw in batch)
+            self.progress(FILINGS_FILE, staged.persons + staged.filings, done_bytes, total)
+        await flush()
+        return staged
+
+    async def _duplicates(self, table: str, column: str, file: str, what: str, at: str, errors: _Errors,
+                          where: str = "") -> None:
+        """Unique index on the staging table; when it fails, name every duplicate line (and the first)."""
+        cond = f" WHERE {where}" if where else ""
+        try:
+            await self.hub.execute(f"CREATE UNIQUE INDEX ON {table} ({column}){cond}")
+            return
+        except asyncpg.UniqueViolationError:
+            pass
+        rows = await self.hub.fetch(
+            f"SELECT line, first FROM (SELECT line, min(line) OVER (PARTITION BY {column}) AS first"
+            f" FROM {table}{cond}) AS d WHERE line <> first ORDER BY line")
+        for r in rows:
+            errors.add(file, r["line"], f"duplicate {what} (first at line {r['first']}) - at `{at}`")
+
+    async def check(self, errors: _Errors) -> None:
+        """The set-based checks, in SQL on the hub's staging tables."""
+        await self._duplicates("refdata_stage_person_key", "psn_no", PERSONS_FILE, "psn_no", "$.psn_no", errors)
+        await self._duplicates("refdata_stage_person_key", "certno_digest", PERSONS_FILE, "certno", "$.certno",
+                               errors, where="certno_digest IS NOT NULL")
+        await self._duplicates("refdata_stage_filing", "filing_id", FILINGS_FILE, "filing", "$", errors)
+        if errors.total:
+            return
+        orphans = await self.hub.fetch(
+            "SELECT line FROM refdata_stage_filing f WHERE NOT EXISTS"
+            " (SELECT 1 FROM refdata_stage_person_key k WHERE k.psn_no = f.psn_no) ORDER BY line")
+        for r in orphans:
+            errors.add(FILINGS_FILE, r["line"], f"person not in {PERSONS_FILE} - at `$.psn_no`")
+
+    async def route_filings(self, staged: _Staged) -> None:
+        """Each filing into its person's shard's staging table (hub COPY out, shard COPY in)."""
+        for shard, conn in self.shards.items():
+            query = ("SELECT f.line, f.filing_id, f.psn_no, f.filing_type, f.begndate, f.enddate, f.target_admdvs"
+                     " FROM refdata_stage_filing f JOIN refdata_stage_person_key k USING (psn_no)"
+                     " WHERE k.shard = $1 ORDER BY f.line")
+            await _pipe(self.hub, query, shard, conn, "refdata_stage_filing", _FILING_COLS)
+            staged.by_shard[shard]["filing"] = await conn.fetchval("SELECT count(*) FROM refdata_stage_filing")
+
+    async def index_staging(self) -> None:
+        for conn in self.shards.values():
+            for table in _SHARD_STAGE_TABLES:
+                await conn.execute(f"CREATE INDEX ON {table} USING brin (line)")
+                await conn.execute(f"ANALYZE {table}")
+        await self.hub.execute("CREATE INDEX ON refdata_stage_person_key USING brin (line)")
+        for table in _HUB_STAGE_TABLES:
+            await self.hub.execute(f"ANALYZE {table}")
+
+    async def staging_intact(self, staged: _Staged) -> bool:
+        """Unlogged tables are emptied by a server crash: resume from staging only if it is whole."""
+        try:
+            if await self.hub.fetchval("SELECT count(*) FROM refdata_stage_person_key") != staged.persons:
+                return False
+            for shard, conn in self.shards.items():
+                for table, what in zip(_SHARD_STAGE_TABLES, ("person", "filing"), strict=True):
+                    if await conn.fetchval(f"SELECT count(*) FROM {table}") != staged.by_shard[shard][what]:
+                        return False
+        except asyncpg.UndefinedTableError:
+            return False
+        return True
+
+    async def drop_staging(self) -> None:
+        await self.hub.execute("DROP TABLE IF EXISTS refdata_stage_person_key, refdata_stage_filing")
+        for conn in self.shards.values():
+            await conn.execute("DROP TABLE IF EXISTS refdata_stage_person, refdata_stage_filing")
+
+    # -- merging -------------------------------------------------------------------------
+
+    async def record(self, step: str, counts: dict[str, int]) -> None:
+        await self.hub.execute(
+            "INSERT INTO refdata_load_step (load_id, step, counts) VALUES ($1, $2, $3::jsonb)"
+            " ON CONFLICT DO NOTHING", self.load_id, step, json.dumps(counts))
+        await self.hub.execute("UPDATE refdata_load SET updated_at = now() WHERE load_id = $1", self.load_id)
+
+    async def merge_hub(self, hub_rows: _Hub) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        regions = dict(REGIONS)
+        for code in [h.admdvs for h in hub_rows.hospitals]:
+            if code not in regions:
+                regions[code] = region_of(code)
+        async with self.hub.transaction():
+            await self.hub.execute("SELECT pg_advisory_xact_lock(refdata_lock_id())")
+            changed: dict[str, list[str]] = {}
+            for spec, incoming in (
+                (_REGION, [((r.admdvs,), (r.name, r.prov_admdvs, r.pool_admdvs)) for r in regions.values()]),
+                (_HOSPITAL, [((h.fixmedins_code,), (h.fixmedins_name, h.admdvs, h.hosp_lv))
+                             for h in hub_rows.hospitals]),
+                (_CATALOG, [((c.admdvs, c.med_list_codg), (c.name, c.chrgitm_lv, c.selfpay_prop,
+                            None if c.pric_uplmt_amt is None else yuan_to_fen(c.pric_uplmt_amt)))
+                            for c in hub_rows.catalog]),
+            ):
+                current = {tuple(r[: len(spec.key)]): tuple(r[len(spec.key):])
+                           for r in await self.hub.fetch(f"SELECT {', '.join(spec.columns)} FROM {spec.name}")}
+                diff = diff_rows(current, incoming)
+                if diff.inserts:
+                    await self.hub.executemany(spec.insert_sql(), [k + v for k, v in diff.inserts])
+                if diff.updates:
+                    await self.hub.executemany(spec.update_sql(), [k + v for k, v in diff.updates])
+                counts[spec.name] = len(incoming)
+                counts[f"{spec.name}_changed"] = diff.changed
+                changed[spec.name] = [":".join(k) for k in diff.changed_keys()]
+            log_rows = change_log(changed)
+            if log_rows:
+                await self.hub.executemany("INSERT INTO refdata_change (entity, key) VALUES ($1, $2)", log_rows)
+                await self.hub.execute("SELECT pg_notify($1, (SELECT max(version) FROM refdata_change)::text)",
+                                       REFDATA_CHANNEL)
+            await self.record("hub", counts)
+        return counts
+
+    def plan(self, staged: _Staged) -> list[tuple[str, str, str, int, int]]:
+        """(step, kind, shard, first line, end line) for every chunk of the merge."""
+        steps: list[tuple[str, str, str, int, int]] = []
+        for shard in self.shards:
+            for a, b in chunks(1, staged.person_lines, self.chunk_lines):
+                steps.append((f"person:{shard}:{a}", "person", shard, a, b))
+            for a, b in chunks(1, staged.filing_lines, self.chunk_lines):
+                steps.append((f"filing:{shard}:{a}", "filing", shard, a, b))
+        for a, b in chunks(1, staged.person_lines, self.chunk_lines):
+            steps.append((f"person_index:{a}", "person_index", "", a, b))
+        return steps
+
+    async def merge_chunk(self, kind: str, shard: str, a: int, b: int) -> int:
+        conn = self.hub if kind == "person_index" else self.shards[shard]
+        async with conn.transaction():
+            n = 0
+            for sql in _MERGE_SQL[kind]:
+                n += _affected(await conn.execute(sql, a, b))
+        return n
+
+
+async def _pipe(src: asyncpg.Connection, query: str, arg: str, dst: asyncpg.Connection, table: str,
+                columns: Sequence[str]) -> None:
+    """COPY a query's rows from one database into a table of another, streamed in binary."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=32)
+
+    async def sink(chunk: bytes) -> None:
+        await queue.put(chunk)
+
+    async def produce() -> None:
+        try:
+            await src.copy_from_query(query, arg, output=sink, format="binary")
+        finally:
+            await queue.put(None)
+
+    async def source() -> AsyncIterator[bytes]:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+
+    await asyncio.gather(produce(), dst.copy_to_table(table, source=source(), columns=list(columns),
+                                                      format="binary"))
 
 
 @dataclass(frozen=True)
@@ -206,165 +629,194 @@ class _Table:
     name: str
     key: tuple[str, ...]
     values: tuple[str, ...]
-    update: bool = True  # False: an existing row is never changed (filings)
-    also_set: str = ""  # extra assignments on insert and update (derived columns)
-    returning: str = ""  # the key expression of each changed row, for the change log
 
     @property
     def columns(self) -> tuple[str, ...]:
         return self.key + self.values
 
-    def upsert_sql(self, source: str) -> str:
-        cols = ", ".join(self.columns)
-        head = f"INSERT INTO {self.name} AS t ({cols}) SELECT {cols} FROM {source} ON CONFLICT ({', '.join(self.key)})"
-        tail = f" RETURNING {self.returning}" if self.returning else ""
-        if not self.update:
-            return head + " DO NOTHING" + tail
-        sets = ", ".join([f"{c} = EXCLUDED.{c}" for c in self.values] + ([self.also_set] if self.also_set else []))
-        old = ", ".join(f"t.{c}" for c in self.values)
-        new = ", ".join(f"EXCLUDED.{c}" for c in self.values)
-        return f"{head} DO UPDATE SET {sets} WHERE ({old}) IS DISTINCT FROM ({new}){tail}"
+    def insert_sql(self) -> str:
+        marks = ", ".join(f"${i}" for i in range(1, len(self.columns) + 1))
+        return f"INSERT INTO {self.name} ({', '.join(self.columns)}) VALUES ({marks})"
+
+    def update_sql(self) -> str:
+        n = len(self.key)
+        sets = ", ".join(f"{c} = ${n + i}" for i, c in enumerate(self.values, start=1))
+        where = " AND ".join(f"{c} = ${i}" for i, c in enumerate(self.key, start=1))
+        return f"UPDATE {self.name} SET {sets} WHERE {where}"
 
 
 _REGION = _Table("region", ("admdvs",), ("name", "prov_admdvs", "pool_admdvs"))
-_HOSPITAL = _Table("hospital", ("fixmedins_code",), ("fixmedins_name", "admdvs", "hosp_lv"),
-                   returning="fixmedins_code")
-# The file sets chronic_file; the effective `chronic` keeps what was registered online (2503/2504).
-_PERSON = _Table(
-    "person",
-    ("psn_no",),
-    ("insuplc_admdvs", "insutype", "psn_type", "assistance", "acct_balc_fen", "chronic_file", "certno", "psn_name"),
-    also_set="chronic = person_chronic(EXCLUDED.chronic_file, t.chronic_online)",
-)
-_FILING = _Table(
-    "filing", ("filing_id",), ("psn_no", "filing_type", "begndate", "enddate", "target_admdvs"), update=False
-)
-_CATALOG = _Table("catalog_item", ("admdvs", "med_list_codg"), ("name", "chrgitm_lv", "selfpay_prop", "pric_uplmt_fen"),
-                  returning="admdvs || ':' || med_list_codg")
-_HUB_TABLES = (_REGION, _HOSPITAL, _CATALOG)
-_SHARD_TABLES = (_PERSON, _FILING)
+_HOSPITAL = _Table("hospital", ("fixmedins_code",), ("fixmedins_name", "admdvs", "hosp_lv"))
+_CATALOG = _Table("catalog_item", ("admdvs", "med_list_codg"), ("name", "chrgitm_lv", "selfpay_prop", "pric_uplmt_fen"))
 
-
-def _records(dataset: RefDataSet) -> list[tuple[_Table, list[tuple[Any, ...]]]]:
-    regions = dict(REGIONS)
-    for code in [h.admdvs for h in dataset.hospitals] + [p.insuplc_admdvs for p in dataset.persons]:
-        if code not in regions:
-            regions[code] = region_of(code)
-    return [
-        (_REGION, [(r.admdvs, r.name, r.prov_admdvs, r.pool_admdvs) for r in regions.values()]),
-        (_HOSPITAL, [(h.fixmedins_code, h.fixmedins_name, h.admdvs, h.hosp_lv) for h in dataset.hospitals]),
-        (
-            _PERSON,
-            [
-                (
-                    p.psn_no,
-                    p.insuplc_admdvs,
-                    p.insutype,
-                    p.psn_type,
-                    p.assistance,
-                    yuan_to_fen(p.acct_balc),
-                    list(p.chronic),
-                    p.certno,
-                    p.psn_name,
-                )
-                for p in dataset.persons
-            ],
-        ),
-        (
-            _FILING,
-            [(filing_id(f), f.psn_no, f.filing_type, f.begndate, f.enddate, f.target_admdvs) for f in dataset.filings],
-        ),
-        (
-            _CATALOG,
-            [
-                (
-                    c.admdvs,
-                    c.med_list_codg,
-                    c.name,
-                    c.chrgitm_lv,
-                    c.selfpay_prop,
-                    None if c.pric_uplmt_amt is None else yuan_to_fen(c.pric_uplmt_amt),
-                )
-                for c in dataset.catalog
-            ],
-        ),
-    ]
+_PERSON_VALUES: Final = ("insuplc_admdvs", "insutype", "psn_type", "assistance", "acct_balc_fen", "chronic_file",
+                         "certno", "psn_name")
+_IN_CHUNK: Final = "s.line >= $1 AND s.line < $2"
+# What changed, set-based: updates where a value is distinct, then inserts of absent keys. The
+# effective chronic set keeps the online changes (person_chronic); a new person has none, and the
+# staged chronic_file is sorted, which is what person_chronic(file, '{}') returns.
+_MERGE_SQL: Final[dict[str, tuple[str, ...]]] = {
+    "person": (
+        "UPDATE person t SET " + ", ".join(f"{c} = s.{c}" for c in _PERSON_VALUES)
+        + ", chronic = person_chronic(s.chronic_file, t.chronic_online) FROM refdata_stage_person s"
+        f" WHERE {_IN_CHUNK} AND t.psn_no = s.psn_no AND ("
+        + ", ".join(f"t.{c}" for c in _PERSON_VALUES) + ") IS DISTINCT FROM ("
+        + ", ".join(f"s.{c}" for c in _PERSON_VALUES) + ")",
+        f"INSERT INTO person (psn_no, {', '.join(_PERSON_VALUES)}, chronic)"
+        f" SELECT s.psn_no, {', '.join('s.' + c for c in _PERSON_VALUES)}, s.chronic_file"
+        f" FROM refdata_stage_person s WHERE {_IN_CHUNK}"
+        " AND NOT EXISTS (SELECT 1 FROM person p WHERE p.psn_no = s.psn_no) ORDER BY s.psn_no",
+    ),
+    # Insert only: an existing filing (revoked or not) is never changed.
+    "filing": (
+        "INSERT INTO filing (filing_id, psn_no, filing_type, begndate, enddate, target_admdvs, source)"
+        " SELECT s.filing_id, s.psn_no, s.filing_type, s.begndate, s.enddate, s.target_admdvs, 'refdata'"
+        f" FROM refdata_stage_filing s WHERE {_IN_CHUNK}"
+        " AND NOT EXISTS (SELECT 1 FROM filing f WHERE f.filing_id = s.filing_id) ORDER BY s.filing_id",
+    ),
+    "person_index": (
+        "UPDATE person_index t SET psn_no = s.psn_no, insuplc_admdvs = s.insuplc_admdvs"
+        f" FROM refdata_stage_person_key s WHERE {_IN_CHUNK} AND s.certno_digest IS NOT NULL"
+        " AND t.certno_digest = s.certno_digest"
+        " AND (t.psn_no, t.insuplc_admdvs) IS DISTINCT FROM (s.psn_no, s.insuplc_admdvs)",
+        "INSERT INTO person_index (certno_digest, psn_no, insuplc_admdvs)"
+        f" SELECT s.certno_digest, s.psn_no, s.insuplc_admdvs FROM refdata_stage_person_key s WHERE {_IN_CHUNK}"
+        " AND s.certno_digest IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM person_index p WHERE p.certno_digest = s.certno_digest)"
+        " ORDER BY s.certno_digest",  # index order: fewer pages touched per chunk
+    ),
+}
 
 
 def _affected(status: str) -> int:
-    # "INSERT 0 <n>": n counts inserted and updated rows.
+    # "INSERT 0 <n>" / "UPDATE <n>"
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def _upsert(conn: asyncpg.Connection, table: _Table, records: list[tuple[Any, ...]],
-                  counts: dict[str, int]) -> list[str]:
-    temp = f"_load_{table.name}"
-    await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {temp} (LIKE {table.name} INCLUDING DEFAULTS)"
-                       " ON COMMIT DELETE ROWS")
-    await conn.copy_records_to_table(temp, records=records, columns=list(table.columns))
-    changed = await conn.fetch(table.upsert_sql(temp)) if table.returning else None
-    n = _affected(await conn.execute(table.upsert_sql(temp))) if changed is None else len(changed)
-    counts[table.name] = counts.get(table.name, 0) + len(records)
-    counts[f"{table.name}_changed"] = counts.get(f"{table.name}_changed", 0) + n
-    return [r[0] for r in changed or ()]
+async def _start(hub: asyncpg.Connection, digest: str) -> tuple[int, set[str], dict[str, Any] | None]:
+    """The running load of these files (resumed) or a new one; other running loads are abandoned."""
+    row = await hub.fetchrow("SELECT load_id FROM refdata_load WHERE state = 'running' AND digest = $1"
+                             " ORDER BY load_id DESC LIMIT 1", digest)
+    if row is None:
+        load_id = await hub.fetchval("INSERT INTO refdata_load (digest) VALUES ($1) RETURNING load_id", digest)
+    else:
+        load_id = row["load_id"]
+    await hub.execute("UPDATE refdata_load SET state = 'abandoned', updated_at = now()"
+                      " WHERE state = 'running' AND load_id <> $1", load_id)
+    steps = {r["step"]: json.loads(r["counts"]) for r in
+             await hub.fetch("SELECT step, counts FROM refdata_load_step WHERE load_id = $1", load_id)}
+    return load_id, set(steps), steps.get("staged")
 
 
-async def load_dataset(conn: asyncpg.Connection, dataset: RefDataSet, s: Settings | None = None) -> dict[str, int]:
-    """Upsert a checked dataset: the hub's tables and the person index in one transaction on `conn`
-    (the hub), persons and filings in one transaction per shard. Returns per table rows given and
-    rows changed. Changed hospitals and catalog items go to the ordered change log."""
-    s = s or load_settings()
-    counts: dict[str, int] = {}
-    tables = dict(_records(dataset))
+async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress: _Progress,
+                chunk_lines: int) -> dict[str, int]:
+    if chunk_lines < CHUNK_LINES_MIN:
+        raise ValueError(f"chunk_lines must be >= {CHUNK_LINES_MIN}")
+    errors = _Errors()
+    for name in (HOSPITALS_FILE, PERSONS_FILE, FILINGS_FILE, CATALOG_FILE):
+        if not (directory / name).is_file():
+            errors.add(name, 0, "file is missing")
+    errors.raise_if_any()
+    hub_rows = _read_hub_files(directory, errors)
+    errors.raise_if_any()
+    for sql in _SESSION:
+        await hub.execute(sql)
+    await hub.execute("SELECT pg_advisory_lock($1)", LOAD_LOCK_ID)
     shards = await ShardPools.connect(s, 1)
+    conns: dict[str, asyncpg.Connection] = {}
     try:
-        smap = shards.map
-        by_shard: dict[str, dict[_Table, list[tuple[Any, ...]]]] = {}
-        shard_of_person: dict[str, str] = {}
-        for rec in tables[_PERSON]:
-            shard_of_person[rec[0]] = shard = smap.shard_of(rec[1])
-            by_shard.setdefault(shard, {}).setdefault(_PERSON, []).append(rec)
-        for rec in tables[_FILING]:
-            by_shard.setdefault(shard_of_person[rec[1]], {}).setdefault(_FILING, []).append(rec)
-        for shard, pool in shards:
-            async with pool.acquire() as sconn, sconn.transaction():
-                for table in _SHARD_TABLES:
-                    await _upsert(sconn, table, by_shard.get(shard, {}).get(table, []), counts)
-        key = person_index_key(s)
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(refdata_lock_id())")
-            changes: list[tuple[str, str]] = []
-            for table in _HUB_TABLES:
-                changes += [(table.name, k) for k in await _upsert(conn, table, tables[table], counts)]
-            await conn.executemany(
-                "INSERT INTO person_index (certno_digest, psn_no, insuplc_admdvs) VALUES ($1, $2, $3)"
-                " ON CONFLICT (certno_digest) DO UPDATE SET psn_no = EXCLUDED.psn_no,"
-                " insuplc_admdvs = EXCLUDED.insuplc_admdvs",
-                [(certno_digest(key, p.certno), p.psn_no, p.insuplc_admdvs) for p in dataset.persons if p.certno],
-            )
-            if changes:
-                await conn.executemany("INSERT INTO refdata_change (entity, key) VALUES ($1, $2)", changes)
-                await conn.execute("SELECT pg_notify($1, (SELECT max(version) FROM refdata_change)::text)",
-                                   REFDATA_CHANNEL)
+        for name, pool in shards:
+            conns[name] = await pool.acquire()
+            for sql in _SESSION:
+                await conns[name].execute(sql)
+        digest = await asyncio.to_thread(files_digest, directory)
+        loader = _Loader(hub, conns, shards.map, directory, person_index_key(s), progress, chunk_lines)
+        loader.load_id, done, staged_json = await _start(hub, digest)
+        staged = _Staged.from_json(staged_json) if staged_json else None
+        phase = time.monotonic()
+        if staged is None or not await loader.staging_intact(staged):
+            staged = await loader.stage(errors)
+            log.info("staged %d persons, %d filings in %.1f s", staged.persons, staged.filings,
+                     time.monotonic() - phase)
+            phase = time.monotonic()
+            if not errors.total:
+                await loader.check(errors)
+            if errors.total:
+                await loader.drop_staging()
+                await hub.execute("UPDATE refdata_load SET state = 'abandoned', updated_at = now()"
+                                  " WHERE load_id = $1", loader.load_id)
+                errors.raise_if_any()
+            await loader.route_filings(staged)
+            await loader.index_staging()
+            log.info("checked, routed and indexed in %.1f s", time.monotonic() - phase)
+            phase = time.monotonic()
+            await hub.execute("DELETE FROM refdata_load_step WHERE load_id = $1 AND step = 'staged'", loader.load_id)
+            await loader.record("staged", staged.to_json())
+        if "hub" not in done:
+            await loader.merge_hub(hub_rows)
+        plan = loader.plan(staged)
+        todo = set(remaining_steps([p[0] for p in plan], done))
+        merged = 0
+        for i, (step, kind, shard, a, b) in enumerate(p for p in plan if p[0] in todo):
+            n = await loader.merge_chunk(kind, shard, a, b)
+            await loader.record(step, {f"{kind}_changed": n})
+            merged += n  # rows inserted or updated
+            progress("merge", merged, i + 1, len(todo), force=i + 1 == len(todo))
+            if kind == "person" and a == 1:
+                await conns[shard].execute("ANALYZE person")  # the planner's view of a table that was empty
+        log.info("merged %d chunk(s) in %.1f s", len(todo), time.monotonic() - phase)
+        counts = await _totals(hub, loader.load_id, staged)
+        await hub.execute("UPDATE refdata_load SET state = 'done', finished_at = now(), updated_at = now(),"
+                          " counts = $2::jsonb WHERE load_id = $1", loader.load_id, json.dumps(counts))
+        await loader.drop_staging()
+        return counts
     finally:
+        for name, conn in conns.items():
+            await shards.pools[name].release(conn)
         await shards.close()
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):  # keep the first error
+            await hub.execute("SELECT pg_advisory_unlock($1)", LOAD_LOCK_ID)
+            await hub.execute("RESET work_mem; RESET maintenance_work_mem")
+
+
+async def _totals(hub: asyncpg.Connection, load_id: int, staged: _Staged) -> dict[str, int]:
+    counts = {"person": staged.persons, "filing": staged.filings, "person_index": 0, "person_changed": 0,
+              "filing_changed": 0, "person_index_changed": 0}
+    counts["person_index"] = await hub.fetchval(
+        "SELECT count(*) FROM refdata_stage_person_key WHERE certno_digest IS NOT NULL")
+    for r in await hub.fetch("SELECT step, counts FROM refdata_load_step WHERE load_id = $1 AND step <> 'staged'",
+                             load_id):
+        for k, v in json.loads(r["counts"]).items():
+            counts[k] = counts.get(k, 0) + int(v)
     return counts
 
 
-async def load_dir(db: asyncpg.Pool | asyncpg.Connection, directory: str | Path,
-                   s: Settings | None = None) -> dict[str, int]:
-    """Validate `directory` (RefDataError on any bad line, before any write) and load it."""
-    dataset = read_dir(directory)
+async def load_dir(db: asyncpg.Pool | asyncpg.Connection, directory: str | Path, s: Settings | None = None,
+                   *, progress: IO[str] | None = None, chunk_lines: int = CHUNK_LINES) -> dict[str, int]:
+    """Validate and load `directory` into the hub `db` and the shards of `s` (RefDataError on any bad
+    line, before any write to a real table). Returns per table rows in the files and rows changed
+    (`<table>`, `<table>_changed`). `progress`: a stream for progress lines (the command: stderr);
+    `chunk_lines`: lines of persons.jsonl / filings.jsonl merged per transaction and resume step."""
+    s = s or load_settings()
     if isinstance(db, asyncpg.Pool):
         async with db.acquire() as conn:
-            return await load_dataset(conn, dataset, s)
-    return await load_dataset(db, dataset, s)
+            return await _load(conn, Path(directory), s, _Progress(progress), chunk_lines)
+    return await _load(db, Path(directory), s, _Progress(progress), chunk_lines)
 
 
-async def _main_async(directory: Path, dsn: str) -> dict[str, int]:
+async def load_dataset(conn: asyncpg.Connection, dataset: RefDataSet, s: Settings | None = None) -> dict[str, int]:
+    """Load an in-memory dataset (small: tests, the demo) through the same path as a directory."""
+    from services.refdata.generate import write_jsonl  # the generator imports nothing from here
+
+    with tempfile.TemporaryDirectory(prefix="refdata-") as tmp:
+        write_jsonl(dataset, tmp)
+        return await load_dir(conn, tmp, s)
+
+
+async def _main_async(directory: Path, dsn: str, quiet: bool, chunk_lines: int) -> dict[str, int]:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        return await load_dir(conn, directory)
+        return await load_dir(conn, directory, progress=None if quiet else sys.stderr, chunk_lines=chunk_lines)
     finally:
         await conn.close()
 
@@ -372,20 +824,30 @@ async def _main_async(directory: Path, dsn: str) -> dict[str, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Load reference data (four .jsonl files) into PostgreSQL.")
     parser.add_argument("directory", type=Path)
-    parser.add_argument("--dsn", help="PostgreSQL DSN (default: from the XS_PG_* settings)")
+    parser.add_argument("--dsn", help="the hub's PostgreSQL DSN (default: from the XS_PG_* settings); "
+                                      "the shards come from the settings (XS_SHARDS, XS_SHARD_DSNS)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--chunk-lines", type=int, default=CHUNK_LINES,
+                        help=f"lines merged per transaction and resume step (>= {CHUNK_LINES_MIN})")
     args = parser.parse_args(argv)
+    if args.chunk_lines < CHUNK_LINES_MIN:
+        parser.error(f"--chunk-lines must be >= {CHUNK_LINES_MIN}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     dsn = args.dsn or load_settings().pg_dsn
+    started = time.monotonic()
     try:
-        counts = asyncio.run(_main_async(args.directory, dsn))
+        counts = asyncio.run(_main_async(args.directory, dsn, args.quiet, args.chunk_lines))
     except RefDataError as exc:
         print(f"refdata load refused, nothing written:\n{exc}", file=sys.stderr)
         return 1
     except (OSError, asyncpg.PostgresError) as exc:
-        print(f"refdata load failed, nothing written: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"refdata load failed: {type(exc).__name__}: {exc} (run it again to continue)", file=sys.stderr)
         return 2
-    for name in (t.name for t in (_REGION, _HOSPITAL, _PERSON, _FILING, _CATALOG)):
+    elapsed = time.monotonic() - started
+    for name in ("region", "hospital", "catalog_item", "person", "filing", "person_index"):
         print(f"{name}: {counts[name]} rows, {counts[name + '_changed']} inserted or updated")
+    rows = counts["person"] + counts["filing"]
+    print(f"loaded in {elapsed:.1f} s ({rows / elapsed if elapsed else 0:,.0f} person and filing rows/s)")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import tracemalloc
 from collections import Counter
 from datetime import date
 from decimal import Decimal
@@ -11,6 +13,9 @@ import msgspec
 import pytest
 
 from schemas.refdata import (
+    FILINGS_FILE,
+    HOSPITALS_FILE,
+    PERSONS_FILE,
     CatalogRow,
     FilingRow,
     HospitalRow,
@@ -27,10 +32,14 @@ from services.refdata.generate import (
     ITEM_CLASS_B_WITH_CEILING,
     ITEM_CLASS_C,
     ITEM_WITH_CEILING,
+    NATIONAL_PERSONS,
+    PERSONS_PER_INSTITUTION,
     SEED_FILINGS,
     TREATING_REGIONS,
     generate,
+    national_counts,
     write_jsonl,
+    write_national,
 )
 from services.refdata.load import RefDataError, filing_id, read_dir
 from services.refdata.regions import PROVINCES, REGIONS, SEED_REGIONS, region_of
@@ -193,6 +202,68 @@ def test_catalog_anchor_items_are_the_same_everywhere(dataset: RefDataSet) -> No
 def test_size_is_bounded() -> None:
     with pytest.raises(ValueError):
         generate(7, 0)
+    with pytest.raises(ValueError):
+        national_counts(0)
+
+
+def test_default_output_is_unchanged(tmp_path: Path) -> None:
+    # The demo's and the tests' data (seed 7, 200 per region): the bytes the generator wrote before
+    # the national mode was added.
+    write_jsonl(generate(7, 200), tmp_path)
+    digest = hashlib.sha256(b"".join((tmp_path / name).read_bytes() for name in FILES)).hexdigest()
+    assert digest == "b3527b337dfa287d69d112fcb77ef44499f4628648c0d9616235babf7a388c83"
+
+
+# National shape ----------------------------------------------------------------------------
+
+NATIONAL_SCALE = 0.002  # 26,420 persons in the seed regions
+
+
+@pytest.fixture(scope="module")
+def national(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    out = tmp_path_factory.mktemp("national")
+    return out, write_national(out, seed=5, scale=NATIONAL_SCALE)
+
+
+def test_national_sizes_and_density(national: tuple[Path, dict[str, int]]) -> None:
+    out, written = national
+    assert sum(NATIONAL_PERSONS.values()) == 13_210_000
+    counts = national_counts(NATIONAL_SCALE)
+    assert {code: counts[code] for code in NATIONAL_PERSONS} == {
+        "150400": 8_000, "500154": 3_220, "510421": 400, "350300": 5_800, "140100": 9_000}
+    assert written[PERSONS_FILE] == sum(counts.values())
+    by_region = Counter(msgspec.json.decode(line)["insuplc_admdvs"]
+                        for line in (out / PERSONS_FILE).read_bytes().splitlines())
+    assert dict(by_region) == counts
+    institutions = Counter(msgspec.json.decode(line)["admdvs"]
+                           for line in (out / HOSPITALS_FILE).read_bytes().splitlines())
+    for code, n in NATIONAL_PERSONS.items():
+        dense = round(n * NATIONAL_SCALE) // PERSONS_PER_INSTITUTION
+        assert institutions[code] == dense + 7  # + the 6 featured hospitals and 1 pharmacy of the default set
+    # Filings at the default set's share: about a third of persons (0.33 × ~1.05 filings each).
+    assert 0.30 < written[FILINGS_FILE] / written[PERSONS_FILE] < 0.40
+
+
+def test_national_files_pass_the_checks(national: tuple[Path, dict[str, int]]) -> None:
+    out, written = national
+    dataset = read_dir(out)  # strict decoding, unique psn_no and certno, filings of known persons
+    assert len(dataset.persons) == written[PERSONS_FILE]
+    assert all(p.certno is not None and certno_problem(p.certno) is None for p in dataset.persons)
+
+
+def test_national_is_deterministic_and_streamed(national: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    out, _ = national
+    tracemalloc.start()
+    try:
+        write_national(tmp_path, seed=5, scale=NATIONAL_SCALE)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    for name in FILES:
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+    written = sum((out / name).stat().st_size for name in FILES)
+    # Streamed: the peak is the write buffer and per-region counters, not the ~6 MB of rows.
+    assert peak < 4 * 2**20 < written
 
 
 # Schema checks ---------------------------------------------------------------------------
