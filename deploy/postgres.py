@@ -109,6 +109,16 @@ def postgres_programs(s: Settings) -> list[str]:
         f"unix_socket_directories={p.pg_sock}",
         "-c",
         "max_connections=200",
+        # Bulk loads (13 M persons) write GBs of WAL: with the default 1 GB a checkpoint every few
+        # seconds rewrites the same pages again and again.
+        "-c",
+        "max_wal_size=8GB",
+        "-c",
+        "checkpoint_timeout=15min",
+        "-c",
+        "shared_buffers=512MB",
+        "-c",
+        "maintenance_work_mem=256MB",
     ]
     return [infra_program("postgres", command, p.pg_data, p.log("postgres"), stop_signal="INT",
                           stop_wait_secs=int(PG_READY_TIMEOUT_S), as_group=False, user=user)]
