@@ -72,9 +72,9 @@ def _certno(body17: str) -> str:
 CERT_S1 = _certno(f"15040019700101{int(RUN_TOKEN) % 1000:03d}")
 CERT_S2 = _certno(f"51042119800202{int(RUN_TOKEN) % 1000:03d}")
 MINE: dict[str, dict[str, Any]] = {
-    "s1": {"psn_no": psn(901), "insuplc_admdvs": "150400", "insutype": "310", "psn_type": "1101",
+    "s1": {"psn_no": psn(951), "insuplc_admdvs": "150400", "insutype": "310", "psn_type": "1101",
            "assistance": None, "acct_balc": "12.34", "chronic": ["DM"], "certno": CERT_S1},
-    "s2": {"psn_no": psn(902), "insuplc_admdvs": "510421", "insutype": "390", "psn_type": "1501",
+    "s2": {"psn_no": psn(952), "insuplc_admdvs": "510421", "insutype": "390", "psn_type": "1501",
            "assistance": None, "acct_balc": "0.00", "chronic": [], "certno": CERT_S2},
 }
 
