@@ -42,7 +42,6 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import json
 import logging
 import sys
@@ -70,7 +69,7 @@ from schemas.refdata import (
     yuan_to_fen,
 )
 from services.common.config import Settings, load_settings
-from services.common.shards import DIGEST_BYTES, ShardMap, ShardPools, person_index_key
+from services.common.shards import ShardMap, ShardPools, certno_digest, person_index_key
 from services.refdata.changes import change_log, chunks, diff_rows, progress_line, remaining_steps
 from services.refdata.regions import REGIONS, Region, UnknownRegion, region_of
 
@@ -363,7 +362,7 @@ def _decode_persons(batch: list[tuple[int, bytes]], smap: ShardMap, key: bytes
         by_shard.setdefault(shard, []).append((lineno, p.psn_no, p.insuplc_admdvs, p.insutype, p.psn_type,
                                                p.assistance, yuan_to_fen(p.acct_balc), sorted(p.chronic),
                                                p.certno, p.psn_name))
-        digest = None if p.certno is None else hmac.new(key, p.certno.encode(), "sha256").digest()[:DIGEST_BYTES]
+        digest = None if p.certno is None else certno_digest(key, p.certno)
         keys.append((lineno, p.psn_no, p.insuplc_admdvs, digest, shard))
     return by_shard, keys, bad
 
