@@ -755,14 +755,7 @@ async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress:
             await loader.merge_hub(hub_rows)
         plan = loader.plan(staged)
         todo = set(remaining_steps([p[0] for p in plan], done))
-        merged = 0
-        for i, (step, kind, shard, a, b) in enumerate(p for p in plan if p[0] in todo):
-            n = await loader.merge_chunk(kind, shard, a, b)
-            await loader.record(step, {f"{kind}_changed": n})
-            merged += n  # rows inserted or updated
-            progress("merge", merged, i + 1, len(todo), force=i + 1 == len(todo))
-            if kind == "person" and a == 1:
-                await conns[shard].execute("ANALYZE person")  # the planner's view of a table that was empty
+        await _merge_lanes(loader, [p for p in plan if p[0] in todo], progress)
         log.info("merged %d chunk(s) in %.1f s", len(todo), time.monotonic() - phase)
         counts = await _totals(hub, loader.load_id, staged)
         await hub.execute("UPDATE refdata_load SET state = 'done', finished_at = now(), updated_at = now(),"
@@ -776,6 +769,40 @@ async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress:
         with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):  # keep the first error
             await hub.execute("SELECT pg_advisory_unlock($1)", LOAD_LOCK_ID)
             await hub.execute("RESET work_mem; RESET maintenance_work_mem")
+
+
+async def _merge_lanes(loader: _Loader, steps: list[tuple[str, str, str, int, int]], progress: _Progress) -> None:
+    """Merge the chunks, one lane per database at once (each shard, and the hub's person index): they are
+    independent, and each database's backend gets a core. Within a lane, in plan order. The hub's one
+    connection (person-index chunks and every step's record) is used by one lane at a time."""
+    lanes: dict[str, list[tuple[str, str, str, int, int]]] = {}
+    for p in steps:
+        lanes.setdefault(p[2] or "hub", []).append(p)
+    hub_lock = asyncio.Lock()
+    merged = finished = 0
+
+    async def lane(chunks: list[tuple[str, str, str, int, int]]) -> None:
+        nonlocal merged, finished
+        for step, kind, shard, a, b in chunks:
+            if kind == "person_index":
+                async with hub_lock:
+                    n = await loader.merge_chunk(kind, shard, a, b)
+            else:
+                n = await loader.merge_chunk(kind, shard, a, b)
+            async with hub_lock:
+                await loader.record(step, {f"{kind}_changed": n})
+            merged += n  # rows inserted or updated
+            finished += 1
+            progress("merge", merged, finished, len(steps), force=finished == len(steps))
+            if kind == "person" and a == 1:
+                await loader.shards[shard].execute("ANALYZE person")  # the planner's view of a table that was empty
+
+    try:
+        async with asyncio.TaskGroup() as tasks:  # a failing lane cancels the others before connections go back
+            for chunks in lanes.values():
+                tasks.create_task(lane(chunks))
+    except ExceptionGroup as group:
+        raise group.exceptions[0] from None
 
 
 async def _totals(hub: asyncpg.Connection, load_id: int, staged: _Staged) -> dict[str, int]:
