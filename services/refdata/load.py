@@ -44,12 +44,10 @@ import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -410,26 +408,6 @@ def _read_hub_files(d: Path, errors: _Errors) -> _Hub:
     return _Hub([r for _, r in hospitals], [r for _, r in catalog])
 
 
-_Decode = Callable[..., Awaitable[Any]]
-# Above this many bytes of persons and filings, lines are decoded in a worker process: decoding is
-# Python CPU (about 15 µs a person), and so is encoding the COPY in this process; with the worker
-# both run at once (see the README's national-shape numbers).
-PROCESS_DECODE_BYTES: Final = 64 * 1024 * 1024
-
-
-@contextlib.contextmanager
-def _decoder_pool(total_bytes: int) -> Iterator[_Decode]:
-    """`decode(fn, *args)`: fn run in a worker process for big files, else in a thread."""
-    if total_bytes < PROCESS_DECODE_BYTES:
-        yield lambda fn, *args: asyncio.to_thread(fn, *args)
-        return
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
-    try:
-        yield lambda fn, *args: asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
 class _Loader:
     def __init__(self, hub: asyncpg.Connection, shards: dict[str, asyncpg.Connection], smap: ShardMap,
                  directory: Path, key: bytes, progress: _Progress, chunk_lines: int) -> None:
@@ -452,10 +430,6 @@ class _Loader:
                 await conn.execute(ddl)
         staged = _Staged(by_shard={name: {"person": 0, "filing": 0} for name in self.shards})
         total = sum((self.dir / n).stat().st_size for n in (PERSONS_FILE, FILINGS_FILE))
-        with _decoder_pool(total) as decode:
-            return await self._stage(errors, staged, total, decode)
-
-    async def _stage(self, errors: _Errors, staged: _Staged, total: int, decode: _Decode) -> _Staged:
         done_bytes = 0
         pending: asyncio.Future[Any] | None = None
 
@@ -466,7 +440,7 @@ class _Loader:
                 pending = None
 
         for batch in _lines(self.dir / PERSONS_FILE, errors, PERSONS_FILE):
-            by_shard, keys, bad = await decode(_decode_persons, batch, self.smap, self.key)
+            by_shard, keys, bad = await asyncio.to_thread(_decode_persons, batch, self.smap, self.key)
             for lineno, problem in bad:
                 errors.add(PERSONS_FILE, lineno, problem)
             await flush()
@@ -484,7 +458,7 @@ class _Loader:
             self.progress(PERSONS_FILE, staged.persons, done_bytes, total)
         await flush()
         for batch in _lines(self.dir / FILINGS_FILE, errors, FILINGS_FILE):
-            rows, bad = await decode(_decode_filings, batch)
+            rows, bad = await asyncio.to_thread(_decode_filings, batch)
             for lineno, problem in bad:
                 errors.add(FILINGS_FILE, lineno, problem)
             await flush()
