@@ -23,6 +23,7 @@ Imports nothing from services.
 
 from __future__ import annotations
 
+import operator
 from datetime import date
 from decimal import Decimal
 from typing import Annotated, Final, Literal
@@ -80,13 +81,15 @@ def yuan_to_fen(value: Decimal) -> int:
 
 _CERT_WEIGHTS: Final = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _CERT_CHECK: Final = "10X98765432"
+_CERT_ZERO: Final = ord("0") * sum(_CERT_WEIGHTS)
 
 
 def certno_check_char(first17: str) -> str:
     """ISO 7064 MOD 11-2 check character for the first 17 digits."""
     if len(first17) != 17 or not (first17.isascii() and first17.isdigit()):
         raise ValueError("need 17 digits")
-    return _CERT_CHECK[sum(int(c) * w for c, w in zip(first17, _CERT_WEIGHTS, strict=True)) % 11]
+    # On the ASCII codes, in C (a national load checks 13 M of them): Σ(code − 48)·w = Σ code·w − 48·Σw.
+    return _CERT_CHECK[(sum(map(operator.mul, first17.encode(), _CERT_WEIGHTS)) - _CERT_ZERO) % 11]
 
 
 def certno_birth_date(certno: str) -> date:
