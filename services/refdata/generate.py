@@ -414,6 +414,10 @@ NATIONAL_PERSONS: Final[dict[str, int]] = {
     "350300": 2_900_000,
     "140100": 4_500_000,
 }
+# The national population lives beside the default reference data (the demo's and the tests', loaded into
+# the same databases): its psn_no sequence and certificate area codes start where the default's never reach.
+NATIONAL_FIRST_SEQ: Final = 50_000_001
+NATIONAL_AREA_OFFSET: Final = 50
 OTHER_PROVINCE_PERSONS: Final = 1_000  # visitors insured elsewhere, in each other province's first region
 # About 650,000 designated institutions for 1.33 billion insured: one per ~2,000 persons, about
 # half of them pharmacies; hospitals mostly level 1 (clinics, township health centres).
@@ -441,7 +445,8 @@ class _CertnoAllocator:
     _FIRST_BIRTH: Final = date(DATA_YEAR - 100, 1, 1).toordinal()
 
     def __init__(self, admdvs: str) -> None:
-        self.prefix, self.area = admdvs[:4], int(admdvs[4:])
+        # Area codes from the region's + 50: never one the default generator's persons of the region use.
+        self.prefix, self.area = admdvs[:4], int(admdvs[4:]) + NATIONAL_AREA_OFFSET
         self.used = array("I", bytes(4 * 2 * (date(DATA_YEAR, 12, 31).toordinal() - self._FIRST_BIRTH + 1)))
 
     def __call__(self, birth: date, male: bool) -> str:
@@ -476,7 +481,7 @@ def _national_persons(seed: int, counts: dict[str, int]) -> Iterator[tuple[Perso
     for admdvs, n in counts.items():
         rng = random.Random(f"{seed}:persons:{admdvs}")  # one stream per region: sizes do not shift others
         certno = _CertnoAllocator(admdvs)
-        for seq in range(1, n + 1):
+        for seq in range(NATIONAL_FIRST_SEQ, NATIONAL_FIRST_SEQ + n):
             person = _person(rng, admdvs, seq, certno)
             yield person, _person_filings(rng, person, seeded)
 

@@ -517,3 +517,15 @@ def test_filing_in_force_prefers_the_smallest_cut() -> None:
     assert filing_in_force(fs[:1], ON, "140000").filing_id == "t"  # type: ignore[union-attr]
     longer = _f("l0", "LONG_TERM", Y0, date(2028, 12, 31))
     assert filing_in_force([*fs, longer], ON, "140000") is longer
+
+
+def test_the_national_population_lives_beside_the_default_reference_data() -> None:
+    """Loaded into the same databases (the demo's data and the benchmark's national population), the two
+    never share a psn_no or a certificate number, so neither load rewrites the other's persons."""
+    from services.refdata.generate import _national_persons, national_counts
+
+    default = generate(7, 1000)
+    national = [p for p, _ in _national_persons(7, national_counts(0.0005))]
+    assert len(national) > 6_000
+    assert not {p.psn_no for p in default.persons} & {p.psn_no for p in national}
+    assert not {p.certno for p in default.persons} & {p.certno for p in national}
