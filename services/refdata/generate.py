@@ -377,7 +377,8 @@ def generate(seed: int = 7, persons_per_region: int = 200) -> RefDataSet:
     hospitals = _hospitals(rng)
     persons = _persons(rng, persons_per_region)
     filings = _filings(rng, persons)
-    catalog = _catalog(rng)
+    # Its own stream: the same catalog whatever the size, and the national mode's (they share databases).
+    catalog = _catalog(random.Random(f"{seed}:catalog"))
     return RefDataSet(hospitals=hospitals, persons=persons, filings=filings, catalog=catalog)
 
 
