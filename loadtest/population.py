@@ -366,11 +366,8 @@ async def persons_in_shards(s: Settings) -> int:
     seconds)."""
     shards = await ShardPools.connect(s, 1)
     try:
-        total = 0
-        for _, pool in shards:
-            total += max(0, int(await pool.fetchval(
-                "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE relname = 'person'") or 0))
-        return total
+        return sum(r[0] for r in await shards.fetch(
+            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE relname = 'person'"))
     finally:
         await shards.close()
 
@@ -437,14 +434,11 @@ async def _population(s: Settings, hospital_codes: list[str], psn_nos: list[str]
             "SELECT admdvs, med_list_codg, chrgitm_lv, pric_uplmt_fen FROM catalog_item"
             " WHERE med_list_codg = ANY($1)", item_codes,
         )
-        prows: list[asyncpg.Record] = []
-        frows: list[asyncpg.Record] = []
-        for _, pool in shards:
-            prows += await pool.fetch(
-                "SELECT psn_no, insuplc_admdvs, insutype, chronic FROM person WHERE psn_no = ANY($1)", psn_nos)
-            frows += await pool.fetch(
-                "SELECT psn_no, filing_id, filing_type, begndate, enddate, target_admdvs, source, revoked"
-                " FROM filing WHERE psn_no = ANY($1)", psn_nos)
+        prows = await shards.fetch(
+            "SELECT psn_no, insuplc_admdvs, insutype, chronic FROM person WHERE psn_no = ANY($1)", psn_nos)
+        frows = await shards.fetch(
+            "SELECT psn_no, filing_id, filing_type, begndate, enddate, target_admdvs, source, revoked"
+            " FROM filing WHERE psn_no = ANY($1)", psn_nos)
     finally:
         await conn.close()
         await shards.close()

@@ -453,15 +453,13 @@ async def ledger_rows(shards: ShardPools, fixmedins_code: str, begin: date, end:
                       setl_optins: str | None = None) -> list[LedgerRow]:
     """A hospital's ledger rows with setl_time on days begin..end (a reversal on its own day), from
     every shard (a hospital treats persons of every province), in (setl_time, setl_id) order."""
-    recs: list[asyncpg.Record] = []
-    for _, shard in shards:
-        recs += await shard.fetch(
-            "SELECT setl_id, kind, medfee_sumamt, fund_pay_sumamt, acct_pay, psn_cash_pay, setl_time FROM settlement"
-            " WHERE fixmedins_code = $1 AND setl_time >= $2 AND setl_time < $3"
-            " AND ($4::text IS NULL OR insutype = $4) AND ($5::text IS NULL OR med_type = $5)"
-            " AND ($6::text IS NULL OR clr_optins = $6)",
-            fixmedins_code, _day(begin), _day(end + timedelta(days=1)), insutype, clr_type, setl_optins,
-        )
+    recs = await shards.fetch(
+        "SELECT setl_id, kind, medfee_sumamt, fund_pay_sumamt, acct_pay, psn_cash_pay, setl_time FROM settlement"
+        " WHERE fixmedins_code = $1 AND setl_time >= $2 AND setl_time < $3"
+        " AND ($4::text IS NULL OR insutype = $4) AND ($5::text IS NULL OR med_type = $5)"
+        " AND ($6::text IS NULL OR clr_optins = $6)",
+        fixmedins_code, _day(begin), _day(end + timedelta(days=1)), insutype, clr_type, setl_optins,
+    )
     recs.sort(key=lambda r: (r["setl_time"], r["setl_id"]))
     return [LedgerRow(**{k: v for k, v in r.items() if k != "setl_time"}) for r in recs]
 
@@ -473,16 +471,15 @@ def _day(d: date) -> datetime:
 async def application_totals(shards: ShardPools, fixmedins_code: str, clr_type: str, begin: date,
                              end: date) -> ApplTotals:
     sums = dict.fromkeys(APPL_FIELDS, 0)
-    for _, shard in shards:
-        r = await shard.fetchrow(
-            "SELECT coalesce(sum(CASE WHEN kind = 'settle' THEN 1 ELSE -1 END), 0)::bigint AS psntime,"
-            " coalesce(sum(medfee_sumamt), 0)::bigint AS medfee_sumamt,"
-            " coalesce(sum(inscp_scp_amt), 0)::bigint AS med_sumfee,"
-            " coalesce(sum(fund_pay_sumamt), 0)::bigint AS fund_appy_sum,"
-            " coalesce(sum(psn_cash_pay), 0)::bigint AS cash_payamt, coalesce(sum(acct_pay), 0)::bigint AS acct_pay"
-            " FROM settlement WHERE fixmedins_code = $1 AND med_type = $2 AND setl_time >= $3 AND setl_time < $4",
-            fixmedins_code, clr_type, _day(begin), _day(end + timedelta(days=1)),
-        )
+    for r in await shards.fetch(
+        "SELECT coalesce(sum(CASE WHEN kind = 'settle' THEN 1 ELSE -1 END), 0)::bigint AS psntime,"
+        " coalesce(sum(medfee_sumamt), 0)::bigint AS medfee_sumamt,"
+        " coalesce(sum(inscp_scp_amt), 0)::bigint AS med_sumfee,"
+        " coalesce(sum(fund_pay_sumamt), 0)::bigint AS fund_appy_sum,"
+        " coalesce(sum(psn_cash_pay), 0)::bigint AS cash_payamt, coalesce(sum(acct_pay), 0)::bigint AS acct_pay"
+        " FROM settlement WHERE fixmedins_code = $1 AND med_type = $2 AND setl_time >= $3 AND setl_time < $4",
+        fixmedins_code, clr_type, _day(begin), _day(end + timedelta(days=1)),
+    ):
         for k in sums:
             sums[k] += r[k]
     return ApplTotals(**sums)
@@ -687,15 +684,14 @@ async def rates(conn: asyncpg.Connection, shards: ShardPools, begin: date, end: 
     engine); `rates_recomputed` counts the same from the ledger rows (a test proves them equal)."""
     start, stop = _window(begin, end)
     direct: dict[RateKey, int] = {}
-    for _, shard in shards:
-        for r in await shard.fetch(
-            "SELECT insured_prov, treating_prov, scope, med_type, sum(direct)::bigint AS n FROM ledger_daily"
-            " WHERE day >= $1 AND day < $2 AND scope <> 'local' GROUP BY 1, 2, 3, 4",
-            start.date(), stop.date(),
-        ):
-            if r["n"]:
-                key = _rate_key(r["insured_prov"], r["treating_prov"], r["scope"], r["med_type"])
-                direct[key] = direct.get(key, 0) + r["n"]
+    for r in await shards.fetch(
+        "SELECT insured_prov, treating_prov, scope, med_type, sum(direct)::bigint AS n FROM ledger_daily"
+        " WHERE day >= $1 AND day < $2 AND scope <> 'local' GROUP BY 1, 2, 3, 4",
+        start.date(), stop.date(),
+    ):
+        if r["n"]:
+            key = _rate_key(r["insured_prov"], r["treating_prov"], r["scope"], r["med_type"])
+            direct[key] = direct.get(key, 0) + r["n"]
     return _rate_dicts(direct, await _manual_counts(conn, start, stop))
 
 
@@ -704,13 +700,12 @@ async def rates_recomputed(conn: asyncpg.Connection, shards: ShardPools, begin: 
     """`rates` counted from the ledger rows themselves (a scan of the window): the check of the aggregates."""
     start, stop = _window(begin, end)
     direct: dict[RateKey, int] = {}
-    for _, shard in shards:
-        for r in await shard.fetch(
-            "SELECT s.insured_admdvs, s.treating_admdvs, s.scope, s.med_type, count(DISTINCT s.mdtrt_id) AS n"
-            " FROM settlement s WHERE s.kind = 'settle' AND s.scope <> 'local' AND s.setl_time >= $1"
-            " AND s.setl_time < $2 AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
-            " GROUP BY 1, 2, 3, 4", start, stop,
-        ):
-            key = _rate_key(r["insured_admdvs"], r["treating_admdvs"], r["scope"], r["med_type"])
-            direct[key] = direct.get(key, 0) + r["n"]
+    for r in await shards.fetch(
+        "SELECT s.insured_admdvs, s.treating_admdvs, s.scope, s.med_type, count(DISTINCT s.mdtrt_id) AS n"
+        " FROM settlement s WHERE s.kind = 'settle' AND s.scope <> 'local' AND s.setl_time >= $1"
+        " AND s.setl_time < $2 AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
+        " GROUP BY 1, 2, 3, 4", start, stop,
+    ):
+        key = _rate_key(r["insured_admdvs"], r["treating_admdvs"], r["scope"], r["med_type"])
+        direct[key] = direct.get(key, 0) + r["n"]
     return _rate_dicts(direct, await _manual_counts(conn, start, stop))

@@ -140,6 +140,13 @@ class ShardPools:
     def __iter__(self) -> Iterator[tuple[str, asyncpg.Pool]]:
         return iter(self.pools.items())
 
+    async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        """`sql` on every shard, one after the other; their rows concatenated in shard order."""
+        rows: list[asyncpg.Record] = []
+        for pool in self.pools.values():
+            rows += await pool.fetch(sql, *args)
+        return rows
+
     async def close(self) -> None:
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
 
