@@ -77,6 +77,25 @@ ERRORS: dict[str, ErrorSpec] = {
         ErrorSpec("CHRONIC_DISEASE_NOT_COVERED", "the person has no eligibility (慢特病备案) for that chronic disease, "
                   "or the insured region's policy does not cover it", "2203, 2206, 2207",
                   "register the eligibility (2503) or settle as general outpatient (11)"),
+        # Trust (README "Security"): who sent it, when, and whether it was seen before.
+        ErrorSpec("SIGNATURE_MISSING", "no signature: `cainfo` is empty or `signtype` is not SM3", "all",
+                  "sign the envelope with your institution key (HMAC-SM3, README Security)"),
+        ErrorSpec("SIGNATURE_INVALID", "the signature does not match the bytes received with any live key of the "
+                  "institution named (tampered, or signed with another key)", "all",
+                  "sign the exact bytes you send with your current key"),
+        ErrorSpec("KEY_UNKNOWN", "the institution named has no live key", "all",
+                  "ask the treating region's agency to issue a key"),
+        ErrorSpec("KEY_REVOKED", "signed with a key that is revoked or past its rotation overlap", "all",
+                  "sign with the key issued last"),
+        ErrorSpec("INF_TIME_OUT_OF_WINDOW", "inf_time is further from the broker's clock than the signature "
+                  "window allows (a replay, or a wrong clock)", "all",
+                  "set inf_time to the sending time (check the clock) and sign again"),
+        ErrorSpec("MSGID_CONFLICT", "this msgid was already used for a different request", "all",
+                  "use a new msgid; resend the same msgid only with the same content"),
+        ErrorSpec("SIGN_NO_INVALID", "sign_no is not a live sign-in (9001) session of this institution", "all",
+                  "sign in with 9001 and use its sign_no"),
+        ErrorSpec("RATE_LIMITED", "too many person look-ups (1101) from this institution in the last minute",
+                  "1101", "wait and retry; look up only persons you treat"),
         ErrorSpec("TIMEOUT", "no answer within the gateway's time limit; the transaction may still "
                   "complete", "all", "resend with the same msgid: it returns the stored result"),
         ErrorSpec("INTERNAL", "an unexpected error inside the broker", "all",

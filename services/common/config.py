@@ -100,6 +100,11 @@ class Settings:
     # on this server unless shard_dsns ("name=dsn;...") points it elsewhere.
     shards: str = DEFAULT_SHARDS
     shard_dsns: str = ""
+    # Trust (README "Security"): a signed request's inf_time within ± this many seconds of the broker's
+    # clock (0: off — only for replaying recorded history, as the tests' fixed dates do), and each
+    # institution's person look-ups (1101) per minute.
+    inf_time_window_s: int = 300
+    person_queries_per_minute: int = 120
 
     @property
     def kafka_nodes(self) -> list[tuple[int, int, int]]:
@@ -173,6 +178,8 @@ def load_settings() -> Settings:
         kafka_brokers=brokers,
         shards=_str("XS_SHARDS", DEFAULT_SHARDS),
         shard_dsns=os.environ.get("XS_SHARD_DSNS", ""),
+        inf_time_window_s=_int("XS_INF_TIME_WINDOW_S", 300, 0, 86_400),
+        person_queries_per_minute=_int("XS_PERSON_QUERIES_PER_MINUTE", 120, 1, 1_000_000),
     )
 
 
