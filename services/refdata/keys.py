@@ -60,9 +60,9 @@ async def issue_key(conn: asyncpg.Connection, kek: bytes, fixmedins_code: str, o
                 "   AND (expires_at IS NULL OR expires_at > now() + $3::interval) RETURNING key_id",
                 fixmedins_code, key_id, overlap)]
         await _changed(conn, fixmedins_code)
+        before = {"expiring": expiring, "overlap_s": overlap.total_seconds()} if overlap and expiring else None
         await audit.record(conn, operator, "key.rotate" if overlap is not None else "key.issue", fixmedins_code,
-                           before={"expiring": expiring, "overlap_s": overlap.total_seconds()} if overlap and expiring else None,
-                           after={"key_id": key_id})
+                           before=before, after={"key_id": key_id})
     return IssuedKey(key_id, fixmedins_code, secret)
 
 
