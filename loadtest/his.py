@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -16,6 +17,7 @@ import aiohttp
 import msgspec
 
 from schemas.codec import encode
+from services.common.signing import SIGNTYPE, sign
 
 _json_decoder = msgspec.json.Decoder(float_hook=Decimal)  # amounts stay exact
 # msgid = fixmedins_code + yyyyMMddHHmmss + 4-digit sequence. Each process starts its clock
@@ -137,18 +139,76 @@ class Stay:
                          self.start + timedelta(days=3, hours=2))
 
 
+Post = Callable[[bytes], Awaitable[dict[str, Any]]]
+
+
+class SignInFailed(RuntimeError):
+    pass
+
+
+class Signer:
+    """What an institution adds to each envelope it sends (README "Security"): its signature (HMAC-SM3
+    with the key the broker issued it, `services.common.signing.sign`) and the `sign_no` of its sign-in
+    session — opened with 9001 the first time it sends anything (`ensure_session`)."""
+
+    def __init__(self, keys: Mapping[str, bytes], *, opter: str = "OP001") -> None:
+        self.keys = dict(keys)  # fixmedins_code → secret
+        self.opter = opter
+        self.sessions: dict[str, str] = {}  # fixmedins_code → sign_no
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def sign(self, envelope: dict[str, Any]) -> bytes:
+        """The envelope's bytes as its institution sends them: signed, with its session's sign_no unless the
+        envelope names one. Unknown institutions are sent unsigned (the broker refuses them)."""
+        code = envelope.get("fixmedins_code", "")
+        env = {**envelope, "signtype": SIGNTYPE, "cainfo": ""}
+        if not env.get("sign_no") and env.get("infno") != "9001":
+            env["sign_no"] = self.sessions.get(code, "")
+        secret = self.keys.get(code)
+        return sign(encode(env), secret) if secret is not None else encode(envelope)
+
+    async def ensure_session(self, envelope: dict[str, Any], post: Post) -> None:
+        """Sign the envelope's institution in (9001) unless it has a session or this is the 9001 itself."""
+        code = envelope.get("fixmedins_code", "")
+        if envelope.get("infno") == "9001" or code in self.sessions or code not in self.keys:
+            return
+        async with self._locks.setdefault(code, asyncio.Lock()):
+            if code in self.sessions:
+                return
+            sign_in = {**envelope, "infno": "9001", "msgid": next_msgid(code), "insuplc_admdvs": "", "sign_no": "",
+                       "inf_time": wire_time(datetime.now()),
+                       "input": {"signIn": {"opter_no": self.opter, "mac": "", "ip": "127.0.0.1"}}}
+            answer = await post(self.sign(sign_in))
+            if answer.get("infcode") != 0:
+                raise SignInFailed(f"sign-in (9001) of an institution refused: {answer.get('err_msg')}")
+            self.sessions[code] = answer["output"]["signinoutb"]["sign_no"]
+
+
 class GatewayClient:
     """Posts envelopes to the gateway. With `retry_for_s`, behaves like a careful HIS: on TIMEOUT
-    or a lost connection it resends the same envelope (same msgid) until answered or out of time."""
+    or a lost connection it resends the same envelope (same msgid) until answered or out of time.
+    With a `signer` (default: `GatewayClient.default_signer`, the process's institutions — set by the
+    test harness, the demo and the benchmark), every envelope given as a dict is signed and sent within
+    its institution's session; bytes are sent as they are."""
 
-    def __init__(self, url: str, session: aiohttp.ClientSession, *, retry_for_s: float = 0) -> None:
+    default_signer: Signer | None = None
+
+    def __init__(self, url: str, session: aiohttp.ClientSession, *, retry_for_s: float = 0,
+                 signer: Signer | None = None) -> None:
         self.url = url
         self.session = session
         self.retry_for_s = retry_for_s
+        self.signer = signer or GatewayClient.default_signer
         self.retries = 0
 
     async def call(self, envelope: dict[str, Any] | bytes) -> dict[str, Any]:
-        data = envelope if isinstance(envelope, bytes) else encode(envelope)
+        if isinstance(envelope, bytes):
+            data = envelope
+        elif self.signer is not None:
+            await self.signer.ensure_session(envelope, self._post)
+            data = self.signer.sign(envelope)
+        else:
+            data = encode(envelope)
         deadline = time.monotonic() + self.retry_for_s
         while True:
             try:

@@ -1,4 +1,4 @@
-"""9001 sign-in and 1101 person info."""
+"""9001 sign-in, 9002 sign-out and 1101 person info."""
 
 from __future__ import annotations
 
@@ -19,6 +19,15 @@ class SignInData(msgspec.Struct, kw_only=True):
 
 class Input9001(msgspec.Struct, kw_only=True, tag=True):
     signIn: SignInData
+
+
+class SignOutData(msgspec.Struct, kw_only=True):
+    sign_no: Annotated[str, Meta(min_length=1, max_length=64)]
+    opter_no: Code
+
+
+class Input9002(msgspec.Struct, kw_only=True, tag=True):
+    signOut: SignOutData
 
 
 class PersonQuery(msgspec.Struct, kw_only=True):

@@ -41,7 +41,7 @@ from schemas.inpatient import (
     Input2405,
 )
 from schemas.outpatient import Input2201, Input2202, Input2203, Input2204, Input2205, Input2206, Input2207, Input2208
-from schemas.person import Input1101, Input9001
+from schemas.person import Input1101, Input9001, Input9002
 from schemas.pharmacy import Input2101, Input2102, Input2103
 
 # gateway: answered at the HTTP gateway; router: answered by the router from reference data;
@@ -76,6 +76,9 @@ VISIT_LOOKUP_ERRORS: Final = ("VISIT_UNKNOWN", "VISIT_TYPE_MISMATCH")
 COMMON_ERRORS: Final = (
     "ENVELOPE_MALFORMED", "BODY_TOO_LARGE", "INFNO_UNSUPPORTED", "MSGID_MALFORMED", "BODY_MALFORMED",
     "MDTRTAREA_MISMATCH", "HOSPITAL_UNKNOWN", "REGION_UNKNOWN", "TIMEOUT", "INTERNAL",
+    # Trust (the router authenticates every request first; 9001 needs no sign_no).
+    "SIGNATURE_MISSING", "SIGNATURE_INVALID", "KEY_UNKNOWN", "KEY_REVOKED", "INF_TIME_OUT_OF_WINDOW",
+    "MSGID_CONFLICT", "SIGN_NO_INVALID",
 )
 # A body naming a person: the router resolves the person and checks the insured region.
 _PERSON = ("INSUPLC_REQUIRED", "PERSON_UNKNOWN", "INSUPLC_MISMATCH")
@@ -149,8 +152,9 @@ _ALL_OUTPATIENT = VISIT_KIND_STATES["outpatient"]
 _ALL_INPATIENT = VISIT_KIND_STATES["inpatient"]
 
 _TRANSACTIONS: tuple[Transaction, ...] = (
-    Transaction("9001", "sign-in (returns `sign_no`)", Input9001, "gateway"),
-    Transaction("1101", "person info", Input1101, "router", ("PERSON_UNKNOWN",)),
+    Transaction("9001", "sign-in (returns `sign_no`; the only request without one)", Input9001, "router"),
+    Transaction("9002", "sign-out (ends the `sign_no` of 9001)", Input9002, "router"),
+    Transaction("1101", "person info", Input1101, "router", ("PERSON_UNKNOWN", "RATE_LIMITED")),
     # Pharmacy: the purchase creates its visit settled at once; the reversal cancels it.
     Transaction("2101", "pharmacy pre-settlement", Input2101, "engine", (*_PERSON, *_INSUTYPE, *_PRICED,
                 "FEE_ITEM_DUPLICATE", "MEDFEE_MISMATCH"), loads=frozenset({"money"}), needs_filing=True,

@@ -46,6 +46,10 @@ REQUESTS = Counter(
     "xs_requests_total", "Messages handled, by stage, transaction and outcome (ok, duplicate or error code)",
     ["stage", "infno", "outcome"],
 )
+# Person look-ups (1101) refused by the per-institution rate limit, by the treating province (bounded).
+PERSON_QUERIES_REFUSED = Counter(
+    "xs_person_queries_refused_total", "1101 look-ups refused by the per-institution rate limit", ["treating_prov"]
+)
 DEAD_LETTERS = Counter("xs_dead_letters_total", "Records sent to the dead-letter topic", ["stage", "reason"])
 STAGE_SECONDS = Histogram(
     "xs_stage_seconds", "Processing time per record (router) or batch (settle) in a stage", ["stage"],

@@ -29,7 +29,6 @@ from schemas.codec import decode_request, peek_ids
 from schemas.errors import BrokerError
 from schemas.internal import DeadLetter
 from schemas.limits import set_clock_window
-from schemas.person import Input9001
 from services.common.config import GATEWAY_PATH, Settings
 from services.common.kafka import IDLE_FETCH_WAIT_MS, make_producer
 from services.common.metrics import DEAD_LETTERS, GATEWAY_SECONDS, REQUESTS, record_produce_error
@@ -60,7 +59,6 @@ class Gateway:
         )
         self.pending: dict[str, list[asyncio.Future[bytes]]] = {}
         self._reader: asyncio.Task[None] | None = None
-        self._sign_seq = 0
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -107,10 +105,7 @@ class Gateway:
             req = decode_request(raw)
             env = req.envelope
             infno = env.infno
-            if isinstance(req.body, Input9001):
-                body = self._sign_in(env.mdtrtarea_admvs, received)
-            else:
-                body = await self._forward(raw, env.msgid, req.psn_no, received, deadline)
+            body = await self._forward(raw, env.msgid, req.psn_no, received, deadline)
             outcome = "ok"
         except BrokerError as e:
             outcome = e.code
@@ -159,12 +154,6 @@ class Gateway:
                 raise BrokerError("BODY_TOO_LARGE", f"body exceeds {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
-
-    def _sign_in(self, admdvs: str, received: datetime) -> bytes:
-        self._sign_seq += 1
-        sign_no = f"{received.strftime('%Y%m%d%H%M%S')}{self.s.gateway_instance:02d}{self._sign_seq:08d}"
-        output = {"signinoutb": {"sign_time": received.strftime("%Y-%m-%d %H:%M:%S"), "sign_no": sign_no}}
-        return response_bytes(admdvs, received, output=output)
 
     async def _forward(
         self, raw: bytes, msgid: str, psn_no: str | None, received: datetime, deadline: float

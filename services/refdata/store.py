@@ -25,6 +25,8 @@ from typing import Any, Final
 import asyncpg
 
 from schemas.codes import FILING_PREFERENCE
+from services.common.signing import InstitutionKey
+from services.refdata.keys import fetch_keys
 from services.refdata.regions import Region, province_of
 
 
@@ -99,6 +101,7 @@ class RefView:
     hospitals: dict[str, Hospital] = field(default_factory=dict)
     catalog: dict[tuple[str, str], CatalogEntry] = field(default_factory=dict)
     regions: dict[str, Region] = field(default_factory=dict)
+    keys: dict[str, tuple[InstitutionKey, ...]] = field(default_factory=dict)  # fixmedins_code → its keys
     version: int = 0
 
 
@@ -118,6 +121,7 @@ class ChangedRows:
     hospitals: dict[str, Hospital] = field(default_factory=dict)
     catalog: dict[tuple[str, str], CatalogEntry] = field(default_factory=dict)
     regions: dict[str, Region] = field(default_factory=dict)
+    keys: dict[str, tuple[InstitutionKey, ...]] = field(default_factory=dict)
 
 
 def catalog_key(key: str) -> tuple[str, str]:
@@ -140,6 +144,8 @@ def apply_changes(view: RefView, changes: Sequence[RefChange], rows: ChangedRows
             _put(view.catalog, key, rows.catalog.get(key))
         elif change.entity == "region":
             _put(view.regions, change.key, rows.regions.get(change.key))
+        elif change.entity == "institution_key":
+            _put(view.keys, change.key, rows.keys.get(change.key))
         else:
             raise ValueError(f"refdata_change {change.version}: unknown entity {change.entity!r}")
         view.version = change.version
@@ -171,8 +177,9 @@ def _region(r: asyncpg.Record) -> Region:
     return Region(r["admdvs"].strip(), r["name"], r["prov_admdvs"].strip(), r["pool_admdvs"].strip())
 
 
-async def fetch_view(conn: asyncpg.Connection) -> RefView:
-    """Every hospital, catalog item and region and the change log's version, in one snapshot."""
+async def fetch_view(conn: asyncpg.Connection, kek: bytes | None = None) -> RefView:
+    """Every hospital, catalog item and region and the change log's version, in one snapshot; with the
+    key-encryption key `kek`, the institutions' keys too."""
     view = RefView()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         view.version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM refdata_change")
@@ -182,10 +189,13 @@ async def fetch_view(conn: asyncpg.Connection) -> RefView:
             view.catalog[(r["admdvs"].strip(), r["med_list_codg"])] = _catalog(r)
         for r in await conn.fetch(_REGIONS_SQL):
             view.regions[r["admdvs"].strip()] = _region(r)
+        if kek is not None:
+            view.keys = await fetch_keys(conn, kek)
     return view
 
 
-async def fetch_changes(conn: asyncpg.Connection, after: int, limit: int) -> tuple[list[RefChange], ChangedRows]:
+async def fetch_changes(conn: asyncpg.Connection, after: int, limit: int,
+                        kek: bytes | None = None) -> tuple[list[RefChange], ChangedRows]:
     """The next `limit` changes after version `after` and the current rows of their keys, in one snapshot
     (a row read here is at least as new as the last change read: applying them never goes back)."""
     rows = ChangedRows()
@@ -209,6 +219,8 @@ async def fetch_changes(conn: asyncpg.Connection, after: int, limit: int) -> tup
         if "region" in keys:
             for r in await conn.fetch(_REGIONS_SQL + " WHERE admdvs = ANY($1)", list(keys["region"])):
                 rows.regions[r["admdvs"].strip()] = _region(r)
+        if "institution_key" in keys and kek is not None:
+            rows.keys = await fetch_keys(conn, kek, sorted(keys["institution_key"]))
     return changes, rows
 
 

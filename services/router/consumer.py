@@ -40,7 +40,7 @@ class Router(BatchProcessor[Request]):
         self.core = core
 
     async def process(self, records: list[Record[Request]], outbox: Outbox) -> None:
-        await self.core.begin_batch([rec.value for rec in records])  # one read per shard for the batch
+        await self.core.begin_batch([(rec.value, rec.raw.value) for rec in records])  # a few reads per batch
         for rec in records:
             with applying(rec, f"routing infno {rec.value.envelope.infno}"):
                 await self.core.handle(rec.value, rec.raw.value, _headers(rec), outbox)

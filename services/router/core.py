@@ -12,8 +12,10 @@ offsets only after the broker acknowledged them. State and SQL: `store.py`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -23,17 +25,20 @@ from schemas.errors import BrokerError
 from schemas.wire import parse_wire_time
 from services.common.config import Settings
 from services.common.consumer import Outbox
-from services.common.metrics import REQUESTS, STAGE_SECONDS, record_settlement_request
+from services.common.metrics import PERSON_QUERIES_REFUSED, REQUESTS, STAGE_SECONDS, record_settlement_request
 from services.common.response import received_from_ns, response_bytes
 from services.common.shards import shard_map
-from services.refdata.regions import UnknownRegion, classify_scope
+from services.common.signing import content_digest
+from services.refdata.regions import UnknownRegion, classify_scope, province_of
 from services.refdata.store import RefData
+from services.router.auth import RateLimiter, authenticate, session_of, sign_no_for
 from services.router.logic import (
     Answer,
     ForwardClearing,
     IngressMeta,
     PersonQuery,
     RefdataChange,
+    Session,
     person_info,
     route,
 )
@@ -68,10 +73,46 @@ class RouterCore:
         self.shards = shard_map(s)
         self.routed_partitions = 0  # fsi.routed's real partition count, asked of the broker at start
         self.batch: RefData | None = None  # the current batch's view (begin_batch)
+        self.refusals: dict[int, BrokerError] = {}  # id(request) → why the batch's request is not trusted
+        self.sessions: dict[str, str] = {}  # the batch's live sign-in sessions: sign_no → institution
+        self.person_queries = RateLimiter(s.person_queries_per_minute)
 
-    async def begin_batch(self, requests: Sequence[Request]) -> None:
-        """Read what the batch's requests need about their persons (nothing before the view is read)."""
-        self.batch = await self.state.read_batch(requests) if self.state.view is not None else None
+    async def begin_batch(self, batch: Sequence[tuple[Request, bytes]]) -> None:
+        """Authenticate the batch's requests (auth.py), then — for those that pass — read what they
+        need about their persons (nothing before the view is read)."""
+        self.refusals = {}
+        self.sessions = {}
+        view = self.state.view
+        if view is None:
+            self.batch = None
+            return
+        now = datetime.now(UTC)
+        signed = []
+        for req, raw in batch:
+            refusal = authenticate(req.envelope, raw, view.keys, now, self.s.inf_time_window_s)
+            if refusal is None:
+                signed.append(req)
+            else:
+                self.refusals[id(req)] = refusal
+        self.sessions = await self.state.live_sessions(
+            {sign_no for req in signed if (sign_no := session_of(req.envelope, req.body))})
+        trusted: list[Request] = []
+        digests: dict[str, bytes] = {}
+        for req in signed:
+            env = req.envelope
+            sign_no = session_of(env, req.body)
+            if sign_no is not None and self.sessions.get(sign_no) != env.fixmedins_code:
+                self.refusals[id(req)] = BrokerError(
+                    "SIGN_NO_INVALID", "sign_no is not a live sign-in session of this institution")
+                continue
+            trusted.append(req)
+            digests.setdefault(env.msgid, _digest(req))
+        stored, self.batch = await asyncio.gather(self.state.register_msgids(digests),
+                                                  self.state.read_batch(trusted))
+        for req in trusted:  # a msgid recorded before (or earlier in this batch) with other content
+            if _digest(req) != stored.get(req.envelope.msgid, digests[req.envelope.msgid]):
+                self.refusals[id(req)] = BrokerError("MSGID_CONFLICT", "this msgid was already used for a "
+                                                     "different request")
 
     def routed_partition(self, insured_admdvs: str, psn_no: str) -> int | None:
         """The person's partition of fsi.routed: one of its shard's (ShardMap.partition_for)."""
@@ -95,10 +136,18 @@ class RouterCore:
             outbox.add(meta.reply_topic, body, key=msgid.encode(), partition=meta.reply_partition)
 
         try:
+            if (refusal := self.refusals.get(id(req))) is not None:
+                raise refusal
             if ref is None:
                 raise RuntimeError("reference data not loaded")  # the shell waits for `ready`: a bug
+            if infno == "1101" and not self.person_queries.allow(env.fixmedins_code, time.monotonic()):
+                PERSON_QUERIES_REFUSED.labels(_province(env.mdtrtarea_admvs)).inc()
+                raise BrokerError("RATE_LIMITED", f"more than {self.s.person_queries_per_minute} person "
+                                  "look-ups a minute from this institution")
             decision = route(req, ref, meta, self.s.fee_items_per_upload_max)
-            if isinstance(decision, PersonQuery):
+            if isinstance(decision, Session):
+                answer(await self._session(decision, env.fixmedins_code, msgid, meta.received_ns))
+            elif isinstance(decision, PersonQuery):
                 year = parse_wire_time("inf_time", env.inf_time).year
                 facts = await state.ledger_facts(ref, decision.psn_no, year)
                 answer(person_info(decision.psn_no, ref, env.inf_time, facts))
@@ -127,3 +176,28 @@ class RouterCore:
             answer(err_msg=e.err_msg)
         REQUESTS.labels("router", infno, outcome).inc()
         STAGE_SECONDS.labels("router").observe(time.perf_counter() - started)
+
+    async def _session(self, decision: Session, fixmedins_code: str, msgid: str, received_ns: int) -> dict[str, Any]:
+        """9001: open a session (its sign_no derived from the msgid: a replayed 9001 opens no second one);
+        9002: end one (checked live and of this institution in begin_batch)."""
+        at = received_from_ns(received_ns)
+        sign_time = at.strftime("%Y-%m-%d %H:%M:%S")
+        if decision.sign_in:
+            sign_no = sign_no_for(msgid, at)
+            await self.state.sign_in(sign_no, fixmedins_code, decision.opter)
+            return {"signinoutb": {"sign_time": sign_time, "sign_no": sign_no}}
+        await self.state.sign_out(decision.sign_no)
+        self.sessions.pop(decision.sign_no, None)
+        return {"signoutoutb": {"sign_time": sign_time}}
+
+
+def _digest(req: Request) -> bytes:
+    env = req.envelope
+    return content_digest(env.infno, env.fixmedins_code, env.insuplc_admdvs, env.mdtrtarea_admvs, bytes(env.input))
+
+
+def _province(admdvs: str) -> str:
+    try:
+        return province_of(admdvs)
+    except (UnknownRegion, ValueError):
+        return "unknown"

@@ -21,7 +21,7 @@ from schemas.filing import Input2501, Input2502, Input2503, Input2504, Input5301
 from schemas.inpatient import Input2401
 from schemas.internal import CatalogCtx, HospitalCtx, PersonCtx, RoutedRequest
 from schemas.money import to_yuan
-from schemas.person import Input1101
+from schemas.person import Input1101, Input9001, Input9002
 from schemas.transactions import TRANSACTIONS
 from schemas.wire import parse_wire_time
 from services.refdata.regions import UnknownRegion, classify_scope, region_of
@@ -86,7 +86,16 @@ class RefdataChange:
     chronic_grant: bool = False  # ... granted (2503) or withdrawn (2504)
 
 
-Decision = Routed | Answer | PersonQuery | RefdataChange | ForwardClearing
+@dataclass(frozen=True, slots=True)
+class Session:
+    """9001 opens a sign-in session of the institution's operator; 9002 ends `sign_no`."""
+
+    sign_in: bool
+    opter: str
+    sign_no: str = ""
+
+
+Decision = Routed | Answer | PersonQuery | RefdataChange | ForwardClearing | Session
 
 
 def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> Decision:
@@ -100,12 +109,16 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
         raise BrokerError("MDTRTAREA_MISMATCH", "mdtrtarea_admvs is not the hospital's pooling region")
     if isinstance(req.body, Input1101):
         return PersonQuery(find_person(req.body, ref))
+    if isinstance(req.body, Input9001):
+        return Session(True, req.body.signIn.opter_no)
+    if isinstance(req.body, Input9002):
+        return Session(False, req.body.signOut.opter_no, req.body.signOut.sign_no)
     if transaction is not None and transaction.stage == "clearing":
         return ForwardClearing(env.fixmedins_code)
 
     psn_no = req.psn_no
     if transaction is None or transaction.stage not in ("router", "engine") or psn_no is None:
-        # The gateway answers 9001; every body the router or the engine answers carries psn_no.
+        # Every other body the router or the engine answers carries psn_no.
         raise BrokerError("INFNO_UNSUPPORTED", f"infno {env.infno} is not routed to settlement")
     person = ref.person_in(psn_no, env.insuplc_admdvs)  # only the shard of the region named is asked
     if person is None:

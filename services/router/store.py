@@ -10,6 +10,9 @@
   concurrently. Nothing about a person is kept after the batch.
 - Writes (2501–2504, filings made on the spot) go to the person's shard and into the batch's view, so
   the batch's later records see them. Nobody caches persons, so nobody is told.
+- Trust (hub, once per batch): the msgid registry `msgid_seen` (`register_msgids`) and the live
+  sign-in sessions (`live_sessions`); 9001/9002 open and end sessions. Institution keys are part of
+  the view (unsealed with the deployment's key-encryption key).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from services.common.config import Settings
 from services.common.consumer import Backoff, FailureKind, classify, sleep_or_stop, until_up
 from services.common.kafka import connect_pool
 from services.common.shards import ShardPools, certno_digest, person_index_key
+from services.common.signing import key_encryption_key
 from services.refdata.store import (
     Filing,
     RefData,
@@ -47,6 +51,7 @@ POLL_S: Final = 0.5  # the change log is read at least this often, NOTIFY or not
 LISTENER_CHECK_S: Final = 0.5
 CHANGES_PER_READ: Final = 5_000
 POOL_SIZE_MAX: Final = 4
+SESSION_HOURS: Final = 24  # a sign-in session ends with 9002, or a day after 9001
 
 
 class RouterState:
@@ -57,6 +62,7 @@ class RouterState:
         self.pool: asyncpg.Pool | None = None  # the hub
         self.shards: ShardPools | None = None
         self._index_key = person_index_key(s)
+        self._kek = key_encryption_key(s)
         self._listener: asyncpg.Connection | None = None
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -92,9 +98,9 @@ class RouterState:
     async def _read_view(self) -> None:
         assert self.pool is not None
         async with self.pool.acquire() as conn:
-            self.view = await fetch_view(conn)
-        log.info("reference data read: %d hospitals, %d catalog items, version %d",
-                 len(self.view.hospitals), len(self.view.catalog), self.view.version)
+            self.view = await fetch_view(conn, self._kek)
+        log.info("reference data read: %d hospitals, %d catalog items, keys of %d institutions, version %d",
+                 len(self.view.hospitals), len(self.view.catalog), len(self.view.keys), self.view.version)
 
     async def catch_up(self) -> int:
         """Apply every change committed after the view's version. Only the applier task calls this."""
@@ -102,7 +108,7 @@ class RouterState:
         total = 0
         while True:
             async with self.pool.acquire() as conn:
-                changes, rows = await fetch_changes(conn, self.view.version, CHANGES_PER_READ)
+                changes, rows = await fetch_changes(conn, self.view.version, CHANGES_PER_READ, self._kek)
             total += apply_changes(self.view, changes, rows)
             if len(changes) < CHANGES_PER_READ:
                 if total:
@@ -148,6 +154,46 @@ class RouterState:
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
         self._wake.set()
+
+    # Trust: the msgid registry and sign-in sessions (hub) ------------------------------------------
+
+    async def register_msgids(self, digests: dict[str, bytes]) -> dict[str, bytes]:
+        """Record each new msgid with its content digest; returns the digests recorded before for the
+        others (the caller refuses a different one: MSGID_CONFLICT). The primary key decides between
+        concurrent first uses, across router processes."""
+        assert self.pool is not None
+        if not digests:
+            return {}
+        msgids = list(digests)
+        new = {r["msgid"] for r in await self.pool.fetch(
+            "INSERT INTO msgid_seen (msgid, digest) SELECT * FROM unnest($1::text[], $2::bytea[])"
+            " ON CONFLICT (msgid) DO NOTHING RETURNING msgid", msgids, [digests[m] for m in msgids])}
+        seen = [m for m in msgids if m not in new]
+        if not seen:
+            return {}
+        return {r["msgid"]: bytes(r["digest"]) for r in await self.pool.fetch(
+            "SELECT msgid, digest FROM msgid_seen WHERE msgid = ANY($1::text[])", seen)}
+
+    async def live_sessions(self, sign_nos: set[str]) -> dict[str, str]:
+        """sign_no → institution, of the sessions among `sign_nos` that are open (9001, not yet 9002)."""
+        assert self.pool is not None
+        if not sign_nos:
+            return {}
+        return {r["sign_no"]: r["fixmedins_code"] for r in await self.pool.fetch(
+            "SELECT sign_no, fixmedins_code FROM sign_session WHERE sign_no = ANY($1::text[])"
+            " AND signed_out_at IS NULL AND signed_in_at > now() - make_interval(hours => $2)",
+            list(sign_nos), SESSION_HOURS)}
+
+    async def sign_in(self, sign_no: str, fixmedins_code: str, opter: str) -> None:
+        assert self.pool is not None
+        await self.pool.execute(
+            "INSERT INTO sign_session (sign_no, fixmedins_code, opter) VALUES ($1, $2, $3)"
+            " ON CONFLICT (sign_no) DO NOTHING", sign_no, fixmedins_code, opter)
+
+    async def sign_out(self, sign_no: str) -> None:
+        assert self.pool is not None
+        await self.pool.execute(
+            "UPDATE sign_session SET signed_out_at = now() WHERE sign_no = $1 AND signed_out_at IS NULL", sign_no)
 
     # Persons, a batch at a time --------------------------------------------------------------------
 

@@ -23,10 +23,12 @@ import msgspec
 import pytest
 
 from deploy import stack as stack_ctl
-from loadtest.his import GatewayClient, Hospital
+from loadtest.his import GatewayClient, Hospital, Signer, SignInFailed
 from schemas.refdata import certno_check_char
 from services.common.config import Settings
 from services.common.shards import ShardPools
+from services.common.signing import key_encryption_key
+from services.refdata.keys import issue_key
 from services.refdata.load import load_dir
 from services.refdata.regions import SEED_REGIONS
 
@@ -198,8 +200,22 @@ async def refdata(db: asyncpg.Pool, services: Settings, tmp_path_factory: pytest
     directory = tmp_path_factory.mktemp("refdata")
     _write_refdata(directory)
     await load_dir(db, directory)
+    await issue_keys(services, db, [h.fixmedins_code for h in HOSPITALS.values()])
     await _wait_router_knows(services, PERSONS["plain"][0])
     return PERSONS
+
+
+# The test hospitals' keys and sessions: every GatewayClient of the run signs with them.
+SIGNER = Signer({})
+GatewayClient.default_signer = SIGNER
+
+
+async def issue_keys(s: Settings, db: asyncpg.Pool, codes: list[str]) -> None:
+    """Issue a key to each institution (as the broker's operators do) and give it to the run's HIS signer."""
+    kek = key_encryption_key(s)
+    async with db.acquire() as conn:
+        for code in codes:
+            SIGNER.keys[code] = (await issue_key(conn, kek, code, "pytest")).secret
 
 
 async def _wait_router_knows(s: Settings, person: TestPerson) -> None:
@@ -213,8 +229,12 @@ async def wait_router_knows(s: Settings, hospital: Hospital, psn_no: str, insupl
         client = GatewayClient(s.gateway_url, session)
         while time.monotonic() < deadline:
             env = hospital.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": psn_no}}, insuplc=insuplc)
-            r = await client.call(env)
-            if not r["err_msg"].startswith(("PERSON_UNKNOWN", "TIMEOUT")):
+            try:
+                r = await client.call(env)
+            except SignInFailed:  # the router has not applied the hospital's new key yet
+                await asyncio.sleep(0.5)
+                continue
+            if not r["err_msg"].startswith(("PERSON_UNKNOWN", "TIMEOUT", "KEY_UNKNOWN")):
                 return
             await asyncio.sleep(0.5)
     raise AssertionError("router did not pick up the test reference data within 30 s")
