@@ -45,7 +45,7 @@ import msgspec
 
 from deploy import kafka as cluster
 from deploy import stack as stack_ctl
-from loadtest.his import FeeLine, GatewayClient, Hospital, Stay
+from loadtest.his import FeeLine, GatewayClient, Hospital, Signer, SignInFailed, Stay, simulator_signer
 from services.common.config import Settings, load_settings
 from services.common.shards import ShardPools
 from services.refdata.load import load_dir
@@ -102,8 +102,9 @@ def write_refdata(directory: Path, persons: Sequence[Person]) -> None:
 class ChaosClient(GatewayClient):
     """A resending HIS that also notes when each answer (anything but TIMEOUT) arrived."""
 
-    def __init__(self, url: str, session: aiohttp.ClientSession, *, retry_for_s: float, answers: list[float]) -> None:
-        super().__init__(url, session, retry_for_s=retry_for_s)
+    def __init__(self, url: str, session: aiohttp.ClientSession, *, retry_for_s: float, answers: list[float],
+                 signer: Signer) -> None:
+        super().__init__(url, session, retry_for_s=retry_for_s, signer=signer)
         self.answers = answers
         self.requests = 0
 
@@ -208,8 +209,12 @@ async def router_knows(client: GatewayClient, person: Person, timeout_s: float) 
     while time.monotonic() < deadline:
         env = HOSPITAL.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": person.psn_no}},
                                 insuplc=person.insuplc)
-        r = await client.call(env)
-        if not r["err_msg"].startswith(("PERSON_UNKNOWN", "TIMEOUT", "HOSPITAL_UNKNOWN")):
+        try:
+            r = await client.call(env)
+        except SignInFailed:  # the router has not applied the hospital's key yet
+            await asyncio.sleep(0.5)
+            continue
+        if not r["err_msg"].startswith(("PERSON_UNKNOWN", "TIMEOUT", "HOSPITAL_UNKNOWN", "KEY_UNKNOWN")):
             return True
         await asyncio.sleep(0.5)
     return False
@@ -408,13 +413,14 @@ async def run_chaos(s: Settings, cfg: Config) -> Report:
         with tempfile.TemporaryDirectory(prefix="chaos-refdata-") as tmp:
             write_refdata(Path(tmp), persons)
             await load_dir(pool, tmp)
+        signer = await simulator_signer(s, pool, [HOSPITAL.fixmedins_code], operator="chaos")
     finally:
         await pool.close()
     answers: list[float] = []
     stop = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        clients = [ChaosClient(s.gateway_url, session, retry_for_s=cfg.retry_for_s, answers=answers)
+        clients = [ChaosClient(s.gateway_url, session, retry_for_s=cfg.retry_for_s, answers=answers, signer=signer)
                    for _ in persons]
         await wait_router_knows(s, clients[0], persons[-1])
         say(f"{len(persons)} hospitals driving stays; schedule of {cfg.kills} kill(s) per service, "

@@ -52,6 +52,7 @@ from loadtest.population import (
     ensure_refdata,
     load_population,
     percentile,
+    population_signer,
     wait_ready,
 )
 from services.common.config import Settings, load_settings
@@ -238,6 +239,7 @@ async def run(args: argparse.Namespace) -> int:
     pairs = ", ".join(f"{scope} {len(pop.pairs[scope])}" for scope in SCOPES)
     print(f"scenarios: {len(pop.hospitals)} hospitals × insured regions, pairs by scope: {pairs}")
 
+    GatewayClient.default_signer = await population_signer(s, pop, operator="demo")
     connector = aiohttp.TCPConnector(limit=args.concurrency + 4)
     async with aiohttp.ClientSession(connector=connector) as session:
         caller = HttpCaller(s.gateway_url, session, timeout_s=s.gateway_timeout_ms / 1000 + 5)

@@ -5,7 +5,10 @@ and drives visits. Used by the tests, the demo and the benchmark.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import itertools
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,10 +17,15 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import asyncpg
 import msgspec
 
 from schemas.codec import encode
-from services.common.signing import SIGNTYPE, sign
+from services.common.config import Settings
+from services.common.response import SHANGHAI
+from services.common.secrets import secrets_dir
+from services.common.signing import SIGNTYPE, key_encryption_key, sign
+from services.refdata.keys import issue_key
 
 _json_decoder = msgspec.json.Decoder(float_hook=Decimal)  # amounts stay exact
 # msgid = fixmedins_code + yyyyMMddHHmmss + 4-digit sequence. Each process starts its clock
@@ -37,11 +45,21 @@ def wire_time(t: datetime) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def shanghai_now() -> datetime:
+    """The wall-clock time inf_time is written in (Asia/Shanghai), whatever the machine's zone."""
+    return datetime.now(SHANGHAI).replace(tzinfo=None, microsecond=0)
+
+
 @dataclass
 class Hospital:
+    """An institution as its HIS writes envelopes. With `live_clock`, inf_time is always the sending time —
+    what a real HIS does and what the broker's ±300 s signature window expects — while the bodies keep the
+    simulated visit times; without, inf_time is the simulated time (the tests replay fixed dates)."""
+
     fixmedins_code: str
     fixmedins_name: str
     admdvs: str
+    live_clock: bool = False
 
     def envelope(self, infno: str, body: dict[str, Any], *, insuplc: str = "", msgid: str | None = None,
                  inf_time: datetime | None = None) -> dict[str, Any]:
@@ -59,7 +77,7 @@ class Hospital:
             "opter_type": "1",
             "opter": "OP001",
             "opter_name": "operator",
-            "inf_time": wire_time(inf_time or datetime.now()),
+            "inf_time": wire_time(shanghai_now() if self.live_clock or inf_time is None else inf_time),
             "fixmedins_code": self.fixmedins_code,
             "fixmedins_name": self.fixmedins_name,
             "sign_no": "",
@@ -176,12 +194,43 @@ class Signer:
             if code in self.sessions:
                 return
             sign_in = {**envelope, "infno": "9001", "msgid": next_msgid(code), "insuplc_admdvs": "", "sign_no": "",
-                       "inf_time": wire_time(datetime.now()),
+                       "inf_time": wire_time(shanghai_now()),
                        "input": {"signIn": {"opter_no": self.opter, "mac": "", "ip": "127.0.0.1"}}}
             answer = await post(self.sign(sign_in))
             if answer.get("infcode") != 0:
                 raise SignInFailed(f"sign-in (9001) of an institution refused: {answer.get('err_msg')}")
             self.sessions[code] = answer["output"]["signinoutb"]["sign_no"]
+
+
+KEY_STORE = "his-keys-{database}.json"  # under <state_dir>/secrets/
+
+
+async def simulator_signer(s: Settings, hub: asyncpg.Pool, codes: list[str], operator: str = "loadtest") -> Signer:
+    """The keys of the institutions the HIS simulator plays (demo, benchmark, chaos), as their agency would have
+    issued them: kept in `<state_dir>/secrets/his-keys-<database>.json` (0600) and reused while live; the
+    missing ones are issued now (audited as `operator`). The router applies new keys within a second."""
+    path = secrets_dir(s) / KEY_STORE.format(database=s.pg_database)
+    stored: dict[str, list[str]] = {}
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        stored = msgspec.json.decode(path.read_bytes())
+    live = {r["key_id"] for r in await hub.fetch(
+        "SELECT key_id FROM institution_key WHERE key_id = ANY($1::text[]) AND revoked_at IS NULL"
+        " AND (expires_at IS NULL OR expires_at > now() + interval '1 hour')", [v[0] for v in stored.values()])}
+    keys = {code: base64.b64decode(stored[code][1]) for code in codes if code in stored and stored[code][0] in live}
+    missing = [code for code in codes if code not in keys]
+    if missing:
+        kek = key_encryption_key(s)
+        async with hub.acquire() as conn:
+            for code in missing:
+                issued = await issue_key(conn, kek, code, operator)
+                keys[code] = issued.secret
+                stored[code] = [issued.key_id, issued.secret_b64]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(msgspec.json.encode(stored))
+        os.replace(tmp, path)
+    return Signer(keys)
 
 
 class GatewayClient:

@@ -45,7 +45,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from deploy.stack import service_pid
-from loadtest.his import GatewayClient, Hospital
+from loadtest.his import GatewayClient, Hospital, simulator_signer
 from services.common.config import Settings, load_settings
 from services.common.shards import ShardPools, shard_dsns
 from services.refdata.store import fetch_persons
@@ -138,7 +138,7 @@ def _router_rss(s: Settings) -> int:
 
 async def measure_rss(s: Settings, requests: int, concurrency: int) -> None:
     shards = await ShardPools.connect(s, 2)
-    hub = await asyncpg.connect(s.pg_dsn)
+    hub = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=1)
     try:
         counts = {name: await pool.fetchval("SELECT count(*) FROM person") for name, pool in shards}
         sample: list[tuple[str, str]] = []
@@ -147,16 +147,17 @@ async def measure_rss(s: Settings, requests: int, concurrency: int) -> None:
                 "SELECT psn_no, insuplc_admdvs FROM person TABLESAMPLE BERNOULLI (50) REPEATABLE (10) LIMIT $1",
                 requests)]
         code, admdvs = await hub.fetchrow("SELECT fixmedins_code, admdvs FROM hospital ORDER BY 1 LIMIT 1")
+        signer = await simulator_signer(s, hub, [code], operator="person-reads")
     finally:
         await hub.close()
         await shards.close()
-    hospital = Hospital(code, "rss probe", admdvs.strip())
+    hospital = Hospital(code, "rss probe", admdvs.strip(), live_clock=True)
     rng = random.Random(SEED)
     picks = [rng.choice(sample) for _ in range(requests)]
     before = _router_rss(s)
     answered = 0
     async with aiohttp.ClientSession() as session:
-        client = GatewayClient(s.gateway_url, session)
+        client = GatewayClient(s.gateway_url, session, signer=signer)
 
         async def worker(mine: list[tuple[str, str]]) -> None:
             nonlocal answered

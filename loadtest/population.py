@@ -46,7 +46,7 @@ from typing import Any, Final, Protocol
 
 import asyncpg
 
-from loadtest.his import FeeLine, Hospital, OutpatientVisit, Purchase, Stay
+from loadtest.his import FeeLine, Hospital, OutpatientVisit, Purchase, Signer, SignInFailed, Stay, simulator_signer
 from schemas.codes import SCOPES, Scope
 from schemas.refdata import CATALOG_FILE, FILINGS_FILE, HOSPITALS_FILE, PERSONS_FILE, RefDataSet
 from services.common.config import Settings, settings_env
@@ -446,7 +446,7 @@ async def _population(s: Settings, hospital_codes: list[str], psn_nos: list[str]
     for r in sorted(hrows, key=lambda r: r["fixmedins_code"]):
         region = region_of(r["admdvs"])
         hospitals.append(HospitalInfo(
-            Hospital(r["fixmedins_code"], r["fixmedins_name"], r["admdvs"]), r["admdvs"], r["hosp_lv"],
+            Hospital(r["fixmedins_code"], r["fixmedins_name"], r["admdvs"], live_clock=True), r["admdvs"], r["hosp_lv"],
             region.prov_admdvs, region.pool_admdvs,
         ))
     persons = [PersonInfo(r["psn_no"], r["insuplc_admdvs"], r["insutype"], tuple(r["chronic"]))
@@ -681,7 +681,17 @@ async def _visit_steps(
 
 
 # Answers to the probe that may go away: reference data not reloaded yet by the router, a slow start.
-_PROBE_RETRY: Final = frozenset({"PERSON_UNKNOWN", "HOSPITAL_UNKNOWN", "TIMEOUT", "INTERNAL"})
+_PROBE_RETRY: Final = frozenset({"PERSON_UNKNOWN", "HOSPITAL_UNKNOWN", "TIMEOUT", "INTERNAL", "KEY_UNKNOWN"})
+
+
+async def population_signer(s: Settings, pop: Population, operator: str = "loadtest") -> Signer:
+    """Keys for every institution the scenarios use (`his.simulator_signer`)."""
+    hub = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=2)
+    try:
+        codes = sorted({h.his.fixmedins_code for h in (*pop.hospitals, *pop.pharmacies)})
+        return await simulator_signer(s, hub, codes, operator)
+    finally:
+        await hub.close()
 
 
 async def wait_ready(caller: Caller, pop: Population, timeout_s: float) -> str:
@@ -700,6 +710,10 @@ async def wait_ready(caller: Caller, pop: Population, timeout_s: float) -> str:
                 r = await caller.call(env)
         except TimeoutError:
             last = "no answer (timeout)"
+            continue
+        except SignInFailed as e:  # a key issued just now is applied by the router within a second
+            last = str(e)
+            await asyncio.sleep(0.3)
             continue
         code = error_code(r)
         if code in ("VISIT_UNKNOWN", "ok"):

@@ -40,6 +40,10 @@ HOSPITALS = {
     "chengdu": Hospital("H51010099901", "成都测试医院", "510100"),
     "chifeng": Hospital("H15040099901", "赤峰测试医院", "150400"),
     "chifeng_pharmacy": Hospital("P15040099901", "赤峰测试大药房", "150400"),
+    # The trust tests' own: two hospitals that attack each other, one for the 1101 rate limit.
+    "trust_a": Hospital("H15040099906", "赤峰测试信任甲医院", "150400"),
+    "trust_b": Hospital("H15040099907", "赤峰测试信任乙医院", "150400"),
+    "trust_rate": Hospital("H15040099908", "赤峰测试限流医院", "150400"),
     # One hospital and one pharmacy in each seed region, for a whole hospital day per region.
     **{f"seed_{code}": Hospital(f"H{code}99902", f"{code}测试医院", code) for code in SEED_REGIONS},
     **{f"seed_{code}_pharmacy": Hospital(f"P{code}99902", f"{code}测试药房", code) for code in SEED_REGIONS},
@@ -85,6 +89,9 @@ PERSONS: dict[str, PersonSpec] = {
     # For the crash tests: many persons, local care in 赤峰, employees using their accounts.
     **{f"crash{i}": PersonSpec(TestPerson(psn(100 + i), "150400", "310"), "1101", None, "800.00", None)
        for i in range(40)},
+    # The trust tests' (test_trust.py): local employees of 赤峰.
+    **{f"trust{i}": PersonSpec(TestPerson(psn(300 + i), "150400", "310"), "1101", None, "0.00", None)
+       for i in range(10)},
     # Outpatient, chronic, pharmacy, filings, 1101.
     "op_employee": PersonSpec(TestPerson(psn(7), "150400", "310"), "1101", None, "3000.00", None),
     "chronic_dm": PersonSpec(TestPerson(psn(8), "150400", "390"), "1501", None, "0.00", None, ("DM",)),
