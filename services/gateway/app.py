@@ -33,6 +33,7 @@ from services.common.config import GATEWAY_PATH, Settings
 from services.common.kafka import IDLE_FETCH_WAIT_MS, make_producer
 from services.common.metrics import DEAD_LETTERS, GATEWAY_SECONDS, REQUESTS, record_produce_error
 from services.common.response import SHANGHAI, response_bytes
+from services.common.signing import content_digest
 from topics.catalog import DEADLETTER, INGRESS, REPLIES
 
 log = logging.getLogger("gateway")
@@ -57,7 +58,9 @@ class Gateway:
             fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,
             isolation_level="read_committed",
         )
-        self.pending: dict[str, list[asyncio.Future[bytes]]] = {}
+        # msgid → (content digest, waiters): answers are matched by msgid, so one msgid in flight stands for
+        # one content; a resend of it waits for the same answer, other content is MSGID_CONFLICT at once.
+        self.pending: dict[str, tuple[bytes, list[asyncio.Future[bytes]]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -89,8 +92,8 @@ class Gateway:
                 continue
             for records in batches.values():
                 for rec in records:
-                    waiters = self.pending.pop(rec.key.decode(errors="replace") if rec.key else "", None)
-                    for fut in waiters or ():
+                    _, waiters = self.pending.pop(rec.key.decode(errors="replace") if rec.key else "", (b"", []))
+                    for fut in waiters:
                         if not fut.done():
                             fut.set_result(rec.value)
 
@@ -105,7 +108,9 @@ class Gateway:
             req = decode_request(raw)
             env = req.envelope
             infno = env.infno
-            body = await self._forward(raw, env.msgid, req.psn_no, received, deadline)
+            digest = content_digest(env.infno, env.fixmedins_code, env.insuplc_admdvs, env.mdtrtarea_admvs,
+                                    bytes(env.input))
+            body = await self._forward(raw, env.msgid, digest, req.psn_no, received, deadline)
             outcome = "ok"
         except BrokerError as e:
             outcome = e.code
@@ -156,11 +161,14 @@ class Gateway:
         return b"".join(chunks)
 
     async def _forward(
-        self, raw: bytes, msgid: str, psn_no: str | None, received: datetime, deadline: float
+        self, raw: bytes, msgid: str, digest: bytes, psn_no: str | None, received: datetime, deadline: float
     ) -> bytes:
         """Produce to ingress and wait for the reply, both within the time limit (`deadline`, loop time)."""
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.pending.setdefault(msgid, []).append(fut)
+        in_flight, waiters = self.pending.setdefault(msgid, (digest, []))
+        if in_flight != digest:
+            raise BrokerError("MSGID_CONFLICT", "this msgid is in flight for a different request")
+        waiters.append(fut)
         try:
             async with asyncio.timeout_at(deadline):
                 await self.producer.send_and_wait(
@@ -186,8 +194,8 @@ class Gateway:
                 f"no answer within {self.s.gateway_timeout_ms} ms; resend the same msgid for the result",
             ) from None
         finally:
-            waiters = self.pending.get(msgid)
-            if waiters and fut in waiters:
+            _, waiters = self.pending.get(msgid, (b"", []))
+            if fut in waiters:
                 waiters.remove(fut)
                 if not waiters:
                     del self.pending[msgid]

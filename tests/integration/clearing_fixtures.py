@@ -25,7 +25,7 @@ from services.clearing.logic import month_end, month_start
 from services.common.config import Settings
 from services.refdata.load import load_dir
 from services.refdata.regions import region_of
-from tests.integration.conftest import RUN_TOKEN, Ledger, wait_router_knows
+from tests.integration.conftest import RUN_TOKEN, Ledger, issue_missing_keys, wait_router_knows
 
 D = Decimal
 YEAR = 2025
@@ -94,6 +94,7 @@ def write_refdata(directory: Path) -> None:
 async def load_refdata(db: asyncpg.Pool, s: Settings, directory: Path) -> None:
     write_refdata(directory)
     await load_dir(db, directory)
+    await issue_missing_keys(s, db)
     # The router reloads on NOTIFY: wait until it knows the last person loaded.
     person = EXTRA_PERSONS[-1]
     await wait_router_knows(s, HOSPITALS["150400"], person.psn_no, person.insuplc)

@@ -25,14 +25,14 @@ import asyncpg
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.his import FeeLine, GatewayClient, Hospital, Stay, wire_time
+from loadtest.his import FeeLine, GatewayClient, Hospital, SignInFailed, Stay, wire_time
 from schemas.clearing import ManualClaim
 from services.clearing.cli import deposit_topup, submit_claims
 from services.common.config import Settings
 from services.common.response import SHANGHAI
 from services.monitor.ledger import month_bounds
 from services.refdata.load import load_dir
-from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, RUN_TOKEN
+from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, RUN_TOKEN, issue_missing_keys
 
 D = Decimal
 T = TypeVar("T")
@@ -80,13 +80,18 @@ def write_refdata(directory: Path) -> None:
 async def load_refdata(db: asyncpg.Pool, s: Settings, directory: Path) -> None:
     write_refdata(directory)
     await load_dir(db, directory)
+    await issue_missing_keys(s, db)
     deadline = time.monotonic() + 30
     async with aiohttp.ClientSession() as session:
         client = GatewayClient(s.gateway_url, session, retry_for_s=RETRY_FOR_S)
         while time.monotonic() < deadline:
             env = SUZHOU.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": mpsn(39)}}, insuplc=INSURED)
-            r = await client.call(env)
-            if not r["err_msg"].startswith(("PERSON_UNKNOWN", "HOSPITAL_UNKNOWN", "TIMEOUT")):
+            try:
+                r = await client.call(env)
+            except SignInFailed:  # the router has not applied the hospital's new key yet
+                await asyncio.sleep(0.5)
+                continue
+            if not r["err_msg"].startswith(("PERSON_UNKNOWN", "HOSPITAL_UNKNOWN", "TIMEOUT", "KEY_UNKNOWN")):
                 return
             await asyncio.sleep(0.5)
     raise AssertionError("router did not pick up the monitoring test reference data within 30 s")

@@ -22,13 +22,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from deploy.services import venv_python
-from loadtest.his import FeeLine, GatewayClient, Hospital, Stay
+from loadtest.his import FeeLine, GatewayClient, Hospital, SignInFailed, Stay
 from schemas.refdata import certno_check_char
 from services.common.config import Settings, settings_env
 from services.common.shards import shard_map
+from services.common.signing import key_encryption_key
+from services.refdata.keys import issue_key
 from services.refdata.load import load_dir
 from services.refdata.store import CatalogEntry, apply_changes, fetch_changes, fetch_view
-from tests.integration.conftest import HOSPITALS, ITEM_A, PERSONS, RUN_TOKEN, STAY_START, Ledger, psn
+from tests.integration.conftest import HOSPITALS, ITEM_A, PERSONS, RUN_TOKEN, SIGNER, STAY_START, Ledger, psn
 from topics.catalog import INGRESS, ROUTED
 
 pytestmark = pytest.mark.integration
@@ -239,7 +241,7 @@ def _keys_for_every_partition(n: int) -> list[str]:
 
 
 async def test_hospital_added_while_requests_run_is_accepted_by_every_router(
-        refdata: dict, gateway: GatewayClient, db: asyncpg.Pool, second_router: int) -> None:
+        refdata: dict, gateway: GatewayClient, db: asyncpg.Pool, services: Settings, second_router: int) -> None:
     new = Hospital(f"H150400{RUN_TOKEN[-5:]}", "赤峰新接入测试医院", "150400")
     keys = _keys_for_every_partition(INGRESS.partitions)
     background_stop = asyncio.Event()
@@ -255,24 +257,28 @@ async def test_hospital_added_while_requests_run_is_accepted_by_every_router(
 
     async def outcome(psn_no: str) -> str:
         env = new.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": psn_no}}, insuplc="150400")
-        return str((await gateway.call(env))["err_msg"]).split(":", 1)[0]
+        try:
+            return str((await gateway.call(env))["err_msg"]).split(":", 1)[0]
+        except SignInFailed:  # its key is not applied yet: its 9001 was refused
+            return "SIGN_IN_REFUSED"
 
     load = asyncio.create_task(requests_run())
     try:
-        assert set(await asyncio.gather(*(outcome(k) for k in keys))) == {"HOSPITAL_UNKNOWN"}
+        # Unknown and without a key: what it sends is unsigned.
+        assert set(await asyncio.gather(*(outcome(k) for k in keys))) == {"SIGNATURE_MISSING"}
         async with db.acquire() as conn, conn.transaction():  # as every writer of the hub's reference data
             await conn.execute("SELECT pg_advisory_xact_lock(refdata_lock_id())")
             await conn.execute("INSERT INTO hospital (fixmedins_code, fixmedins_name, admdvs, hosp_lv)"
                                " VALUES ($1, $2, $3, 2)", new.fixmedins_code, new.fixmedins_name, new.admdvs)
-            version = await conn.fetchval(
-                "INSERT INTO refdata_change (entity, key) VALUES ('hospital', $1) RETURNING version",
-                new.fixmedins_code)
-            await conn.execute("SELECT pg_notify('refdata_changed', $1)", str(version))
+            await conn.execute("INSERT INTO refdata_change (entity, key) VALUES ('hospital', $1)", new.fixmedins_code)
+            issued = await issue_key(conn, key_encryption_key(services), new.fixmedins_code, "pytest")
+        SIGNER.keys[new.fixmedins_code] = issued.secret
         committed = time.monotonic()
         pending = set(keys)
-        while pending:  # every partition (so both routers) must stop saying HOSPITAL_UNKNOWN
+        unaccepted = {"SIGNATURE_MISSING", "SIGN_IN_REFUSED", "KEY_UNKNOWN", "HOSPITAL_UNKNOWN"}
+        while pending:  # every partition (so both routers) must accept the hospital and its key
             results = await asyncio.gather(*(outcome(k) for k in sorted(pending)))
-            pending = {k for k, code in zip(sorted(pending), results, strict=True) if code == "HOSPITAL_UNKNOWN"}
+            pending = {k for k, code in zip(sorted(pending), results, strict=True) if code in unaccepted}
             assert time.monotonic() - committed < 1.0 or not pending, f"{len(pending)} partitions still refuse"
         assert set(await asyncio.gather(*(outcome(k) for k in keys))) == {"PERSON_UNKNOWN"}
     finally:

@@ -75,7 +75,7 @@ async def test_impersonation_and_tampering_are_refused_and_change_nothing(
     tampered = signed[:at] + (b"0" if signed[at:at + 1] != b"0" else b"1") + signed[at + 1:]
     assert _code(await gateway.call(tampered)) == "SIGNATURE_INVALID"
     assert await _ledger_rows(ledger, stay.psn_no) == rows
-    assert await ledger.total("SELECT count(*) FROM settlement WHERE psn_no = $1 AND setl_type = 'reverse'",
+    assert await ledger.total("SELECT count(*) FROM settlement WHERE psn_no = $1 AND kind = 'reverse'",
                               stay.psn_no) == 0
 
 
