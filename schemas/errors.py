@@ -94,6 +94,9 @@ ERRORS: dict[str, ErrorSpec] = {
                   "use a new msgid; resend the same msgid only with the same content"),
         ErrorSpec("SIGN_NO_INVALID", "sign_no is not a live sign-in (9001) session of this institution", "all",
                   "sign in with 9001 and use its sign_no"),
+        ErrorSpec("INSTITUTION_NOT_ALLOWED", "this kind of institution may not send this transaction (pharmacies "
+                  "(P…) send purchases 21xx, hospitals (H…) visits 22xx–24xx)", "all",
+                  "send the transaction of your kind of institution"),
         ErrorSpec("RATE_LIMITED", "too many person look-ups (1101) from this institution in the last minute",
                   "1101", "wait and retry; look up only persons you treat"),
         ErrorSpec("TIMEOUT", "no answer within the gateway's time limit; the transaction may still "

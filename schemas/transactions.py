@@ -78,8 +78,18 @@ COMMON_ERRORS: Final = (
     "MDTRTAREA_MISMATCH", "HOSPITAL_UNKNOWN", "REGION_UNKNOWN", "TIMEOUT", "INTERNAL",
     # Trust (the router authenticates every request first; 9001 needs no sign_no).
     "SIGNATURE_MISSING", "SIGNATURE_INVALID", "KEY_UNKNOWN", "KEY_REVOKED", "INF_TIME_OUT_OF_WINDOW",
-    "MSGID_CONFLICT", "SIGN_NO_INVALID",
+    "MSGID_CONFLICT", "SIGN_NO_INVALID", "INSTITUTION_NOT_ALLOWED",
 )
+# Who may send a transaction, by the first letter of fixmedins_code (the national code: H 定点医疗机构,
+# P 定点零售药店): pharmacy purchases (21xx) only pharmacies, visits (22xx–24xx) only hospitals; the rest
+# (sign-in, person info, filings, clearing) both.
+SENDERS: Final[Mapping[str, str]] = MappingProxyType({"21": "P", "22": "H", "23": "H", "24": "H"})
+
+
+def may_send(infno: str, fixmedins_code: str) -> bool:
+    return fixmedins_code[:1] in SENDERS.get(infno[:2], "HP")
+
+
 # A body naming a person: the router resolves the person and checks the insured region.
 _PERSON = ("INSUPLC_REQUIRED", "PERSON_UNKNOWN", "INSUPLC_MISMATCH")
 # A body carrying insutype: it must be the person's.

@@ -22,7 +22,7 @@ from schemas.inpatient import Input2401
 from schemas.internal import CatalogCtx, HospitalCtx, PersonCtx, RoutedRequest
 from schemas.money import to_yuan
 from schemas.person import Input1101, Input9001, Input9002
-from schemas.transactions import TRANSACTIONS
+from schemas.transactions import TRANSACTIONS, may_send
 from schemas.wire import parse_wire_time
 from services.refdata.regions import UnknownRegion, classify_scope, region_of
 from services.refdata.store import Filing, RefData, filing_in_force
@@ -107,6 +107,8 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
     treating = _region(hospital.admdvs)
     if _region(env.mdtrtarea_admvs).pool_admdvs != treating.pool_admdvs:
         raise BrokerError("MDTRTAREA_MISMATCH", "mdtrtarea_admvs is not the hospital's pooling region")
+    if not may_send(env.infno, env.fixmedins_code):
+        raise BrokerError("INSTITUTION_NOT_ALLOWED", f"infno {env.infno} is not sent by this kind of institution")
     if isinstance(req.body, Input1101):
         return PersonQuery(find_person(req.body, ref))
     if isinstance(req.body, Input9001):

@@ -76,7 +76,7 @@ def test_local_alert_durations_replace_production_ones(monkeypatch: pytest.Monke
     text = RULE_FILES[1].read_text(encoding="utf-8")
     assert "for: 30m" in text
     local = render_alerts(text, "5s")
-    assert "for: 30m" not in local and local.count("for: 5s") == text.count("\n        for:") == 8
+    assert "for: 30m" not in local and local.count("for: 5s") == text.count("\n        for:") == 10
     assert render_alerts(text, None) == text
     from deploy.prometheus import local_alert_for
     monkeypatch.setenv("XS_PROMETHEUS_ALERT_FOR", "keep")

@@ -20,17 +20,28 @@ from schemas.transactions import (
     TRANSACTIONS,
     VISIT_KIND_STATES,
     by_stage,
+    may_send,
     transactions_column,
 )
 from services.common.config import PROJECT_ROOT
 from services.policy.policies import PolicyBook
 from services.refdata.store import CatalogEntry, Filing, Person, RefData
 from services.refdata.store import Hospital as HospitalRef
-from services.router.logic import Answer, ForwardClearing, IngressMeta, PersonQuery, RefdataChange, Routed, route
+from services.router.logic import (
+    Answer,
+    ForwardClearing,
+    IngressMeta,
+    PersonQuery,
+    RefdataChange,
+    Routed,
+    Session,
+    route,
+)
 from services.settle.logic import Effect, handle
 from services.settle.state import BatchState
 
 HOSPITAL = "H15040000001"
+PHARMACY = "P15040000001"
 T = "2026-05-01 08:00:00"
 FEE = {"feedetl_sn": "1", "mdtrt_id": "M1", "psn_no": "P1", "med_type": "21", "fee_ocur_time": T,
        "med_list_codg": "A1", "medins_list_codg": "A1", "det_item_fee_sumamt": 10, "cnt": 1, "pric": 10}
@@ -44,6 +55,7 @@ STMT = {"setl_optins": "150400", "stmt_begndate": "2026-04-01", "stmt_enddate": 
 # A minimal valid body of every registered transaction (the national field names).
 EXAMPLES: dict[str, dict[str, Any]] = {
     "9001": {"signIn": {"opter_no": "1"}},
+    "9002": {"signOut": {"sign_no": "S1", "opter_no": "1"}},
     "1101": {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": "P1"}},
     "2101": {"data": {"psn_no": "P1", **CERT, "begntime": T, "medfee_sumamt": 10, "insutype": "390"},
              "drugdetail": [DRUG]},
@@ -86,20 +98,23 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "3261": {"data": {**MONTH, "totalrow": 0}},
     "3262": {"data": {**MONTH, "otransid": "X1"}},
 }
-STAGE_DECISIONS = {"router": (Answer, PersonQuery, RefdataChange), "engine": (Routed,), "clearing": (ForwardClearing,)}
+STAGE_DECISIONS = {"router": (Answer, PersonQuery, RefdataChange, Session), "engine": (Routed,),
+                   "clearing": (ForwardClearing,)}
 
 
-def envelope(infno: str, body: dict[str, Any]) -> bytes:
+def envelope(infno: str, body: dict[str, Any], sender: str | None = None) -> bytes:
+    """From the kind of institution that sends `infno` (a pharmacy for purchases), unless `sender` says."""
+    code = sender or (HOSPITAL if may_send(infno, HOSPITAL) else PHARMACY)
     return encode({
-        "infno": infno, "msgid": f"{HOSPITAL}202605010800000001", "mdtrtarea_admvs": "150400",
+        "infno": infno, "msgid": f"{code}202605010800000001", "mdtrtarea_admvs": "150400",
         "insuplc_admdvs": "150400", "recer_sys_code": "FSI", "infver": "V1.0", "opter_type": "1", "opter": "1",
-        "opter_name": "x", "inf_time": T, "fixmedins_code": HOSPITAL, "fixmedins_name": "x", "input": body,
+        "opter_name": "x", "inf_time": T, "fixmedins_code": code, "fixmedins_name": "x", "input": body,
     })
 
 
 def refdata(*, with_filing: bool = True) -> RefData:
     ref = RefData()
-    ref.hospitals = {HOSPITAL: HospitalRef("150400", 3, "x")}
+    ref.hospitals = {HOSPITAL: HospitalRef("150400", 3, "x"), PHARMACY: HospitalRef("150400", 1, "x")}
     ref.persons = {"P1": Person("150400", "390", "1501", None, 0, frozenset(), None, None)}
     ref.catalog = {("150000", "A1"): CatalogEntry("01", Decimal(0), None, "甲")}
     if with_filing:
@@ -143,11 +158,25 @@ def test_every_infno_decodes_routes_and_is_handled_by_its_stage(infno: str) -> N
 def test_the_person_and_insutype_checks_the_router_makes_are_listed(infno: str) -> None:
     transaction = TRANSACTIONS[infno]
     body = decode_request(envelope(infno, EXAMPLES[infno])).body
-    names_person = transaction.stage in ("router", "engine") and infno != "1101"
+    names_person = transaction.stage in ("router", "engine") and infno not in ("1101", "9001", "9002")
     assert ("INSUPLC_REQUIRED" in transaction.error_codes) == names_person
     carries_insutype = names_person and any(
         getattr(getattr(body, part, None), "insutype", None) for part in ("mdtrtinfo", "data"))
     assert ("INSUTYPE_MISMATCH" in transaction.error_codes) == carries_insutype
+
+
+@pytest.mark.parametrize("infno", sorted(TRANSACTIONS))
+def test_each_kind_of_institution_sends_only_its_transactions(infno: str) -> None:
+    meta = IngressMeta(reply_topic="fsi.replies", reply_partition=0, received_ns=0)
+    for sender in (HOSPITAL, PHARMACY):
+        req = decode_request(envelope(infno, EXAMPLES[infno], sender))
+        allowed = infno[:2] not in ("21", "22", "23", "24") or (sender == PHARMACY) == infno.startswith("21")
+        try:
+            route(req, refdata(), meta, fee_items_max=10)
+        except BrokerError as e:
+            assert (e.code == "INSTITUTION_NOT_ALLOWED") != allowed, (sender, e.err_msg)
+        else:
+            assert allowed, sender
 
 
 def test_registry_data_is_consistent() -> None:
