@@ -28,7 +28,16 @@ from schemas.clearing import ManualClaim
 from schemas.internal import DeadLetter, PersonCtx, RoutedRequest
 from schemas.pharmacy import Input2102
 from services.common.config import Settings
-from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS, STAY_START, Ledger, wait_router_knows
+from tests.integration.conftest import (
+    HOSPITALS,
+    ITEM_A,
+    ITEM_B10,
+    PERSONS,
+    SIGNER,
+    STAY_START,
+    Ledger,
+    wait_router_knows,
+)
 from tests.unit.test_settle_properties import Script
 from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, REPLIES, ROUTED, SETTLEMENTS
 
@@ -137,7 +146,7 @@ async def test_router_dead_letters_garbage_and_routes_what_follows(refdata: dict
     admit = stay.admit()
     broken_body = {**admit, "msgid": admit["msgid"][:-4] + "9999", "input": {"mdtrtinfo": {"psn_no": p.psn_no}}}
     headers = [("reply_topic", REPLIES.name.encode()), ("reply_partition", str(REPLY_PARTITION).encode())]
-    for value in (GARBAGE, msgspec.json.encode(broken_body), msgspec.json.encode(admit)):
+    for value in (GARBAGE, SIGNER.sign(broken_body), SIGNER.sign(admit)):  # a HIS signs what it writes
         await producer.send_and_wait(INGRESS.name, value, key=p.psn_no.encode(), headers=headers)
     await taps.until(lambda: admit["msgid"] in taps.replies, "the admission's answer")
     assert taps.replies[admit["msgid"]]["infcode"] == 0, taps.replies[admit["msgid"]]["err_msg"]

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from loadtest.his import FeeLine, GatewayClient, Stay
+from loadtest.his import FeeLine, GatewayClient, Signer, Stay
 from schemas.codec import encode
 from schemas.internal import DeadLetter
 from services.common.config import Settings
@@ -85,7 +85,9 @@ async def test_unknown_references(refdata: dict, gateway: GatewayClient) -> None
     env = _stay().admit()
     env["fixmedins_code"] = "H99999999999"
     env["msgid"] = "H99999999999" + env["msgid"][12:]
-    await _expect(gateway, env, "HOSPITAL_UNKNOWN")
+    await _expect(gateway, env, "SIGNATURE_MISSING")  # the run's signer has no key for it: sent unsigned
+    r = await gateway.call(Signer({"H99999999999": bytes(32)}).sign(env))  # signed, but the broker issued no key
+    assert r["err_msg"].startswith("KEY_UNKNOWN: "), r["err_msg"]
     env = _stay().admit()
     env["input"]["mdtrtinfo"]["psn_no"] = "NOBODY0000001"
     await _expect(gateway, env, "PERSON_UNKNOWN")
