@@ -77,6 +77,7 @@ from loadtest.population import (
 from schemas.codec import encode
 from services.common.config import PROJECT_ROOT, Settings, load_settings
 from services.common.kafka import make_producer
+from services.common.tls import client_session
 from topics.catalog import INGRESS, REPLIES
 
 ECHO_TOPIC = "xsettle.bench.echo"  # scratch topic of the raw round-trip baseline
@@ -689,7 +690,7 @@ async def run(args: argparse.Namespace) -> int:
     if args.via == "kafka":
         caller = KafkaCaller(s, args.reply_partition, timeout_s=args.request_timeout)
     else:
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency + 4))
+        session = client_session(s, limit=args.concurrency + 4)  # TLS, keep-alive: no handshake per request
         caller = HttpCaller(s.gateway_url, session, timeout_s=args.request_timeout)
     results: list[tuple[list[str], dict[str, float], bool]] = []
     unreachable: str | None = None

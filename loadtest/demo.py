@@ -56,6 +56,7 @@ from loadtest.population import (
 )
 from services.common.config import Settings, load_settings
 from services.common.shards import shard_database, shard_dsns, shard_map
+from services.common.tls import client_session
 
 INFNO_NAMES = {
     "2401": "admission", "2301": "fee upload", "2402": "discharge", "2303": "pre-settlement",
@@ -238,8 +239,8 @@ async def run(args: argparse.Namespace) -> int:
     pairs = ", ".join(f"{scope} {len(pop.pairs[scope])}" for scope in SCOPES)
     print(f"scenarios: {len(pop.hospitals)} hospitals × insured regions, pairs by scope: {pairs}")
 
-    connector = aiohttp.TCPConnector(limit=args.concurrency + 4)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    # TLS with the deployment's CA; keep-alive connections, so a handshake per connection, not per request.
+    async with client_session(s, limit=args.concurrency + 4) as session:
         caller = HttpCaller(s.gateway_url, session, timeout_s=s.gateway_timeout_ms / 1000 + 5)
         try:
             print(await wait_ready(caller, pop, timeout_s=30))

@@ -28,6 +28,7 @@ from schemas.clearing import ManualClaim
 from schemas.internal import DeadLetter, PersonCtx, RoutedRequest
 from schemas.pharmacy import Input2102
 from services.common.config import Settings
+from services.common.tls import client_session
 from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS, STAY_START, Ledger, wait_router_knows
 from tests.unit.test_settle_properties import Script
 from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, REPLIES, ROUTED, SETTLEMENTS
@@ -187,7 +188,7 @@ LONG_LIVED = ("settle", "router", "clearing", "monitor", "dashboard")
 async def _stays(s: Settings, day0: int) -> list[tuple[Stay, dict[str, Any], bool]]:
     """Two stays per person, persons in parallel, every third reversed; the HIS resends by msgid."""
     results: list[tuple[Stay, dict[str, Any], bool]] = []
-    async with aiohttp.ClientSession() as session:
+    async with client_session(s) as session:
         client = GatewayClient(s.gateway_url, session, retry_for_s=120)
 
         async def person_stays(i: int) -> None:
@@ -281,7 +282,7 @@ async def test_services_wait_out_a_kafka_restart(refdata: dict, services: Settin
     await asyncio.to_thread(stack_ctl.start_kafka, services)
     p = FAULT_PERSONS[0]
     stay = Stay(HOSPITALS["chifeng"], p.psn_no, p.insuplc, p.insutype, STAY_START + timedelta(days=250))
-    async with aiohttp.ClientSession() as session:
+    async with client_session(services) as session:
         client = GatewayClient(services.gateway_url, session, retry_for_s=120)
         r = await client.run_stay(stay, [FeeLine(ITEM_A, D(1), D("99.90"))])
     assert r["infcode"] == 0, r["err_msg"]
