@@ -11,12 +11,19 @@ import aiohttp
 import asyncpg
 
 from services.common.config import Settings
+from services.common.tls import client_session
 from services.dashboard.users import add_user
 from tests.integration.conftest import RUN_TOKEN
 
 TEST_OPERATOR = "pytest"
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 _serial = itertools.count(1)
+
+
+def dashboard_session(s: Settings) -> aiohttp.ClientSession:
+    """TLS with the CA, and a cookie jar that keeps cookies of 127.0.0.1 (aiohttp's default jar drops
+    cookies of IP-address hosts)."""
+    return client_session(s, cookie_jar=aiohttp.CookieJar(unsafe=True))
 
 
 async def make_user(db: asyncpg.Pool, role: str) -> tuple[str, str]:

@@ -30,7 +30,7 @@ from schemas.pharmacy import Input2102
 from services.common.config import Settings
 from services.common.tls import client_session
 from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS, STAY_START, Ledger, wait_router_knows
-from tests.integration.dashboard_client import make_user, sign_in
+from tests.integration.dashboard_client import dashboard_session, make_user, sign_in
 from tests.unit.test_settle_properties import Script
 from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, REPLIES, ROUTED, SETTLEMENTS
 
@@ -245,7 +245,7 @@ async def test_services_wait_out_a_postgres_restart(refdata: dict, services: Set
         assert time.monotonic() < deadline, "the monitor did not poll the ledger after the restart"
         await asyncio.sleep(0.5)
     # The dashboard answers from the ledger again.
-    async with client_session(services) as session:
+    async with dashboard_session(services) as session:
         await sign_in(services, session, *await make_user(db, "viewer"))
         async with session.get(f"{services.dashboard_url}api/overview") as resp:
             assert resp.status == 200
