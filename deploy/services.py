@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,9 @@ class ServiceSpec:
     ports: tuple[int, ...]
     # The port whose HTTP GET / answering means "ready" (the metrics endpoint).
     ready_port: int
+    # A TLS endpoint (port, path) that must answer too: the gateway's and the dashboard's, checked with the
+    # deployment's CA (any HTTP status will do — it proves the TLS listener is up with a valid certificate).
+    tls_check: tuple[int, str] | None = None
 
 
 def service_specs(s: Settings) -> list[ServiceSpec]:
@@ -42,13 +48,32 @@ def service_specs(s: Settings) -> list[ServiceSpec]:
         ServiceSpec("settle", "services.settle", (s.settle_metrics_port,), s.settle_metrics_port),
         ServiceSpec("router", "services.router", (s.router_metrics_port,), s.router_metrics_port),
         ServiceSpec(
-            "gateway", "services.gateway", (s.gateway_port, s.gateway_metrics_port), s.gateway_metrics_port
+            "gateway", "services.gateway", (s.gateway_port, s.gateway_metrics_port), s.gateway_metrics_port,
+            (s.gateway_port, "/health/ready"),
         ),
         ServiceSpec("clearing", "services.clearing", (s.clearing_metrics_port,), s.clearing_metrics_port),
         ServiceSpec("monitor", "services.monitor", (s.monitor_metrics_port,), s.monitor_metrics_port),
-        # The dashboard serves its page and /metrics on one port.
-        ServiceSpec("dashboard", "services.dashboard", (s.dashboard_port,), s.dashboard_port),
+        ServiceSpec("dashboard", "services.dashboard", (s.dashboard_port, s.dashboard_metrics_port),
+                    s.dashboard_metrics_port, (s.dashboard_port, "/login")),
     ]
+
+
+def tls_answers(s: Settings, spec: ServiceSpec, timeout: float = 2.0) -> bool:
+    """The service's TLS endpoint answers an HTTPS request verified against the CA (or plain HTTP with
+    XS_PLAIN_HTTP=1)."""
+    if spec.tls_check is None:
+        return True
+    from services.common.tls import client_ssl_context
+
+    port, path = spec.tls_check
+    context = None if s.plain_http else client_ssl_context(s)
+    try:
+        with urllib.request.urlopen(f"{s.http_scheme}://127.0.0.1:{port}{path}", timeout=timeout, context=context):
+            return True
+    except urllib.error.HTTPError:
+        return True  # an HTTP answer (e.g. 503 from a gateway waiting for the broker) is a working listener
+    except (urllib.error.URLError, OSError, ValueError, ssl.SSLError):
+        return False
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from deploy.services import (
     service_specs,
     supervisor_config,
     supervisord_sections,
+    tls_answers,
     venv_python,
 )
 from services.common.config import Settings, load_settings
@@ -202,7 +203,8 @@ def _ready_port(name: str, s: Settings) -> int:
 def _ready(name: str, s: Settings, timeout: float = 1.0) -> bool:
     if name == PROMETHEUS:
         return _prometheus_http(s, "/-/ready", timeout=timeout)
-    return _http_ok(_spec(name, s).ready_port, timeout=timeout)
+    spec = _spec(name, s)
+    return _http_ok(spec.ready_port, timeout=timeout) and tls_answers(s, spec, timeout=timeout)
 
 
 def service_pid(name: str, s: Settings | None = None) -> int | None:

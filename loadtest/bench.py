@@ -79,6 +79,7 @@ from schemas.codec import decode_envelope, encode, peek_ids
 from services.common.config import PROJECT_ROOT, Settings, load_settings
 from services.common.kafka import make_producer
 from services.common.signing import InstitutionKey, content_digest
+from services.common.tls import client_session
 from services.router.auth import authenticate
 from topics.catalog import INGRESS, REPLIES
 
@@ -706,7 +707,7 @@ async def run(args: argparse.Namespace) -> int:
     if args.via == "kafka":
         caller = KafkaCaller(s, args.reply_partition, timeout_s=args.request_timeout)
     else:
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency + 4))
+        session = client_session(s, limit=args.concurrency + 4)  # TLS, keep-alive: no handshake per request
         caller = HttpCaller(s.gateway_url, session, timeout_s=args.request_timeout)
     results: list[tuple[list[str], dict[str, float], bool]] = []
     unreachable: str | None = None

@@ -48,6 +48,7 @@ from deploy import stack as stack_ctl
 from loadtest.his import FeeLine, GatewayClient, Hospital, Signer, SignInFailed, Stay, simulator_signer
 from services.common.config import Settings, load_settings
 from services.common.shards import ShardPools
+from services.common.tls import client_session
 from services.refdata.load import load_dir
 
 SERVICES = ("settle", "router", "gateway", "clearing", "monitor")
@@ -419,7 +420,7 @@ async def run_chaos(s: Settings, cfg: Config) -> Report:
     answers: list[float] = []
     stop = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with client_session(s, timeout=timeout) as session:
         clients = [ChaosClient(s.gateway_url, session, retry_for_s=cfg.retry_for_s, answers=answers, signer=signer)
                    for _ in persons]
         await wait_router_knows(s, clients[0], persons[-1])

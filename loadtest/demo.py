@@ -57,6 +57,8 @@ from loadtest.population import (
 )
 from services.common.config import Settings, load_settings
 from services.common.shards import shard_database, shard_dsns, shard_map
+from services.common.tls import ca_paths, client_session
+from services.dashboard.users import admin_password_file
 
 INFNO_NAMES = {
     "2401": "admission", "2301": "fee upload", "2402": "discharge", "2303": "pre-settlement",
@@ -217,6 +219,8 @@ def how_to_look(s: Settings) -> list[str]:
           for name in shard_map(s).names),
         f"  curl -s http://127.0.0.1:{s.gateway_metrics_port}/metrics | grep ^xs_   # gateway "
         f"(router :{s.router_metrics_port}, settle :{s.settle_metrics_port})",
+        f"  dashboard: {s.dashboard_url} — sign in as admin, password in {admin_password_file(s)}",
+        f"  curl --cacert {ca_paths(s).cert} {s.gateway_url.split('/fsi/')[0]}/health/ready   # TLS with the local CA",
         "  .venv/bin/python -m deploy.stack stop                   # stop everything",
     ]
 
@@ -240,8 +244,8 @@ async def run(args: argparse.Namespace) -> int:
     print(f"scenarios: {len(pop.hospitals)} hospitals × insured regions, pairs by scope: {pairs}")
 
     GatewayClient.default_signer = await population_signer(s, pop, operator="demo")
-    connector = aiohttp.TCPConnector(limit=args.concurrency + 4)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    # TLS with the deployment's CA; keep-alive connections, so a handshake per connection, not per request.
+    async with client_session(s, limit=args.concurrency + 4) as session:
         caller = HttpCaller(s.gateway_url, session, timeout_s=s.gateway_timeout_ms / 1000 + 5)
         try:
             print(await wait_ready(caller, pop, timeout_s=30))

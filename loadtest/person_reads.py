@@ -37,7 +37,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-import aiohttp
 import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -48,6 +47,7 @@ from deploy.stack import service_pid
 from loadtest.his import GatewayClient, Hospital, simulator_signer
 from services.common.config import Settings, load_settings
 from services.common.shards import ShardPools, shard_dsns
+from services.common.tls import client_session
 from services.refdata.store import fetch_persons
 
 PREFIX = "BENCH"
@@ -156,7 +156,7 @@ async def measure_rss(s: Settings, requests: int, concurrency: int) -> None:
     picks = [rng.choice(sample) for _ in range(requests)]
     before = _router_rss(s)
     answered = 0
-    async with aiohttp.ClientSession() as session:
+    async with client_session(s) as session:
         client = GatewayClient(s.gateway_url, session, signer=signer)
 
         async def worker(mine: list[tuple[str, str]]) -> None:

@@ -42,6 +42,13 @@ def _str(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(name) or default
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
 # A topic prefix names a test run's (or a tenant's) own topics and consumer groups, e.g. "t123.".
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{0,40}$")
 
@@ -105,6 +112,15 @@ class Settings:
     # institution's person look-ups (1101) per minute.
     inf_time_window_s: int = 300
     person_queries_per_minute: int = 120
+    # TLS (services.common.tls): the gateway and the dashboard serve HTTPS unless plain_http (1: a
+    # development switch, warned about at start). gateway_client_certs: off | optional | required.
+    plain_http: int = 0
+    gateway_client_certs: str = "optional"
+    # The dashboard's /metrics on a plain port of its own (its page and API need a session over TLS).
+    dashboard_metrics_port: int = 9106
+    # Dashboard sign-in sessions: idle and absolute expiry, seconds.
+    dashboard_session_idle_s: int = 1800
+    dashboard_session_max_s: int = 28_800
 
     @property
     def kafka_nodes(self) -> list[tuple[int, int, int]]:
@@ -122,8 +138,16 @@ class Settings:
         return f"postgresql://{self.pg_user}@127.0.0.1:{self.pg_port}/{self.pg_database}"
 
     @property
+    def http_scheme(self) -> str:
+        return "http" if self.plain_http else "https"
+
+    @property
     def gateway_url(self) -> str:
-        return f"http://{self.gateway_host}:{self.gateway_port}{GATEWAY_PATH}"
+        return f"{self.http_scheme}://{self.gateway_host}:{self.gateway_port}{GATEWAY_PATH}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"{self.http_scheme}://127.0.0.1:{self.dashboard_port}/"
 
 
 GATEWAY_PATH = "/fsi/api/rsfComIfsService/callService"
@@ -180,6 +204,11 @@ def load_settings() -> Settings:
         shard_dsns=os.environ.get("XS_SHARD_DSNS", ""),
         inf_time_window_s=_int("XS_INF_TIME_WINDOW_S", 300, 0, 86_400),
         person_queries_per_minute=_int("XS_PERSON_QUERIES_PER_MINUTE", 120, 1, 1_000_000),
+        plain_http=_int("XS_PLAIN_HTTP", 0, 0, 1),
+        gateway_client_certs=_choice("XS_GATEWAY_CLIENT_CERTS", "optional", ("off", "optional", "required")),
+        dashboard_metrics_port=_int("XS_DASHBOARD_METRICS_PORT", 9106, 1024, 65535),
+        dashboard_session_idle_s=_int("XS_DASHBOARD_SESSION_IDLE_S", 1800, 1, 86_400),
+        dashboard_session_max_s=_int("XS_DASHBOARD_SESSION_MAX_S", 28_800, 1, 7 * 86_400),
     )
 
 

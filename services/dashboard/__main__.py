@@ -1,4 +1,5 @@
-"""python -m services.dashboard — the clearing staff's dashboard (default http://127.0.0.1:8090/)."""
+"""python -m services.dashboard — the clearing staff's dashboard (default https://127.0.0.1:8090/; its
+/metrics on XS_DASHBOARD_METRICS_PORT, plain HTTP)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from aiohttp import web
 
 from services.common.config import load_settings
 from services.common.lifecycle import run_service
+from services.common.metrics import serve_metrics
+from services.common.tls import server_ssl_context
 from services.dashboard.app import Dashboard, build_app
 
 
@@ -18,8 +21,13 @@ async def main(stop: asyncio.Event) -> None:
     await d.start()
     runner = web.AppRunner(build_app(d), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", s.dashboard_port).start()
-    logging.getLogger("dashboard").info("dashboard on http://127.0.0.1:%d/", s.dashboard_port)
+    log = logging.getLogger("dashboard")
+    if s.plain_http:
+        log.warning("XS_PLAIN_HTTP=1: serving plain HTTP without TLS (development only)")
+    ssl_context = None if s.plain_http else server_ssl_context(s)
+    await web.TCPSite(runner, "127.0.0.1", s.dashboard_port, ssl_context=ssl_context).start()
+    serve_metrics(s.dashboard_metrics_port)
+    log.info("dashboard on %s", s.dashboard_url)
     try:
         await stop.wait()
     finally:

@@ -1,4 +1,5 @@
-"""python -m services.gateway — the HTTP gateway (default http://127.0.0.1:8080)."""
+"""python -m services.gateway — the HTTPS gateway (default https://127.0.0.1:8080; plain HTTP only with
+XS_PLAIN_HTTP=1, for development)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from aiohttp import web
 from services.common.config import load_settings
 from services.common.lifecycle import run_service
 from services.common.metrics import serve_metrics
+from services.common.tls import server_ssl_context
 from services.gateway.app import Gateway, build_app
 
 
@@ -19,10 +21,15 @@ async def main(stop: asyncio.Event) -> None:
     await gw.start()
     runner = web.AppRunner(build_app(gw), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, s.gateway_host, s.gateway_port, backlog=1024)
+    log = logging.getLogger("gateway")
+    if s.plain_http:
+        log.warning("XS_PLAIN_HTTP=1: serving plain HTTP without TLS (development only)")
+    ssl_context = None if s.plain_http else server_ssl_context(s, s.gateway_client_certs)
+    site = web.TCPSite(runner, s.gateway_host, s.gateway_port, backlog=1024, ssl_context=ssl_context)
     await site.start()
     serve_metrics(s.gateway_metrics_port, stage="gateway")
-    logging.getLogger("gateway").info("listening on %s", s.gateway_url)
+    log.info("listening on %s (client certificates: %s)", s.gateway_url,
+             "n/a" if s.plain_http else s.gateway_client_certs)
     try:
         await stop.wait()
     finally:

@@ -17,7 +17,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import aiohttp
 import asyncpg
 import msgspec
 import pytest
@@ -28,6 +27,7 @@ from schemas.refdata import certno_check_char
 from services.common.config import Settings
 from services.common.shards import ShardPools
 from services.common.signing import key_encryption_key
+from services.common.tls import client_session
 from services.refdata.keys import issue_key
 from services.refdata.load import load_dir
 from services.refdata.regions import SEED_REGIONS
@@ -238,7 +238,7 @@ async def _wait_router_knows(s: Settings, person: TestPerson) -> None:
 async def wait_router_knows(s: Settings, hospital: Hospital, psn_no: str, insuplc: str) -> None:
     """The router reloads on NOTIFY; wait until a request for a new person no longer says PERSON_UNKNOWN."""
     deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
+    async with client_session(s) as session:
         client = GatewayClient(s.gateway_url, session)
         while time.monotonic() < deadline:
             env = hospital.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": psn_no}}, insuplc=insuplc)
@@ -255,7 +255,7 @@ async def wait_router_knows(s: Settings, hospital: Hospital, psn_no: str, insupl
 
 @pytest.fixture
 async def gateway(services: Settings) -> AsyncIterator[GatewayClient]:
-    async with aiohttp.ClientSession() as session:
+    async with client_session(services) as session:
         yield GatewayClient(services.gateway_url, session)
 
 

@@ -30,6 +30,7 @@ from schemas.clearing import ManualClaim
 from services.clearing.cli import deposit_topup, submit_claims
 from services.common.config import Settings
 from services.common.response import SHANGHAI
+from services.common.tls import client_session
 from services.monitor.ledger import month_bounds
 from services.refdata.load import load_dir
 from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, RUN_TOKEN, issue_missing_keys
@@ -82,7 +83,7 @@ async def load_refdata(db: asyncpg.Pool, s: Settings, directory: Path) -> None:
     await load_dir(db, directory)
     await issue_missing_keys(s, db)
     deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
+    async with client_session(s) as session:
         client = GatewayClient(s.gateway_url, session, retry_for_s=RETRY_FOR_S)
         while time.monotonic() < deadline:
             env = SUZHOU.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": mpsn(39)}}, insuplc=INSURED)
@@ -203,7 +204,7 @@ async def ensure_traffic(s: Settings, db: asyncpg.Pool, tmp: Path) -> Traffic:
         async with db.acquire() as conn:  # the run's database starts empty: one deposit for the deposit panels
             await deposit_topup(conn, INSURED_PROV, 100_000_000, f"MON{RUN_TOKEN}", "monitoring traffic")
         t = Traffic()
-        async with exclusive(db, "counters"), aiohttp.ClientSession() as session:
+        async with exclusive(db, "counters"), client_session(s) as session:
             client = GatewayClient(s.gateway_url, session, retry_for_s=RETRY_FOR_S)
             # One of each first, so Prometheus has seen the series before the rest arrive
             # (increase() cannot count the first value of a series it has never seen).

@@ -31,6 +31,7 @@ from schemas.money import to_fen
 from services.clearing import cli, store
 from services.clearing.logic import AMOUNT_FIELDS, Position, compare_positions, month_end, month_start
 from services.common.config import Settings
+from services.common.tls import client_session
 from services.refdata.regions import region_of
 from tests.integration.clearing_fixtures import (
     CROSS_SHARD,
@@ -64,7 +65,7 @@ D = Decimal
 
 @pytest.fixture(scope="module")
 async def client(services: Settings) -> AsyncIterator[GatewayClient]:
-    async with aiohttp.ClientSession() as session:
+    async with client_session(services) as session:
         yield GatewayClient(services.gateway_url, session, retry_for_s=RETRY_FOR_S)
 
 

@@ -12,12 +12,12 @@ import asyncio
 from datetime import timedelta
 from decimal import Decimal
 
-import aiohttp
 import pytest
 
 from deploy import stack as stack_ctl
 from loadtest.his import FeeLine, GatewayClient, Stay
 from services.common.config import Settings
+from services.common.tls import client_session
 from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS, STAY_START, Ledger
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ async def _drive(s: Settings, day0: int) -> tuple[list[tuple[Stay, dict, bool]],
     Returns the results and how many times the HIS had to resend."""
     results: list[tuple[Stay, dict, bool]] = []
 
-    async with aiohttp.ClientSession() as session:
+    async with client_session(s) as session:
         client = GatewayClient(s.gateway_url, session, retry_for_s=90)
 
         async def person_stays(i: int) -> None:

@@ -1,26 +1,23 @@
-"""The clearing staff's dashboard in a real headless Chromium: it loads with live data from the
-running stack, shows the numbers the ledger says, and a screenshot is kept as a test artifact
-(test-artifacts/dashboard-<run>.png, one per test run)."""
+"""The clearing staff's dashboard in a real headless Chromium: a user signs in through the form over TLS,
+the page loads with live data from the running stack and shows the numbers the ledger says, and a
+screenshot is kept as a test artifact (test-artifacts/dashboard-<run>.png, one per test run)."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import shutil
-import subprocess
-import tempfile
+import urllib.request
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
-from pathlib import Path
 
-import aiohttp
 import asyncpg
 import pytest
 
 from services.common.config import PROJECT_ROOT, Settings
 from services.dashboard.app import STATIC_DIR
 from services.monitor.ledger import month_bounds
+from tests.integration.browser import Page, chromium
 from tests.integration.conftest import Ledger
+from tests.integration.dashboard_client import dashboard_session, make_user, sign_in
 from tests.integration.monitoring_data import (
     INSURED_PROV,
     LOW_DEPOSIT_PROV,
@@ -39,21 +36,26 @@ from tests.integration.monitoring_data import (
 pytestmark = pytest.mark.integration
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--virtual-time-budget=8000")
 
 
-def _chromium() -> str:
-    path = shutil.which("chromium") or "/usr/bin/chromium"
-    assert Path(path).exists(), "chromium is not installed: test.sh runs deploy/bootstrap.sh --test-tools"
-    return path
+async def sign_in_in_browser(page: Page, s: Settings, username: str, password: str) -> None:
+    """Open the dashboard, land on the sign-in form, type and submit like a person."""
+    await page.navigate(s.dashboard_url)
+    await page.wait_for("location.pathname === '/login' && !!document.querySelector('form[data-test=sign-in]')")
+    await page.evaluate(
+        "(() => { const f = document.querySelector('form[data-test=sign-in]');"
+        f" f.username.value = {username!r}; f.password.value = {password!r};"
+        " f.querySelector('button[type=submit]').click(); return true; })()")
+    await page.wait_for("location.pathname === '/' && document.body.dataset.loaded === '1'")
 
 
-async def run_chromium(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    with tempfile.TemporaryDirectory(prefix="xs-chromium-") as profile:
-        cmd = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url]
-        return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=90, check=False)
+async def reload_overview(page: Page, s: Settings) -> str:
+    """The overview, drawn afresh from /api/overview: its rendered DOM. (CDP's navigate returns once the new
+    document is committed, so the old one's data-loaded cannot be mistaken for the new one's.)"""
+    await page.send("Page.navigate", url=s.dashboard_url)
+    await page.wait_for("location.pathname === '/' && !!document.body && (document.body.dataset.loaded === '1'"
+                        " || !!document.body.dataset.error)")
+    return await page.html()
 
 
 class Dom(HTMLParser):
@@ -150,7 +152,7 @@ async def _clearing_caught_up(db: asyncpg.Pool, traffic: Traffic) -> bool:
 
 async def test_page_shows_the_ledger_in_chromium(services: Settings, traffic: Traffic, db: asyncpg.Pool,
                                                  ledger: Ledger, low_deposit: int) -> None:
-    url = f"http://127.0.0.1:{services.dashboard_port}/"
+    username, password = await make_user(db, "viewer")
     await wait_for("clearing positions to include the test's settlements", lambda: _clearing_caught_up(db, traffic),
                    timeout=60, every=0.5)
     # The 24 h rate needs a Prometheus evaluation after the traffic.
@@ -161,14 +163,21 @@ async def test_page_shows_the_ledger_in_chromium(services: Settings, traffic: Tr
     firing = f'ALERTS{{alertname="DepositBelowWarningLine",alertstate="firing",insured_prov="{LOW_DEPOSIT_PROV}"}}'
     await wait_for("the deposit alert to fire", lambda: prom_query(services, firing), timeout=60)
 
+    async with chromium(services) as page:
+        await sign_in_in_browser(page, services, username, password)
+        assert await page.evaluate("document.querySelector('[data-test=user]').textContent") == username
+        await _check_page(page, services, traffic, db, ledger, low_deposit)
+
+
+async def _check_page(page: Page, services: Settings, traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
+                      low_deposit: int) -> None:
     mismatch = ""
     for _attempt in range(4):  # others may settle on the same routes meanwhile: compare one snapshot
         before = await _ledger_truth(db, ledger)
-        res = await run_chromium(url, "--dump-dom")
+        html = await reload_overview(page, services)
         after = await _ledger_truth(db, ledger)
-        assert res.returncode == 0, res.stderr[-2000:]
         dom = Dom()
-        dom.feed(res.stdout)
+        dom.feed(html)
         assert dom.body.get("data-loaded") == "1", f"page did not load its data: {dom.body.get('data-error')}"
         rows = dom.select(data_test="rate-row", data_prov=INSURED_PROV, data_scope="intra_province",
                           data_visit_type="inpatient")
@@ -208,17 +217,20 @@ async def test_page_shows_the_ledger_in_chromium(services: Settings, traffic: Tr
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / f"dashboard-{services.topic_prefix.rstrip('.') or 'local'}.png"  # parallel runs: one each
     shot.unlink(missing_ok=True)
-    res = await run_chromium(url, f"--screenshot={shot}", "--window-size=1400,4600")
-    assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
+    await page.screenshot(shot, 1400, 4600)
     assert shot.stat().st_size > 100_000  # charts and text, not a blank page
 
 
-async def test_page_needs_no_internet(services: Settings) -> None:
+async def test_page_needs_no_internet(services: Settings, db: asyncpg.Pool) -> None:
     """Every asset is served by the dashboard itself: no absolute URL in the page or its scripts."""
     for f in (STATIC_DIR / "index.html", STATIC_DIR / "app.js", STATIC_DIR / "style.css"):
         urls = set(re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s\"')]*", f.read_text(encoding="utf-8")))
         assert urls <= {"http://www.w3.org/2000/svg"}, (f.name, urls)  # the SVG namespace is a name, not a fetch
-    async with aiohttp.ClientSession() as session:
-        for path in ("/", "/static/app.js", "/static/style.css", "/api/overview", "/metrics"):
-            async with session.get(f"http://127.0.0.1:{services.dashboard_port}{path}") as resp:
+    async with dashboard_session(services) as session:
+        await sign_in(services, session, *await make_user(db, "viewer"))
+        for path in ("", "static/app.js", "static/style.css", "api/overview"):
+            async with session.get(f"{services.dashboard_url}{path}") as resp:
                 assert resp.status == 200, path
+    # Prometheus scrapes /metrics on a plain loopback port of its own (no personal data there).
+    with urllib.request.urlopen(f"http://127.0.0.1:{services.dashboard_metrics_port}/metrics", timeout=5) as resp:
+        assert resp.status == 200

@@ -28,6 +28,7 @@ from schemas.clearing import ManualClaim
 from schemas.internal import DeadLetter, PersonCtx, RoutedRequest
 from schemas.pharmacy import Input2102
 from services.common.config import Settings
+from services.common.tls import client_session
 from tests.integration.conftest import (
     HOSPITALS,
     ITEM_A,
@@ -38,6 +39,7 @@ from tests.integration.conftest import (
     Ledger,
     wait_router_knows,
 )
+from tests.integration.dashboard_client import dashboard_session, make_user, sign_in
 from tests.unit.test_settle_properties import Script
 from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, REPLIES, ROUTED, SETTLEMENTS
 
@@ -196,7 +198,7 @@ LONG_LIVED = ("settle", "router", "clearing", "monitor", "dashboard")
 async def _stays(s: Settings, day0: int) -> list[tuple[Stay, dict[str, Any], bool]]:
     """Two stays per person, persons in parallel, every third reversed; the HIS resends by msgid."""
     results: list[tuple[Stay, dict[str, Any], bool]] = []
-    async with aiohttp.ClientSession() as session:
+    async with client_session(s) as session:
         client = GatewayClient(s.gateway_url, session, retry_for_s=120)
 
         async def person_stays(i: int) -> None:
@@ -252,9 +254,10 @@ async def test_services_wait_out_a_postgres_restart(refdata: dict, services: Set
         assert time.monotonic() < deadline, "the monitor did not poll the ledger after the restart"
         await asyncio.sleep(0.5)
     # The dashboard answers from the ledger again.
-    async with aiohttp.ClientSession() as session, session.get(
-            f"http://127.0.0.1:{services.dashboard_port}/api/overview") as resp:
-        assert resp.status == 200
+    async with dashboard_session(services) as session:
+        await sign_in(services, session, *await make_user(db, "viewer"))
+        async with session.get(f"{services.dashboard_url}api/overview") as resp:
+            assert resp.status == 200
 
 
 async def _monitor_last_poll(s: Settings, source: str) -> float:
@@ -290,7 +293,7 @@ async def test_services_wait_out_a_kafka_restart(refdata: dict, services: Settin
     await asyncio.to_thread(stack_ctl.start_kafka, services)
     p = FAULT_PERSONS[0]
     stay = Stay(HOSPITALS["chifeng"], p.psn_no, p.insuplc, p.insutype, STAY_START + timedelta(days=250))
-    async with aiohttp.ClientSession() as session:
+    async with client_session(services) as session:
         client = GatewayClient(services.gateway_url, session, retry_for_s=120)
         r = await client.run_stay(stay, [FeeLine(ITEM_A, D(1), D("99.90"))])
     assert r["infcode"] == 0, r["err_msg"]

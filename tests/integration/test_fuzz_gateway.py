@@ -24,6 +24,7 @@ from schemas.errors import ERRORS
 from schemas.internal import DeadLetter
 from services.common.config import Settings
 from services.common.signing import sign
+from services.common.tls import client_session
 from tests.hostile import PERSONAL_MARKERS, hostile_request, msgid, valid_requests
 from tests.integration.conftest import HOSPITALS, PERSONS, SIGNER, Ledger
 from topics.catalog import DEADLETTER, INGRESS
@@ -72,8 +73,8 @@ async def _post(session: aiohttp.ClientSession, url: str, raw: bytes) -> tuple[i
 
 
 @pytest.fixture(scope="module")
-async def http_session() -> Any:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+async def http_session(settings: Settings) -> Any:
+    async with client_session(settings, timeout=aiohttp.ClientTimeout(total=60)) as session:
         yield session
 
 

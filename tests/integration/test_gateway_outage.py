@@ -23,6 +23,7 @@ import pytest
 from deploy import stack as stack_ctl
 from loadtest.his import GatewayClient
 from services.common.config import GATEWAY_PATH, PROJECT_ROOT, Settings
+from services.common.tls import client_session, client_ssl_context
 from tests.integration.conftest import HOSPITALS, PERSONS
 
 pytestmark = pytest.mark.integration
@@ -54,9 +55,10 @@ async def _wait_ready_status(session: aiohttp.ClientSession, base: str, status: 
     assert last == status, f"{READY_PATH} answered {last}, expected {status} within {within_s} s"
 
 
-def _ready_now(base: str) -> bool:
+def _ready_now(s: Settings, base: str) -> bool:
     try:
-        with urllib.request.urlopen(base + READY_PATH, timeout=3) as resp:
+        context = None if s.plain_http else client_ssl_context(s)
+        with urllib.request.urlopen(base + READY_PATH, timeout=3, context=context) as resp:
             return bool(resp.status == 200)
     except OSError:
         return False
@@ -73,10 +75,10 @@ def own_gateway(services: Settings, tmp_path: Path) -> Iterator[str]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=PROJECT_ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    base = f"{services.http_scheme}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
-        while not _ready_now(base):
+        while not _ready_now(services, base):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"gateway 2 did not start: {log_path.read_text(errors='replace')[-2000:]}")
             time.sleep(0.3)
@@ -98,8 +100,9 @@ async def _timed(client: GatewayClient, request: dict[str, Any] | bytes) -> tupl
     return answer, time.monotonic() - started
 
 
-async def test_default_clock_window_refuses_implausible_settlement_dates(refdata: dict, own_gateway: str) -> None:
-    async with aiohttp.ClientSession() as session:
+async def test_default_clock_window_refuses_implausible_settlement_dates(refdata: dict, services: Settings,
+                                                                        own_gateway: str) -> None:
+    async with client_session(services) as session:
         client = GatewayClient(own_gateway + GATEWAY_PATH, session, retry_for_s=30)
         assert (await client.call(_query()))["infcode"] == 0
         for at in (datetime(2100, 1, 1), datetime(1970, 1, 1, 8), datetime.now().replace(year=2024)):
@@ -110,7 +113,7 @@ async def test_default_clock_window_refuses_implausible_settlement_dates(refdata
 
 async def test_broker_outage_answers_timeout_in_time_and_recovers(refdata: dict, services: Settings,
                                                                   own_gateway: str) -> None:
-    async with aiohttp.ClientSession() as session:
+    async with client_session(services) as session:
         client = GatewayClient(own_gateway + GATEWAY_PATH, session, retry_for_s=30)
         assert (await client.call(_query()))["infcode"] == 0
         client.retry_for_s = 0

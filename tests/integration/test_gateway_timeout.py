@@ -11,12 +11,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from deploy import stack as stack_ctl
 from loadtest.his import GatewayClient, Stay
 from services.common.config import GATEWAY_PATH, PROJECT_ROOT, Settings
+from services.common.tls import client_session
 from tests.integration.conftest import HOSPITALS, PERSONS, STAY_START
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ def short_timeout_gateway(services: Settings, tmp_path: os.PathLike[str]) -> Ite
                 tail = Path(log.name).read_text(errors="replace")[-2000:]
                 raise AssertionError(f"second gateway did not start: {tail}")
             time.sleep(0.2)
-        yield f"http://127.0.0.1:{PORT}{GATEWAY_PATH}"
+        yield f"{services.http_scheme}://127.0.0.1:{PORT}{GATEWAY_PATH}"
     finally:
         proc.terminate()
         proc.wait(10)
@@ -59,7 +59,7 @@ async def test_timeout_then_resend_returns_the_stored_result(refdata: dict, serv
     admission = stay.admit()
     stack_ctl.stop_service("settle", kill=True, settings=services)  # the router forwards; nobody answers
     try:
-        async with aiohttp.ClientSession() as session:
+        async with client_session(services) as session:
             client = GatewayClient(short_timeout_gateway, session)
             first = await client.call(admission)
             assert first["infcode"] == -1 and first["err_msg"].startswith("TIMEOUT: "), first

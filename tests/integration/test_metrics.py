@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import urllib.request
 
-import aiohttp
 import asyncpg
 import pytest
 
@@ -14,6 +13,7 @@ from deploy.services import service_specs
 from loadtest.his import GatewayClient, Stay
 from services.clearing.store import rates_recomputed
 from services.common.config import Settings
+from services.common.tls import client_session
 from services.monitor.ledger import month_bounds
 from tests.integration.conftest import Ledger
 from tests.integration.monitoring_data import (
@@ -72,7 +72,7 @@ async def test_settlements_reversals_and_funds_follow_the_ledger(traffic: object
 async def _settle_and_compare(services: Settings, ledger: Ledger) -> None:
     intra_n, cross_n = 10, 25
     before = await _snapshot(services)
-    async with aiohttp.ClientSession() as session:
+    async with client_session(services) as session:
         client = GatewayClient(services.gateway_url, session, retry_for_s=RETRY_FOR_S)
         intra = Stay(SUZHOU, mpsn(intra_n), INSURED, "390", stay_start(70))
         r1 = await client.run_stay(intra, lines(intra_n))
@@ -111,7 +111,7 @@ async def _settle_and_compare(services: Settings, ledger: Ledger) -> None:
 
 async def test_refusals_counted_by_error_code_and_scope(traffic: object, services: Settings) -> None:
     before = (await scrape(services.router_metrics_port))[1]
-    async with aiohttp.ClientSession() as session:
+    async with client_session(services) as session:
         client = GatewayClient(services.gateway_url, session, retry_for_s=RETRY_FOR_S)
         stay = Stay(SUZHOU, mpsn(36), INSURED, "390", stay_start())
         r = await client.run_stay(stay, lines(36))

@@ -22,6 +22,7 @@ from deploy.prometheus import RULE_FILES, UNIT_TESTS, PromPaths
 from deploy.services import service_specs
 from loadtest.his import GatewayClient, Stay
 from services.common.config import PROJECT_ROOT, Settings, load_settings
+from services.common.tls import client_session
 from tests.integration.monitoring_data import (
     INSURED,
     INSURED_PROV,
@@ -153,7 +154,7 @@ async def _growing_lag(prometheus: Settings) -> AsyncIterator[asyncio.Task[None]
 
 
 async def _bad_msgids(s: Settings, n: int) -> None:
-    async with aiohttp.ClientSession() as session:
+    async with client_session(s) as session:
         client = GatewayClient(s.gateway_url, session, retry_for_s=10)
         for i in range(n):
             env = Stay(SUZHOU, mpsn(37), INSURED, "390", stay_start()).admit()

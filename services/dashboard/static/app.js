@@ -377,6 +377,7 @@ function renderNow(d) {
 async function load() {
   try {
     const resp = await fetch("/api/overview?hours=6", { cache: "no-store" });
+    if (resp.status === 401) { location.assign("/login"); return; }  // the session ended
     if (!resp.ok) throw new Error(`HTTP ${resp.status}: ${await resp.text()}`);
     const d = await resp.json();
     renderHeader(d); renderAlerts(d); renderTiles(d); renderRates(d); renderTrend(d);
