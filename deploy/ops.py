@@ -54,7 +54,7 @@ from schemas.codec import decode_request
 from schemas.errors import BrokerError
 from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
 from services.common.config import Settings, load_settings
-from services.common.kafka import make_producer
+from services.common.kafka import client_auth, make_producer
 from services.common.shards import shard_dsns, shard_map
 from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, ROUTED, SETTLEMENTS
 
@@ -74,7 +74,8 @@ class OpsError(RuntimeError):
 def group_command(s: Settings, *args: str) -> str:
     """Run ConsumerGroupCommand against this stack; its stdout, or OpsError with its message."""
     try:
-        res = cluster.run_tool(s, GROUP_MAIN, "--bootstrap-server", s.kafka_bootstrap, *args)
+        res = cluster.run_tool(s, GROUP_MAIN, "--bootstrap-server", s.kafka_bootstrap,
+                               "--command-config", str(cluster.client_config(s, "ops")), *args)
     except StackError as exc:
         raise OpsError(str(exc)) from exc
     if res.returncode != 0 or "Error:" in res.stdout:
@@ -137,7 +138,7 @@ class LetterFilter:
 
 async def read_letters(s: Settings, flt: LetterFilter, limit: int) -> list[Letter]:
     """The last `limit` matching dead letters (oldest first), read up to the end offsets at the start."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, "ops"), enable_auto_commit=False,
                                 request_timeout_ms=15_000)
     await consumer.start()
     found: list[Letter] = []
@@ -242,7 +243,7 @@ async def replay(s: Settings, letters: Sequence[Letter], *, execute: bool, forge
         refused = [(item.letter.msgid, _routed_person_region(item.letter.original))
                    for item, topic, _ in plan if topic == ROUTED.name and item.letter.msgid]
         lines.append(f"forgot {await forget_refusals(s, refused)} stored refusal(s) of the engine")
-    producer = make_producer(s)
+    producer = make_producer(s, "ops")
     await producer.start()
     try:
         for item, topic, key in plan:
