@@ -24,7 +24,7 @@ from services.common.kafka import SERVICE_PRINCIPALS, make_admin
 from services.common.secrets import password
 from topics.acls import prefix_acls
 from topics.catalog import TopicSpec, catalog
-from topics.security import create_acls, set_passwords, users_with_credentials
+from topics.security import create_acls, set_passwords, users_with_credentials, wait_for_acls
 
 
 async def ensure_users(admin: AIOKafkaAdminClient, s: Settings) -> list[str]:
@@ -70,6 +70,7 @@ async def apply_topics(s: Settings, specs: tuple[TopicSpec, ...] | None = None,
             print(f"{len(present)} topics already present; configs aligned")
         acls = prefix_acls(s)
         await create_acls(admin, acls)
+        await wait_for_acls(admin, acls)
         print(f"{len(acls)} ACLs of prefix {s.topic_prefix or '(none)'} in place")
     finally:
         await admin.close()

@@ -9,15 +9,17 @@ password itself never travels.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import for_code
-from aiokafka.protocol.admin import CreateAclsRequest_v1, DeleteAclsRequest_v1
+from aiokafka.protocol.admin import CreateAclsRequest_v1, DeleteAclsRequest_v1, DescribeAclsRequest
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import (
     CompactArray,
@@ -186,15 +188,16 @@ def _raise_for(code: int, what: str, message: str | None) -> None:
         raise SecurityAdminError(f"{what}: {for_code(code).__name__}{': ' + message if message else ''}")
 
 
-async def _send(admin: AIOKafkaAdminClient, request: Request) -> Any:
+async def _send(admin: AIOKafkaAdminClient, request: Request, node_id: int | None = None) -> Any:
     # Any broker answers (it forwards user and ACL changes to the active controller).
-    return await admin._send_request(request)  # aiokafka has no public method for these requests
+    return await admin._send_request(request, node_id)  # aiokafka has no public method for these requests
 
 
-async def users_with_credentials(admin: AIOKafkaAdminClient, names: Iterable[str]) -> set[str]:
-    """Which of `names` have a SCRAM-SHA-512 credential."""
+async def users_with_credentials(admin: AIOKafkaAdminClient, names: Iterable[str],
+                                 node_id: int | None = None) -> set[str]:
+    """Which of `names` have a SCRAM-SHA-512 credential (as broker `node_id`, any by default, knows)."""
     names = list(names)
-    resp = await _send(admin, DescribeUserScramCredentials(names))
+    resp = await _send(admin, DescribeUserScramCredentials(names), node_id)
     _raise_for(resp.error_code, "describe SCRAM users", resp.error_message)
     found = set()
     for user, code, message, infos, _tags in resp.results:
@@ -206,13 +209,19 @@ async def users_with_credentials(admin: AIOKafkaAdminClient, names: Iterable[str
     return found
 
 
-async def set_passwords(admin: AIOKafkaAdminClient, passwords: dict[str, str]) -> None:
-    """Create or replace the SCRAM-SHA-512 credential of each user."""
+async def set_passwords(admin: AIOKafkaAdminClient, passwords: dict[str, str], timeout_s: float = 15.0) -> None:
+    """Create or replace the SCRAM-SHA-512 credential of each user; returns when every broker knows them."""
     if not passwords:
         return
     resp = await _send(admin, AlterUserScramCredentials([], list(passwords.items())))
     for user, code, message, _tags in resp.results:
         _raise_for(code, f"set SCRAM credential of {user}", message)
+    deadline = time.monotonic() + timeout_s
+    for node in [b.nodeId for b in admin._client.cluster.brokers()]:
+        while await users_with_credentials(admin, passwords, node) != set(passwords):
+            if time.monotonic() > deadline:
+                raise SecurityAdminError(f"SCRAM users not known to broker {node} after {timeout_s:.0f} s")
+            await asyncio.sleep(0.1)
 
 
 async def delete_users(admin: AIOKafkaAdminClient, names: Sequence[str]) -> None:
@@ -240,3 +249,31 @@ async def delete_acls(admin: AIOKafkaAdminClient, acls: Sequence[Acl]) -> int:
         _raise_for(code, "delete ACLs", message)
         deleted += len(matching)
     return deleted
+
+
+ACL_WAIT_S = 15.0
+
+
+async def _acls_on(admin: AIOKafkaAdminClient, node_id: int) -> set[Acl]:
+    resp = await _send(admin, DescribeAclsRequest(ANY, None, ANY, None, None, ANY, ANY), node_id)
+    _raise_for(resp.error_code, "describe ACLs", resp.error_message)
+    return {Acl(principal, rtype, name, pattern, op)
+            for rtype, name, pattern, rules in resp.resources
+            for principal, _host, op, permission in rules if permission == ALLOW}
+
+
+async def wait_for_acls(admin: AIOKafkaAdminClient, acls: Sequence[Acl], present: bool = True,
+                        timeout_s: float = ACL_WAIT_S) -> None:
+    """Until every broker's authorizer holds (or no longer holds) the rules: a broker applies a change
+    from the metadata log a moment after the controller committed it, and a client started right
+    after topics.apply must not meet a refusal."""
+    wanted = set(acls)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = [b.nodeId for b in admin._client.cluster.brokers()]  # every broker authorizes for itself
+        views = [await _acls_on(admin, node) for node in nodes]
+        if all((wanted <= view) if present else not (wanted & view) for view in views):
+            return
+        if time.monotonic() > deadline:
+            raise SecurityAdminError(f"ACL change not visible on every broker after {timeout_s:.0f} s")
+        await asyncio.sleep(0.1)
