@@ -18,6 +18,16 @@ Files under .state/kafka/: `brokers` (the cluster size; Settings reads it so eve
 bootstraps from all nodes), `cluster<N>/cluster-id`, `cluster<N>/node-<n>/{data,server.properties}`;
 logs in .state/logs/kafka-<n>.log.
 
+Security (README "Security"): clients authenticate with SASL/SCRAM-SHA-512 on the client listener
+(`CLIENT`, also the inter-broker listener: brokers replicate as the SCRAM user `broker`); the controller
+listener (quorum, broker-to-controller) uses SASL/PLAIN with one static user `controller` from the
+properties file — SCRAM credentials live in the metadata log, which the controllers must reach first.
+The StandardAuthorizer denies what no ACL allows; `admin`, `broker` and `controller` are super users.
+Passwords come from `<state_dir>/secrets/` (generated at first start), so the generated properties files
+are written 0600. SCRAM users are created through the admin API: the first start of a state dir's
+broker or cluster (fresh, or formatted before security existed) runs it once without security, adds
+`admin` and `broker`, stops it and records that in `scram.stamp`; every start after that is secured.
+
 Functions for deploy.stack, the chaos command and tests: start_kafka, stop_kafka, kafka_pid,
 kafka_metadata; start_cluster, stop_cluster, node_pid, kill_node, start_node, quorum_leader.
 """
@@ -39,6 +49,8 @@ from deploy.common import DEPLOY_DIR, Paths, StackError, _port_open, _run_async,
 from deploy.services import infra_program
 from deploy.supervisor import LIVE_STATES, Supervisor
 from services.common.config import Settings, load_settings
+from services.common.kafka import ADMIN, SCRAM_MECHANISM, client_auth
+from services.common.secrets import password, secrets_dir
 
 LOG4J_CONFIG = DEPLOY_DIR / "kafka" / "log4j2.yaml"
 KAFKA_NODE_ID = 1
@@ -51,6 +63,100 @@ CLUSTER_READY_TIMEOUT_S = 90.0
 NODE_HEAP = "-Xmx512M"  # three JVMs share a small machine with everything else
 QUORUM_MAIN = "org.apache.kafka.tools.MetadataQuorumCommand"
 TOOLS_LOG4J_CONFIG = Path(__file__).resolve().parent / "kafka" / "tools-log4j2.properties"
+
+
+# --- security ------------------------------------------------------------------------------
+
+BROKER_USER = "broker"  # inter-broker replication (SCRAM, client listener)
+CONTROLLER_USER = "controller"  # quorum and broker-to-controller traffic (PLAIN, controller listener)
+SUPER_USERS = (ADMIN, BROKER_USER, CONTROLLER_USER)
+SECURED_STAMP = "scram.stamp"
+SECURED_VERSION = "scram-sha-512 v1"
+
+
+def _jaas(module: str, user: str, secret: str, *, serves: bool = False) -> str:
+    own = f' user_{user}="{secret}"' if serves else ""
+    return f'org.apache.kafka.common.security.{module} required username="{user}" password="{secret}"{own};'
+
+
+def _listener_lines(s: Settings, port: int, ctrl: int, secured: bool) -> list[str]:
+    if not secured:  # the former configuration: only for the one start that adds the first users
+        return [
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctrl}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctrl}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        ]
+    controller_pw = password(s, f"kafka-{CONTROLLER_USER}")
+    return [
+        f"listeners=CLIENT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctrl}",
+        f"advertised.listeners=CLIENT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctrl}",
+        "controller.listener.names=CONTROLLER",
+        "inter.broker.listener.name=CLIENT",
+        "listener.security.protocol.map=CONTROLLER:SASL_PLAINTEXT,CLIENT:SASL_PLAINTEXT",
+        f"listener.name.client.sasl.enabled.mechanisms={SCRAM_MECHANISM}",
+        f"sasl.mechanism.inter.broker.protocol={SCRAM_MECHANISM}",
+        "listener.name.client.scram-sha-512.sasl.jaas.config="
+        + _jaas("scram.ScramLoginModule", BROKER_USER, password(s, f"kafka-{BROKER_USER}")),
+        "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+        "sasl.mechanism.controller.protocol=PLAIN",
+        "listener.name.controller.plain.sasl.jaas.config="
+        + _jaas("plain.PlainLoginModule", CONTROLLER_USER, controller_pw, serves=True),
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found=false",
+        "super.users=" + ";".join(f"User:{u}" for u in SUPER_USERS),
+    ]
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only this user may read (it holds passwords)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file made with a wider mode
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def client_config(s: Settings, principal: str) -> Path:
+    """A Java client's properties (`--command-config`) authenticating as `principal`, under secrets/."""
+    path = secrets_dir(s) / f"kafka-{principal}.client.properties"
+    secret = password(s, f"kafka-{principal}")
+    if principal == CONTROLLER_USER:
+        lines = ["security.protocol=SASL_PLAINTEXT", "sasl.mechanism=PLAIN",
+                 "sasl.jaas.config=" + _jaas("plain.PlainLoginModule", principal, secret)]
+    else:
+        lines = ["security.protocol=SASL_PLAINTEXT", f"sasl.mechanism={SCRAM_MECHANISM}",
+                 "sasl.jaas.config=" + _jaas("scram.ScramLoginModule", principal, secret)]
+    _write_private(path, "\n".join([*lines, ""]))
+    return path
+
+
+def admin_auth(s: Settings) -> dict[str, object]:
+    return client_auth(s, ADMIN)
+
+
+def _secured(stamp_dir: Path) -> bool:
+    stamp = stamp_dir / SECURED_STAMP
+    return stamp.exists() and stamp.read_text().strip() == SECURED_VERSION
+
+
+def _add_first_users(s: Settings, bootstrap: str) -> None:
+    """Through the admin API of a broker still without security: `admin` and `broker` (the services'
+    users follow in topics.apply, as admin)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from topics.security import set_passwords
+
+    async def add() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+        await admin.start()
+        try:
+            await set_passwords(admin, {u: password(s, f"kafka-{u}") for u in (ADMIN, BROKER_USER)})
+        finally:
+            await admin.close()
+
+    _run_async(add())
 
 
 # --- the single broker ---------------------------------------------------------------------
@@ -123,7 +229,7 @@ def kafka_programs(s: Settings) -> list[str]:
     return programs
 
 
-def kafka_properties(s: Settings, p: Paths) -> str:
+def kafka_properties(s: Settings, p: Paths, secured: bool = True) -> str:
     port, ctrl = s.kafka_port, s.kafka_controller_port
     return "\n".join(
         [
@@ -131,11 +237,7 @@ def kafka_properties(s: Settings, p: Paths) -> str:
             "process.roles=broker,controller",
             f"node.id={KAFKA_NODE_ID}",
             f"controller.quorum.bootstrap.servers=127.0.0.1:{ctrl}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctrl}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctrl}",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            *_listener_lines(s, port, ctrl, secured),
             f"log.dirs={p.kafka_data}",
             "num.partitions=1",
             # Topics come from topics/apply.py only: a client asking for a deleted topic (e.g. a finished
@@ -181,6 +283,7 @@ def _kafka_format(s: Settings, p: Paths) -> None:
         # The standalone controller's endpoint is recorded in the metadata log at format time.
         warn(f"Kafka ports changed ({old} -> {stamp}): wiping {p.kafka_data} and formatting anew")
         shutil.rmtree(p.kafka_data)
+        (p.kafka / SECURED_STAMP).unlink(missing_ok=True)
     if p.kafka_cluster_id.exists():
         cluster_id = p.kafka_cluster_id.read_text().strip()
     else:
@@ -206,19 +309,36 @@ def _kafka_format(s: Settings, p: Paths) -> None:
     p.kafka_format_stamp.write_text(stamp + "\n")
 
 
+def _kafka_secure_once(s: Settings, p: Paths) -> None:
+    """The first start of this broker since it is secured: add the first users without security."""
+    say("kafka: adding the SCRAM users admin and broker (one start without security)")
+    _write_private(p.kafka_props, kafka_properties(s, p, secured=False))
+    pid = _infra(s).start("kafka")
+    try:
+        _kafka_wait_ready(s, p, pid, auth={})
+        _add_first_users(s, s.kafka_bootstrap)
+    finally:
+        _infra(s).stop("kafka")
+    (p.kafka / SECURED_STAMP).write_text(SECURED_VERSION + "\n")
+
+
 def _kafka_launch(s: Settings, p: Paths) -> int:
-    p.kafka_props.write_text(kafka_properties(s, p))
+    _write_private(p.kafka_props, kafka_properties(s, p))
     _kafka_format(s, p)
+    if not _secured(p.kafka):
+        _kafka_secure_once(s, p)
+        _write_private(p.kafka_props, kafka_properties(s, p))
     pid = _infra(s).start("kafka")
     say(f"kafka: started pid {pid} on 127.0.0.1:{s.kafka_port} (controller {s.kafka_controller_port})")
     return pid
 
 
-async def kafka_metadata(bootstrap: str, timeout_ms: int = 5000) -> int:
-    """One real metadata request; returns the number of brokers it reports."""
+async def kafka_metadata(bootstrap: str, timeout_ms: int = 5000, auth: dict[str, object] | None = None) -> int:
+    """One real metadata request (authenticated with `auth`, client_auth's options); returns the
+    number of brokers it reports."""
     from aiokafka import AIOKafkaClient
 
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, **(auth or {}))
     try:
         await client.bootstrap()
         metadata = await client.fetch_all_metadata()
@@ -227,28 +347,30 @@ async def kafka_metadata(bootstrap: str, timeout_ms: int = 5000) -> int:
         await client.close()
 
 
-def _kafka_probe(s: Settings) -> bool:
+def _kafka_probe(s: Settings, auth: dict[str, object] | None = None) -> bool:
+    """A metadata request answered (as admin unless `auth` says otherwise)."""
     if not _port_open(s.kafka_port):
         return False
     quiet = logging.getLogger("aiokafka")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        return _run_async(kafka_metadata(s.kafka_bootstrap)) >= 1
+        return _run_async(kafka_metadata(s.kafka_bootstrap, auth=admin_auth(s) if auth is None else auth)) >= 1
     except Exception:
         return False
     finally:
         quiet.setLevel(level)
 
 
-def _kafka_wait_ready(s: Settings, p: Paths, pid: int | None, timeout: float = KAFKA_READY_TIMEOUT_S) -> None:
+def _kafka_wait_ready(s: Settings, p: Paths, pid: int | None, timeout: float = KAFKA_READY_TIMEOUT_S,
+                      auth: dict[str, object] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if pid is not None and pid not in _broker_pids(s):
             raise StackError(
                 f"kafka (pid {pid}) exited during start-up; last lines of {p.log('kafka')}:\n" + tail(p.log("kafka"))
             )
-        if _kafka_probe(s):
+        if _kafka_probe(s, auth):
             return
         if time.monotonic() > deadline:
             raise StackError(
@@ -268,6 +390,10 @@ def start_kafka(s: Settings | None = None, wait: bool = True) -> int | None:
         return start_cluster(s)[0]
     stop_any_cluster(s)  # a cluster left from --brokers N holds node 1's ports
     pid = kafka_pid(s)
+    if pid is not None and not _secured(p.kafka):
+        say("kafka: running without security: restarting it secured")
+        _infra(s).stop("kafka")
+        pid = None
     if pid is not None:
         say(f"kafka: already running (pid {pid})")
     elif _port_open(s.kafka_port) or _port_open(s.kafka_controller_port):
@@ -332,7 +458,7 @@ def replication_factor(s: Settings) -> int:
     return min(s.kafka_brokers, 3)
 
 
-def node_properties(s: Settings, node: Node) -> str:
+def node_properties(s: Settings, node: Node, secured: bool = True) -> str:
     voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in nodes(s))
     rf = replication_factor(s)
     min_isr = min(MIN_INSYNC_REPLICAS, rf)
@@ -342,11 +468,7 @@ def node_properties(s: Settings, node: Node) -> str:
             "process.roles=broker,controller",
             f"node.id={node.node_id}",
             f"controller.quorum.voters={voters}",
-            f"listeners=PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            *_listener_lines(s, node.port, node.controller_port, secured),
             f"log.dirs={node.data}",
             "num.partitions=1",
             "auto.create.topics.enable=false",
@@ -397,6 +519,7 @@ def _format(s: Settings, node: Node) -> None:
             return
         warn(f"{node.name}: ports changed: wiping {node.data} and formatting anew")
         shutil.rmtree(node.data)
+        (cluster_dir(s) / SECURED_STAMP).unlink(missing_ok=True)
     cluster_id = _cluster_id(s)
     say(f"{node.name}: formatting {node.data} (cluster id {cluster_id})")
     res = _java_tool(
@@ -417,7 +540,7 @@ def start_node(s: Settings, node: Node) -> int:
         raise StackError(f"{node.name}: port {node.port} or {node.controller_port} is taken by a process "
                             "this stack did not start")
     node.dir.mkdir(parents=True, exist_ok=True)
-    node.props.write_text(node_properties(s, node))
+    _write_private(node.props, node_properties(s, node))
     _format(s, node)
     pid = _infra(s).start(node.name)
     say(f"{node.name}: started pid {pid} on 127.0.0.1:{node.port} (controller {node.controller_port})")
@@ -429,25 +552,26 @@ def kill_node(s: Settings, node: Node) -> bool:
     return _infra(s).stop(node.name, kill=True)
 
 
-def brokers_answering(s: Settings) -> int:
-    """How many brokers a metadata request reports (0 when none answers)."""
+def brokers_answering(s: Settings, auth: dict[str, object] | None = None) -> int:
+    """How many brokers a metadata request reports (0 when none answers); as admin unless `auth`."""
     try:
-        return _run_async(kafka_metadata(s.kafka_bootstrap))
+        return _run_async(kafka_metadata(s.kafka_bootstrap, auth=admin_auth(s) if auth is None else auth))
     except Exception:
         return 0
 
 
-def _all_nodes_agree(s: Settings, want: int) -> bool:
+def _all_nodes_agree(s: Settings, want: int, auth: dict[str, object] | None) -> bool:
     # Asked one by one: a node that is up but not yet serving would pass a bootstrap-wide request.
-    return all(brokers_answering(dataclasses.replace(s, kafka_port=n.port, kafka_brokers=1)) >= want
+    return all(brokers_answering(dataclasses.replace(s, kafka_port=n.port, kafka_brokers=1), auth) >= want
                for n in nodes(s))
 
 
-def wait_ready(s: Settings, want: int | None = None, timeout: float = CLUSTER_READY_TIMEOUT_S) -> None:
+def wait_ready(s: Settings, want: int | None = None, timeout: float = CLUSTER_READY_TIMEOUT_S,
+               auth: dict[str, object] | None = None) -> None:
     """Until every node answers a metadata request that reports `want` brokers (all by default)."""
     want = want or s.kafka_brokers
     deadline = time.monotonic() + timeout
-    while not _all_nodes_agree(s, want):
+    while not _all_nodes_agree(s, want, auth):
         dead = [n.name for n in nodes(s) if node_pid(s, n) is None]
         if time.monotonic() > deadline:
             logs = "\n".join(f"--- {name}:\n{tail(Paths.of(s).log(name), 15)}" for name in dead or ["kafka-1"])
@@ -473,11 +597,34 @@ def start_cluster(s: Settings, wait: bool = True) -> list[int]:
     if kafka_pid(s) is not None:
         say("kafka: stopping the single broker (the cluster takes its ports)")
         stop_kafka(s)
+    if not _secured(cluster_dir(s)):
+        _cluster_secure_once(s)
     pids = [start_node(s, node) for node in nodes(s)]
     if wait:
         wait_ready(s)
         say(f"kafka cluster: {s.kafka_brokers} brokers ready on {s.kafka_bootstrap}")
     return pids
+
+
+def _cluster_secure_once(s: Settings) -> None:
+    """The first start of this cluster since it is secured: every node once without security, to add
+    the first users."""
+    say("kafka cluster: adding the SCRAM users admin and broker (one start without security)")
+    for node in nodes(s):
+        if node_pid(s, node) is not None:  # running without security (started before it existed)
+            _infra(s).stop(node.name)
+    try:
+        for node in nodes(s):
+            node.dir.mkdir(parents=True, exist_ok=True)
+            _write_private(node.props, node_properties(s, node))
+            _format(s, node)
+            _write_private(node.props, node_properties(s, node, secured=False))
+            _infra(s).start(node.name)
+        wait_ready(s, auth={})
+        _add_first_users(s, s.kafka_bootstrap)
+    finally:
+        stop_cluster(s)
+    (cluster_dir(s) / SECURED_STAMP).write_text(SECURED_VERSION + "\n")
 
 
 def stop_cluster(s: Settings) -> bool:
@@ -505,7 +652,8 @@ def tools_classpath(s: Settings) -> str:
 
 
 def run_tool(s: Settings, main: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run one of Kafka's own command-line tools (artifact kafka-tools) against this stack."""
+    """Run one of Kafka's own command-line tools (artifact kafka-tools) against this stack (pass it a
+    `--command-config client_config(s, principal)` to authenticate)."""
     cmd = [_java(), "-Xmx256M", "-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={TOOLS_LOG4J_CONFIG}",
            "-cp", tools_classpath(s), main, *args]
     return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
@@ -515,6 +663,7 @@ def run_tool(s: Settings, main: str, *args: str, timeout: float = 120) -> subpro
 def quorum_leader(s: Settings) -> int | None:
     """The active controller's node id, from the quorum itself (MetadataQuorumCommand)."""
     controllers = ",".join(f"127.0.0.1:{n.controller_port}" for n in nodes(s))
-    res = run_tool(s, QUORUM_MAIN, "--bootstrap-controller", controllers, "describe", "--status", timeout=60)
+    res = run_tool(s, QUORUM_MAIN, "--bootstrap-controller", controllers,
+                   "--command-config", str(client_config(s, CONTROLLER_USER)), "describe", "--status", timeout=60)
     match = re.search(r"^LeaderId:\s*(\d+)", res.stdout, re.MULTILINE)
     return int(match.group(1)) if match else None

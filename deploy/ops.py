@@ -24,6 +24,8 @@ stored refusal first (only refusals: a request that changed the ledger keeps its
 A replay is a dry run unless --execute.
 
     python -m deploy.ops retention [--keep-days N] [--execute]
+    python -m deploy.ops kafka-user issue CODE --operator NAME [--out FILE]
+    python -m deploy.ops kafka-user revoke CODE --operator NAME
 
 `retention` looks after how the shards' state grows (a dry run unless --execute): it creates the ledger's
 monthly partitions (settlement_YYYY_MM) for this month and the next three where missing, and deletes
@@ -31,6 +33,13 @@ stored responses (processed_request) older than the window — by default the cl
 (XS_TIME_PAST_DAYS) plus a month: a request that old is refused by validation, so its stored answer can
 never be asked for again. It never deletes ledger rows, visits, fees, accumulators or accounts (the ledger,
 reconciliation and clearing need them). Deletes go in chunks along processed_request_at.
+
+`kafka-user issue` gives an institution (fixmedins_code CODE) its own Kafka principal `inst-CODE`: a
+SCRAM-SHA-512 credential with a new random password, printed once (or written to --out FILE, mode
+0600, which must not exist yet) and kept nowhere else, and one ACL: produce to fsi.ingress (of
+XS_TOPIC_PREFIX), nothing else. Issuing again replaces the password. `revoke` deletes the credential
+and the ACL (the ACL at once ends what open connections may do). Both are recorded in the audit log
+(actor: the operator, `--operator` or XS_OPERATOR).
 """
 
 from __future__ import annotations
@@ -38,6 +47,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import re
+import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,10 +65,20 @@ from schemas.clearing import ManualClaim
 from schemas.codec import decode_request
 from schemas.errors import BrokerError
 from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
+from services.common.audit import check_operator, record
 from services.common.config import Settings, load_settings
-from services.common.kafka import make_producer
+from services.common.kafka import client_auth, make_admin, make_producer
 from services.common.shards import shard_dsns, shard_map
+from topics.acls import institution_acls, institution_principal
 from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, ROUTED, SETTLEMENTS
+from topics.security import (
+    create_acls,
+    delete_acls,
+    delete_users,
+    set_passwords,
+    users_with_credentials,
+    wait_for_acls,
+)
 
 GROUP_MAIN = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"
 RESET_MODES = ("to_offset", "to_earliest", "to_latest", "shift_by", "to_datetime")
@@ -74,7 +96,8 @@ class OpsError(RuntimeError):
 def group_command(s: Settings, *args: str) -> str:
     """Run ConsumerGroupCommand against this stack; its stdout, or OpsError with its message."""
     try:
-        res = cluster.run_tool(s, GROUP_MAIN, "--bootstrap-server", s.kafka_bootstrap, *args)
+        res = cluster.run_tool(s, GROUP_MAIN, "--bootstrap-server", s.kafka_bootstrap,
+                               "--command-config", str(cluster.client_config(s, "ops")), *args)
     except StackError as exc:
         raise OpsError(str(exc)) from exc
     if res.returncode != 0 or "Error:" in res.stdout:
@@ -137,7 +160,7 @@ class LetterFilter:
 
 async def read_letters(s: Settings, flt: LetterFilter, limit: int) -> list[Letter]:
     """The last `limit` matching dead letters (oldest first), read up to the end offsets at the start."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, "ops"), enable_auto_commit=False,
                                 request_timeout_ms=15_000)
     await consumer.start()
     found: list[Letter] = []
@@ -242,7 +265,7 @@ async def replay(s: Settings, letters: Sequence[Letter], *, execute: bool, forge
         refused = [(item.letter.msgid, _routed_person_region(item.letter.original))
                    for item, topic, _ in plan if topic == ROUTED.name and item.letter.msgid]
         lines.append(f"forgot {await forget_refusals(s, refused)} stored refusal(s) of the engine")
-    producer = make_producer(s)
+    producer = make_producer(s, "ops")
     await producer.start()
     try:
         for item, topic, key in plan:
@@ -323,6 +346,95 @@ def retention_lines(report: list[ShardRetention], execute: bool) -> list[str]:
     if not execute:
         lines.append("dry run: nothing changed (add --execute)")
     return lines
+
+
+# --- institutions' Kafka users -----------------------------------------------------------------
+
+FIXMEDINS_CODE = re.compile(r"^[0-9A-Za-z]{1,20}$")  # as the envelope's fixmedins_code
+
+
+def _institution(code: str) -> str:
+    if not FIXMEDINS_CODE.match(code):
+        raise OpsError("the institution code must be 1-20 letters or digits (its fixmedins_code)")
+    return institution_principal(code)
+
+
+async def issue_kafka_user(s: Settings, code: str, operator: str) -> str:
+    """Create (or give a new password to) `inst-<code>` with produce-only on fsi.ingress; returns the
+    password, which nothing keeps."""
+    principal, actor = _institution(code), check_operator(operator)
+    secret = secrets.token_urlsafe(32)
+    acls = institution_acls(s, code)
+    conn = await asyncpg.connect(s.pg_dsn, timeout=10)
+    admin = make_admin(s)
+    await admin.start()
+    try:
+        existed = principal in await users_with_credentials(admin, [principal])
+        async with conn.transaction():  # the audit row commits only if the broker took the change
+            await record(conn, actor, "kafka_user.issue", principal, before={"credential": existed},
+                         after={"credential": True, "produce_to": [a.name for a in acls]})
+            await set_passwords(admin, {principal: secret})
+            await create_acls(admin, acls)
+            await wait_for_acls(admin, acls)
+    finally:
+        await admin.close()
+        await conn.close()
+    return secret
+
+
+async def revoke_kafka_user(s: Settings, code: str, operator: str) -> None:
+    principal, actor = _institution(code), check_operator(operator)
+    acls = institution_acls(s, code)
+    conn = await asyncpg.connect(s.pg_dsn, timeout=10)
+    admin = make_admin(s)
+    await admin.start()
+    try:
+        if principal not in await users_with_credentials(admin, [principal]):
+            raise OpsError(f"no Kafka user {principal}")
+        async with conn.transaction():
+            await record(conn, actor, "kafka_user.revoke", principal,
+                         before={"credential": True, "produce_to": [a.name for a in acls]}, after={"credential": False})
+            await delete_acls(admin, acls)
+            await delete_users(admin, [principal])
+    finally:
+        await admin.close()
+        await conn.close()
+
+
+def write_secret_file(path: str, secret: str) -> None:
+    """A new file only its owner may read (an existing one is never overwritten)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise OpsError(f"{path} exists: choose a new file") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+
+
+async def _kafka_user(s: Settings, args: argparse.Namespace) -> int:
+    operator = args.operator or os.environ.get("XS_OPERATOR")
+    try:
+        check_operator(operator)
+    except ValueError as exc:
+        raise OpsError(str(exc)) from None
+    assert operator is not None
+    principal = _institution(args.code)
+    if args.action == "revoke":
+        await revoke_kafka_user(s, args.code, operator)
+        print(f"revoked Kafka user {principal} (credential and ACL deleted)")
+        return 0
+    if args.out and os.path.exists(args.out):
+        raise OpsError(f"{args.out} exists: choose a new file")
+    secret = await issue_kafka_user(s, args.code, operator)
+    if args.out:
+        write_secret_file(args.out, secret)
+        print(f"issued Kafka user {principal} (SCRAM-SHA-512, produce to {INGRESS.name} only); "
+              f"password written to {args.out}")
+    else:
+        print(f"issued Kafka user {principal} (SCRAM-SHA-512, produce to {INGRESS.name} only); "
+              "its password, shown once:")
+        print(secret)
+    return 0
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -422,6 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--keep-days", type=int, default=None,
                       help="keep stored responses this many days (default: XS_TIME_PAST_DAYS + 31)")
     keep.add_argument("--execute", action="store_true", help="change (default: a dry run)")
+    users = sub.add_parser("kafka-user", help="an institution's own Kafka principal: produce to fsi.ingress only")
+    usub = users.add_subparsers(dest="action", required=True)
+    for action in ("issue", "revoke"):
+        sp = usub.add_parser(action)
+        sp.add_argument("code", help="the institution's fixmedins_code")
+        sp.add_argument("--operator", help="who does this (the audit log's actor; default XS_OPERATOR)")
+        if action == "issue":
+            sp.add_argument("--out", help="write the password to this new file (0600) instead of printing it")
     return parser
 
 
@@ -446,6 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = asyncio.run(retention(s, execute=args.execute, keep_days=args.keep_days))
             print("\n".join(retention_lines(report, args.execute)))
             return 0
+        if args.cmd == "kafka-user":
+            return asyncio.run(_kafka_user(s, args))
         return asyncio.run(_deadletters(s, args))
     except OpsError as exc:
         print(f"[ops] ERROR: {exc}", file=sys.stderr)

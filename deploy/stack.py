@@ -99,9 +99,8 @@ def is_healthy(name: str, settings: Settings | None = None) -> bool:
 
 def apply_topics(s: Settings) -> None:
     from topics.apply import apply_topics as apply_catalog
-    from topics.catalog import catalog
 
-    for problem in _run_async(apply_catalog(s.kafka_bootstrap, catalog(s))):
+    for problem in _run_async(apply_catalog(s)):
         warn(f"topics: {problem}")
 
 
@@ -191,23 +190,26 @@ def stop(settings: Settings | None = None) -> None:
 
 def teardown_run(s: Settings) -> None:
     """End a test run: its supervisord (services, Prometheus), its database and its topics."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
     from deploy.db import drop_databases
+    from services.common.kafka import make_admin
+    from topics.acls import prefix_acls
     from topics.catalog import catalog
+    from topics.security import delete_acls
 
     Supervisor(s).shutdown()
     _run_async(drop_databases(_pg_admin_dsn(s), s))
 
     async def delete_topics() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=15_000)
+        admin = make_admin(s)
         await admin.start()
         try:
             existing = set(await admin.list_topics())
             names = [t.name for t in catalog(s) if t.name in existing]
             if names:
                 await admin.delete_topics(names, timeout_ms=15_000)
-            say(f"teardown: dropped databases {s.pg_database}(_*), deleted {len(names)} topics {s.topic_prefix}*")
+            acls = await delete_acls(admin, prefix_acls(s)) if s.topic_prefix else 0
+            say(f"teardown: dropped databases {s.pg_database}(_*), deleted {len(names)} topics and {acls} ACLs "
+                f"{s.topic_prefix}*")
         finally:
             await admin.close()
 

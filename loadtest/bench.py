@@ -47,7 +47,7 @@ from typing import Any
 import aiohttp
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -77,7 +77,7 @@ from loadtest.population import (
 )
 from schemas.codec import decode_envelope, encode, peek_ids
 from services.common.config import PROJECT_ROOT, Settings, load_settings
-from services.common.kafka import make_producer
+from services.common.kafka import ADMIN, client_auth, make_admin, make_producer
 from services.common.signing import InstitutionKey, content_digest
 from services.common.tls import client_session
 from services.router.auth import authenticate
@@ -109,10 +109,11 @@ def _psn_no(envelope: dict[str, Any]) -> str | None:
 class ReplyReader:
     """One partition of a topic, read from its end; records resolve futures waiting on their key."""
 
-    def __init__(self, s: Settings, topic: str, partition: int) -> None:
+    def __init__(self, s: Settings, principal: str, topic: str, partition: int) -> None:
         self.tp = TopicPartition(topic, partition)
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False, auto_offset_reset="latest",
+            bootstrap_servers=s.kafka_bootstrap, **client_auth(s, principal), enable_auto_commit=False,
+            auto_offset_reset="latest",
             fetch_max_wait_ms=5, isolation_level="read_committed", request_timeout_ms=10_000,
         )
         self.pending: dict[str, list[asyncio.Future[bytes]]] = {}  # several when a msgid is resent
@@ -161,8 +162,10 @@ class KafkaCaller:
         self.s = s
         self.reply_partition = reply_partition
         self.timeout_s = timeout_s
-        self.producer: AIOKafkaProducer = make_producer(s, linger_ms=1)
-        self.replies = ReplyReader(s, REPLIES.name, reply_partition)
+        self.producer: AIOKafkaProducer = make_producer(s, "his", linger_ms=1)
+        # The principal `his` may only write requests; the answers are read the way the gateway reads
+        # them, as `gateway` (README "Security").
+        self.replies = ReplyReader(s, "gateway", REPLIES.name, reply_partition)
         self.headers_base = [("reply_topic", REPLIES.name.encode()), ("reply_partition", str(reply_partition).encode())]
 
     async def start(self) -> None:
@@ -205,7 +208,7 @@ class KafkaCaller:
 
 
 async def ensure_echo_topic(s: Settings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=10_000)
+    admin = make_admin(s, request_timeout_ms=10_000)  # a scratch topic: the stack's own tooling
     await admin.start()
     try:
         if ECHO_TOPIC not in set(await admin.list_topics()):
@@ -220,8 +223,8 @@ async def ensure_echo_topic(s: Settings) -> None:
 async def raw_round_trip(s: Settings, concurrency: int, seconds: float, payload: bytes) -> tuple[list[float], float]:
     """Produce → consume back on a scratch topic, `concurrency` loops; (latencies, elapsed)."""
     await ensure_echo_topic(s)
-    producer = make_producer(s, linger_ms=1)
-    reader = ReplyReader(s, ECHO_TOPIC, 0)
+    producer = make_producer(s, ADMIN, linger_ms=1)
+    reader = ReplyReader(s, ADMIN, ECHO_TOPIC, 0)
     await producer.start()
     await reader.start()
     latencies: list[float] = []

@@ -40,12 +40,13 @@ from collections.abc import Sequence
 import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from deploy.stack import service_pid
 from loadtest.his import GatewayClient, Hospital, simulator_signer
 from services.common.config import Settings, load_settings
+from services.common.kafka import ADMIN, client_auth, make_admin
 from services.common.shards import ShardPools, shard_dsns
 from services.common.tls import client_session
 from services.refdata.store import fetch_persons
@@ -192,7 +193,7 @@ def _value(i: int) -> bytes:
 
 
 async def _ensure_topic(s: Settings, topic: str, partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=15_000)
+    admin = make_admin(s)  # a scratch topic of this measurement: the stack's own tooling
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, partitions, 1, topic_configs={
@@ -204,7 +205,8 @@ async def _ensure_topic(s: Settings, topic: str, partitions: int) -> None:
 
 
 async def _produce(s: Settings, topic: str, records: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", enable_idempotence=True,
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN), acks="all",
+                                enable_idempotence=True,
                                 linger_ms=20, max_batch_size=512 * 1024)
     await producer.start()
     start = time.perf_counter()
@@ -220,7 +222,7 @@ async def _produce(s: Settings, topic: str, records: int) -> None:
 
 async def _restore(s: Settings, topic: str, parts: list[TopicPartition], sink: str,
                    db: sqlite3.Connection | None) -> tuple[float, int, dict[bytes, bytes]]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN), enable_auto_commit=False,
                                 max_partition_fetch_bytes=8 * 2**20, fetch_max_bytes=32 * 2**20)
     await consumer.start()
     store: dict[bytes, bytes] = {}
@@ -253,7 +255,7 @@ async def _restore(s: Settings, topic: str, parts: list[TopicPartition], sink: s
 async def measure_changelog(s: Settings, records: int, partitions: int, lookups: int) -> None:
     topic = f"{s.topic_prefix}bench.person-changelog"
     await _ensure_topic(s, topic, partitions)
-    probe = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap)
+    probe = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN))
     await probe.start()
     parts = [TopicPartition(topic, p) for p in range(partitions)]
     try:

@@ -1,10 +1,13 @@
-"""Apply the topic catalog to the broker: create what is missing, align configs.
+"""Apply the topic catalog to the broker: create what is missing, align configs; create the SCRAM
+users of the services that have none yet and the ACLs of the topic prefix (topics/acls.py).
 
 Idempotent. Never shrinks or grows partitions of an existing topic silently:
 changing a keyed topic's partition count moves persons between partitions and
 would break per-person ordering for records in flight, so it is reported.
 
     python -m topics.apply [--bootstrap 127.0.0.1:19092]   # the topics of Settings (XS_TOPIC_PREFIX ...)
+
+It authenticates as `admin` (the stack's super user).
 """
 
 from __future__ import annotations
@@ -16,39 +19,59 @@ import sys
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from services.common.config import load_settings
-from topics.catalog import ALL_TOPICS, TopicSpec, catalog
+from services.common.config import Settings, load_settings
+from services.common.kafka import SERVICE_PRINCIPALS, make_admin
+from services.common.secrets import password
+from topics.acls import prefix_acls
+from topics.catalog import TopicSpec, catalog
+from topics.security import create_acls, set_passwords, users_with_credentials, wait_for_acls
 
 
-async def apply_topics(bootstrap: str, specs: tuple[TopicSpec, ...] = ALL_TOPICS) -> list[str]:
-    """Returns a list of problems (empty when the broker matches the catalog)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+async def ensure_users(admin: AIOKafkaAdminClient, s: Settings) -> list[str]:
+    """Gives each service principal without a SCRAM credential its generated password; returns them."""
+    missing = sorted(set(SERVICE_PRINCIPALS) - await users_with_credentials(admin, SERVICE_PRINCIPALS))
+    await set_passwords(admin, {name: password(s, f"kafka-{name}") for name in missing})
+    return missing
+
+
+async def apply_topics(s: Settings, specs: tuple[TopicSpec, ...] | None = None,
+                       bootstrap: str | None = None) -> list[str]:
+    """Topics, users and ACLs of `s`; returns a list of problems (empty when the broker matches)."""
+    specs = catalog(s) if specs is None else specs
+    admin = make_admin(s, bootstrap=bootstrap)
     await admin.start()
     problems: list[str] = []
     try:
+        created = await ensure_users(admin, s)
+        if created:
+            print(f"created Kafka users {', '.join(created)}")
         existing = set(await admin.list_topics())
-        missing = [s for s in specs if s.name not in existing]
+        missing = [t for t in specs if t.name not in existing]
         if missing:
             await admin.create_topics(
                 [
-                    NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=s.configs)
-                    for s in missing
+                    NewTopic(t.name, t.partitions, t.replication_factor, topic_configs=t.configs)
+                    for t in missing
                 ],
                 timeout_ms=15_000,
             )
-            for s in missing:
-                print(f"created topic {s.name} ({s.partitions} partitions)")
-        present = [s for s in specs if s.name in existing]
+            for t in missing:
+                print(f"created topic {t.name} ({t.partitions} partitions)")
+        present = [t for t in specs if t.name in existing]
         if present:
-            described = {t["topic"]: t for t in await admin.describe_topics([s.name for s in present])}
-            for s in present:
-                count = len(described[s.name]["partitions"])
-                if count != s.partitions:
-                    problems.append(f"{s.name} has {count} partitions, the catalog says {s.partitions}")
+            described = {d["topic"]: d for d in await admin.describe_topics([t.name for t in present])}
+            for t in present:
+                count = len(described[t.name]["partitions"])
+                if count != t.partitions:
+                    problems.append(f"{t.name} has {count} partitions, the catalog says {t.partitions}")
             await admin.alter_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, s.name, configs=s.configs) for s in present]
+                [ConfigResource(ConfigResourceType.TOPIC, t.name, configs=t.configs) for t in present]
             )
             print(f"{len(present)} topics already present; configs aligned")
+        acls = prefix_acls(s)
+        await create_acls(admin, acls)
+        await wait_for_acls(admin, acls)
+        print(f"{len(acls)} ACLs of prefix {s.topic_prefix or '(none)'} in place")
     finally:
         await admin.close()
     return problems
@@ -59,7 +82,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", default=settings.kafka_bootstrap)
     args = parser.parse_args()
-    problems = asyncio.run(apply_topics(args.bootstrap, catalog(settings)))
+    problems = asyncio.run(apply_topics(settings, bootstrap=args.bootstrap))
     for p in problems:
         print(f"WARNING: {p}", file=sys.stderr)
     return 1 if problems else 0

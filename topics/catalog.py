@@ -65,8 +65,9 @@ _CLEARING = TopicSpec(
     "same headers as fsi.ingress",
 )
 _DEADLETTER = TopicSpec(
-    "fsi.deadletter", 1, 30 * DAY_MS, "delete", "msgid", DeadLetter,
-    "every rejected request with its error code, reason and the original bytes",
+    "fsi.deadletter", 1, 7 * DAY_MS, "delete", "msgid", DeadLetter,
+    "every rejected request with its error code, reason and the original bytes; readable only by the "
+    "principals admin and ops (topics/acls.py), kept 7 days",
 )
 
 _MANUAL_CLAIMS = TopicSpec(

@@ -73,7 +73,7 @@ async def close(s: Settings, month: str, *, publish: bool = True) -> store.Close
 
 async def publish_outbox(s: Settings, pool: asyncpg.Pool) -> int:
     """Publish what the last command queued (the clearing service does it too, within a second)."""
-    producer = make_producer(s)
+    producer = make_producer(s, "ops")  # operator tools act as ops
     await producer.start()
     try:
         async def send(topic: str, key: bytes | None, value: bytes) -> None:
@@ -106,7 +106,7 @@ async def deposit_topup(conn: asyncpg.Connection, prov: str, amount_fen: int, re
 
 
 async def submit_claims(s: Settings, claims: Sequence[ManualClaim]) -> int:
-    producer = make_producer(s)
+    producer = make_producer(s, "ops")  # operator tools act as ops
     await producer.start()
     try:
         futures = [await producer.send(MANUAL_CLAIMS.name, _encoder.encode(c), key=c.psn_no.encode())

@@ -72,7 +72,7 @@ POOL_SIZE_MAX = 4
 class ClearingService:
     def __init__(self, s: Settings) -> None:
         self.s = s
-        self.producer = make_producer(s)
+        self.producer = make_producer(s, "clearing")
         self.pool: asyncpg.Pool | None = None
         self.shards: ShardPools | None = None
 
@@ -91,8 +91,8 @@ class ClearingService:
             (GROUP_REQUESTS, CLEARING, Requests(self.pool, self.shards)),
             (GROUP_CLAIMS, MANUAL_CLAIMS, Claims(self.pool)),
         ]
-        shells = [BatchConsumer(make_group_consumer(self.s, group, spec.name), group, spec, processor, self.producer,
-                                max_records=self.s.batch_size_max)
+        shells = [BatchConsumer(make_group_consumer(self.s, "clearing", group, spec.name), group, spec, processor,
+                                self.producer, max_records=self.s.batch_size_max)
                   for group, spec, processor in processors]
         tasks = [asyncio.create_task(shell.run(stop)) for shell in shells]
         tasks.append(asyncio.create_task(self._ticker(stop)))

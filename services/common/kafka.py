@@ -1,17 +1,43 @@
-"""Kafka clients with every option that matters set explicitly at the call site."""
+"""Kafka clients with every option that matters set explicitly at the call site.
+
+Every client authenticates with SASL/SCRAM-SHA-512 as one principal (README "Security"); the broker's
+ACLs (topics/acls.py) say what each principal may do.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient
 
 from services.common.config import Settings
 from services.common.metrics import ASSIGNED_PARTITIONS, record_rebalance
+from services.common.secrets import password
+
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+# `admin` is the stack's own tooling (super user); `his` the demo's and the benchmark's HIS simulator;
+# `inst-<fixmedins_code>` (issued by `deploy.ops kafka-user`) an institution writing straight to Kafka.
+SERVICE_PRINCIPALS = ("gateway", "router", "settle", "clearing", "monitor", "ops", "his")
+ADMIN = "admin"
 
 
-def make_producer(s: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
+def client_auth(s: Settings, principal: str, secret: str | None = None) -> dict[str, Any]:
+    """The aiokafka options that authenticate as `principal`; its password is the generated secret
+    `kafka-<principal>` unless given (an institution's, which the stack does not keep)."""
+    return {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": SCRAM_MECHANISM,
+        "sasl_plain_username": principal,
+        "sasl_plain_password": secret if secret is not None else password(s, f"kafka-{principal}"),
+    }
+
+
+def make_producer(s: Settings, principal: str, *, linger_ms: int = 2) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=s.kafka_bootstrap,
+        **client_auth(s, principal),
         acks="all",
         enable_idempotence=True,
         linger_ms=linger_ms,
@@ -19,6 +45,12 @@ def make_producer(s: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
         request_timeout_ms=30_000,
         compression_type=None,
     )
+
+
+def make_admin(s: Settings, principal: str = ADMIN, *, request_timeout_ms: int = 15_000,
+               bootstrap: str | None = None) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=bootstrap or s.kafka_bootstrap, request_timeout_ms=request_timeout_ms,
+                               **client_auth(s, principal))
 
 
 class CountRebalances(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -57,9 +89,10 @@ async def connect_pool(s: Settings, max_size: int) -> asyncpg.Pool:
     return pool
 
 
-def make_group_consumer(s: Settings, group_id: str, *topics: str) -> AIOKafkaConsumer:
+def make_group_consumer(s: Settings, principal: str, group_id: str, *topics: str) -> AIOKafkaConsumer:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=s.kafka_bootstrap,
+        **client_auth(s, principal),
         # The prefix keeps a test run's groups apart from other runs' (metric labels keep the plain name).
         group_id=s.topic_prefix + group_id,
         enable_auto_commit=False,

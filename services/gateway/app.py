@@ -30,7 +30,7 @@ from schemas.errors import BrokerError
 from schemas.internal import DeadLetter
 from schemas.limits import set_clock_window
 from services.common.config import GATEWAY_PATH, Settings
-from services.common.kafka import IDLE_FETCH_WAIT_MS, make_producer
+from services.common.kafka import IDLE_FETCH_WAIT_MS, client_auth, make_producer
 from services.common.metrics import DEAD_LETTERS, GATEWAY_SECONDS, REQUESTS, record_produce_error
 from services.common.response import SHANGHAI, response_bytes
 from services.common.signing import content_digest
@@ -50,9 +50,10 @@ class Gateway:
             raise ValueError(f"XS_GATEWAY_INSTANCE must be < {REPLIES.partitions} (reply partitions)")
         self.s = s
         self.reply_partition = s.gateway_instance
-        self.producer = make_producer(s, linger_ms=1)
+        self.producer = make_producer(s, "gateway", linger_ms=1)
         self.replies = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
+            **client_auth(s, "gateway"),
             enable_auto_commit=False,
             auto_offset_reset="latest",
             fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,

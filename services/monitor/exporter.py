@@ -18,13 +18,13 @@ from typing import Final
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.common.config import Settings
 from services.common.consumer import FailureKind, classify, until_up
+from services.common.kafka import client_auth, make_admin
 from services.common.metrics import serve_metrics
 from services.common.response import SHANGHAI
 from services.common.shards import ShardPools
@@ -119,8 +119,9 @@ class Monitor:
     def __init__(self, s: Settings) -> None:
         self.s = s
         self.collector = MonitorCollector(load_targets(PROVINCES))
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=KAFKA_TIMEOUT_MS)
-        self.offsets = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+        self.admin = make_admin(s, "monitor", request_timeout_ms=KAFKA_TIMEOUT_MS)
+        self.offsets = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, "monitor"), group_id=None,
+                                        enable_auto_commit=False,
                                         isolation_level="read_committed", request_timeout_ms=KAFKA_TIMEOUT_MS)
         self.pool: asyncpg.Pool | None = None
         self.shards: ShardPools | None = None

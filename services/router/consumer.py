@@ -73,7 +73,7 @@ class Router(BatchProcessor[Request]):
 async def run(s: Settings, stop: asyncio.Event) -> None:
     serve_metrics(s.router_metrics_port, stage="router")
     core = RouterCore(s)
-    producer = make_producer(s, linger_ms=1)
+    producer = make_producer(s, "router", linger_ms=1)
     try:
         await core.state.start(stop)
         await until_up("Kafka producer", producer.start, stop)
@@ -81,7 +81,7 @@ async def run(s: Settings, stop: asyncio.Event) -> None:
             return
         core.routed_partitions = len(await producer.partitions_for(ROUTED.name))
         log.info("router ready")
-        consumer = make_group_consumer(s, GROUP_ID, INGRESS.name)
+        consumer = make_group_consumer(s, "router", GROUP_ID, INGRESS.name)
         await BatchConsumer(consumer, GROUP_ID, INGRESS, Router(core), producer,
                             max_records=s.batch_size_max).run(stop)
     finally:

@@ -63,7 +63,7 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
     def __init__(self, s: Settings, policies: PolicyBook) -> None:
         self.s = s
         self.policies = policies
-        self.producer = make_producer(s)
+        self.producer = make_producer(s, "settle")
         self.shards: ShardPools | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -73,7 +73,7 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
         log.info("settlement engine ready")
         try:
             if not stop.is_set():
-                consumer = make_group_consumer(self.s, GROUP_ID, ROUTED.name)
+                consumer = make_group_consumer(self.s, "settle", GROUP_ID, ROUTED.name)
                 await BatchConsumer(consumer, GROUP_ID, ROUTED, self, self.producer,
                                     max_records=self.s.batch_size_max).run(stop)
         finally:

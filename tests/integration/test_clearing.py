@@ -31,6 +31,7 @@ from schemas.money import to_fen
 from services.clearing import cli, store
 from services.clearing.logic import AMOUNT_FIELDS, Position, compare_positions, month_end, month_start
 from services.common.config import Settings
+from services.common.kafka import ADMIN, client_auth
 from services.common.tls import client_session
 from services.refdata.regions import region_of
 from tests.integration.clearing_fixtures import (
@@ -139,7 +140,8 @@ async def test_replayed_settlement_events_are_not_counted_twice(traffic: Traffic
         before = await store.positions(conn, M1)
     dup_before = await metric(services.clearing_metrics_port, "xs_requests_total", stage="clearing",
                               infno="settlement_event", outcome="duplicate")
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, **client_auth(services, ADMIN), acks="all",
+                                enable_idempotence=True)
     await producer.start()
     try:
         for _ in range(2):  # each event twice more: a replay and a duplicate
@@ -444,7 +446,7 @@ async def test_clearing_details_confirmation_and_applications(traffic: Traffic, 
 
 async def _find_on_topic(s: Settings, topic: str, since_ms: int, wanted: set[str], key: str,
                          timeout_s: float = 20) -> set[str]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN), enable_auto_commit=False,
                                 isolation_level="read_committed")
     await consumer.start()
     found: set[str] = set()

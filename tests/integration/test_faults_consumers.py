@@ -28,6 +28,7 @@ from schemas.clearing import ManualClaim
 from schemas.internal import DeadLetter, PersonCtx, RoutedRequest
 from schemas.pharmacy import Input2102
 from services.common.config import Settings
+from services.common.kafka import ADMIN, client_auth
 from services.common.tls import client_session
 from tests.integration.conftest import (
     HOSPITALS,
@@ -56,7 +57,8 @@ class Taps:
     from the end offsets at the start of a test."""
 
     def __init__(self, s: Settings) -> None:
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN),
+                                         enable_auto_commit=False,
                                          isolation_level="read_committed")
         self.replies: dict[str, dict[str, Any]] = {}
         self.letters: list[DeadLetter] = []
@@ -93,7 +95,7 @@ async def taps(services: Settings) -> AsyncIterator[Taps]:
 
 @pytest.fixture
 async def producer(services: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all")
+    p = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, **client_auth(services, ADMIN), acks="all")
     await p.start()
     yield p
     await p.stop()

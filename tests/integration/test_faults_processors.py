@@ -22,7 +22,7 @@ from services.clearing import handler as clearing_handler
 from services.clearing.handler import GROUP_REQUESTS, Requests
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer, BatchProcessor, Outbox
-from services.common.kafka import make_group_consumer, make_producer
+from services.common.kafka import ADMIN, make_group_consumer, make_producer
 from services.common.shards import ShardPools
 from services.router.consumer import GROUP_ID as ROUTER_GROUP
 from services.router.consumer import Router
@@ -43,7 +43,7 @@ def _envelopes(infno: str, n: int, tag: str) -> list[dict[str, Any]]:
 
 async def _process(s: Settings, group: str, spec: TopicSpec, processor: BatchProcessor[Any],
                    values: list[bytes]) -> Outbox:
-    consumer, producer = make_group_consumer(s, group, spec.name), make_producer(s)
+    consumer, producer = make_group_consumer(s, ADMIN, group, spec.name), make_producer(s, ADMIN)
     try:
         shell = BatchConsumer(consumer, group, spec, processor, producer, max_records=10)
         return await shell.process_batch([ConsumerRecord(spec.name, 0, i, 0, 0, None, v, None, 0, 0, REPLY_HEADERS)

@@ -23,6 +23,7 @@ from schemas.envelope import ResponseEnvelope
 from schemas.errors import ERRORS
 from schemas.internal import DeadLetter
 from services.common.config import Settings
+from services.common.kafka import ADMIN, client_auth
 from services.common.signing import sign
 from services.common.tls import client_session
 from tests.hostile import PERSONAL_MARKERS, hostile_request, msgid, valid_requests
@@ -110,8 +111,10 @@ def test_the_gateway_fuzz_reached_the_router() -> None:
 
 @pytest.fixture(scope="module")
 async def ingress(services: Settings) -> Any:
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all", enable_idempotence=True)
-    consumer = AIOKafkaConsumer(bootstrap_servers=services.kafka_bootstrap, enable_auto_commit=False)
+    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, **client_auth(services, "his"), acks="all",
+                                enable_idempotence=True)
+    consumer = AIOKafkaConsumer(bootstrap_servers=services.kafka_bootstrap, **client_auth(services, ADMIN),
+                                enable_auto_commit=False)
     await producer.start()
     await consumer.start()
     tps = [TopicPartition(DEADLETTER.name, p) for p in range(DEADLETTER.partitions)]

@@ -13,24 +13,27 @@ import asyncpg
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
 from deploy import kafka as cluster
 from deploy import ops
 from loadtest.his import GatewayClient, Stay, next_msgid
-from services.common.config import Settings
+from services.common.config import Settings, load_settings
+from services.common.kafka import ADMIN, client_auth, make_admin
 from services.refdata.load import load_dir
 from tests.integration.conftest import HOSPITALS, RUN_TOKEN, STAY_START, Ledger, psn, wait_router_knows
 from topics.catalog import INGRESS, ROUTED
 
 pytestmark = pytest.mark.integration
-TOPIC = f"xsettle.test.ops.{RUN_TOKEN}"
-GROUP = f"xsettle-test-ops-{RUN_TOKEN}"
+# Under the run's prefix: the principal ops may inspect and reset that prefix's groups (topics/acls.py).
+TOPIC = f"{load_settings().topic_prefix}xsettle.test.ops.{RUN_TOKEN}"
+GROUP = f"{load_settings().topic_prefix}xsettle-test-ops-{RUN_TOKEN}"
 
 
 async def _committed(s: Settings, group: str, tp: TopicPartition) -> int | None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN), group_id=group,
+                                enable_auto_commit=False)
     await consumer.start()
     try:
         return await consumer.committed(tp)
@@ -46,17 +49,19 @@ def _ops(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 async def test_group_offsets_inspected_and_reset_with_kafkas_own_tool(stack: Settings,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    admin = make_admin(stack)
     await admin.start()
     await admin.create_topics([NewTopic(TOPIC, 1, cluster.replication_factor(stack))])
     await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN), acks="all",
+                                enable_idempotence=True)
     await producer.start()
     for i in range(10):
         await producer.send_and_wait(TOPIC, f"r{i}".encode(), partition=0)
     await producer.stop()
     tp = TopicPartition(TOPIC, 0)
-    member = AIOKafkaConsumer(TOPIC, bootstrap_servers=stack.kafka_bootstrap, group_id=GROUP,
+    member = AIOKafkaConsumer(TOPIC, bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN),
+                              group_id=GROUP,
                               enable_auto_commit=False, auto_offset_reset="earliest")
     await member.start()
     try:

@@ -14,7 +14,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
 from deploy import stack as stack_ctl
@@ -22,6 +22,7 @@ from deploy.prometheus import RULE_FILES, UNIT_TESTS, PromPaths
 from deploy.services import service_specs
 from loadtest.his import GatewayClient, Stay
 from services.common.config import PROJECT_ROOT, Settings, load_settings
+from services.common.kafka import ADMIN, client_auth, make_admin
 from services.common.tls import client_session
 from tests.integration.monitoring_data import (
     INSURED,
@@ -120,11 +121,13 @@ async def growing_lag(prometheus: Settings, db: asyncpg.Pool) -> AsyncIterator[a
 
 
 async def _growing_lag(prometheus: Settings) -> AsyncIterator[asyncio.Task[None]]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=prometheus.kafka_bootstrap, request_timeout_ms=10_000)
+    admin = make_admin(prometheus, request_timeout_ms=10_000)
     await admin.start()
     if LAG_TOPIC not in await admin.list_topics():
         await admin.create_topics([NewTopic(LAG_TOPIC, num_partitions=1, replication_factor=1)])
-    consumer = AIOKafkaConsumer(LAG_TOPIC, bootstrap_servers=prometheus.kafka_bootstrap, group_id=LAG_GROUP,
+    consumer = AIOKafkaConsumer(LAG_TOPIC, bootstrap_servers=prometheus.kafka_bootstrap,
+                                **client_auth(prometheus, ADMIN),
+                                group_id=LAG_GROUP,
                                 enable_auto_commit=False, auto_offset_reset="latest")
     await consumer.start()
     tp = TopicPartition(LAG_TOPIC, 0)
@@ -133,7 +136,9 @@ async def _growing_lag(prometheus: Settings) -> AsyncIterator[asyncio.Task[None]
     end = (await consumer.end_offsets([tp]))[tp]
     await consumer.commit({tp: OffsetAndMetadata(end, "")})
     await consumer.stop()  # the group keeps its committed offset and has no member left
-    producer = AIOKafkaProducer(bootstrap_servers=prometheus.kafka_bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=prometheus.kafka_bootstrap, **client_auth(prometheus, ADMIN),
+                                acks="all",
+                                linger_ms=5)
     await producer.start()
 
     async def keep_producing() -> None:

@@ -15,6 +15,7 @@ from loadtest.his import FeeLine, GatewayClient, Signer, Stay
 from schemas.codec import encode
 from schemas.internal import DeadLetter
 from services.common.config import Settings
+from services.common.kafka import ADMIN, client_auth
 from tests.integration.conftest import HOSPITALS, ITEM_A, PERSONS, STAY_START
 from topics.catalog import DEADLETTER
 
@@ -114,7 +115,8 @@ async def test_unknown_references(refdata: dict, gateway: GatewayClient) -> None
 async def test_rejections_reach_dead_letters_and_pipeline_continues(
     refdata: dict, gateway: GatewayClient, services: Settings
 ) -> None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=services.kafka_bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=services.kafka_bootstrap, **client_auth(services, ADMIN),
+                                enable_auto_commit=False)
     await consumer.start()
     try:
         tp = TopicPartition(DEADLETTER.name, 0)

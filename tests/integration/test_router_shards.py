@@ -25,6 +25,7 @@ from deploy.services import venv_python
 from loadtest.his import FeeLine, GatewayClient, Hospital, SignInFailed, Stay
 from schemas.refdata import certno_check_char
 from services.common.config import Settings, settings_env
+from services.common.kafka import ADMIN, client_auth
 from services.common.shards import shard_map
 from services.common.signing import key_encryption_key
 from services.refdata.keys import issue_key
@@ -46,7 +47,7 @@ def _ok(r: dict[str, Any]) -> dict[str, Any]:
 
 async def _routed_partitions(s: Settings, psn_nos: set[str]) -> dict[str, set[int]]:
     """psn_no → the partitions of fsi.routed its records were written to (read up to the end)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN), enable_auto_commit=False)
     await consumer.start()
     try:
         parts = [TopicPartition(ROUTED.name, p) for p in range(ROUTED.partitions)]

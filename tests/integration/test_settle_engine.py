@@ -50,7 +50,7 @@ async def _engine(stack: Settings) -> AsyncIterator[BatchConsumer[RoutedRequest]
     """The engine inside the shared shell, with a database pool; no Kafka client is started."""
     engine = SettleEngine(stack, PolicyBook.load())
     engine.shards = await ShardPools.connect(stack, 2)
-    consumer = make_group_consumer(stack, GROUP_ID, ROUTED.name)
+    consumer = make_group_consumer(stack, "settle", GROUP_ID, ROUTED.name)
     try:
         yield BatchConsumer(consumer, GROUP_ID, ROUTED, engine, engine.producer, max_records=500)
     finally:

@@ -11,6 +11,7 @@ import pytest
 
 from deploy.stack import is_healthy, is_running, kafka_metadata
 from services.common.config import PROJECT_ROOT, Settings
+from services.common.kafka import ADMIN, client_auth
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def test_infra_processes_are_healthy(stack: Settings) -> None:
 
 
 async def test_kafka_answers_metadata_request(stack: Settings) -> None:
-    brokers = await kafka_metadata(stack.kafka_bootstrap)
+    brokers = await kafka_metadata(stack.kafka_bootstrap, auth=client_auth(stack, ADMIN))
     assert brokers == 1
 
 

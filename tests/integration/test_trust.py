@@ -25,7 +25,7 @@ from deploy import stack as stack_ctl
 from loadtest.his import FeeLine, GatewayClient, Hospital, Signer, Stay, next_msgid
 from schemas.codec import encode
 from services.common.config import PROJECT_ROOT, Settings
-from services.common.kafka import make_producer
+from services.common.kafka import ADMIN, client_auth, make_producer
 from services.common.response import SHANGHAI
 from services.common.signing import key_encryption_key, sign
 from services.refdata.keys import issue_key, revoke_key
@@ -183,9 +183,9 @@ async def test_a_record_written_straight_into_kafka_is_trusted_only_with_a_signa
     forged = encode({**stay.admit(), "sign_no": SIGNER.sessions[A.fixmedins_code]})
     signed = SIGNER.sign(stay.admit())
     replies = AIOKafkaConsumer(bootstrap_servers=services.kafka_bootstrap, enable_auto_commit=False,
-                               isolation_level="read_committed")
+                               isolation_level="read_committed", **client_auth(services, ADMIN))
     await replies.start()
-    producer = make_producer(services)
+    producer = make_producer(services, "his")  # what an institution writing straight into Kafka may do
     await producer.start()
     try:
         tp = TopicPartition(REPLIES.name, 3)

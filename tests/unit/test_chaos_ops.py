@@ -51,7 +51,8 @@ def test_three_brokers_have_distinct_ids_ports_dirs_and_every_client_bootstraps_
     props = cluster.node_properties(s, nodes[1]).splitlines()
     assert "node.id=2" in props
     assert "controller.quorum.voters=1@127.0.0.1:25001,2@127.0.0.1:25003,3@127.0.0.1:25005" in props
-    assert "listeners=PLAINTEXT://127.0.0.1:25002,CONTROLLER://127.0.0.1:25003" in props
+    assert "listeners=CLIENT://127.0.0.1:25002,CONTROLLER://127.0.0.1:25003" in props
+    assert "inter.broker.listener.name=CLIENT" in props
     for key in ("default.replication.factor=3", "min.insync.replicas=2", "offsets.topic.replication.factor=3",
                 "transaction.state.log.replication.factor=3", "transaction.state.log.min.isr=2",
                 "unclean.leader.election.enable=false"):
