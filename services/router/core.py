@@ -49,12 +49,15 @@ _encoder = msgspec.json.Encoder(decimal_format="number")
 
 
 def ingress_meta(headers: Mapping[str, bytes]) -> IngressMeta:
-    """Where the answer goes, from the record's headers (the gateway's; defaults for a HIS's own records)."""
-    reply_partition = headers.get("reply_partition")
+    """Where the answer goes, from the record's headers (the gateway's; defaults for a HIS's own records).
+    Only the replies topic and one of its partitions: a header naming another topic (a HIS asking the
+    router to write into fsi.routed, say) is ignored, as is a partition out of range or not a number."""
+    partition = headers.get("reply_partition") or b""
+    received = headers.get("received_ns") or b""
     return IngressMeta(
-        reply_topic=(headers.get("reply_topic") or REPLIES.name.encode()).decode(),
-        reply_partition=int(reply_partition) if reply_partition else None,
-        received_ns=int(headers.get("received_ns") or time.time_ns()),
+        reply_topic=REPLIES.name,
+        reply_partition=int(partition) if partition.isdigit() and int(partition) < REPLIES.partitions else None,
+        received_ns=int(received) if received.isdigit() else time.time_ns(),
     )
 
 

@@ -27,12 +27,13 @@ from services.common.shards import ShardPools
 from services.router.consumer import GROUP_ID as ROUTER_GROUP
 from services.router.consumer import Router
 from services.router.core import RouterCore
-from topics.catalog import CLEARING, DEADLETTER, INGRESS, ROUTED, TopicSpec
+from topics.catalog import CLEARING, DEADLETTER, INGRESS, REPLIES, ROUTED, TopicSpec
 
 pytestmark = pytest.mark.integration
 HOSPITAL = Hospital("H15040099901", "赤峰测试医院", "150400")
 AT = datetime(2026, 6, 3, 10, 0, 0)
-REPLY_HEADERS = [("reply_topic", b"fsi.replies"), ("reply_partition", b"2"), ("received_ns", b"1780000000000000000")]
+REPLY_HEADERS = [("reply_topic", REPLIES.name.encode()), ("reply_partition", b"2"),
+                 ("received_ns", b"1780000000000000000")]
 
 
 def _envelopes(infno: str, n: int, tag: str) -> list[dict[str, Any]]:
@@ -56,7 +57,7 @@ async def _process(s: Settings, group: str, spec: TopicSpec, processor: BatchPro
 def _answers(outbox: Outbox) -> dict[str, tuple[int, int | None, str]]:
     return {out.key.decode(): (msgspec.json.decode(out.value)["infcode"], out.partition,
                                msgspec.json.decode(out.value)["err_msg"])
-            for out in outbox.records if out.topic == "fsi.replies" and out.key}
+            for out in outbox.records if out.topic == REPLIES.name and out.key}
 
 
 def _letters(outbox: Outbox) -> list[DeadLetter]:
@@ -78,7 +79,7 @@ async def test_router_answers_a_request_that_hits_a_bug_internal(stack: Settings
     outbox = await _process(stack, ROUTER_GROUP, INGRESS, Router(core), [msgspec.json.encode(e) for e in envs])
     # The named culprit is answered first, then the batch is redone without it (the others keep their order).
     assert [(o.topic, o.key) for o in outbox.records] == [
-        ("fsi.replies", victim.encode()), (DEADLETTER.name, victim.encode()),
+        (REPLIES.name, victim.encode()), (DEADLETTER.name, victim.encode()),
         (ROUTED.name, b"P1"), (ROUTED.name, b"P1")]
     assert _answers(outbox) == {victim: (-1, 2, "INTERNAL: unexpected error; resend with the same msgid")}
     assert [(d.stage, d.err_code, d.msgid, d.infno) for d in _letters(outbox)] == [("router", "INTERNAL", victim,
