@@ -1,12 +1,22 @@
-"""Operator tools: consumer-group offsets and dead letters.
+"""Operator tools: consumer-group offsets, dead letters, retention, filing revocation.
 
     python -m deploy.ops groups list
     python -m deploy.ops groups describe GROUP
     python -m deploy.ops groups reset GROUP --topic T[:P] (--to-offset N | --to-earliest | --to-latest
-                                              | --shift-by N | --to-datetime YYYY-MM-DDTHH:MM:SS) [--execute]
+                                              | --shift-by N | --to-datetime YYYY-MM-DDTHH:MM:SS)
+                                              [--execute --operator NAME]
     python -m deploy.ops deadletters list [--stage S] [--code C] [--infno N] [--msgid M] [--since T] [--until T]
                                           [--limit N] [--json] [--show-original]
-    python -m deploy.ops deadletters replay (--offset N ... | filters as for list) [--forget-refusal] [--execute]
+    python -m deploy.ops deadletters replay (--offset N ... | filters as for list) [--forget-refusal]
+                                            [--execute --operator NAME]
+    python -m deploy.ops filing revoke FILING_ID --operator NAME
+
+Whatever changes something (`--execute`, `filing revoke`) names its operator (`--operator NAME` or
+XS_OPERATOR; without one: exit status 2, nothing done) and leaves one audit row (services.common.audit),
+published to fsi.audit: `group.reset` (the partitions' offsets before and after), `deadletter.replay`
+(which dead letters went where, refusals forgotten), `retention.prune` (per shard: responses deleted,
+partitions created), `filing.revoke` (the filing's id, type and shard — never the person). Actions on
+Kafka are recorded once they are done.
 
 `groups` wraps Kafka's own ConsumerGroupCommand (artifact org.apache.kafka:kafka-tools, resolved by
 deploy/bootstrap.sh into .state/kafka/tools-lib). A reset is a dry run unless --execute, and Kafka
@@ -23,7 +33,7 @@ msgid's answer: a replayed refusal returns that answer again unless --forget-ref
 stored refusal first (only refusals: a request that changed the ledger keeps its record).
 A replay is a dry run unless --execute.
 
-    python -m deploy.ops retention [--keep-days N] [--execute]
+    python -m deploy.ops retention [--keep-days N] [--execute --operator NAME]
 
 `retention` looks after how the shards' state grows (a dry run unless --execute): it creates the ledger's
 monthly partitions (settlement_YYYY_MM) for this month and the next three where missing, and deletes
@@ -31,6 +41,11 @@ stored responses (processed_request) older than the window — by default the cl
 (XS_TIME_PAST_DAYS) plus a month: a request that old is refused by validation, so its stored answer can
 never be asked for again. It never deletes ledger rows, visits, fees, accumulators or accounts (the ledger,
 reconciliation and clearing need them). Deletes go in chunks along processed_request_at.
+
+`filing revoke` revokes a cross-region filing (备案) by its id (5301 lists a person's filings with their
+ids) in the shard that holds it, as 2502 does for a hospital; routers read filings per batch, so the
+next request sees it. The audit row commits in the hub first, then the revocation in the shard: a
+failure between the two leaves a recorded attempt (run it again), never an unrecorded revocation.
 """
 
 from __future__ import annotations
@@ -53,6 +68,7 @@ from schemas.clearing import ManualClaim
 from schemas.codec import decode_request
 from schemas.errors import BrokerError
 from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
+from services.common import audit
 from services.common.config import Settings, load_settings
 from services.common.kafka import make_producer
 from services.common.shards import shard_dsns, shard_map
@@ -83,6 +99,26 @@ def group_command(s: Settings, *args: str) -> str:
             text += "\nhint: stop the group's service first (python -m deploy.stack stop-service NAME), then reset"
         raise OpsError(text or f"ConsumerGroupCommand exited with {res.returncode}")
     return res.stdout
+
+
+def offsets_table(text: str, column: str) -> dict[str, int | None]:
+    """`TOPIC:PARTITION` → the value of `column` (e.g. CURRENT-OFFSET, NEW-OFFSET; None for "-") in a
+    ConsumerGroupCommand table (describe or reset output)."""
+    out: dict[str, int | None] = {}
+    header: list[str] | None = None
+    for line in text.splitlines():
+        fields = line.split()
+        if "PARTITION" in fields and column in fields:
+            header = fields
+            continue
+        if header is None or len(fields) <= header.index(column):
+            continue
+        row = dict(zip(header, fields, strict=False))
+        if not row["PARTITION"].isdigit():
+            continue
+        value = row[column]
+        out[f"{row['TOPIC']}:{row['PARTITION']}"] = int(value) if value.lstrip("-").isdigit() else None
+    return out
 
 
 def reset_args(group: str, topic: str, mode: str, value: str | None, execute: bool) -> list[str]:
@@ -325,6 +361,46 @@ def retention_lines(report: list[ShardRetention], execute: bool) -> list[str]:
     return lines
 
 
+# --- filing revocation ----------------------------------------------------------------------
+
+
+async def revoke_filing(s: Settings, filing_id: str, operator: str) -> dict[str, object]:
+    """Revoke one filing by id in whichever shard holds it; audited (see the module's docstring)."""
+    audit.check_operator(operator)
+    for shard, dsn in sorted(shard_dsns(s).items()):
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            async with conn.transaction():
+                row = await conn.fetchrow("SELECT filing_type, source, revoked FROM filing WHERE filing_id = $1"
+                                          " FOR UPDATE", filing_id)
+                if row is None:
+                    continue
+                if row["revoked"]:
+                    raise OpsError(f"filing {filing_id} is revoked already: nothing to do")
+                await conn.execute("UPDATE filing SET revoked = true WHERE filing_id = $1", filing_id)
+                before = {"shard": shard, "filing_type": row["filing_type"], "source": row["source"], "revoked": False}
+                hub = await asyncpg.connect(s.pg_dsn, timeout=10)
+                try:
+                    await audit.record(hub, operator, "filing.revoke", filing_id, before=before,
+                                       after={**before, "revoked": True})
+                finally:
+                    await hub.close()
+            return before
+        finally:
+            await conn.close()
+    raise OpsError(f"no filing {filing_id} in any shard")
+
+
+async def record_action(s: Settings, operator: str, action: str, target: str, before: object, after: object) -> None:
+    """The audit row of an action done outside the hub (Kafka, the shards), then published."""
+    hub = await asyncpg.connect(s.pg_dsn, timeout=10)
+    try:
+        await audit.record(hub, operator, action, target, before=before, after=after)
+    finally:
+        await hub.close()
+    await audit.publish_after_action(s)
+
+
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -374,8 +450,18 @@ async def _deadletters(s: Settings, args: argparse.Namespace) -> int:
         return 0
     if not letters:
         raise OpsError("no dead letter matches the selection")
-    for line in await replay(s, letters, execute=args.execute, forget_refusal=args.forget_refusal):
+    lines = await replay(s, letters, execute=args.execute, forget_refusal=args.forget_refusal)
+    for line in lines:
         print(line)
+    if args.execute:
+        targets: dict[str, int] = {}
+        for item in letters:
+            topic, _ = replay_target(item.letter)
+            targets[topic] = targets.get(topic, 0) + 1
+        forgot = next((int(line.split()[1]) for line in lines if line.startswith("forgot ")), 0)
+        await record_action(s, args.operator, "deadletter.replay", DEADLETTER.name, None, {
+            "offsets": [f"{item.partition}:{item.offset}" for item in letters], "to": targets,
+            "forgot_refusals": forgot})
     return 0
 
 
@@ -397,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--to-earliest", action="store_true")
     how.add_argument("--to-latest", action="store_true")
     reset.add_argument("--execute", action="store_true")
+    audit.add_operator_argument(reset)
 
     letters = sub.add_parser("deadletters", help=f"list or replay {DEADLETTER.name}")
     lsub = letters.add_subparsers(dest="action", required=True)
@@ -418,17 +505,35 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--forget-refusal", action="store_true",
                             help="delete the engine's stored refusal of each msgid first, so it is decided anew")
             sp.add_argument("--execute", action="store_true", help="send (default: a dry run)")
+            audit.add_operator_argument(sp)
     keep = sub.add_parser("retention", help="ledger partitions ahead, old stored responses pruned (dry run)")
     keep.add_argument("--keep-days", type=int, default=None,
                       help="keep stored responses this many days (default: XS_TIME_PAST_DAYS + 31)")
     keep.add_argument("--execute", action="store_true", help="change (default: a dry run)")
+    audit.add_operator_argument(keep)
+    filing = sub.add_parser("filing", help="cross-region filings (备案)").add_subparsers(dest="action", required=True)
+    revoke = filing.add_parser("revoke", help="revoke a filing by its id, in the shard that holds it")
+    revoke.add_argument("filing_id")
+    audit.add_operator_argument(revoke)
     return parser
 
 
+def changes_state(args: argparse.Namespace) -> bool:
+    return args.cmd == "filing" or bool(getattr(args, "execute", False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if changes_state(args):
+        args.operator = audit.operator_or_exit(parser, args.operator)
     s = load_settings()
     try:
+        if args.cmd == "filing":
+            revoked = asyncio.run(revoke_filing(s, args.filing_id, args.operator))
+            asyncio.run(audit.publish_after_action(s))
+            print(f"revoked filing {args.filing_id} ({revoked['filing_type']}, shard {revoked['shard']})")
+            return 0
         if args.cmd == "groups":
             if args.action == "list":
                 print(group_command(s, "--list"), end="")
@@ -438,13 +543,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mode = next(m for m in RESET_MODES if getattr(args, m) not in (None, False))
                 value = getattr(args, mode)
                 cmd = reset_args(args.group, args.topic, mode, None if value is True else value, args.execute)
-                print(group_command(s, *cmd), end="")
+                before = (offsets_table(group_command(s, "--describe", "--group", args.group), "CURRENT-OFFSET")
+                          if args.execute else {})
+                out = group_command(s, *cmd)
+                print(out, end="")
                 if not args.execute:
                     print("dry run: nothing changed (add --execute)")
+                else:
+                    after = offsets_table(out, "NEW-OFFSET")
+                    asyncio.run(record_action(
+                        s, args.operator, "group.reset", args.group,
+                        {"offsets": {tp: before.get(tp) for tp in after}},
+                        {"offsets": after, "topic": args.topic, "mode": mode,
+                         "value": None if value is True else value}))
             return 0
         if args.cmd == "retention":
             report = asyncio.run(retention(s, execute=args.execute, keep_days=args.keep_days))
             print("\n".join(retention_lines(report, args.execute)))
+            if args.execute:
+                asyncio.run(record_action(s, args.operator, "retention.prune", "shards", None, {
+                    r.shard: {"cutoff": r.cutoff.isoformat(), "responses_deleted": r.responses_deleted,
+                              "partitions_created": r.partitions_created} for r in report}))
             return 0
         return asyncio.run(_deadletters(s, args))
     except OpsError as exc:
