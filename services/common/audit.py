@@ -32,7 +32,6 @@ import msgspec
 from schemas.audit import AuditRecord
 from services.common.config import Settings
 from services.common.kafka import make_producer
-from topics.catalog import catalog
 
 OPERATOR = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 OPERATOR_ENV = "XS_OPERATOR"
@@ -119,6 +118,10 @@ async def publish(conn: asyncpg.Connection, topic: str, send: Send) -> int:
 
 def audit_topic(s: Settings) -> str:
     """fsi.audit as `s` names it (a test run's prefix)."""
+    # Imported here: the catalog's module constants take the settings of the moment it is first imported,
+    # and this module is imported early (by the loader, by tests' conftest before a run sets its prefix).
+    from topics.catalog import catalog
+
     return next(t.name for t in catalog(s) if t.value is AuditRecord)
 
 
