@@ -329,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
 
 def changes_state(args: argparse.Namespace) -> bool:
     """The commands that change something, and so name their operator."""
-    return args.cmd in ("close", "sweep") or (args.cmd, args.action) in (
+    return args.cmd in ("close", "sweep") or (args.cmd, getattr(args, "action", None)) in (
         ("deposit", "topup"), ("deposit", "line"), ("claims", "submit"))
 
 
