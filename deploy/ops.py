@@ -10,13 +10,15 @@
     python -m deploy.ops deadletters replay (--offset N ... | filters as for list) [--forget-refusal]
                                             [--execute --operator NAME]
     python -m deploy.ops filing revoke FILING_ID --operator NAME
+    python -m deploy.ops audit list [--actor A] [--action X] [--target T] [--since T] [--limit N] [--json]
 
 Whatever changes something (`--execute`, `filing revoke`) names its operator (`--operator NAME` or
 XS_OPERATOR; without one: exit status 2, nothing done) and leaves one audit row (services.common.audit),
 published to fsi.audit: `group.reset` (the partitions' offsets before and after), `deadletter.replay`
 (which dead letters went where, refusals forgotten), `retention.prune` (per shard: responses deleted,
 partitions created), `filing.revoke` (the filing's id, type and shard — never the person). Actions on
-Kafka are recorded once they are done.
+Kafka are recorded once they are done. `audit list` shows the hub's audit trail (the last N matching rows,
+oldest first).
 
 `groups` wraps Kafka's own ConsumerGroupCommand (artifact org.apache.kafka:kafka-tools, resolved by
 deploy/bootstrap.sh into .state/kafka/tools-lib). A reset is a dry run unless --execute, and Kafka
@@ -391,6 +393,29 @@ async def revoke_filing(s: Settings, filing_id: str, operator: str) -> dict[str,
     raise OpsError(f"no filing {filing_id} in any shard")
 
 
+async def audit_rows(s: Settings, *, actor: str | None = None, action: str | None = None,
+                     target: str | None = None, since: datetime | None = None, limit: int = 50
+                     ) -> list[asyncpg.Record]:
+    """The last `limit` audit rows matching, oldest first."""
+    hub = await asyncpg.connect(s.pg_dsn, timeout=10)
+    try:
+        rows = await hub.fetch(
+            "SELECT audit_id, at, actor, action, target, before, after FROM audit_log"
+            " WHERE ($1::text IS NULL OR actor = $1) AND ($2::text IS NULL OR action = $2)"
+            "   AND ($3::text IS NULL OR target = $3) AND ($4::timestamptz IS NULL OR at >= $4)"
+            " ORDER BY audit_id DESC LIMIT $5", actor, action, target, since, limit)
+    finally:
+        await hub.close()
+    return rows[::-1]
+
+
+def audit_line(r: asyncpg.Record, as_json: bool) -> str:
+    if as_json:
+        return msgspec.json.encode(audit.audit_record(r)).decode()
+    return (f"{r['audit_id']}  {r['at']:%Y-%m-%dT%H:%M:%S}Z  {r['actor']}  {r['action']}  {r['target'] or '-'}  "
+            f"{r['before'] or '-'} -> {r['after'] or '-'}")
+
+
 async def record_action(s: Settings, operator: str, action: str, target: str, before: object, after: object) -> None:
     """The audit row of an action done outside the hub (Kafka, the shards), then published."""
     hub = await asyncpg.connect(s.pg_dsn, timeout=10)
@@ -515,6 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = filing.add_parser("revoke", help="revoke a filing by its id, in the shard that holds it")
     revoke.add_argument("filing_id")
     audit.add_operator_argument(revoke)
+    trail = sub.add_parser("audit", help="the operators' audit trail").add_subparsers(dest="action", required=True)
+    show = trail.add_parser("list", help="the last audit rows (oldest first)")
+    show.add_argument("--actor")
+    show.add_argument("--action", dest="audit_action", metavar="ACTION", help="e.g. month.close, key.rotate")
+    show.add_argument("--target")
+    show.add_argument("--since", type=_when, help="ISO time (UTC unless an offset is given)")
+    show.add_argument("--limit", type=int, default=50, help="the last N rows (default 50)")
+    show.add_argument("--json", action="store_true", help="one fsi.audit record (JSON) per line")
     return parser
 
 
@@ -529,6 +562,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.operator = audit.operator_or_exit(parser, args.operator)
     s = load_settings()
     try:
+        if args.cmd == "audit":
+            rows = asyncio.run(audit_rows(s, actor=args.actor, action=args.audit_action, target=args.target,
+                                          since=args.since, limit=args.limit))
+            for r in rows:
+                print(audit_line(r, args.json))
+            if not args.json:
+                print(f"{len(rows)} audit row(s)")
+            return 0
         if args.cmd == "filing":
             revoked = asyncio.run(revoke_filing(s, args.filing_id, args.operator))
             asyncio.run(audit.publish_after_action(s))

@@ -285,6 +285,15 @@ async def test_the_keys_command_issues_rotates_revokes_and_lists_with_one_row_ea
         assert secret not in (r["after"] or "") and shown not in (r["after"] or "")
     await assert_trail_on_topic(stack, db, [r["audit_id"] for r in (issue, rotate, revoke)])
 
+    # The operators' view of the trail: the same rows, oldest first.
+    assert await asyncio.to_thread(ops.main, ["audit", "list", "--actor", who, "--json"]) == 0
+    listed = [msgspec.json.decode(line, type=AuditRecord) for line in capsys.readouterr().out.splitlines()]
+    assert [(a.audit_id, a.action, a.after) for a in listed] == [
+        (r["audit_id"], r["action"], js(r["after"])) for r in (issue, rotate, revoke)]
+    assert await asyncio.to_thread(ops.main, ["audit", "list", "--actor", who, "--action", "key.revoke"]) == 0
+    out = capsys.readouterr().out
+    assert f"{revoke['audit_id']}  " in out and f"{who}  key.revoke  {HOSPITAL}" in out and "1 audit row(s)" in out
+
 
 async def test_group_reset_dead_letter_replay_and_retention_are_audited(
         db: asyncpg.Pool, stack: Settings, capsys: pytest.CaptureFixture[str]) -> None:
