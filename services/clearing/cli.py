@@ -146,9 +146,8 @@ async def submit_claims(s: Settings, claims: Sequence[ManualClaim], *, operator:
     pool = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=2)
     try:
         async with pool.acquire() as conn, conn.transaction():
-            for n, c in enumerate(claims):
-                await store.outbox_add(conn, f"claim-{submission}-{n}", MANUAL_CLAIMS.name, c.psn_no.encode(),
-                                       _encoder.encode(c))
+            await store.outbox_add_many(conn, [(f"claim-{submission}-{n}", MANUAL_CLAIMS.name, c.psn_no.encode(),
+                                                _encoder.encode(c)) for n, c in enumerate(claims)])
             await audit.record(conn, operator, "claims.submit", source, after={
                 "claims": len(claims), "sha256": digest or None, "submission": submission})
         await publish_outbox(s, pool)

@@ -587,12 +587,17 @@ async def deposits(conn: asyncpg.Connection) -> list[tuple[str, int, int]]:
 # Outbox ---------------------------------------------------------------------------------------------
 
 
+_OUTBOX_INSERT = ("INSERT INTO clearing_outbox (event_id, topic, key, value) VALUES ($1, $2, $3, $4)"
+                  " ON CONFLICT (event_id) DO NOTHING")
+
+
 async def outbox_add(conn: asyncpg.Connection, event_id: str, topic: str, key: bytes | None, value: bytes) -> None:
-    await conn.execute(
-        "INSERT INTO clearing_outbox (event_id, topic, key, value) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT (event_id) DO NOTHING",
-        event_id, topic, key, value,
-    )
+    await conn.execute(_OUTBOX_INSERT, event_id, topic, key, value)
+
+
+async def outbox_add_many(conn: asyncpg.Connection, events: Sequence[tuple[str, str, bytes | None, bytes]]) -> None:
+    """Many (event_id, topic, key, value) at once (a file of manual claims)."""
+    await conn.executemany(_OUTBOX_INSERT, events)
 
 
 async def publish_outbox(pool: asyncpg.Pool, send: Any, flush: Any = None) -> int:
