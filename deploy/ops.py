@@ -1,12 +1,24 @@
-"""Operator tools: consumer-group offsets and dead letters.
+"""Operator tools: consumer-group offsets, dead letters, retention, filing revocation.
 
     python -m deploy.ops groups list
     python -m deploy.ops groups describe GROUP
     python -m deploy.ops groups reset GROUP --topic T[:P] (--to-offset N | --to-earliest | --to-latest
-                                              | --shift-by N | --to-datetime YYYY-MM-DDTHH:MM:SS) [--execute]
+                                              | --shift-by N | --to-datetime YYYY-MM-DDTHH:MM:SS)
+                                              [--execute --operator NAME]
     python -m deploy.ops deadletters list [--stage S] [--code C] [--infno N] [--msgid M] [--since T] [--until T]
                                           [--limit N] [--json] [--show-original]
-    python -m deploy.ops deadletters replay (--offset N ... | filters as for list) [--forget-refusal] [--execute]
+    python -m deploy.ops deadletters replay (--offset N ... | filters as for list) [--forget-refusal]
+                                            [--execute --operator NAME]
+    python -m deploy.ops filing revoke FILING_ID --operator NAME
+    python -m deploy.ops audit list [--actor A] [--action X] [--target T] [--since T] [--limit N] [--json]
+
+Whatever changes something (`--execute`, `filing revoke`) names its operator (`--operator NAME` or
+XS_OPERATOR; without one: exit status 2, nothing done) and leaves one audit row (services.common.audit),
+published to fsi.audit: `group.reset` (the partitions' offsets before and after), `deadletter.replay`
+(which dead letters went where, refusals forgotten), `retention.prune` (per shard: responses deleted,
+partitions created), `filing.revoke` (the filing's id, type and shard — never the person). Actions on
+Kafka are recorded once they are done. `audit list` shows the hub's audit trail (the last N matching rows,
+oldest first).
 
 `groups` wraps Kafka's own ConsumerGroupCommand (artifact org.apache.kafka:kafka-tools, resolved by
 deploy/bootstrap.sh into .state/kafka/tools-lib). A reset is a dry run unless --execute, and Kafka
@@ -23,7 +35,7 @@ msgid's answer: a replayed refusal returns that answer again unless --forget-ref
 stored refusal first (only refusals: a request that changed the ledger keeps its record).
 A replay is a dry run unless --execute.
 
-    python -m deploy.ops retention [--keep-days N] [--execute]
+    python -m deploy.ops retention [--keep-days N] [--execute --operator NAME]
     python -m deploy.ops kafka-user issue CODE --operator NAME [--out FILE]
     python -m deploy.ops kafka-user revoke CODE --operator NAME
 
@@ -40,6 +52,11 @@ SCRAM-SHA-512 credential with a new random password, printed once (or written to
 XS_TOPIC_PREFIX), nothing else. Issuing again replaces the password. `revoke` deletes the credential
 and the ACL (the ACL at once ends what open connections may do). Both are recorded in the audit log
 (actor: the operator, `--operator` or XS_OPERATOR).
+
+`filing revoke` revokes a cross-region filing (备案) by its id (5301 lists a person's filings with their
+ids) in the shard that holds it, as 2502 does for a hospital; routers read filings per batch, so the
+next request sees it. The audit row commits in the hub first, then the revocation in the shard: a
+failure between the two leaves a recorded attempt (run it again), never an unrecorded revocation.
 """
 
 from __future__ import annotations
@@ -65,6 +82,7 @@ from schemas.clearing import ManualClaim
 from schemas.codec import decode_request
 from schemas.errors import BrokerError
 from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
+from services.common import audit
 from services.common.audit import check_operator, record
 from services.common.config import Settings, load_settings
 from services.common.kafka import client_auth, make_admin, make_producer
@@ -106,6 +124,26 @@ def group_command(s: Settings, *args: str) -> str:
             text += "\nhint: stop the group's service first (python -m deploy.stack stop-service NAME), then reset"
         raise OpsError(text or f"ConsumerGroupCommand exited with {res.returncode}")
     return res.stdout
+
+
+def offsets_table(text: str, column: str) -> dict[str, int | None]:
+    """`TOPIC:PARTITION` → the value of `column` (e.g. CURRENT-OFFSET, NEW-OFFSET; None for "-") in a
+    ConsumerGroupCommand table (describe or reset output)."""
+    out: dict[str, int | None] = {}
+    header: list[str] | None = None
+    for line in text.splitlines():
+        fields = line.split()
+        if "PARTITION" in fields and column in fields:
+            header = fields
+            continue
+        if header is None or len(fields) <= header.index(column):
+            continue
+        row = dict(zip(header, fields, strict=False))
+        if not row["PARTITION"].isdigit():
+            continue
+        value = row[column]
+        out[f"{row['TOPIC']}:{row['PARTITION']}"] = int(value) if value.lstrip("-").isdigit() else None
+    return out
 
 
 def reset_args(group: str, topic: str, mode: str, value: str | None, execute: bool) -> list[str]:
@@ -437,6 +475,69 @@ async def _kafka_user(s: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# --- filing revocation ----------------------------------------------------------------------
+
+
+async def revoke_filing(s: Settings, filing_id: str, operator: str) -> dict[str, object]:
+    """Revoke one filing by id in whichever shard holds it; audited (see the module's docstring)."""
+    audit.check_operator(operator)
+    for shard, dsn in sorted(shard_dsns(s).items()):
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            async with conn.transaction():
+                row = await conn.fetchrow("SELECT filing_type, source, revoked FROM filing WHERE filing_id = $1"
+                                          " FOR UPDATE", filing_id)
+                if row is None:
+                    continue
+                if row["revoked"]:
+                    raise OpsError(f"filing {filing_id} is revoked already: nothing to do")
+                await conn.execute("UPDATE filing SET revoked = true WHERE filing_id = $1", filing_id)
+                before = {"shard": shard, "filing_type": row["filing_type"], "source": row["source"], "revoked": False}
+                hub = await asyncpg.connect(s.pg_dsn, timeout=10)
+                try:
+                    await audit.record(hub, operator, "filing.revoke", filing_id, before=before,
+                                       after={**before, "revoked": True})
+                finally:
+                    await hub.close()
+            return before
+        finally:
+            await conn.close()
+    raise OpsError(f"no filing {filing_id} in any shard")
+
+
+async def audit_rows(s: Settings, *, actor: str | None = None, action: str | None = None,
+                     target: str | None = None, since: datetime | None = None, limit: int = 50
+                     ) -> list[asyncpg.Record]:
+    """The last `limit` audit rows matching, oldest first."""
+    hub = await asyncpg.connect(s.pg_dsn, timeout=10)
+    try:
+        rows = await hub.fetch(
+            "SELECT audit_id, at, actor, action, target, before, after FROM audit_log"
+            " WHERE ($1::text IS NULL OR actor = $1) AND ($2::text IS NULL OR action = $2)"
+            "   AND ($3::text IS NULL OR target = $3) AND ($4::timestamptz IS NULL OR at >= $4)"
+            " ORDER BY audit_id DESC LIMIT $5", actor, action, target, since, limit)
+    finally:
+        await hub.close()
+    return rows[::-1]
+
+
+def audit_line(r: asyncpg.Record, as_json: bool) -> str:
+    if as_json:
+        return msgspec.json.encode(audit.audit_record(r)).decode()
+    return (f"{r['audit_id']}  {r['at']:%Y-%m-%dT%H:%M:%S}Z  {r['actor']}  {r['action']}  {r['target'] or '-'}  "
+            f"{r['before'] or '-'} -> {r['after'] or '-'}")
+
+
+async def record_action(s: Settings, operator: str, action: str, target: str, before: object, after: object) -> None:
+    """The audit row of an action done outside the hub (Kafka, the shards), then published."""
+    hub = await asyncpg.connect(s.pg_dsn, timeout=10)
+    try:
+        await audit.record(hub, operator, action, target, before=before, after=after)
+    finally:
+        await hub.close()
+    await audit.publish_after_action(s)
+
+
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -486,8 +587,18 @@ async def _deadletters(s: Settings, args: argparse.Namespace) -> int:
         return 0
     if not letters:
         raise OpsError("no dead letter matches the selection")
-    for line in await replay(s, letters, execute=args.execute, forget_refusal=args.forget_refusal):
+    lines = await replay(s, letters, execute=args.execute, forget_refusal=args.forget_refusal)
+    for line in lines:
         print(line)
+    if args.execute:
+        targets: dict[str, int] = {}
+        for item in letters:
+            topic, _ = replay_target(item.letter)
+            targets[topic] = targets.get(topic, 0) + 1
+        forgot = next((int(line.split()[1]) for line in lines if line.startswith("forgot ")), 0)
+        await record_action(s, args.operator, "deadletter.replay", DEADLETTER.name, None, {
+            "offsets": [f"{item.partition}:{item.offset}" for item in letters], "to": targets,
+            "forgot_refusals": forgot})
     return 0
 
 
@@ -509,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--to-earliest", action="store_true")
     how.add_argument("--to-latest", action="store_true")
     reset.add_argument("--execute", action="store_true")
+    audit.add_operator_argument(reset)
 
     letters = sub.add_parser("deadletters", help=f"list or replay {DEADLETTER.name}")
     lsub = letters.add_subparsers(dest="action", required=True)
@@ -530,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--forget-refusal", action="store_true",
                             help="delete the engine's stored refusal of each msgid first, so it is decided anew")
             sp.add_argument("--execute", action="store_true", help="send (default: a dry run)")
+            audit.add_operator_argument(sp)
     keep = sub.add_parser("retention", help="ledger partitions ahead, old stored responses pruned (dry run)")
     keep.add_argument("--keep-days", type=int, default=None,
                       help="keep stored responses this many days (default: XS_TIME_PAST_DAYS + 31)")
@@ -542,13 +655,46 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--operator", help="who does this (the audit log's actor; default XS_OPERATOR)")
         if action == "issue":
             sp.add_argument("--out", help="write the password to this new file (0600) instead of printing it")
+    audit.add_operator_argument(keep)
+    filing = sub.add_parser("filing", help="cross-region filings (备案)").add_subparsers(dest="action", required=True)
+    revoke = filing.add_parser("revoke", help="revoke a filing by its id, in the shard that holds it")
+    revoke.add_argument("filing_id")
+    audit.add_operator_argument(revoke)
+    trail = sub.add_parser("audit", help="the operators' audit trail").add_subparsers(dest="action", required=True)
+    show = trail.add_parser("list", help="the last audit rows (oldest first)")
+    show.add_argument("--actor")
+    show.add_argument("--action", dest="audit_action", metavar="ACTION", help="e.g. month.close, key.rotate")
+    show.add_argument("--target")
+    show.add_argument("--since", type=_when, help="ISO time (UTC unless an offset is given)")
+    show.add_argument("--limit", type=int, default=50, help="the last N rows (default 50)")
+    show.add_argument("--json", action="store_true", help="one fsi.audit record (JSON) per line")
     return parser
 
 
+def changes_state(args: argparse.Namespace) -> bool:
+    return args.cmd == "filing" or bool(getattr(args, "execute", False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if changes_state(args):
+        args.operator = audit.operator_or_exit(parser, args.operator)
     s = load_settings()
     try:
+        if args.cmd == "audit":
+            rows = asyncio.run(audit_rows(s, actor=args.actor, action=args.audit_action, target=args.target,
+                                          since=args.since, limit=args.limit))
+            for r in rows:
+                print(audit_line(r, args.json))
+            if not args.json:
+                print(f"{len(rows)} audit row(s)")
+            return 0
+        if args.cmd == "filing":
+            revoked = asyncio.run(revoke_filing(s, args.filing_id, args.operator))
+            asyncio.run(audit.publish_after_action(s))
+            print(f"revoked filing {args.filing_id} ({revoked['filing_type']}, shard {revoked['shard']})")
+            return 0
         if args.cmd == "groups":
             if args.action == "list":
                 print(group_command(s, "--list"), end="")
@@ -558,13 +704,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mode = next(m for m in RESET_MODES if getattr(args, m) not in (None, False))
                 value = getattr(args, mode)
                 cmd = reset_args(args.group, args.topic, mode, None if value is True else value, args.execute)
-                print(group_command(s, *cmd), end="")
+                before = (offsets_table(group_command(s, "--describe", "--group", args.group), "CURRENT-OFFSET")
+                          if args.execute else {})
+                out = group_command(s, *cmd)
+                print(out, end="")
                 if not args.execute:
                     print("dry run: nothing changed (add --execute)")
+                else:
+                    after = offsets_table(out, "NEW-OFFSET")
+                    asyncio.run(record_action(
+                        s, args.operator, "group.reset", args.group,
+                        {"offsets": {tp: before.get(tp) for tp in after}},
+                        {"offsets": after, "topic": args.topic, "mode": mode,
+                         "value": None if value is True else value}))
             return 0
         if args.cmd == "retention":
             report = asyncio.run(retention(s, execute=args.execute, keep_days=args.keep_days))
             print("\n".join(retention_lines(report, args.execute)))
+            if args.execute:
+                asyncio.run(record_action(s, args.operator, "retention.prune", "shards", None, {
+                    r.shard: {"cutoff": r.cutoff.isoformat(), "responses_deleted": r.responses_deleted,
+                              "partitions_created": r.partitions_created} for r in report}))
             return 0
         if args.cmd == "kafka-user":
             return asyncio.run(_kafka_user(s, args))

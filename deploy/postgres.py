@@ -119,6 +119,10 @@ def postgres_programs(s: Settings) -> list[str]:
         "shared_buffers=512MB",
         "-c",
         "maintenance_work_mem=256MB",
+        # No personal data in the server log: the DETAIL of an error quotes the row's values (a unique
+        # violation on a person-keyed table names the psn_no), so errors are logged without it.
+        "-c",
+        "log_error_verbosity=terse",
     ]
     return [infra_program("postgres", command, p.pg_data, p.log("postgres"), stop_signal="INT",
                           stop_wait_secs=int(PG_READY_TIMEOUT_S), as_group=False, user=user)]

@@ -46,6 +46,7 @@ import msgspec
 from deploy import kafka as cluster
 from deploy import stack as stack_ctl
 from loadtest.his import FeeLine, GatewayClient, Hospital, Signer, SignInFailed, Stay, simulator_signer
+from loadtest.population import tool_operator
 from services.common.config import Settings, load_settings
 from services.common.shards import ShardPools
 from services.common.tls import client_session
@@ -413,8 +414,8 @@ async def run_chaos(s: Settings, cfg: Config) -> Report:
     try:
         with tempfile.TemporaryDirectory(prefix="chaos-refdata-") as tmp:
             write_refdata(Path(tmp), persons)
-            await load_dir(pool, tmp)
-        signer = await simulator_signer(s, pool, [HOSPITAL.fixmedins_code], operator="chaos")
+            await load_dir(pool, tmp, operator=tool_operator("loadtest.chaos"))
+        signer = await simulator_signer(s, pool, [HOSPITAL.fixmedins_code], operator=tool_operator("loadtest.chaos"))
     finally:
         await pool.close()
     answers: list[float] = []

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import random
 import sys
 import time
@@ -55,6 +56,7 @@ from loadtest.population import (
     population_signer,
     wait_ready,
 )
+from services.common import audit
 from services.common.config import Settings, load_settings
 from services.common.shards import shard_database, shard_dsns, shard_map
 from services.common.tls import ca_paths, client_session
@@ -232,7 +234,8 @@ async def run(args: argparse.Namespace) -> int:
     print(f"xsettle demo: {args.seconds:g} s or {args.max_stays} stays, {args.concurrency} concurrent, "
           f"seed {args.seed}, gateway {s.gateway_url}")
     try:
-        dataset, info = await ensure_refdata(s, seed=args.seed, persons_per_region=args.persons_per_region)
+        dataset, info = await ensure_refdata(s, seed=args.seed, persons_per_region=args.persons_per_region,
+                                             operator=args.operator)
         pop = await load_population(s, dataset)
     except PipelineUnavailable as e:
         print(f"demo: {e}", file=sys.stderr)
@@ -334,6 +337,8 @@ async def drive(caller: HttpCaller, pop: Population, stats: Stats, args: argpars
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--seconds", type=float, default=60.0, help="run time (default 60)")
+    p.add_argument("--operator", default=None, help="who the reference-data load is audited under "
+                   "(default: $XS_OPERATOR, else loadtest.demo)")
     p.add_argument("--concurrency", type=int, default=16, help="stays in flight at once (default 16)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="reference-data seed (default 7)")
     p.add_argument("--max-stays", type=int, default=3000, help="stop after this many stays (default 3000)")
@@ -345,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--persons-per-region", type=int, default=DEFAULT_PERSONS_PER_REGION,
                    help=f"reference-data size: persons per seed region (default {DEFAULT_PERSONS_PER_REGION})")
     args = p.parse_args(argv)
+    # A development tool: its load is recorded under XS_OPERATOR if set, else under its own name.
+    args.operator = audit.operator_or_exit(p, args.operator or os.environ.get(audit.OPERATOR_ENV) or "loadtest.demo")
     if args.seconds <= 0 or args.concurrency < 1 or args.max_stays < 1 or args.drain_seconds < 0:
         p.error("--seconds, --concurrency and --max-stays must be positive, --drain-seconds not negative")
     try:

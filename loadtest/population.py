@@ -49,6 +49,7 @@ import asyncpg
 from loadtest.his import FeeLine, Hospital, OutpatientVisit, Purchase, Signer, SignInFailed, Stay, simulator_signer
 from schemas.codes import SCOPES, Scope
 from schemas.refdata import CATALOG_FILE, FILINGS_FILE, HOSPITALS_FILE, PERSONS_FILE, RefDataSet
+from services.common import audit
 from services.common.config import Settings, settings_env
 from services.common.response import SHANGHAI
 from services.common.shards import ShardPools
@@ -120,11 +121,17 @@ def generate_if_needed(out_dir: Path, seed: int, persons_per_region: int) -> boo
     return True
 
 
+def tool_operator(tool: str) -> str:
+    """Who a load tool's reference-data loads are audited under: XS_OPERATOR, else the tool itself."""
+    return audit.check_operator(os.environ.get(audit.OPERATOR_ENV) or tool)
+
+
 async def ensure_refdata(
     s: Settings, *, seed: int = DEFAULT_SEED, persons_per_region: int = DEFAULT_PERSONS_PER_REGION,
-    out_dir: Path | None = None,
+    out_dir: Path | None = None, operator: str | None = None,
 ) -> tuple[RefDataSet, dict[str, Any]]:
-    """Generate (if needed) and load the reference data; returns the dataset and what happened."""
+    """Generate (if needed) and load the reference data (audited under `operator`, default
+    `tool_operator("loadtest")`); returns the dataset and what happened."""
     directory = out_dir or refdata_dir(s)
     started = time.perf_counter()
     generated = generate_if_needed(directory, seed, persons_per_region)
@@ -137,7 +144,7 @@ async def ensure_refdata(
             "start the stack: .venv/bin/python -m deploy.stack start"
         ) from None
     try:
-        counts = await load_dataset(conn, dataset)
+        counts = await load_dataset(conn, dataset, operator=operator or tool_operator("loadtest"))
     finally:
         await conn.close()
     changed = sum(n for k, n in counts.items() if k.endswith("_changed"))
@@ -372,7 +379,7 @@ async def persons_in_shards(s: Settings) -> int:
         await shards.close()
 
 
-async def ensure_national(s: Settings, seed: int) -> int:
+async def ensure_national(s: Settings, seed: int, operator: str | None = None) -> int:
     """The seed regions' real population in the shards: generated and loaded (with progress) unless the
     shards already hold about that many persons. Returns how many persons they hold."""
     held = await persons_in_shards(s)
@@ -381,7 +388,8 @@ async def ensure_national(s: Settings, seed: int) -> int:
     directory = s.state_dir / "refdata-national"
     env = {**os.environ, **settings_env(s)}
     for argv in (["-m", "services.refdata.generate", "--out", str(directory), "--national", "--seed", str(seed)],
-                 ["-m", "services.refdata.load", str(directory)]):
+                 ["-m", "services.refdata.load", str(directory), "--operator",
+                  operator or tool_operator("loadtest")]):
         res = await asyncio.create_subprocess_exec(sys.executable, *argv, env=env)
         if await res.wait() != 0:
             raise PipelineUnavailable(f"national population: {' '.join(argv[1:3])} failed (exit {res.returncode})")

@@ -8,6 +8,7 @@ from pathlib import Path
 import msgspec
 
 from schemas import clearing
+from schemas.audit import AuditRecord
 from schemas.codec import BODY_TYPES
 from schemas.envelope import RequestEnvelope, ResponseEnvelope
 from schemas.inpatient import Output2301, Output2401, OutputSettlement
@@ -33,6 +34,7 @@ MESSAGES: dict[str, type] = {
     "manual_claim": clearing.ManualClaim,
     "deposit_event": clearing.DepositEvent,
     "deposit_alert": clearing.DepositAlert,
+    "audit_record": AuditRecord,
 }
 
 

@@ -25,11 +25,15 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from typing import IO
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import pytest
 
 from services.common.config import PROJECT_ROOT, Settings, load_settings
+
+if TYPE_CHECKING:
+    from tests import privacy
 
 # The suite replays fixed dates (2026 and 2027 stays, clearing months in 2025),
 # so the services it starts accept inf_time from 2000 (the static lower bound) to the year 8000.
@@ -107,8 +111,23 @@ def infra_exclusive(infra_share: IO[str]) -> Iterator[None]:
         fcntl.flock(infra_share, fcntl.LOCK_SH)
 
 
+PRIVACY_SUMMARY = pytest.StashKey[str]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if PRIVACY_SUMMARY in config.stash:
+        terminalreporter.write_line(config.stash[PRIVACY_SUMMARY])
+
+
 @pytest.fixture(scope="session")
-def stack(settings: Settings, infra_share: IO[str]) -> Iterator[Settings]:
+def stack(settings: Settings, infra_share: IO[str], request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """The run's stack; at its end, after the teardown, the privacy log scan (tests/privacy.py) of every
+    log the session wrote — a finding fails the session."""
+    from tests import privacy
+
+    shared_logs = settings.state_dir / "logs"
+    shared_sizes = privacy.log_sizes(shared_logs)
     res = subprocess.run(
         [sys.executable, "-m", "deploy.stack", "start", "--infra-only"],
         cwd=PROJECT_ROOT,
@@ -120,7 +139,47 @@ def stack(settings: Settings, infra_share: IO[str]) -> Iterator[Settings]:
     if res.returncode != 0:
         pytest.fail(f"local stack did not start:\n{res.stdout}\n{res.stderr}", pytrace=False)
     yield settings
+    population = _test_population(settings, tmp_path_factory.getbasetemp())  # before the databases go
     if not os.environ.get("XS_KEEP_RUN"):
         from deploy.stack import teardown_run
 
-        teardown_run(settings)
+        teardown_run(settings)  # the services stop: their last lines are written
+    report = privacy.scan(privacy.session_logs(settings.run_dir, shared_logs, shared_sizes), population)
+    request.config.stash[PRIVACY_SUMMARY] = report.summary(population)  # printed at the end of the session
+    if report.findings:
+        pytest.fail("personal identifiers in the logs (never echoed here):\n"
+                    + "\n".join(map(str, report.findings[:200])), pytrace=False)
+    if not report.files or not report.bytes or not len(population):
+        pytest.fail(f"the privacy log scan would pass vacuously: {report.summary(population)}", pytrace=False)
+
+
+def _test_population(s: Settings, basetemp: Path) -> privacy.Population:
+    """Every person the session's tests used: conftest's PERSONS, the persons files they wrote, and the
+    persons in the run's shards (loaded by fixtures and tools from files that are gone)."""
+    import asyncpg
+
+    from deploy.common import _run_async
+    from services.common.shards import shard_dsns
+    from tests import privacy
+
+    population = privacy.Population()
+    integration = sys.modules.get("tests.integration.conftest")
+    for spec in getattr(integration, "PERSONS", {}).values():
+        population.add_person(spec.person.psn_no, spec.certno, None)
+    for path in sorted(basetemp.rglob("persons.jsonl")):
+        population.add_persons_file(path)
+
+    async def from_shards() -> None:
+        for dsn in shard_dsns(s).values():
+            try:
+                conn = await asyncpg.connect(dsn, timeout=10)
+            except (OSError, asyncpg.PostgresError):
+                continue  # a shard that was never created holds nobody
+            try:
+                for r in await conn.fetch("SELECT psn_no, certno, psn_name FROM person"):
+                    population.add_person(r["psn_no"], r["certno"], r["psn_name"])
+            finally:
+                await conn.close()
+
+    _run_async(from_shards())
+    return population

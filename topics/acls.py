@@ -21,9 +21,9 @@ ROUTER_GROUP = "xsettle-router"
 SETTLE_GROUP = "xsettle-settle"
 CLEARING_GROUPS = ("xsettle-clearing-requests", "xsettle-clearing-positions", "xsettle-clearing-claims")
 
-INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS = (
+INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT = (
     "fsi.ingress", "fsi.routed", "fsi.replies", "fsi.settlements", "fsi.clearing", "fsi.deadletter",
-    "fsi.manual_claims", "fsi.deposits", "fsi.alerts",
+    "fsi.manual_claims", "fsi.deposits", "fsi.alerts", "fsi.audit",
 )
 
 # principal -> (topics read, topics written, consumer groups)
@@ -32,10 +32,13 @@ SERVICES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     "gateway": ((REPLIES,), (INGRESS, DEADLETTER), ()),
     "router": ((INGRESS,), (ROUTED, REPLIES, CLEARING, DEADLETTER), (ROUTER_GROUP,)),
     "settle": ((ROUTED,), (REPLIES, SETTLEMENTS, DEADLETTER), (SETTLE_GROUP,)),
-    "clearing": ((CLEARING, SETTLEMENTS, MANUAL_CLAIMS), (REPLIES, DEPOSITS, ALERTS, DEADLETTER), CLEARING_GROUPS),
+    # clearing also publishes its outbox (the CLI's manual claims) and the audit rows left by commands
+    "clearing": ((CLEARING, SETTLEMENTS, MANUAL_CLAIMS),
+                 (REPLIES, DEPOSITS, ALERTS, DEADLETTER, MANUAL_CLAIMS, AUDIT), CLEARING_GROUPS),
     # operator tools: dead letters (list, replay to the topic a letter came from), the clearing CLI's
-    # manual claims and deposit events; group offsets (below)
-    "ops": ((DEADLETTER,), (INGRESS, ROUTED, CLEARING, SETTLEMENTS, MANUAL_CLAIMS, DEPOSITS, ALERTS), ()),
+    # manual claims and deposit events, the audit trail (each command publishes its row; ops reads the
+    # trail); group offsets (below)
+    "ops": ((DEADLETTER, AUDIT), (INGRESS, ROUTED, CLEARING, SETTLEMENTS, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT), ()),
     # the HIS simulator writes requests, nothing else
     "his": ((), (INGRESS,), ()),
 }

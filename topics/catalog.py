@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from schemas.audit import AuditRecord
 from schemas.clearing import DepositAlert, DepositEvent, ManualClaim
 from schemas.envelope import RequestEnvelope, ResponseEnvelope
 from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
@@ -84,8 +85,14 @@ _ALERTS = TopicSpec(
     "operational alerts, e.g. an advance deposit at or below its warning line",
 )
 
+# One partition: the trail in one order. Kept without a time limit, like the audit_log table.
+_AUDIT = TopicSpec(
+    "fsi.audit", 1, -1, "delete", "audit_id", AuditRecord,
+    "every operator action (audit_log row) in audit_id order; a duplicate after a publisher crash has the same key",
+)
+
 _BASE: tuple[TopicSpec, ...] = (
-    _INGRESS, _ROUTED, _REPLIES, _SETTLEMENTS, _CLEARING, _DEADLETTER, _MANUAL_CLAIMS, _DEPOSITS, _ALERTS,
+    _INGRESS, _ROUTED, _REPLIES, _SETTLEMENTS, _CLEARING, _DEADLETTER, _MANUAL_CLAIMS, _DEPOSITS, _ALERTS, _AUDIT,
 )
 
 
@@ -103,5 +110,5 @@ def catalog(s: Settings) -> tuple[TopicSpec, ...]:
 
 
 ALL_TOPICS: tuple[TopicSpec, ...] = catalog(load_settings())
-INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS = ALL_TOPICS
+INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT = ALL_TOPICS
 PARTITIONS = INGRESS.partitions

@@ -1,25 +1,31 @@
 """Clearing staff's command line. Every command is idempotent.
 
-    python -m services.clearing.cli close --month 2026-06            # freeze the month (statement v1)
+    python -m services.clearing.cli close --month 2026-06 --operator li.ming   # freeze the month (statement v1)
     python -m services.clearing.cli verify --month 2026-06           # streaming vs batch vs statement
     python -m services.clearing.cli positions --month 2026-06 [--level pool|province]
     python -m services.clearing.cli statement --month 2026-06 --region 510400 [--format json|csv|html]
                                               [--out FILE] [--version N]
-    python -m services.clearing.cli sweep [--before 2026-07]        # record ledger rows the stream missed
+    python -m services.clearing.cli sweep [--before 2026-07] --operator li.ming  # ledger rows the stream missed
     python -m services.clearing.cli deposit topup --prov 510000 --yuan 5000000.00 --ref BANK-2026-0001
-    python -m services.clearing.cli deposit line --prov 510000 (--yuan 800000.00 | --default)
+                                                  --operator li.ming
+    python -m services.clearing.cli deposit line --prov 510000 (--yuan 800000.00 | --default) --operator li.ming
     python -m services.clearing.cli deposit show [--prov 510000]
-    python -m services.clearing.cli claims submit FILE.jsonl        # ManualClaim rows → fsi.manual_claims
+    python -m services.clearing.cli claims submit FILE.jsonl --operator li.ming  # ManualClaim rows → fsi.manual_claims
     python -m services.clearing.cli claims rate --from 2026-06-01 --to 2026-06-30 [--recompute]
 
 A statement of an open month is provisional (the running positions); of a closed month, the frozen
-statement. Exit status: 0 done, 1 refused (the message says why), 2 usage.
+statement. The commands that change something (close, sweep, deposit topup and line, claims submit)
+name their operator (`--operator NAME` or XS_OPERATOR) and each leaves one audit row
+(services.common.audit) in its own transaction, published to fsi.audit when it is done.
+Exit status: 0 done, 1 refused (the message says why), 2 usage (an operator missing, too).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -44,6 +50,7 @@ from services.clearing.logic import (
     province_lines,
 )
 from services.clearing.statement import RegionStatement, region_statement, render
+from services.common import audit
 from services.common.config import Settings, load_settings
 from services.common.kafka import make_producer
 from services.common.shards import ShardPools
@@ -58,13 +65,14 @@ _encoder = msgspec.json.Encoder(decimal_format="number")
 # Reusable operations (the tests call these) ------------------------------------------------------
 
 
-async def close(s: Settings, month: str, *, publish: bool = True) -> store.CloseResult:
+async def close(s: Settings, month: str, *, operator: str, publish: bool = True) -> store.CloseResult:
     pool = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=2)
     shards = await ShardPools.connect(s, 1)
     try:
-        result = await store.close_month(pool, shards, month)
+        result = await store.close_month(pool, shards, month, operator=operator)
         if publish:
             await publish_outbox(s, pool)
+            await audit.publish_after_action(s)
         return result
     finally:
         await shards.close()
@@ -75,11 +83,16 @@ async def publish_outbox(s: Settings, pool: asyncpg.Pool) -> int:
     """Publish what the last command queued (the clearing service does it too, within a second)."""
     producer = make_producer(s, "ops")  # operator tools act as ops
     await producer.start()
+    acks: list[asyncio.Future[Any]] = []
     try:
         async def send(topic: str, key: bytes | None, value: bytes) -> None:
-            await producer.send_and_wait(topic, value, key=key)
+            acks.append(await producer.send(topic, value, key=key))  # queued in order; acked by flush
 
-        return await store.publish_outbox(pool, send)
+        async def flush() -> None:
+            await asyncio.gather(*acks)
+            acks.clear()
+
+        return await store.publish_outbox(pool, send, flush)
     finally:
         await producer.stop()
 
@@ -97,24 +110,50 @@ async def statement_for(conn: asyncpg.Connection, month: str, region: str, versi
     return region_statement(month_statement(month, 0, "", positions.values()), region, status="provisional")
 
 
-async def deposit_topup(conn: asyncpg.Connection, prov: str, amount_fen: int, ref: str, memo: str = ""
-                        ) -> store.DepositMove:
+async def deposit_topup(conn: asyncpg.Connection, prov: str, amount_fen: int, ref: str, memo: str = "", *,
+                        operator: str) -> store.DepositMove:
+    """One top-up, once per `ref` (a repeat changes nothing), audited as `deposit.topup`."""
     if amount_fen <= 0:
         raise ValueError("a top-up must be positive")
     async with conn.transaction():
-        return await store.deposit_move(conn, f"topup-{ref}", prov, "topup", amount_fen, None, memo)
+        move = await store.deposit_move(conn, f"topup-{ref}", prov, "topup", amount_fen, None, memo)
+        after = {"txn_id": move.txn_id, "amount_fen": amount_fen, "balance_fen": move.balance_fen,
+                 "warning_line_fen": move.warning_line_fen, "alert": move.alert, "duplicate": move.duplicate}
+        before = None if move.duplicate else {"balance_fen": move.balance_fen - amount_fen}
+        await audit.record(conn, operator, "deposit.topup", prov, before=before, after=after)
+        return move
 
 
-async def submit_claims(s: Settings, claims: Sequence[ManualClaim]) -> int:
-    producer = make_producer(s, "ops")  # operator tools act as ops
-    await producer.start()
+async def set_warning_line(conn: asyncpg.Connection, prov: str, line_fen: int | None, *, operator: str) -> int:
+    """Set a province's warning line (None: back to the default, one month's average cleared amount),
+    audited as `deposit.line`; returns the line in force."""
+    async with conn.transaction():
+        override = await conn.fetchval("SELECT warning_line_fen FROM clearing_deposit WHERE insured_prov = $1", prov)
+        before = {"override_fen": override, "line_fen": await store.current_line(conn, prov)}
+        await store.set_warning_line(conn, prov, line_fen)
+        line = await store.current_line(conn, prov)
+        await audit.record(conn, operator, "deposit.line", prov, before=before,
+                           after={"override_fen": line_fen, "line_fen": line})
+        return line
+
+
+async def submit_claims(s: Settings, claims: Sequence[ManualClaim], *, operator: str, source: str = "",
+                        digest: str = "") -> int:
+    """Queue the claims and their audit row (`claims.submit`: how many, the file's name and sha256 — no
+    personal data) in one transaction of the clearing outbox, then publish them to fsi.manual_claims
+    (the clearing service would within a second). The clearing service dedupes by claim_id."""
+    submission = secrets.token_hex(8)  # each submission is sent, like a resend of the file
+    pool = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=2)
     try:
-        futures = [await producer.send(MANUAL_CLAIMS.name, _encoder.encode(c), key=c.psn_no.encode())
-                   for c in claims]
-        if futures:
-            await asyncio.gather(*futures)
+        async with pool.acquire() as conn, conn.transaction():
+            await store.outbox_add_many(conn, [(f"claim-{submission}-{n}", MANUAL_CLAIMS.name, c.psn_no.encode(),
+                                                _encoder.encode(c)) for n, c in enumerate(claims)])
+            await audit.record(conn, operator, "claims.submit", source, after={
+                "claims": len(claims), "sha256": digest or None, "submission": submission})
+        await publish_outbox(s, pool)
+        await audit.publish_after_action(s)
     finally:
-        await producer.stop()
+        await pool.close()
     return len(claims)
 
 
@@ -166,12 +205,15 @@ def _print_json(obj: Any) -> None:
 
 async def _run(args: argparse.Namespace, s: Settings) -> int:
     if args.cmd == "close":
-        r = await close(s, args.month)
+        r = await close(s, args.month, operator=args.operator)
         _print_json({**asdict(r), "drawdowns": {p: to_yuan(f) for p, f in r.drawdowns.items()},
                      "fund_pay_sumamt": to_yuan(r.fund_pay_sumamt)})
         return 0
     if args.cmd == "claims" and args.action == "submit":
-        print(f"submitted {await submit_claims(s, read_claims(args.file))} claims to {MANUAL_CLAIMS.name}")
+        digest = hashlib.sha256(args.file.read_bytes()).hexdigest()
+        n = await submit_claims(s, read_claims(args.file), operator=args.operator, source=args.file.name,
+                                digest=digest)
+        print(f"submitted {n} claims to {MANUAL_CLAIMS.name}")
         return 0
     pool = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=2)
     shards = await ShardPools.connect(s, 1)
@@ -211,18 +253,22 @@ async def _run_db(args: argparse.Namespace, s: Settings, pool: asyncpg.Pool, sha
     if args.cmd == "sweep":
         async with conn.transaction():
             n = await store.sweep(conn, shards, store.month_start(args.before) if args.before else None)
+            await audit.record(conn, args.operator, "clearing.sweep", args.before or "", after={"recorded": n})
+        await audit.publish_after_action(s)
         print(f"recorded {n} ledger rows the stream had not delivered")
         return 0
     if args.cmd == "deposit":
         if args.action == "topup":
-            move = await deposit_topup(conn, args.prov, args.yuan, args.ref, args.memo)
+            move = await deposit_topup(conn, args.prov, args.yuan, args.ref, args.memo, operator=args.operator)
             await publish_outbox(s, pool)
+            await audit.publish_after_action(s)
             print(f"{args.prov}: balance {to_yuan(move.balance_fen)} warning line {to_yuan(move.warning_line_fen)}"
                   + (" (already recorded)" if move.duplicate else "") + (" ALERT: at or below the line"
                                                                            if move.alert else ""))
         elif args.action == "line":
-            await store.set_warning_line(conn, args.prov, None if args.default else args.yuan)
-            print(f"{args.prov}: warning line {to_yuan(await store.current_line(conn, args.prov))}")
+            line = await set_warning_line(conn, args.prov, None if args.default else args.yuan, operator=args.operator)
+            await audit.publish_after_action(s)
+            print(f"{args.prov}: warning line {to_yuan(line)}")
         else:
             for prov, balance, line in await store.deposits(conn):
                 if args.prov in (None, prov):
@@ -241,6 +287,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("close", "verify"):
         sub.add_parser(name).add_argument("--month", type=_month, required=True)
+    audit.add_operator_argument(sub.choices["close"])
     pos = sub.add_parser("positions")
     pos.add_argument("--month", type=_month, required=True)
     pos.add_argument("--level", choices=("pool", "province"), default="pool")
@@ -252,20 +299,25 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--version", type=int)
     sw = sub.add_parser("sweep")
     sw.add_argument("--before", type=_month, help="only rows of months before this one")
+    audit.add_operator_argument(sw)
     dep = sub.add_parser("deposit").add_subparsers(dest="action", required=True)
     top = dep.add_parser("topup")
     top.add_argument("--prov", required=True)
     top.add_argument("--yuan", type=_yuan_fen, required=True)
     top.add_argument("--ref", required=True, help="the transfer's reference: a second top-up with it is a no-op")
     top.add_argument("--memo", default="")
+    audit.add_operator_argument(top)
     line = dep.add_parser("line")
     line.add_argument("--prov", required=True)
     group = line.add_mutually_exclusive_group(required=True)
     group.add_argument("--yuan", type=_yuan_fen)
     group.add_argument("--default", action="store_true", help="one month's average cleared amount")
+    audit.add_operator_argument(line)
     dep.add_parser("show").add_argument("--prov")
     claims = sub.add_parser("claims").add_subparsers(dest="action", required=True)
-    claims.add_parser("submit").add_argument("file", type=Path)
+    submit = claims.add_parser("submit")
+    submit.add_argument("file", type=Path)
+    audit.add_operator_argument(submit)
     rate = claims.add_parser("rate")
     rate.add_argument("--from", dest="date_from", type=_date, required=True)
     rate.add_argument("--to", dest="date_to", type=_date, required=True)
@@ -274,8 +326,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def changes_state(args: argparse.Namespace) -> bool:
+    """The commands that change something, and so name their operator."""
+    return args.cmd in ("close", "sweep") or (args.cmd, getattr(args, "action", None)) in (
+        ("deposit", "topup"), ("deposit", "line"), ("claims", "submit"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if changes_state(args):
+        args.operator = audit.operator_or_exit(p, args.operator)
     try:
         return asyncio.run(_run(args, load_settings()))
     except (ClearingError, BrokerError, ValueError, UnknownRegion) as e:

@@ -6,7 +6,8 @@
   that also stores the answer by msgid; then the reply on the requester's topic/partition; then
   offsets. A resend (same msgid) gets the stored bytes. Rejections are answered and dead-lettered.
 - `fsi.manual_claims` → `manual_claim` rows (deduped by claim_id), counted in the metrics.
-- ticker: publishes the outbox (deposit events, alerts) and refreshes the deposit and running
+- ticker: publishes the outbox (deposit events, alerts) and the operators' audit rows (fsi.audit,
+  `services.common.audit.publish`), and refreshes the deposit and running
   position gauges.
 
 Order of effects everywhere: database commit, then produce (and wait for acks), then offsets — the
@@ -34,6 +35,7 @@ from schemas.limits import set_clock_window
 from schemas.money import to_fen
 from services.clearing import requests, store
 from services.clearing.logic import FUNDS, VISIT_TYPES, ClearingError, month_of
+from services.common import audit
 from services.common.config import Settings
 from services.common.consumer import (
     BatchConsumer,
@@ -115,6 +117,7 @@ class ClearingService:
         while not stop.is_set():
             try:
                 await self.publish_outbox()
+                await self.publish_audit()
                 if time.monotonic() - last_gauges >= GAUGE_INTERVAL_S:
                     await self.refresh_gauges()
                     last_gauges = time.monotonic()
@@ -135,6 +138,18 @@ class ClearingService:
             await self.producer.send_and_wait(topic, value, key=key)
 
         return await store.publish_outbox(self.pool, send)
+
+    async def publish_audit(self) -> int:
+        """The operators' audit rows to fsi.audit (the command lines publish their own at once; this
+        catches what they could not, e.g. a command killed after its commit)."""
+        assert self.pool is not None
+        topic = audit.audit_topic(self.s)
+
+        async def send(key: bytes, value: bytes) -> None:
+            await self.producer.send_and_wait(topic, value, key=key)
+
+        async with self.pool.acquire() as conn:
+            return await audit.publish(conn, topic, send)
 
     async def refresh_gauges(self) -> None:
         assert self.pool is not None

@@ -60,6 +60,7 @@ from services.clearing.logic import (
     rate_lines,
     warning_line,
 )
+from services.common import audit
 from services.common.response import SHANGHAI
 from services.common.shards import ShardPools
 from services.refdata.regions import province_of, region_of
@@ -376,9 +377,10 @@ def canonical(body: Any) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-async def close_month(pool: asyncpg.Pool, shards: ShardPools, month: str) -> CloseResult:
+async def close_month(pool: asyncpg.Pool, shards: ShardPools, month: str, *, operator: str) -> CloseResult:
     """Freeze a month: idempotent (closing a closed month returns its statement). Refuses — raising
-    ClearingError and changing nothing — when the positions disagree with the entries or the ledger."""
+    ClearingError and changing nothing — when the positions disagree with the entries or the ledger.
+    Audited (`month.close`, one row per call) in the same transaction."""
     check_month(month)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", CLOSE_LOCK_KEY)
@@ -390,6 +392,8 @@ async def close_month(pool: asyncpg.Pool, shards: ShardPools, month: str) -> Clo
             stmt = await statement(conn, month, state["stmt_version"])
             if stmt is None:
                 raise ClearingError(f"{month} is closed but has no statement")
+            closed = {"state": "closed", "stmt_version": stmt["version"], "digest": stmt["digest"]}
+            await audit.record(conn, operator, "month.close", month, before=closed, after=closed)
             return CloseResult(month, stmt["version"], stmt["closed_at"], stmt["digest"], stmt["entry_cnt"],
                                stmt["fund_pay_sumamt"], already_closed=True)
         swept = await sweep(conn, shards, month_end(month))
@@ -420,6 +424,9 @@ async def close_month(pool: asyncpg.Pool, shards: ShardPools, month: str) -> Clo
         for prov, amount in drawn.items():
             await deposit_move(conn, f"clearing-{month}-{prov}", prov, "drawdown", -amount, month,
                                f"clearing of {month}")
+        await audit.record(conn, operator, "month.close", month, before={"state": state["state"]}, after={
+            "state": "closed", "stmt_version": version, "digest": digest, "entry_cnt": body["entry_cnt"],
+            "fund_pay_sumamt_fen": total, "swept": swept, "drawdowns_fen": drawn})
         return CloseResult(month, version, closed_at, digest, int(body["entry_cnt"]), int(total),  # type: ignore[call-overload]
                            already_closed=False, swept=swept, drawdowns=drawn)
 
@@ -580,18 +587,24 @@ async def deposits(conn: asyncpg.Connection) -> list[tuple[str, int, int]]:
 # Outbox ---------------------------------------------------------------------------------------------
 
 
+_OUTBOX_INSERT = ("INSERT INTO clearing_outbox (event_id, topic, key, value) VALUES ($1, $2, $3, $4)"
+                  " ON CONFLICT (event_id) DO NOTHING")
+
+
 async def outbox_add(conn: asyncpg.Connection, event_id: str, topic: str, key: bytes | None, value: bytes) -> None:
-    await conn.execute(
-        "INSERT INTO clearing_outbox (event_id, topic, key, value) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT (event_id) DO NOTHING",
-        event_id, topic, key, value,
-    )
+    await conn.execute(_OUTBOX_INSERT, event_id, topic, key, value)
 
 
-async def publish_outbox(pool: asyncpg.Pool, send: Any) -> int:
-    """Publish pending events (`send(topic, key, value)` awaits the broker's ack), then mark them.
+async def outbox_add_many(conn: asyncpg.Connection, events: Sequence[tuple[str, str, bytes | None, bytes]]) -> None:
+    """Many (event_id, topic, key, value) at once (a file of manual claims)."""
+    await conn.executemany(_OUTBOX_INSERT, events)
+
+
+async def publish_outbox(pool: asyncpg.Pool, send: Any, flush: Any = None) -> int:
+    """Publish pending events (`send(topic, key, value)` awaits the broker's ack — or only queues the
+    record when `flush()` awaits every ack of the chunk), then mark them.
     Rows are locked while they are sent, so two publishers never send the same row at once; a crash
-    between send and mark sends a row again (consumers dedupe by event_id / alert_id / txn_id)."""
+    between send and mark sends a row again (consumers dedupe by event_id / alert_id / txn_id / claim_id)."""
     sent = 0
     while True:
         async with pool.acquire() as conn, conn.transaction():
@@ -604,6 +617,8 @@ async def publish_outbox(pool: asyncpg.Pool, send: Any) -> int:
                 return sent
             for r in recs:
                 await send(r["topic"], bytes(r["key"]) if r["key"] is not None else None, bytes(r["value"]))
+            if flush is not None:
+                await flush()
             await conn.execute("UPDATE clearing_outbox SET published_at = now() WHERE event_id = ANY($1::text[])",
                                [r["event_id"] for r in recs])
             sent += len(recs)

@@ -3,20 +3,39 @@
 Secrets are 32 random bytes, shown once at issue (base64) and stored sealed
 (`services.common.signing.seal`). Each change appends a `refdata_change` row so that every router
 applies it without a restart, and an audit row (`services.common.audit`), in one transaction.
+
+The operators' command line (each change names its operator: `--operator NAME` or XS_OPERATOR):
+
+    python -m services.refdata.keys issue H15040099901 --operator li.ming [--out FILE]
+    python -m services.refdata.keys rotate H15040099901 --overlap 24h --operator li.ming [--out FILE]
+    python -m services.refdata.keys revoke K0123456789abcdef --operator li.ming
+    python -m services.refdata.keys list [H15040099901]
+
+`issue` and `rotate` print the new key id and its secret (base64) once — or, with `--out FILE`, write the
+secret to FILE (created, mode 0600; an existing file is refused) and print only the key id. `rotate`
+issues a key and lets the institution's other live keys expire after the overlap (`90s`, `30m`, `24h`,
+`7d`). `list` shows ids, dates and states, never a secret. Exit status: 0 done, 1 refused, 2 usage.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import base64
 import os
+import re
 import secrets
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 
 from services.common import audit
-from services.common.signing import InstitutionKey, seal, unseal
+from services.common.config import Settings, load_settings
+from services.common.signing import InstitutionKey, key_encryption_key, seal, unseal
 from services.refdata.load import REFDATA_CHANNEL
 
 ENTITY = "institution_key"
@@ -100,3 +119,105 @@ async def fetch_keys(conn: asyncpg.Connection | asyncpg.Pool, kek: bytes,
             r["key_id"], unseal(kek, r["secret_sealed"], r["key_id"]), r["expires_at"], r["revoked_at"] is not None))
     return {code: tuple(v) for code, v in keys.items()}
 
+
+
+# Command line ---------------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+OVERLAP_MAX = timedelta(days=90)
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `30m`, `24h`, `7d` (at most 90 days)."""
+    m = _DURATION.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError("a duration is a number and a unit: 90s, 30m, 24h, 7d")
+    value = timedelta(seconds=int(m.group(1)) * _UNIT_S[m.group(2)])
+    if value > OVERLAP_MAX:
+        raise argparse.ArgumentTypeError(f"at most {OVERLAP_MAX.days} days")
+    return value
+
+
+def write_secret(path: Path, key: IssuedKey) -> None:
+    """The secret alone (base64 and a newline) in a new file only its owner can read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.secret_b64 + "\n")
+
+
+def key_state(r: asyncpg.Record, now: datetime) -> str:
+    if r["revoked_at"] is not None:
+        return f"revoked {r['revoked_at']:%Y-%m-%dT%H:%M:%SZ} by {r['revoked_by']}"
+    if r["expires_at"] is not None:
+        return ("expired " if r["expires_at"] <= now else "live, expires ") + f"{r['expires_at']:%Y-%m-%dT%H:%M:%SZ}"
+    return "live"
+
+
+async def _cli(args: argparse.Namespace, s: Settings) -> int:
+    conn = await asyncpg.connect(s.pg_dsn, timeout=10)
+    try:
+        if args.cmd == "list":
+            now = datetime.now(UTC)
+            rows = await list_keys(conn, args.code)
+            for r in rows:
+                print(f"{r['fixmedins_code']}  {r['key_id']}  issued {r['issued_at']:%Y-%m-%dT%H:%M:%SZ}"
+                      f" by {r['issued_by']}  {key_state(r, now)}")
+            print(f"{len(rows)} key(s)")
+            return 0
+        if args.cmd == "revoke":
+            code = await revoke_key(conn, args.key_id, args.operator)
+            print(f"revoked {args.key_id} of {code}")
+        else:
+            if args.out is not None and args.out.exists():
+                raise FileExistsError(f"{args.out} exists: the secret goes only into a new file")
+            key = await issue_key(conn, key_encryption_key(s), args.code, args.operator,
+                                  overlap=args.overlap if args.cmd == "rotate" else None)
+            if args.out is not None:
+                write_secret(args.out, key)
+                print(f"issued {key.key_id} for {key.fixmedins_code}; secret written to {args.out} (0600)")
+            else:
+                print(f"issued {key.key_id} for {key.fixmedins_code}\nsecret {key.secret_b64}\n"
+                      "(shown once: give it to the institution over a safe channel)")
+            if args.cmd == "rotate":
+                print(f"the institution's other live keys expire in {args.overlap}")
+    finally:
+        await conn.close()
+    await audit.publish_after_action(s)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m services.refdata.keys", description="Institution keys.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("issue", "rotate"):
+        sp = sub.add_parser(name, help="a new key for an institution" + (", the others expiring" if name == "rotate"
+                                                                          else ""))
+        sp.add_argument("code", metavar="FIXMEDINS_CODE")
+        sp.add_argument("--out", type=Path, help="write the secret to this new file (0600) instead of stdout")
+        if name == "rotate":
+            sp.add_argument("--overlap", type=parse_duration, required=True,
+                            help="how long the other live keys stay valid: 90s, 30m, 24h, 7d")
+        audit.add_operator_argument(sp)
+    revoke = sub.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("key_id")
+    audit.add_operator_argument(revoke)
+    sub.add_parser("list", help="keys and their state, never secrets").add_argument(
+        "code", metavar="FIXMEDINS_CODE", nargs="?")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.cmd != "list":
+        args.operator = audit.operator_or_exit(p, args.operator)
+    try:
+        return asyncio.run(_cli(args, load_settings()))
+    except (LookupError, FileExistsError) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

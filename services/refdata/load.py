@@ -1,6 +1,6 @@
 """Load a reference-data directory into the hub and the shard databases, streaming.
 
-    python -m services.refdata.load DIR [--dsn HUB_DSN] [--quiet] [--chunk-lines N]
+    python -m services.refdata.load DIR --operator NAME [--dsn HUB_DSN] [--quiet] [--chunk-lines N]
 
 Reads hospitals.jsonl, persons.jsonl, filings.jsonl and catalog.jsonl (all four are required).
 Sized for a country: persons and filings are never held in memory.
@@ -32,6 +32,11 @@ Precedence (`services.refdata.changes`): an existing filing is never updated (a 
 online and promise filings are never touched); the file sets `chronic_file`, and the effective
 `chronic` = person_chronic(chronic_file, chronic_online) keeps what 2503/2504 registered online.
 The `account` table is not touched: accounts start from `person.acct_balc_fen` on first use.
+
+Audit: a finished load writes one `refdata.load` audit row (services.common.audit) in the transaction
+that marks it done — the operator (`--operator NAME` or XS_OPERATOR, required), the files' digest and
+the rows changed per table, and the digest of the load in force before; the command then publishes it
+to fsi.audit. A refused load changes nothing and leaves no row.
 
 Progress (rows, rows/s, %, ETA) goes to stderr at most every `PROGRESS_EVERY_S` seconds.
 """
@@ -68,6 +73,7 @@ from schemas.refdata import (
     RefDataSet,
     yuan_to_fen,
 )
+from services.common import audit
 from services.common.config import Settings, load_settings
 from services.common.shards import ShardMap, ShardPools, certno_digest, person_index_key
 from services.refdata.changes import change_log, chunks, diff_rows, progress_line, remaining_steps
@@ -708,9 +714,10 @@ async def _start(hub: asyncpg.Connection, digest: str) -> tuple[int, set[str], d
 
 
 async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress: _Progress,
-                chunk_lines: int) -> dict[str, int]:
+                chunk_lines: int, operator: str) -> dict[str, int]:
     if chunk_lines < CHUNK_LINES_MIN:
         raise ValueError(f"chunk_lines must be >= {CHUNK_LINES_MIN}")
+    audit.check_operator(operator)
     errors = _Errors()
     for name in (HOSPITALS_FILE, PERSONS_FILE, FILINGS_FILE, CATALOG_FILE):
         if not (directory / name).is_file():
@@ -758,8 +765,14 @@ async def _load(hub: asyncpg.Connection, directory: Path, s: Settings, progress:
         await _merge_lanes(loader, [p for p in plan if p[0] in todo], progress)
         log.info("merged %d chunk(s) in %.1f s", len(todo), time.monotonic() - phase)
         counts = await _totals(hub, loader.load_id, staged)
-        await hub.execute("UPDATE refdata_load SET state = 'done', finished_at = now(), updated_at = now(),"
-                          " counts = $2::jsonb WHERE load_id = $1", loader.load_id, json.dumps(counts))
+        async with hub.transaction():
+            previous = await hub.fetchval("SELECT digest FROM refdata_load WHERE state = 'done'"
+                                          " ORDER BY finished_at DESC, load_id DESC LIMIT 1")
+            await hub.execute("UPDATE refdata_load SET state = 'done', finished_at = now(), updated_at = now(),"
+                              " counts = $2::jsonb WHERE load_id = $1", loader.load_id, json.dumps(counts))
+            await audit.record(hub, operator, "refdata.load", f"load {loader.load_id}",
+                               before=None if previous is None else {"digest": previous},
+                               after={"digest": digest, "resumed": bool(done), "counts": counts})
         await loader.drop_staging()
         return counts
     finally:
@@ -818,33 +831,39 @@ async def _totals(hub: asyncpg.Connection, load_id: int, staged: _Staged) -> dic
 
 
 async def load_dir(db: asyncpg.Pool | asyncpg.Connection, directory: str | Path, s: Settings | None = None,
-                   *, progress: IO[str] | None = None, chunk_lines: int = CHUNK_LINES) -> dict[str, int]:
+                   *, operator: str, progress: IO[str] | None = None, chunk_lines: int = CHUNK_LINES
+                   ) -> dict[str, int]:
     """Validate and load `directory` into the hub `db` and the shards of `s` (RefDataError on any bad
-    line, before any write to a real table). Returns per table rows in the files and rows changed
-    (`<table>`, `<table>_changed`). `progress`: a stream for progress lines (the command: stderr);
-    `chunk_lines`: lines of persons.jsonl / filings.jsonl merged per transaction and resume step."""
+    line, before any write to a real table), audited under `operator`. Returns per table rows in the
+    files and rows changed (`<table>`, `<table>_changed`). `progress`: a stream for progress lines (the
+    command: stderr); `chunk_lines`: lines of persons.jsonl / filings.jsonl merged per transaction and
+    resume step."""
     s = s or load_settings()
     if isinstance(db, asyncpg.Pool):
         async with db.acquire() as conn:
-            return await _load(conn, Path(directory), s, _Progress(progress), chunk_lines)
-    return await _load(db, Path(directory), s, _Progress(progress), chunk_lines)
+            return await _load(conn, Path(directory), s, _Progress(progress), chunk_lines, operator)
+    return await _load(db, Path(directory), s, _Progress(progress), chunk_lines, operator)
 
 
-async def load_dataset(conn: asyncpg.Connection, dataset: RefDataSet, s: Settings | None = None) -> dict[str, int]:
+async def load_dataset(conn: asyncpg.Connection, dataset: RefDataSet, s: Settings | None = None, *,
+                       operator: str) -> dict[str, int]:
     """Load an in-memory dataset (small: tests, the demo) through the same path as a directory."""
     from services.refdata.generate import write_jsonl  # the generator imports nothing from here
 
     with tempfile.TemporaryDirectory(prefix="refdata-") as tmp:
         write_jsonl(dataset, tmp)
-        return await load_dir(conn, tmp, s)
+        return await load_dir(conn, tmp, s, operator=operator)
 
 
-async def _main_async(directory: Path, dsn: str, quiet: bool, chunk_lines: int) -> dict[str, int]:
+async def _main_async(directory: Path, dsn: str, quiet: bool, chunk_lines: int, operator: str) -> dict[str, int]:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        return await load_dir(conn, directory, progress=None if quiet else sys.stderr, chunk_lines=chunk_lines)
+        counts = await load_dir(conn, directory, operator=operator, progress=None if quiet else sys.stderr,
+                                chunk_lines=chunk_lines)
     finally:
         await conn.close()
+    await audit.publish_after_action(load_settings(), dsn)
+    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -855,14 +874,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--chunk-lines", type=int, default=CHUNK_LINES,
                         help=f"lines merged per transaction and resume step (>= {CHUNK_LINES_MIN})")
+    audit.add_operator_argument(parser)
     args = parser.parse_args(argv)
+    operator = audit.operator_or_exit(parser, args.operator)
     if args.chunk_lines < CHUNK_LINES_MIN:
         parser.error(f"--chunk-lines must be >= {CHUNK_LINES_MIN}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     dsn = args.dsn or load_settings().pg_dsn
     started = time.monotonic()
     try:
-        counts = asyncio.run(_main_async(args.directory, dsn, args.quiet, args.chunk_lines))
+        counts = asyncio.run(_main_async(args.directory, dsn, args.quiet, args.chunk_lines, operator))
     except RefDataError as exc:
         print(f"refdata load refused, nothing written:\n{exc}", file=sys.stderr)
         return 1

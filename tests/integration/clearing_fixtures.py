@@ -93,7 +93,7 @@ def write_refdata(directory: Path) -> None:
 
 async def load_refdata(db: asyncpg.Pool, s: Settings, directory: Path) -> None:
     write_refdata(directory)
-    await load_dir(db, directory)
+    await load_dir(db, directory, operator="test.loader")
     await issue_missing_keys(s, db)
     # The router reloads on NOTIFY: wait until it knows the last person loaded.
     person = EXTRA_PERSONS[-1]

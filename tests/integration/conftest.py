@@ -206,7 +206,7 @@ def services(stack: Settings) -> Settings:
 async def refdata(db: asyncpg.Pool, services: Settings, tmp_path_factory: pytest.TempPathFactory) -> dict:
     directory = tmp_path_factory.mktemp("refdata")
     _write_refdata(directory)
-    await load_dir(db, directory)
+    await load_dir(db, directory, operator="test.loader")
     await issue_keys(services, db, [h.fixmedins_code for h in HOSPITALS.values()])
     await _wait_router_knows(services, PERSONS["plain"][0])
     return PERSONS

@@ -80,7 +80,7 @@ def write_refdata(directory: Path) -> None:
 
 async def load_refdata(db: asyncpg.Pool, s: Settings, directory: Path) -> None:
     write_refdata(directory)
-    await load_dir(db, directory)
+    await load_dir(db, directory, operator="test.loader")
     await issue_missing_keys(s, db)
     deadline = time.monotonic() + 30
     async with client_session(s) as session:
@@ -202,7 +202,8 @@ async def ensure_traffic(s: Settings, db: asyncpg.Pool, tmp: Path) -> Traffic:
             return _traffic
         await load_refdata(db, s, tmp)
         async with db.acquire() as conn:  # the run's database starts empty: one deposit for the deposit panels
-            await deposit_topup(conn, INSURED_PROV, 100_000_000, f"MON{RUN_TOKEN}", "monitoring traffic")
+            await deposit_topup(conn, INSURED_PROV, 100_000_000, f"MON{RUN_TOKEN}", "monitoring traffic",
+                                operator="test.monitoring")
         t = Traffic()
         async with exclusive(db, "counters"), client_session(s) as session:
             client = GatewayClient(s.gateway_url, session, retry_for_s=RETRY_FOR_S)
@@ -211,7 +212,7 @@ async def ensure_traffic(s: Settings, db: asyncpg.Pool, tmp: Path) -> Traffic:
             t.intra.append(await settle_stay(client, SUZHOU, 0))
             first_cross = await settle_stay(client, CHIFENG, 21)
             t.claims.append(manual_claim(30, 0))
-            await submit_claims(s, t.claims)
+            await submit_claims(s, t.claims, operator="test.monitoring")
             sel = ",".join(f'{k}="{v}"' for k, v in INTRA_KEY.items())
             cross = f'insured_prov="{INSURED_PROV}",treating_prov="{TREATING_CROSS_PROV}",scope="cross_province"'
             await wait_for("first settlements and manual claim in Prometheus",
@@ -223,7 +224,7 @@ async def ensure_traffic(s: Settings, db: asyncpg.Pool, tmp: Path) -> Traffic:
             t.cross = [*stays[N_INTRA - 1:], first_cross]
             t.reversed_cross = t.cross[:1]
             more = [manual_claim(30 + n % 10, n) for n in range(1, N_MANUAL)]
-            await submit_claims(s, more)
+            await submit_claims(s, more, operator="test.monitoring")
             t.claims += more
             # An unfiled person: refused with FILING_REQUIRED (and would then claim by hand).
             stay = Stay(SUZHOU, mpsn(35), INSURED, "390", stay_start())

@@ -240,8 +240,8 @@ async def test_hospital_reconciliation_totals_and_details(traffic: Traffic, clie
 async def test_close_freezes_the_month_and_statements_match_the_ledger(traffic: Traffic, db: asyncpg.Pool,
                                                                        ledger: Ledger, services: Settings,
                                                                        tmp_path: Path) -> None:
-    closed = await cli.close(services, M1)
-    again = await cli.close(services, M1)
+    closed = await cli.close(services, M1, operator="test.clearing")
+    again = await cli.close(services, M1, operator="test.clearing")
     assert again.already_closed and (again.version, again.digest) == (closed.version, closed.digest)
     expected = await ledger_pairs(ledger, M1)
     total = sum(v["fund_pay_sumamt"] for v in expected.values())
@@ -290,7 +290,8 @@ async def test_close_freezes_the_month_and_statements_match_the_ledger(traffic: 
 
 async def test_reversal_after_close_lands_in_the_next_month(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                             client: GatewayClient, services: Settings) -> None:
-    closed = await cli.close(services, M1)  # idempotent: closed already by the test before, or now
+    # idempotent: closed already by the test before, or now
+    closed = await cli.close(services, M1, operator="test.clearing")
     reversed_ids = {r["setl_id"] for r in traffic.reversals}
     candidates = [s for s in traffic.settled if s.setl_id not in reversed_ids]
     async with db.acquire() as conn:
@@ -346,7 +347,7 @@ async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic,
 
     async def close_midway() -> store.CloseResult:
         await asyncio.wait_for(some_done.wait(), 30)  # a few answered, the rest still in flight
-        return await cli.close(services, M2)
+        return await cli.close(services, M2, operator="test.clearing")
 
     revs, closed = await asyncio.gather(reversals(), close_midway())
     await wait_recorded(db, ledger, [r["setl_id"] for r in revs])
@@ -380,7 +381,7 @@ async def test_concurrent_reversals_cannot_slip_between_months(traffic: Traffic,
 
 async def test_clearing_details_confirmation_and_applications(traffic: Traffic, db: asyncpg.Pool, ledger: Ledger,
                                                               client: GatewayClient, services: Settings) -> None:
-    await cli.close(services, M1)
+    await cli.close(services, M1, operator="test.clearing")
     hospital = HOSPITALS["150400"]
     year, mon = M1.split("-")
     q = {"trt_year": year, "trt_month": mon}
@@ -479,11 +480,12 @@ async def test_deposit_warning_fires_at_the_line_and_not_above_it(db: asyncpg.Po
                                      prov)
         line = before + 100_000
         await store.set_warning_line(conn, prov, line)
-        at_line = await cli.deposit_topup(conn, prov, line - before, f"T{RUN_TOKEN}A", "bank transfer")
+        at_line = await cli.deposit_topup(conn, prov, line - before, f"T{RUN_TOKEN}A", "bank transfer",
+                                           operator="test.clearing")
         assert (at_line.balance_fen, at_line.warning_line_fen, at_line.alert) == (line, line, True)
-        above = await cli.deposit_topup(conn, prov, 1, f"T{RUN_TOKEN}B")
+        above = await cli.deposit_topup(conn, prov, 1, f"T{RUN_TOKEN}B", operator="test.clearing")
         assert (above.balance_fen, above.alert) == (line + 1, False)
-        repeat = await cli.deposit_topup(conn, prov, line - before, f"T{RUN_TOKEN}A")
+        repeat = await cli.deposit_topup(conn, prov, line - before, f"T{RUN_TOKEN}A", operator="test.clearing")
         assert repeat.duplicate and repeat.balance_fen == line  # a repeated top-up is recorded once
         assert await conn.fetchval("SELECT balance_fen FROM clearing_deposit WHERE insured_prov = $1", prov) == line + 1
         await store.set_warning_line(conn, prov, None)  # back to the default: no clearing history, no line
@@ -519,7 +521,7 @@ async def test_manual_claims_are_stored_and_count_in_the_rate_denominator(traffi
     counted_before = await metric(services.clearing_metrics_port, "xs_manual_claims_total", **labels)
     claims = [claim(0, "510421", "150400"), claim(1, "510421", "150400"), claim(2, "510421", "150400")]
     local = claim(3, "510421", "510402")  # same pooling region: not a non-local claim
-    await cli.submit_claims(services, [*claims, claims[0], local])  # claim 0 twice
+    await cli.submit_claims(services, [*claims, claims[0], local], operator="test.clearing")  # claim 0 twice
     ids = [c.claim_id for c in claims]
     deadline = time.monotonic() + 20
     while await db.fetchval("SELECT count(*) FROM manual_claim WHERE claim_id = ANY($1::text[])", ids) < 3:

@@ -279,7 +279,7 @@ async def _load_new_person_and_wait(s: Settings, db: asyncpg.Pool, directory: An
          "acct_balc": "0.00", "chronic": [], "certno": None}) + b"\n")
     for name in ("hospitals", "filings", "catalog"):
         (directory / f"{name}.jsonl").write_bytes(b"")
-    await load_dir(db, directory)
+    await load_dir(db, directory, operator="test.loader")
     await wait_router_knows(s, HOSPITALS["chifeng"], psn_no, "150400")
 
 

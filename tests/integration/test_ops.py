@@ -70,7 +70,7 @@ async def test_group_offsets_inspected_and_reset_with_kafkas_own_tool(stack: Set
         await member.commit({tp: OffsetAndMetadata(10, "")})
         # A live member: Kafka refuses the reset, and the tool says what to do.
         code, _, err = await asyncio.to_thread(_ops, capsys, "groups", "reset", GROUP, "--topic", TOPIC,
-                                               "--to-offset", "3", "--execute")
+                                               "--to-offset", "3", "--execute", "--operator", "test.ops")
         assert code == 1 and "stop the group's service first" in err
     finally:
         await member.stop()
@@ -88,7 +88,7 @@ async def test_group_offsets_inspected_and_reset_with_kafkas_own_tool(stack: Set
     for argv, expected in ((("--to-offset", "3"), 3), (("--shift-by", "4"), 7), (("--to-earliest",), 0),
                            (("--to-latest",), 10)):
         code, out, err = await asyncio.to_thread(_ops, capsys, "groups", "reset", GROUP, "--topic", TOPIC, *argv,
-                                                 "--execute")
+                                                 "--execute", "--operator", "test.ops")
         assert code == 0, err
         assert await _committed(stack, GROUP, tp) == expected, argv
 
@@ -136,7 +136,7 @@ async def test_router_rejection_replayed_after_the_fix(refdata: dict, services: 
 
     # The fix: the insured region's person file arrives.
     _write_person(tmp_path, psn_no)
-    await load_dir(db, tmp_path)
+    await load_dir(db, tmp_path, operator="test.loader")
     await wait_router_knows(services, HOSPITALS["chifeng"], psn_no, "150400")
 
     code, out, _ = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", msgid)
@@ -144,7 +144,7 @@ async def test_router_rejection_replayed_after_the_fix(refdata: dict, services: 
     assert await shard.fetchval("SELECT count(*) FROM visit WHERE mdtrt_id = $1", "M" + msgid) == 0
     for _ in range(2):  # a second replay is harmless: the engine answers a known msgid from its record
         code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", msgid,
-                                                 "--stage", "router", "--execute")
+                                                 "--stage", "router", "--execute", "--operator", "test.ops")
         assert code == 0, err
         await _wait_visit(shard, "M" + msgid, "admitted")
     await asyncio.sleep(2)
@@ -159,7 +159,7 @@ async def test_engine_refusal_replayed_only_when_its_stored_refusal_is_forgotten
     shard = ledger.of("150400")  # the person's insured province's shard holds its visits and requests
     psn_no = psn(901)
     _write_person(tmp_path, psn_no)
-    await load_dir(db, tmp_path)
+    await load_dir(db, tmp_path, operator="test.loader")
     await wait_router_knows(services, HOSPITALS["chifeng"], psn_no, "150400")
     stay = Stay(HOSPITALS["chifeng"], psn_no, "150400", "310", STAY_START)
     admit_msgid = next_msgid(stay.hospital.fixmedins_code)
@@ -174,14 +174,15 @@ async def test_engine_refusal_replayed_only_when_its_stored_refusal_is_forgotten
 
     dl_msgid = discharge["msgid"]
     code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", dl_msgid,
-                                             "--stage", "settle", "--execute")
+                                             "--stage", "settle", "--execute", "--operator", "test.ops")
     assert code == 0 and f"-> {ROUTED.name}" in out, err
     await asyncio.sleep(3)  # the engine answers from its stored refusal and changes nothing
     assert await shard.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id) == "admitted"
     assert await shard.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == -1
 
     code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", dl_msgid,
-                                             "--stage", "settle", "--forget-refusal", "--execute")
+                                             "--stage", "settle", "--forget-refusal", "--execute",
+                                             "--operator", "test.ops")
     assert code == 0 and "forgot 1 stored refusal(s)" in out, err
     await _wait_visit(shard, stay.mdtrt_id, "discharged")
     assert await shard.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == 0

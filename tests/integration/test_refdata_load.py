@@ -126,7 +126,7 @@ ZERO = {f"{t}_changed": 0 for t in ("region", "hospital", "catalog_item", "perso
 
 async def test_load_twice_changes_nothing(hub: asyncpg.Connection, shards: ShardPools, own: Settings,
                                           refdir: Path, dataset: RefDataSet) -> None:
-    first = await load_dir(hub, refdir, own)
+    first = await load_dir(hub, refdir, own, operator="test.loader")
     expected = {"hospital": len(dataset.hospitals), "person": len(dataset.persons),
                 "filing": len(dataset.filings), "catalog_item": len(dataset.catalog),
                 "person_index": len(dataset.persons), "region": len(REGIONS)}
@@ -151,7 +151,7 @@ async def test_load_twice_changes_nothing(hub: asyncpg.Connection, shards: Shard
     assert db[("150000", ITEM_CLASS_B)] == (Decimal("0.1000"), None)
 
     before = await _snapshot(hub, shards)
-    second = await load_dir(hub, refdir, own)
+    second = await load_dir(hub, refdir, own, operator="test.loader")
     assert _changed(second) == ZERO
     assert await _snapshot(hub, shards) == before
     assert [r["state"] for r in await hub.fetch("SELECT state FROM refdata_load ORDER BY load_id")] == ["done", "done"]
@@ -161,7 +161,7 @@ async def test_load_twice_changes_nothing(hub: asyncpg.Connection, shards: Shard
 
 async def test_changes_and_what_arrived_online_survive(hub: asyncpg.Connection, shards: ShardPools, own: Settings,
                                                       refdir: Path, tmp_path: Path, dataset: RefDataSet) -> None:
-    await load_dir(hub, refdir, own)
+    await load_dir(hub, refdir, own, operator="test.loader")
     # Online state, written as the router writes it: a revoked file filing (2502), an online
     # filing (2501), chronic eligibility granted and withdrawn (2503/2504), an account in use.
     revoked = dataset.filings[0]
@@ -189,7 +189,7 @@ async def test_changes_and_what_arrived_online_survive(hub: asyncpg.Connection, 
                chronic_p.psn_no: msgspec.structs.replace(chronic_p, chronic=new_chronic)}
     d = _copy(refdir, tmp_path / "v2")
     _write_lines(d / PERSONS_FILE, [msgspec.json.encode(changed.get(p.psn_no, p)) for p in dataset.persons])
-    counts = await load_dir(hub, d, own)
+    counts = await load_dir(hub, d, own, operator="test.loader")
     assert _changed(counts) == {**ZERO, "person_changed": 2}
 
     row = await cpool.fetchrow("SELECT chronic, chronic_file, chronic_online FROM person WHERE psn_no = $1",
@@ -205,7 +205,7 @@ async def test_changes_and_what_arrived_online_survive(hub: asyncpg.Connection, 
     assert await cpool.fetchval("SELECT source FROM filing WHERE filing_id = 'ol-1'") == "online"
 
     # Back to the first files: the revocation and the online chronic changes still stand.
-    counts = await load_dir(hub, refdir, own)
+    counts = await load_dir(hub, refdir, own, operator="test.loader")
     assert counts["person_changed"] == 2 and counts["filing_changed"] == 0
     assert await fpool.fetchval("SELECT revoked FROM filing WHERE filing_id = $1", filing_id(revoked)) is True
     row = await cpool.fetchrow("SELECT chronic, chronic_online FROM person WHERE psn_no = $1", chronic_p.psn_no)
@@ -217,7 +217,7 @@ async def test_changes_and_what_arrived_online_survive(hub: asyncpg.Connection, 
 async def test_a_bad_line_near_the_end_of_a_large_file_writes_nothing(
         hub: asyncpg.Connection, shards: ShardPools, own: Settings, refdir: Path, national: Path, tmp_path: Path
 ) -> None:
-    await load_dir(hub, refdir, own)
+    await load_dir(hub, refdir, own, operator="test.loader")
     before = await _snapshot(hub, shards)
     d = _copy(national, tmp_path / "bad")
     lines = _lines(d / PERSONS_FILE)
@@ -227,7 +227,7 @@ async def test_a_bad_line_near_the_end_of_a_large_file_writes_nothing(
     _write_lines(d / PERSONS_FILE, lines)
 
     with pytest.raises(RefDataError) as exc:
-        await load_dir(hub, d, own)
+        await load_dir(hub, d, own, operator="test.loader")
     assert exc.value.errors == [f"persons.jsonl:{n - 1}: amount has more than 2 decimal places - at `$.acct_balc`"]
     assert row["psn_no"] not in str(exc.value) and row["certno"] not in str(exc.value)
     assert await _snapshot(hub, shards) == before
@@ -240,7 +240,7 @@ async def test_a_bad_line_near_the_end_of_a_large_file_writes_nothing(
 async def test_duplicates_and_unknown_persons_are_found_in_sql(
         hub: asyncpg.Connection, shards: ShardPools, own: Settings, refdir: Path, national: Path, tmp_path: Path
 ) -> None:
-    await load_dir(hub, refdir, own)
+    await load_dir(hub, refdir, own, operator="test.loader")
     before = await _snapshot(hub, shards)
     d = _copy(national, tmp_path / "dup")
     persons = _lines(d / PERSONS_FILE)
@@ -254,7 +254,7 @@ async def test_duplicates_and_unknown_persons_are_found_in_sql(
     _write_lines(d / FILINGS_FILE, filings)
 
     with pytest.raises(RefDataError) as exc:
-        await load_dir(hub, d, own)
+        await load_dir(hub, d, own, operator="test.loader")
     n = len(persons)
     assert exc.value.errors == [
         f"persons.jsonl:{n - 1}: duplicate psn_no (first at line 10) - at `$.psn_no`",
@@ -265,13 +265,14 @@ async def test_duplicates_and_unknown_persons_are_found_in_sql(
     # Without the duplicates, the filing of an unknown person is the one error.
     _write_lines(d / PERSONS_FILE, persons[:-2])
     with pytest.raises(RefDataError) as exc:
-        await load_dir(hub, d, own)
+        await load_dir(hub, d, own, operator="test.loader")
     assert exc.value.errors == [f"filings.jsonl:{len(filings)}: person not in persons.jsonl - at `$.psn_no`"]
     assert await _snapshot(hub, shards) == before
 
 
 def _load_command(s: Settings, directory: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "services.refdata.load", str(directory), "--dsn", s.pg_dsn, *extra]
+    return [sys.executable, "-m", "services.refdata.load", str(directory), "--dsn", s.pg_dsn,
+            "--operator", "test.loader", *extra]
 
 
 def _env(s: Settings) -> dict[str, str]:
@@ -319,7 +320,7 @@ async def test_a_killed_load_resumes_and_ends_in_the_same_state(
     # before its step was recorded in the hub, is merged again and then finds nothing to change.
     assert n_persons - 1000 <= counts["person_changed"] <= n_persons
     # The same state as one uninterrupted load: loading the files again changes nothing.
-    assert _changed(await load_dir(hub, national, own)) == ZERO
+    assert _changed(await load_dir(hub, national, own, operator="test.loader")) == ZERO
 
 
 async def test_two_concurrent_loads_run_one_after_the_other(

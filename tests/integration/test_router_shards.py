@@ -108,7 +108,7 @@ def _write_dir(directory: Path, persons: list[dict[str, Any]]) -> Path:
 async def mine(refdata: dict, db: asyncpg.Pool, services: Settings,
                tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = _write_dir(tmp_path_factory.mktemp("router_persons"), list(MINE.values()))
-    await load_dir(db, directory, services)
+    await load_dir(db, directory, services, operator="test.loader")
     return directory
 
 
@@ -145,7 +145,7 @@ async def test_online_2503_survives_a_file_load(mine: Path, gateway: GatewayClie
     assert withdrawn["output"]["chronicinfo"] == [{"chronic_disease": "HTN"}]
     # The file still says DM only: loaded again (changed: the balance), the online changes win.
     again = _write_dir(mine.parent / "router_persons_again", [{**p, "acct_balc": "56.78"}])
-    await load_dir(db, again, services)
+    await load_dir(db, again, services, operator="test.loader")
     assert await chronic() == ["HTN"]
     row = await ledger.of("150400").fetchrow(
         "SELECT chronic_file, chronic_online, acct_balc_fen FROM person WHERE psn_no = $1", p["psn_no"])
