@@ -83,10 +83,10 @@ from schemas.codec import decode_request
 from schemas.errors import BrokerError
 from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
 from services.common import audit
-from services.common.audit import check_operator, record
 from services.common.config import Settings, load_settings
 from services.common.kafka import client_auth, make_admin, make_producer
 from services.common.shards import shard_dsns, shard_map
+from services.router.store import SESSION_HOURS
 from topics.acls import institution_acls, institution_principal
 from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, ROUTED, SETTLEMENTS
 from topics.security import (
@@ -371,6 +371,41 @@ async def retention(s: Settings, *, execute: bool, keep_days: int | None = None,
     return out
 
 
+@dataclass(frozen=True)
+class TrustRetention:
+    msgids_due: int  # registry rows (msgid_seen) older than the cutoff
+    msgids_deleted: int
+    sessions_due: int  # sign-in sessions ended (9002, or a day after 9001) before the cutoff
+    sessions_deleted: int
+
+
+async def trust_retention(s: Settings, cutoff: datetime, *, execute: bool) -> TrustRetention:
+    """The hub's msgid registry and old sign-in sessions, pruned with the same cutoff as the stored answers:
+    a msgid is remembered as long as its answer is (a reuse with other content stays MSGID_CONFLICT)."""
+    conn = await asyncpg.connect(s.pg_dsn, timeout=10)
+    ended = ("(signed_out_at IS NOT NULL OR signed_in_at < now() - make_interval(hours => $2))"
+             " AND signed_in_at < $1")
+    try:
+        msgids = await conn.fetchval("SELECT count(*) FROM msgid_seen WHERE seen_at < $1", cutoff)
+        sessions = await conn.fetchval(f"SELECT count(*) FROM sign_session WHERE {ended}", cutoff, SESSION_HOURS)
+        deleted = (0, 0)
+        if execute:
+            gone = 0
+            while True:  # chunks: short transactions beside the routers' inserts
+                status = await conn.execute(
+                    "DELETE FROM msgid_seen WHERE msgid IN (SELECT msgid FROM msgid_seen WHERE seen_at < $1"
+                    " ORDER BY seen_at LIMIT $2)", cutoff, RETENTION_CHUNK_ROWS)
+                n = int(status.split()[-1])
+                gone += n
+                if n < RETENTION_CHUNK_ROWS:
+                    break
+            status = await conn.execute(f"DELETE FROM sign_session WHERE {ended}", cutoff, SESSION_HOURS)
+            deleted = (gone, int(status.split()[-1]))
+        return TrustRetention(msgids, deleted[0], sessions, deleted[1])
+    finally:
+        await conn.close()
+
+
 def retention_lines(report: list[ShardRetention], execute: bool) -> list[str]:
     lines = []
     for r in report:
@@ -400,7 +435,7 @@ def _institution(code: str) -> str:
 async def issue_kafka_user(s: Settings, code: str, operator: str) -> str:
     """Create (or give a new password to) `inst-<code>` with produce-only on fsi.ingress; returns the
     password, which nothing keeps."""
-    principal, actor = _institution(code), check_operator(operator)
+    principal, actor = _institution(code), audit.check_operator(operator)
     secret = secrets.token_urlsafe(32)
     acls = institution_acls(s, code)
     conn = await asyncpg.connect(s.pg_dsn, timeout=10)
@@ -409,7 +444,7 @@ async def issue_kafka_user(s: Settings, code: str, operator: str) -> str:
     try:
         existed = principal in await users_with_credentials(admin, [principal])
         async with conn.transaction():  # the audit row commits only if the broker took the change
-            await record(conn, actor, "kafka_user.issue", principal, before={"credential": existed},
+            await audit.record(conn, actor, "kafka_user.issue", principal, before={"credential": existed},
                          after={"credential": True, "produce_to": [a.name for a in acls]})
             await set_passwords(admin, {principal: secret})
             await create_acls(admin, acls)
@@ -421,7 +456,7 @@ async def issue_kafka_user(s: Settings, code: str, operator: str) -> str:
 
 
 async def revoke_kafka_user(s: Settings, code: str, operator: str) -> None:
-    principal, actor = _institution(code), check_operator(operator)
+    principal, actor = _institution(code), audit.check_operator(operator)
     acls = institution_acls(s, code)
     conn = await asyncpg.connect(s.pg_dsn, timeout=10)
     admin = make_admin(s)
@@ -430,7 +465,7 @@ async def revoke_kafka_user(s: Settings, code: str, operator: str) -> None:
         if principal not in await users_with_credentials(admin, [principal]):
             raise OpsError(f"no Kafka user {principal}")
         async with conn.transaction():
-            await record(conn, actor, "kafka_user.revoke", principal,
+            await audit.record(conn, actor, "kafka_user.revoke", principal,
                          before={"credential": True, "produce_to": [a.name for a in acls]}, after={"credential": False})
             await delete_acls(admin, acls)
             await delete_users(admin, [principal])
@@ -452,7 +487,7 @@ def write_secret_file(path: str, secret: str) -> None:
 async def _kafka_user(s: Settings, args: argparse.Namespace) -> int:
     operator = args.operator or os.environ.get("XS_OPERATOR")
     try:
-        check_operator(operator)
+        audit.check_operator(operator)
     except ValueError as exc:
         raise OpsError(str(exc)) from None
     assert operator is not None
@@ -720,11 +755,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "retention":
             report = asyncio.run(retention(s, execute=args.execute, keep_days=args.keep_days))
+            trust = asyncio.run(trust_retention(s, report[0].cutoff, execute=args.execute))
             print("\n".join(retention_lines(report, args.execute)))
+            print(f"hub: {'deleted' if args.execute else 'would delete'} "
+                  f"{trust.msgids_deleted if args.execute else trust.msgids_due} msgid(s) of the registry and "
+                  f"{trust.sessions_deleted if args.execute else trust.sessions_due} ended sign-in session(s) "
+                  f"before {report[0].cutoff:%Y-%m-%d}")
             if args.execute:
                 asyncio.run(record_action(s, args.operator, "retention.prune", "shards", None, {
-                    r.shard: {"cutoff": r.cutoff.isoformat(), "responses_deleted": r.responses_deleted,
-                              "partitions_created": r.partitions_created} for r in report}))
+                    **{r.shard: {"cutoff": r.cutoff.isoformat(), "responses_deleted": r.responses_deleted,
+                                 "partitions_created": r.partitions_created} for r in report},
+                    "hub": {"msgids_deleted": trust.msgids_deleted, "sessions_deleted": trust.sessions_deleted}}))
             return 0
         if args.cmd == "kafka-user":
             return asyncio.run(_kafka_user(s, args))

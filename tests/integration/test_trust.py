@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -269,3 +269,33 @@ async def test_new_institutions_get_keys(refdata: dict, services: Settings, db: 
     sealed = await db.fetch("SELECT secret_sealed FROM institution_key")
     assert sealed and all(secret not in bytes(r["secret_sealed"]) for r in sealed)
     assert sign(b'{"cainfo":""}', secret) != b'{"cainfo":""}'
+
+
+async def test_retention_prunes_the_msgid_registry_and_ended_sessions(refdata: dict, services: Settings,
+                                                                      db: asyncpg.Pool) -> None:
+    """deploy.ops retention keeps a msgid as long as its stored answer (same cutoff), and drops sessions
+    that ended before it; live sessions and younger msgids stay."""
+    from deploy import ops
+
+    cutoff = datetime(2026, 1, 1, tzinfo=UTC)
+    old, young = "H15040099906" + "2025" + "0" * 14, "H15040099906" + "2026" + "1" * 14
+    await db.executemany("INSERT INTO msgid_seen (msgid, digest, seen_at) VALUES ($1, '\\x00', $2)",
+                         [(old, cutoff - timedelta(days=1)), (young, cutoff + timedelta(days=1))])
+    await db.executemany(
+        "INSERT INTO sign_session (sign_no, fixmedins_code, opter, signed_in_at, signed_out_at)"
+        " VALUES ($1, $2, 'O', $3, $4)",
+        [("RETENDED", A.fixmedins_code, cutoff - timedelta(days=2), cutoff - timedelta(days=2)),
+         ("RETEXPIRED", A.fixmedins_code, cutoff - timedelta(days=3), None),
+         ("RETYOUNG", A.fixmedins_code, cutoff + timedelta(days=1), None)])
+    try:
+        dry = await ops.trust_retention(services, cutoff, execute=False)
+        assert (dry.msgids_due, dry.sessions_due, dry.msgids_deleted) == (1, 2, 0)
+        done = await ops.trust_retention(services, cutoff, execute=True)
+        assert (done.msgids_deleted, done.sessions_deleted) == (1, 2)
+        assert [r[0] for r in await db.fetch("SELECT msgid FROM msgid_seen WHERE msgid = ANY($1)", [old, young])] \
+            == [young]
+        assert [r[0] for r in await db.fetch("SELECT sign_no FROM sign_session WHERE sign_no LIKE 'RET%'")] \
+            == ["RETYOUNG"]
+    finally:
+        await db.execute("DELETE FROM msgid_seen WHERE msgid = ANY($1)", [old, young])
+        await db.execute("DELETE FROM sign_session WHERE sign_no LIKE 'RET%'")
