@@ -219,6 +219,8 @@ def secure_cluster(s: Settings) -> list[str]:
     write_passfile(s)
     with psycopg.connect(admin_dsn(s), autocommit=True, connect_timeout=10) as conn:
         set_password(conn, PG_ADMIN_ROLE, role_password(s, PG_ADMIN_ROLE))
+        # The maintenance database is the superuser's; each of ours grants CONNECT itself (migrations).
+        conn.execute("REVOKE CONNECT, TEMPORARY ON DATABASE postgres FROM PUBLIC")
         hba = p.pg_data / "pg_hba.conf"
         if hba.read_text() != PG_HBA_CONF:
             _write_pg_file(hba, PG_HBA_CONF, _ensure_os_user())
