@@ -9,6 +9,12 @@ does (in transactions rolled back: the run's data is unchanged).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import os
+import pwd
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import date
@@ -20,8 +26,11 @@ import pytest
 
 from deploy.common import Paths
 from deploy.db import OWNER_ROLE, PG_ADMIN_ROLE, ROLES, SERVICE_ROLES
-from services.common.config import Settings
+from deploy.postgres import PG_OS_USER, _as_pg_user, start_postgres, stop_postgres
+from deploy.supervisor import Supervisor
+from services.common.config import PG_PASSFILE, Settings
 from services.common.shards import shard_dsns
+from tests.conftest import _free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -339,3 +348,48 @@ async def test_each_role_can_do_what_its_service_does(cluster: Cluster) -> None:
                                    "'settlement_2031_05'") == OWNER_ROLE
     async with _rolled_back(cluster, DASHBOARD, cluster.hub) as conn:
         await conn.fetch("SELECT * FROM clearing_position LIMIT 1")
+
+
+# --- a cluster made before this change ------------------------------------------------------------
+
+
+async def test_a_trust_cluster_made_before_is_migrated_by_the_next_start(
+        stack: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state dir whose cluster was made with `trust` (as the stack did before): the next start sets the
+    passwords, rewrites pg_hba.conf and reloads — no manual step — and the old owner is no superuser."""
+    state = stack.run_dir.resolve() / "trust-cluster"  # the server's system user must reach it
+    shutil.rmtree(state, ignore_errors=True)
+    (state / "kafka").mkdir(parents=True)
+    (state / "kafka" / "lib").symlink_to(Paths.of(stack).kafka_lib.resolve())  # the infra config names them
+    old = dataclasses.replace(stack, state_dir=state, run_dir=state, pg_port=_free_ports(1)[0],
+                              pg_database="xsettle")
+    monkeypatch.setenv("PGPASSFILE", str(state / PG_PASSFILE))  # this state dir's passwords
+    p = Paths.of(old)
+    p.ensure()
+    p.pg_data.mkdir(exist_ok=True)
+    user = pwd.getpwnam(PG_OS_USER)
+    os.chown(p.pg_data, user.pw_uid, user.pw_gid)
+    p.pg_data.chmod(0o700)
+    bindir = next(Path("/usr/lib/postgresql").glob("*/bin"))
+    subprocess.run(_as_pg_user([str(bindir / "initdb"), "-D", str(p.pg_data), "-U", PG_ADMIN_ROLE, "--auth=trust",
+                                "-E", "UTF8", "--locale=C"]), check=True, capture_output=True, cwd=state)
+    assert "trust" in (p.pg_data / "pg_hba.conf").read_text()
+    try:
+        await asyncio.to_thread(start_postgres, old)
+        rules = (p.pg_data / "pg_hba.conf").read_text()
+        assert "trust" not in rules and rules.count("scram-sha-256") == 2
+        for role in (PG_ADMIN_ROLE, *ROLES):
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await asyncpg.connect(host="127.0.0.1", port=old.pg_port, user=role, database="postgres",
+                                      password="not-the-password", timeout=10)
+        conn = await asyncpg.connect(host="127.0.0.1", port=old.pg_port, user=OWNER_ROLE, database="xsettle",
+                                     timeout=10)
+        try:
+            assert await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user") is False
+            assert "0007.roles" in await conn.fetchval("SELECT string_agg(migration_id, ',') FROM _yoyo_migration")
+        finally:
+            await conn.close()
+    finally:
+        await asyncio.to_thread(stop_postgres, old)
+        await asyncio.to_thread(Supervisor(old, infra=True).shutdown)
+        shutil.rmtree(state, ignore_errors=True)
