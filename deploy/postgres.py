@@ -224,16 +224,17 @@ def secure_cluster(s: Settings) -> list[str]:
         hba = p.pg_data / "pg_hba.conf"
         if hba.read_text() != PG_HBA_CONF:
             _write_pg_file(hba, PG_HBA_CONF, _ensure_os_user())
-            if not conn.execute("SELECT pg_reload_conf()").fetchone():
+            loaded = conn.execute("SELECT pg_conf_load_time()").fetchone()
+            if conn.execute("SELECT pg_reload_conf()").fetchone() != (True,):
                 raise StackError("postgres: pg_reload_conf() failed")
-            done.append("pg_hba.conf: scram-sha-256 only (trust lines removed), reloaded")
-            # The reload is asynchronous: wait until the server answers with the new rules.
+            # The reload is asynchronous: a backend re-reads the configuration after the postmaster did,
+            # so once this session's load time moved, new connections meet the new rules.
             deadline = time.monotonic() + 10
-            while conn.execute("SELECT count(*) FROM pg_hba_file_rules WHERE auth_method = 'trust'"
-                               ).fetchone() != (0,):
+            while conn.execute("SELECT pg_conf_load_time()").fetchone() == loaded:
                 if time.monotonic() > deadline:
-                    raise StackError("postgres: pg_hba.conf still has trust rules after a reload")
-                time.sleep(0.1)
+                    raise StackError("postgres: the server did not reload pg_hba.conf within 10 s")
+                time.sleep(0.05)
+            done.append("pg_hba.conf: scram-sha-256 only (trust lines removed), reloaded")
     return done
 
 

@@ -155,10 +155,11 @@ def test_pg_hba_has_only_scram_lines(stack: Settings) -> None:
     assert "trust" not in hba.read_text()
 
 
-async def test_the_server_runs_scram_only_and_no_service_is_superuser(cluster: Cluster) -> None:
+async def test_scram_only_passwords_and_no_service_is_superuser(cluster: Cluster) -> None:
     async with cluster.as_role(PG_ADMIN_ROLE, "postgres") as conn:
-        methods = {r["auth_method"] for r in await conn.fetch("SELECT auth_method FROM pg_hba_file_rules")}
-        assert methods == {"scram-sha-256"}
+        # The file as the server parses it (the refusals below prove the loaded rules).
+        rules = await conn.fetch("SELECT auth_method, error FROM pg_hba_file_rules")
+        assert [tuple(r) for r in rules] == [("scram-sha-256", None), ("scram-sha-256", None)]
         assert await conn.fetchval("SHOW password_encryption") == "scram-sha-256"
         roles = await conn.fetch("SELECT rolname, rolsuper, rolcreatedb, rolcreaterole, rolpassword"
                                  " FROM pg_authid WHERE rolname = ANY($1) ORDER BY 1", [PG_ADMIN_ROLE, *ROLES])
