@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -70,9 +71,9 @@ def write_passfile(s: Settings) -> Path:
     text = "".join(f"{host}:*:*:{role}:{role_password(s, role)}\n"
                    for role in (PG_ADMIN_ROLE, *ROLES) for host in hosts)
     if not path.exists() or path.read_text() != text:
-        tmp = path.with_name(f".{path.name}.new")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.new")  # one per writer: concurrent starts
         tmp.unlink(missing_ok=True)
-        create_once(tmp, text.encode())
+        create_once(tmp, text.encode())  # 0600 from the start
         tmp.replace(path)
     return path
 
