@@ -1,7 +1,12 @@
 """PostgreSQL for the local stack: our own cluster in .state/pg (initdb once, as the system user
 xsettle-pg: initdb/postgres refuse to run as root), run on XS_PG_PORT by the state dir's supervisord
-(program `postgres`, as xsettle-pg, no autorestart), then the role, database and migrations
-(deploy/db.py) of the Settings."""
+(program `postgres`, as xsettle-pg, no autorestart), then the roles, databases and migrations
+(deploy/db.py) of the Settings.
+
+Authentication is scram-sha-256 only (pg_hba.conf: the unix socket and 127.0.0.1, no trust line). The
+superuser `postgres` gets its generated password at initdb (through a file, never a command line); a
+cluster made before with `trust` is migrated at start: the password is set while trust still lets us in,
+then pg_hba.conf is rewritten and reloaded."""
 
 from __future__ import annotations
 
@@ -10,17 +15,25 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from deploy.common import Paths, StackError, _port_open, _run_async, say, tail, warn
+from deploy.db import PG_ADMIN_ROLE, admin_dsn, owner_settings, role_password, set_password, write_passfile
 from deploy.services import infra_program
 from deploy.supervisor import Supervisor
 from services.common.config import Settings, load_settings
 
 PG_OS_USER = "xsettle-pg"  # initdb/postgres refuse to run as root
-PG_ADMIN_ROLE = "postgres"  # bootstrap superuser created by initdb
+# Password authentication only: nothing is trusted for being local.
+PG_HBA_CONF = """\
+# Written by deploy/postgres.py (rewritten at every start): SCRAM passwords only, the unix socket and loopback.
+# TYPE  DATABASE  USER  ADDRESS       METHOD
+local   all       all                 scram-sha-256
+host    all       all   127.0.0.1/32  scram-sha-256
+"""
 PG_READY_TIMEOUT_S = 60.0
 
 
@@ -109,6 +122,8 @@ def postgres_programs(s: Settings) -> list[str]:
         f"unix_socket_directories={p.pg_sock}",
         "-c",
         "max_connections=200",
+        "-c",
+        "password_encryption=scram-sha-256",
         # Bulk loads (13 M persons) write GBs of WAL: with the default 1 GB a checkpoint every few
         # seconds rewrites the same pages again and again.
         "-c",
@@ -151,7 +166,80 @@ def stop_legacy_postgres(s: Settings) -> bool:
 
 
 def _pg_admin_dsn(s: Settings) -> str:
-    return f"postgresql://{PG_ADMIN_ROLE}@127.0.0.1:{s.pg_port}/postgres"
+    return admin_dsn(s)
+
+
+def _write_pg_file(path: Path, text: str, user: pwd.struct_passwd) -> None:
+    """A file of the data directory, owned by the server's system user, 0600."""
+    tmp = path.with_name(f".{path.name}.new")
+    tmp.write_text(text)
+    tmp.chmod(0o600)
+    _chown(tmp, user)
+    tmp.replace(path)
+
+
+def _initdb(p: Paths, s: Settings, bindir: Path, user: pwd.struct_passwd) -> None:
+    """A new cluster whose superuser has its generated password (read by initdb from a file that only
+    the server's user may read, deleted at once) and SCRAM authentication."""
+    fd, pwfile = tempfile.mkstemp(prefix=".initdb-", dir=p.state)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(role_password(s, PG_ADMIN_ROLE) + "\n")
+        _chown(Path(pwfile), user)
+        res = subprocess.run(
+            _as_pg_user(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(p.pg_data),
+                    "-U",
+                    PG_ADMIN_ROLE,
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            cwd=p.state,
+            check=False,
+        )
+    finally:
+        os.unlink(pwfile)
+    if res.returncode != 0:
+        raise StackError(f"postgres: initdb failed:\n{res.stdout}{res.stderr}")
+    _write_pg_file(p.pg_data / "pg_hba.conf", PG_HBA_CONF, user)
+
+
+def secure_cluster(s: Settings) -> list[str]:
+    """The superuser's password, then pg_hba.conf with SCRAM lines only (reloaded when it changed). On a
+    cluster made with `trust` the password is set while trust still applies, so no manual step."""
+    import psycopg
+
+    p = Paths.of(s)
+    done: list[str] = []
+    write_passfile(s)
+    with psycopg.connect(admin_dsn(s), autocommit=True, connect_timeout=10) as conn:
+        set_password(conn, PG_ADMIN_ROLE, role_password(s, PG_ADMIN_ROLE))
+        # The maintenance database is the superuser's; each of ours grants CONNECT itself (migrations).
+        conn.execute("REVOKE CONNECT, TEMPORARY ON DATABASE postgres FROM PUBLIC")
+        hba = p.pg_data / "pg_hba.conf"
+        if hba.read_text() != PG_HBA_CONF:
+            _write_pg_file(hba, PG_HBA_CONF, _ensure_os_user())
+            loaded = conn.execute("SELECT pg_conf_load_time()").fetchone()
+            if conn.execute("SELECT pg_reload_conf()").fetchone() != (True,):
+                raise StackError("postgres: pg_reload_conf() failed")
+            # The reload is asynchronous: a backend re-reads the configuration after the postmaster did,
+            # so once this session's load time moved, new connections meet the new rules.
+            deadline = time.monotonic() + 10
+            while conn.execute("SELECT pg_conf_load_time()").fetchone() == loaded:
+                if time.monotonic() > deadline:
+                    raise StackError("postgres: the server did not reload pg_hba.conf within 10 s")
+                time.sleep(0.05)
+            done.append("pg_hba.conf: scram-sha-256 only (trust lines removed), reloaded")
+    return done
 
 
 async def _pg_wait_connect(dsn: str, timeout: float) -> None:
@@ -177,12 +265,12 @@ def start_postgres(s: Settings | None = None) -> int | None:
     p.ensure()
     log = p.log("postgres")
     pid = pg_pid(s)
-    admin_dsn = _pg_admin_dsn(s)
+    superuser_dsn = _pg_admin_dsn(s)
     if pid is not None:
         say(f"postgres: already running (pid {pid})")
     elif _port_open(s.pg_port):
         warn(f"postgres: port {s.pg_port} answers but not from {p.pg_data}; reusing that server")
-        admin_dsn = s.pg_dsn
+        superuser_dsn = s.pg_dsn
     else:
         bindir = _pg_bindir(p)
         user = _ensure_os_user()
@@ -199,27 +287,7 @@ def start_postgres(s: Settings | None = None) -> int | None:
             _chown(p.pg_data, user)
             p.pg_data.chmod(0o700)
             say(f"postgres: initdb {p.pg_data} ({bindir.parent.name})")
-            res = subprocess.run(
-                _as_pg_user(
-                    [
-                        str(bindir / "initdb"),
-                        "-D",
-                        str(p.pg_data),
-                        "-U",
-                        PG_ADMIN_ROLE,
-                        "--auth=trust",
-                        "-E",
-                        "UTF8",
-                        "--locale=C",
-                    ]
-                ),
-                capture_output=True,
-                text=True,
-                cwd=p.state,
-                check=False,
-            )
-            if res.returncode != 0:
-                raise StackError(f"postgres: initdb failed:\n{res.stdout}{res.stderr}")
+            _initdb(p, s, bindir, user)
         p.pg_sock.mkdir(parents=True, exist_ok=True)
         _chown(p.pg_sock, user)
         sup = Supervisor(s, infra=True)
@@ -237,8 +305,12 @@ def start_postgres(s: Settings | None = None) -> int | None:
     from deploy.db import ensure_databases, migrate_all
 
     try:
-        _run_async(_pg_wait_connect(admin_dsn, PG_READY_TIMEOUT_S))
-        for done in _run_async(ensure_databases(admin_dsn, s)):
+        write_passfile(s)
+        _run_async(_pg_wait_connect(superuser_dsn, PG_READY_TIMEOUT_S))
+        if superuser_dsn == _pg_admin_dsn(s):  # our own cluster
+            for done in secure_cluster(s):
+                say(f"postgres: {done}")
+        for done in _run_async(ensure_databases(superuser_dsn, s)):
             say(f"postgres: {done}")
         for applied in migrate_all(s):
             say(f"postgres: applied migration {applied}")
@@ -246,7 +318,7 @@ def start_postgres(s: Settings | None = None) -> int | None:
         raise StackError(f"{exc}\nlast lines of {log}:\n{tail(log)}") from exc
     except Exception as exc:
         raise StackError(f"postgres: set-up on {s.pg_dsn} failed: {exc!r}\nlast lines of {log}:\n{tail(log)}") from exc
-    say(f"postgres: ready, migrations applied ({s.pg_dsn})")
+    say(f"postgres: ready, migrations applied ({owner_settings(s).pg_dsn})")
     return pid
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.db import SERVICE_ROLES
 from services.common.config import PROJECT_ROOT, Settings, settings_env
 
 # Restart policy: a program that dies after running START_SECS is restarted at once; one that dies
@@ -200,7 +201,9 @@ def supervisor_config(s: Settings) -> str:
     parts = supervisord_sections(p, f"xsettle-{s.run_dir.name}")
     for spec in service_specs(s):
         own = _own_environment(spec.name, env)
-        parts.append(_program(spec.name, [venv_python(), "-m", spec.module], PROJECT_ROOT, {**env, **own},
+        # Each service connects to PostgreSQL as its own role (its password: the state dir's pgpass).
+        role = {"XS_PG_USER": SERVICE_ROLES[spec.name]} if spec.name in SERVICE_ROLES else {}
+        parts.append(_program(spec.name, [venv_python(), "-m", spec.module], PROJECT_ROOT, {**env, **own, **role},
                               p.log(spec.name)))
     binary = shutil.which("prometheus")
     if binary is not None:

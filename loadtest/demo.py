@@ -57,7 +57,7 @@ from loadtest.population import (
     wait_ready,
 )
 from services.common import audit
-from services.common.config import Settings, load_settings
+from services.common.config import PG_PASSFILE, Settings, load_settings
 from services.common.shards import shard_database, shard_dsns, shard_map
 from services.common.tls import ca_paths, client_session
 from services.dashboard.users import admin_password_file
@@ -217,7 +217,8 @@ def how_to_look(s: Settings) -> list[str]:
         "",
         "how to look further:",
         "  .venv/bin/python -m deploy.stack status                 # processes, ports, logs",
-        *(f"  psql -h 127.0.0.1 -p {s.pg_port} -U {s.pg_user} {shard_database(s, name)} -c '{q}'   # shard {name}"
+        *(f"  PGPASSFILE={s.state_dir / PG_PASSFILE} psql -h 127.0.0.1 -p {s.pg_port} -U {s.pg_user}"
+          f" {shard_database(s, name)} -c '{q}'   # shard {name}"
           for name in shard_map(s).names),
         f"  curl -s http://127.0.0.1:{s.gateway_metrics_port}/metrics | grep ^xs_   # gateway "
         f"(router :{s.router_metrics_port}, settle :{s.settle_metrics_port})",

@@ -15,6 +15,7 @@ from pathlib import Path
 from schemas import limits
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PG_PASSFILE = Path("secrets") / "pgpass"  # under the state dir
 
 
 class ConfigError(ValueError):
@@ -168,6 +169,9 @@ def _kafka_brokers(state_dir: Path) -> int:
 def load_settings() -> Settings:
     state_dir = Path(_str("XS_STATE_DIR", str(PROJECT_ROOT / ".state")))
     brokers = _kafka_brokers(state_dir)
+    # PostgreSQL passwords: libpq (psycopg, yoyo, psql) and asyncpg read them from this file, written by
+    # deploy/postgres.py; the role is XS_PG_USER (each service has its own, see deploy/services.py).
+    os.environ.setdefault("PGPASSFILE", str(state_dir / PG_PASSFILE))
     return Settings(
         state_dir=state_dir,
         run_dir=Path(_str("XS_RUN_DIR", str(state_dir))),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from deploy import stack as stack_ctl
+from deploy.db import SERVICE_ROLES
 from deploy.services import SupervisorPaths
 from services.common.config import Settings, settings_env
 
@@ -55,8 +56,9 @@ def test_stop_service_keeps_it_stopped_until_started(services: Settings) -> None
 def test_the_runs_services_use_its_own_settings(services: Settings) -> None:
     assert services.pg_database.startswith("xsettle_t") and services.topic_prefix.startswith("t")
     assert services.run_dir != services.state_dir
-    wanted = settings_env(services)
     for name in ("settle", "router", "gateway", "clearing", "monitor", "dashboard"):
+        # Each service connects to PostgreSQL as its own role (the gateway has no database code).
+        wanted = {**settings_env(services), "XS_PG_USER": SERVICE_ROLES.get(name, services.pg_user)}
         pid = stack_ctl.service_pid(name, services)
         assert pid is not None, name
         env = _environ(pid)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import os
+import stat
+from pathlib import Path
 
 import pytest
 
+from deploy.db import PG_ADMIN_ROLE, ROLES, role_password, write_passfile
 from deploy.services import START_RETRIES, service_specs, supervisor_config
 from services.common.config import ConfigError, load_settings, settings_env
 from topics.catalog import catalog
@@ -76,3 +80,42 @@ def test_supervisor_config_restarts_every_service_with_the_runs_settings(
         assert 'XS_GATEWAY_PORT="24001"' in env
         # A program's own switches reach only that program (a change restarts only it).
         assert ('XS_ROUTER_TRACE="1"' in env) == (spec.name == "router")
+
+
+def test_each_service_connects_to_postgresql_as_its_own_role_without_a_password_in_its_environment(
+        run_env: None) -> None:
+    parser = configparser.RawConfigParser()
+    parser.read_string(supervisor_config(load_settings()))
+    roles = {}
+    for spec in service_specs(load_settings()):
+        env = parser.get(f"program:{spec.name}", "environment")
+        roles[spec.name] = [v for v in env.split(",") if v.startswith("XS_PG_USER=")]
+        assert "PASSWORD" not in env.upper() and "PGPASS" not in env.upper()
+    assert roles == {
+        "settle": ['XS_PG_USER="xs_settle"'], "router": ['XS_PG_USER="xs_router"'],
+        "gateway": ['XS_PG_USER="xsettle"'],  # the gateway has no database code
+        "clearing": ['XS_PG_USER="xs_clearing"'], "monitor": ['XS_PG_USER="xs_monitor"'],
+        "dashboard": ['XS_PG_USER="xs_dashboard"'],
+    }
+
+
+def test_the_pgpass_file_holds_every_roles_generated_password(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XS_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("PGPASSFILE", raising=False)  # load_settings points it at the state dir's
+    s = load_settings()
+    assert os.environ["PGPASSFILE"] == str(tmp_path / "secrets" / "pgpass")
+    path = write_passfile(s)
+    assert path == tmp_path / "secrets" / "pgpass"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    lines = path.read_text().splitlines()
+    assert [line.split(":")[3] for line in lines[::3]] == [PG_ADMIN_ROLE, *ROLES]
+    assert {line.split(":")[0] for line in lines} == {"127.0.0.1", "localhost", str(tmp_path / "pgsock")}
+    router = role_password(s, "xs_router")
+    assert f"127.0.0.1:*:*:xs_router:{router}" in lines and len(router) == 43
+    assert len({line.split(":")[4] for line in lines}) == len(ROLES) + 1  # one password per role
+    # Rotation: a deleted password file means a new password, and the pgpass follows.
+    (tmp_path / "secrets" / "pg-xs_router.password").unlink()
+    write_passfile(s)
+    assert f"127.0.0.1:*:*:xs_router:{router}" not in path.read_text()
+    assert f"127.0.0.1:*:*:xs_router:{role_password(s, 'xs_router')}" in path.read_text()
