@@ -39,6 +39,7 @@ from schemas.refdata import FilingRow
 from services.clearing import cli
 from services.common import audit
 from services.common.config import PROJECT_ROOT, Settings, settings_env
+from services.common.kafka import ADMIN, client_auth
 from services.common.shards import shard_dsns
 from services.common.signing import key_encryption_key
 from services.refdata import keys
@@ -99,7 +100,7 @@ async def loaded(db: asyncpg.Pool, stack: Settings, tmp_path_factory: pytest.Tem
 async def audit_topic_records(s: Settings, topic: str | None = None) -> list[tuple[bytes, bytes]]:
     """(key, value) of every record on fsi.audit (or `topic`), in offset order."""
     tp = TopicPartition(topic or audit.audit_topic(s), 0)
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN), enable_auto_commit=False)
     await consumer.start()
     out: list[tuple[bytes, bytes]] = []
     try:
@@ -298,13 +299,14 @@ async def test_the_keys_command_issues_rotates_revokes_and_lists_with_one_row_ea
 async def test_group_reset_dead_letter_replay_and_retention_are_audited(
         db: asyncpg.Pool, stack: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     topic, group, who = f"{stack.topic_prefix}audit-reset", f"{stack.topic_prefix}audit-group", actor("ops")
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN))
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, 1, cluster.replication_factor(stack))])
     finally:
         await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN),
+                                acks="all", enable_idempotence=True)
     await producer.start()
     try:
         for i in range(5):
@@ -316,7 +318,8 @@ async def test_group_reset_dead_letter_replay_and_retention_are_audited(
         sent = await producer.send_and_wait(DEADLETTER.name, msgspec.json.encode(letter), key=msgid.encode())
     finally:
         await producer.stop()
-    member = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    member = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN),
+                              group_id=group, enable_auto_commit=False)
     await member.start()
     try:
         member.assign([TopicPartition(topic, 0)])
@@ -420,12 +423,12 @@ import asyncio, os, signal, sys
 import asyncpg
 from services.common import audit
 from services.common.config import load_settings
-from services.common.kafka import make_producer
+from services.common.kafka import ADMIN, make_producer
 
 async def main() -> None:
     s = load_settings()
     conn = await asyncpg.connect(s.pg_dsn)
-    producer = make_producer(s)
+    producer = make_producer(s, ADMIN)
     await producer.start()
     sent = 0
 
@@ -443,7 +446,8 @@ asyncio.run(main())
 
 
 async def publish_to(s: Settings, db: asyncpg.Pool, topic: str) -> int:
-    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN), acks="all",
+                                enable_idempotence=True)
     await producer.start()
     try:
         async def send(key: bytes, value: bytes) -> None:
@@ -459,7 +463,7 @@ async def test_a_publisher_killed_after_the_ack_loses_nothing_and_repeats_only_s
         db: asyncpg.Pool, stack: Settings) -> None:
     # A topic (and so a watermark) of this test's own: the clearing service publishes only fsi.audit.
     topic = f"{stack.topic_prefix}audit-crash"
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN))
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, 1, cluster.replication_factor(stack))])
@@ -480,7 +484,7 @@ async def test_a_publisher_killed_after_the_ack_loses_nothing_and_repeats_only_s
     assert [int(k) for k, _ in records if int(k) in ids] == ids[:3] + ids
     assert await db.fetchval("SELECT published_id FROM audit_publish WHERE topic = $1", topic) == ids[-1]
     try:
-        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN))
         await admin.start()
         await admin.delete_topics([topic])
     finally:
