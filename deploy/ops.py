@@ -357,18 +357,23 @@ async def retention(s: Settings, *, execute: bool, keep_days: int | None = None,
             deleted = 0
             if execute:
                 created = list(await conn.fetchval("SELECT ensure_ledger_partitions($1, $2)", months[0], months[-1]))
-                while True:  # chunks: short transactions, no long lock on the engine's table
-                    status = await conn.execute(
-                        "DELETE FROM processed_request WHERE msgid IN (SELECT msgid FROM processed_request"
-                        " WHERE processed_at < $1 ORDER BY processed_at LIMIT $2)", cutoff, RETENTION_CHUNK_ROWS)
-                    n = int(status.split()[-1])
-                    deleted += n
-                    if n < RETENTION_CHUNK_ROWS:
-                        break
+                deleted = await _delete_in_chunks(  # short transactions, no long lock on the engine's table
+                    conn, "DELETE FROM processed_request WHERE msgid IN (SELECT msgid FROM processed_request"
+                    " WHERE processed_at < $1 ORDER BY processed_at LIMIT $2)", cutoff)
             out.append(ShardRetention(shard, cutoff, due, deleted, missing, created))
         finally:
             await conn.close()
     return out
+
+
+async def _delete_in_chunks(conn: asyncpg.Connection, delete_sql: str, cutoff: datetime) -> int:
+    """Run `delete_sql` ($1 the cutoff, $2 the chunk size) until a chunk deletes fewer rows; the total."""
+    total = 0
+    while True:
+        n = int((await conn.execute(delete_sql, cutoff, RETENTION_CHUNK_ROWS)).split()[-1])
+        total += n
+        if n < RETENTION_CHUNK_ROWS:
+            return total
 
 
 @dataclass(frozen=True)
@@ -390,15 +395,9 @@ async def trust_retention(s: Settings, cutoff: datetime, *, execute: bool) -> Tr
         sessions = await conn.fetchval(f"SELECT count(*) FROM sign_session WHERE {ended}", cutoff, SESSION_HOURS)
         deleted = (0, 0)
         if execute:
-            gone = 0
-            while True:  # chunks: short transactions beside the routers' inserts
-                status = await conn.execute(
-                    "DELETE FROM msgid_seen WHERE msgid IN (SELECT msgid FROM msgid_seen WHERE seen_at < $1"
-                    " ORDER BY seen_at LIMIT $2)", cutoff, RETENTION_CHUNK_ROWS)
-                n = int(status.split()[-1])
-                gone += n
-                if n < RETENTION_CHUNK_ROWS:
-                    break
+            gone = await _delete_in_chunks(  # short transactions beside the routers' inserts
+                conn, "DELETE FROM msgid_seen WHERE msgid IN (SELECT msgid FROM msgid_seen WHERE seen_at < $1"
+                " ORDER BY seen_at LIMIT $2)", cutoff)
             status = await conn.execute(f"DELETE FROM sign_session WHERE {ended}", cutoff, SESSION_HOURS)
             deleted = (gone, int(status.split()[-1]))
         return TrustRetention(msgids, deleted[0], sessions, deleted[1])

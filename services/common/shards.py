@@ -32,6 +32,7 @@ from typing import Final
 import asyncpg
 
 from services.common.config import ConfigError, Settings
+from services.common.secrets import create_once
 from services.refdata.regions import PROVINCES
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
@@ -153,23 +154,7 @@ class ShardPools:
 
 def person_index_key(s: Settings) -> bytes:
     """The deployment's key for certificate digests, created (0600) on first use."""
-    path = s.state_dir / PERSON_INDEX_KEY_FILE
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(os.urandom(32))
-    try:
-        os.link(tmp, path)  # the first writer wins; a concurrent first start reads the winner's key
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    return path.read_bytes()
+    return create_once(s.state_dir / PERSON_INDEX_KEY_FILE, os.urandom(32))
 
 
 def certno_digest(key: bytes, certno: str) -> bytes:
