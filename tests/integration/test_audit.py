@@ -342,7 +342,7 @@ async def test_group_reset_dead_letter_replay_and_retention_are_audited(
         "deadletter.replay", DEADLETTER.name, None)
     assert js(replay_row["after"]) == {"offsets": [f"{sent.partition}:{sent.offset}"],
                                        "to": {f"{stack.topic_prefix}fsi.ingress": 1}, "forgot_refusals": 0}
-    assert retention_row["action"] == "retention.prune" and set(js(retention_row["after"])) == {"s1", "s2"}
+    assert retention_row["action"] == "retention.prune" and set(js(retention_row["after"])) == {"s1", "s2", "hub"}
     await assert_trail_on_topic(stack, db, [r["audit_id"] for r in (group_row, replay_row, retention_row)])
 
 
