@@ -94,6 +94,9 @@ ERRORS: dict[str, ErrorSpec] = {
                   "use a new msgid; resend the same msgid only with the same content"),
         ErrorSpec("SIGN_NO_INVALID", "sign_no is not a live sign-in (9001) session of this institution", "all",
                   "sign in with 9001 and use its sign_no"),
+        ErrorSpec("CLIENT_CERT_MISMATCH", "the request came with a client certificate (mutual TLS) of another "
+                  "institution than fixmedins_code names", "all",
+                  "send over the connection of your own certificate"),
         ErrorSpec("INSTITUTION_NOT_ALLOWED", "this kind of institution may not send this transaction (pharmacies "
                   "(P…) send purchases 21xx, hospitals (H…) visits 22xx–24xx)", "all",
                   "send the transaction of your kind of institution"),

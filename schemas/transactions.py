@@ -78,7 +78,7 @@ COMMON_ERRORS: Final = (
     "MDTRTAREA_MISMATCH", "HOSPITAL_UNKNOWN", "REGION_UNKNOWN", "TIMEOUT", "INTERNAL",
     # Trust (the router authenticates every request first; 9001 needs no sign_no).
     "SIGNATURE_MISSING", "SIGNATURE_INVALID", "KEY_UNKNOWN", "KEY_REVOKED", "INF_TIME_OUT_OF_WINDOW",
-    "MSGID_CONFLICT", "SIGN_NO_INVALID", "INSTITUTION_NOT_ALLOWED",
+    "MSGID_CONFLICT", "SIGN_NO_INVALID", "INSTITUTION_NOT_ALLOWED", "CLIENT_CERT_MISMATCH",
 )
 # Who may send a transaction, by the first letter of fixmedins_code (the national code: H 定点医疗机构,
 # P 定点零售药店): pharmacy purchases (21xx) only pharmacies, visits (22xx–24xx) only hospitals; the rest

@@ -109,6 +109,10 @@ class Gateway:
             req = decode_request(raw)
             env = req.envelope
             infno = env.infno
+            certified = client_cert_institution(request)
+            if certified is not None and certified != env.fixmedins_code:
+                raise BrokerError("CLIENT_CERT_MISMATCH", "the client certificate belongs to another institution "
+                                  "than fixmedins_code names")
             digest = content_digest(env.infno, env.fixmedins_code, env.insuplc_admdvs, env.mdtrtarea_admvs,
                                     bytes(env.input))
             body = await self._forward(raw, env.msgid, digest, req.psn_no, received, deadline)
@@ -222,6 +226,18 @@ class Gateway:
         except (KafkaError, TimeoutError) as e:
             record_produce_error(DEADLETTER.name)
             log.warning("dead letter not recorded: %s", type(e).__name__)
+
+
+def client_cert_institution(request: web.Request) -> str | None:
+    """The institution (CN) of the client certificate of this connection (mutual TLS), if it showed one —
+    the TLS layer already verified it against the deployment's CA."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    for rdn in (cert or {}).get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return None
 
 
 def build_app(gw: Gateway) -> web.Application:

@@ -29,7 +29,7 @@ from services.common import tls
 from services.common.config import PROJECT_ROOT, Settings
 from services.dashboard import users
 from services.dashboard.app import PRE_SESSION_COOKIE, SESSION_COOKIE
-from tests.integration.conftest import HOSPITALS, PERSONS
+from tests.integration.conftest import HOSPITALS, PERSONS, SIGNER
 from tests.integration.dashboard_client import (
     TEST_OPERATOR,
     dashboard_session,
@@ -118,8 +118,15 @@ async def test_client_certificate_from_the_audited_cli_is_accepted(refdata: dict
                           " AND action = 'tls.client_cert.issue'", before)
     assert [tuple(r) for r in rows] == [(TEST_OPERATOR, "tls.client_cert.issue", code)]
     async with tls.client_session(services, client_cert=tls.client_paths(services, code)) as session:
-        answer = await GatewayClient(services.gateway_url, session, retry_for_s=30).call(_envelope())
-        assert "infcode" in answer
+        client = GatewayClient(services.gateway_url, session, retry_for_s=30)
+        answer = await client.call(_envelope())
+        assert answer["err_msg"].startswith("VISIT_UNKNOWN: "), answer["err_msg"]  # through to the engine
+        # The certificate names the institution: a request of another one on this connection is refused.
+        p = PERSONS["plain"].person
+        other = HOSPITALS["miyi"].envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": p.psn_no}},
+                                           insuplc=p.insuplc)
+        answer = await client.call(SIGNER.sign({**other, "sign_no": "ANY"}))  # the gateway refuses it at once
+        assert answer["err_msg"].startswith("CLIENT_CERT_MISMATCH: "), answer["err_msg"]
     # A certificate another CA issued is refused at the handshake, even though certificates are optional.
     stranger = replace(services, state_dir=services.run_dir / "stranger-state")
     foreign, _ = tls.issue_client_cert(stranger, code)
