@@ -100,7 +100,8 @@ class RouterCore:
         self.sessions = await self.state.live_sessions(
             {sign_no for req in signed if (sign_no := session_of(req.envelope, req.body))})
         trusted: list[Request] = []
-        digests: dict[str, bytes] = {}
+        digest_of: dict[int, bytes] = {}  # id(request) → what its msgid stands for
+        digests: dict[str, bytes] = {}  # msgid → the first digest in this batch
         for req in signed:
             env = req.envelope
             sign_no = session_of(env, req.body)
@@ -109,11 +110,12 @@ class RouterCore:
                     "SIGN_NO_INVALID", "sign_no is not a live sign-in session of this institution")
                 continue
             trusted.append(req)
-            digests.setdefault(env.msgid, _digest(req))
+            digest_of[id(req)] = _digest(req)
+            digests.setdefault(env.msgid, digest_of[id(req)])
         stored, self.batch = await asyncio.gather(self.state.register_msgids(digests),
                                                   self.state.read_batch(trusted))
         for req in trusted:  # a msgid recorded before (or earlier in this batch) with other content
-            if _digest(req) != stored.get(req.envelope.msgid, digests[req.envelope.msgid]):
+            if digest_of[id(req)] != stored.get(req.envelope.msgid, digests[req.envelope.msgid]):
                 self.refusals[id(req)] = BrokerError("MSGID_CONFLICT", "this msgid was already used for a "
                                                      "different request")
 
