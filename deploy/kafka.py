@@ -50,7 +50,7 @@ from deploy.services import infra_program
 from deploy.supervisor import LIVE_STATES, Supervisor
 from services.common.config import Settings, load_settings
 from services.common.kafka import ADMIN, SCRAM_MECHANISM, client_auth
-from services.common.secrets import password, secrets_dir
+from services.common.secrets import password, secrets_dir, write_atomically
 
 LOG4J_CONFIG = DEPLOY_DIR / "kafka" / "log4j2.yaml"
 KAFKA_NODE_ID = 1
@@ -109,15 +109,6 @@ def _listener_lines(s: Settings, port: int, ctrl: int, secured: bool) -> list[st
     ]
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only this user may read (it holds passwords)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an older file made with a wider mode
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
 def client_config(s: Settings, principal: str) -> Path:
     """A Java client's properties (`--command-config`) authenticating as `principal`, under secrets/."""
     path = secrets_dir(s) / f"kafka-{principal}.client.properties"
@@ -128,7 +119,7 @@ def client_config(s: Settings, principal: str) -> Path:
     else:
         lines = ["security.protocol=SASL_PLAINTEXT", f"sasl.mechanism={SCRAM_MECHANISM}",
                  "sasl.jaas.config=" + _jaas("scram.ScramLoginModule", principal, secret)]
-    _write_private(path, "\n".join([*lines, ""]))
+    write_atomically(path, "\n".join([*lines, ""]))
     return path
 
 
@@ -312,7 +303,7 @@ def _kafka_format(s: Settings, p: Paths) -> None:
 def _kafka_secure_once(s: Settings, p: Paths) -> None:
     """The first start of this broker since it is secured: add the first users without security."""
     say("kafka: adding the SCRAM users admin and broker (one start without security)")
-    _write_private(p.kafka_props, kafka_properties(s, p, secured=False))
+    write_atomically(p.kafka_props, kafka_properties(s, p, secured=False))
     pid = _infra(s).start("kafka")
     try:
         _kafka_wait_ready(s, p, pid, auth={})
@@ -323,11 +314,11 @@ def _kafka_secure_once(s: Settings, p: Paths) -> None:
 
 
 def _kafka_launch(s: Settings, p: Paths) -> int:
-    _write_private(p.kafka_props, kafka_properties(s, p))
+    write_atomically(p.kafka_props, kafka_properties(s, p))
     _kafka_format(s, p)
     if not _secured(p.kafka):
         _kafka_secure_once(s, p)
-        _write_private(p.kafka_props, kafka_properties(s, p))
+        write_atomically(p.kafka_props, kafka_properties(s, p))
     pid = _infra(s).start("kafka")
     say(f"kafka: started pid {pid} on 127.0.0.1:{s.kafka_port} (controller {s.kafka_controller_port})")
     return pid
@@ -412,14 +403,12 @@ def start_kafka(s: Settings | None = None, wait: bool = True) -> int | None:
     return pid
 
 
-
 def stop_kafka(s: Settings | None = None, timeout: float = KAFKA_STOP_TIMEOUT_S) -> bool:
     """Stop the single broker and any cluster node of this state dir; SIGKILL after `timeout` is
     supervisord's stopwaitsecs (KAFKA_STOP_TIMEOUT_S). Returns whether the single broker ran."""
     s = s or load_settings()
     stop_any_cluster(s)
     return _infra(s).stop("kafka")
-
 
 
 # --- a multi-broker cluster ----------------------------------------------------------------
@@ -540,7 +529,7 @@ def start_node(s: Settings, node: Node) -> int:
         raise StackError(f"{node.name}: port {node.port} or {node.controller_port} is taken by a process "
                             "this stack did not start")
     node.dir.mkdir(parents=True, exist_ok=True)
-    _write_private(node.props, node_properties(s, node))
+    write_atomically(node.props, node_properties(s, node))
     _format(s, node)
     pid = _infra(s).start(node.name)
     say(f"{node.name}: started pid {pid} on 127.0.0.1:{node.port} (controller {node.controller_port})")
@@ -616,9 +605,9 @@ def _cluster_secure_once(s: Settings) -> None:
     try:
         for node in nodes(s):
             node.dir.mkdir(parents=True, exist_ok=True)
-            _write_private(node.props, node_properties(s, node))
+            write_atomically(node.props, node_properties(s, node))
             _format(s, node)
-            _write_private(node.props, node_properties(s, node, secured=False))
+            write_atomically(node.props, node_properties(s, node, secured=False))
             _infra(s).start(node.name)
         wait_ready(s, auth={})
         _add_first_users(s, s.kafka_bootstrap)

@@ -85,6 +85,7 @@ from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
 from services.common import audit
 from services.common.config import Settings, load_settings
 from services.common.kafka import client_auth, make_admin, make_producer
+from services.common.secrets import write_new_secret
 from services.common.shards import shard_dsns, shard_map
 from services.router.store import SESSION_HOURS
 from topics.acls import institution_acls, institution_principal
@@ -473,16 +474,6 @@ async def revoke_kafka_user(s: Settings, code: str, operator: str) -> None:
         await conn.close()
 
 
-def write_secret_file(path: str, secret: str) -> None:
-    """A new file only its owner may read (an existing one is never overwritten)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise OpsError(f"{path} exists: choose a new file") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-
-
 async def _kafka_user(s: Settings, args: argparse.Namespace) -> int:
     operator = args.operator or os.environ.get("XS_OPERATOR")
     try:
@@ -499,7 +490,10 @@ async def _kafka_user(s: Settings, args: argparse.Namespace) -> int:
         raise OpsError(f"{args.out} exists: choose a new file")
     secret = await issue_kafka_user(s, args.code, operator)
     if args.out:
-        write_secret_file(args.out, secret)
+        try:
+            write_new_secret(args.out, secret)
+        except FileExistsError:
+            raise OpsError(f"{args.out} exists: choose a new file") from None
         print(f"issued Kafka user {principal} (SCRAM-SHA-512, produce to {INGRESS.name} only); "
               f"password written to {args.out}")
     else:

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import contextlib
 import itertools
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import msgspec
 from schemas.codec import encode
 from services.common.config import Settings
 from services.common.response import SHANGHAI
-from services.common.secrets import secrets_dir
+from services.common.secrets import secrets_dir, write_atomically
 from services.common.signing import SIGNTYPE, key_encryption_key, sign
 from services.refdata.keys import issue_key
 
@@ -225,11 +224,7 @@ async def simulator_signer(s: Settings, hub: asyncpg.Pool, codes: list[str], ope
                 issued = await issue_key(conn, kek, code, operator)
                 keys[code] = issued.secret
                 stored[code] = [issued.key_id, issued.secret_b64]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(msgspec.json.encode(stored))
-        os.replace(tmp, path)
+        write_atomically(path, msgspec.json.encode(stored))
     return Signer(keys)
 
 

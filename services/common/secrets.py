@@ -40,6 +40,25 @@ def create_once(path: Path, make: bytes) -> bytes:
     return path.read_bytes()
 
 
+def write_atomically(path: Path, data: bytes | str, mode: int = 0o600) -> None:
+    """Replace `path` with `data` (only its owner may read it unless `mode` says otherwise): a reader sees
+    the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_new_secret(path: Path | str, text: str) -> None:
+    """`text` and a newline in a new file only its owner may read (a secret handed out once, e.g. `--out`);
+    an existing file is never overwritten (FileExistsError)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+
+
 def secret_bytes(s: Settings, name: str, n: int = 32) -> bytes:
     """`n` random bytes named `name`, generated on first use."""
     return create_once(secrets_dir(s) / name, os.urandom(n))

@@ -35,6 +35,7 @@ import asyncpg
 
 from services.common import audit
 from services.common.config import Settings, load_settings
+from services.common.secrets import write_new_secret
 from services.common.signing import InstitutionKey, key_encryption_key, seal, unseal
 from services.refdata.load import REFDATA_CHANNEL
 
@@ -120,7 +121,6 @@ async def fetch_keys(conn: asyncpg.Connection | asyncpg.Pool, kek: bytes,
     return {code: tuple(v) for code, v in keys.items()}
 
 
-
 # Command line ---------------------------------------------------------------------------------------
 
 _DURATION = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
@@ -137,13 +137,6 @@ def parse_duration(text: str) -> timedelta:
     if value > OVERLAP_MAX:
         raise argparse.ArgumentTypeError(f"at most {OVERLAP_MAX.days} days")
     return value
-
-
-def write_secret(path: Path, key: IssuedKey) -> None:
-    """The secret alone (base64 and a newline) in a new file only its owner can read."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.secret_b64 + "\n")
 
 
 def key_state(r: asyncpg.Record, now: datetime) -> str:
@@ -174,7 +167,7 @@ async def _cli(args: argparse.Namespace, s: Settings) -> int:
             key = await issue_key(conn, key_encryption_key(s), args.code, args.operator,
                                   overlap=args.overlap if args.cmd == "rotate" else None)
             if args.out is not None:
-                write_secret(args.out, key)
+                write_new_secret(args.out, key.secret_b64)
                 print(f"issued {key.key_id} for {key.fixmedins_code}; secret written to {args.out} (0600)")
             else:
                 print(f"issued {key.key_id} for {key.fixmedins_code}\nsecret {key.secret_b64}\n"

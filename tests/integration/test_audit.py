@@ -296,15 +296,20 @@ async def test_the_keys_command_issues_rotates_revokes_and_lists_with_one_row_ea
     assert f"{revoke['audit_id']}  " in out and f"{who}  key.revoke  {HOSPITAL}" in out and "1 audit row(s)" in out
 
 
+async def _create_topic(s: Settings, topic: str) -> None:
+    """A one-partition topic of the test's own (as admin: outside the services' ACLs)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, cluster.replication_factor(s))])
+    finally:
+        await admin.close()
+
+
 async def test_group_reset_dead_letter_replay_and_retention_are_audited(
         db: asyncpg.Pool, stack: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     topic, group, who = f"{stack.topic_prefix}audit-reset", f"{stack.topic_prefix}audit-group", actor("ops")
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN))
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, cluster.replication_factor(stack))])
-    finally:
-        await admin.close()
+    await _create_topic(stack, topic)
     producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN),
                                 acks="all", enable_idempotence=True)
     await producer.start()
@@ -463,12 +468,7 @@ async def test_a_publisher_killed_after_the_ack_loses_nothing_and_repeats_only_s
         db: asyncpg.Pool, stack: Settings) -> None:
     # A topic (and so a watermark) of this test's own: the clearing service publishes only fsi.audit.
     topic = f"{stack.topic_prefix}audit-crash"
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN))
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, cluster.replication_factor(stack))])
-    finally:
-        await admin.close()
+    await _create_topic(stack, topic)
     await publish_to(stack, db, topic)  # everything before this test
     mark = await db.fetchval("SELECT published_id FROM audit_publish WHERE topic = $1", topic)
     ids = [await audit.record(db, actor("crash"), "test.crash", f"row {i}", before={"i": i}, after={"i": i + 1})
