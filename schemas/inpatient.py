@@ -17,11 +17,26 @@ Count = Annotated[Decimal, Meta()]
 
 
 class DiseInfo(msgspec.Struct, kw_only=True):
+    """One diagnosis of a visit (2401, 2402, 2403, 2203 `diseinfo`); stored per visit as sent (visit.diseinfo)."""
+
     diag_type: Annotated[str, Meta(max_length=6)] = "1"
     diag_srt_no: Annotated[int, Meta(ge=0, le=999)] = 1
     diag_code: Code
     diag_name: Text = ""
     maindiag_flag: Flag = "1"
+    diag_dept: Annotated[str, Meta(max_length=64)] = ""
+    dise_dor_no: Annotated[str, Meta(max_length=64)] = ""
+    dise_dor_name: Text = ""
+    diag_time: WireTime | None = None
+    vali_flag: Flag = "1"
+
+    def __post_init__(self) -> None:
+        check_times(self, "diag_time")
+
+
+# A visit's diagnosis list: at most this many entries per message.
+DISEINFO_MAX = 50
+DiseInfoList = Annotated[list[DiseInfo], Meta(max_length=DISEINFO_MAX)]
 
 
 class AdmissionInfo(msgspec.Struct, kw_only=True):
@@ -47,7 +62,7 @@ class AdmissionInfo(msgspec.Struct, kw_only=True):
 
 class Input2401(msgspec.Struct, kw_only=True, tag=True):
     mdtrtinfo: AdmissionInfo
-    diseinfo: list[DiseInfo] = []
+    diseinfo: DiseInfoList = []
 
 
 class DischargeInfo(msgspec.Struct, kw_only=True):
@@ -64,7 +79,7 @@ class DischargeInfo(msgspec.Struct, kw_only=True):
 
 class Input2402(msgspec.Struct, kw_only=True, tag=True):
     dscginfo: DischargeInfo
-    diseinfo: list[DiseInfo] = []
+    diseinfo: DiseInfoList = []
 
 
 class AdmissionChange(msgspec.Struct, kw_only=True):
@@ -81,7 +96,7 @@ class AdmissionChange(msgspec.Struct, kw_only=True):
 
 class Input2403(msgspec.Struct, kw_only=True, tag=True):
     adminfo: AdmissionChange
-    diseinfo: list[DiseInfo] = []
+    diseinfo: DiseInfoList = []
 
 
 class VisitRef(msgspec.Struct, kw_only=True):

@@ -10,7 +10,7 @@ import msgspec
 from msgspec import Meta
 
 from schemas.codes import ChronicDisease, InsuType, OutpatientMedType
-from schemas.inpatient import DiseInfo, FeeDetail, MdtrtId, PsnNo
+from schemas.inpatient import DiseInfoList, FeeDetail, MdtrtId, PsnNo
 from schemas.wire import Code, Flag, MdtrtCertType, Text, WireTime, check_amounts, check_times
 
 
@@ -65,7 +65,7 @@ class OutpatientVisitInfo(msgspec.Struct, kw_only=True):
 
 class Input2203(msgspec.Struct, kw_only=True, tag=True):
     mdtrtinfo: OutpatientVisitInfo
-    diseinfo: list[DiseInfo] = []
+    diseinfo: DiseInfoList = []
 
 
 class Input2204(msgspec.Struct, kw_only=True, tag=True):

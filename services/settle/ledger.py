@@ -21,9 +21,9 @@ from services.settle.state import AMOUNT_FIELDS, BatchState, Fee, Settlement, Vi
 
 _VISIT_COLS = ("mdtrt_id", "psn_no", "fixmedins_code", "med_type", "insutype", "scope", "insured_admdvs",
                "treating_admdvs", "ipt_otp_no", "begntime", "endtime", "dise_codg", "state", "created_msgid",
-               "chronic_disease")
+               "chronic_disease", "diseinfo")
 # What a visit's later transactions may change (2203, 2402, 2403, 2405, settlement, reversal, cancellation).
-_VISIT_MUTABLE = ("state", "endtime", "begntime", "dise_codg", "med_type", "chronic_disease")
+_VISIT_MUTABLE = ("state", "endtime", "begntime", "dise_codg", "med_type", "chronic_disease", "diseinfo")
 _FEE_COLS = ("mdtrt_id", "feedetl_sn", "med_list_codg", "medins_list_codg", "chrgitm_lv", "selfpay_prop",
              "pric_uplmt_fen", "fee_fen", "cnt", "pric_fen", "fee_ocur_time", "upload_msgid", "cancelled")
 _SETL_COLS = ("setl_id", "msgid", "kind", "orig_setl_id", "mdtrt_id", "psn_no", "fixmedins_code", "insutype",
@@ -96,7 +96,9 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
         f"SELECT {', '.join(_VISIT_COLS)} FROM visit WHERE mdtrt_id = ANY($1) ORDER BY mdtrt_id FOR UPDATE",
         mdtrt_ids,
     ):
-        st.visits[r["mdtrt_id"]] = Visit(**dict(r))
+        visit = dict(r)
+        visit["diseinfo"] = json.loads(visit["diseinfo"])
+        st.visits[r["mdtrt_id"]] = Visit(**visit)
     if infnos & _FEE_INFNOS:
         for r in await conn.fetch(f"SELECT {', '.join(_FEE_COLS)} FROM fee_item WHERE mdtrt_id = ANY($1)", mdtrt_ids):
             st.fees.setdefault(r["mdtrt_id"], {})[r["feedetl_sn"]] = Fee(**dict(r))
@@ -123,14 +125,14 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
     if st.new_visits:
         await conn.executemany(
             f"INSERT INTO visit ({', '.join(_VISIT_COLS)}) VALUES ({_params(len(_VISIT_COLS))})",
-            [tuple(getattr(st.visits[v], c) for c in _VISIT_COLS) for v in st.new_visits],
+            [tuple(_visit_value(st.visits[v], c) for c in _VISIT_COLS) for v in st.new_visits],
         )
     changed = st.changed_visits - set(st.new_visits)
     if changed:
         assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(_VISIT_MUTABLE, start=2))
         await conn.executemany(
             f"UPDATE visit SET {assignments} WHERE mdtrt_id = $1",
-            [(v, *(getattr(st.visits[v], c) for c in _VISIT_MUTABLE)) for v in sorted(changed)],
+            [(v, *(_visit_value(st.visits[v], c) for c in _VISIT_MUTABLE)) for v in sorted(changed)],
         )
     if st.new_fees:
         await conn.executemany(
@@ -174,6 +176,11 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
             " VALUES ($1, $2, $3, $4, $5)",
             [(msgid, *rest) for msgid, rest in st.responses.items()],
         )
+
+
+def _visit_value(visit: Visit, column: str) -> Any:
+    value = getattr(visit, column)
+    return json.dumps(value, ensure_ascii=False) if column == "diseinfo" else value
 
 
 def _params(n: int) -> str:

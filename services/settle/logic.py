@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from schemas.codes import (
     FUND_PAY_TYPES,
     FUND_TOTAL,
@@ -37,6 +39,7 @@ from schemas.codes import (
 )
 from schemas.errors import BrokerError
 from schemas.inpatient import (
+    DiseInfo,
     FeeDetail,
     FeeResult,
     Input2301,
@@ -207,6 +210,12 @@ def _changed(st: BatchState, visit: Visit) -> None:
     st.changed_visits.add(visit.mdtrt_id)
 
 
+def _set_diagnoses(visit: Visit, diseinfo: Sequence[DiseInfo]) -> None:
+    """A message's diagnosis list replaces the visit's; an empty (absent) list leaves it as it is."""
+    if diseinfo:
+        visit.diseinfo = msgspec.to_builtins(list(diseinfo))
+
+
 def _register(msg: RoutedRequest, body: Input2201, st: BatchState) -> Effect:
     d = body.data
     visit = _new_visit(msg, st, med_type=MED_TYPE_GENERAL_OUTPATIENT, ipt_otp_no=d.ipt_otp_no,
@@ -222,6 +231,7 @@ def _outpatient_info(msg: RoutedRequest, body: Input2203, st: BatchState) -> Eff
     visit.med_type, visit.dise_codg = info.med_type, info.dise_codg
     visit.chronic_disease = info.chronic_disease if info.med_type == MED_TYPE_CHRONIC_OUTPATIENT else None
     visit.begntime = _time("begntime", info.begntime)
+    _set_diagnoses(visit, body.diseinfo)
     _changed(st, visit)
     return Effect({})
 
@@ -232,6 +242,7 @@ def _admit(msg: RoutedRequest, body: Input2401, st: BatchState) -> Effect:
         raise BrokerError("MED_TYPE_UNSUPPORTED", f"admission (2401) needs med_type {MED_TYPE_INPATIENT}")
     visit = _new_visit(msg, st, med_type=MED_TYPE_INPATIENT, ipt_otp_no=info.ipt_otp_no,
                        begntime=_time("begntime", info.begntime), dise_codg=info.dise_codg)
+    _set_diagnoses(visit, body.diseinfo)
     return Effect(Output2401(result=VisitResult(mdtrt_id=visit.mdtrt_id, psn_no=info.psn_no,
                                                 ipt_otp_no=info.ipt_otp_no)))
 
@@ -242,6 +253,7 @@ def _discharge(msg: RoutedRequest, body: Input2402, st: BatchState) -> Effect:
     if endtime < visit.begntime:
         raise BrokerError("BODY_MALFORMED", "endtime: before the admission time")
     visit.endtime = endtime
+    _set_diagnoses(visit, body.diseinfo)
     _enter(msg, st, visit)
     return Effect({})
 
@@ -256,6 +268,7 @@ def _change_admission(msg: RoutedRequest, body: Input2403, st: BatchState) -> Ef
         visit.begntime = begntime
     if info.dise_codg is not None:
         visit.dise_codg = info.dise_codg
+    _set_diagnoses(visit, body.diseinfo)
     _changed(st, visit)
     return Effect({})
 

@@ -33,6 +33,9 @@ class Visit:
     state: VisitState
     created_msgid: str
     chronic_disease: str | None = None  # outpatient med_type 14
+    # The visit's diagnoses as last sent (2401/2402/2403/2203 `diseinfo`, national field names): 5202 and
+    # monitoring read them. A message with an empty list leaves them as they are.
+    diseinfo: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
