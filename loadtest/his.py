@@ -120,7 +120,10 @@ class Stay:
             "atddr_no": "D001", "chfpdr_name": "doctor", "adm_diag_dscr": "-", "dise_codg": "I10.x00",
             "dise_name": "-", "promise_filing_flag": "1" if self.promise_filing else "0",
             "emergency_flag": "1" if emergency else "0",
-        }, "diseinfo": []}, self.start)
+        }, "diseinfo": [{
+            "diag_type": "1", "diag_srt_no": 1, "diag_code": "I10.x00", "diag_name": "-", "maindiag_flag": "1",
+            "diag_dept": "D01", "dise_dor_no": "D001", "diag_time": wire_time(self.start),
+        }]}, self.start)
 
     def upload(self, lines: list[FeeLine], first_sn: int = 1) -> dict[str, Any]:
         self.fees.extend(lines)

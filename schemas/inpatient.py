@@ -12,6 +12,7 @@ from schemas.codes import InsuType, MedType
 from schemas.wire import Code, Flag, MdtrtCertType, Text, WireTime, check_amounts, check_fee_item, check_times
 
 PsnNo = Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{1,30}$")]
+Short = Annotated[str, Meta(max_length=30)]
 MdtrtId = Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{1,40}$")]
 Count = Annotated[Decimal, Meta()]
 
@@ -52,6 +53,11 @@ class AdmissionInfo(msgspec.Struct, kw_only=True):
     adm_diag_dscr: Text = ""
     dise_codg: Code
     dise_name: Text = ""
+    medrcdno: Short = ""
+    adm_dept_codg: Short = ""
+    adm_dept_name: Text = ""
+    adm_bed: Short = ""
+    main_cond_dscr: Annotated[str, Meta(max_length=1000)] = ""
     # Extensions of this broker (REFERENCE §3): promise-system filing and declared emergency rescue.
     promise_filing_flag: Flag = "0"
     emergency_flag: Flag = "0"
@@ -83,15 +89,43 @@ class Input2402(msgspec.Struct, kw_only=True, tag=True):
 
 
 class AdmissionChange(msgspec.Struct, kw_only=True):
+    """2403 `adminfo`: what the national interface lets a hospital change in a stay; an absent field is kept.
+
+    The stay's times, numbers, doctor, department, bed, diagnoses and disease. Not kept: the contact person
+    and telephone (`coner_name`, `tel` — personal data the broker has no use for) and the maternity fields
+    (maternity med_types are not settled here); they are accepted and dropped.
+    """
+
     mdtrt_id: MdtrtId
     psn_no: PsnNo
     begntime: WireTime | None = None
+    endtime: WireTime | None = None  # only for a discharged stay
+    med_type: MedType | None = None
+    ipt_otp_no: Code | None = None
     dise_codg: Code | None = None
     dise_name: Text | None = None
     adm_diag_dscr: Text | None = None
+    medrcdno: Short | None = None
+    atddr_no: Code | None = None
+    chfpdr_name: Text | None = None
+    adm_dept_codg: Short | None = None
+    adm_dept_name: Text | None = None
+    adm_bed: Short | None = None
+    dscg_maindiag_code: Short | None = None
+    dscg_maindiag_name: Text | None = None
+    main_cond_dscr: Annotated[str, Meta(max_length=1000)] | None = None
+    oprn_oprt_code: Short | None = None
+    oprn_oprt_name: Text | None = None
 
     def __post_init__(self) -> None:
-        check_times(self, "begntime")
+        check_times(self, "begntime", "endtime")
+
+
+# The stay's particulars kept in `visit.adm_info` (2401 sets those it carries, 2403 changes any of them).
+ADM_INFO_FIELDS = (
+    "atddr_no", "chfpdr_name", "adm_diag_dscr", "dise_name", "medrcdno", "adm_dept_codg", "adm_dept_name",
+    "adm_bed", "dscg_maindiag_code", "dscg_maindiag_name", "main_cond_dscr", "oprn_oprt_code", "oprn_oprt_name",
+)
 
 
 class Input2403(msgspec.Struct, kw_only=True, tag=True):

@@ -21,9 +21,11 @@ from services.settle.state import AMOUNT_FIELDS, BatchState, Fee, Settlement, Vi
 
 _VISIT_COLS = ("mdtrt_id", "psn_no", "fixmedins_code", "med_type", "insutype", "scope", "insured_admdvs",
                "treating_admdvs", "ipt_otp_no", "begntime", "endtime", "dise_codg", "state", "created_msgid",
-               "chronic_disease", "diseinfo")
+               "chronic_disease", "diseinfo", "adm_info")
 # What a visit's later transactions may change (2203, 2402, 2403, 2405, settlement, reversal, cancellation).
-_VISIT_MUTABLE = ("state", "endtime", "begntime", "dise_codg", "med_type", "chronic_disease", "diseinfo")
+_VISIT_MUTABLE = ("state", "endtime", "begntime", "dise_codg", "med_type", "chronic_disease", "diseinfo",
+                  "adm_info", "ipt_otp_no")
+_VISIT_JSON = ("diseinfo", "adm_info")
 _FEE_COLS = ("mdtrt_id", "feedetl_sn", "med_list_codg", "medins_list_codg", "chrgitm_lv", "selfpay_prop",
              "pric_uplmt_fen", "fee_fen", "cnt", "pric_fen", "fee_ocur_time", "upload_msgid", "cancelled")
 _SETL_COLS = ("setl_id", "msgid", "kind", "orig_setl_id", "mdtrt_id", "psn_no", "fixmedins_code", "insutype",
@@ -97,7 +99,8 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
         mdtrt_ids,
     ):
         visit = dict(r)
-        visit["diseinfo"] = json.loads(visit["diseinfo"])
+        for column in _VISIT_JSON:
+            visit[column] = json.loads(visit[column])
         st.visits[r["mdtrt_id"]] = Visit(**visit)
     if infnos & _FEE_INFNOS:
         for r in await conn.fetch(f"SELECT {', '.join(_FEE_COLS)} FROM fee_item WHERE mdtrt_id = ANY($1)", mdtrt_ids):
@@ -180,7 +183,7 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
 
 def _visit_value(visit: Visit, column: str) -> Any:
     value = getattr(visit, column)
-    return json.dumps(value, ensure_ascii=False) if column == "diseinfo" else value
+    return json.dumps(value, ensure_ascii=False) if column in _VISIT_JSON else value
 
 
 def _params(n: int) -> str:

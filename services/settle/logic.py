@@ -39,6 +39,9 @@ from schemas.codes import (
 )
 from schemas.errors import BrokerError
 from schemas.inpatient import (
+    ADM_INFO_FIELDS,
+    AdmissionChange,
+    AdmissionInfo,
     DiseInfo,
     FeeDetail,
     FeeResult,
@@ -242,6 +245,7 @@ def _admit(msg: RoutedRequest, body: Input2401, st: BatchState) -> Effect:
         raise BrokerError("MED_TYPE_UNSUPPORTED", f"admission (2401) needs med_type {MED_TYPE_INPATIENT}")
     visit = _new_visit(msg, st, med_type=MED_TYPE_INPATIENT, ipt_otp_no=info.ipt_otp_no,
                        begntime=_time("begntime", info.begntime), dise_codg=info.dise_codg)
+    _set_adm_info(visit, info)
     _set_diagnoses(visit, body.diseinfo)
     return Effect(Output2401(result=VisitResult(mdtrt_id=visit.mdtrt_id, psn_no=info.psn_no,
                                                 ipt_otp_no=info.ipt_otp_no)))
@@ -259,18 +263,35 @@ def _discharge(msg: RoutedRequest, body: Input2402, st: BatchState) -> Effect:
 
 
 def _change_admission(msg: RoutedRequest, body: Input2403, st: BatchState) -> Effect:
+    """2403: change what the national interface lets a hospital change in a stay; absent fields are kept."""
     info = body.adminfo
     visit = _visit(msg, st, info.mdtrt_id)
-    if info.begntime is not None:
-        begntime = _time("begntime", info.begntime)
-        if visit.endtime is not None and visit.endtime < begntime:
-            raise BrokerError("BODY_MALFORMED", "begntime: after the discharge time")
-        visit.begntime = begntime
+    if info.med_type is not None and info.med_type != MED_TYPE_INPATIENT:
+        raise BrokerError("MED_TYPE_UNSUPPORTED", f"a stay's med_type can only be {MED_TYPE_INPATIENT}")
+    begntime = _time("begntime", info.begntime) if info.begntime is not None else visit.begntime
+    endtime = visit.endtime
+    if info.endtime is not None:
+        if visit.state != "discharged":
+            raise BrokerError("VISIT_NOT_DISCHARGED", "endtime: the stay is not discharged; send the discharge (2402)")
+        endtime = _time("endtime", info.endtime)
+    if endtime is not None and endtime < begntime:
+        raise BrokerError("BODY_MALFORMED", "begntime: after the discharge time")
+    visit.begntime, visit.endtime = begntime, endtime
+    if info.ipt_otp_no is not None:
+        visit.ipt_otp_no = info.ipt_otp_no
     if info.dise_codg is not None:
         visit.dise_codg = info.dise_codg
+    _set_adm_info(visit, info)
     _set_diagnoses(visit, body.diseinfo)
     _changed(st, visit)
     return Effect({})
+
+
+def _set_adm_info(visit: Visit, info: AdmissionInfo | AdmissionChange) -> None:
+    """The stay's particulars (ADM_INFO_FIELDS) the message carries replace the visit's."""
+    changed = {f: v for f in ADM_INFO_FIELDS if (v := getattr(info, f, None))}
+    if changed:
+        visit.adm_info = {**visit.adm_info, **changed}
 
 
 def _cancel_discharge(msg: RoutedRequest, body: Input2405, st: BatchState) -> Effect:

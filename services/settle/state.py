@@ -36,6 +36,8 @@ class Visit:
     # The visit's diagnoses as last sent (2401/2402/2403/2203 `diseinfo`, national field names): 5202 and
     # monitoring read them. A message with an empty list leaves them as they are.
     diseinfo: list[dict[str, Any]] = field(default_factory=list)
+    # The stay's particulars (doctor, department, bed, descriptions: schemas.inpatient.ADM_INFO_FIELDS).
+    adm_info: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -4,3 +4,7 @@
 -- list (a later message with a list replaces it); xs_settle's UPDATE on visit already covers it.
 
 ALTER TABLE visit ADD COLUMN diseinfo jsonb NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(diseinfo) = 'array');
+
+-- The stay's particulars a hospital may change with 2403 (doctor, department, bed, descriptions,
+-- discharge main diagnosis, operation; schemas.inpatient.ADM_INFO_FIELDS), as sent.
+ALTER TABLE visit ADD COLUMN adm_info jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(adm_info) = 'object');
