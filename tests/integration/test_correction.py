@@ -298,7 +298,11 @@ async def test_racing_the_original(refdata: dict, gateway: GatewayClient, ledger
             visit = outpatient(i, DAY + timedelta(days=2, hours=n))
             await registered(gateway, visit, [FeeLine(ITEM_A, D(1), D("400.00")), FeeLine(ITEM_B10, D(1), D("90.00"))])
             settle = visit.settle()
-            settled, corrected = await asyncio.gather(gateway.call(settle), gateway.call(correction(settle, p)))
+            undo = correction(settle, p)
+            if n % 2:  # every other round the correction leaves first
+                corrected, settled = await asyncio.gather(gateway.call(undo), gateway.call(settle))
+            else:
+                settled, corrected = await asyncio.gather(gateway.call(settle), gateway.call(undo))
             if settled["infcode"] == 0:  # applied first, then undone by the correction's reversal
                 r = ok(corrected)["output"]["setlinfo"]
                 assert r["medfee_sumamt"] == -settled["output"]["setlinfo"]["medfee_sumamt"] == D("-490.00")
