@@ -11,7 +11,10 @@ from typing import Any
 
 import pytest
 
+from deploy import stack as stack_ctl
 from loadtest.his import FeeLine, GatewayClient, Hospital, OutpatientVisit, Purchase, Stay, next_msgid
+from services.common.config import Settings
+from services.common.tls import client_session
 from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, PERSONS, Ledger
 
 pytestmark = pytest.mark.integration
@@ -318,6 +321,54 @@ async def test_racing_the_original(refdata: dict, gateway: GatewayClient, ledger
     await asyncio.gather(*(race(i) for i in RACERS))
     assert len(outcomes) == len(RACERS) * ROUNDS
     for i in RACERS:
+        assert await books(ledger, person(i).psn_no) == ZERO_BOOKS
+
+
+CRASH_RACERS = range(16, 26)  # persons correct16..correct25
+CRASH_ROUNDS = 3
+
+
+async def test_racing_the_original_while_the_engine_is_killed(refdata: dict, services: Settings,
+                                                              ledger: Ledger) -> None:
+    """The race again, the settlement engine killed (-9) and restarted mid-stream; the hospitals resend the
+    same msgids until answered. Each original is applied at most once, and undone exactly when it was."""
+    pairs: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+    async with client_session(services) as session:
+        client = GatewayClient(services.gateway_url, session, retry_for_s=90)
+
+        async def race(i: int) -> None:
+            p = person(i)
+            for n in range(CRASH_ROUNDS):
+                visit = outpatient(i, DAY + timedelta(days=5, hours=n))
+                await registered(client, visit, [FeeLine(ITEM_A, D(1), D("300.00"))])
+                settle = visit.settle()
+                undo = correction(settle, p)
+                if n % 2:
+                    corrected, settled = await asyncio.gather(client.call(undo), client.call(settle))
+                else:
+                    settled, corrected = await asyncio.gather(client.call(settle), client.call(undo))
+                pairs.append((settle, undo, settled, corrected))
+
+        drive = asyncio.ensure_future(asyncio.gather(*(race(i) for i in CRASH_RACERS)))
+        await asyncio.sleep(0.4)
+        in_flight = not drive.done()
+        assert await asyncio.to_thread(stack_ctl.stop_service, "settle", True, services)
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(stack_ctl.start_service, "settle", services)
+        await asyncio.wait_for(drive, timeout=180)
+    assert in_flight or client.retries > 0, "the kill hit no request in flight: the test proved nothing"
+    assert len(pairs) == len(CRASH_RACERS) * CRASH_ROUNDS
+    for settle, undo, settled, corrected in pairs:
+        applied = await ledger.total("SELECT count(*) FROM settlement WHERE msgid = $1", settle["msgid"])
+        reversals = await ledger.total("SELECT count(*) FROM settlement WHERE msgid = $1", undo["msgid"])
+        if settled["infcode"] == 0:
+            ok(corrected)
+            assert (applied, reversals) == (1, 1)
+        else:
+            refused(settled, "ORIGINAL_CORRECTED")
+            refused(corrected, "ORIGINAL_UNKNOWN")
+            assert (applied, reversals) == (0, 0)
+    for i in CRASH_RACERS:
         assert await books(ledger, person(i).psn_no) == ZERO_BOOKS
 
 
