@@ -10,7 +10,9 @@ Visit state machine per mdtrt_id:
   pharmacy (41)       2102 creates the visit settled at once; 2103 reverses it (→ cancelled)
 
 Fees and cancellations only before settlement; pre-settlement (2206/2303/2101) computes
-without effect. The machine is data in the transaction registry (schemas/transactions.py: each
+without effect. A correction (2601, services/settle/correction.py) undoes an original by its msgid
+through the function of the transaction that undoes it by hand (2207 → `_reverse` as 2208, ...).
+The machine is data in the transaction registry (schemas/transactions.py: each
 infno's visit kind, allowed-from states and resulting state); `_visit` and `_enter` apply it.
 Each handler returns the response `output` or raises BrokerError; state changes are recorded
 on the BatchState for the ledger to write.
