@@ -83,6 +83,12 @@ class Hospital:
             "input": body,
         }
 
+    def correct(self, omsgid: str, oinfno: str, psn_no: str, *, insuplc: str, inf_time: datetime | None = None,
+                msgid: str | None = None) -> dict[str, Any]:
+        """2601 冲正: undo this institution's transaction `omsgid` (of infno `oinfno`, about `psn_no`)."""
+        return self.envelope("2601", {"data": {"psn_no": psn_no, "omsgid": omsgid, "oinfno": oinfno}},
+                             insuplc=insuplc, msgid=msgid, inf_time=inf_time)
+
 
 @dataclass
 class FeeLine:

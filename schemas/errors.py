@@ -106,6 +106,24 @@ ERRORS: dict[str, ErrorSpec] = {
                   "complete", "all", "resend with the same msgid: it returns the stored result"),
         ErrorSpec("INTERNAL", "an unexpected error inside the broker", "all",
                   "resend with the same msgid; report if it persists"),
+        # Corrections (2601 冲正, README "Corrections (2601)").
+        ErrorSpec("CORRECTION_NOT_SUPPORTED", "oinfno is not a transaction a correction can undo", "2601",
+                  "undo it with its own cancellation or reversal, if it has one"),
+        ErrorSpec("ORIGINAL_OTHER_INSTITUTION", "omsgid is not a msgid of the sending institution (its first 12 "
+                  "characters are not fixmedins_code)", "2601", "correct only your own transactions"),
+        ErrorSpec("ORIGINAL_UNKNOWN", "no transaction with that omsgid reached the settlement engine; it is now "
+                  "recorded as corrected, so it is refused (ORIGINAL_CORRECTED) if it arrives later", "2601",
+                  "nothing was charged: send the transaction again with a new msgid if it is still wanted"),
+        ErrorSpec("ORIGINAL_MISMATCH", "oinfno or psn_no differ from the original transaction's", "2601",
+                  "send the original's infno and psn_no"),
+        ErrorSpec("ORIGINAL_UNDONE", "the original was already undone by another transaction (a reversal, a "
+                  "cancellation)", "2601", "nothing to do"),
+        ErrorSpec("CORRECTION_NOT_ALLOWED", "the original can no longer be undone: its visit is settled (a fee "
+                  "upload, registration, admission or discharge of a settled visit)", "2601",
+                  "reverse the settlement first (2208/2305/2601), then correct"),
+        ErrorSpec("ORIGINAL_CORRECTED", "this msgid was corrected (2601) before it arrived: it is never applied",
+                  "2201, 2204, 2207, 2301, 2304, 2102, 2401, 2402", "nothing was charged: send it again with a new "
+                  "msgid if it is still wanted"),
         # Reconciliation and clearing (services/clearing).
         ErrorSpec("MONTH_CLOSED", "the clearing month is closed: nothing in it changes any more (late "
                   "reversals count as adjustments of the next open month)", "3204",

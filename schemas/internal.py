@@ -8,6 +8,7 @@ from typing import Literal
 import msgspec
 
 from schemas.codes import Scope
+from schemas.correction import Input2601
 from schemas.inpatient import (
     Input2301,
     Input2302,
@@ -27,7 +28,7 @@ from schemas.pharmacy import Input2101, Input2102, Input2103
 VisitBody = (
     Input2401 | Input2402 | Input2403 | Input2404 | Input2405 | Input2301 | Input2302 | Input2303 | Input2304
     | Input2305 | Input2201 | Input2202 | Input2203 | Input2204 | Input2205 | Input2206 | Input2207 | Input2208
-    | Input2101 | Input2102 | Input2103
+    | Input2101 | Input2102 | Input2103 | Input2601
 )
 
 

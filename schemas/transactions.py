@@ -27,6 +27,7 @@ from schemas.clearing import (
     Input3262,
 )
 from schemas.codes import VisitKind, VisitState
+from schemas.correction import Input2601
 from schemas.filing import Input2501, Input2502, Input2503, Input2504, Input5301
 from schemas.inpatient import (
     Input2301,
@@ -53,6 +54,10 @@ STAGES: Final[tuple[Stage, ...]] = ("gateway", "router", "engine", "clearing")
 #   money — the persons' accounts and accumulators; fees — the visits' fee items;
 #   settlements — the visits' earlier ledger rows (a reversal needs the row it reverses).
 Load = Literal["money", "fees", "settlements"]
+
+# How a correction (2601) undoes a transaction: reverse its settlement; cancel the visit it created;
+# cancel its discharge; withdraw (cancel) exactly the fee items it uploaded.
+Undo = Literal["reverse", "cancel_visit", "cancel_discharge", "withdraw_fees"]
 
 # The states a visit of each kind can be in.
 VISIT_KIND_STATES: Final[Mapping[VisitKind, tuple[VisitState, ...]]] = MappingProxyType({
@@ -98,6 +103,8 @@ _INSUTYPE = ("INSUTYPE_MISMATCH",)
 _PRICED = ("TOO_MANY_FEE_ITEMS", "CATALOG_ITEM_UNKNOWN", "FEE_ITEM_INCONSISTENT")
 _SETTLE = ("NO_FEES", "MEDFEE_MISMATCH")
 _REVERSE = ("SETTLEMENT_UNKNOWN", "SETTLEMENT_REVERSED")
+_CORRECTION = ("CORRECTION_NOT_SUPPORTED", "ORIGINAL_OTHER_INSTITUTION", "ORIGINAL_UNKNOWN", "ORIGINAL_MISMATCH",
+               "ORIGINAL_UNDONE", "CORRECTION_NOT_ALLOWED")
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,10 @@ class Transaction:
     needs_filing: bool = False  # non-local: refused without a filing in force (FILING_REQUIRED)
     priced_items: str | None = None  # the body's list of fee/drug items the router prices with the catalog
     one_visit_items: str | None = None  # the body's list of items that must all name one visit
+    # How a correction (2601) undoes it, and the transaction whose engine function (and visit rules) it
+    # applies to do so (2207 → 2208); None: a correction of it is refused (CORRECTION_NOT_SUPPORTED).
+    undo: Undo | None = None
+    undone_as: str | None = None
     error_codes: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +158,10 @@ class Transaction:
             codes.add("FILING_REQUIRED")
         if self.priced_items or self.one_visit_items:
             codes.add("FEE_ITEM_INCONSISTENT")
+        if (self.undo is None) != (self.undone_as is None):
+            raise ValueError(f"transaction registry: {self.infno} needs both undo and undone_as, or neither")
+        if self.undo is not None:
+            codes.add("ORIGINAL_CORRECTED")  # corrected before it arrived: never applied
         object.__setattr__(self, "error_codes", frozenset(codes))
 
 
@@ -171,20 +186,21 @@ _TRANSACTIONS: tuple[Transaction, ...] = (
                 priced_items="drugdetail"),
     Transaction("2102", "pharmacy settlement", Input2102, "engine", (*_PERSON, *_INSUTYPE, *_PRICED,
                 "FEE_ITEM_DUPLICATE", "MEDFEE_MISMATCH"), VisitEffect("pharmacy", (), "settled"),
-                frozenset({"money"}), "settle", needs_filing=True, priced_items="drugdetail"),
+                frozenset({"money"}), "settle", needs_filing=True, priced_items="drugdetail", undo="reverse",
+                undone_as="2103"),
     Transaction("2103", "pharmacy reversal", Input2103, "engine", (*_PERSON, *_REVERSE),
                 VisitEffect("pharmacy", VISIT_KIND_STATES["pharmacy"], "cancelled"),
                 frozenset({"money", "settlements"}), "reverse"),
     # Outpatient.
     Transaction("2201", "outpatient registration", Input2201, "engine", (*_PERSON, *_INSUTYPE),
-                _outpatient(to="registered")),
+                _outpatient(to="registered"), undo="cancel_visit", undone_as="2202"),
     Transaction("2202", "outpatient registration cancellation", Input2202, "engine", _PERSON,
                 _outpatient("registered", to="cancelled")),
     Transaction("2203", "outpatient visit info", Input2203, "engine", (*_PERSON, "CHRONIC_DISEASE_NOT_COVERED"),
                 _outpatient("registered")),
     Transaction("2204", "outpatient fee upload", Input2204, "engine", (*_PERSON, *_PRICED, "FEE_ITEM_DUPLICATE"),
                 _outpatient("registered"), frozenset({"fees"}), priced_items="feedetail",
-                one_visit_items="feedetail"),
+                one_visit_items="feedetail", undo="withdraw_fees", undone_as="2205"),
     Transaction("2205", "outpatient fee cancellation", Input2205, "engine", _PERSON, _outpatient("registered"),
                 frozenset({"fees"}), one_visit_items="data"),
     Transaction("2206", "outpatient pre-settlement", Input2206, "engine", (*_PERSON, *_INSUTYPE, *_SETTLE,
@@ -192,30 +208,36 @@ _TRANSACTIONS: tuple[Transaction, ...] = (
                 frozenset({"money", "fees"}), needs_filing=True),
     Transaction("2207", "outpatient settlement", Input2207, "engine", (*_PERSON, *_INSUTYPE, *_SETTLE,
                 "MED_TYPE_UNSUPPORTED", "CHRONIC_DISEASE_NOT_COVERED"), _outpatient("registered", to="settled"),
-                frozenset({"money", "fees"}), "settle", needs_filing=True),
+                frozenset({"money", "fees"}), "settle", needs_filing=True, undo="reverse", undone_as="2208"),
     Transaction("2208", "outpatient reversal", Input2208, "engine", (*_PERSON, *_REVERSE),
                 _outpatient(*_ALL_OUTPATIENT, to="registered"), frozenset({"money", "settlements"}), "reverse"),
     # Inpatient.
     Transaction("2301", "inpatient fee upload", Input2301, "engine", (*_PERSON, *_PRICED, "FEE_ITEM_DUPLICATE"),
                 _inpatient("admitted", "discharged"), frozenset({"fees"}), priced_items="feedetail",
-                one_visit_items="feedetail"),
+                one_visit_items="feedetail", undo="withdraw_fees", undone_as="2302"),
     Transaction("2302", "inpatient fee cancellation", Input2302, "engine", _PERSON,
                 _inpatient("admitted", "discharged"), frozenset({"fees"}), one_visit_items="data"),
     Transaction("2303", "inpatient pre-settlement", Input2303, "engine", (*_PERSON, *_INSUTYPE, *_SETTLE),
                 _inpatient("admitted", "discharged"), frozenset({"money", "fees"}), needs_filing=True),
     Transaction("2304", "inpatient settlement", Input2304, "engine", (*_PERSON, *_INSUTYPE, *_SETTLE),
-                _inpatient("discharged", to="settled"), frozenset({"money", "fees"}), "settle", needs_filing=True),
+                _inpatient("discharged", to="settled"), frozenset({"money", "fees"}), "settle", needs_filing=True,
+                undo="reverse", undone_as="2305"),
     Transaction("2305", "inpatient reversal", Input2305, "engine", (*_PERSON, *_REVERSE),
                 _inpatient(*_ALL_INPATIENT, to="discharged"), frozenset({"money", "settlements"}), "reverse"),
     Transaction("2401", "admission", Input2401, "engine", (*_PERSON, *_INSUTYPE, "MED_TYPE_UNSUPPORTED"),
-                _inpatient(to="admitted")),
-    Transaction("2402", "discharge", Input2402, "engine", _PERSON, _inpatient("admitted", to="discharged")),
+                _inpatient(to="admitted"), undo="cancel_visit", undone_as="2404"),
+    Transaction("2402", "discharge", Input2402, "engine", _PERSON, _inpatient("admitted", to="discharged"),
+                undo="cancel_discharge", undone_as="2405"),
     Transaction("2403", "admission change", Input2403, "engine", (*_PERSON, "MED_TYPE_UNSUPPORTED",
                 "VISIT_NOT_DISCHARGED"), _inpatient("admitted", "discharged")),
     Transaction("2404", "admission cancellation", Input2404, "engine", _PERSON,
                 _inpatient("admitted", "discharged", to="cancelled")),
     Transaction("2405", "discharge cancellation", Input2405, "engine", _PERSON,
                 _inpatient("discharged", to="admitted")),
+    # Correction (冲正) of a transaction by its msgid (services/settle/correction.py): it loads what any
+    # undoing may touch; it writes a reversal row only when the original is a settlement.
+    Transaction("2601", "correction (冲正): undo a transaction by its `omsgid` / `oinfno`", Input2601, "engine",
+                (*_PERSON, *_CORRECTION), loads=frozenset({"money", "fees", "settlements"})),
     # Filings and chronic-disease eligibility, answered by the router (written to PostgreSQL first).
     Transaction("2501", "create a cross-region filing", Input2501, "router", _PERSON),
     Transaction("2502", "revoke a cross-region filing", Input2502, "router", (*_PERSON, "FILING_UNKNOWN")),
@@ -244,6 +266,11 @@ BODY_TYPES: Final[Mapping[str, type]] = MappingProxyType({t.infno: t.body for t 
 
 def by_stage(stage: Stage) -> frozenset[str]:
     return frozenset(t.infno for t in _TRANSACTIONS if t.stage == stage)
+
+
+def correctable() -> frozenset[str]:
+    """The infnos a correction (2601) can undo."""
+    return frozenset(t.infno for t in _TRANSACTIONS if t.undo is not None)
 
 
 def infnos_loading(load: Load) -> frozenset[str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from schemas.codec import Request
 from schemas.codes import FILING_EMERGENCY, FILING_PREFERENCE, FILING_TEMPORARY, SCOPE_LOCAL
+from schemas.correction import Input2601
 from schemas.errors import BrokerError
 from schemas.filing import Input2501, Input2502, Input2503, Input2504, Input5301
 from schemas.inpatient import Input2401
@@ -122,6 +123,8 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
     if transaction is None or transaction.stage not in ("router", "engine") or psn_no is None:
         # Every other body the router or the engine answers carries psn_no.
         raise BrokerError("INFNO_UNSUPPORTED", f"infno {env.infno} is not routed to settlement")
+    if isinstance(req.body, Input2601):
+        check_correction(req.body, env.fixmedins_code)
     person = ref.person_in(psn_no, env.insuplc_admdvs)  # only the shard of the region named is asked
     if person is None:
         raise BrokerError("PERSON_UNKNOWN", "no insured person with that psn_no")
@@ -195,6 +198,15 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
         catalog=catalog,
     )
     return Routed(routed, new_filing)
+
+
+def check_correction(body: Input2601, fixmedins_code: str) -> None:
+    """A correction (2601) names a transaction a correction can undo, sent by the same institution."""
+    original = TRANSACTIONS.get(body.data.oinfno)
+    if original is None or original.undo is None:
+        raise BrokerError("CORRECTION_NOT_SUPPORTED", f"infno {body.data.oinfno} cannot be corrected by 2601")
+    if not body.data.omsgid.startswith(fixmedins_code):
+        raise BrokerError("ORIGINAL_OTHER_INSTITUTION", "omsgid is not a msgid of the sending institution")
 
 
 def _region(admdvs: str) -> Any:

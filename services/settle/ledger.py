@@ -14,10 +14,11 @@ from typing import Any
 
 import asyncpg
 
+from schemas.correction import Input2601
 from schemas.internal import RoutedRequest
-from schemas.transactions import infnos_loading
+from schemas.transactions import correctable, infnos_loading
 from services.policy.logic import accumulators_from_json, accumulators_to_json
-from services.settle.state import AMOUNT_FIELDS, BatchState, Fee, Settlement, Visit
+from services.settle.state import AMOUNT_FIELDS, BatchState, Correction, Fee, Original, Settlement, Visit
 
 _VISIT_COLS = ("mdtrt_id", "psn_no", "fixmedins_code", "med_type", "insutype", "scope", "insured_admdvs",
                "treating_admdvs", "ipt_otp_no", "begntime", "endtime", "dise_codg", "state", "created_msgid",
@@ -37,6 +38,8 @@ _SETL_COLS = ("setl_id", "msgid", "kind", "orig_setl_id", "mdtrt_id", "psn_no", 
 _MONEY_INFNOS = infnos_loading("money")
 _FEE_INFNOS = infnos_loading("fees")
 _REVERSAL_INFNOS = infnos_loading("settlements")
+_CORRECTABLE = correctable()
+_CORRECTION_COLS = ("omsgid", "msgid", "oinfno", "fixmedins_code", "undone", "output", "err_msg")
 _ACC_COUNTERS = ("basic_paid", "outpatient_dedc_used", "outpatient_paid", "critical_base", "critical_paid",
                  "supplementary_paid", "assistance_paid")
 
@@ -75,6 +78,7 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
         return st
     persons = sorted({m.person.psn_no for m in fresh})
     named_visits, named_settlements = _referenced(fresh)
+    named_visits |= await _load_corrections(conn, fresh, st)
     if named_settlements:  # a pharmacy reversal (2103) names only the settlement
         named_visits |= {r["mdtrt_id"] for r in await conn.fetch(
             "SELECT mdtrt_id FROM settlement WHERE setl_id = ANY($1)", list(named_settlements))}
@@ -115,6 +119,34 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
             settlement = _settlement(r)
             st.settlements[settlement.setl_id] = settlement
     return st
+
+
+async def _load_corrections(conn: asyncpg.Connection, fresh: list[RoutedRequest], st: BatchState) -> set[str]:
+    """For corrections (2601): the corrections already made of the batch's correctable msgids and of the
+    omsgids its corrections name, and what those originals were; returns the originals' visits (loaded
+    and locked with the batch's others)."""
+    omsgids = sorted({m.body.data.omsgid for m in fresh if isinstance(m.body, Input2601)})
+    asked = [m.msgid for m in fresh if m.infno in _CORRECTABLE] + omsgids
+    if not asked:
+        return set()
+    for r in await conn.fetch(f"SELECT {', '.join(_CORRECTION_COLS)} FROM correction WHERE omsgid = ANY($1)", asked):
+        d = dict(r)
+        d["output"] = None if d["output"] is None else bytes(d["output"])
+        st.corrections[r["omsgid"]] = Correction(**d)
+    if not omsgids:
+        return set()
+    for r in await conn.fetch("SELECT msgid, infno, fixmedins_code, infcode, mdtrt_id FROM processed_request"
+                              " WHERE msgid = ANY($1)", omsgids):
+        st.originals[r["msgid"]] = Original(**dict(r))
+    # The rows an original wrote name its visit; a discharge's only its processed_request row.
+    rows = await conn.fetch(
+        "SELECT mdtrt_id FROM processed_request WHERE msgid = ANY($1) AND mdtrt_id IS NOT NULL"
+        " UNION SELECT mdtrt_id FROM visit WHERE created_msgid = ANY($1)"
+        " UNION SELECT mdtrt_id FROM fee_item WHERE upload_msgid = ANY($1)"
+        " UNION SELECT mdtrt_id FROM settlement WHERE msgid = ANY($1)",
+        omsgids,
+    )
+    return {r["mdtrt_id"] for r in rows}
 
 
 def _settlement(r: asyncpg.Record) -> Settlement:
@@ -175,9 +207,14 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
         )
     if st.responses:
         await conn.executemany(
-            "INSERT INTO processed_request (msgid, infno, fixmedins_code, infcode, response)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            [(msgid, *rest) for msgid, rest in st.responses.items()],
+            "INSERT INTO processed_request (msgid, infno, fixmedins_code, infcode, response, mdtrt_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            [(msgid, *rest, st.request_visits.get(msgid)) for msgid, rest in st.responses.items()],
+        )
+    if st.new_corrections:
+        await conn.executemany(
+            f"INSERT INTO correction ({', '.join(_CORRECTION_COLS)}) VALUES ({_params(len(_CORRECTION_COLS))})",
+            [tuple(getattr(st.corrections[o], c) for c in _CORRECTION_COLS) for o in st.new_corrections],
         )
 
 

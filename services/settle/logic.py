@@ -10,7 +10,9 @@ Visit state machine per mdtrt_id:
   pharmacy (41)       2102 creates the visit settled at once; 2103 reverses it (→ cancelled)
 
 Fees and cancellations only before settlement; pre-settlement (2206/2303/2101) computes
-without effect. The machine is data in the transaction registry (schemas/transactions.py: each
+without effect. A correction (2601, services/settle/correction.py) undoes an original by its msgid
+through the function of the transaction that undoes it by hand (2207 → `_reverse` as 2208, ...).
+The machine is data in the transaction registry (schemas/transactions.py: each
 infno's visit kind, allowed-from states and resulting state); `_visit` and `_enter` apply it.
 Each handler returns the response `output` or raises BrokerError; state changes are recorded
 on the BatchState for the ledger to write.
@@ -24,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+import msgspec.structs
 
 from schemas.codes import (
     FUND_PAY_TYPES,
@@ -37,6 +40,7 @@ from schemas.codes import (
     SCOPE_LOCAL,
     VISIT_KIND_MED_TYPES,
 )
+from schemas.correction import Input2601
 from schemas.errors import BrokerError
 from schemas.inpatient import (
     ADM_INFO_FIELDS,
@@ -60,11 +64,13 @@ from schemas.inpatient import (
     OutputSettlement,
     SetlDetail,
     SetlInfo,
+    VisitRef,
     VisitResult,
 )
 from schemas.internal import CatalogCtx, RoutedRequest
 from schemas.money import to_fen, to_yuan
 from schemas.outpatient import (
+    FeeBatchCancel,
     Input2201,
     Input2202,
     Input2203,
@@ -91,6 +97,7 @@ from services.policy.logic import (
     revert_delta,
 )
 from services.policy.policies import PolicyBook
+from services.settle import correction
 from services.settle.state import AMOUNT_FIELDS, BatchState, Fee, Settlement, Visit
 
 # Policy refusals the hospital can act on; anything else from the policy engine is a bug (INTERNAL).
@@ -107,6 +114,7 @@ class Effect:
 
 def handle(msg: RoutedRequest, st: BatchState, policies: PolicyBook) -> Effect:
     body = msg.body
+    correction.check_original(msg, st)
     match body:
         case Input2201():
             return _register(msg, body, st)
@@ -138,6 +146,8 @@ def handle(msg: RoutedRequest, st: BatchState, policies: PolicyBook) -> Effect:
             return _pharmacy(msg, body, st, policies, effective=isinstance(body, Input2102))
         case Input2103():
             return _reverse_pharmacy(msg, body, st)
+        case Input2601():
+            return _correct(msg, body, st)
     raise BrokerError("INFNO_UNSUPPORTED", f"infno {msg.infno} is not handled by the settlement engine")
 
 
@@ -179,6 +189,7 @@ def _visit(msg: RoutedRequest, st: BatchState, mdtrt_id: str) -> Visit:
     if visit.state not in effect.from_states:
         code, text = STATE_REFUSALS[visit.state]
         raise BrokerError(code, f"{TRANSACTIONS[msg.infno].title}: {text}")
+    st.request_visits[msg.msgid] = mdtrt_id  # what a correction (2601) of this request undoes
     return visit
 
 
@@ -206,6 +217,7 @@ def _new_visit(msg: RoutedRequest, st: BatchState, *, med_type: str, ipt_otp_no:
     st.visits[mdtrt_id] = visit
     st.fees.setdefault(mdtrt_id, {})
     st.new_visits.append(mdtrt_id)
+    st.request_visits[msg.msgid] = mdtrt_id
     return visit
 
 
@@ -513,6 +525,35 @@ def _reverse(msg: RoutedRequest, st: BatchState, setl_id: str, visit: Visit) -> 
     _enter(msg, st, visit)
     st.add_settlement(row)
     return Effect(settlement_output(row), row)
+
+
+# --- correction (2601) ---------------------------------------------------------------------------
+
+
+def _correct(msg: RoutedRequest, body: Input2601, st: BatchState) -> Effect:
+    """Undo the original by the function of the transaction that undoes it by hand (services/settle/correction.py)."""
+    ref = body.data
+    step = correction.plan(msg, ref, st)
+    if isinstance(step, correction.Answered):
+        return Effect(step.output)
+    as_undoing = msgspec.structs.replace(msg, infno=step.undone_as)  # its visit rules and resulting state
+    mdtrt_id = step.visit.mdtrt_id
+    output: Any
+    if step.undo == "reverse":
+        effect = _reverse(as_undoing, st, step.setl_id, _visit(as_undoing, st, mdtrt_id))
+        output = effect.output
+    elif step.undo == "cancel_visit":
+        effect = _cancel_visit(as_undoing, st, mdtrt_id)
+        output = correction.answer_of(step, ref)
+    elif step.undo == "cancel_discharge":
+        effect = _cancel_discharge(as_undoing, Input2405(data=VisitRef(mdtrt_id=mdtrt_id, psn_no=ref.psn_no)), st)
+        output = correction.answer_of(step, ref)
+    else:
+        refs = [FeeBatchCancel(mdtrt_id=mdtrt_id, psn_no=ref.psn_no, feedetl_sn=sn) for sn in step.feedetl_sns]
+        effect = _cancel_fees(as_undoing, refs, st)
+        output = correction.answer_of(step, ref, fees_cancelled=len(step.feedetl_sns))
+    correction.record(st, msg, ref, step.undo, output=output)
+    return Effect(output, effect.settlement)
 
 
 # --- output ------------------------------------------------------------------------------------

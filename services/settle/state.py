@@ -92,6 +92,30 @@ AMOUNT_FIELDS = (
 
 
 @dataclass
+class Original:
+    """What the engine answered a request a correction (2601) names (its processed_request row)."""
+
+    msgid: str
+    infno: str
+    fixmedins_code: str
+    infcode: int  # 0 accepted, -1 refused (it changed nothing)
+    mdtrt_id: str | None  # the visit it acted on or created
+
+
+@dataclass
+class Correction:
+    """A corrected msgid and the first correction's answer (table `correction`, shard 0005)."""
+
+    omsgid: str
+    msgid: str
+    oinfno: str
+    fixmedins_code: str
+    undone: str  # reverse | cancel_visit | cancel_discharge | withdraw_fees | none | unknown
+    output: bytes | None  # the answer's output (JSON) ...
+    err_msg: str | None  # ... or its refusal
+
+
+@dataclass
 class BatchState:
     processed: dict[str, bytes] = field(default_factory=dict)  # msgid → stored response (earlier batches)
     # Ledger rows of already-processed msgids: their events are published again on replay, because a
@@ -112,6 +136,13 @@ class BatchState:
     changed_accumulators: set[tuple[str, int]] = field(default_factory=set)
     changed_accounts: set[str] = field(default_factory=set)
     responses: dict[str, tuple[str, str, int, bytes]] = field(default_factory=dict)  # msgid → (infno, hosp, code, body)
+    # Corrections (2601): the originals the batch's corrections name (earlier batches), the corrections of
+    # the batch's msgids and omsgids (earlier batches and this one), those this batch adds, and the visit
+    # each of this batch's requests acted on (processed_request.mdtrt_id).
+    originals: dict[str, Original] = field(default_factory=dict)
+    corrections: dict[str, Correction] = field(default_factory=dict)  # omsgid → correction
+    new_corrections: list[str] = field(default_factory=list)
+    request_visits: dict[str, str] = field(default_factory=dict)  # msgid → mdtrt_id
 
     def add_settlement(self, row: Settlement) -> None:
         self.settlements[row.setl_id] = row

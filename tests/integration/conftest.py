@@ -46,6 +46,10 @@ HOSPITALS = {
     "trust_rate": Hospital("H15040099908", "赤峰测试限流医院", "150400"),
     # The visit-records tests' own (diagnoses and 2403).
     "records": Hospital("H15040099923", "赤峰测试病案医院", "150400"),
+    # The corrections' (test_correction.py): one hospital and one pharmacy that correct, another hospital.
+    "correct": Hospital("H15040099910", "赤峰测试冲正医院", "150400"),
+    "correct_other": Hospital("H15040099911", "赤峰测试冲正乙医院", "150400"),
+    "correct_pharmacy": Hospital("P15040099910", "赤峰测试冲正药房", "150400"),
     # One hospital and one pharmacy in each seed region, for a whole hospital day per region.
     **{f"seed_{code}": Hospital(f"H{code}99902", f"{code}测试医院", code) for code in SEED_REGIONS},
     **{f"seed_{code}_pharmacy": Hospital(f"P{code}99902", f"{code}测试药房", code) for code in SEED_REGIONS},
@@ -97,6 +101,9 @@ PERSONS: dict[str, PersonSpec] = {
     # The visit-records tests' (test_visit_records.py): local residents of 赤峰.
     **{f"records{i}": PersonSpec(TestPerson(psn(520 + i), "150400", "390"), "1501", None, "0.00", None)
        for i in range(4)},
+    # The corrections' (test_correction.py): local employees of 赤峰 with account balances, racers apart.
+    **{f"correct{i}": PersonSpec(TestPerson(psn(400 + i), "150400", "310"), "1101", None, "3000.00", None)
+       for i in range(30)},
     # Outpatient, chronic, pharmacy, filings, 1101.
     "op_employee": PersonSpec(TestPerson(psn(7), "150400", "310"), "1101", None, "3000.00", None),
     "chronic_dm": PersonSpec(TestPerson(psn(8), "150400", "390"), "1501", None, "0.00", None, ("DM",)),

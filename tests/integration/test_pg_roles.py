@@ -76,6 +76,7 @@ SHARD_GRANTS: dict[str, dict[str, set[str]]] = {
     SETTLE: {
         **_each(("visit", "fee_item", "accumulator", "account", "ledger_daily"), {SEL, INS, UPD}),
         **_each(("settlement", "settlement_key", "processed_request"), {SEL, INS}),
+        "correction": {SEL, INS},  # 2601 (shard 0005)
     },
     **_each((CLEARING, MONITOR, DASHBOARD), {"settlement": {SEL}, "ledger_daily": {SEL}}),
 }

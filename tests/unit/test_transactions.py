@@ -97,6 +97,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "3260": {"data": MONTH},
     "3261": {"data": {**MONTH, "totalrow": 0}},
     "3262": {"data": {**MONTH, "otransid": "X1"}},
+    "2601": {"data": {"psn_no": "P1", "omsgid": f"{HOSPITAL}202605010700000001", "oinfno": "2207"}},
 }
 STAGE_DECISIONS = {"router": (Answer, PersonQuery, RefdataChange, Session), "engine": (Routed,),
                    "clearing": (ForwardClearing,)}
@@ -105,6 +106,8 @@ STAGE_DECISIONS = {"router": (Answer, PersonQuery, RefdataChange, Session), "eng
 def envelope(infno: str, body: dict[str, Any], sender: str | None = None) -> bytes:
     """From the kind of institution that sends `infno` (a pharmacy for purchases), unless `sender` says."""
     code = sender or (HOSPITAL if may_send(infno, HOSPITAL) else PHARMACY)
+    if infno == "2601":  # a correction names a msgid of its own institution
+        body = {"data": {**body["data"], "omsgid": code + body["data"]["omsgid"][len(code):]}}
     return encode({
         "infno": infno, "msgid": f"{code}202605010800000001", "mdtrtarea_admvs": "150400",
         "insuplc_admdvs": "150400", "recer_sys_code": "FSI", "infver": "V1.0", "opter_type": "1", "opter": "1",
