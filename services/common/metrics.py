@@ -66,7 +66,7 @@ END_TO_END_SECONDS = Histogram(
 SETTLEMENTS = Counter(
     "xs_settlements_total",
     "Ledger rows committed: kind=settle (directly settled person-times) or kind=reverse, by scope, "
-    "visit type and insured/treating province",
+    "visit type and insured/treating province (mid-stay parts are not counted: a stay counts once)",
     ["kind", "scope", "visit_type", "insured_prov", "treating_prov"],
 )
 FUND_PAID = Counter(
