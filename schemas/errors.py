@@ -77,6 +77,14 @@ ERRORS: dict[str, ErrorSpec] = {
         ErrorSpec("CHRONIC_DISEASE_NOT_COVERED", "the person has no eligibility (慢特病备案) for that chronic disease, "
                   "or the insured region's policy does not cover it", "2203, 2206, 2207",
                   "register the eligibility (2503) or settle as general outpatient (11)"),
+        # Mid-stay settlement (README "Mid-stay settlement").
+        ErrorSpec("MID_SETTLEMENT_NOT_LATEST", "only the latest settlement of a stay not yet reversed may be "
+                  "reversed (a later mid-stay part continued from it)", "2305",
+                  "reverse the later parts first, newest first"),
+        ErrorSpec("FEE_ITEM_SETTLED", "the fee item was settled by a mid-stay part and cannot be cancelled",
+                  "2302", "reverse that part first (2305), or leave the item"),
+        ErrorSpec("VISIT_PART_SETTLED", "the stay has mid-stay parts settled: it cannot be cancelled", "2404",
+                  "reverse the parts first (2305, newest first)"),
         # Trust (README "Security"): who sent it, when, and whether it was seen before.
         ErrorSpec("SIGNATURE_MISSING", "no signature: `cainfo` is empty or `signtype` is not SM3", "all",
                   "sign the envelope with your institution key (HMAC-SM3, README Security)"),

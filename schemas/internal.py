@@ -113,3 +113,7 @@ class SettlementEvent(msgspec.Struct, kw_only=True):
     fund_pay_sumamt: int
     acct_pay: int
     psn_cash_pay: int
+    # Mid-stay settlement and policy versions (issue 12): the policy version the row used, and whether it
+    # is a mid-stay part (not a person-time of its own: the stay counts once, with its discharge settlement).
+    policy_version: str = ""
+    mid_setl: bool = False

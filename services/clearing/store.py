@@ -717,7 +717,7 @@ async def rates_recomputed(conn: asyncpg.Connection, shards: ShardPools, begin: 
     direct: dict[RateKey, int] = {}
     for r in await shards.fetch(
         "SELECT s.insured_admdvs, s.treating_admdvs, s.scope, s.med_type, count(DISTINCT s.mdtrt_id) AS n"
-        " FROM settlement s WHERE s.kind = 'settle' AND s.scope <> 'local' AND s.setl_time >= $1"
+        " FROM settlement s WHERE s.kind = 'settle' AND NOT s.mid_setl AND s.scope <> 'local' AND s.setl_time >= $1"
         " AND s.setl_time < $2 AND NOT EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
         " GROUP BY 1, 2, 3, 4", start, stop,
     ):

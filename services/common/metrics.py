@@ -66,7 +66,7 @@ END_TO_END_SECONDS = Histogram(
 SETTLEMENTS = Counter(
     "xs_settlements_total",
     "Ledger rows committed: kind=settle (directly settled person-times) or kind=reverse, by scope, "
-    "visit type and insured/treating province",
+    "visit type and insured/treating province (mid-stay parts are not counted: a stay counts once)",
     ["kind", "scope", "visit_type", "insured_prov", "treating_prov"],
 )
 FUND_PAID = Counter(
@@ -127,14 +127,17 @@ def _outcome(outcome: str) -> str:
 
 
 def record_ledger_row(
-    kind: str, scope: str, med_type: str, insured_prov: str, treating_prov: str, funds: Mapping[str, int]
+    kind: str, scope: str, med_type: str, insured_prov: str, treating_prov: str, funds: Mapping[str, int],
+    *, person_time: bool = True,
 ) -> None:
     """One committed settlement (kind=settle) or reversal (kind=reverse); funds in fen, reversals negative;
-    provinces as XX0000 codes."""
+    provinces as XX0000 codes. A mid-stay part (and its reversal) is not a person-time of its own
+    (`person_time` False): its money counts, the stay counts once, with its discharge settlement."""
     kind = kind if kind in ("settle", "reverse") else "other"
     ins, trt = _prov(insured_prov), _prov(treating_prov)
     labels = (_scope(scope), visit_type_of(med_type), ins, trt)
-    SETTLEMENTS.labels(kind, *labels).inc()
+    if person_time:
+        SETTLEMENTS.labels(kind, *labels).inc()
     if kind == "settle":
         SETTLEMENTS.labels("reverse", *labels)  # exists at 0, so settle − reverse is defined at once
     for fund, fen in funds.items():

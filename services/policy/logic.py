@@ -184,6 +184,8 @@ class SettlementInput:
     use_account: bool
     account_balance_fen: int
     items: Sequence[FeeItem]
+    # Inpatient deductible already taken by earlier mid-stay parts of this stay (applies once per stay).
+    inpatient_deductible_taken_fen: int = 0
 
 
 @dataclass(frozen=True)
@@ -313,6 +315,9 @@ def _validate_input(policy: Policy, inp: SettlementInput, acc: Accumulators) -> 
             "ASSISTANCE_CATEGORY_UNKNOWN",
             f"assistance category {inp.assistance!r} not in {sorted(policy.assistance_ratio)}",
         )
+    if not _is_int(inp.inpatient_deductible_taken_fen) or inp.inpatient_deductible_taken_fen < 0:
+        raise PolicyError("DEDUCTIBLE_TAKEN_INVALID",
+                          f"inpatient_deductible_taken_fen must be an int >= 0: {inp.inpatient_deductible_taken_fen!r}")
     if not _is_int(inp.account_balance_fen) or inp.account_balance_fen < 0:
         raise PolicyError(
             "ACCOUNT_BALANCE_INVALID", f"account_balance_fen must be an int >= 0: {inp.account_balance_fen!r}"
@@ -335,7 +340,9 @@ def compute_split(policy: Policy, inp: SettlementInput, acc: Accumulators) -> Fu
     chronic_delta: dict[str, int] = {}
     basic_delta = outpatient_dedc_delta = outpatient_paid_delta = 0
     if inp.med_type == MED_TYPE_INPATIENT:
-        dedc = min(inscp, policy.inpatient_deductible_fen[ins][inp.hosp_lv - 1])
+        # once per stay: a later mid-stay part pays what the earlier parts left of it (normally nothing)
+        dedc = min(inscp, _left(policy.inpatient_deductible_fen[ins][inp.hosp_lv - 1],
+                                inp.inpatient_deductible_taken_fen))
         ratio = max(_ZERO, _inpatient_ratio(policy, inp) - cut)
         raw = mul_ratio(inscp - dedc, ratio)
         hifp = min(raw, _left(policy.basic_annual_cap_fen[ins], acc.basic_paid))

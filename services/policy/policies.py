@@ -1,5 +1,12 @@
 """Insured-region policies: load ``policies.toml``, deep-merge each region over ``[DEFAULT]``, validate.
 
+Policy versions (REFERENCE §10): a table (``[DEFAULT]`` or a region's) may hold sub-tables named by an
+effective-from date, e.g. ``["150400"."2027-01-01"]``. A version is deep-merged over the version before
+it (the table's own keys are the version in force since forever), and a region's policy on a date is its
+chain up to that date deep-merged over ``[DEFAULT]``'s chain up to that date. Its label is
+``REGION@DATE``, the latest effective date that contributed (``REGION@base`` before any), so a ledger
+row records exactly which parameters it used. A file without dated sub-tables loads as before.
+
 Money in the TOML is yuan; inside a :class:`Policy` it is integer fen.  Ratios are :class:`Decimal`
 (the TOML is parsed with ``parse_float=Decimal``, so no value ever passes through a float).
 
@@ -10,10 +17,12 @@ settlement later.  The only I/O in this module is reading the TOML file.
 
 from __future__ import annotations
 
+import bisect
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
@@ -30,7 +39,10 @@ HOSP_LEVELS = 3
 RATIO_DECIMAL_PLACES_MAX = 4  # pool_prop_selfpay is reported with 4 places: a ratio must fit exactly
 MONEY_YUAN_MAX = Decimal(10) ** 9  # sanity bound on any amount in the policy file (one billion yuan)
 
+BASE_VERSION = "base"  # the label of the version in force since forever (the table's own keys)
+
 _ADMDVS_RE = re.compile(r"^[0-9]{6}$")
+_VERSION_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 _RATIO_QUANTUM = Decimal(1).scaleb(-RATIO_DECIMAL_PLACES_MAX)
 
 
@@ -73,6 +85,9 @@ class Policy:
     assistance_ratio: Mapping[str, Decimal]  # assistance category -> ratio
     assistance_annual_cap_fen: int
     ratio_cut: Mapping[str, Decimal]  # filing type -> ratio cut for non-local care
+    # "150400@2027-01-01": the table and the latest effective date that contributed (not compared:
+    # two versions with equal parameters are equal policies).
+    version: str = field(default="", compare=False)
 
 
 # --- schema -----------------------------------------------------------------------------------
@@ -250,8 +265,9 @@ def _frozen(mapping: Mapping[str, _V]) -> Mapping[str, _V]:
     return MappingProxyType(dict(mapping))
 
 
-def _build_policy(region: str, table: Mapping[str, Any]) -> Policy:
-    r = _Reader(region, table)
+def _build_policy(region: str, table: Mapping[str, Any], version: str = BASE_VERSION) -> Policy:
+    label = f"{region}@{version}"
+    r = _Reader(region if version == BASE_VERSION else label, table)
     ratio_cut = r.ratio_map("cross_region.ratio_cut")
     for filing in FILING_TYPES:
         if filing not in ratio_cut:
@@ -280,15 +296,51 @@ def _build_policy(region: str, table: Mapping[str, Any]) -> Policy:
         assistance_ratio=_frozen(r.ratio_map("assistance.ratio")),
         assistance_annual_cap_fen=r.money("assistance.annual_cap"),
         ratio_cut=_frozen(ratio_cut),
+        version=label,
     )
 
 
-class PolicyBook:
-    """All regions' policies, merged and validated once."""
+def _split_versions(region: str, table: Mapping[str, Any]) -> tuple[dict[str, Any], dict[date, dict[str, Any]]]:
+    """A table's own keys (the base version) and its dated sub-tables, each shape-checked."""
+    base: dict[str, Any] = {}
+    versions: dict[date, dict[str, Any]] = {}
+    for key, value in table.items():
+        if not _VERSION_RE.match(key):
+            base[key] = value
+            continue
+        where = f"{region}@{key}"
+        try:
+            effective = date.fromisoformat(key)
+        except ValueError:
+            raise PolicyConfigError(where, "", "not a valid effective-from date (YYYY-MM-DD)") from None
+        if not isinstance(value, dict):
+            raise PolicyConfigError(where, "", "must be a table")
+        if not value:
+            raise PolicyConfigError(where, "", "a version must change at least one key")
+        _check_shape(where, value, _SCHEMA, "")
+        versions[effective] = value
+    _check_shape(region, base, _SCHEMA, "")
+    return base, versions
 
-    def __init__(self, default: Policy, regions: Mapping[str, Policy]) -> None:
+
+def _chain(base: Mapping[str, Any], versions: Mapping[date, Mapping[str, Any]], on: date) -> dict[str, Any]:
+    """The table in force on ``on``: each version up to that date merged over the one before it."""
+    merged = dict(base)
+    for effective in sorted(versions):
+        if effective <= on:
+            merged = deep_merge(merged, versions[effective])
+    return merged
+
+
+class PolicyBook:
+    """All regions' policies in every version, merged and validated once."""
+
+    def __init__(self, default: Policy, regions: Mapping[str, Policy],
+                 versions: Mapping[str, tuple[tuple[date, Policy], ...]] | None = None) -> None:
         self._default = default
         self._regions = dict(regions)
+        # table -> its later versions (date ascending; the base version is `default` / `regions`)
+        self._versions = dict(versions or {})
 
     @classmethod
     def load(cls, path: Path | None = None) -> PolicyBook:
@@ -308,20 +360,33 @@ class PolicyBook:
         """Build from already-parsed tables (yuan amounts as int/Decimal, as ``tomllib`` with Decimal floats)."""
         if DEFAULT_TABLE not in raw:
             raise PolicyConfigError(DEFAULT_TABLE, "", "missing [DEFAULT] table")
+        split: dict[str, tuple[dict[str, Any], dict[date, dict[str, Any]]]] = {}
         for region, table in raw.items():
             if region != DEFAULT_TABLE and not _ADMDVS_RE.match(region):
                 raise PolicyConfigError(region, "", "table name must be DEFAULT or a 6-digit admdvs code")
             if not isinstance(table, dict):
                 raise PolicyConfigError(region, "", "must be a table")
-            _check_shape(region, table, _SCHEMA, "")
-        base = raw[DEFAULT_TABLE]
-        default = _build_policy(DEFAULT_TABLE, base)
-        regions = {
-            region: _build_policy(region, deep_merge(base, table))
-            for region, table in raw.items()
-            if region != DEFAULT_TABLE
+            split[region] = _split_versions(region, table)
+        default_base, default_versions = split[DEFAULT_TABLE]
+        default = _build_policy(DEFAULT_TABLE, default_base)
+        versions: dict[str, tuple[tuple[date, Policy], ...]] = {
+            DEFAULT_TABLE: tuple((d, _build_policy(DEFAULT_TABLE, _chain(default_base, default_versions, d),
+                                                   d.isoformat()))
+                                 for d in sorted(default_versions)),
         }
-        return cls(default, regions)
+        regions: dict[str, Policy] = {}
+        for region, (base, own) in split.items():
+            if region == DEFAULT_TABLE:
+                continue
+            regions[region] = _build_policy(region, deep_merge(default_base, base))
+            # every date on which the region's own chain or [DEFAULT]'s changes starts a version
+            dates = sorted(set(own) | set(default_versions))
+            versions[region] = tuple(
+                (d, _build_policy(region, deep_merge(_chain(default_base, default_versions, d),
+                                                     _chain(base, own, d)), d.isoformat()))
+                for d in dates
+            )
+        return cls(default, regions, versions)
 
     @property
     def default(self) -> Policy:
@@ -332,9 +397,27 @@ class PolicyBook:
         """The admdvs codes that have their own table."""
         return tuple(sorted(self._regions))
 
-    def for_region(self, insured_admdvs: str, pool_admdvs: str) -> Policy:
-        """The exact admdvs table, else the pooling region's table, else ``[DEFAULT]``."""
-        policy = self._regions.get(insured_admdvs)
-        if policy is None:
-            policy = self._regions.get(pool_admdvs, self._default)
-        return policy
+    def versions(self, table: str) -> tuple[Policy, ...]:
+        """Every version of a table (``DEFAULT`` or an admdvs code with its own table), oldest first."""
+        base = self._default if table == DEFAULT_TABLE else self._regions[table]
+        return (base, *(p for _, p in self._versions.get(table, ())))
+
+    def effective_dates(self, table: str) -> tuple[date | None, ...]:
+        """The effective-from date of each of ``versions(table)`` (None: in force since forever)."""
+        return (None, *(d for d, _ in self._versions.get(table, ())))
+
+    def for_region(self, insured_admdvs: str, pool_admdvs: str, on: date | None = None) -> Policy:
+        """The exact admdvs table, else the pooling region's table, else ``[DEFAULT]``; in the version in
+        force on ``on`` (the settlement date). Without ``on``: the version in force since forever."""
+        if insured_admdvs in self._regions:
+            table = insured_admdvs
+        elif pool_admdvs in self._regions:
+            table = pool_admdvs
+        else:
+            table = DEFAULT_TABLE
+        base = self._default if table == DEFAULT_TABLE else self._regions[table]
+        later = self._versions.get(table, ())
+        if on is None or not later:
+            return base
+        i = bisect.bisect_right([d for d, _ in later], on)
+        return later[i - 1][1] if i else base

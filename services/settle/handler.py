@@ -163,10 +163,11 @@ def _event(row: Settlement) -> SettlementEvent:
         setl_time=row.setl_time.strftime("%Y-%m-%d %H:%M:%S"), medfee_sumamt=a["medfee_sumamt"],
         hifp_pay=a["hifp_pay"], hifmi_pay=a["hifmi_pay"], hifob_pay=a["hifob_pay"], maf_pay=a["maf_pay"],
         fund_pay_sumamt=a["fund_pay_sumamt"], acct_pay=a["acct_pay"], psn_cash_pay=a["psn_cash_pay"],
+        policy_version=row.policy_version, mid_setl=row.mid_setl,
     )
 
 
 def _count(row: Settlement) -> None:
     funds: dict[str, int] = {fund: row.amounts[fund] for fund in FUNDS}
     record_ledger_row(row.kind, row.scope, row.med_type, province_of(row.insured_admdvs),
-                      province_of(row.treating_admdvs), funds)
+                      province_of(row.treating_admdvs), funds, person_time=not row.mid_setl)

@@ -28,11 +28,12 @@ _VISIT_MUTABLE = ("state", "endtime", "begntime", "dise_codg", "med_type", "chro
                   "adm_info", "ipt_otp_no")
 _VISIT_JSON = ("diseinfo", "adm_info")
 _FEE_COLS = ("mdtrt_id", "feedetl_sn", "med_list_codg", "medins_list_codg", "chrgitm_lv", "selfpay_prop",
-             "pric_uplmt_fen", "fee_fen", "cnt", "pric_fen", "fee_ocur_time", "upload_msgid", "cancelled")
+             "pric_uplmt_fen", "fee_fen", "cnt", "pric_fen", "fee_ocur_time", "upload_msgid", "cancelled",
+             "setl_id")
 _SETL_COLS = ("setl_id", "msgid", "kind", "orig_setl_id", "mdtrt_id", "psn_no", "fixmedins_code", "insutype",
               "med_type", "scope", "filing_type", "insured_admdvs", "insured_pool", "treating_admdvs",
               "treating_pool", "clr_optins", "setl_time", "acc_year", *AMOUNT_FIELDS, "pool_prop_selfpay",
-              "accum_delta")
+              "accum_delta", "policy_version", "mid_setl", "stay_part")
 # What a batch must load, by the transactions in it (the registry's `loads`): a batch of admissions and
 # fee uploads (most of the traffic) touches neither accumulators nor accounts nor earlier settlements.
 _MONEY_INFNOS = infnos_loading("money")
@@ -179,6 +180,14 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
     if st.cancelled_fees:
         await conn.executemany(
             "UPDATE fee_item SET cancelled = true WHERE mdtrt_id = $1 AND feedetl_sn = $2", st.cancelled_fees
+        )
+    if st.unsettled_by:  # a reversed part's items are not settled any more (loaded or not)
+        await conn.executemany("UPDATE fee_item SET setl_id = NULL WHERE mdtrt_id = $1 AND setl_id = $2",
+                               st.unsettled_by)
+    if st.settled_fees:
+        await conn.executemany(
+            "UPDATE fee_item SET setl_id = $3 WHERE mdtrt_id = $1 AND feedetl_sn = $2",
+            [(*key, setl_id) for key, setl_id in sorted(st.settled_fees.items())],
         )
     if st.new_settlements:
         await conn.executemany(

@@ -7,12 +7,21 @@ Visit state machine per mdtrt_id:
   inpatient (21)      2401 → admitted --2402--> discharged --2304--> settled --2305--> discharged
                       discharged --2405--> admitted; admitted/discharged --2404--> cancelled;
                       2403 changes admission data; fees 2301/2302
+                      admitted --2304 mid_setl_flag 1--> admitted (a mid-stay part; 2305 of the latest
+                      part leaves the state as it is); the discharge settlement (mid_setl_flag 0) is the
+                      last part; 2404 is refused while parts are settled (VISIT_PART_SETTLED)
   pharmacy (41)       2102 creates the visit settled at once; 2103 reverses it (→ cancelled)
 
-Fees and cancellations only before settlement; pre-settlement (2206/2303/2101) computes
-without effect. A correction (2601, services/settle/correction.py) undoes an original by its msgid
-through the function of the transaction that undoes it by hand (2207 → `_reverse` as 2208, ...).
-The machine is data in the transaction registry (schemas/transactions.py: each
+A settlement settles the visit's active fee items not yet settled (fee.setl_id marks the part that
+settled each; medfee_sumamt must be their sum) and records the insured region's policy version in
+force on its settlement date. Only the latest settlement of a visit not yet reversed may be reversed
+(MID_SETTLEMENT_NOT_LATEST); the reversal unmarks its items and restores exactly its stored
+accum_delta, whatever policy version is in force by then. The inpatient deductible applies once per
+stay (later parts pay what the earlier parts left of it). Fees and cancellations only before the
+final settlement; an item a part settled cannot be cancelled (FEE_ITEM_SETTLED); pre-settlement
+(2206/2303/2101) computes without effect. A correction (2601, services/settle/correction.py) undoes an
+original by its msgid through the function of the transaction that undoes it by hand (2207 → `_reverse`
+as 2208, ...). The machine is data in the transaction registry (schemas/transactions.py: each
 infno's visit kind, allowed-from states and resulting state); `_visit` and `_enter` apply it.
 Each handler returns the response `output` or raises BrokerError; state changes are recorded
 on the BatchState for the ledger to write.
@@ -315,6 +324,8 @@ def _cancel_discharge(msg: RoutedRequest, body: Input2405, st: BatchState) -> Ef
 
 def _cancel_visit(msg: RoutedRequest, st: BatchState, mdtrt_id: str) -> Effect:
     visit = _visit(msg, st, mdtrt_id)
+    if st.open_settlements(visit.mdtrt_id):  # mid-stay parts: the money was paid, reverse them first
+        raise BrokerError("VISIT_PART_SETTLED", "the stay has settled mid-stay parts; reverse them first (2305)")
     _enter(msg, st, visit)
     return Effect({})
 
@@ -371,7 +382,11 @@ def _fee_item(f: Fee) -> FeeItem:
 def _cancel_fees(msg: RoutedRequest, refs: Sequence[Any], st: BatchState) -> Effect:
     visit = _visit(msg, st, refs[0].mdtrt_id)
     sns = {r.feedetl_sn for r in refs}
-    targets = [f for f in st.active_fees(visit.mdtrt_id) if "0000" in sns or f.feedetl_sn in sns]
+    if any(f.setl_id is not None and f.feedetl_sn in sns for f in st.active_fees(visit.mdtrt_id)):
+        raise BrokerError("FEE_ITEM_SETTLED", "a fee item named was settled by a mid-stay part")
+    # "0000" cancels every item not yet settled (a part's items stay with the part)
+    targets = [f for f in st.active_fees(visit.mdtrt_id)
+               if f.setl_id is None and ("0000" in sns or f.feedetl_sn in sns)]
     for f in targets:
         f.cancelled = True
         st.cancelled_fees.append((f.mdtrt_id, f.feedetl_sn))
@@ -385,7 +400,15 @@ def _settle_inpatient(msg: RoutedRequest, body: Input2303 | Input2304, st: Batch
                       *, effective: bool) -> Effect:
     info = body.mdtrtinfo
     visit = _visit(msg, st, info.mdtrt_id)
-    return _settle(msg, visit, st, policies, to_fen(info.medfee_sumamt), info.acct_used_flag == "1", effective)
+    mid = info.mid_setl_flag == "1"
+    if mid and visit.state != "admitted":
+        raise BrokerError("VISIT_DISCHARGED", "mid-stay settlement needs an open stay; a discharged stay settles "
+                                              "with mid_setl_flag 0")
+    if not mid and effective and visit.state != "discharged":
+        code, text = STATE_REFUSALS[visit.state]
+        raise BrokerError(code, f"{TRANSACTIONS[msg.infno].title}: {text}")
+    return _settle(msg, visit, st, policies, to_fen(info.medfee_sumamt), info.acct_used_flag == "1", effective,
+                   mid=mid)
 
 
 def _settle_outpatient(msg: RoutedRequest, body: Input2206 | Input2207, st: BatchState, policies: PolicyBook,
@@ -398,41 +421,50 @@ def _settle_outpatient(msg: RoutedRequest, body: Input2206 | Input2207, st: Batc
 
 
 def _settle(msg: RoutedRequest, visit: Visit, st: BatchState, policies: PolicyBook, medfee_fen: int,
-            use_account: bool, effective: bool) -> Effect:
-    fees = st.active_fees(visit.mdtrt_id)
+            use_account: bool, effective: bool, *, mid: bool = False) -> Effect:
+    fees = [f for f in st.active_fees(visit.mdtrt_id) if f.setl_id is None]  # not settled by an earlier part
     if not fees:
-        raise BrokerError("NO_FEES", "the visit has no uploaded fee items")
+        raise BrokerError("NO_FEES", "the visit has no uploaded fee items not yet settled")
     if medfee_fen != sum(f.fee_fen for f in fees):
-        raise BrokerError("MEDFEE_MISMATCH", "medfee_sumamt differs from the sum of uploaded fee items")
+        raise BrokerError("MEDFEE_MISMATCH", "medfee_sumamt differs from the sum of the fee items not yet settled")
     if visit.med_type == MED_TYPE_CHRONIC_OUTPATIENT and visit.chronic_disease not in msg.person.chronic:
         raise BrokerError("CHRONIC_DISEASE_NOT_COVERED", "the person has no eligibility for that chronic disease")
-    row = _compute(msg, visit, st, policies, fees, use_account, effective)
+    row = _compute(msg, visit, st, policies, fees, use_account, effective, mid=mid)
     if effective:
-        _enter(msg, st, visit)
+        for f in fees:
+            f.setl_id = row.setl_id
+            st.settled_fees[(f.mdtrt_id, f.feedetl_sn)] = row.setl_id
+        if not mid:  # a part leaves the stay open
+            _enter(msg, st, visit)
     return Effect(settlement_output(row), row if effective else None)
 
 
 def _compute(msg: RoutedRequest, visit: Visit, st: BatchState, policies: PolicyBook, fees: list[Fee],
-             use_account: bool, effective: bool) -> Settlement:
+             use_account: bool, effective: bool, *, mid: bool = False) -> Settlement:
     """The fund split against the person's year-to-date state; with `effective`, applied to the batch state."""
     person = msg.person
     setl_time = _time("inf_time", msg.inf_time)
     year = setl_time.year  # inf_time is Asia/Shanghai wall time (REFERENCE §2): the calendar year of the fund
     acc = st.accumulators.get((person.psn_no, year), Accumulators())
     balance = st.accounts.get(person.psn_no, person.acct_balc_fen)
+    earlier = st.open_settlements(visit.mdtrt_id)  # the stay's parts settled so far
     inp = SettlementInput(
         med_type=visit.med_type, insutype=person.insutype, psn_type=person.psn_type, hosp_lv=msg.hospital.hosp_lv,
         assistance=person.assistance, filing_type=msg.filing_type if visit.scope != SCOPE_LOCAL else None,
         chronic_disease=visit.chronic_disease, use_account=use_account and person.insutype == INSUTYPE_EMPLOYEE,
         account_balance_fen=balance, items=[_fee_item(f) for f in fees],
+        inpatient_deductible_taken_fen=sum(s.amounts["act_pay_dedc"] for s in earlier),
     )
+    # the version in force on the settlement date (Asia/Shanghai wall time, like the accumulator year)
+    policy = policies.for_region(person.insured_admdvs, person.insured_pool, on=setl_time.date())
     try:
-        split = compute_split(policies.for_region(person.insured_admdvs, person.insured_pool), inp, acc)
+        split = compute_split(policy, inp, acc)
     except PolicyError as e:
         if e.code in _POLICY_CODES:
             raise BrokerError(e.code, "the insured region's policy does not cover this settlement") from None
         raise
     row = _row(msg, visit, setl_id_for(msg.msgid, "settle") if effective else "", setl_time, year, split)
+    row.policy_version, row.mid_setl, row.stay_part = policy.version, mid, len(earlier) + 1
     if effective:
         st.accumulators[(person.psn_no, year)] = apply_delta(acc, split.delta)
         st.changed_accumulators.add((person.psn_no, year))
@@ -482,6 +514,8 @@ def _pharmacy(msg: RoutedRequest, body: Input2101 | Input2102, st: BatchState, p
             st.fees[mdtrt_id][f.feedetl_sn] = f
             st.new_fees.append((mdtrt_id, f.feedetl_sn))
         row = _compute(msg, st.visits[mdtrt_id], st, policies, fees, use_account, effective=True)
+        for f in fees:  # written with the items (their insert reads the fee at write time)
+            f.setl_id = row.setl_id
     return Effect(settlement_output(row), row if effective else None)
 
 
@@ -502,6 +536,10 @@ def _reverse(msg: RoutedRequest, st: BatchState, setl_id: str, visit: Visit) -> 
         raise BrokerError("SETTLEMENT_UNKNOWN", "no settlement with that setl_id for this visit and hospital")
     if orig.reversed:
         raise BrokerError("SETTLEMENT_REVERSED", "the settlement was already reversed")
+    if any(s.stay_part > orig.stay_part for s in st.open_settlements(orig.mdtrt_id)):
+        # parts are undone newest first: a later part continued from this one's accumulators
+        raise BrokerError("MID_SETTLEMENT_NOT_LATEST", "only the latest settlement of the stay not yet reversed "
+                                                       "may be reversed; reverse the later parts first")
     delta = delta_from_json(orig.accum_delta)
     key = (orig.psn_no, orig.acc_year)
     st.accumulators[key] = revert_delta(st.accumulators.get(key, Accumulators()), delta)
@@ -520,9 +558,18 @@ def _reverse(msg: RoutedRequest, st: BatchState, setl_id: str, visit: Visit) -> 
         insured_admdvs=orig.insured_admdvs, insured_pool=orig.insured_pool, treating_admdvs=orig.treating_admdvs,
         treating_pool=orig.treating_pool, clr_optins=orig.clr_optins, setl_time=_time("inf_time", msg.inf_time),
         acc_year=orig.acc_year, amounts=amounts, pool_prop_selfpay=orig.pool_prop_selfpay, accum_delta=negated,
+        policy_version=orig.policy_version, mid_setl=orig.mid_setl, stay_part=orig.stay_part,
     )
     orig.reversed = True
-    _enter(msg, st, visit)
+    for f in st.fees.get(orig.mdtrt_id, {}).values():  # loaded items (the ledger unmarks the others too)
+        if f.setl_id == orig.setl_id:
+            f.setl_id = None
+            st.settled_fees[(f.mdtrt_id, f.feedetl_sn)] = None
+    st.unsettled_by.append((orig.mdtrt_id, orig.setl_id))
+    if orig.mid_setl:  # the stay stays as it is (admitted, or discharged since)
+        _changed(st, visit)
+    else:
+        _enter(msg, st, visit)
     st.add_settlement(row)
     return Effect(settlement_output(row), row)
 

@@ -55,6 +55,7 @@ class Fee:
     fee_ocur_time: datetime
     upload_msgid: str
     cancelled: bool = False
+    setl_id: str | None = None  # the settlement (mid-stay part or final) that settled the item; None = not yet
 
 
 @dataclass
@@ -82,6 +83,9 @@ class Settlement:
     amounts: dict[str, int]  # medfee_sumamt ... balc, in fen (see AMOUNT_FIELDS)
     pool_prop_selfpay: Decimal
     accum_delta: dict[str, Any]
+    policy_version: str = ""  # the insured region's policy version used ("150400@2027-01-01"); a reversal copies it
+    mid_setl: bool = False  # a mid-stay part (mid_setl_flag 1): the stay stayed open
+    stay_part: int = 1  # its number among the visit's settlements not reversed when it was written
     reversed: bool = False  # set on a settle row once its reversal exists
 
 
@@ -132,6 +136,9 @@ class BatchState:
     changed_visits: set[str] = field(default_factory=set)
     new_fees: list[tuple[str, str]] = field(default_factory=list)
     cancelled_fees: list[tuple[str, str]] = field(default_factory=list)
+    settled_fees: dict[tuple[str, str], str | None] = field(default_factory=dict)  # (mdtrt_id, sn) → setl_id
+    # (mdtrt_id, setl_id) of reversed settlements: their items are not settled any more
+    unsettled_by: list[tuple[str, str]] = field(default_factory=list)
     new_settlements: list[str] = field(default_factory=list)
     changed_accumulators: set[tuple[str, int]] = field(default_factory=set)
     changed_accounts: set[str] = field(default_factory=set)
@@ -150,3 +157,9 @@ class BatchState:
 
     def active_fees(self, mdtrt_id: str) -> list[Fee]:
         return [f for f in self.fees.get(mdtrt_id, {}).values() if not f.cancelled]
+
+    def open_settlements(self, mdtrt_id: str) -> list[Settlement]:
+        """The visit's settle rows not reversed (loaded for the infnos that load "settlements"), in part order."""
+        rows = [s for s in self.settlements.values() if s.mdtrt_id == mdtrt_id and s.kind == "settle"
+                and not s.reversed]
+        return sorted(rows, key=lambda s: s.stay_part)

@@ -53,6 +53,9 @@ HOSPITALS = {
     # One hospital and one pharmacy in each seed region, for a whole hospital day per region.
     **{f"seed_{code}": Hospital(f"H{code}99902", f"{code}测试医院", code) for code in SEED_REGIONS},
     **{f"seed_{code}_pharmacy": Hospital(f"P{code}99902", f"{code}测试药房", code) for code in SEED_REGIONS},
+    # Mid-stay settlement and policy versions (test_mid_stay.py, test_policy_versions.py).
+    "midstay": Hospital("H15040099913", "赤峰测试中途结算医院", "150400"),
+    "policy_versions": Hospital("H15040099914", "赤峰测试政策版本医院", "150400"),
 }
 TEST_PROVINCES = ("510000", "150000", "500000", "350000", "140000")
 # Test catalog codes, present in every treating province used here.
@@ -113,6 +116,11 @@ PERSONS: dict[str, PersonSpec] = {
     "year_boundary": PersonSpec(TestPerson(psn(12), "150400", "310"), "1101", None, "0.00", None),
     "info": PersonSpec(TestPerson(psn(13), "150400", "310"), "1201", "2", "1234.56", ("LONG_TERM", None), ("HTN",),
                        _certno(f"15040019580306{int(RUN_TOKEN) % 1000:03d}")),
+    # Mid-stay settlement and policy versions: local employees of 赤峰 (150400 has a version from 2027-01-01).
+    "mid_stay": PersonSpec(TestPerson(psn(430), "150400", "310"), "1101", None, "0.00", None),
+    "mid_stay_pre": PersonSpec(TestPerson(psn(431), "150400", "310"), "1101", None, "0.00", None),
+    "version_change": PersonSpec(TestPerson(psn(432), "150400", "310"), "1101", None, "0.00", None),
+    "new_year_stay": PersonSpec(TestPerson(psn(433), "150400", "310"), "1101", None, "0.00", None),
     # A hospital day in each seed region: a local resident, a local employee with chronic HTN, and a
     # visitor insured in the next seed region with a LONG_TERM filing for anywhere.
     **{f"day_{code}_{role}": spec for i, code in enumerate(SEED_REGIONS) for role, spec in (
