@@ -44,6 +44,10 @@ HOSPITALS = {
     "trust_a": Hospital("H15040099906", "赤峰测试信任甲医院", "150400"),
     "trust_b": Hospital("H15040099907", "赤峰测试信任乙医院", "150400"),
     "trust_rate": Hospital("H15040099908", "赤峰测试限流医院", "150400"),
+    # The query tests' own (test_queries.py): the asking hospital, another one, a pharmacy.
+    "query_a": Hospital("H15040099916", "赤峰测试查询甲医院", "150400"),
+    "query_b": Hospital("H15040099917", "赤峰测试查询乙医院", "150400"),
+    "query_pharmacy": Hospital("P15040099916", "赤峰测试查询大药房", "150400"),
     # One hospital and one pharmacy in each seed region, for a whole hospital day per region.
     **{f"seed_{code}": Hospital(f"H{code}99902", f"{code}测试医院", code) for code in SEED_REGIONS},
     **{f"seed_{code}_pharmacy": Hospital(f"P{code}99902", f"{code}测试药房", code) for code in SEED_REGIONS},
@@ -101,6 +105,12 @@ PERSONS: dict[str, PersonSpec] = {
     "year_boundary": PersonSpec(TestPerson(psn(12), "150400", "310"), "1101", None, "0.00", None),
     "info": PersonSpec(TestPerson(psn(13), "150400", "310"), "1201", "2", "1234.56", ("LONG_TERM", None), ("HTN",),
                        _certno(f"15040019580306{int(RUN_TOKEN) % 1000:03d}")),
+    # The query tests' (test_queries.py): local persons of 赤峰.
+    "q_visits": PersonSpec(TestPerson(psn(460), "150400", "310"), "1101", None, "1000.00", None),
+    "q_ledger": PersonSpec(TestPerson(psn(461), "150400", "310"), "1101", None, "1000.00", None),
+    "q_paging": PersonSpec(TestPerson(psn(462), "150400", "390"), "1501", None, "0.00", None),
+    "q_chronic": PersonSpec(TestPerson(psn(463), "150400", "390"), "1501", None, "0.00", None, ("DM",)),
+    "q_stranger": PersonSpec(TestPerson(psn(464), "150400", "390"), "1501", None, "0.00", None),
     # A hospital day in each seed region: a local resident, a local employee with chronic HTN, and a
     # visitor insured in the next seed region with a LONG_TERM filing for anywhere.
     **{f"day_{code}_{role}": spec for i, code in enumerate(SEED_REGIONS) for role, spec in (
