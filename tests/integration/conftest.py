@@ -111,6 +111,7 @@ PERSONS: dict[str, PersonSpec] = {
     "q_paging": PersonSpec(TestPerson(psn(462), "150400", "390"), "1501", None, "0.00", None),
     "q_chronic": PersonSpec(TestPerson(psn(463), "150400", "390"), "1501", None, "0.00", None, ("DM",)),
     "q_stranger": PersonSpec(TestPerson(psn(464), "150400", "390"), "1501", None, "0.00", None),
+    "q_cum": PersonSpec(TestPerson(psn(465), "150400", "390"), "1501", None, "0.00", None, ("DM",)),
     # A hospital day in each seed region: a local resident, a local employee with chronic HTN, and a
     # visitor insured in the next seed region with a LONG_TERM filing for anywhere.
     **{f"day_{code}_{role}": spec for i, code in enumerate(SEED_REGIONS) for role, spec in (
