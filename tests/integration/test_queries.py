@@ -198,7 +198,15 @@ async def test_chronic_drug_records(refdata: dict, gateway: GatewayClient) -> No
     p = person("q_chronic")
     day = DAY + timedelta(days=2)
     chronic = outpatient("q_chronic", day, med_type="14", chronic_disease="DM")
-    ok(await run_outpatient(gateway, chronic, [FeeLine(ITEM_A, D(2), D("15.50")), FeeLine(ITEM_B10, D(1), D("8.00"))]))
+    chronic.mdtrt_id = ok(await gateway.call(chronic.register()))["output"]["data"]["mdtrt_id"]
+    ok(await gateway.call(chronic.declare()))
+    kept = [FeeLine(ITEM_A, D(2), D("15.50")), FeeLine(ITEM_B10, D(1), D("8.00"))]
+    ok(await gateway.call(chronic.upload([*kept, FeeLine(ITEM_C, D(1), D("3.00"))])))
+    ok(await gateway.call(A.envelope("2205", {"data": [  # a cancelled item is no drug record
+        {"mdtrt_id": chronic.mdtrt_id, "psn_no": p.psn_no, "feedetl_sn": "000003"}]}, insuplc=p.insuplc,
+        inf_time=day + timedelta(minutes=2))))
+    chronic.fees = kept
+    ok(await gateway.call(chronic.settle()))
     general = outpatient("q_chronic", day + timedelta(hours=1))  # 11: not a chronic record
     ok(await run_outpatient(gateway, general, [FeeLine(ITEM_A, D(1), D("9.00"))]))
     unsettled = outpatient("q_chronic", day + timedelta(hours=2), med_type="14", chronic_disease="DM")
