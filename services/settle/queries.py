@@ -85,11 +85,14 @@ _FEE_ROW = ("mdtrt_id, feedetl_sn, med_list_codg, medins_list_codg, fee_ocur_tim
 
 async def _page(conn: asyncpg.Connection, where: str, order: str, columns: str, args: list[Any],
                 paging: Paging) -> tuple[int, list[asyncpg.Record]]:
-    """Rows matching `where` (placeholders $1..$n from args): their count, and one page in `order`."""
-    total = await conn.fetchval(f"SELECT count(*) FROM {where}", *args)
+    """Rows matching `where` (placeholders $1..$n from args): their count, and one page in `order`. One
+    statement (the count rides on each row); a second only for a page past the end."""
     n = len(args)
-    rows = await conn.fetch(f"SELECT {columns} FROM {where} ORDER BY {order} LIMIT ${n + 1} OFFSET ${n + 2}",
-                            *args, paging.page_size, paging.offset)
+    rows = await conn.fetch(f"SELECT {columns}, count(*) OVER () AS total_rows FROM {where}"
+                            f" ORDER BY {order} LIMIT ${n + 1} OFFSET ${n + 2}", *args, paging.page_size, paging.offset)
+    if rows:
+        return rows[0]["total_rows"], rows
+    total = 0 if paging.offset == 0 else await conn.fetchval(f"SELECT count(*) FROM {where}", *args)
     return total, rows
 
 

@@ -11,7 +11,9 @@ import pytest
 from loadtest.his import FeeLine, GatewayClient, Hospital, OutpatientVisit, Purchase, Stay, run_outpatient, wire_time
 from schemas.codec import encode
 from schemas.person import CUM_TYPES
+from services.common.config import Settings
 from tests.integration.conftest import HOSPITALS, ITEM_A, ITEM_B10, ITEM_C, PERSONS, Ledger
+from tests.integration.monitoring_data import scrape, value
 
 pytestmark = pytest.mark.integration
 D = Decimal
@@ -177,13 +179,14 @@ async def test_settlements_rebuild_the_answers_exactly(refdata: dict, gateway: G
 
 
 async def test_accumulators_are_exact_and_only_for_own_patients(refdata: dict, gateway: GatewayClient,
-                                                                ledger: Ledger) -> None:
+                                                                ledger: Ledger, services: Settings) -> None:
     p = person("q_cum")
     visit = outpatient("q_cum", DAY + timedelta(hours=5), med_type="14", chronic_disease="DM")
     ok(await run_outpatient(gateway, visit, [FeeLine(ITEM_A, D(1), D("400.00"))]))
     row = await ledger.fetchrow("SELECT * FROM accumulator WHERE psn_no = $1 AND acc_year = 2026", p.psn_no)
     expected = [{"year": 2026, "cum_type_code": code, "cum": D(row[key]) / 100} for key, code in CUM_TYPES.items()]
     expected.append({"year": 2026, "cum_type_code": "chronic_paid_DM", "cum": D(row["basic_paid"]) / 100})
+    _, before = await scrape(services.settle_metrics_port)
     cum = await answer(gateway, A, "5206", "q_cum")
     assert cum["cuminfo"] == expected
     assert {c["cum_type_code"]: c["cum"] for c in cum["cuminfo"]}["basic_pool_paid"] == D("260.00")  # 0.65 of 400
@@ -192,6 +195,14 @@ async def test_accumulators_are_exact_and_only_for_own_patients(refdata: dict, g
     assert other_year["cuminfo"] == [{"year": 2025, "cum_type_code": code, "cum": 0} for code in CUM_TYPES.values()]
     refused(await ask(gateway, B, "5206", "q_cum"), "QUERY_NOT_ALLOWED")
     refused(await ask(gateway, A, "5206", "q_stranger"), "QUERY_NOT_ALLOWED")
+    # Queries count in the engine's request counter with their infno and outcome.
+    _, after = await scrape(services.settle_metrics_port)
+
+    def counted(outcome: str) -> float:
+        labels = {"stage": "settle", "infno": "5206", "outcome": outcome}
+        return value(after, "xs_requests_total", **labels) - value(before, "xs_requests_total", **labels)
+
+    assert (counted("ok"), counted("QUERY_NOT_ALLOWED")) == (2, 2)
 
 
 async def test_chronic_drug_records(refdata: dict, gateway: GatewayClient) -> None:
