@@ -89,6 +89,11 @@ class Hospital:
         return self.envelope("2601", {"data": {"psn_no": psn_no, "omsgid": omsgid, "oinfno": oinfno}},
                              insuplc=insuplc, msgid=msgid, inf_time=inf_time)
 
+    def query(self, infno: str, data: dict[str, Any], *, insuplc: str,
+              inf_time: datetime | None = None) -> dict[str, Any]:
+        """A query of this institution's own data (5201–5206): `data` is the body's `data` (psn_no, …)."""
+        return self.envelope(infno, {"data": data}, insuplc=insuplc, inf_time=inf_time)
+
 
 @dataclass
 class FeeLine:

@@ -149,6 +149,9 @@ ERRORS: dict[str, ErrorSpec] = {
                   "use the msgid of the 3261 that confirmed"),
         ErrorSpec("STATEMENT_UNKNOWN", "no clearing statement for that month (or version)", "clearing CLI",
                   "close the month first, or ask for the running positions"),
+        # Queries (5201–5206, services/settle/queries.py).
+        ErrorSpec("QUERY_NOT_ALLOWED", "the person has no visit at this institution: their accumulators are not "
+                  "shown", "5206", "query only persons you treat; 1101 shows a person's own totals"),
         ErrorSpec("CLAIM_LOCAL", "a manual claim whose insured and treating pooling regions are the same; only "
                   "non-local claims count", "fsi.manual_claims", "do not report local claims"),
     )

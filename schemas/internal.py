@@ -23,12 +23,13 @@ from schemas.inpatient import (
 )
 from schemas.outpatient import Input2201, Input2202, Input2203, Input2204, Input2205, Input2206, Input2207, Input2208
 from schemas.pharmacy import Input2101, Input2102, Input2103
+from schemas.query import QueryBody
 
-# Bodies the settlement engine handles (the router answers 1101, the gateway 9001).
+# Bodies the settlement engine handles (the router answers 1101, the gateway 9001), queries 5201–5206 included.
 VisitBody = (
     Input2401 | Input2402 | Input2403 | Input2404 | Input2405 | Input2301 | Input2302 | Input2303 | Input2304
     | Input2305 | Input2201 | Input2202 | Input2203 | Input2204 | Input2205 | Input2206 | Input2207 | Input2208
-    | Input2101 | Input2102 | Input2103 | Input2601
+    | Input2101 | Input2102 | Input2103 | Input2601 | QueryBody
 )
 
 

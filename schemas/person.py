@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
+from schemas.money import to_yuan
 from schemas.wire import Code, MdtrtCertType, Text, WireTime, check_times
 
 
@@ -74,3 +76,23 @@ class Output1101(msgspec.Struct, kw_only=True):
     baseinfo: BaseInfo
     insuinfo: list[InsuInfo]
     idetinfo: list[IdetInfo]
+
+
+# `cuminfo` codes for the year-to-date accumulators (this broker's names; values in yuan), answered by 1101
+# (the router) and 5206 (the settlement engine) alike; the chronic totals follow as `chronic_paid_<disease>`.
+CUM_TYPES = {
+    "basic_paid": "basic_pool_paid", "outpatient_dedc_used": "outpatient_deductible_used",
+    "outpatient_paid": "outpatient_pool_paid", "critical_base": "critical_illness_base",
+    "critical_paid": "critical_illness_paid", "supplementary_paid": "supplementary_paid",
+    "assistance_paid": "assistance_paid",
+}
+
+
+def cum_info(year: int, accumulators: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """`cuminfo` rows of one year from an accumulator row's counters (fen; `chronic_paid`: disease → fen);
+    an empty mapping (no row yet) gives zeros."""
+    rows = [{"year": year, "cum_type_code": code, "cum": to_yuan(int(accumulators.get(key, 0)))}
+            for key, code in CUM_TYPES.items()]
+    rows += [{"year": year, "cum_type_code": f"chronic_paid_{disease}", "cum": to_yuan(int(fen))}
+             for disease, fen in sorted(accumulators.get("chronic_paid", {}).items())]
+    return rows

@@ -44,6 +44,7 @@ from schemas.inpatient import (
 from schemas.outpatient import Input2201, Input2202, Input2203, Input2204, Input2205, Input2206, Input2207, Input2208
 from schemas.person import Input1101, Input9001, Input9002
 from schemas.pharmacy import Input2101, Input2102, Input2103
+from schemas.query import Input5201, Input5202, Input5203, Input5204, Input5205, Input5206
 
 # gateway: answered at the HTTP gateway; router: answered by the router from reference data;
 # engine: the settlement engine (visits, fees, ledger); clearing: the clearing service.
@@ -260,6 +261,16 @@ _TRANSACTIONS: tuple[Transaction, ...] = (
                 ("MONTH_NOT_CLOSED", "CONFIRMATION_MISMATCH")),
     Transaction("3262", "clearing confirmation rollback", Input3262, "clearing",
                 ("MONTH_NOT_CLOSED", "CONFIRMATION_UNKNOWN")),
+    # Queries of the asking institution's own data, answered by the engine from the person's shard
+    # (services/settle/queries.py): no visit effect, nothing loaded or locked, nothing stored.
+    Transaction("5201", "query: the person's visits here (paged)", Input5201, "engine", _PERSON),
+    Transaction("5202", "query: a visit's diagnoses", Input5202, "engine", (*_PERSON, "VISIT_UNKNOWN")),
+    Transaction("5203", "query: settlements and reversals with their fund split (paged)", Input5203, "engine",
+                _PERSON),
+    Transaction("5204", "query: a visit's fee details (paged)", Input5204, "engine",
+                (*_PERSON, "VISIT_UNKNOWN", "SETTLEMENT_UNKNOWN")),
+    Transaction("5205", "query: chronic-disease drug records (paged)", Input5205, "engine", _PERSON),
+    Transaction("5206", "query: the person's accumulators", Input5206, "engine", (*_PERSON, "QUERY_NOT_ALLOWED")),
 )
 
 TRANSACTIONS: Final[Mapping[str, Transaction]] = MappingProxyType({t.infno: t for t in _TRANSACTIONS})

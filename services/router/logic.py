@@ -22,7 +22,7 @@ from schemas.filing import Input2501, Input2502, Input2503, Input2504, Input5301
 from schemas.inpatient import Input2401
 from schemas.internal import CatalogCtx, HospitalCtx, PersonCtx, RoutedRequest
 from schemas.money import to_yuan
-from schemas.person import Input1101, Input9001, Input9002
+from schemas.person import Input1101, Input9001, Input9002, cum_info
 from schemas.transactions import TRANSACTIONS, may_send
 from schemas.wire import parse_wire_time
 from services.refdata.regions import UnknownRegion, classify_scope, region_of
@@ -286,15 +286,6 @@ class LedgerFacts:
     accumulators: dict[str, Any]
 
 
-# 1101 `cuminfo` codes for the accumulators (this broker's names; values in yuan).
-CUM_TYPES = {
-    "basic_paid": "basic_pool_paid", "outpatient_dedc_used": "outpatient_deductible_used",
-    "outpatient_paid": "outpatient_pool_paid", "critical_base": "critical_illness_base",
-    "critical_paid": "critical_illness_paid", "supplementary_paid": "supplementary_paid",
-    "assistance_paid": "assistance_paid",
-}
-
-
 def person_info(psn_no: str, ref: RefData, inf_time: str, facts: LedgerFacts) -> dict[str, Any]:
     """1101 output: identity, insurance, filings in force, chronic eligibility, balance, this year's totals.
     Nothing about visits or settlements at other hospitals."""
@@ -306,10 +297,6 @@ def person_info(psn_no: str, ref: RefData, inf_time: str, facts: LedgerFacts) ->
     if person.assistance:
         idet.append({"psn_idet_type": person.assistance, "memo": {"1": "低保", "2": "特困"}[person.assistance]})
     balance = facts.balance_fen if facts.balance_fen is not None else person.acct_balc_fen
-    cuminfo = [{"year": facts.year, "cum_type_code": code, "cum": to_yuan(int(facts.accumulators.get(key, 0)))}
-               for key, code in CUM_TYPES.items()]
-    cuminfo += [{"year": facts.year, "cum_type_code": f"chronic_paid_{disease}", "cum": to_yuan(int(fen))}
-                for disease, fen in sorted(facts.accumulators.get("chronic_paid", {}).items())]
     return {
         "baseinfo": {
             "psn_no": psn_no, "psn_cert_type": "01", "certno": certno, "psn_name": person.psn_name or "",
@@ -322,7 +309,7 @@ def person_info(psn_no: str, ref: RefData, inf_time: str, facts: LedgerFacts) ->
         "idetinfo": idet,
         "filinginfo": [_filing_view(f, with_id=False) for f in _in_force(ref.filings.get(psn_no, []), today)],
         "chronicinfo": [{"chronic_disease": d} for d in sorted(person.chronic)],
-        "cuminfo": cuminfo,
+        "cuminfo": cum_info(facts.year, facts.accumulators),
     }
 
 

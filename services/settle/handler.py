@@ -3,7 +3,8 @@
 Order of effects per batch (crash anywhere replays safely):
   1. per shard (the persons' insured provinces, `services/common/shards.py`): load the batch's rows
      and lock them; apply every request in memory (pure logic);
-  2. write ledger rows, accumulators, accounts and each msgid's response — one commit per shard;
+  2. write ledger rows, accumulators, accounts and each msgid's response, then answer the batch's queries
+     (5201–5206, `queries.py`: plain reads that see those writes, not stored) — one commit per shard;
   3. produce replies and settlement events, wait for the broker's acks;
   4. commit the consumer offsets.
 Steps 3 and 4, decoding, retries and the isolation of a failing request are the shared shell's
@@ -43,7 +44,7 @@ from services.common.response import received_from_ns, response_bytes
 from services.common.shards import ShardPools
 from services.policy.policies import PolicyBook
 from services.refdata.regions import province_of
-from services.settle import ledger
+from services.settle import ledger, queries
 from services.settle.logic import check_row_invariants, handle
 from services.settle.state import BatchState, Settlement
 from topics.catalog import ROUTED
@@ -91,7 +92,9 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
             await self._process_shard(self.shards.pools[shard], shard_records, outbox)
         STAGE_SECONDS.labels("settle_batch").observe(time.perf_counter() - started)
 
-    async def _process_shard(self, pool: asyncpg.Pool, records: list[Record[RoutedRequest]], outbox: Outbox) -> None:
+    async def _process_shard(self, pool: asyncpg.Pool, batch: list[Record[RoutedRequest]], outbox: Outbox) -> None:
+        asked = [r for r in batch if queries.is_query(r.value)]
+        records = [r for r in batch if not queries.is_query(r.value)]
         msgs = [r.value for r in records]
         committed: list[Settlement] = []
         async with pool.acquire() as conn, conn.transaction():
@@ -117,10 +120,13 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
                 REQUESTS.labels("settle", msg.infno, outcome).inc()
                 record_settlement_request(msg.infno, msg.scope, outcome, row.med_type if row else None)
             await ledger.write_batch(conn, st)
+            # Queries (5201–5206) last, in the same transaction: they see the batch's writes; plain reads,
+            # nothing locked or stored.
+            for rec in asked:
+                self._reply(rec, await self._answer_query(conn, rec, outbox), outbox)
         now_ns = time.time_ns()
-        for msg in msgs:
-            if msg.msgid in st.responses:
-                END_TO_END_SECONDS.labels(msg.infno).observe(max(0, now_ns - msg.received_ns) / 1e9)
+        for msg in [*(m for m in msgs if m.msgid in st.responses), *(r.value for r in asked)]:
+            END_TO_END_SECONDS.labels(msg.infno).observe(max(0, now_ns - msg.received_ns) / 1e9)
         for row in committed:
             outbox.add(SETTLEMENTS_TOPIC.name, _encoder.encode(_event(row)), key=row.psn_no.encode())
             _count(row)
@@ -142,6 +148,26 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
                 outbox.dead_letter(e.code, e.err_msg, rec.raw.value, msgid=msg.msgid, infno=msg.infno,
                                    fixmedins_code=msg.fixmedins_code)
                 return response_bytes(admdvs, received, err_msg=e.err_msg), None, e.code
+
+    async def _answer_query(self, conn: asyncpg.Connection, rec: Record[RoutedRequest], outbox: Outbox
+                            ) -> tuple[bytes, str]:
+        msg = rec.value
+        received = received_from_ns(msg.received_ns)
+        admdvs = msg.person.insured_admdvs
+        with applying(rec, f"answering query {msg.infno}"):
+            try:
+                return response_bytes(admdvs, received, output=await queries.answer(conn, msg)), "ok"
+            except BrokerError as e:
+                outbox.dead_letter(e.code, e.err_msg, rec.raw.value, msgid=msg.msgid, infno=msg.infno,
+                                   fixmedins_code=msg.fixmedins_code)
+                return response_bytes(admdvs, received, err_msg=e.err_msg), e.code
+
+    @staticmethod
+    def _reply(rec: Record[RoutedRequest], answered: tuple[bytes, str], outbox: Outbox) -> None:
+        msg = rec.value
+        body, outcome = answered
+        outbox.add(msg.reply_topic, body, key=msg.msgid.encode(), partition=msg.reply_partition)
+        REQUESTS.labels("settle", msg.infno, outcome).inc()
 
     def reject(self, record: Record[RoutedRequest | None], code: str, err_msg: str, outbox: Outbox) -> None:
         msg = record.value

@@ -50,6 +50,10 @@ HOSPITALS = {
     "correct": Hospital("H15040099910", "赤峰测试冲正医院", "150400"),
     "correct_other": Hospital("H15040099911", "赤峰测试冲正乙医院", "150400"),
     "correct_pharmacy": Hospital("P15040099910", "赤峰测试冲正药房", "150400"),
+    # The query tests' own (test_queries.py): the asking hospital, another one, a pharmacy.
+    "query_a": Hospital("H15040099916", "赤峰测试查询甲医院", "150400"),
+    "query_b": Hospital("H15040099917", "赤峰测试查询乙医院", "150400"),
+    "query_pharmacy": Hospital("P15040099916", "赤峰测试查询大药房", "150400"),
     # One hospital and one pharmacy in each seed region, for a whole hospital day per region.
     **{f"seed_{code}": Hospital(f"H{code}99902", f"{code}测试医院", code) for code in SEED_REGIONS},
     **{f"seed_{code}_pharmacy": Hospital(f"P{code}99902", f"{code}测试药房", code) for code in SEED_REGIONS},
@@ -121,6 +125,13 @@ PERSONS: dict[str, PersonSpec] = {
     "mid_stay_pre": PersonSpec(TestPerson(psn(431), "150400", "310"), "1101", None, "0.00", None),
     "version_change": PersonSpec(TestPerson(psn(432), "150400", "310"), "1101", None, "0.00", None),
     "new_year_stay": PersonSpec(TestPerson(psn(433), "150400", "310"), "1101", None, "0.00", None),
+    # The query tests' (test_queries.py): local persons of 赤峰.
+    "q_visits": PersonSpec(TestPerson(psn(460), "150400", "310"), "1101", None, "1000.00", None),
+    "q_ledger": PersonSpec(TestPerson(psn(461), "150400", "310"), "1101", None, "1000.00", None),
+    "q_paging": PersonSpec(TestPerson(psn(462), "150400", "390"), "1501", None, "0.00", None),
+    "q_chronic": PersonSpec(TestPerson(psn(463), "150400", "390"), "1501", None, "0.00", None, ("DM",)),
+    "q_stranger": PersonSpec(TestPerson(psn(464), "150400", "390"), "1501", None, "0.00", None),
+    "q_cum": PersonSpec(TestPerson(psn(465), "150400", "390"), "1501", None, "0.00", None, ("DM",)),
     # A hospital day in each seed region: a local resident, a local employee with chronic HTN, and a
     # visitor insured in the next seed region with a LONG_TERM filing for anywhere.
     **{f"day_{code}_{role}": spec for i, code in enumerate(SEED_REGIONS) for role, spec in (
