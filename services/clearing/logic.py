@@ -534,6 +534,29 @@ def reconcile_rows(medins: Sequence[MedinsRow], ledger: Sequence[LedgerRow]) -> 
     return matched, diffs
 
 
+# Clearing details (3260 / 3261 / 3262) -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RowScope:
+    """Whose clearing rows a 3260-3262 sender sees: a hospital's (or pharmacy's) own, or — the treating
+    region's agency — those of every institution of its pooling region."""
+
+    fixmedins_code: str | None = None
+    treating_pool: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fixmedins_code is None) == (self.treating_pool is None):
+            raise ValueError("a row scope is one institution or one pooling region")
+
+
+def month_stas(totalrow: int, cnfm_cnt: int, dspt_cnt: int) -> Literal["partial", "complete"]:
+    """A month's confirmation is complete when every row is confirmed or disputed."""
+    if cnfm_cnt + dspt_cnt > totalrow:
+        raise ClearingError("more rows confirmed than the month has")
+    return "complete" if cnfm_cnt + dspt_cnt == totalrow else "partial"
+
+
 # Deposits --------------------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ from services.clearing.logic import (
     PositionKey,
     RateKey,
     Row,
+    RowScope,
     aggregate,
     assign_month,
     at_or_below_line,
@@ -492,16 +493,58 @@ async def application_totals(shards: ShardPools, fixmedins_code: str, clr_type: 
     return ApplTotals(**sums)
 
 
-async def month_details(conn: asyncpg.Connection, month: str, fixmedins_code: str, offset: int | None = None,
+def _scope_sql(scope: RowScope) -> tuple[str, str]:
+    """The column and value that select a sender's rows (both tables carry them)."""
+    if scope.treating_pool is not None:
+        return "treating_pool", scope.treating_pool
+    return "fixmedins_code", str(scope.fixmedins_code)
+
+
+async def month_details(conn: asyncpg.Connection, month: str, scope: RowScope, offset: int | None = None,
                         limit: int | None = None) -> tuple[int, list[asyncpg.Record]]:
+    """A closed month's clearing rows of a hospital, or of every institution of an agency's pooling region:
+    their count and the page asked for, in (setl_time, setl_id) order."""
+    column, value = _scope_sql(scope)
     total = await conn.fetchval(
-        "SELECT count(*) FROM clearing_entry WHERE clr_month = $1 AND fixmedins_code = $2", month, fixmedins_code)
+        f"SELECT count(*) FROM clearing_entry WHERE clr_month = $1 AND {column} = $2", month, value)
     recs = await conn.fetch(
-        "SELECT * FROM clearing_entry WHERE clr_month = $1 AND fixmedins_code = $2 ORDER BY setl_time, setl_id"
+        f"SELECT * FROM clearing_entry WHERE clr_month = $1 AND {column} = $2 ORDER BY setl_time, setl_id"
         " OFFSET $3 LIMIT $4",
-        month, fixmedins_code, offset or 0, limit,
+        month, value, offset or 0, limit,
     )
     return total, recs
+
+
+async def month_rows(conn: asyncpg.Connection, month: str, scope: RowScope, setl_ids: Sequence[str]
+                     ) -> dict[str, asyncpg.Record]:
+    """The rows among `setl_ids` that are clearing rows of the month in the sender's scope."""
+    column, value = _scope_sql(scope)
+    return {r["setl_id"]: r for r in await conn.fetch(
+        f"SELECT setl_id, fixmedins_code, treating_pool, medfee_sumamt, fund_pay_sumamt FROM clearing_entry"
+        f" WHERE setl_id = ANY($1::text[]) AND clr_month = $2 AND {column} = $3", list(setl_ids), month, value)}
+
+
+async def confirm_rows(conn: asyncpg.Connection, otransid: str, month: str, rows: Sequence[tuple[Any, ...]]
+                       ) -> list[asyncpg.Record]:
+    """Record (setl_id, fixmedins_code, treating_pool, cnfm_flag, medfee_sumamt, fund_pay_sumamt) rows for batch
+    `otransid`; a row another live batch holds is left as it is. Returns the rows this batch recorded."""
+    return list(await conn.fetch(
+        "INSERT INTO clearing_confirmed_row (setl_id, fixmedins_code, treating_pool, cnfm_flag, medfee_sumamt,"
+        " fund_pay_sumamt, clr_month, otransid)"
+        " SELECT s, f, p, c, m, u, $7, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],"
+        " $6::bigint[]) AS t (s, f, p, c, m, u)"
+        " ORDER BY s ON CONFLICT (setl_id) DO NOTHING RETURNING setl_id, cnfm_flag",
+        *(list(col) for col in zip(*rows, strict=True)), month, otransid,
+    ))
+
+
+async def month_confirmed(conn: asyncpg.Connection, month: str, scope: RowScope) -> tuple[int, int]:
+    """(rows confirmed, rows disputed) of the month in the sender's scope, by live batches of anyone."""
+    column, value = _scope_sql(scope)
+    r = await conn.fetchrow(
+        f"SELECT count(*) FILTER (WHERE cnfm_flag = '1') AS cnfm, count(*) FILTER (WHERE cnfm_flag = '0') AS dspt"
+        f" FROM clearing_confirmed_row WHERE clr_month = $1 AND {column} = $2", month, value)
+    return int(r["cnfm"]), int(r["dspt"])
 
 
 # Deposits ---------------------------------------------------------------------------------------
