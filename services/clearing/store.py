@@ -35,8 +35,10 @@ from schemas.money import to_yuan
 from services.clearing.logic import (
     AMOUNT_FIELDS,
     APPL_FIELDS,
+    MANUAL,
     MONTHS_WALK_MAX,
     VISIT_TYPES,
+    Adjustment,
     Amounts,
     ApplTotals,
     ClearingError,
@@ -59,12 +61,13 @@ from services.clearing.logic import (
     next_month,
     positions_from_statement,
     rate_lines,
+    reissued_positions,
     warning_line,
 )
 from services.common import audit
 from services.common.response import SHANGHAI
 from services.common.shards import ShardPools
-from services.refdata.regions import province_of, region_of
+from services.refdata.regions import classify_scope, province_of, region_of
 from topics.catalog import ALERTS, DEPOSITS
 
 CLOSE_LOCK_KEY = 0x78636C73  # "xcls": one close at a time
@@ -353,8 +356,14 @@ async def verify(conn: asyncpg.Connection, shards: ShardPools, month: str) -> li
         problems.append(f"{batch.misassigned} rows recorded in a month other than the rule's")
     stmt = await statement(conn, month)
     if stmt is not None:
-        frozen = {p.key: p for p in _statement_positions(stmt["body"])}
+        # The latest version: the month's own positions as frozen at the close, plus the operator adjustments
+        # it lists — exactly those recorded up to its version.
+        listed = _statement_positions(stmt["body"])
+        frozen = {p.key: p for p in listed if p.key.kind != MANUAL}
         problems += compare_positions(frozen, stream, expected_name="statement", actual_name="positions")
+        manual = {p.key: p for p in listed if p.key.kind == MANUAL}
+        recorded = {p.key: p for p in reissued_positions(month, [], await adjustments(conn, month, stmt["version"]))}
+        problems += compare_positions(recorded, manual, expected_name="adjustments", actual_name="statement")
     return problems
 
 
@@ -430,6 +439,109 @@ async def close_month(pool: asyncpg.Pool, shards: ShardPools, month: str, *, ope
             "fund_pay_sumamt_fen": total, "swept": swept, "drawdowns_fen": drawn})
         return CloseResult(month, version, closed_at, digest, int(body["entry_cnt"]), int(total),  # type: ignore[call-overload]
                            already_closed=False, swept=swept, drawdowns=drawn)
+
+
+@dataclass
+class ReissueResult:
+    clr_month: str
+    version: int
+    digest: str
+    fund_pay_sumamt: int
+    previous_version: int
+    duplicate: bool  # the ref was recorded before: nothing changed
+    drawdowns: dict[str, int] = field(default_factory=dict)  # what this version drew on top of the last
+
+
+_ADJ_COLS = ("adj_ref", "insured_pool", "treating_pool", "insured_prov", "treating_prov", "scope", *AMOUNT_FIELDS,
+             "reason", "stmt_version")
+
+
+def _adjustment(r: asyncpg.Record) -> Adjustment:
+    return Adjustment(r["adj_ref"], r["insured_pool"], r["treating_pool"], r["insured_prov"], r["treating_prov"],
+                      r["scope"], Amounts.of(r), r["reason"], r["stmt_version"])
+
+
+async def adjustments(conn: asyncpg.Connection, month: str, up_to_version: int | None = None) -> list[Adjustment]:
+    """The operator adjustments of a month (those a statement version includes), in version order."""
+    return [_adjustment(r) for r in await conn.fetch(
+        f"SELECT {', '.join(_ADJ_COLS)} FROM clearing_adjustment WHERE clr_month = $1"
+        " AND ($2::int IS NULL OR stmt_version <= $2) ORDER BY stmt_version", month, up_to_version)]
+
+
+async def reissue_statement(conn: asyncpg.Connection, month: str, ref: str, insured_pool: str, treating_pool: str,
+                            amounts: Amounts, reason: str, *, operator: str) -> ReissueResult:
+    """Adjust a closed month (one pooling-region pair's amounts, with a reason) and re-issue its statement as
+    the next version, in one transaction: the adjustment, the new version (older ones stay, frozen), the
+    deposits' draw-down of the difference, the audit row (`statement.reissue`). `ref` is the idempotency
+    key: the same ref again changes nothing; with other values it is refused."""
+    check_month(month)
+    insured, treating = region_of(insured_pool), region_of(treating_pool)
+    if insured.pool_admdvs != insured_pool or treating.pool_admdvs != treating_pool:
+        raise ClearingError("an adjustment names two pooling regions (统筹区)")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", CLOSE_LOCK_KEY)
+        state = await conn.fetchrow(
+            "SELECT state, stmt_version FROM clearing_month WHERE clr_month = $1 FOR UPDATE", month)
+        if state is None or state["state"] != "closed":
+            raise ClearingError(f"{month} is not closed: only a closed month's statement is re-issued")
+        seen = await conn.fetchrow(f"SELECT clr_month, {', '.join(_ADJ_COLS)} FROM clearing_adjustment"
+                                   " WHERE adj_ref = $1", ref)
+        if seen is not None:
+            done = _adjustment(seen)
+            if (seen["clr_month"], done.insured_pool, done.treating_pool, done.amounts, done.reason) != (
+                    month, insured_pool, treating_pool, amounts, reason):
+                raise ClearingError(f"the ref {ref} was used for another adjustment")
+            stmt = await statement(conn, month, done.version)
+            assert stmt is not None
+            await audit.record(conn, operator, "statement.reissue", month, before=None, after={
+                "adj_ref": ref, "stmt_version": done.version, "duplicate": True})
+            return ReissueResult(month, done.version, stmt["digest"], stmt["fund_pay_sumamt"], done.version - 1,
+                                 duplicate=True)
+        previous = await statement(conn, month, state["stmt_version"])
+        if previous is None:
+            raise ClearingError(f"{month} is closed but has no statement")
+        version = int(previous["version"]) + 1
+        adj = Adjustment(ref, insured_pool, treating_pool, insured.prov_admdvs, treating.prov_admdvs,
+                         classify_scope(insured_pool, treating_pool), amounts, reason, version).checked()
+        await conn.execute(
+            f"INSERT INTO clearing_adjustment (clr_month, {', '.join(_ADJ_COLS)}, created_by)"
+            f" VALUES ({_params(len(_ADJ_COLS) + 2)})",
+            month, ref, insured_pool, treating_pool, adj.insured_prov, adj.treating_prov, adj.scope,
+            *(getattr(amounts, f) for f in AMOUNT_FIELDS), reason, version, operator)
+        included = await adjustments(conn, month)
+        before = positions_from_statement(previous["body"])
+        after = reissued_positions(month, before, included)
+        body = month_statement(month, version, previous["body"]["closed_at"], after,
+                               [a.as_json() for a in included])
+        digest = hashlib.sha256(canonical(body)).hexdigest()
+        total = int(body["total"]["fund_pay_sumamt"])  # type: ignore[index]
+        await conn.execute(
+            "INSERT INTO clearing_statement (clr_month, version, closed_at, entry_cnt, fund_pay_sumamt, body, digest,"
+            " issued_by, reason) SELECT $1, $2, closed_at, $3, $4, $5::jsonb, $6, $7, $8 FROM clearing_month"
+            " WHERE clr_month = $1",
+            month, version, body["entry_cnt"], total, canonical(body).decode(), digest, operator, reason)
+        await conn.execute("UPDATE clearing_month SET stmt_version = $2 WHERE clr_month = $1", month, version)
+        old, new = drawdowns(before), drawdowns(after)
+        extra = {p: new.get(p, 0) - old.get(p, 0) for p in sorted(set(old) | set(new))}
+        extra = {p: v for p, v in extra.items() if v}
+        for prov, amount in extra.items():
+            await deposit_move(conn, f"clearing-{month}-{prov}-v{version}", prov, "drawdown", -amount, month,
+                               f"clearing of {month}, statement version {version}")
+        await audit.record(conn, operator, "statement.reissue", month, before={
+            "stmt_version": previous["version"], "digest": previous["digest"],
+            "fund_pay_sumamt_fen": previous["fund_pay_sumamt"]}, after={
+            "stmt_version": version, "digest": digest, "fund_pay_sumamt_fen": total, "adj_ref": ref,
+            "pair": f"{insured_pool}->{treating_pool}", "amounts_fen": amounts.as_dict(), "drawdowns_fen": extra})
+        return ReissueResult(month, version, digest, total, int(previous["version"]), duplicate=False,
+                             drawdowns=extra)
+
+
+async def statement_versions(conn: asyncpg.Connection, month: str) -> list[asyncpg.Record]:
+    """Every version of a month's statement, oldest first (never a body)."""
+    return list(await conn.fetch(
+        "SELECT version, to_char(issued_at AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI:SS') AS issued_at,"
+        " issued_by, reason, entry_cnt, fund_pay_sumamt, digest FROM clearing_statement WHERE clr_month = $1"
+        " ORDER BY version", month))
 
 
 async def statement(conn: asyncpg.Connection, month: str, version: int | None = None) -> dict[str, Any] | None:
@@ -563,9 +675,9 @@ class DepositMove:
 
 async def cleared_history(conn: asyncpg.Connection, prov: str) -> list[int]:
     """What each closed month's clearing drew (positive: paid out), oldest first."""
-    return [-r[0] for r in await conn.fetch(
-        "SELECT amount_fen FROM clearing_deposit_txn WHERE insured_prov = $1 AND kind = 'drawdown'"
-        " ORDER BY clr_month", prov)]
+    return [-r[0] for r in await conn.fetch(  # a re-issued statement adds a month's second draw-down: one sum
+        "SELECT sum(amount_fen)::bigint FROM clearing_deposit_txn WHERE insured_prov = $1 AND kind = 'drawdown'"
+        " GROUP BY clr_month ORDER BY clr_month", prov)]
 
 
 async def current_line(conn: asyncpg.Connection, prov: str) -> int:
