@@ -47,6 +47,10 @@ HOSPITALS = {
     # One hospital and one pharmacy in each seed region, for a whole hospital day per region.
     **{f"seed_{code}": Hospital(f"H{code}99902", f"{code}测试医院", code) for code in SEED_REGIONS},
     **{f"seed_{code}_pharmacy": Hospital(f"P{code}99902", f"{code}测试药房", code) for code in SEED_REGIONS},
+    # Clearing at national shape (test_clearing_national.py): two hospitals of 赤峰's agency, one of 攀枝花's.
+    "clear_a": Hospital("H15040099919", "赤峰测试清算甲医院", "150400"),
+    "clear_b": Hospital("H15040099920", "赤峰测试清算乙医院", "150400"),
+    "clear_other": Hospital("H51042199919", "米易县测试清算医院", "510421"),
 }
 TEST_PROVINCES = ("510000", "150000", "500000", "350000", "140000")
 # Test catalog codes, present in every treating province used here.
@@ -101,6 +105,11 @@ PERSONS: dict[str, PersonSpec] = {
     "year_boundary": PersonSpec(TestPerson(psn(12), "150400", "310"), "1101", None, "0.00", None),
     "info": PersonSpec(TestPerson(psn(13), "150400", "310"), "1201", "2", "1234.56", ("LONG_TERM", None), ("HTN",),
                        _certno(f"15040019580306{int(RUN_TOKEN) % 1000:03d}")),
+    # Clearing at national shape: 米易 residents treated in 赤峰, 赤峰 employees treated in 米易 (filed anywhere).
+    **{f"clear{i}": PersonSpec(TestPerson(psn(490 + i), "510421", "390"), "1501", None, "0.00", ("LONG_TERM", None))
+       for i in range(12)},
+    **{f"clear_back{i}": PersonSpec(TestPerson(psn(510 + i), "150400", "310"), "1101", None, "0.00",
+                                    ("LONG_TERM", None)) for i in range(3)},
     # A hospital day in each seed region: a local resident, a local employee with chronic HTN, and a
     # visitor insured in the next seed region with a LONG_TERM filing for anywhere.
     **{f"day_{code}_{role}": spec for i, code in enumerate(SEED_REGIONS) for role, spec in (
