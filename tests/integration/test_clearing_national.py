@@ -252,13 +252,13 @@ async def test_the_agency_clears_every_institution_of_its_region_and_nothing_els
     wrong_area = AGENCY.envelope("3260", {"data": Q})
     wrong_area["mdtrtarea_admvs"] = "510421"
     assert (await client.call(wrong_area))["err_msg"].startswith("MDTRTAREA_MISMATCH")
-    not_theirs = await client.call(OTHER_AGENCY.envelope("3262", {"data": {**Q, "otransid": done["msgid"]}}))
+    not_theirs = await client.call(OTHER_AGENCY.envelope("3262", {"data": {**Q, "otransid": res["otransid"]}}))
     assert not_theirs["err_msg"].startswith("CONFIRMATION_UNKNOWN")
 
     # The agency rolls back a batch of one of its hospitals (B's, all duplicates: nothing changes) and its own.
     b_back = result(await client.call(AGENCY.envelope("3262", {"data": {**Q, "otransid": b_again["otransid"]}})))
     assert b_back["cnfm_stas"] == "rolled_back" and b_back["month_cnfm_cnt"] == res["month_cnfm_cnt"]
-    own_back = result(await client.call(AGENCY.envelope("3262", {"data": {**Q, "otransid": done["msgid"]}})))
+    own_back = result(await client.call(AGENCY.envelope("3262", {"data": {**Q, "otransid": res["otransid"]}})))
     assert (own_back["month_cnfm_cnt"], own_back["month_dspt_cnt"]) == (res["month_cnfm_cnt"] - 5,
                                                                         res["month_dspt_cnt"] - 1)
 
