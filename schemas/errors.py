@@ -120,8 +120,8 @@ ERRORS: dict[str, ErrorSpec] = {
         ErrorSpec("CONFIRMATION_MISMATCH", "the confirmation does not match the month's clearing details (row "
                   "count, unknown setl_sn or amounts; counts are named)", "3261",
                   "pull the details again (3260) and confirm what they list"),
-        ErrorSpec("CONFIRMATION_UNKNOWN", "no confirmation with that otransid for this sender and month (an agency: also its "
-                  "institutions')", "3262",
+        ErrorSpec("CONFIRMATION_UNKNOWN", "no confirmation with that otransid for this sender and month (an "
+                  "agency: also its institutions')", "3262",
                   "use the msgid of the 3261 that confirmed"),
         # Clearing at national shape (3261 in batches, the agency's scope).
         ErrorSpec("CONFIRMATION_BATCH_SIZE", "a 3261 batch lists 1 to 100 rows (`detail`); a month is confirmed by "
