@@ -412,7 +412,8 @@ async def test_clearing_details_confirmation_and_applications(traffic: Traffic, 
         "month_dspt_cnt": 1, "month_stas": "complete"}
     again = await client.call(hospital.envelope("3261", {"data": {**q, "totalrow": len(ours)}}))
     assert again["err_msg"].startswith("CONFIRMATION_BATCH_SIZE")  # a batch lists 1 to 100 rows
-    mismatch = await client.call(HOSPITALS["440300"].envelope("3261", {"data": {**q, "totalrow": 99999}}))
+    mismatch = await client.call(HOSPITALS["440300"].envelope("3261", {"data": {**q, "totalrow": 99999}, "detail": [
+        {"setl_sn": "X1", "medfee_sumamt": 0, "optins_pay_sumamt": 0}]}))
     assert mismatch["err_msg"].startswith("CONFIRMATION_MISMATCH")
     back = await client.call(hospital.envelope("3262", {"data": {**q, "otransid": env["msgid"]}}))
     assert back["output"]["result"]["cnfm_stas"] == "rolled_back"
