@@ -329,6 +329,11 @@ async def test_a_statement_is_reissued_as_a_new_version_after_an_adjustment(
     payable = {json.loads(o.stdout)["version"]: json.loads(o.stdout)["payable_total"]["fund_pay_sumamt"]
                for o in (shown, shown_v1)}
     assert D(str(payable[1])) - D(str(payable[2])) == D("12.34")
+    assert json.loads(shown_v1.stdout)["adjustments"] == []
+    assert json.loads(shown.stdout)["adjustments"] == [{
+        "ref": "ADJ-2026-04-T1", "insured_pool": "510400", "treating_pool": "150400", "version": 2,
+        "reason": "duplicate fee found in review", "medfee_sumamt": -12.34, "hifp_pay": -12.34, "hifmi_pay": 0,
+        "hifob_pay": 0, "maf_pay": 0, "fund_pay_sumamt": -12.34}]
 
     repeat = _cmd(services, *args, "--operator", OPERATOR)
     assert repeat.returncode == 0 and json.loads(repeat.stdout)["duplicate"] is True

@@ -29,11 +29,13 @@ from services.clearing.logic import (
     positions_from_statement,
     reissued_positions,
 )
+from services.clearing.statement import region_statement, to_html, to_wire
 from services.refdata.agency import agency_code, agency_pool, is_agency_code
 from services.refdata.regions import UnknownRegion
 from services.router.logic import ForwardClearing, IngressMeta, Session, route
 from tests.unit.test_router_logic import refdata
 
+D = Decimal
 META = IngressMeta(reply_topic="fsi.replies", reply_partition=0, received_ns=0)
 AGENCY = Hospital("A15040000000", "赤峰市医保经办机构", "150400")
 MONTH = "2026-04"
@@ -134,6 +136,11 @@ def test_a_reissued_statement_adds_money_only_and_still_nets_to_zero() -> None:
     assert [a["ref"] for a in v3["adjustments"]] == ["R1", "R2"]  # type: ignore[attr-defined]
     assert sum(n["net"]["fund_pay_sumamt"] for n in v3["pool_net"]) == 0  # type: ignore[attr-defined]
     assert drawdowns(after)["510000"] - drawdowns(frozen)["510000"] == -1_034
+    shown = to_wire(region_statement(v3, "150000", status="closed"))  # the treating province names both
+    assert [a["ref"] for a in shown["adjustments"]] == ["R1", "R2"] and shown["adjustments"][0]["hifp_pay"] == D(
+        "-12.34")
+    assert to_wire(region_statement(v3, "350300", status="closed"))["adjustments"] == []
+    assert "R2 (version 3)" in to_html(region_statement(v3, "510400", status="closed"))
     # Re-issuing from a re-issued body keeps one manual position, not the old one plus the new.
     again = reissued_positions(MONTH, positions_from_statement(v3), adjustments)
     assert sorted(p.key for p in again) == sorted(p.key for p in after)
