@@ -13,7 +13,10 @@ broker are marked):
 - 3203 / 3204: a hospital's clearing application for a period (checked against the
   ledger) and its withdrawal.
 - 3260 / 3261 / 3262: the hospital's non-local clearing details of a closed month
-  (paged, 100 rows), their confirmation, and the rollback of a confirmation.
+  (paged, 100 rows), their confirmation in batches of at most 100 rows (several 3261 per
+  month, each answered with the month's confirmation state), and the rollback of one batch.
+  The treating region's agency (`A` + pooling admdvs + `00000`) sends them for every
+  institution of its region.
 
 Amounts are decimal yuan on the wire (JSON numbers, 2 places; totals and reversal rows
 may be negative), integer fen inside. Events on `fsi.manual_claims`, `fsi.deposits` and
@@ -40,6 +43,7 @@ from schemas.wire import Admdvs, Code, Flag, Text, WireTime, check_times
 STMT_DAYS_MAX: Final = 31
 DETAIL_ROWS_MAX: Final = 10_000
 CLEARING_PAGE_ROWS: Final = 100
+CONFIRM_BATCH_ROWS_MAX: Final = 100  # rows of one 3261, as the national interface takes them
 
 DateStr = Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
 YearStr = Annotated[str, Meta(pattern=r"^[0-9]{4}$")]
@@ -305,16 +309,31 @@ class ConfirmRow(msgspec.Struct, kw_only=True):
 
 
 class Input3261(msgspec.Struct, kw_only=True, tag=True):
+    """One batch: 1..CONFIRM_BATCH_ROWS_MAX rows (checked by the clearing service, which answers
+    CONFIRMATION_BATCH_SIZE; the decoder's bound only limits what is read)."""
+
     data: ConfirmHead
-    detail: Annotated[list[ConfirmRow], Meta(max_length=DETAIL_ROWS_MAX)] = []  # empty: confirm every row
+    detail: Annotated[list[ConfirmRow], Meta(max_length=DETAIL_ROWS_MAX)] = []
+
+    def __post_init__(self) -> None:
+        if len({row.setl_sn for row in self.detail}) != len(self.detail):
+            raise ValueError("detail: a setl_sn appears twice")
 
 
 class ConfirmResult(msgspec.Struct, kw_only=True):
-    otransid: str  # the msgid of the 3261 that confirmed
-    totalrow: int
-    cnfm_cnt: int
-    dspt_cnt: int
-    cnfm_stas: Literal["confirmed", "rolled_back"]
+    """One batch (its counts) and, extensions, the month's confirmation state after it (the sender's
+    rows: a hospital's own, an agency's region's)."""
+
+    otransid: str  # the msgid of the 3261 batch
+    totalrow: int  # the month's rows
+    cnfm_cnt: int  # rows this batch confirmed
+    dspt_cnt: int  # rows this batch disputed (cnfm_flag 0)
+    cnfm_stas: Literal["confirmed", "rolled_back"]  # the batch's
+    batch_rows: int = 0  # rows the batch listed
+    dup_cnt: int = 0  # of which an earlier live batch had confirmed or disputed already (not counted again)
+    month_cnfm_cnt: int = 0
+    month_dspt_cnt: int = 0
+    month_stas: Literal["partial", "complete"] = "partial"  # complete: every row confirmed or disputed
 
 
 class Output3261(msgspec.Struct, kw_only=True):

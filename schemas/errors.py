@@ -106,7 +106,8 @@ ERRORS: dict[str, ErrorSpec] = {
                   "institution than fixmedins_code names", "all",
                   "send over the connection of your own certificate"),
         ErrorSpec("INSTITUTION_NOT_ALLOWED", "this kind of institution may not send this transaction (pharmacies "
-                  "(P…) send purchases 21xx, hospitals (H…) visits 22xx–24xx)", "all",
+                  "(P…) send purchases 21xx, hospitals (H…) visits 22xx–24xx, an agency (A…) only 9001, 9002 and "
+                  "3260–3262)", "all",
                   "send the transaction of your kind of institution"),
         ErrorSpec("RATE_LIMITED", "too many person look-ups (1101) from this institution in the last minute",
                   "1101", "wait and retry; look up only persons you treat"),
@@ -145,8 +146,15 @@ ERRORS: dict[str, ErrorSpec] = {
         ErrorSpec("CONFIRMATION_MISMATCH", "the confirmation does not match the month's clearing details (row "
                   "count, unknown setl_sn or amounts; counts are named)", "3261",
                   "pull the details again (3260) and confirm what they list"),
-        ErrorSpec("CONFIRMATION_UNKNOWN", "no confirmation with that otransid for this hospital and month", "3262",
+        ErrorSpec("CONFIRMATION_UNKNOWN", "no confirmation with that otransid for this sender and month (an "
+                  "agency: also its institutions')", "3262",
                   "use the msgid of the 3261 that confirmed"),
+        # Clearing at national shape (3261 in batches, the agency's scope).
+        ErrorSpec("CONFIRMATION_BATCH_SIZE", "a 3261 batch lists 1 to 100 rows (`detail`); a month is confirmed by "
+                  "several batches", "3261", "split the month's rows into batches of at most 100"),
+        ErrorSpec("CONFIRMATION_ROW_UNKNOWN", "a setl_sn of the batch is not a clearing row of that month for this "
+                  "institution (an agency: of its region's institutions); the index is named, nothing is confirmed",
+                  "3261", "confirm only rows that 3260 lists for the same month"),
         ErrorSpec("STATEMENT_UNKNOWN", "no clearing statement for that month (or version)", "clearing CLI",
                   "close the month first, or ask for the running positions"),
         # Queries (5201–5206, services/settle/queries.py).

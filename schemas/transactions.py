@@ -92,7 +92,14 @@ COMMON_ERRORS: Final = (
 SENDERS: Final[Mapping[str, str]] = MappingProxyType({"21": "P", "22": "H", "23": "H", "24": "H"})
 
 
+# The treating region's agency (经办机构, code `A` + pooling admdvs + `00000`; services/refdata/agency.py):
+# sign-in/out and the clearing details of its region's institutions, nothing else (clearing at national shape).
+AGENCY_INFNOS: Final = frozenset({"9001", "9002", "3260", "3261", "3262"})
+
+
 def may_send(infno: str, fixmedins_code: str) -> bool:
+    if fixmedins_code[:1] == "A":
+        return infno in AGENCY_INFNOS
     return fixmedins_code[:1] in SENDERS.get(infno[:2], "HP")
 
 
@@ -258,7 +265,7 @@ _TRANSACTIONS: tuple[Transaction, ...] = (
                 ("APPLICATION_UNKNOWN", "MONTH_CLOSED")),
     Transaction("3260", "clearing details of a closed month", Input3260, "clearing", ("MONTH_NOT_CLOSED",)),
     Transaction("3261", "clearing details confirmation", Input3261, "clearing",
-                ("MONTH_NOT_CLOSED", "CONFIRMATION_MISMATCH")),
+                ("MONTH_NOT_CLOSED", "CONFIRMATION_MISMATCH", "CONFIRMATION_BATCH_SIZE", "CONFIRMATION_ROW_UNKNOWN")),
     Transaction("3262", "clearing confirmation rollback", Input3262, "clearing",
                 ("MONTH_NOT_CLOSED", "CONFIRMATION_UNKNOWN")),
     # Queries of the asking institution's own data, answered by the engine from the person's shard

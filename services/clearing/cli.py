@@ -5,6 +5,10 @@
     python -m services.clearing.cli positions --month 2026-06 [--level pool|province]
     python -m services.clearing.cli statement --month 2026-06 --region 510400 [--format json|csv|html]
                                               [--out FILE] [--version N]
+    python -m services.clearing.cli statements --month 2026-06                   # its versions, oldest first
+    python -m services.clearing.cli adjust --month 2026-06 --insured 510400 --treating 150400
+        --amount hifp_pay=-12.34 [--amount medfee_sumamt=-12.34 ...] --reason TEXT --ref ADJ-2026-06-01
+        --operator li.ming                                # a closed month's statement re-issued as version N+1
     python -m services.clearing.cli sweep [--before 2026-07] --operator li.ming  # ledger rows the stream missed
     python -m services.clearing.cli deposit topup --prov 510000 --yuan 5000000.00 --ref BANK-2026-0001
                                                   --operator li.ming
@@ -14,7 +18,8 @@
     python -m services.clearing.cli claims rate --from 2026-06-01 --to 2026-06-30 [--recompute]
 
 A statement of an open month is provisional (the running positions); of a closed month, the frozen
-statement. The commands that change something (close, sweep, deposit topup and line, claims submit)
+statement — its latest version unless `--version` asks for an older one. The commands that change
+something (close, adjust, sweep, deposit topup and line, claims submit)
 name their operator (`--operator NAME` or XS_OPERATOR) and each leaves one audit row
 (services.common.audit) in its own transaction, published to fsi.audit when it is done.
 Exit status: 0 done, 1 refused (the message says why), 2 usage (an operator missing, too).
@@ -39,10 +44,12 @@ import msgspec
 
 from schemas.clearing import ManualClaim
 from schemas.codec import encode
+from schemas.codes import FUNDS
 from schemas.errors import BrokerError
 from schemas.money import AmountError, check_yuan, to_fen, to_yuan
 from services.clearing import store
 from services.clearing.logic import (
+    Amounts,
     ClearingError,
     check_month,
     month_statement,
@@ -192,6 +199,31 @@ def _month(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+ADJUSTABLE = ("medfee_sumamt", *FUNDS)
+
+
+def _amount(text: str) -> tuple[str, int]:
+    """FIELD=YUAN (signed): a fund of the pair, or medfee_sumamt."""
+    name, sep, value = text.partition("=")
+    if not sep or name not in ADJUSTABLE:
+        raise argparse.ArgumentTypeError(f"an amount is FIELD=YUAN with FIELD one of {', '.join(ADJUSTABLE)}")
+    try:
+        yuan = Decimal(value)
+        check_yuan(name, yuan, allow_negative=True)
+    except (ArithmeticError, AmountError) as e:
+        raise argparse.ArgumentTypeError(f"not an amount in yuan: {e}") from None
+    return name, to_fen(yuan)
+
+
+def adjustment_amounts(pairs: Sequence[tuple[str, int]]) -> Amounts:
+    """The adjustment's amounts from FIELD=fen pairs (a field named twice: refused); the fund total is their sum."""
+    values = dict(pairs)
+    if len(values) != len(pairs):
+        raise ValueError("an amount field is named twice")
+    funds = {f: values.get(f, 0) for f in FUNDS}
+    return Amounts(values.get("medfee_sumamt", 0), **funds, fund_pay_sumamt=sum(funds.values()))
+
+
 def _date(text: str) -> date:
     try:
         return datetime.strptime(text, "%Y-%m-%d").date()
@@ -250,6 +282,23 @@ async def _run_db(args: argparse.Namespace, s: Settings, pool: asyncpg.Pool, sha
         else:
             sys.stdout.buffer.write(data + (b"\n" if not data.endswith(b"\n") else b""))
         return 0
+    if args.cmd == "statements":
+        versions = await store.statement_versions(conn, args.month)
+        if not versions:
+            raise BrokerError("STATEMENT_UNKNOWN", f"no statement for {args.month}: the month is not closed")
+        for r in versions:
+            print(f"{args.month} v{r['version']} issued {r['issued_at']} by {r['issued_by'] or '-'}"
+                  f" fund_pay_sumamt {to_yuan(r['fund_pay_sumamt'])} digest {r['digest']}"
+                  + (f" reason: {r['reason']}" if r["reason"] else ""))
+        return 0
+    if args.cmd == "adjust":
+        done = await store.reissue_statement(conn, args.month, args.ref, args.insured, args.treating,
+                                             adjustment_amounts(args.amount), args.reason, operator=args.operator)
+        await publish_outbox(s, pool)
+        await audit.publish_after_action(s)
+        _print_json({**asdict(done), "fund_pay_sumamt": to_yuan(done.fund_pay_sumamt),
+                     "drawdowns": {p: to_yuan(f) for p, f in done.drawdowns.items()}})
+        return 0
     if args.cmd == "sweep":
         async with conn.transaction():
             n = await store.sweep(conn, shards, store.month_start(args.before) if args.before else None)
@@ -297,6 +346,17 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--format", choices=("json", "csv", "html"), default="json")
     st.add_argument("--out")
     st.add_argument("--version", type=int)
+    sub.add_parser("statements", help="a closed month's statement versions").add_argument(
+        "--month", type=_month, required=True)
+    adj = sub.add_parser("adjust", help="correct a region pair's amounts in a closed month; re-issue its statement")
+    adj.add_argument("--month", type=_month, required=True)
+    adj.add_argument("--insured", required=True, help="the insured pooling region (owes)")
+    adj.add_argument("--treating", required=True, help="the treating pooling region (is owed)")
+    adj.add_argument("--amount", type=_amount, action="append", required=True,
+                     help="FIELD=YUAN, signed: what the pair's amount changes by (repeat per field)")
+    adj.add_argument("--reason", required=True, help="why (kept with the statement version; no personal data)")
+    adj.add_argument("--ref", required=True, help="the adjustment's reference: a second run with it is a no-op")
+    audit.add_operator_argument(adj)
     sw = sub.add_parser("sweep")
     sw.add_argument("--before", type=_month, help="only rows of months before this one")
     audit.add_operator_argument(sw)
@@ -328,7 +388,7 @@ def parser() -> argparse.ArgumentParser:
 
 def changes_state(args: argparse.Namespace) -> bool:
     """The commands that change something, and so name their operator."""
-    return args.cmd in ("close", "sweep") or (args.cmd, getattr(args, "action", None)) in (
+    return args.cmd in ("close", "sweep", "adjust") or (args.cmd, getattr(args, "action", None)) in (
         ("deposit", "topup"), ("deposit", "line"), ("claims", "submit"))
 
 

@@ -33,6 +33,8 @@ MONTHS_WALK_MAX = 1200  # a row never walks further than 100 years of closed mon
 _MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
 Kind = Literal["settle", "reverse"]
+# The kind of a statement position made by an operator adjustment of a closed month (`adjustment_position`).
+MANUAL = "manual"
 
 
 class ClearingError(ValueError):
@@ -266,6 +268,8 @@ class PairLine:
 
     def plus(self, pos: Position) -> PairLine:
         k = pos.key
+        if k.kind == MANUAL:  # an operator's correction: money only, no person-times
+            return replace(self, adjusted=self.adjusted + pos.amounts)
         if k.adjustment:
             cnt_field = "adj_settle_cnt" if k.kind == "settle" else "adj_reverse_cnt"
             return replace(self, **{cnt_field: getattr(self, cnt_field) + pos.cnt},
@@ -367,9 +371,13 @@ def _net_json(r: RegionNet) -> dict[str, object]:
             "payable": r.payable.as_dict(), "receivable": r.receivable.as_dict(), "net": r.net.as_dict()}
 
 
-def month_statement(clr_month: str, version: int, closed_at: str, positions: Iterable[Position]) -> dict[str, object]:
-    """The body of a month's statement: every position, pool and province lines, net positions (fen)."""
+def month_statement(clr_month: str, version: int, closed_at: str, positions: Iterable[Position],
+                    adjustments: Sequence[Mapping[str, object]] = ()) -> dict[str, object]:
+    """The body of a month's statement: every position, pool and province lines, net positions (fen).
+    A re-issued version (2, 3, …) also lists the operator adjustments it includes (their positions are
+    among `positions`, kind MANUAL)."""
     positions = sorted(positions, key=lambda p: p.key)
+    extra: dict[str, object] = {"adjustments": list(adjustments)} if adjustments else {}
     pools = pool_lines(positions)
     provinces = province_lines(pools)
     total = ZERO
@@ -392,6 +400,7 @@ def month_statement(clr_month: str, version: int, closed_at: str, positions: Ite
         "province_lines": [_line_json(line) for line in provinces],
         "pool_net": [_net_json(r) for r in net_positions(pools)],
         "province_net": [_net_json(r) for r in net_positions(provinces)],
+        **extra,
     }
 
 
@@ -402,6 +411,57 @@ def positions_from_statement(body: Mapping[str, object]) -> list[Position]:
         key = PositionKey(clr_month, p["insured_pool"], p["treating_pool"], p["kind"], bool(p["adjustment"]))
         out.append(Position(key, p["insured_prov"], p["treating_prov"], p["scope"], int(p["cnt"]), Amounts.of(p)))
     return out
+
+
+# Statement versions: operator adjustments of a closed month ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """An operator's correction of what one insured pooling region owes one treating pooling region in a
+    closed month (fen, signed); it re-issues the month's statement as version `version`."""
+
+    ref: str
+    insured_pool: str
+    treating_pool: str
+    insured_prov: str
+    treating_prov: str
+    scope: str
+    amounts: Amounts
+    reason: str
+    version: int
+
+    def checked(self) -> Adjustment:
+        if self.insured_pool == self.treating_pool:
+            raise ClearingError("an adjustment is between two different pooling regions")
+        if self.scope not in NON_LOCAL:
+            raise ClearingError("an adjustment is of non-local care")
+        if self.amounts == ZERO:
+            raise ClearingError("an adjustment changes at least one amount")
+        if not 1 <= len(self.reason) <= 500:
+            raise ClearingError("an adjustment names its reason (1 to 500 characters)")
+        self.amounts.checked()
+        return self
+
+    def as_json(self) -> dict[str, object]:
+        return {"ref": self.ref, "insured_pool": self.insured_pool, "treating_pool": self.treating_pool,
+                "reason": self.reason, "version": self.version, **self.amounts.as_dict()}
+
+
+def adjustment_position(clr_month: str, adj: Adjustment) -> Position:
+    key = PositionKey(clr_month, adj.insured_pool, adj.treating_pool, MANUAL, True)
+    return Position(key, adj.insured_prov, adj.treating_prov, adj.scope, 0, adj.amounts)
+
+
+def reissued_positions(clr_month: str, frozen: Iterable[Position], adjustments: Iterable[Adjustment]
+                       ) -> list[Position]:
+    """A re-issued statement's positions: the closed month's own (frozen at the close, never changed) and
+    one MANUAL position per adjusted pair holding the sum of its adjustments."""
+    manual: dict[PositionKey, Position] = {}
+    for adj in adjustments:
+        pos = adjustment_position(clr_month, adj)
+        manual[pos.key] = manual[pos.key] + pos if pos.key in manual else pos
+    return [p for p in frozen if p.key.kind != MANUAL] + list(manual.values())
 
 
 # Reconciliation with a hospital (3201 / 3202) ---------------------------------------------
@@ -532,6 +592,29 @@ def reconcile_rows(medins: Sequence[MedinsRow], ledger: Sequence[LedgerRow]) -> 
             matched += 1
     diffs += [DetailDiff(mr.setl_id, "missing_in_ledger", None, mr) for mr in medins if mr.setl_id not in ours]
     return matched, diffs
+
+
+# Clearing details (3260 / 3261 / 3262) -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RowScope:
+    """Whose clearing rows a 3260-3262 sender sees: a hospital's (or pharmacy's) own, or — the treating
+    region's agency — those of every institution of its pooling region."""
+
+    fixmedins_code: str | None = None
+    treating_pool: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fixmedins_code is None) == (self.treating_pool is None):
+            raise ValueError("a row scope is one institution or one pooling region")
+
+
+def month_stas(totalrow: int, cnfm_cnt: int, dspt_cnt: int) -> Literal["partial", "complete"]:
+    """A month's confirmation is complete when every row is confirmed or disputed."""
+    if cnfm_cnt + dspt_cnt > totalrow:
+        raise ClearingError("more rows confirmed than the month has")
+    return "complete" if cnfm_cnt + dspt_cnt == totalrow else "partial"
 
 
 # Deposits --------------------------------------------------------------------------------

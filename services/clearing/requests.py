@@ -16,6 +16,7 @@ import asyncpg
 
 from schemas.clearing import (
     CLEARING_PAGE_ROWS,
+    CONFIRM_BATCH_ROWS_MAX,
     ApplResult,
     ClearingDetail,
     ConfirmResult,
@@ -40,23 +41,30 @@ from schemas.clearing import (
 from schemas.envelope import RequestEnvelope
 from schemas.errors import BrokerError
 from schemas.money import to_fen, to_yuan
+from schemas.transactions import AGENCY_INFNOS
 from services.clearing import store
 from services.clearing.logic import (
     APPL_FIELDS,
     FieldDiff,
     MedinsRow,
+    RowScope,
     compare_fields,
     describe,
+    month_stas,
     reconcile_rows,
     totals_of,
 )
 from services.common.shards import ShardPools
+from services.refdata.agency import agency_pool
+from services.refdata.regions import UnknownRegion, region_of
 
 Output = Output3201 | Output3202 | Output3203 | Output3260 | Output3261
 
 
 async def answer(conn: asyncpg.Connection, shards: ShardPools, env: RequestEnvelope, body: Any) -> tuple[Output, str]:
     """(output, warn_msg) for one 32xx request of hospital `env.fixmedins_code`."""
+    if env.fixmedins_code[:1] == "A" and env.infno not in AGENCY_INFNOS:  # the router refuses them first
+        raise BrokerError("INSTITUTION_NOT_ALLOWED", f"infno {env.infno} is not sent by an agency")
     match body:
         case Input3201():
             return await reconcile_totals(shards, env, body), ""
@@ -223,68 +231,101 @@ def _detail(seqno: int, r: asyncpg.Record) -> ClearingDetail:
     )
 
 
+def _scope(env: RequestEnvelope) -> RowScope:
+    """A hospital sees its own rows; the treating region's agency those of its pooling region."""
+    try:
+        pool = agency_pool(env.fixmedins_code)
+    except UnknownRegion:
+        raise BrokerError("INSTITUTION_NOT_ALLOWED", "the agency code names no known pooling region") from None
+    return RowScope(treating_pool=pool) if pool else RowScope(fixmedins_code=env.fixmedins_code)
+
+
+def _sender_pool(env: RequestEnvelope, scope: RowScope) -> str:
+    """The sender's pooling region: the agency's, or the hospital's (the router checked that mdtrtarea_admvs
+    is in it)."""
+    return scope.treating_pool or region_of(env.mdtrtarea_admvs).pool_admdvs
+
+
 async def clearing_details(conn: asyncpg.Connection, env: RequestEnvelope, body: Input3260) -> Output3260:
     d = body.data
     month = await _closed_month(conn, d.trt_year, d.trt_month)
-    total, recs = await store.month_details(conn, month, env.fixmedins_code, d.startrow - 1, CLEARING_PAGE_ROWS)
+    total, recs = await store.month_details(conn, month, _scope(env), d.startrow - 1, CLEARING_PAGE_ROWS)
     return Output3260(totalrow=total, startrow=d.startrow,
                       data=[_detail(d.startrow + i, r) for i, r in enumerate(recs)])
 
 
-def _confirm_result(r: asyncpg.Record) -> Output3261:
-    return Output3261(result=ConfirmResult(otransid=r["otransid"], totalrow=r["totalrow"], cnfm_cnt=r["cnfm_cnt"],
-                                           dspt_cnt=r["dspt_cnt"], cnfm_stas=r["state"]))
+async def _confirm_result(conn: asyncpg.Connection, r: asyncpg.Record, scope: RowScope) -> Output3261:
+    """The batch `r` and the month's confirmation state (the sender's rows) as it is now."""
+    total, _ = await store.month_details(conn, r["clr_month"], scope, 0, 0)
+    cnfm, dspt = await store.month_confirmed(conn, r["clr_month"], scope)
+    return Output3261(result=ConfirmResult(
+        otransid=r["otransid"], totalrow=total, cnfm_cnt=r["cnfm_cnt"], dspt_cnt=r["dspt_cnt"], cnfm_stas=r["state"],
+        batch_rows=r["batch_rows"], dup_cnt=r["dup_cnt"], month_cnfm_cnt=cnfm, month_dspt_cnt=dspt,
+        month_stas=month_stas(total, cnfm, dspt)))
+
+
+def _indexes(found: list[int]) -> str:
+    shown = ", ".join(f"detail[{i}]" for i in found[:5])
+    return shown + (f" and {len(found) - 5} more" if len(found) > 5 else "")
 
 
 async def confirm_details(conn: asyncpg.Connection, env: RequestEnvelope, body: Input3261) -> tuple[Output3261, str]:
+    """One batch of at most 100 rows. Every row must be a clearing row of the month in the sender's scope and a
+    confirmed one (cnfm_flag 1) must carry the row's amounts — else nothing of the batch is recorded. A row an
+    earlier live batch holds stays as that batch recorded it (counted in dup_cnt, not again)."""
     d = body.data
+    if not 1 <= len(body.detail) <= CONFIRM_BATCH_ROWS_MAX:
+        raise BrokerError("CONFIRMATION_BATCH_SIZE", f"detail lists {len(body.detail)} rows; a batch lists 1 to "
+                          f"{CONFIRM_BATCH_ROWS_MAX}")
     month = await _closed_month(conn, d.trt_year, d.trt_month)
-    live = await conn.fetchrow(
-        "SELECT * FROM clearing_confirmation WHERE fixmedins_code = $1 AND clr_month = $2 AND state = 'confirmed'",
-        env.fixmedins_code, month)
-    if live is not None:
-        return _confirm_result(live), "the month is already confirmed"
-    total, recs = await store.month_details(conn, month, env.fixmedins_code)
+    scope = _scope(env)
+    total, _ = await store.month_details(conn, month, scope, 0, 0)
     if d.totalrow != total:
         raise BrokerError("CONFIRMATION_MISMATCH", f"totalrow {d.totalrow}, the month has {total} rows")
-    disputed: list[str] = []
-    if body.detail:
-        ours = {r["setl_id"]: r for r in recs}
-        unknown = differ = 0
-        for row in body.detail:
-            r = ours.get(row.setl_sn)
-            if r is None:
-                unknown += 1
-            elif (to_fen(row.medfee_sumamt), to_fen(row.optins_pay_sumamt)) != (r["medfee_sumamt"],
-                                                                                  r["fund_pay_sumamt"]):
-                differ += 1
-            elif row.cnfm_flag == "0":
-                disputed.append(row.setl_sn)
-        if unknown or differ or len(body.detail) != total:
-            raise BrokerError("CONFIRMATION_MISMATCH", f"{len(body.detail)} rows given for {total}; {unknown} unknown"
-                              f" setl_sn, {differ} with other amounts")
+    ours = await store.month_rows(conn, month, scope, [row.setl_sn for row in body.detail])
+    unknown = [i for i, row in enumerate(body.detail) if row.setl_sn not in ours]
+    if unknown:
+        raise BrokerError("CONFIRMATION_ROW_UNKNOWN", f"{_indexes(unknown)}: not a clearing row of {month} for this "
+                          "sender")
+    differ = [i for i, row in enumerate(body.detail) if row.cnfm_flag == "1" and (
+        to_fen(row.medfee_sumamt), to_fen(row.optins_pay_sumamt)) != (ours[row.setl_sn]["medfee_sumamt"],
+                                                                       ours[row.setl_sn]["fund_pay_sumamt"])]
+    if differ:
+        raise BrokerError("CONFIRMATION_MISMATCH", f"{_indexes(differ)}: amounts differ from the clearing row "
+                          "(confirm the amounts 3260 lists, or dispute the row with cnfm_flag 0)")
     await conn.execute(
         "INSERT INTO clearing_confirmation (otransid, fixmedins_code, clr_month, totalrow, cnfm_cnt, dspt_cnt,"
-        " disputed, state) VALUES ($1, $2, $3, $4, $5, $6, $7, 'confirmed')",
-        env.msgid, env.fixmedins_code, month, total, total - len(disputed), len(disputed), disputed,
-    )
-    r = await conn.fetchrow("SELECT * FROM clearing_confirmation WHERE otransid = $1", env.msgid)
-    return _confirm_result(r), ""
+        " batch_rows, sender_pool, state) VALUES ($1, $2, $3, $4, 0, 0, $5, $6, 'confirmed')",
+        env.msgid, env.fixmedins_code, month, total, len(body.detail), _sender_pool(env, scope))
+    recorded = await store.confirm_rows(conn, env.msgid, month, [
+        (row.setl_sn, ours[row.setl_sn]["fixmedins_code"], ours[row.setl_sn]["treating_pool"], row.cnfm_flag,
+         to_fen(row.medfee_sumamt), to_fen(row.optins_pay_sumamt)) for row in body.detail])
+    disputed = [r["setl_id"] for r in recorded if r["cnfm_flag"] == "0"]
+    dup = len(body.detail) - len(recorded)
+    r = await conn.fetchrow(
+        "UPDATE clearing_confirmation SET cnfm_cnt = $2, dspt_cnt = $3, dup_cnt = $4, disputed = $5"
+        " WHERE otransid = $1 RETURNING *", env.msgid, len(recorded) - len(disputed), len(disputed), dup, disputed)
+    warn = f"{dup} rows already confirmed or disputed by an earlier batch: not counted again" if dup else ""
+    return await _confirm_result(conn, r, scope), warn
 
 
 async def rollback_confirmation(conn: asyncpg.Connection, env: RequestEnvelope, body: Input3262
                                 ) -> tuple[Output3261, str]:
+    """Roll back one batch (its otransid): its rows are unconfirmed again. A hospital rolls back its own
+    batches; an agency its own and those of its region's institutions."""
     d = body.data
     month = await _closed_month(conn, d.trt_year, d.trt_month)
+    scope = _scope(env)
     r = await conn.fetchrow(
-        "SELECT * FROM clearing_confirmation WHERE otransid = $1 AND fixmedins_code = $2 AND clr_month = $3"
-        " FOR UPDATE", d.otransid, env.fixmedins_code, month)
-    if r is None:
-        raise BrokerError("CONFIRMATION_UNKNOWN", "no confirmation with that otransid for this hospital and month")
+        "SELECT * FROM clearing_confirmation WHERE otransid = $1 AND clr_month = $2 FOR UPDATE", d.otransid, month)
+    mine = r is not None and (r["fixmedins_code"] == env.fixmedins_code
+                              or (scope.treating_pool is not None and r["sender_pool"] == scope.treating_pool))
+    if r is None or not mine:
+        raise BrokerError("CONFIRMATION_UNKNOWN", "no confirmation with that otransid for this sender and month")
     if r["state"] == "rolled_back":
-        return _confirm_result(r), "already rolled back"
-    await conn.execute(
-        "UPDATE clearing_confirmation SET state = 'rolled_back', rolled_back_at = now() WHERE otransid = $1",
-        d.otransid)
-    r = await conn.fetchrow("SELECT * FROM clearing_confirmation WHERE otransid = $1", d.otransid)
-    return _confirm_result(r), ""
+        return await _confirm_result(conn, r, scope), "already rolled back"
+    await conn.execute("DELETE FROM clearing_confirmed_row WHERE otransid = $1", d.otransid)
+    r = await conn.fetchrow(
+        "UPDATE clearing_confirmation SET state = 'rolled_back', rolled_back_at = now() WHERE otransid = $1"
+        " RETURNING *", d.otransid)
+    return await _confirm_result(conn, r, scope), ""

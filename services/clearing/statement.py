@@ -44,6 +44,16 @@ class RegionStatement:
     receivable: list[PairLine]
     internal: PairLine | None
     net: RegionNet
+    adjustments: tuple[Mapping[str, Any], ...] = ()  # operator adjustments of this version naming the region
+
+
+def _adjustments_of(body: Mapping[str, Any], region: str, level: str) -> tuple[Mapping[str, Any], ...]:
+    """The adjustments a re-issued version lists whose pair names the region (at province level: either
+    pooling region of the province)."""
+    def names(pool: str) -> bool:
+        return pool == region if level == "pool" else region_of(pool).prov_admdvs == region
+
+    return tuple(a for a in body.get("adjustments", ()) if names(a["insured_pool"]) or names(a["treating_pool"]))
 
 
 def _line(d: Mapping[str, Any]) -> PairLine:
@@ -76,7 +86,8 @@ def region_statement(body: Mapping[str, Any], region: str, *, status: str, diges
     net = (RegionNet(region, Amounts.of(n["payable"]), Amounts.of(n["receivable"]), n["payable_cnt"],
                      n["receivable_cnt"]) if n else RegionNet(region, ZERO, ZERO, 0, 0))
     return RegionStatement(region, region_of(region).name, level, str(body["clr_month"]), status,
-                           int(body["version"]), str(body["closed_at"]), digest, payable, receivable, internal, net)
+                           int(body["version"]), str(body["closed_at"]), digest, payable, receivable, internal, net,
+                           _adjustments_of(body, region, level))
 
 
 def _yuan(a: Amounts) -> dict[str, Any]:
@@ -110,6 +121,9 @@ def to_wire(st: RegionStatement) -> dict[str, Any]:
         "payable_total": _yuan(st.net.payable), "receivable_total": _yuan(st.net.receivable),
         "payable_cnt": st.net.payable_cnt, "receivable_cnt": st.net.receivable_cnt,
         "net_position": _yuan(st.net.net),
+        "adjustments": [{"ref": a["ref"], "insured_pool": a["insured_pool"], "treating_pool": a["treating_pool"],
+                         "version": a["version"], "reason": a["reason"], **{f: to_yuan(a[f]) for f in AMOUNT_FIELDS}}
+                        for a in st.adjustments],
     }
 
 
@@ -201,6 +215,12 @@ def to_html(st: RegionStatement) -> str:
     if st.internal:
         parts.append(table("Internal — within the province (省内, moves nothing at province level)",
                            [(st.region, st.internal)], None, None))
+    if st.adjustments:
+        items = "".join(
+            f"<li>{e(a['ref'])} (version {a['version']}): {e(a['insured_pool'])} → {e(a['treating_pool'])}, "
+            f"all funds {to_yuan(a['fund_pay_sumamt'])}, medical fees {to_yuan(a['medfee_sumamt'])} — {e(a['reason'])}"
+            "</li>" for a in st.adjustments)
+        parts.append("<h2>Operator adjustments (in the adjusted column)</h2><ul>" + items + "</ul>")
     parts.append(
         "<h2>Net position (receivable − payable)</h2><table><tr><th>medical fees</th>"
         f"{fund_heads}</tr><tr class=\"total\">{net_cells}</tr></table></body></html>"

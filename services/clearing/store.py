@@ -35,8 +35,10 @@ from schemas.money import to_yuan
 from services.clearing.logic import (
     AMOUNT_FIELDS,
     APPL_FIELDS,
+    MANUAL,
     MONTHS_WALK_MAX,
     VISIT_TYPES,
+    Adjustment,
     Amounts,
     ApplTotals,
     ClearingError,
@@ -45,6 +47,7 @@ from services.clearing.logic import (
     PositionKey,
     RateKey,
     Row,
+    RowScope,
     aggregate,
     assign_month,
     at_or_below_line,
@@ -58,12 +61,13 @@ from services.clearing.logic import (
     next_month,
     positions_from_statement,
     rate_lines,
+    reissued_positions,
     warning_line,
 )
 from services.common import audit
 from services.common.response import SHANGHAI
 from services.common.shards import ShardPools
-from services.refdata.regions import province_of, region_of
+from services.refdata.regions import classify_scope, province_of, region_of
 from topics.catalog import ALERTS, DEPOSITS
 
 CLOSE_LOCK_KEY = 0x78636C73  # "xcls": one close at a time
@@ -352,8 +356,14 @@ async def verify(conn: asyncpg.Connection, shards: ShardPools, month: str) -> li
         problems.append(f"{batch.misassigned} rows recorded in a month other than the rule's")
     stmt = await statement(conn, month)
     if stmt is not None:
-        frozen = {p.key: p for p in _statement_positions(stmt["body"])}
+        # The latest version: the month's own positions as frozen at the close, plus the operator adjustments
+        # it lists — exactly those recorded up to its version.
+        listed = _statement_positions(stmt["body"])
+        frozen = {p.key: p for p in listed if p.key.kind != MANUAL}
         problems += compare_positions(frozen, stream, expected_name="statement", actual_name="positions")
+        manual = {p.key: p for p in listed if p.key.kind == MANUAL}
+        recorded = {p.key: p for p in reissued_positions(month, [], await adjustments(conn, month, stmt["version"]))}
+        problems += compare_positions(recorded, manual, expected_name="adjustments", actual_name="statement")
     return problems
 
 
@@ -431,6 +441,109 @@ async def close_month(pool: asyncpg.Pool, shards: ShardPools, month: str, *, ope
                            already_closed=False, swept=swept, drawdowns=drawn)
 
 
+@dataclass
+class ReissueResult:
+    clr_month: str
+    version: int
+    digest: str
+    fund_pay_sumamt: int
+    previous_version: int
+    duplicate: bool  # the ref was recorded before: nothing changed
+    drawdowns: dict[str, int] = field(default_factory=dict)  # what this version drew on top of the last
+
+
+_ADJ_COLS = ("adj_ref", "insured_pool", "treating_pool", "insured_prov", "treating_prov", "scope", *AMOUNT_FIELDS,
+             "reason", "stmt_version")
+
+
+def _adjustment(r: asyncpg.Record) -> Adjustment:
+    return Adjustment(r["adj_ref"], r["insured_pool"], r["treating_pool"], r["insured_prov"], r["treating_prov"],
+                      r["scope"], Amounts.of(r), r["reason"], r["stmt_version"])
+
+
+async def adjustments(conn: asyncpg.Connection, month: str, up_to_version: int | None = None) -> list[Adjustment]:
+    """The operator adjustments of a month (those a statement version includes), in version order."""
+    return [_adjustment(r) for r in await conn.fetch(
+        f"SELECT {', '.join(_ADJ_COLS)} FROM clearing_adjustment WHERE clr_month = $1"
+        " AND ($2::int IS NULL OR stmt_version <= $2) ORDER BY stmt_version", month, up_to_version)]
+
+
+async def reissue_statement(conn: asyncpg.Connection, month: str, ref: str, insured_pool: str, treating_pool: str,
+                            amounts: Amounts, reason: str, *, operator: str) -> ReissueResult:
+    """Adjust a closed month (one pooling-region pair's amounts, with a reason) and re-issue its statement as
+    the next version, in one transaction: the adjustment, the new version (older ones stay, frozen), the
+    deposits' draw-down of the difference, the audit row (`statement.reissue`). `ref` is the idempotency
+    key: the same ref again changes nothing; with other values it is refused."""
+    check_month(month)
+    insured, treating = region_of(insured_pool), region_of(treating_pool)
+    if insured.pool_admdvs != insured_pool or treating.pool_admdvs != treating_pool:
+        raise ClearingError("an adjustment names two pooling regions (统筹区)")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", CLOSE_LOCK_KEY)
+        state = await conn.fetchrow(
+            "SELECT state, stmt_version FROM clearing_month WHERE clr_month = $1 FOR UPDATE", month)
+        if state is None or state["state"] != "closed":
+            raise ClearingError(f"{month} is not closed: only a closed month's statement is re-issued")
+        seen = await conn.fetchrow(f"SELECT clr_month, {', '.join(_ADJ_COLS)} FROM clearing_adjustment"
+                                   " WHERE adj_ref = $1", ref)
+        if seen is not None:
+            done = _adjustment(seen)
+            if (seen["clr_month"], done.insured_pool, done.treating_pool, done.amounts, done.reason) != (
+                    month, insured_pool, treating_pool, amounts, reason):
+                raise ClearingError(f"the ref {ref} was used for another adjustment")
+            stmt = await statement(conn, month, done.version)
+            assert stmt is not None
+            await audit.record(conn, operator, "statement.reissue", month, before=None, after={
+                "adj_ref": ref, "stmt_version": done.version, "duplicate": True})
+            return ReissueResult(month, done.version, stmt["digest"], stmt["fund_pay_sumamt"], done.version - 1,
+                                 duplicate=True)
+        previous = await statement(conn, month, state["stmt_version"])
+        if previous is None:
+            raise ClearingError(f"{month} is closed but has no statement")
+        version = int(previous["version"]) + 1
+        adj = Adjustment(ref, insured_pool, treating_pool, insured.prov_admdvs, treating.prov_admdvs,
+                         classify_scope(insured_pool, treating_pool), amounts, reason, version).checked()
+        await conn.execute(
+            f"INSERT INTO clearing_adjustment (clr_month, {', '.join(_ADJ_COLS)}, created_by)"
+            f" VALUES ({_params(len(_ADJ_COLS) + 2)})",
+            month, ref, insured_pool, treating_pool, adj.insured_prov, adj.treating_prov, adj.scope,
+            *(getattr(amounts, f) for f in AMOUNT_FIELDS), reason, version, operator)
+        included = await adjustments(conn, month)
+        before = positions_from_statement(previous["body"])
+        after = reissued_positions(month, before, included)
+        body = month_statement(month, version, previous["body"]["closed_at"], after,
+                               [a.as_json() for a in included])
+        digest = hashlib.sha256(canonical(body)).hexdigest()
+        total = int(body["total"]["fund_pay_sumamt"])  # type: ignore[index]
+        await conn.execute(
+            "INSERT INTO clearing_statement (clr_month, version, closed_at, entry_cnt, fund_pay_sumamt, body, digest,"
+            " issued_by, reason) SELECT $1, $2, closed_at, $3, $4, $5::jsonb, $6, $7, $8 FROM clearing_month"
+            " WHERE clr_month = $1",
+            month, version, body["entry_cnt"], total, canonical(body).decode(), digest, operator, reason)
+        await conn.execute("UPDATE clearing_month SET stmt_version = $2 WHERE clr_month = $1", month, version)
+        old, new = drawdowns(before), drawdowns(after)
+        extra = {p: new.get(p, 0) - old.get(p, 0) for p in sorted(set(old) | set(new))}
+        extra = {p: v for p, v in extra.items() if v}
+        for prov, amount in extra.items():
+            await deposit_move(conn, f"clearing-{month}-{prov}-v{version}", prov, "drawdown", -amount, month,
+                               f"clearing of {month}, statement version {version}")
+        await audit.record(conn, operator, "statement.reissue", month, before={
+            "stmt_version": previous["version"], "digest": previous["digest"],
+            "fund_pay_sumamt_fen": previous["fund_pay_sumamt"]}, after={
+            "stmt_version": version, "digest": digest, "fund_pay_sumamt_fen": total, "adj_ref": ref,
+            "pair": f"{insured_pool}->{treating_pool}", "amounts_fen": amounts.as_dict(), "drawdowns_fen": extra})
+        return ReissueResult(month, version, digest, total, int(previous["version"]), duplicate=False,
+                             drawdowns=extra)
+
+
+async def statement_versions(conn: asyncpg.Connection, month: str) -> list[asyncpg.Record]:
+    """Every version of a month's statement, oldest first (never a body)."""
+    return list(await conn.fetch(
+        "SELECT version, to_char(issued_at AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI:SS') AS issued_at,"
+        " issued_by, reason, entry_cnt, fund_pay_sumamt, digest FROM clearing_statement WHERE clr_month = $1"
+        " ORDER BY version", month))
+
+
 async def statement(conn: asyncpg.Connection, month: str, version: int | None = None) -> dict[str, Any] | None:
     """A stored statement (the latest version unless asked), body decoded."""
     r = await conn.fetchrow(
@@ -492,16 +605,58 @@ async def application_totals(shards: ShardPools, fixmedins_code: str, clr_type: 
     return ApplTotals(**sums)
 
 
-async def month_details(conn: asyncpg.Connection, month: str, fixmedins_code: str, offset: int | None = None,
+def _scope_sql(scope: RowScope) -> tuple[str, str]:
+    """The column and value that select a sender's rows (both tables carry them)."""
+    if scope.treating_pool is not None:
+        return "treating_pool", scope.treating_pool
+    return "fixmedins_code", str(scope.fixmedins_code)
+
+
+async def month_details(conn: asyncpg.Connection, month: str, scope: RowScope, offset: int | None = None,
                         limit: int | None = None) -> tuple[int, list[asyncpg.Record]]:
+    """A closed month's clearing rows of a hospital, or of every institution of an agency's pooling region:
+    their count and the page asked for, in (setl_time, setl_id) order."""
+    column, value = _scope_sql(scope)
     total = await conn.fetchval(
-        "SELECT count(*) FROM clearing_entry WHERE clr_month = $1 AND fixmedins_code = $2", month, fixmedins_code)
+        f"SELECT count(*) FROM clearing_entry WHERE clr_month = $1 AND {column} = $2", month, value)
     recs = await conn.fetch(
-        "SELECT * FROM clearing_entry WHERE clr_month = $1 AND fixmedins_code = $2 ORDER BY setl_time, setl_id"
+        f"SELECT * FROM clearing_entry WHERE clr_month = $1 AND {column} = $2 ORDER BY setl_time, setl_id"
         " OFFSET $3 LIMIT $4",
-        month, fixmedins_code, offset or 0, limit,
+        month, value, offset or 0, limit,
     )
     return total, recs
+
+
+async def month_rows(conn: asyncpg.Connection, month: str, scope: RowScope, setl_ids: Sequence[str]
+                     ) -> dict[str, asyncpg.Record]:
+    """The rows among `setl_ids` that are clearing rows of the month in the sender's scope."""
+    column, value = _scope_sql(scope)
+    return {r["setl_id"]: r for r in await conn.fetch(
+        f"SELECT setl_id, fixmedins_code, treating_pool, medfee_sumamt, fund_pay_sumamt FROM clearing_entry"
+        f" WHERE setl_id = ANY($1::text[]) AND clr_month = $2 AND {column} = $3", list(setl_ids), month, value)}
+
+
+async def confirm_rows(conn: asyncpg.Connection, otransid: str, month: str, rows: Sequence[tuple[Any, ...]]
+                       ) -> list[asyncpg.Record]:
+    """Record (setl_id, fixmedins_code, treating_pool, cnfm_flag, medfee_sumamt, fund_pay_sumamt) rows for batch
+    `otransid`; a row another live batch holds is left as it is. Returns the rows this batch recorded."""
+    return list(await conn.fetch(
+        "INSERT INTO clearing_confirmed_row (setl_id, fixmedins_code, treating_pool, cnfm_flag, medfee_sumamt,"
+        " fund_pay_sumamt, clr_month, otransid)"
+        " SELECT s, f, p, c, m, u, $7, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],"
+        " $6::bigint[]) AS t (s, f, p, c, m, u)"
+        " ORDER BY s ON CONFLICT (setl_id) DO NOTHING RETURNING setl_id, cnfm_flag",
+        *(list(col) for col in zip(*rows, strict=True)), month, otransid,
+    ))
+
+
+async def month_confirmed(conn: asyncpg.Connection, month: str, scope: RowScope) -> tuple[int, int]:
+    """(rows confirmed, rows disputed) of the month in the sender's scope, by live batches of anyone."""
+    column, value = _scope_sql(scope)
+    r = await conn.fetchrow(
+        f"SELECT count(*) FILTER (WHERE cnfm_flag = '1') AS cnfm, count(*) FILTER (WHERE cnfm_flag = '0') AS dspt"
+        f" FROM clearing_confirmed_row WHERE clr_month = $1 AND {column} = $2", month, value)
+    return int(r["cnfm"]), int(r["dspt"])
 
 
 # Deposits ---------------------------------------------------------------------------------------
@@ -520,9 +675,9 @@ class DepositMove:
 
 async def cleared_history(conn: asyncpg.Connection, prov: str) -> list[int]:
     """What each closed month's clearing drew (positive: paid out), oldest first."""
-    return [-r[0] for r in await conn.fetch(
-        "SELECT amount_fen FROM clearing_deposit_txn WHERE insured_prov = $1 AND kind = 'drawdown'"
-        " ORDER BY clr_month", prov)]
+    return [-r[0] for r in await conn.fetch(  # a re-issued statement adds a month's second draw-down: one sum
+        "SELECT sum(amount_fen)::bigint FROM clearing_deposit_txn WHERE insured_prov = $1 AND kind = 'drawdown'"
+        " GROUP BY clr_month ORDER BY clr_month", prov)]
 
 
 async def current_line(conn: asyncpg.Connection, prov: str) -> int:

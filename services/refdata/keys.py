@@ -11,6 +11,9 @@ The operators' command line (each change names its operator: `--operator NAME` o
     python -m services.refdata.keys revoke K0123456789abcdef --operator li.ming
     python -m services.refdata.keys list [H15040099901]
 
+An institution is a hospital or pharmacy of the reference data, or the treating region's agency
+(`A` + pooling admdvs + `00000`, e.g. A15040000000; services/refdata/agency.py), which has no hospital row.
+
 `issue` and `rotate` print the new key id and its secret (base64) once — or, with `--out FILE`, write the
 secret to FILE (created, mode 0600; an existing file is refused) and print only the key id. `rotate`
 issues a key and lets the institution's other live keys expire after the overlap (`90s`, `30m`, `24h`,
@@ -37,7 +40,9 @@ from services.common import audit
 from services.common.config import Settings, load_settings
 from services.common.secrets import write_new_secret
 from services.common.signing import InstitutionKey, key_encryption_key, seal, unseal
+from services.refdata.agency import agency_pool
 from services.refdata.load import REFDATA_CHANNEL
+from services.refdata.regions import UnknownRegion
 
 ENTITY = "institution_key"
 
@@ -67,7 +72,7 @@ async def issue_key(conn: asyncpg.Connection, kek: bytes, fixmedins_code: str, o
     key_id = "K" + secrets.token_hex(8)
     async with conn.transaction():
         known = await conn.fetchval("SELECT count(*) FROM hospital WHERE fixmedins_code = $1", fixmedins_code)
-        if not known:
+        if not known and not _is_agency(fixmedins_code):
             raise LookupError("no institution with that fixmedins_code in the reference data")
         await conn.execute(
             "INSERT INTO institution_key (key_id, fixmedins_code, secret_sealed, issued_by) VALUES ($1, $2, $3, $4)",
@@ -84,6 +89,14 @@ async def issue_key(conn: asyncpg.Connection, kek: bytes, fixmedins_code: str, o
         await audit.record(conn, operator, "key.rotate" if overlap is not None else "key.issue", fixmedins_code,
                            before=before, after={"key_id": key_id})
     return IssuedKey(key_id, fixmedins_code, secret)
+
+
+def _is_agency(code: str) -> bool:
+    """A treating region's agency (A + pooling admdvs + 00000): no hospital row, its region from the code."""
+    try:
+        return agency_pool(code) is not None
+    except UnknownRegion:
+        return False
 
 
 async def revoke_key(conn: asyncpg.Connection, key_id: str, operator: str) -> str:

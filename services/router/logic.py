@@ -25,6 +25,7 @@ from schemas.money import to_yuan
 from schemas.person import Input1101, Input9001, Input9002, cum_info
 from schemas.transactions import TRANSACTIONS, may_send
 from schemas.wire import parse_wire_time
+from services.refdata.agency import agency_pool, is_agency_code
 from services.refdata.regions import UnknownRegion, classify_scope, region_of
 from services.refdata.store import Filing, RefData, filing_in_force
 
@@ -55,7 +56,8 @@ class Routed:
 
 @dataclass(frozen=True, slots=True)
 class ForwardClearing:
-    """A reconciliation / clearing request (32xx): the hospital is known; the clearing service answers."""
+    """A reconciliation / clearing request (32xx): the hospital (or agency) is known; the clearing service
+    answers."""
 
     fixmedins_code: str
 
@@ -103,9 +105,16 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
     env = req.envelope
     transaction = TRANSACTIONS.get(env.infno)
     hospital = ref.hospitals.get(env.fixmedins_code)
-    if hospital is None:
+    if hospital is None and is_agency_code(env.fixmedins_code):
+        # The treating region's agency has no hospital row: its region is its code's.
+        try:
+            treating = _region(agency_pool(env.fixmedins_code) or "")
+        except UnknownRegion:
+            raise BrokerError("REGION_UNKNOWN", "the agency code names no known pooling region") from None
+    elif hospital is None:
         raise BrokerError("HOSPITAL_UNKNOWN", "fixmedins_code is not a connected hospital")
-    treating = _region(hospital.admdvs)
+    else:
+        treating = _region(hospital.admdvs)
     if _region(env.mdtrtarea_admvs).pool_admdvs != treating.pool_admdvs:
         raise BrokerError("MDTRTAREA_MISMATCH", "mdtrtarea_admvs is not the hospital's pooling region")
     if not may_send(env.infno, env.fixmedins_code):
@@ -118,6 +127,8 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
         return Session(False, req.body.signOut.opter_no, req.body.signOut.sign_no)
     if transaction is not None and transaction.stage == "clearing":
         return ForwardClearing(env.fixmedins_code)
+    if hospital is None:  # an agency: may_send let only sessions and clearing through
+        raise BrokerError("INSTITUTION_NOT_ALLOWED", f"infno {env.infno} is not sent by an agency")
 
     psn_no = req.psn_no
     if transaction is None or transaction.stage not in ("router", "engine") or psn_no is None:

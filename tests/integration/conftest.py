@@ -60,6 +60,10 @@ HOSPITALS = {
     # Mid-stay settlement and policy versions (test_mid_stay.py, test_policy_versions.py).
     "midstay": Hospital("H15040099913", "赤峰测试中途结算医院", "150400"),
     "policy_versions": Hospital("H15040099914", "赤峰测试政策版本医院", "150400"),
+    # Clearing at national shape (test_clearing_national.py): two hospitals of 赤峰's agency, one of 攀枝花's.
+    "clear_a": Hospital("H15040099919", "赤峰测试清算甲医院", "150400"),
+    "clear_b": Hospital("H15040099920", "赤峰测试清算乙医院", "150400"),
+    "clear_other": Hospital("H51042199919", "米易县测试清算医院", "510421"),
 }
 TEST_PROVINCES = ("510000", "150000", "500000", "350000", "140000")
 # Test catalog codes, present in every treating province used here.
@@ -132,6 +136,11 @@ PERSONS: dict[str, PersonSpec] = {
     "q_chronic": PersonSpec(TestPerson(psn(463), "150400", "390"), "1501", None, "0.00", None, ("DM",)),
     "q_stranger": PersonSpec(TestPerson(psn(464), "150400", "390"), "1501", None, "0.00", None),
     "q_cum": PersonSpec(TestPerson(psn(465), "150400", "390"), "1501", None, "0.00", None, ("DM",)),
+    # Clearing at national shape: 米易 residents treated in 赤峰, 赤峰 employees treated in 米易 (filed anywhere).
+    **{f"clear{i}": PersonSpec(TestPerson(psn(490 + i), "510421", "390"), "1501", None, "0.00", ("LONG_TERM", None))
+       for i in range(12)},
+    **{f"clear_back{i}": PersonSpec(TestPerson(psn(510 + i), "150400", "310"), "1101", None, "0.00",
+                                    ("LONG_TERM", None)) for i in range(3)},
     # A hospital day in each seed region: a local resident, a local employee with chronic HTN, and a
     # visitor insured in the next seed region with a LONG_TERM filing for anywhere.
     **{f"day_{code}_{role}": spec for i, code in enumerate(SEED_REGIONS) for role, spec in (

@@ -406,11 +406,14 @@ async def test_clearing_details_confirmation_and_applications(traffic: Traffic, 
          "cnfm_flag": "0" if i == 0 else "1"} for i, r in enumerate(out["data"])]})
     confirmed = await client.call(env)
     assert confirmed["infcode"] == 0, confirmed["err_msg"]
-    assert confirmed["output"]["result"] == {"otransid": env["msgid"], "totalrow": len(ours),
-                                             "cnfm_cnt": len(ours) - 1, "dspt_cnt": 1, "cnfm_stas": "confirmed"}
+    assert confirmed["output"]["result"] == {
+        "otransid": env["msgid"], "totalrow": len(ours), "cnfm_cnt": len(ours) - 1, "dspt_cnt": 1,
+        "cnfm_stas": "confirmed", "batch_rows": len(ours), "dup_cnt": 0, "month_cnfm_cnt": len(ours) - 1,
+        "month_dspt_cnt": 1, "month_stas": "complete"}
     again = await client.call(hospital.envelope("3261", {"data": {**q, "totalrow": len(ours)}}))
-    assert again["output"]["result"]["otransid"] == env["msgid"] and again["warn_msg"]
-    mismatch = await client.call(HOSPITALS["440300"].envelope("3261", {"data": {**q, "totalrow": 99999}}))
+    assert again["err_msg"].startswith("CONFIRMATION_BATCH_SIZE")  # a batch lists 1 to 100 rows
+    mismatch = await client.call(HOSPITALS["440300"].envelope("3261", {"data": {**q, "totalrow": 99999}, "detail": [
+        {"setl_sn": "X1", "medfee_sumamt": 0, "optins_pay_sumamt": 0}]}))
     assert mismatch["err_msg"].startswith("CONFIRMATION_MISMATCH")
     back = await client.call(hospital.envelope("3262", {"data": {**q, "otransid": env["msgid"]}}))
     assert back["output"]["result"]["cnfm_stas"] == "rolled_back"

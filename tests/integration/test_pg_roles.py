@@ -63,6 +63,8 @@ HUB_GRANTS: dict[str, dict[str, set[str]]] = {
                  "clearing_confirmation", "manual_claim"), {SEL, INS, UPD, DEL}),
         "clearing_statement": {SEL, INS}, "region": {SEL}, "hospital": {SEL}, "audit_log": {SEL},
         "audit_publish": {SEL, INS, UPD},
+        # Clearing at national shape (hub 0008): 3261 batches' rows; operator adjustments (the owner writes them).
+        "clearing_confirmed_row": {SEL, INS, UPD, DEL}, "clearing_adjustment": {SEL},
     },
     **_each((MONITOR, DASHBOARD), _each(
         ("region", "hospital", "catalog_item", "refdata_change", "refdata_load", "refdata_load_step",
@@ -71,6 +73,8 @@ HUB_GRANTS: dict[str, dict[str, set[str]]] = {
          "clearing_confirmation", "manual_claim"), {SEL})),
 }
 HUB_GRANTS[DASHBOARD] = {**HUB_GRANTS[DASHBOARD], "dashboard_user": {SEL, INS}, "audit_log": {SEL, INS}}
+for _role in (MONITOR, DASHBOARD):  # clearing at national shape (hub 0008)
+    HUB_GRANTS[_role] = {**HUB_GRANTS[_role], "clearing_confirmed_row": {SEL}, "clearing_adjustment": {SEL}}
 SHARD_GRANTS: dict[str, dict[str, set[str]]] = {
     ROUTER: {"person": {SEL}, "filing": {SEL, INS}, "account": {SEL}, "accumulator": {SEL}},
     SETTLE: {

@@ -60,9 +60,11 @@ def test_the_operator_comes_from_the_flag_then_the_environment_else_exit_2(
 def test_only_state_changing_commands_ask_for_an_operator() -> None:
     p, o = cli.parser(), ops.build_parser()
     changing = [["close", "--month", "2026-06"], ["sweep"], ["deposit", "topup", "--prov", "510000", "--yuan", "1",
-                "--ref", "R"], ["deposit", "line", "--prov", "510000", "--default"], ["claims", "submit", "f"]]
+                "--ref", "R"], ["deposit", "line", "--prov", "510000", "--default"], ["claims", "submit", "f"],
+                ["adjust", "--month", "2026-06", "--insured", "510400", "--treating", "150400", "--amount",
+                 "hifp_pay=-1.00", "--reason", "r", "--ref", "A1"]]
     reading = [["verify", "--month", "2026-06"], ["positions", "--month", "2026-06"], ["deposit", "show"],
-               ["statement", "--month", "2026-06", "--region", "510400"],
+               ["statement", "--month", "2026-06", "--region", "510400"], ["statements", "--month", "2026-06"],
                ["claims", "rate", "--from", "2026-06-01", "--to", "2026-06-30"]]
     assert [cli.changes_state(p.parse_args(a)) for a in changing] == [True] * len(changing)
     assert [cli.changes_state(p.parse_args(a)) for a in reading] == [False] * len(reading)
