@@ -27,6 +27,7 @@ from schemas.transactions import TRANSACTIONS, Undo, correctable
 from services.settle.state import BatchState, Correction, Original, Visit
 
 CORRECTABLE = correctable()
+ALL_FEES = "0000"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,9 @@ def plan(msg: RoutedRequest, ref: CorrectionRef, st: BatchState) -> Undoing | An
     sns = tuple(sorted(f.feedetl_sn for f in st.active_fees(visit.mdtrt_id) if f.upload_msgid == ref.omsgid))
     if not sns:
         raise BrokerError("ORIGINAL_UNDONE", "the upload's fee items were already cancelled")
+    if ALL_FEES in sns:  # 2205/2302 read feedetl_sn "0000" as every item of the visit
+        raise BrokerError("CORRECTION_NOT_ALLOWED", 'an item numbered "0000" cannot be withdrawn alone; cancel '
+                                                    "the upload's items by hand")
     return Undoing(undo, undone_as, visit, feedetl_sns=sns)
 
 

@@ -121,6 +121,10 @@ def test_a_fee_upload_is_withdrawn_exactly() -> None:
     assert active(st, mdtrt_id) == ["3"]
     send(st, "2302", {"data": [{"feedetl_sn": "3", "mdtrt_id": mdtrt_id, "psn_no": "P1"}]})
     assert correct(st, second, "2301") == "ORIGINAL_UNDONE"
+    # An item numbered "0000" would make 2302 cancel every item: the correction refuses instead.
+    third = upload(st, mdtrt_id, ["0000", "4"])
+    assert correct(st, third, "2301") == "CORRECTION_NOT_ALLOWED"
+    assert active(st, mdtrt_id) == ["0000", "4"]
 
 
 def test_refusals_change_nothing() -> None:
