@@ -125,7 +125,7 @@ async def ledger_rows(
         conn = await asyncpg.connect(dsn, timeout=5)
         try:
             ours += await conn.fetch(
-                "SELECT setl_id, kind, fund_pay_sumamt FROM settlement WHERE msgid = ANY($1)", msgids
+                "SELECT setl_id, kind, fund_pay_sumamt, policy_version FROM settlement WHERE msgid = ANY($1)", msgids
             )
             others += await conn.fetchval(
                 "SELECT count(*) FROM settlement s JOIN processed_request p ON p.msgid = s.msgid"
@@ -169,6 +169,13 @@ def cross_check(stats: Stats, rows: Sequence[Any]) -> tuple[bool, list[str]]:
             lines.append(f"      {only_ledger} only in the ledger, {only_demo} only in the demo, "
                          f"{amounts} with different fund amounts")
     return ok, lines
+
+
+def policy_versions_line(rows: Sequence[Any]) -> str:
+    """Which insured-region policy versions the run's settlements used (README "Policy versions")."""
+    used = Counter(r["policy_version"] for r in rows if r["kind"] == "settle")
+    return "policy versions used by the settlements: " + ", ".join(f"{v} {n}" for v, n in sorted(used.items())) + (
+        "  (later versions: python -m services.policy list)")
 
 
 def summary(stats: Stats, run_s: float, drain_s: float, args: argparse.Namespace) -> list[str]:
@@ -275,6 +282,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"  ({others} other settlement rows were committed for these persons during the run by other "
               "clients: not compared)")
     print(f"  → {'the ledger agrees with what the hospitals were told' if ok else 'MISMATCH (see above)'}")
+    print(policy_versions_line(rows))
     for line in how_to_look(s):
         print(line)
     if unreachable:

@@ -423,7 +423,9 @@ def _settle_outpatient(msg: RoutedRequest, body: Input2206 | Input2207, st: Batc
 def _settle(msg: RoutedRequest, visit: Visit, st: BatchState, policies: PolicyBook, medfee_fen: int,
             use_account: bool, effective: bool, *, mid: bool = False) -> Effect:
     fees = [f for f in st.active_fees(visit.mdtrt_id) if f.setl_id is None]  # not settled by an earlier part
-    if not fees:
+    # The discharge settlement of a stay whose parts settled every item closes it with nothing left to pay.
+    closes_parts = not mid and visit.med_type == MED_TYPE_INPATIENT and bool(st.open_settlements(visit.mdtrt_id))
+    if not fees and not closes_parts:
         raise BrokerError("NO_FEES", "the visit has no uploaded fee items not yet settled")
     if medfee_fen != sum(f.fee_fen for f in fees):
         raise BrokerError("MEDFEE_MISMATCH", "medfee_sumamt differs from the sum of the fee items not yet settled")

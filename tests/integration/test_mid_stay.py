@@ -151,3 +151,11 @@ async def test_pre_settlement_previews_a_part(refdata: dict, gateway: GatewayCli
     cancelled = await stay.cancel_fees(["0000"], PART2)
     assert cancelled["infcode"] == 0, cancelled["err_msg"]
     assert cancelled["output"] == {"cancelled": 1}
+    # The parts settled every item: the discharge settlement closes the stay with nothing left to pay.
+    assert (await stay.discharge(DISCHARGE))["infcode"] == 0
+    final = await stay.settle(D("0.00"), FINAL, mid=False)
+    assert final["infcode"] == 0, final["err_msg"]
+    assert _amounts(final["output"]["setlinfo"], "medfee_sumamt", "act_pay_dedc", "fund_pay_sumamt") == (
+        D("0.00"), D("0.00"), D("0.00"))
+    assert await ledger.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id) == "settled"
+    assert await _basic_paid(ledger, person.psn_no, 2026) == 42500

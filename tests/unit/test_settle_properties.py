@@ -78,6 +78,12 @@ class Ledger:
             self.visits[v] = copy.deepcopy(st.visits[v])
         for m, sn in [*st.new_fees, *st.cancelled_fees]:
             self.fees.setdefault(m, {})[sn] = copy.deepcopy(st.fees[m][sn])
+        for m, setl_id in st.unsettled_by:  # the ledger's order: a reversal's items first, then the marks
+            for fee in self.fees.get(m, {}).values():
+                if fee.setl_id == setl_id:
+                    fee.setl_id = None
+        for (m, sn), marked in st.settled_fees.items():
+            self.fees[m][sn].setl_id = marked
         for s in st.new_settlements:
             self.settlements[s] = copy.deepcopy(st.settlements[s])
         for key in st.changed_accumulators:
@@ -142,7 +148,9 @@ class Script:
         msg = self._msg(psn, Input2102(data=info, drugdetail=drugs), [CATALOG["01"]] * len(amounts))
         self.settled.append((psn.psn_no, "pharmacy", "S" + msg.msgid))
 
-    def stay(self, psn: PersonCtx, items: list[tuple[str, int]]) -> None:
+    def stay(self, psn: PersonCtx, items: list[tuple[str, int]], parts: int = 0) -> None:
+        """Admission, fees, discharge, settlement; with `parts`, that many mid-stay parts first (each
+        settling the next of the items uploaded one by one), the discharge settlement settling the rest."""
         admit = self._msg(psn, Input2401(mdtrtinfo=AdmissionInfo(
             psn_no=psn.psn_no, insutype=_insutype(psn), mdtrt_cert_type="01", mdtrt_cert_no="-", med_type="21",
             ipt_otp_no="Z", begntime=f"{self.clock:%Y-%m-%d %H:%M:%S}", atddr_no="D", dise_codg="X")))
@@ -151,13 +159,19 @@ class Script:
                           fee_ocur_time=f"{self.clock:%Y-%m-%d %H:%M:%S}", med_list_codg="X", medins_list_codg="X",
                           det_item_fee_sumamt=Decimal(a) / 100, cnt=Decimal(1), pric=Decimal(a) / 100)
                 for i, (_, a) in enumerate(items)]
-        self._msg(psn, Input2301(feedetail=fees), [CATALOG[lv] for lv, _ in items])
+        parts = min(parts, len(items) - 1)
+        for i in range(parts):
+            self._msg(psn, Input2301(feedetail=[fees[i]]), [CATALOG[items[i][0]]])
+            self._settle(psn, mdtrt_id, items[i][1], mid=True)
+        self._msg(psn, Input2301(feedetail=fees[parts:]), [CATALOG[lv] for lv, _ in items[parts:]])
         self._msg(psn, Input2402(dscginfo=DischargeInfo(mdtrt_id=mdtrt_id, psn_no=psn.psn_no, insutype=_insutype(psn),
                                                           endtime=f"{self.clock:%Y-%m-%d %H:%M:%S}")))
+        self._settle(psn, mdtrt_id, sum(a for _, a in items[parts:]), mid=False)
+
+    def _settle(self, psn: PersonCtx, mdtrt_id: str, fen: int, *, mid: bool) -> None:
         settle = self._msg(psn, Input2304(mdtrtinfo=SettleInfo(
-            psn_no=psn.psn_no, mdtrt_cert_type="01", mdtrt_cert_no="-",
-            medfee_sumamt=Decimal(sum(a for _, a in items)) / 100, mdtrt_id=mdtrt_id, insutype=_insutype(psn),
-            acct_used_flag="1")))
+            psn_no=psn.psn_no, mdtrt_cert_type="01", mdtrt_cert_no="-", medfee_sumamt=Decimal(fen) / 100,
+            mdtrt_id=mdtrt_id, insutype=_insutype(psn), acct_used_flag="1", mid_setl_flag="1" if mid else "0")))
         self.settled.append((psn.psn_no, mdtrt_id, "S" + settle.msgid))
 
     def reverse(self, index: int) -> None:
@@ -189,6 +203,10 @@ ops_st = st.lists(
                   st.lists(st.tuples(st.sampled_from(["01", "02", "03"]), st.integers(1, 150_000_000)),
                            min_size=1, max_size=4)),
         st.tuples(st.just("reverse"), st.integers(0, 50), st.just([])),
+        # a stay settled in mid-stay parts (the first items one part each) and a discharge settlement
+        st.tuples(st.just("parts"), st.integers(0, 9),
+                  st.lists(st.tuples(st.sampled_from(["01", "02", "03"]), st.integers(1, 150_000_000)),
+                           min_size=2, max_size=4)),
     ),
     min_size=1, max_size=14,
 )
@@ -209,6 +227,8 @@ def build(persons_spec: list[tuple[str, bool, str | None, int]], ops: list[tuple
             script.purchase(psn, arg)
         elif kind == "stay":
             script.stay(psn, arg)
+        elif kind == "parts":
+            script.stay(psn, arg, parts=len(arg) - 1)
         elif script.settled:
             script.reverse(who)
     return script
@@ -310,3 +330,24 @@ def decode_response_output(answer: bytes) -> dict[str, Any]:
     out = json.loads(answer)
     assert isinstance(out, dict) and "setlinfo" in out, answer[:200]
     return out
+
+
+def test_mid_stay_parts_reverse_newest_first() -> None:
+    """Three parts and a discharge settlement in one stay, cut into batches anywhere: the deductible is
+    taken once, an earlier settlement of the stay cannot be reversed while a later one stands, and
+    reversing them newest first leaves nothing in the accumulators."""
+    script = build([("310", False, None, 0)], [("parts", 0, [("01", 300_000), ("01", 200_000), ("01", 50_000),
+                                                             ("01", 10_000)])])
+    setl_ids = [s for _, _, s in script.settled]
+    for setl_id in [setl_ids[0], *reversed(setl_ids)]:
+        script.reverse(setl_ids.index(setl_id))
+    for cuts in ([], list(range(len(script.messages)))):
+        ledger, answers = run(script.messages, cuts)
+        rows = [ledger.settlements[s] for s in setl_ids]
+        assert [r.amounts["act_pay_dedc"] for r in rows] == [90000, 0, 0, 0]  # 赤峰 employee, 三级: 900.00
+        assert [(r.mid_setl, r.stay_part) for r in rows] == [(True, 1), (True, 2), (True, 3), (False, 4)]
+        assert answers[-5].startswith(b"MID_SETTLEMENT_NOT_LATEST")
+        assert all(ledger.settlements.get("R" + m.msgid) for m in script.messages[-4:])
+        assert ledger.accumulators[("P0", 2026)] == Accumulators()
+        assert all(f.setl_id is None for fees in ledger.fees.values() for f in fees.values())
+        check_ledger(ledger, script)
