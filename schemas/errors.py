@@ -128,8 +128,9 @@ ERRORS: dict[str, ErrorSpec] = {
         ErrorSpec("ORIGINAL_UNDONE", "the original was already undone by another transaction (a reversal, a "
                   "cancellation)", "2601", "nothing to do"),
         ErrorSpec("CORRECTION_NOT_ALLOWED", "the original can no longer be undone: its visit is settled (a fee "
-                  "upload, registration, admission or discharge of a settled visit)", "2601",
-                  "reverse the settlement first (2208/2305/2601), then correct"),
+                  "upload, registration, admission or discharge of a settled visit), or a later mid-stay part "
+                  "continued from it or settled its items", "2601",
+                  "reverse the settlement (or the later parts, newest first) first, then correct"),
         ErrorSpec("ORIGINAL_CORRECTED", "this msgid was corrected (2601) before it arrived: it is never applied",
                   "2201, 2204, 2207, 2301, 2304, 2102, 2401, 2402", "nothing was charged: send it again with a new "
                   "msgid if it is still wanted"),

@@ -49,7 +49,7 @@ from schemas.codes import (
     SCOPE_LOCAL,
     VISIT_KIND_MED_TYPES,
 )
-from schemas.correction import Input2601
+from schemas.correction import CorrectionRef, Input2601
 from schemas.errors import BrokerError
 from schemas.inpatient import (
     ADM_INFO_FIELDS,
@@ -586,6 +586,23 @@ def _correct(msg: RoutedRequest, body: Input2601, st: BatchState) -> Effect:
     if isinstance(step, correction.Answered):
         return Effect(step.output)
     as_undoing = msgspec.structs.replace(msg, infno=step.undone_as)  # its visit rules and resulting state
+    try:
+        output, effect = _undo(as_undoing, ref, step, st)
+    except BrokerError as e:
+        if e.code in _TOO_LATE_TO_UNDO:
+            raise BrokerError("CORRECTION_NOT_ALLOWED", e.message) from None
+        raise
+    correction.record(st, msg, ref, step.undo, output=output)
+    return Effect(output, effect.settlement)
+
+
+# Refusals of the undoing functions that mean "too late to undo this original" — a later mid-stay part
+# continued from it, its items or its stay were settled since: a correction answers them with one code.
+_TOO_LATE_TO_UNDO = frozenset({"MID_SETTLEMENT_NOT_LATEST", "FEE_ITEM_SETTLED", "VISIT_PART_SETTLED"})
+
+
+def _undo(as_undoing: RoutedRequest, ref: CorrectionRef, step: correction.Undoing,
+          st: BatchState) -> tuple[Any, Effect]:
     mdtrt_id = step.visit.mdtrt_id
     output: Any
     if step.undo == "reverse":
@@ -601,8 +618,7 @@ def _correct(msg: RoutedRequest, body: Input2601, st: BatchState) -> Effect:
         refs = [FeeBatchCancel(mdtrt_id=mdtrt_id, psn_no=ref.psn_no, feedetl_sn=sn) for sn in step.feedetl_sns]
         effect = _cancel_fees(as_undoing, refs, st)
         output = correction.answer_of(step, ref, fees_cancelled=len(step.feedetl_sns))
-    correction.record(st, msg, ref, step.undo, output=output)
-    return Effect(output, effect.settlement)
+    return output, effect
 
 
 # --- output ------------------------------------------------------------------------------------

@@ -129,6 +129,7 @@ PERSONS: dict[str, PersonSpec] = {
     "mid_stay_pre": PersonSpec(TestPerson(psn(431), "150400", "310"), "1101", None, "0.00", None),
     "version_change": PersonSpec(TestPerson(psn(432), "150400", "310"), "1101", None, "0.00", None),
     "new_year_stay": PersonSpec(TestPerson(psn(433), "150400", "310"), "1101", None, "0.00", None),
+    "mid_stay_correct": PersonSpec(TestPerson(psn(434), "150400", "310"), "1101", None, "0.00", None),
     # The query tests' (test_queries.py): local persons of 赤峰.
     "q_visits": PersonSpec(TestPerson(psn(460), "150400", "310"), "1101", None, "1000.00", None),
     "q_ledger": PersonSpec(TestPerson(psn(461), "150400", "310"), "1101", None, "1000.00", None),

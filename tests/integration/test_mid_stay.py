@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from decimal import Decimal
+from typing import Any, cast
 
 import pytest
 
@@ -159,3 +160,55 @@ async def test_pre_settlement_previews_a_part(refdata: dict, gateway: GatewayCli
         D("0.00"), D("0.00"), D("0.00"))
     assert await ledger.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id) == "settled"
     assert await _basic_paid(ledger, person.psn_no, 2026) == 42500
+
+
+class _Recording:
+    """The gateway client, remembering each request's msgid (what a correction names)."""
+
+    def __init__(self, gateway: GatewayClient) -> None:
+        self.gateway = gateway
+        self.msgids: list[str] = []
+
+    async def call(self, env: dict[str, Any]) -> dict[str, Any]:
+        self.msgids.append(env["msgid"])
+        return await self.gateway.call(env)
+
+
+async def test_corrections_of_parts(refdata: dict, gateway: GatewayClient, ledger: Ledger) -> None:
+    """2601 on a stay with parts: only the latest part can be undone; an earlier part, an upload a part settled
+    and the admission are too late (CORRECTION_NOT_ALLOWED) until the later parts are undone, newest first."""
+    person = PERSONS["mid_stay_correct"].person
+    hospital = HOSPITALS["midstay"]
+    client = _Recording(gateway)
+    stay = TimedStay(cast(GatewayClient, client), hospital, person)
+
+    async def correct(omsgid: str, oinfno: str) -> dict[str, Any]:
+        return await gateway.call(hospital.correct(omsgid, oinfno, person.psn_no, insuplc=person.insuplc,
+                                                   inf_time=FINAL))
+
+    await stay.admit(ADMIT)
+    admission = client.msgids[-1]
+    await stay.upload([FeeLine(ITEM_A, D(10), D("300.00"))], datetime(2026, 5, 12, 9, 0))
+    upload1 = client.msgids[-1]
+    assert (await stay.settle(D("3000.00"), PART1, mid=True))["infcode"] == 0
+    part1 = client.msgids[-1]
+    await stay.upload([FeeLine(ITEM_A, D(20), D("100.00"))], datetime(2026, 5, 16, 9, 0))
+    upload2 = client.msgids[-1]
+    assert (await stay.settle(D("2000.00"), PART2, mid=True))["infcode"] == 0
+    part2 = client.msgids[-1]
+    assert await _basic_paid(ledger, person.psn_no, 2026) == 178500 + 170000
+
+    for omsgid, oinfno in ((part1, "2304"), (upload1, "2301"), (upload2, "2301"), (admission, "2401")):
+        assert refused(await correct(omsgid, oinfno), "CORRECTION_NOT_ALLOWED"), oinfno
+    assert await _basic_paid(ledger, person.psn_no, 2026) == 178500 + 170000
+
+    undone = await correct(part2, "2304")
+    assert undone["infcode"] == 0, undone["err_msg"]
+    assert _amounts(undone["output"]["setlinfo"], "medfee_sumamt", "hifp_pay") == (D("-2000.00"), D("-1700.00"))
+    withdrawn = await correct(upload2, "2301")  # its items are open again: the upload can be withdrawn
+    assert withdrawn["infcode"] == 0 and withdrawn["output"]["data"]["fees_cancelled"] == 1, withdrawn
+    assert (await correct(part1, "2304"))["infcode"] == 0  # the latest now: a refused correction kept nothing
+    assert (await correct(admission, "2401"))["infcode"] == 0
+    assert await _basic_paid(ledger, person.psn_no, 2026) == 0
+    assert await ledger.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id) == "cancelled"
+    assert await ledger.total("SELECT sum(fund_pay_sumamt) FROM settlement WHERE mdtrt_id = $1", stay.mdtrt_id) == 0
