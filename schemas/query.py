@@ -169,6 +169,7 @@ class FeeRow(msgspec.Struct, kw_only=True):
     chrgitm_lv: str
     selfpay_prop: Decimal
     vali_flag: Flag  # 0: cancelled (2205/2302)
+    setl_id: str | None = None  # the settlement (or mid-stay part) that settled the item; None: not settled
 
 
 class Output5204(msgspec.Struct, kw_only=True):

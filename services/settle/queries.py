@@ -80,7 +80,7 @@ async def answer(conn: asyncpg.Connection, msg: RoutedRequest) -> Any:
 _VISIT_ROW = ("mdtrt_id, psn_no, fixmedins_code, med_type, insutype, ipt_otp_no, begntime, endtime, dise_codg,"
               " chronic_disease, state")
 _FEE_ROW = ("mdtrt_id, feedetl_sn, med_list_codg, medins_list_codg, fee_ocur_time, fee_fen, cnt, pric_fen,"
-            " pric_uplmt_fen, chrgitm_lv, selfpay_prop, cancelled")
+            " pric_uplmt_fen, chrgitm_lv, selfpay_prop, cancelled, setl_id")
 
 
 async def _page(conn: asyncpg.Connection, where: str, order: str, columns: str, args: list[Any],
@@ -143,7 +143,12 @@ async def _fees(conn: asyncpg.Connection, body: Input5204, psn_no: str, institut
         "SELECT EXISTS (SELECT 1 FROM settlement WHERE setl_id = $1 AND mdtrt_id = $2)", q.setl_id, q.mdtrt_id
     ):
         raise BrokerError("SETTLEMENT_UNKNOWN", "no settlement with that setl_id for this visit and institution")
-    total, rows = await _page(conn, "fee_item WHERE mdtrt_id = $1", "feedetl_sn", _FEE_ROW, [q.mdtrt_id], q)
+    # With setl_id: the items that settlement settled (a mid-stay part settles only some of the stay's;
+    # a reversed settlement has released its items, so it lists none).
+    where, args = "fee_item WHERE mdtrt_id = $1", [q.mdtrt_id]
+    if q.setl_id is not None:
+        where, args = where + " AND setl_id = $2", [q.mdtrt_id, q.setl_id]
+    total, rows = await _page(conn, where, "feedetl_sn", _FEE_ROW, args, q)
     return Output5204(page_num=q.page_num, page_size=q.page_size, total=total, feedetail=[fee_row(r) for r in rows])
 
 
@@ -208,7 +213,7 @@ def fee_row(r: Mapping[str, Any]) -> FeeRow:
                   medins_list_codg=r["medins_list_codg"], fee_ocur_time=r["fee_ocur_time"].strftime(WIRE_TIME_FORMAT),
                   det_item_fee_sumamt=to_yuan(r["fee_fen"]), cnt=r["cnt"], pric=to_yuan(r["pric_fen"]),
                   pric_uplmt_amt=None if uplmt is None else to_yuan(uplmt), chrgitm_lv=r["chrgitm_lv"],
-                  selfpay_prop=r["selfpay_prop"], vali_flag="0" if r["cancelled"] else "1")
+                  selfpay_prop=r["selfpay_prop"], vali_flag="0" if r["cancelled"] else "1", setl_id=r["setl_id"])
 
 
 def drug_row(r: Mapping[str, Any]) -> DrugRow:

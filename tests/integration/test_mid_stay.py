@@ -76,6 +76,14 @@ async def test_parts_then_final_with_reversal_of_the_latest(refdata: dict, gatew
     p2 = r2["output"]["setlinfo"]
     assert _amounts(p2, "medfee_sumamt", "act_pay_dedc", "hifp_pay") == (D("2000.00"), D("0.00"), D("1700.00"))
     assert await _basic_paid(ledger, person.psn_no, 2026) == 178500 + 170000
+    # 5204 with a part's setl_id lists the items that part settled.
+    for part, sns in ((p1, first), (p2, second)):
+        q = await gateway.call(HOSPITALS["midstay"].query("5204", {
+            "psn_no": person.psn_no, "mdtrt_id": stay.mdtrt_id, "setl_id": part["setl_id"]},
+            insuplc=person.insuplc, inf_time=PART2))
+        assert q["infcode"] == 0, q["err_msg"]
+        assert [(f["feedetl_sn"], f["setl_id"]) for f in q["output"]["feedetail"]] == [
+            (sn, part["setl_id"]) for sn in sns]
 
     # Only the latest part may be reversed; reversing it unmarks its items and restores its delta.
     assert refused(await stay.reverse(p1["setl_id"], PART2), "MID_SETTLEMENT_NOT_LATEST")

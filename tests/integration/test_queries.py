@@ -273,12 +273,15 @@ async def test_paging_and_fee_details(refdata: dict, gateway: GatewayClient) -> 
     assert fees[3] == {
         "feedetl_sn": "000004", "mdtrt_id": v.mdtrt_id, "med_list_codg": ITEM_A, "medins_list_codg": "H-" + ITEM_A,
         "fee_ocur_time": wire_time(v.at), "det_item_fee_sumamt": D("5.00"), "cnt": D(4), "pric": D("1.25"),
-        "pric_uplmt_amt": None, "chrgitm_lv": "01", "selfpay_prop": D(0), "vali_flag": "0"}
+        "pric_uplmt_amt": None, "chrgitm_lv": "01", "selfpay_prop": D(0), "vali_flag": "0", "setl_id": None}
     assert fees[0]["selfpay_prop"] == D("0.1") and fees[0]["chrgitm_lv"] == "02"
     v.fees = [line for i, line in enumerate(lines) if i != 3]
     v.setl_id = ok(await gateway.call(v.settle()))["output"]["setlinfo"]["setl_id"]
     with_setl = await answer(gateway, A, "5204", "q_paging", mdtrt_id=v.mdtrt_id, setl_id=v.setl_id, page_size=100)
-    assert with_setl["total"] == 25
+    # The items that settlement settled: every active one, the cancelled one not.
+    assert with_setl["total"] == 24
+    assert {f["setl_id"] for f in with_setl["feedetail"]} == {v.setl_id}
+    assert "000004" not in [f["feedetl_sn"] for f in with_setl["feedetail"]]
     refused(await ask(gateway, A, "5204", "q_paging", mdtrt_id=v.mdtrt_id, setl_id="S0"), "SETTLEMENT_UNKNOWN")
     refused(await ask(gateway, B, "5204", "q_paging", mdtrt_id=v.mdtrt_id), "VISIT_UNKNOWN")
 

@@ -86,11 +86,12 @@ def test_visit_and_fee_rows() -> None:
     assert msgspec.to_builtins(visit_row(visit)) == {**visit, "begntime": "2026-05-01 08:00:00"}
     fee = {"mdtrt_id": "M1", "feedetl_sn": "7", "med_list_codg": "A", "medins_list_codg": "HA",
            "fee_ocur_time": datetime(2026, 5, 1, 9, 30), "fee_fen": 1050, "cnt": Decimal("3.0000"), "pric_fen": 350,
-           "pric_uplmt_fen": 400, "chrgitm_lv": "02", "selfpay_prop": Decimal("0.1000"), "cancelled": True}
+           "pric_uplmt_fen": 400, "chrgitm_lv": "02", "selfpay_prop": Decimal("0.1000"), "cancelled": True,
+           "setl_id": "S9"}
     assert encode(fee_row(fee)) == (
         b'{"feedetl_sn":"7","mdtrt_id":"M1","med_list_codg":"A","medins_list_codg":"HA",'
         b'"fee_ocur_time":"2026-05-01 09:30:00","det_item_fee_sumamt":10.50,"cnt":3.0000,"pric":3.50,'
-        b'"pric_uplmt_amt":4.00,"chrgitm_lv":"02","selfpay_prop":0.1000,"vali_flag":"0"}')
+        b'"pric_uplmt_amt":4.00,"chrgitm_lv":"02","selfpay_prop":0.1000,"vali_flag":"0","setl_id":"S9"}')
 
 
 def test_accumulators_read_as_1101_does() -> None:
