@@ -41,9 +41,10 @@ A replay is a dry run unless --execute.
 
 `retention` looks after how the shards' state grows (a dry run unless --execute): it creates the ledger's
 monthly partitions (settlement_YYYY_MM) for this month and the next three where missing, and deletes
-stored responses (processed_request) older than the window — by default the clock window
-(XS_TIME_PAST_DAYS) plus a month: a request that old is refused by validation, so its stored answer can
-never be asked for again. It never deletes ledger rows, visits, fees, accumulators or accounts (the ledger,
+stored responses (processed_request) and corrections (correction, 2601) older than the window — by
+default the clock window (XS_TIME_PAST_DAYS) plus a month: a request that old is refused by validation,
+so its stored answer can never be asked for again, nor can it arrive after its correction. It never
+deletes ledger rows, visits, fees, accumulators or accounts (the ledger,
 reconciliation and clearing need them). Deletes go in chunks along processed_request_at.
 
 `kafka-user issue` gives an institution (fixmedins_code CODE) its own Kafka principal `inst-CODE`: a
@@ -328,6 +329,8 @@ class ShardRetention:
     cutoff: datetime
     responses_due: int  # stored responses older than the window
     responses_deleted: int
+    corrections_due: int  # corrections (2601) older than the window: their originals can no longer arrive
+    corrections_deleted: int
     partitions_missing: list[str]  # of this month and the next ones (dry run: what --execute creates)
     partitions_created: list[str]
 
@@ -351,17 +354,22 @@ async def retention(s: Settings, *, execute: bool, keep_days: int | None = None,
         conn = await asyncpg.connect(dsn, timeout=10)
         try:
             due = await conn.fetchval("SELECT count(*) FROM processed_request WHERE processed_at < $1", cutoff)
+            corrections_due = await conn.fetchval("SELECT count(*) FROM correction WHERE corrected_at < $1", cutoff)
             missing = [r[0] for r in await conn.fetch(
                 "SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL",
                 [f"settlement_{m:%Y_%m}" for m in months])]
             created: list[str] = []
-            deleted = 0
+            deleted = corrections_deleted = 0
             if execute:
                 created = list(await conn.fetchval("SELECT ensure_ledger_partitions($1, $2)", months[0], months[-1]))
                 deleted = await _delete_in_chunks(  # short transactions, no long lock on the engine's table
                     conn, "DELETE FROM processed_request WHERE msgid IN (SELECT msgid FROM processed_request"
                     " WHERE processed_at < $1 ORDER BY processed_at LIMIT $2)", cutoff)
-            out.append(ShardRetention(shard, cutoff, due, deleted, missing, created))
+                corrections_deleted = await _delete_in_chunks(
+                    conn, "DELETE FROM correction WHERE omsgid IN (SELECT omsgid FROM correction"
+                    " WHERE corrected_at < $1 ORDER BY corrected_at LIMIT $2)", cutoff)
+            out.append(ShardRetention(shard, cutoff, due, deleted, corrections_due, corrections_deleted, missing,
+                                      created))
         finally:
             await conn.close()
     return out
@@ -410,10 +418,12 @@ def retention_lines(report: list[ShardRetention], execute: bool) -> list[str]:
     lines = []
     for r in report:
         if execute:
-            lines.append(f"{r.shard}: deleted {r.responses_deleted} stored response(s) before {r.cutoff:%Y-%m-%d}; "
+            lines.append(f"{r.shard}: deleted {r.responses_deleted} stored response(s) and {r.corrections_deleted} "
+                         f"correction(s) before {r.cutoff:%Y-%m-%d}; "
                          f"created partitions: {', '.join(r.partitions_created) or 'none needed'}")
         else:
-            lines.append(f"{r.shard}: would delete {r.responses_due} stored response(s) before {r.cutoff:%Y-%m-%d}; "
+            lines.append(f"{r.shard}: would delete {r.responses_due} stored response(s) and {r.corrections_due} "
+                         f"correction(s) before {r.cutoff:%Y-%m-%d}; "
                          f"would create partitions: {', '.join(r.partitions_missing) or 'none needed'}")
     lines.append("ledger rows, visits, fees, accumulators and accounts are kept (never pruned)")
     if not execute:
@@ -757,6 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.execute:
                 asyncio.run(record_action(s, args.operator, "retention.prune", "shards", None, {
                     **{r.shard: {"cutoff": r.cutoff.isoformat(), "responses_deleted": r.responses_deleted,
+                                 "corrections_deleted": r.corrections_deleted,
                                  "partitions_created": r.partitions_created} for r in report},
                     "hub": {"msgids_deleted": trust.msgids_deleted, "sessions_deleted": trust.sessions_deleted}}))
             return 0

@@ -205,6 +205,11 @@ async def test_retention_prunes_only_answers_older_than_the_window_and_creates_p
         "INSERT INTO processed_request (msgid, infno, fixmedins_code, infcode, response, processed_at)"
         " VALUES ($1, '2401', 'H15040099901', 0, '\\x7b7d', $2)",
         [(old, window_start - timedelta(days=1)), (young, window_start + timedelta(days=1))])
+    # Corrections (2601) go with the same cutoff.
+    await shard.executemany(
+        "INSERT INTO correction (omsgid, msgid, oinfno, fixmedins_code, undone, err_msg, corrected_at)"
+        " VALUES ($1, $2, '2401', 'H15040099901', 'unknown', 'ORIGINAL_UNKNOWN: test', $3)",
+        [(old, old + "C", window_start - timedelta(days=1)), (young, young + "C", window_start + timedelta(days=1))])
     ledger_rows = await ledger.total("SELECT count(*) FROM settlement")
     try:
         with pytest.raises(ops.OpsError, match="inside the clock window"):
@@ -212,22 +217,28 @@ async def test_retention_prunes_only_answers_older_than_the_window_and_creates_p
         dry = {r.shard: r for r in await ops.retention(stack, execute=False, now=now)}
         ahead = [f"settlement_{m:%Y_%m}" for m in ops.months_ahead(now)]
         assert dry["s1"].responses_due == 1 and dry["s2"].responses_due == 0
+        assert (dry["s1"].corrections_due, dry["s2"].corrections_due) == (1, 0)
         assert dry["s1"].partitions_missing == dry["s2"].partitions_missing == ahead
         assert await shard.fetchval("SELECT count(*) FROM processed_request WHERE msgid = $1", old) == 1  # dry run
 
         done = {r.shard: r for r in await ops.retention(stack, execute=True, now=now)}
         assert (done["s1"].responses_deleted, done["s2"].responses_deleted) == (1, 0)
+        assert (done["s1"].corrections_deleted, done["s2"].corrections_deleted) == (1, 0)
+        assert [r[0] for r in await shard.fetch("SELECT omsgid FROM correction WHERE omsgid = ANY($1)",
+                                                [old, young])] == [young]
         assert done["s1"].partitions_created == done["s2"].partitions_created == ahead
         assert [r[0] for r in await shard.fetch("SELECT msgid FROM processed_request WHERE msgid = ANY($1)",
                                                 [old, young])] == [young]
         again = await ops.retention(stack, execute=True, now=now)
-        assert [(r.responses_deleted, r.partitions_created) for r in again] == [(0, []), (0, [])]
+        assert [(r.responses_deleted, r.corrections_deleted, r.partitions_created) for r in again] == [
+            (0, 0, []), (0, 0, [])]
         assert await ledger.total("SELECT count(*) FROM settlement") == ledger_rows  # the ledger is never pruned
 
         code, out, _ = await asyncio.to_thread(_ops, capsys, "retention")
-        assert code == 0 and "s1: would delete 0 stored response(s)" in out and "dry run" in out
+        assert code == 0 and "s1: would delete 0 stored response(s) and 0 correction(s)" in out and "dry run" in out
     finally:
         await shard.execute("DELETE FROM processed_request WHERE msgid = ANY($1)", [old, young])
+        await shard.execute("DELETE FROM correction WHERE omsgid = ANY($1)", [old, young])
 
 
 async def test_a_hospital_day_reads_one_monthly_partition_through_its_index(ledger: Ledger) -> None:
