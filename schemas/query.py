@@ -36,6 +36,14 @@ class Paging(msgspec.Struct, kw_only=True):
         return (self.page_num - 1) * self.page_size
 
 
+class Page(msgspec.Struct, kw_only=True):
+    """The head of a paged answer: the page asked for and how many rows match in all."""
+
+    page_num: int
+    page_size: int
+    total: int
+
+
 def _check_range(obj: Any, first: str, last: str) -> None:
     """Both ends valid; the first not after the last (wire times compare as text)."""
     check_times(obj, first, last)
@@ -76,10 +84,7 @@ class VisitRow(msgspec.Struct, kw_only=True):
     state: str  # registered | admitted | discharged | settled | cancelled (README state machine)
 
 
-class Output5201(msgspec.Struct, kw_only=True):
-    page_num: int
-    page_size: int
-    total: int
+class Output5201(Page, kw_only=True):
     mdtrtinfo: list[VisitRow]
 
 
@@ -136,10 +141,7 @@ class SettlementRecord(msgspec.Struct, kw_only=True):
     reversed_flag: Flag  # 1: a settlement that has been reversed
 
 
-class Output5203(msgspec.Struct, kw_only=True):
-    page_num: int
-    page_size: int
-    total: int
+class Output5203(Page, kw_only=True):
     setlinfo: list[SettlementRecord]
 
 
@@ -172,10 +174,7 @@ class FeeRow(msgspec.Struct, kw_only=True):
     setl_id: str | None = None  # the settlement (or mid-stay part) that settled the item; None: not settled
 
 
-class Output5204(msgspec.Struct, kw_only=True):
-    page_num: int
-    page_size: int
-    total: int
+class Output5204(Page, kw_only=True):
     feedetail: list[FeeRow]
 
 
@@ -212,10 +211,7 @@ class DrugRow(msgspec.Struct, kw_only=True):
     chrgitm_lv: str
 
 
-class Output5205(msgspec.Struct, kw_only=True):
-    page_num: int
-    page_size: int
-    total: int
+class Output5205(Page, kw_only=True):
     druginfo: list[DrugRow]
 
 
