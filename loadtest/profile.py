@@ -187,28 +187,36 @@ def _is_descendant(pid: int, ancestor: int) -> bool:
     return False
 
 
-def attach_obstacle(pid: int) -> str | None:
-    """Why py-spy (a child of this process) could not read `pid` under the kernel's ptrace rules, or None."""
-    if _has_ptrace_capability():
+def ptrace_obstacle(*, has_capability: bool, target_uid: int | None, own_uid: int, yama_scope: int | None,
+                    is_descendant: bool) -> str | None:
+    """The kernel's ptrace rules for attaching to a process (pure): why not, or None. `yama_scope` None:
+    no Yama module."""
+    if has_capability:
         return None
-    uid = _status_field(pid, "Uid")
-    if uid is None:
+    if target_uid is None:
         return "the process is gone"
-    if int(uid.split()[1]) != os.geteuid():
-        return (f"it runs as uid {uid.split()[1]}, this profiler as uid {os.geteuid()}: attaching needs the "
-                "same user or CAP_SYS_PTRACE (run as root)")
-    try:
-        scope = int(Path("/proc/sys/kernel/yama/ptrace_scope").read_text())
-    except (OSError, ValueError):
-        return None  # no Yama: the same user may attach
-    if scope >= 3:
+    if target_uid != own_uid:
+        return (f"it runs as uid {target_uid}, this profiler as uid {own_uid}: attaching needs the same user or "
+                "CAP_SYS_PTRACE (run as root)")
+    if yama_scope is not None and yama_scope >= 3:
         return "kernel.yama.ptrace_scope=3 forbids attaching to any process"
-    if scope == 2:
+    if yama_scope == 2:
         return "kernel.yama.ptrace_scope=2 lets only CAP_SYS_PTRACE attach (run as root)"
-    if scope == 1 and not _is_descendant(pid, os.getpid()):
+    if yama_scope == 1 and not is_descendant:
         return ("kernel.yama.ptrace_scope=1 lets a process attach only to its own descendants, and the services "
                 "are supervisord's: run as root, or `sysctl kernel.yama.ptrace_scope=0`")
     return None
+
+
+def attach_obstacle(pid: int) -> str | None:
+    """Why py-spy (a child of this process) could not read `pid`, or None."""
+    uid = _status_field(pid, "Uid")
+    try:
+        scope: int | None = int(Path("/proc/sys/kernel/yama/ptrace_scope").read_text())
+    except (OSError, ValueError):
+        scope = None
+    return ptrace_obstacle(has_capability=_has_ptrace_capability(), target_uid=int(uid.split()[1]) if uid else None,
+                           own_uid=os.geteuid(), yama_scope=scope, is_descendant=_is_descendant(pid, os.getpid()))
 
 
 @dataclass
