@@ -303,6 +303,9 @@ class StageProfiler:
         log_text = rec.log.read_text(errors="replace") if rec.log.exists() else ""
         _, errors, error = recorder_outcome(log_text)
         if not rec.output.exists():
+            if error is None and rec.proc.returncode is not None and rec.proc.returncode < 0:
+                return [f"  {rec.stage} (pid {rec.pid}): no profile: stopped after {seconds:.1f} s, before py-spy "
+                        "had written anything"]
             why = error or f"py-spy exited with {rec.proc.returncode} and wrote nothing"
             hint = attach_obstacle(rec.pid) or "see ptrace permissions in loadtest/profile.py"
             return [f"  {rec.stage} (pid {rec.pid}): no profile: {why} ({hint}; log {rec.log})"]
