@@ -5,7 +5,7 @@ the pipeline's rate against.
 
 `ProducerPerformance` then `ConsumerPerformance` (artifact kafka-tools, run by deploy/kafka.py's
 run_tool) on the same broker as the services, authenticated as `admin`, on a scratch topic of their own
-(as many partitions as the keyed topics, deleted afterwards with its consumer group's offsets): the
+(as many partitions as the keyed topics, deleted afterwards; the consumer's group commits nothing): the
 producer sends `--records` records of `--bytes` bytes as fast as it can, with acks=all, idempotence and
 the services' batching (linger 2 ms, 256 KiB batches, no compression); the consumer reads them back from
 the start. Both are bounded by the record count and `--timeout` seconds (a tool still running then is
