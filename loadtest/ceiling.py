@@ -227,7 +227,7 @@ def measure_ceiling(s: Settings, record_bytes: int, records: int, timeout_s: flo
     if record_bytes < 1 or records < 1 or timeout_s <= 0:
         raise ValueError("record_bytes, records and timeout_s must be positive")
     deadline = time.monotonic() + timeout_s
-    if cluster.brokers_answering(s) < 1:
+    if not cluster._kafka_probe(s):  # a metadata request as admin, quietly
         raise CeilingError(f"Kafka does not answer on {s.kafka_bootstrap}: start the stack first")
     topic = f"{s.topic_prefix}xsettle.bench.ceiling-{os.getpid()}-{secrets.token_hex(3)}"
     partitions, rf = s.partitions, cluster.replication_factor(s)
