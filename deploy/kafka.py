@@ -640,10 +640,15 @@ def tools_classpath(s: Settings) -> str:
     return f"{lib}/*"
 
 
-def run_tool(s: Settings, main: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+# A short admin command starts fastest with the first JIT tier only; a throughput tool needs the full JIT.
+QUICK_TOOL_JVM = ("-Xmx256M", "-XX:TieredStopAtLevel=1")
+
+
+def run_tool(s: Settings, main: str, *args: str, timeout: float = 120,
+             jvm_options: Sequence[str] = QUICK_TOOL_JVM) -> subprocess.CompletedProcess[str]:
     """Run one of Kafka's own command-line tools (artifact kafka-tools) against this stack (pass it a
     `--command-config client_config(s, principal)` to authenticate)."""
-    cmd = [_java(), "-Xmx256M", "-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={TOOLS_LOG4J_CONFIG}",
+    cmd = [_java(), *jvm_options, f"-Dlog4j2.configurationFile={TOOLS_LOG4J_CONFIG}",
            "-cp", tools_classpath(s), main, *args]
     return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
                           timeout=timeout)
