@@ -38,7 +38,13 @@ def three_brokers(stack: Settings, infra_exclusive: None) -> Iterator[Settings]:
     before = stack.kafka_brokers
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XS_KAFKA_BROKERS", "3")  # for the services this test (re)starts
-        s = _switch(stack, 3)
+        try:
+            s = _switch(stack, 3)
+        except BaseException:
+            # A switch that failed half-way (a saturated machine: brokers or ACLs not ready in time) must not
+            # leave the run's later tests a half-made cluster: back to what it was, then fail this test.
+            _switch(stack, before)
+            raise
         yield s
     _switch(stack, before)
 
