@@ -4,6 +4,7 @@ national mix) and its driver against an in-memory pipeline whose answer time the
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import statistics
 from collections import Counter
@@ -61,15 +62,15 @@ def test_constant_arrivals_are_evenly_spaced_and_bounded_in_time() -> None:
     offsets = list(arrival_offsets(10, 2.0, "constant", random.Random(0)))
     assert len(offsets) == 20
     assert offsets[0] == 0.0 and offsets[-1] == pytest.approx(1.9)
-    assert all(b - a == pytest.approx(0.1) for a, b in zip(offsets, offsets[1:], strict=False))
+    assert all(b - a == pytest.approx(0.1) for a, b in itertools.pairwise(offsets))
     assert list(arrival_offsets(0, 2.0, "constant", random.Random(0))) == []
 
 
 def test_poisson_arrivals_have_the_rate_on_average() -> None:
     offsets = list(arrival_offsets(1000, 10.0, "poisson", random.Random(4)))
     assert 9_600 < len(offsets) < 10_400  # 10,000 expected, standard deviation 100
-    assert offsets == sorted(offsets) and 0 < offsets[0] and offsets[-1] < 10.0
-    gaps = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+    assert offsets == sorted(offsets) and offsets[0] > 0 and offsets[-1] < 10.0
+    gaps = [b - a for a, b in itertools.pairwise(offsets)]
     # exponential gaps: the standard deviation equals the mean (evenly spaced ones would have none)
     assert 0.95 < statistics.pstdev(gaps) / statistics.mean(gaps) < 1.05
 
