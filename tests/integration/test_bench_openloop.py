@@ -68,7 +68,7 @@ async def test_open_loop_at_a_low_rate_reports_numbers_that_add_up(bench_data: S
     assert len(pop.persons) == 40 and len(pop.hospitals) == 1 and len(pop.pharmacies) == 1
     per_visit = requests_per_visit(pop, NATIONAL_MIX, "national", seed=14)
     session = client_session(s, limit=64) if via == "http" else None
-    caller = HttpCaller(s.gateway_url, session, timeout_s=10) if session else KafkaCaller(s, 5, timeout_s=10)
+    caller = HttpCaller(s.gateway_url, session, timeout_s=10) if session else KafkaCaller(s, 3, timeout_s=10)
     try:
         if isinstance(caller, KafkaCaller):
             await caller.start()
