@@ -907,15 +907,18 @@ async def open_loop(s: Settings, args: argparse.Namespace, caller: Any, pop: Pop
                 break
     finally:
         if profiler is not None:
-            out += ["stage profiles (py-spy)", *profiler.stop(), ""]
+            out += ["stage profiles (py-spy)", *await asyncio.to_thread(profiler.stop), ""]
     if args.step:
         out += step_summary(results, args.p99_bound_ms)
     if args.ceiling:
-        from loadtest.ceiling import measure_ceiling  # the other half of issue 14: only when asked for
+        from loadtest.ceiling import CeilingError, measure_ceiling  # the other half of issue 14: only when asked for
 
         record_bytes = len(encode(pop_sample_envelope(pop)))
         log(f"bench: Kafka's own producer and consumer tools, {args.ceiling_records} records of {record_bytes} B ...")
-        ceiling = await asyncio.to_thread(measure_ceiling, s, record_bytes, args.ceiling_records)
+        try:
+            ceiling = await asyncio.to_thread(measure_ceiling, s, record_bytes, args.ceiling_records)
+        except CeilingError as e:
+            return [*out, "", f"ceiling: not measured ({e})", *rss_lines(s)], results
         out += ["", *ceiling.lines]
         best = max((r.achieved_rps for r, ok, _ in results if ok), default=max(r.achieved_rps for r, _, _ in results))
         out.append(f"  pipeline ÷ ceiling: {best:.1f} requests/s (the highest held, else the highest achieved) = "
