@@ -1,10 +1,19 @@
-"""The benchmark: the fastest sustainable rate of complete inpatient stays, with a baseline.
+"""The benchmark: open loop at a target rate (held or not), or the closed loop's sustainable rate.
 
-    python -m loadtest.bench [--seconds 20] [--max-stays 20000] [--concurrency 64] [--via kafka|http]
+    python -m loadtest.bench --rate R [--arrivals constant|poisson] [--seconds 20] [--max-requests N]
+    python -m loadtest.bench --step [--start-rate 100] [--step-factor 1.5 | --step-increment N] [--p99-bound-ms 100]
+    python -m loadtest.bench [--seconds 20] [--max-stays 20000] [--concurrency 64]
+    common: [--via kafka|http] [--mix national|inpatient] [--ceiling] [--profile]
 
-`--concurrency` stays run at once, each sequential (2401 → 2301 ×1–2 → 2402 → 2303 →
-2304 → 10% 2305), a new stay as soon as one ends: a closed loop, so the rate is
-what the pipeline sustains at that concurrency.
+Open loop (`--rate`, `--step`; loadtest.openloop): visits arrive at the target rate whatever the
+answers, every latency counted from the request's due time into HDR histograms; the report says per
+rate whether it was held (achieved ≥ 95% of target, p99 within the bound, no unexpected errors) and
+the step mode the highest rate held. Closed loop (neither flag): `--concurrency` visits run at once,
+each sequential, a new one as soon as one ends, so the rate is what the pipeline sustains at that
+concurrency. Visits: the national mix (REFERENCE §7) or inpatient stays only (2401 → 2301 ×1–2 → 2402 →
+2303 → 2304 → 10% 2305).
+
+The closed loop:
 
 - `--via kafka` (default): envelopes are produced straight into `fsi.ingress`
   (key psn_no, headers reply_topic / reply_partition / received_ns) and answers
@@ -54,10 +63,22 @@ from prometheus_client.parser import text_string_to_metric_families
 from deploy import stack
 from loadtest.demo import HttpCaller
 from loadtest.his import GatewayClient, Signer, Stay, next_msgid
+from loadtest.openloop import (
+    HELD_SHARE,
+    OpenLoopResult,
+    held,
+    lookup_share,
+    mix_items,
+    quantiles_ms,
+    requests_per_visit,
+    run_open_loop,
+    step_rates,
+)
 from loadtest.population import (
     DEFAULT_PERSONS_PER_REGION,
     DEFAULT_SEED,
     INPATIENT_ONLY,
+    NATIONAL_MIX,
     SCOPES,
     PipelineUnavailable,
     Population,
@@ -83,6 +104,9 @@ from services.common.tls import client_session
 from services.router.auth import authenticate
 from topics.catalog import INGRESS, REPLIES
 
+# The stack's processes whose CPU the report reads (the dashboard and Prometheus are not on the request path).
+SERVICES = ("gateway", "router", "settle", "clearing", "monitor")
+STACK = (*SERVICES, "kafka", "postgres")
 ECHO_TOPIC = "xsettle.bench.echo"  # scratch topic of the raw round-trip baseline
 _decoder = msgspec.json.Decoder(float_hook=Decimal)
 
@@ -354,7 +378,7 @@ def cpu_snapshot(s: Settings) -> CpuSnap:
     """CPU seconds so far of each component, this process, and the whole machine (busy, from /proc/stat;
     pid 0). A different main pid in a later snapshot means the component restarted in between."""
     out: CpuSnap = {}
-    for name in ("gateway", "router", "settle"):
+    for name in SERVICES:
         pid = stack.service_pid(name, s)
         if pid:
             out[name] = (pid, {pid: _proc_cpu(pid)})
@@ -476,7 +500,8 @@ async def load_phase(caller: Any, pop: Population, stats: Stats, args: argparse.
     async def worker() -> None:
         nonlocal launched
         while go_on() and launched < args.max_stays:
-            scn = pop.scenario(rng, kinds=INPATIENT_ONLY)
+            scn = pop.scenario(rng, kinds=MIXES[args.mix], items=mix_items(args.mix),
+                               lookup_share=lookup_share(args.mix))
             if scn is None:
                 await asyncio.sleep(0.005)
                 continue
@@ -705,12 +730,14 @@ async def run(args: argparse.Namespace) -> int:
     info["verify_s"] = verification_seconds(pop)
     # After the reference data is there: readiness at most 60 s, then each run --seconds + --drain-seconds.
     hard_deadline = time.monotonic() + 60 + args.repeat * (args.seconds + args.drain_seconds)
+    open_mode = args.rate is not None or args.step
     session: aiohttp.ClientSession | None = None
     caller: Any
     if args.via == "kafka":
         caller = KafkaCaller(s, args.reply_partition, timeout_s=args.request_timeout)
     else:
-        session = client_session(s, limit=args.concurrency + 4)  # TLS, keep-alive: no handshake per request
+        # TLS, keep-alive: no handshake per request; an open loop has as many requests in flight as it needs
+        session = client_session(s, limit=args.http_connections if open_mode else args.concurrency + 4)
         caller = HttpCaller(s.gateway_url, session, timeout_s=args.request_timeout)
     results: list[tuple[list[str], dict[str, float], bool]] = []
     unreachable: str | None = None
@@ -718,6 +745,10 @@ async def run(args: argparse.Namespace) -> int:
         if isinstance(caller, KafkaCaller):
             await caller.start()
         log(f"bench: {await wait_ready(caller, pop, timeout_s=30)}")
+        if open_mode:
+            lines, _ = await open_loop(s, args, caller, pop, info)
+            print("\n".join(lines))
+            return 0
         for i in range(args.repeat):
             if args.repeat > 1:
                 log(f"bench: run {i + 1} of {args.repeat}")
@@ -747,6 +778,155 @@ async def run(args: argparse.Namespace) -> int:
         log(f"bench: the pipeline became unreachable during the run: {unreachable}")
         return 2
     return 0
+
+
+# Open loop -------------------------------------------------------------------------------------------
+
+MIXES: dict[str, dict[str, float]] = {"national": NATIONAL_MIX, "inpatient": INPATIENT_ONLY}
+GENERATOR_BUSY_SHARE = 0.7  # a generator process above this share of a core may be what limits the rate
+OPEN_HEADER = f"  {'latency ms (from due time)':28} {'count':>8} {'p50':>8} {'p99':>8} {'p99.9':>8} {'max':>8}"
+
+
+def _open_row(name: str, q: dict[str, float]) -> str:
+    return (f"  {name:28} {q['count']:8.0f} {q['p50']:8.1f} {q['p99']:8.1f} {q['p999']:8.1f} "
+            f"{q['max']:8.1f}")
+
+
+def open_report(res: OpenLoopResult, cpu: tuple[CpuSnap, CpuSnap], wall_s: float, p99_bound_ms: float
+                ) -> list[str]:
+    """One rate's section: rates, held, latencies per family, errors, CPU per request per process (over
+    `wall_s`, the time between the CPU snapshots: the load and its drain)."""
+    ok, why = held(res, p99_bound_ms)
+    st = res.stats
+    out = [
+        f"rate {res.target_rps:g} requests/s: {'HELD' if ok else 'NOT HELD'}" + ("" if ok else f" ({why})"),
+        f"  target    {res.target_rps:9.1f} requests/s = {res.visits_per_s:.1f} visits/s x "
+        f"{res.requests_per_visit:.2f} requests per visit (the mix's mean)",
+        f"  offered   {res.offered_rps:9.1f} requests/s ({res.offered} requests due in {res.window_s:g} s, "
+        f"{res.arrivals} visits arrived" + (f", {res.skipped} found no free person" if res.skipped else "")
+        + (", new visits stopped at --max-requests" if res.capped else "") + ")",
+        f"  achieved  {res.achieved_rps:9.1f} requests/s ({res.answered_in_window} answered inside the window; "
+        f"{st.requests()} with the drain of {st.drain_s:.1f} s, {res.unanswered} never answered)",
+        f"  visits    {sum(st.stay_outcomes.values())}: "
+        + ", ".join(f"{k} {n}" for k, n in sorted(st.stay_outcomes.items()))
+        + "; settled by kind " + (", ".join(f"{k} {n}" for k, n in sorted(st.settled_by_kind.items())) or "none")
+        + f"; {st.reversed} reversed",
+        OPEN_HEADER, _open_row("all requests", quantiles_ms(res.book.overall)),
+    ]
+    out += [_open_row(name, quantiles_ms(h)) for name, h in sorted(res.book.families.items())]
+    codes: Counter[str] = Counter()
+    for (_, code), n in st.outcomes.items():
+        if code != "ok":
+            codes[code] += n
+    out.append("  answers that are errors: " + (", ".join(
+        f"{c} {n}" + (f" ({st.expected_refusals[c]} expected)" if st.expected_refusals[c] else "")
+        for c, n in codes.most_common()) or "none") + "; unexpected: "
+        + (", ".join(f"{c} {n}" for c, n in res.errors().most_common()) or "none")
+        + f"; resent after a timeout {st.resends}")
+    before, after = cpu
+    gone = restarted(before, after)
+    n = max(res.offered, 1)
+    per = [f"{name} {1000 * cpu_used(before, after, name) / n:.3f}" for name in STACK
+           if name in before and name in after and name not in gone]
+    stack_ms = 1000 * sum(cpu_used(before, after, name) for name in STACK
+                          if name in before and name in after and name not in gone) / n
+    out.append(f"  stack CPU per request {stack_ms:.3f} ms: " + ", ".join(per)
+               + (f" ({', '.join(gone)} restarted: not counted)" if gone else ""))
+    out.append(f"  load generator (this process): {1000 * res.client_cpu_s / n:.3f} ms CPU per request "
+               f"({res.client_cpu_s:.1f} CPU-s = {100 * res.client_cpu_s / max(wall_s, 1e-9):.0f}% "
+               f"of one core); latest visit start {1000 * res.sender_lag_max_s:.1f} ms after its arrival time")
+    if res.client_cpu_s > GENERATOR_BUSY_SHARE * wall_s:
+        out.append(f"  WARNING: the load generator kept one core {100 * res.client_cpu_s / wall_s:.0f}% busy: at this "
+                   "rate it may be the limit, not the pipeline (run several bench processes at a share of the rate)")
+    if "machine busy" in before and "machine busy" in after:
+        busy = cpu_used(before, after, "machine busy")
+        out.append(f"  machine busy {100 * busy / max(wall_s * (os.cpu_count() or 1), 1e-9):.0f}% of "
+                   f"{os.cpu_count()} CPUs over {wall_s:.1f} s (this process included)")
+    return out
+
+
+def step_summary(results: list[tuple[OpenLoopResult, bool, float]], p99_bound_ms: float) -> list[str]:
+    out = ["", f"step mode: held = achieved >= {HELD_SHARE:.0%} of target, p99 <= {p99_bound_ms:g} ms, no "
+           "errors other than expected refusals",
+           f"  {'target/s':>9} {'achieved/s':>10} {'held':>5} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} "
+           f"{'stack CPU ms/req':>16}"]
+    for res, ok, cpu_ms in results:
+        q = quantiles_ms(res.book.overall)
+        out.append(f"  {res.target_rps:9g} {res.achieved_rps:10.1f} {'yes' if ok else 'no':>5} {q['p50']:8.1f} "
+                   f"{q['p99']:8.1f} {q['p999']:9.1f} {cpu_ms:16.3f}")
+    best = max((r.target_rps for r, ok, _ in results if ok), default=None)
+    out.append(f"  highest rate held: {best:g} requests/s" if best is not None else "  no rate was held")
+    return out
+
+
+def _stack_cpu_ms(cpu: tuple[CpuSnap, CpuSnap], requests: int) -> float:
+    before, after = cpu
+    gone = restarted(before, after)
+    used = sum(cpu_used(before, after, n) for n in STACK if n in before and n in after and n not in gone)
+    return 1000 * used / max(requests, 1)
+
+
+async def open_loop(s: Settings, args: argparse.Namespace, caller: Any, pop: Population, info: dict[str, Any]
+                    ) -> tuple[list[str], list[tuple[OpenLoopResult, bool, float]]]:
+    """The open-loop run: one rate (--rate) or the step mode; the optional ceiling and profiles."""
+    started_at = datetime.now(UTC)
+    kinds = MIXES[args.mix]
+    per_visit = requests_per_visit(pop, kinds, args.mix, args.seed)
+    rates = [args.rate] if not args.step else step_rates(
+        args.start_rate, factor=args.step_factor, increment=args.step_increment, max_rate=args.max_rate,
+        max_steps=args.max_steps)
+    out = [f"xsettle open-loop benchmark, {started_at:%Y-%m-%d %H:%M} UTC", *machine_info(), code_version(),
+           f"run: via {args.via}, mix {args.mix} ({', '.join(f'{k} {v:g}' for k, v in kinds.items())}; "
+           f"{per_visit:.2f} requests per visit), {args.arrivals} arrivals, {args.seconds:g} s per rate (at most "
+           f"{args.max_requests} requests), drain {args.drain_seconds:g} s; {info['persons']} persons, "
+           f"{len(pop.hospitals)} hospitals, {len(pop.pharmacies)} pharmacies; population {args.population}", ""]
+    profiler = None
+    if args.profile:
+        from loadtest.profile import StageProfiler  # the other half of issue 14: only when asked for
+
+        profiler = StageProfiler()
+        profiler.start(s, Path(args.profile_dir), len(rates) * (args.seconds + args.drain_seconds))
+    results: list[tuple[OpenLoopResult, bool, float]] = []
+    try:
+        for i, rate in enumerate(rates):
+            log(f"bench: open loop at {rate:g} requests/s for {args.seconds:g} s via {args.via} ...")
+            cpu0, wall0 = cpu_snapshot(s), time.monotonic()
+            res = await run_open_loop(
+                caller, pop, rate=rate, seconds=args.seconds, arrivals=args.arrivals, kinds=kinds, mix=args.mix,
+                max_requests=args.max_requests, drain_s=args.drain_seconds, seed=args.seed * 1000 + i,
+                per_visit=per_visit, log=log)
+            cpu = (cpu0, cpu_snapshot(s))
+            wall_s = time.monotonic() - wall0
+            ok, why = held(res, args.p99_bound_ms)
+            results.append((res, ok, _stack_cpu_ms(cpu, res.offered)))
+            out += [*open_report(res, cpu, wall_s, args.p99_bound_ms), ""]
+            log(f"bench: {rate:g}/s {'held' if ok else 'not held: ' + why}")
+            if res.unreachable:
+                raise TransportError(res.unreachable)
+            if args.step and not ok:
+                break
+    finally:
+        if profiler is not None:
+            out += ["stage profiles (py-spy)", *await asyncio.to_thread(profiler.stop), ""]
+    if args.step:
+        out += step_summary(results, args.p99_bound_ms)
+    if args.ceiling:
+        from loadtest.ceiling import CeilingError, measure_ceiling  # the other half of issue 14: only when asked for
+
+        record_bytes = len(encode(pop_sample_envelope(pop)))
+        log(f"bench: Kafka's own producer and consumer tools, {args.ceiling_records} records of {record_bytes} B ...")
+        try:
+            ceiling = await asyncio.to_thread(measure_ceiling, s, record_bytes, args.ceiling_records)
+        except CeilingError as e:
+            return [*out, "", f"ceiling: not measured ({e})", *rss_lines(s)], results
+        out += ["", *ceiling.lines]
+        best = max((r.achieved_rps for r, ok, _ in results if ok), default=max(r.achieved_rps for r, _, _ in results))
+        out.append(f"  pipeline ÷ ceiling: {best:.1f} requests/s (the highest held, else the highest achieved) = "
+                   f"{100 * best / max(ceiling.produce_records_per_s, 1e-9):.2f}% of the producer tool's "
+                   f"{ceiling.produce_records_per_s:.0f} records/s, "
+                   f"{100 * best / max(ceiling.consume_records_per_s, 1e-9):.2f}% of the consumer tool's "
+                   f"{ceiling.consume_records_per_s:.0f} records/s")
+    return out + rss_lines(s), results
 
 
 def verification_seconds(pop: Population, n: int = 2000) -> float:
@@ -804,7 +984,45 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="default: drive the reference data's persons; national: load the seed regions' real "
                         "population (about 13 million persons; generated and loaded once, ~10 min) and drive as "
                         "many persons sampled from it (default: default)")
+    p.add_argument("--mix", choices=tuple(MIXES), default="national",
+                   help="visits drawn in the national shares (REFERENCE §7) with 1101 look-ups and reversals, or "
+                        "inpatient stays only (default national)")
+    o = p.add_argument_group("open loop (a target rate, whatever the answers)")
+    o.add_argument("--rate", type=float, help="requests/s to offer (open loop; without it: closed loop)")
+    o.add_argument("--arrivals", choices=("constant", "poisson"), default="poisson",
+                   help="visit arrivals evenly spaced or a Poisson process (default poisson)")
+    o.add_argument("--max-requests", type=int, default=200_000,
+                   help="no new visit once this many requests were sent, per rate (default 200000)")
+    o.add_argument("--step", action="store_true",
+                   help="raise the rate from --start-rate until it is not held; report the highest rate held")
+    o.add_argument("--start-rate", type=float, default=100.0, help="the step mode's first rate (default 100)")
+    o.add_argument("--step-factor", type=float, default=1.5, help="next rate = rate x this (default 1.5)")
+    o.add_argument("--step-increment", type=float, default=0.0,
+                   help="next rate = rate + this (used when --step-factor is 1)")
+    o.add_argument("--max-rate", type=float, default=20_000.0, help="the step mode stops above (default 20000)")
+    o.add_argument("--max-steps", type=int, default=12, help="the step mode's most rates (default 12)")
+    o.add_argument("--p99-bound-ms", type=float, default=100.0, help="held only with p99 within (default 100)")
+    o.add_argument("--http-connections", type=int, default=512,
+                   help="most HTTP connections at once via http (default 512)")
+    o.add_argument("--ceiling", action="store_true",
+                   help="after the load, Kafka's own producer/consumer tools on the same broker "
+                        "(loadtest.ceiling) and pipeline ÷ ceiling")
+    o.add_argument("--ceiling-records", type=int, default=200_000, help="records the tools send (default 200000)")
+    o.add_argument("--profile", action="store_true",
+                   help="profile every stage with py-spy during the load (loadtest.profile)")
+    o.add_argument("--profile-dir", default=str(PROJECT_ROOT / ".state" / "profiles"),
+                   help="where the raw profiles go (default .state/profiles)")
     args = p.parse_args(argv)
+    if args.rate is not None and args.rate <= 0:
+        p.error("--rate must be positive")
+    if args.step:
+        try:
+            step_rates(args.start_rate, factor=args.step_factor, increment=args.step_increment,
+                       max_rate=args.max_rate, max_steps=args.max_steps)
+        except ValueError as e:
+            p.error(str(e))
+    if (args.rate is not None or args.step) and args.max_requests < 1:
+        p.error("--max-requests must be positive")
     if args.seconds <= 0 or min(args.concurrency, args.max_stays, args.repeat) < 1 or args.drain_seconds < 0:
         p.error("--seconds, --concurrency, --max-stays and --repeat must be positive, --drain-seconds not negative")
     try:

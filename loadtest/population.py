@@ -77,6 +77,20 @@ STAY_DAYS: Final = 3  # loadtest.his.Stay: discharge = admission + 3 days, settl
 # The day's mix of visits (REFERENCE §7: outpatient far outnumbers inpatient; pharmacy is a large share).
 KIND_WEIGHTS: Final[dict[str, float]] = {"outpatient": 0.55, "chronic": 0.1, "inpatient": 0.2, "pharmacy": 0.15}
 INPATIENT_ONLY: Final[dict[str, float]] = {"inpatient": 1.0}
+# The national mix of cross-province visits, Q1 2025 (REFERENCE §7, millions of person-times): the open-loop
+# benchmark's default.
+NATIONAL_MIX: Final[dict[str, float]] = {"outpatient": 45.16, "pharmacy": 18.87, "inpatient": 3.64, "chronic": 3.08}
+# Share of the national mix's visits that start with a person look-up (1101: the hospital reads the card
+# first). An assumption: no public figure gives the share.
+LOOKUP_SHARE: Final = 0.3
+# Fee items per visit, (fewest, most) by kind: today's counts, and a national-mix estimate of real bills (an
+# inpatient stay bills drugs, tests and services every day, uploaded in daily batches of at most
+# UPLOAD_LINES_MAX lines; an outpatient visit a prescription and a few services).
+ITEMS_TODAY: Final[dict[str, tuple[int, int]]] = {"inpatient": (3, 15), "pharmacy": (1, 4), "outpatient": (1, 5),
+                                                   "chronic": (1, 5)}
+ITEMS_NATIONAL: Final[dict[str, tuple[int, int]]] = {"inpatient": (15, 60), "pharmacy": (1, 5),
+                                                      "outpatient": (2, 8), "chronic": (2, 6)}
+UPLOAD_LINES_MAX: Final = 20
 # Per kind: (pre-settlement, settlement, reversal) transaction numbers.
 SETTLEMENT_INFNOS: Final[dict[str, tuple[str, str, str]]] = {
     "inpatient": ("2303", "2304", "2305"), "outpatient": ("2206", "2207", "2208"),
@@ -198,6 +212,7 @@ class Scenario:
     # Called when the first request is accepted: the router has then made the filing on the spot (if any).
     on_admitted: Callable[[], None] | None = None
     chronic_disease: str | None = None
+    lookup: bool = False  # a person look-up (1101) before the first request of the visit
 
     @property
     def expect_refusal(self) -> str | None:
@@ -290,8 +305,10 @@ class Population:
         return filing_in_force(self.filings.get(person.psn_no, ()), on, treating_prov) is not None
 
     def scenario(self, rng: random.Random, *, reversal_share: float = REVERSAL_SHARE,
-                 now: datetime | None = None, kinds: dict[str, float] = KIND_WEIGHTS) -> Scenario | None:
-        """A new visit, its person marked busy (call `release` when done); None when every pick was busy."""
+                 now: datetime | None = None, kinds: dict[str, float] = KIND_WEIGHTS,
+                 items: dict[str, tuple[int, int]] = ITEMS_TODAY, lookup_share: float = 0.0) -> Scenario | None:
+        """A new visit, its person marked busy (call `release` when done); None when every pick was busy.
+        `items`: fee items per kind; `lookup_share`: visits starting with a 1101 look-up."""
         for _ in range(20):
             kind = rng.choices(list(kinds), list(kinds.values()))[0]
             pairs = self.pharmacy_pairs if kind == "pharmacy" else self.pairs
@@ -333,18 +350,21 @@ class Population:
                         on_admitted = partial(self._remember_spot_filing, person, hospital.prov, filing,
                                               start.date())
             reverse = rng.random() < reversal_share
-            items = self.catalog[hospital.prov]
+            catalog_items = self.catalog[hospital.prov]
             if kind == "pharmacy":
-                items = [c for c in items if c.code[:1] in "XZ"] or items  # drugs
-            n_items = {"inpatient": rng.randint(3, 15), "pharmacy": rng.randint(1, 4)}.get(kind, rng.randint(1, 5))
-            lines = fee_lines(rng, items, n_items)
-            uploads = [lines] if len(lines) <= 8 or rng.random() < 0.5 else [lines[: len(lines) // 2],
-                                                                              lines[len(lines) // 2:]]
+                catalog_items = [c for c in catalog_items if c.code[:1] in "XZ"] or catalog_items  # drugs
+            lines = fee_lines(rng, catalog_items, rng.randint(*items[kind]))
+            if items is ITEMS_TODAY:
+                uploads = [lines] if len(lines) <= 8 or rng.random() < 0.5 else [lines[: len(lines) // 2],
+                                                                                  lines[len(lines) // 2:]]
+            else:
+                uploads = [lines[i:i + UPLOAD_LINES_MAX] for i in range(0, len(lines), UPLOAD_LINES_MAX)]
             return Scenario(
                 kind=kind, hospital=hospital, person=person, scope=scope, filing=filing, uploads=uploads,
                 reverse=reverse, resettle=reverse and kind != "pharmacy" and rng.random() < RESETTLE_SHARE,
                 use_account=person.insutype == "310" and rng.random() < ACCOUNT_SHARE, start=start,
                 on_admitted=on_admitted, chronic_disease=rng.choice(person.chronic) if kind == "chronic" else None,
+                lookup=rng.random() < lookup_share,
             )
         return None
 
@@ -518,6 +538,8 @@ class Stats:
     resettled: int = 0  # settlements of a visit whose earlier settlement was reversed
     run_s: float = 0.0  # the load phase (rates are per this)
     drain_s: float = 0.0  # after it, for the requests in flight
+    # Also called with every answer (infno, latency s, code, expected): the open loop's HDR histograms.
+    on_record: Callable[[str, float, str, bool], None] | None = None
 
     def record(self, infno: str, seconds: float, code: str, *, expected: bool = False) -> None:
         now = time.monotonic()
@@ -526,6 +548,8 @@ class Stats:
         self.outcomes[(infno, code)] += 1
         if expected:
             self.expected_refusals[code] += 1
+        if self.on_record is not None:
+            self.on_record(infno, seconds, code, expected)
 
     @property
     def settled(self) -> int:
@@ -602,16 +626,19 @@ async def _send(
 
 async def drive_stay(
     caller: Caller, scn: Scenario, stats: Stats, *, go_on: Callable[[], bool] = lambda: True,
-    resends: int = 3, outage_s: float = 0.0,
+    resends: int = 3, outage_s: float = 0.0, due: float | None = None,
 ) -> str:
     """One stay, step by step; returns and counts its outcome: done | refused (the expected refusal) |
-    failed (an unexpected error answer) | cut (go_on() turned false before a step)."""
+    failed (an unexpected error answer) | cut (go_on() turned false before a step). `due`
+    (time.perf_counter()): when the first request was meant to be sent — its latency counts from then, so a
+    sender that falls behind shows as latency (open loop); each later request is due when the previous
+    answer came."""
     stats.stays_started += 1
     stats.started_by_scope[scn.scope] += 1
     stats.in_flight += 1
     outcome = "failed"
     try:
-        outcome = await _visit_steps(caller, scn, stats, go_on, resends, outage_s)
+        outcome = await _visit_steps(caller, scn, stats, go_on, resends, outage_s, due)
     except asyncio.CancelledError:
         outcome = "cut"
         raise
@@ -649,11 +676,15 @@ def _steps(scn: Scenario) -> tuple[Stay | Purchase | OutpatientVisit, list[Calla
         steps.append(visit.reverse)
         if scn.resettle:
             steps.append(settle)
+    if scn.lookup:  # the card read before the visit: the psn_no stands as the certificate
+        steps.insert(0, partial(scn.hospital.his.envelope, "1101", {"data": {
+            "mdtrt_cert_type": "02", "mdtrt_cert_no": scn.person.psn_no}}, insuplc=scn.person.insuplc))
     return visit, steps
 
 
 async def _visit_steps(
     caller: Caller, scn: Scenario, stats: Stats, go_on: Callable[[], bool], resends: int, outage_s: float,
+    due: float | None = None,
 ) -> str:
     visit, steps = _steps(scn)
     for build in steps:
@@ -661,10 +692,14 @@ async def _visit_steps(
             return "cut"
         envelope = build()  # built just before sending: it needs the mdtrt_id / setl_id of earlier answers
         infno = envelope["infno"]
-        started = time.perf_counter()
+        started = time.perf_counter() if due is None else min(due, time.perf_counter())
+        due = None
         code, r = await _send(caller, envelope, stats, resends, outage_s)
-        expected = infno in PRE_INFNOS and code == scn.expect_refusal
+        # A look-up refused by the institution's 1101 rate limit is the limit working, not a failure.
+        expected = (infno in PRE_INFNOS and code == scn.expect_refusal) or (infno == "1101" and code == "RATE_LIMITED")
         stats.record(infno, time.perf_counter() - started, code, expected=expected)
+        if infno == "1101":
+            continue  # the visit goes on whatever the look-up answered
         if code != "ok":
             return "refused" if expected else "failed"
         if isinstance(visit, Stay | OutpatientVisit) and infno in ("2401", "2201"):

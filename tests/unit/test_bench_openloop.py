@@ -1,0 +1,255 @@
+"""The open-loop benchmark's pure parts (arrivals, step rates, the held criterion, HDR latencies, the
+national mix) and its driver against an in-memory pipeline whose answer time the test sets."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import statistics
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from loadtest.his import Hospital
+from loadtest.openloop import (
+    LatencyBook,
+    OpenLoopResult,
+    arrival_offsets,
+    family,
+    held,
+    quantiles_ms,
+    requests_per_visit,
+    run_open_loop,
+    step_rates,
+)
+from loadtest.population import (
+    INPATIENT_ONLY,
+    ITEMS_NATIONAL,
+    NATIONAL_MIX,
+    UPLOAD_LINES_MAX,
+    CatalogInfo,
+    HospitalInfo,
+    PersonInfo,
+    Population,
+    Stats,
+    _steps,
+)
+from services.refdata.regions import region_of
+
+NOW = datetime(2026, 11, 30, 10, 0, 0)
+
+
+def _place(code: str, admdvs: str) -> HospitalInfo:
+    r = region_of(admdvs)
+    return HospitalInfo(Hospital(code, "医院", admdvs), admdvs, 3, r.prov_admdvs, r.pool_admdvs)
+
+
+def _population(persons: int = 60) -> Population:
+    """Local care in 赤峰 only (no filings needed, so nothing is refused), a hospital and a pharmacy, 80
+    catalog items so that an inpatient stay can bill 60 distinct ones."""
+    items = [CatalogInfo(f"X{i:03d}", "01", None) for i in range(40)]
+    items += [CatalogInfo(f"00{i:03d}", "02", None) for i in range(40)]
+    people = [PersonInfo(f"P150400{i:08d}", "150400", "390", ("DM",) if i % 5 == 0 else ())
+              for i in range(persons)]
+    return Population([_place("H15040000001", "150400"), _place("P15040000001", "150400")], people, {},
+                      {"150000": items})
+
+
+def test_constant_arrivals_are_evenly_spaced_and_bounded_in_time() -> None:
+    offsets = list(arrival_offsets(10, 2.0, "constant", random.Random(0)))
+    assert len(offsets) == 20
+    assert offsets[0] == 0.0 and offsets[-1] == pytest.approx(1.9)
+    assert all(b - a == pytest.approx(0.1) for a, b in itertools.pairwise(offsets))
+    assert list(arrival_offsets(0, 2.0, "constant", random.Random(0))) == []
+
+
+def test_poisson_arrivals_have_the_rate_on_average() -> None:
+    offsets = list(arrival_offsets(1000, 10.0, "poisson", random.Random(4)))
+    assert 9_600 < len(offsets) < 10_400  # 10,000 expected, standard deviation 100
+    assert offsets == sorted(offsets) and offsets[0] > 0 and offsets[-1] < 10.0
+    gaps = [b - a for a, b in itertools.pairwise(offsets)]
+    # exponential gaps: the standard deviation equals the mean (evenly spaced ones would have none)
+    assert 0.95 < statistics.pstdev(gaps) / statistics.mean(gaps) < 1.05
+
+
+def test_step_rates_grow_by_factor_or_increment_within_bounds() -> None:
+    assert step_rates(100, factor=1.5, max_rate=500, max_steps=10) == [100, 150, 225, 337.5]
+    assert step_rates(100, factor=1.0, increment=250, max_rate=10_000, max_steps=3) == [100, 350, 600]
+    with pytest.raises(ValueError):
+        step_rates(100, factor=1.0, increment=0, max_rate=500, max_steps=3)
+    with pytest.raises(ValueError):
+        step_rates(0, factor=2.0, max_rate=500, max_steps=3)
+
+
+def test_latency_book_groups_by_family_with_hdr_precision() -> None:
+    assert [family(i) for i in ("1101", "2102", "2207", "2304", "2401", "9001")] == [
+        "1101 person look-up", "21xx pharmacy", "22xx outpatient", "23xx/24xx inpatient", "23xx/24xx inpatient",
+        "9001 other"]
+    book = LatencyBook()
+    for ms in range(1, 1001):  # 1 … 1000 ms, once each
+        book.record("2304" if ms % 2 else "2207", ms / 1000)
+    q = quantiles_ms(book.overall)
+    assert q["count"] == 1000
+    # HDR keeps 3 significant digits: each value within 0.1% of the exact one
+    assert q["p50"] == pytest.approx(500, rel=1e-3) and q["p99"] == pytest.approx(990, rel=1e-3)
+    assert q["p999"] == pytest.approx(999, rel=1e-3) and q["max"] == pytest.approx(1000, rel=1e-3)
+    assert quantiles_ms(book.families["23xx/24xx inpatient"])["count"] == 500
+    assert quantiles_ms(book.families["22xx outpatient"])["max"] == pytest.approx(1000, rel=1e-3)
+
+
+def _result(target: float, answered: int, latency_ms: float, window_s: float = 10.0) -> OpenLoopResult:
+    res = OpenLoopResult(target_rps=target, window_s=window_s, visits_per_s=target / 4, requests_per_visit=4)
+    for _ in range(answered):
+        res.book.record("2207", latency_ms / 1000)
+    res.answered_in_window = res.offered = answered
+    return res
+
+
+def test_held_needs_the_rate_the_p99_and_no_errors() -> None:
+    assert held(_result(100, 960, 20), 100) == (True, "")
+    ok, why = held(_result(100, 940, 20), 100)
+    assert not ok and why == "achieved 94.0/s < 95% of 100/s"
+    ok, why = held(_result(100, 1000, 150), 100)
+    assert not ok and why == "p99 150.0 ms > 100 ms"
+    res = _result(100, 1000, 20)
+    res.stats.outcomes[("2207", "INTERNAL")] += 2
+    res.stats.outcomes[("2206", "FILING_REQUIRED")] += 3
+    res.stats.expected_refusals["FILING_REQUIRED"] += 3  # expected refusals are no errors
+    res.unanswered = 1
+    ok, why = held(res, 100)
+    assert not ok and why == "errors INTERNAL 2, NO_ANSWER 1"
+    res = _result(100, 1000, 20)
+    res.skipped = 4
+    assert held(res, 100) == (False, "4 arrivals found no free person (population too small for this rate)")
+    ok, why = held(_result(100, 0, 20), 100)  # nothing answered: neither rate nor p99
+    assert not ok and why.startswith("achieved 0.0/s") and "p99 nan ms" in why
+
+
+def test_national_mix_draws_the_reference_shares_with_lookups_and_real_bills() -> None:
+    pop = _population()
+    rng = random.Random(11)
+    kinds: Counter[str] = Counter()
+    lookups = 0
+    n = 4000
+    for _ in range(n):
+        scn = pop.scenario(rng, now=NOW, kinds=NATIONAL_MIX, items=ITEMS_NATIONAL, lookup_share=0.3)
+        assert scn is not None
+        pop.release(scn)
+        kinds[scn.kind] += 1
+        lines = [line for upload in scn.uploads for line in upload]
+        low, high = ITEMS_NATIONAL[scn.kind]
+        assert low <= len(lines) <= high
+        assert all(len(upload) <= UPLOAD_LINES_MAX for upload in scn.uploads)
+        _, steps = _steps(scn)
+        if scn.lookup:
+            lookups += 1
+            first = steps[0]()
+            assert first["infno"] == "1101"
+            assert first["input"]["data"] == {"mdtrt_cert_type": "02", "mdtrt_cert_no": scn.person.psn_no}
+    total = sum(NATIONAL_MIX.values())
+    for kind, weight in NATIONAL_MIX.items():
+        # within 2.5 percentage points of the national share (n = 4000: a standard deviation under 0.8)
+        assert abs(kinds[kind] / n - weight / total) < 0.025, (kind, kinds)
+    assert abs(lookups / n - 0.3) < 0.03
+
+
+def test_requests_per_visit_of_the_mixes() -> None:
+    pop = _population()
+    # inpatient: 2401, 1-3 uploads of at most 20 of 15-60 items, 2402, 2303, 2304 (+ 2305, + 2304 again)
+    inpatient = requests_per_visit(pop, INPATIENT_ONLY, "national", seed=1)
+    assert 6.0 < inpatient < 8.0
+    # mostly outpatient (4 requests) and pharmacy (2), 30% with a look-up, 10% reversed
+    national = requests_per_visit(pop, NATIONAL_MIX, "national", seed=1)
+    assert 3.6 < national < 4.6
+    assert not pop.busy
+
+
+class FakePipeline:
+    """An in-memory pipeline: every request answered OK after `delay_s`; with `serial`, one at a time
+    (a pipeline that falls behind)."""
+
+    def __init__(self, delay_s: float, serial: bool = False) -> None:
+        self.delay_s = delay_s
+        self.lock = asyncio.Lock() if serial else None
+        self.calls: Counter[str] = Counter()
+
+    async def call(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        if self.lock is not None:
+            async with self.lock:
+                await asyncio.sleep(self.delay_s)
+        else:
+            await asyncio.sleep(self.delay_s)
+        self.calls[envelope["infno"]] += 1
+        ids = {"mdtrt_id": "M" + envelope["msgid"]}
+        setl = {"setl_id": "S" + envelope["msgid"], "fund_pay_sumamt": "1.00", "medfee_sumamt": "2.00"}
+        return {"infcode": 0, "output": {"result": ids, "data": ids, "setlinfo": setl}}
+
+
+async def test_open_loop_holds_a_rate_the_pipeline_keeps_up_with() -> None:
+    pop, pipeline = _population(), FakePipeline(0.005)
+    res = await run_open_loop(pipeline, pop, rate=200, seconds=2.0, arrivals="constant", kinds=NATIONAL_MIX,
+                              mix="national", max_requests=10_000, drain_s=2.0, seed=3, per_visit=4.0)
+    sent = sum(pipeline.calls.values())
+    assert res.offered == sent == res.stats.requests()  # every request sent was answered and counted once
+    assert res.unanswered == 0 and res.answered_in_window <= res.offered
+    assert res.arrivals == 100 and res.skipped == 0  # 50 visits/s, evenly, for 2 s
+    assert res.achieved_rps <= res.offered_rps
+    assert quantiles_ms(res.book.overall)["count"] == sent
+    assert sum(quantiles_ms(h)["count"] for h in res.book.families.values()) == sent
+    assert quantiles_ms(res.book.overall)["p50"] >= 5.0
+    assert not res.errors() and not pop.busy
+    assert res.client_cpu_s > 0
+
+
+async def test_a_pipeline_that_falls_behind_shows_as_latency_not_as_a_lower_rate_of_arrivals() -> None:
+    # 20 ms per request, one at a time: at most 50 requests/s against 200 offered.
+    pop, pipeline = _population(200), FakePipeline(0.02, serial=True)
+    res = await run_open_loop(pipeline, pop, rate=200, seconds=1.5, arrivals="constant", kinds=INPATIENT_ONLY,
+                              mix="inpatient", max_requests=10_000, drain_s=0.5, seed=5, per_visit=4.0)
+    assert res.arrivals == 75  # visits still arrived on time: 50/s for 1.5 s
+    q = quantiles_ms(res.book.overall)
+    # latency counts from the due time: the queue behind the slow pipeline is in it (coordinated omission
+    # would show about 20 ms)
+    assert q["max"] > 500
+    ok, why = held(res, 100)
+    assert not ok and "achieved" in why and "p99" in why
+    assert res.unanswered > 0 and "NO_ANSWER" in res.errors()
+    assert not pop.busy
+
+
+async def test_max_requests_stops_new_visits() -> None:
+    pop, pipeline = _population(), FakePipeline(0.001)
+    res = await run_open_loop(pipeline, pop, rate=400, seconds=2.0, arrivals="poisson", kinds=NATIONAL_MIX,
+                              mix="national", max_requests=40, drain_s=1.0, seed=9, per_visit=4.0)
+    assert res.capped
+    # visits already going finish their steps: a few more than 40, far fewer than 800
+    assert 40 <= res.offered < 80
+    assert isinstance(res.stats, Stats)
+
+
+def test_report_gives_cpu_per_request_per_process_and_the_generator_s_own() -> None:
+    from loadtest.bench import open_report, step_summary
+
+    res = _result(100, 1000, 20)
+    res.client_cpu_s = 0.25
+    before = {"router": (11, {11: 1.0}), "settle": (12, {12: 2.0}), "kafka": (13, {13: 5.0}),
+              "postgres": (14, {14: 1.0, 15: 1.0}), "gateway": (16, {16: 3.0}), "machine busy": (0, {0: 100.0})}
+    after = {"router": (11, {11: 1.5}), "settle": (12, {12: 2.25}), "kafka": (13, {13: 6.0}),
+             "postgres": (14, {14: 1.5, 15: 1.25, 17: 0.25}),  # a backend started during the load counts whole
+             "gateway": (26, {26: 0.5}), "machine busy": (0, {0: 110.0})}  # the gateway restarted
+    lines = open_report(res, (before, after), 10.0, 100.0)
+    assert lines[0] == "rate 100 requests/s: HELD"
+    assert ("  stack CPU per request 2.750 ms: router 0.500, settle 0.250, kafka 1.000, postgres 1.000 "
+            "(gateway restarted: not counted)") in lines
+    assert any(line.startswith("  load generator (this process): 0.250 ms CPU per request (0.2 CPU-s = 2% ")
+               for line in lines)
+    assert not any("WARNING" in line for line in lines)
+    res.client_cpu_s = 8.0  # 80% of one core over 10 s
+    assert any(line.startswith("  WARNING: the load generator kept one core 80% busy")
+               for line in open_report(res, (before, after), 10.0, 100.0))
+    summary = step_summary([(res, True, 2.75), (_result(200, 1000, 150), False, 1.5)], 100.0)
+    assert summary[-1] == "  highest rate held: 100 requests/s"
+    assert summary[-2].split() == ["200", "100.0", "no", "150.0", "150.0", "150.0", "1.500"]
