@@ -907,7 +907,7 @@ async def open_loop(s: Settings, args: argparse.Namespace, caller: Any, pop: Pop
                 break
     finally:
         if profiler is not None:
-            out += ["stage profiles (py-spy)", *await asyncio.to_thread(profiler.stop), ""]
+            out += [*await asyncio.to_thread(profiler.stop), ""]
     if args.step:
         out += step_summary(results, args.p99_bound_ms)
     if args.ceiling:
