@@ -67,6 +67,7 @@ INFNO_NAMES = {
     "2304": "settlement", "2305": "reversal",
     "2201": "registration", "2203": "visit info", "2204": "fee upload", "2206": "pre-settlement",
     "2207": "settlement", "2208": "reversal", "2101": "pre-settlement", "2102": "settlement", "2103": "reversal",
+    "2601": "correction", "5203": "settlement query", "1101": "person info",
 }
 KINDS = ("outpatient", "chronic", "inpatient", "pharmacy")
 
@@ -186,7 +187,8 @@ def summary(stats: Stats, run_s: float, drain_s: float, args: argparse.Namespace
     out.append(f"visits: {stats.stays_started} started — {o['done']} complete, {o['refused']} refused as expected "
                f"(unfiled non-local persons), {o['failed']} failed, {o['cut']} cut at the end")
     out.append(f"settlements (2207/2304/2102): {stats.settled}  = {stats.settled / run_s:.1f}/s; "
-               f"reversals (2208/2305/2103): {stats.reversed}; {stats.resettled} visits settled again")
+               f"reversals (2208/2305/2103, or 2601 correcting the settlement): {stats.reversed}; "
+               f"{stats.resettled} visits settled again")
     out.append("  settlements by visit type: " + "   ".join(f"{k} {stats.settled_by_kind[k]}" for k in KINDS))
     out.append("  settlements by scope: " + "   ".join(f"{s} {stats.settled_by_scope[s]}" for s in SCOPES)
                + "   (visits started: " + ", ".join(f"{s} {stats.started_by_scope[s]}" for s in SCOPES) + ")")

@@ -117,6 +117,7 @@ class Stay:
     start: datetime
     mdtrt_id: str = ""
     setl_id: str = ""
+    settle_msgid: str = ""  # the msgid of the settlement answered last (what a correction names)
     fees: list[FeeLine] = field(default_factory=list)
     promise_filing: bool = False
     use_account: bool = False
@@ -320,6 +321,7 @@ class OutpatientVisit:
     promise_filing: bool = False
     mdtrt_id: str = ""
     setl_id: str = ""
+    settle_msgid: str = ""  # the msgid of the settlement answered last (what a correction names)
     fees: list[FeeLine] = field(default_factory=list)
 
     def _env(self, infno: str, body: dict[str, Any], minutes: int) -> dict[str, Any]:
@@ -380,6 +382,7 @@ class Purchase:
     use_account: bool = True
     promise_filing: bool = False
     setl_id: str = ""
+    settle_msgid: str = ""  # the msgid of the settlement answered last (what a correction names)
 
     def settle(self, *, pre: bool = False) -> dict[str, Any]:
         total = sum((line.amount for line in self.lines), Decimal(0))

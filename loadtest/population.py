@@ -69,6 +69,10 @@ PROMISE_SHARE: Final = 0.85
 EMERGENCY_SHARE: Final = 0.05
 REVERSAL_SHARE: Final = 0.10
 RESETTLE_SHARE: Final = 0.5  # of the reversed stays, settled again afterwards
+# Of the reversals, sent as a correction (2601) of the settlement instead: a hospital unsure of its answer.
+CORRECTION_SHARE: Final = 0.3
+# Visits whose hospital reads the settlement back (5203 by setl_id), as one that lost the answer does.
+QUERY_SHARE: Final = 0.05
 ACCOUNT_SHARE: Final = 0.5  # employees asking to pay the personal part from their account
 # Mirrors the router (services.router.logic): how long a filing made on the spot stays valid.
 PROMISE_FILING_DAYS: Final = 180
@@ -213,6 +217,8 @@ class Scenario:
     on_admitted: Callable[[], None] | None = None
     chronic_disease: str | None = None
     lookup: bool = False  # a person look-up (1101) before the first request of the visit
+    correct: bool = False  # the reversal is a correction (2601) of the settlement's msgid
+    query: bool = False  # after the settlement, 5203 reads it back by setl_id
 
     @property
     def expect_refusal(self) -> str | None:
@@ -350,6 +356,9 @@ class Population:
                         on_admitted = partial(self._remember_spot_filing, person, hospital.prov, filing,
                                               start.date())
             reverse = rng.random() < reversal_share
+            # Drawn apart from `rng`, so that a seed's visits stay what they were before these two existed.
+            side = random.Random(f"{person.psn_no}|{start.isoformat()}")
+            correct, query = reverse and side.random() < CORRECTION_SHARE, side.random() < QUERY_SHARE
             catalog_items = self.catalog[hospital.prov]
             if kind == "pharmacy":
                 catalog_items = [c for c in catalog_items if c.code[:1] in "XZ"] or catalog_items  # drugs
@@ -364,7 +373,7 @@ class Population:
                 reverse=reverse, resettle=reverse and kind != "pharmacy" and rng.random() < RESETTLE_SHARE,
                 use_account=person.insutype == "310" and rng.random() < ACCOUNT_SHARE, start=start,
                 on_admitted=on_admitted, chronic_disease=rng.choice(person.chronic) if kind == "chronic" else None,
-                lookup=rng.random() < lookup_share,
+                lookup=rng.random() < lookup_share, correct=correct, query=query,
             )
         return None
 
@@ -672,14 +681,25 @@ def _steps(scn: Scenario) -> tuple[Stay | Purchase | OutpatientVisit, list[Calla
                  partial(out.upload, [line for lines in scn.uploads for line in lines]),
                  lambda: out.settle(pre=True), out.settle]
         settle, visit = out.settle, out
+    his, psn = scn.hospital.his, scn.person
+    if scn.query:  # read the settlement back, as a hospital that lost the answer does
+        steps.append(lambda: his.query("5203", {"psn_no": psn.psn_no, "setl_id": visit.setl_id},
+                                       insuplc=psn.insuplc))
     if scn.reverse:
-        steps.append(visit.reverse)
+        steps.append(partial(_correction, scn, visit) if scn.correct else visit.reverse)
         if scn.resettle:
             steps.append(settle)
     if scn.lookup:  # the card read before the visit: the psn_no stands as the certificate
         steps.insert(0, partial(scn.hospital.his.envelope, "1101", {"data": {
             "mdtrt_cert_type": "02", "mdtrt_cert_no": scn.person.psn_no}}, insuplc=scn.person.insuplc))
     return visit, steps
+
+
+def _correction(scn: Scenario, visit: Stay | Purchase | OutpatientVisit) -> dict[str, Any]:
+    """The reversal sent as a correction (2601) of the settlement, at the time the reversal would have had."""
+    at = datetime.strptime(visit.reverse()["inf_time"], "%Y-%m-%d %H:%M:%S")
+    return scn.hospital.his.correct(visit.settle_msgid, SETTLEMENT_INFNOS[scn.kind][1], scn.person.psn_no,
+                                    insuplc=scn.person.insuplc, inf_time=at)
 
 
 async def _visit_steps(
@@ -711,13 +731,13 @@ async def _visit_steps(
             info = r["output"]["setlinfo"]
             if visit.setl_id:
                 stats.resettled += 1
-            visit.setl_id = info["setl_id"]
+            visit.setl_id, visit.settle_msgid = info["setl_id"], info["medins_setl_id"]
             stats.settle_ids[visit.setl_id] = to_fen(info["fund_pay_sumamt"])
             stats.settle_medfee_fen += to_fen(info["medfee_sumamt"])
             stats.settled_by_scope[scn.scope] += 1
             stats.settled_by_kind[scn.kind] += 1
             stats.settled_at.append(time.monotonic())
-        elif infno in REVERSE_INFNOS:
+        elif infno in REVERSE_INFNOS or infno == "2601":  # a corrected settlement answers its reversal
             info = r["output"]["setlinfo"]
             stats.reverse_ids[info["setl_id"]] = to_fen(info["fund_pay_sumamt"])
     return "done"
