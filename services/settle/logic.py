@@ -73,7 +73,6 @@ from schemas.inpatient import (
     OutputSettlement,
     SetlDetail,
     SetlInfo,
-    VisitRef,
     VisitResult,
 )
 from schemas.internal import CatalogCtx, RoutedRequest
@@ -150,7 +149,7 @@ def handle(msg: RoutedRequest, st: BatchState, policies: PolicyBook) -> Effect:
         case Input2404():
             return _cancel_visit(msg, st, body.data.mdtrt_id)
         case Input2405():
-            return _cancel_discharge(msg, body, st)
+            return _cancel_discharge(msg, st, body.data.mdtrt_id)
         case Input2101() | Input2102():
             return _pharmacy(msg, body, st, policies, effective=isinstance(body, Input2102))
         case Input2103():
@@ -315,8 +314,8 @@ def _set_adm_info(visit: Visit, info: AdmissionInfo | AdmissionChange) -> None:
         visit.adm_info = {**visit.adm_info, **changed}
 
 
-def _cancel_discharge(msg: RoutedRequest, body: Input2405, st: BatchState) -> Effect:
-    visit = _visit(msg, st, body.data.mdtrt_id)
+def _cancel_discharge(msg: RoutedRequest, st: BatchState, mdtrt_id: str) -> Effect:
+    visit = _visit(msg, st, mdtrt_id)
     visit.endtime = None
     _enter(msg, st, visit)
     return Effect({})
@@ -612,7 +611,7 @@ def _undo(as_undoing: RoutedRequest, ref: CorrectionRef, step: correction.Undoin
         effect = _cancel_visit(as_undoing, st, mdtrt_id)
         output = correction.answer_of(step, ref)
     elif step.undo == "cancel_discharge":
-        effect = _cancel_discharge(as_undoing, Input2405(data=VisitRef(mdtrt_id=mdtrt_id, psn_no=ref.psn_no)), st)
+        effect = _cancel_discharge(as_undoing, st, mdtrt_id)
         output = correction.answer_of(step, ref)
     else:
         refs = [FeeBatchCancel(mdtrt_id=mdtrt_id, psn_no=ref.psn_no, feedetl_sn=sn) for sn in step.feedetl_sns]
