@@ -13,7 +13,9 @@ import base64
 import hashlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -105,10 +107,14 @@ class Page:
 async def chromium(s: Settings) -> AsyncIterator[Page]:
     """A fresh profile (no cookies), one tab."""
     port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="xs-chromium-") as profile, tempfile.TemporaryFile() as log:
+    profile = tempfile.mkdtemp(prefix="xs-chromium-")
+    with tempfile.TemporaryFile() as log:
         cmd = [chromium_path(), *FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
                f"--ignore-certificate-errors-spki-list={server_key_pin(s)}", "--window-size=1400,1000", "about:blank"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL)
+        # Its own process group: Chromium's helpers (zygote, renderers, crash handler) outlive the main
+        # process for a moment and keep writing into the profile unless they are stopped too.
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
         try:
             async with aiohttp.ClientSession() as http:  # the browser's own debugging endpoint, loopback
                 target = await _page_target(http, port, proc, log)
@@ -117,12 +123,34 @@ async def chromium(s: Settings) -> AsyncIterator[Page]:
                     await page.send("Page.enable")
                     yield page
         finally:
-            proc.terminate()
+            await _stop_group(proc)
+            await _remove_profile(Path(profile))
+
+
+async def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()
             try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                os.killpg(proc.pid, 0)  # anyone of the group still alive?
+            except ProcessLookupError:
+                return
+            await asyncio.sleep(0.1)
+    proc.wait()
+
+
+async def _remove_profile(profile: Path) -> None:
+    for _ in range(20):  # a helper of another group (rare) may still be closing its files
+        shutil.rmtree(profile, ignore_errors=True)
+        if not profile.exists():
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"the Chromium profile {profile} could not be removed")
 
 
 async def _page_target(http: aiohttp.ClientSession, port: int, proc: subprocess.Popen[bytes], log: IO[bytes]) -> str:
