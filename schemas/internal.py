@@ -9,6 +9,7 @@ import msgspec
 
 from schemas.codes import Scope
 from schemas.correction import Input2601
+from schemas.monitoring import VisitFacts
 from schemas.inpatient import (
     Input2301,
     Input2302,
@@ -118,3 +119,5 @@ class SettlementEvent(msgspec.Struct, kw_only=True):
     # is a mid-stay part (not a person-time of its own: the stay counts once, with its discharge settlement).
     policy_version: str = ""
     mid_setl: bool = False
+    # Smart monitoring (issue 13): the visit's facts on a settle row; None on reversals.
+    visit: VisitFacts | None = None

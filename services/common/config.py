@@ -119,6 +119,7 @@ class Settings:
     gateway_client_certs: str = "optional"
     # The dashboard's /metrics on a plain port of its own (its page and API need a session over TLS).
     dashboard_metrics_port: int = 9106
+    smartmon_metrics_port: int = 9107
     # Dashboard sign-in sessions: idle and absolute expiry, seconds.
     dashboard_session_idle_s: int = 1800
     dashboard_session_max_s: int = 28_800
@@ -211,6 +212,7 @@ def load_settings() -> Settings:
         plain_http=_int("XS_PLAIN_HTTP", 0, 0, 1),
         gateway_client_certs=_choice("XS_GATEWAY_CLIENT_CERTS", "optional", ("off", "optional", "required")),
         dashboard_metrics_port=_int("XS_DASHBOARD_METRICS_PORT", 9106, 1024, 65535),
+        smartmon_metrics_port=_int("XS_SMARTMON_METRICS_PORT", 9107, 1024, 65535),
         dashboard_session_idle_s=_int("XS_DASHBOARD_SESSION_IDLE_S", 1800, 1, 86_400),
         dashboard_session_max_s=_int("XS_DASHBOARD_SESSION_MAX_S", 28_800, 1, 7 * 86_400),
     )
