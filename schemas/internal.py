@@ -9,7 +9,6 @@ import msgspec
 
 from schemas.codes import Scope
 from schemas.correction import Input2601
-from schemas.monitoring import VisitFacts
 from schemas.inpatient import (
     Input2301,
     Input2302,
@@ -22,6 +21,7 @@ from schemas.inpatient import (
     Input2404,
     Input2405,
 )
+from schemas.monitoring import VisitFacts
 from schemas.outpatient import Input2201, Input2202, Input2203, Input2204, Input2205, Input2206, Input2207, Input2208
 from schemas.pharmacy import Input2101, Input2102, Input2103
 from schemas.query import QueryBody
