@@ -455,6 +455,23 @@ def _stay_key(s: StayCost) -> tuple[int, str, int, tuple[str, ...]]:
     return (len(s.setl_ids), s.dscg_day, s.medfee, tuple(s.setl_ids))
 
 
+def within_horizon(episodes: Sequence[Episode], book: RuleBook) -> list[Episode]:
+    """The episodes worth keeping: those whose last day (a stay: its discharge, all its parts together) is
+    no more than `horizon_days` before the newest day of the set. Dropping the others never changes a
+    judgement about the newer episodes; the judgements about the dropped ones are history, not withdrawn."""
+    ordered = _unique(episodes)
+    if not ordered:
+        return []
+    last_day: dict[str, date] = {}
+    for stay in _stays(ordered):
+        for part in stay.parts:
+            last_day[part.setl_id] = _day(stay.end)
+    for e in ordered:
+        last_day.setdefault(e.setl_id, max(_day(e.at), _day(_ts(e.facts.endtime or e.at))))
+    first_kept = max(last_day.values()) - timedelta(days=horizon_days(book))
+    return [e for e in ordered if last_day[e.setl_id] >= first_kept]
+
+
 def horizon_days(book: RuleBook) -> int:
     """How far back (calendar days before the newest episode's day) history matters: the longest window of
     any enabled rule (defaults and overrides) plus the book's margin for late arrivals. Keep an episode while
