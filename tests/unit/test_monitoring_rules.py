@@ -8,6 +8,7 @@ from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
+import msgspec
 import pytest
 from msgspec.structs import replace as sreplace
 
@@ -66,6 +67,15 @@ def test_episode_from_event() -> None:
     assert (e.setl_id, e.mdtrt_id, e.medfee, e.mid_setl, e.facts) == ("S1", "M1", 123456, True, facts)
     assert r.Episode.from_event(_event("reverse", None)) is None
     assert r.Episode.from_event(_event("settle", None)) is None
+
+
+def test_episodes_round_trip_through_msgspec() -> None:
+    """The stream keeps a person's episodes as msgspec bytes: what comes back judges the same."""
+    history = _everything()
+    assert history[0].at == "2026-03-01 08:00:00"  # a computed value cached on the instance is not encoded
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(history), type=list[r.Episode])
+    assert back == history
+    assert r.person_judgements(back, BOOK) == r.person_judgements(history, BOOK)
 
 
 # --- OVERLAP_INPATIENT ----------------------------------------------------------------------------
