@@ -44,12 +44,14 @@ from tests.integration.conftest import (
     ITEM_A,
     RUN_TOKEN,
     Ledger,
-    TestPerson,
     issue_missing_keys,
     wait_router_knows,
 )
+from tests.integration.conftest import (
+    TestPerson as Person,  # (not collected as a test class)
+)
 from tests.integration.stays import TimedStay
-from topics.catalog import SETTLEMENTS
+from topics.catalog import ALL_TOPICS, SETTLEMENTS, catalog
 
 pytestmark = pytest.mark.integration
 
@@ -76,8 +78,8 @@ def _certno(n: int, female: bool) -> str:
 PERSONS = {1: True, 2: False, 3: True, 4: False, 5: True, 6: False, 7: True, 8: False}
 
 
-def person(n: int) -> TestPerson:
-    return TestPerson(epsn(n), REGION, "390")
+def person(n: int) -> Person:
+    return Person(epsn(n), REGION, "390")
 
 
 def _write_refdata(directory: Path) -> None:
@@ -93,6 +95,7 @@ def _write_refdata(directory: Path) -> None:
                for n, female in PERSONS.items()]
     for name, rows in (("hospitals", hospitals), ("persons", persons), ("catalog", catalog)):
         (directory / f"{name}.jsonl").write_bytes(b"\n".join(enc.encode(r) for r in rows) + b"\n")
+    (directory / "filings.jsonl").write_bytes(b"")  # local care: no filing needed
 
 
 async def _flag_catalog(db: asyncpg.Pool) -> None:
@@ -126,13 +129,11 @@ class SettlementTap:
         self.consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN),
                                          enable_auto_commit=False, isolation_level="read_committed")
         self.events: dict[str, list[SettlementEvent]] = {}
+        self.topic = catalog(s)[ALL_TOPICS.index(SETTLEMENTS)]  # the run's own (prefixed) topic
 
     async def start(self) -> None:
         await self.consumer.start()
-        await self.consumer.topics()  # loads the cluster metadata
-        tps = [TopicPartition(SETTLEMENTS.name, p) for p in sorted(self.consumer.partitions_for_topic(
-            SETTLEMENTS.name) or [])]
-        assert tps, "fsi.settlements has no partitions"
+        tps = [TopicPartition(self.topic.name, p) for p in range(self.topic.partitions)]
         self.consumer.assign(tps)
         for tp, offset in (await self.consumer.end_offsets(tps)).items():
             self.consumer.seek(tp, offset)
@@ -204,12 +205,13 @@ async def test_settlement_events_carry_the_visit_facts(events_refdata: None, gat
     final = _ok(await stay.settle(D("800.00"), datetime(2026, 3, 15, 11, 0), mid=False))["output"]["setlinfo"]
     [ev_part] = await tap.wait_for(part["setl_id"])
     [ev_final] = await tap.wait_for(final["setl_id"])
-    common = {"visit_type": "inpatient", "gend": "2", "begntime": "2026-03-10 09:00:00", "main_dise": "I10.x00",
-              "hosp_lv": 2, "treating_prov": PROV}
-    assert (ev_part.mid_setl, ev_part.visit) == (True, VisitFacts(
-        **common, endtime="", items=[_item(ITEM_A, "2026-03-11", "10", 30000)]))
-    assert (ev_final.mid_setl, ev_final.visit) == (False, VisitFacts(
-        **common, endtime="2026-03-15 09:00:00", items=[_item(OBSTETRIC, "2026-03-13", "1", 80000, gender_only="2")]))
+    def stay_facts(endtime: str, items: list[ItemFact]) -> VisitFacts:
+        return VisitFacts(visit_type="inpatient", gend="2", begntime="2026-03-10 09:00:00", endtime=endtime,
+                          main_dise="I10.x00", hosp_lv=2, treating_prov=PROV, items=items)
+
+    assert (ev_part.mid_setl, ev_part.visit) == (True, stay_facts("", [_item(ITEM_A, "2026-03-11", "10", 30000)]))
+    assert (ev_final.mid_setl, ev_final.visit) == (False, stay_facts(
+        "2026-03-15 09:00:00", [_item(OBSTETRIC, "2026-03-13", "1", 80000, gender_only="2")]))
 
     # A reversal carries no facts.
     back = _ok(await stay.reverse(final["setl_id"], datetime(2026, 3, 15, 12, 0)))["output"]["setlinfo"]
@@ -242,7 +244,7 @@ def _encounter(mdtrt_id: str, orders: list[tuple[FeeLine, datetime]], *, medins:
     return Encounter(mdtrt_id, medins.fixmedins_code, med_type, adm, dscg, list(diagnoses), orders)
 
 
-async def _analyse(gateway: GatewayClient, infno: str, who: TestPerson, current: Encounter,
+async def _analyse(gateway: GatewayClient, infno: str, who: Person, current: Encounter,
                    *, hospital: Hospital = HOSP_A, rule_ids: tuple[str, ...] = ()) -> dict[str, Any]:
     env = hospital.envelope(infno, analysis(who.psn_no, current, rule_ids=rule_ids), insuplc=who.insuplc,
                             inf_time=current.adm + timedelta(hours=1))
@@ -313,7 +315,7 @@ async def test_3103_disposal_ok_repeat_unknown_and_other_institution(events_refd
     stranger = await gateway.call(HOSP_A.envelope("3103", disposal(jr_id, person(8).psn_no), insuplc=REGION,
                                                   inf_time=day + timedelta(hours=2)))
     assert stranger["infcode"] == -1 and stranger["err_msg"].startswith("WARNING_UNKNOWN")
-    assert await ledger.fetchval("SELECT count(*) FROM warning_disposal WHERE jr_id = $1", jr_id) == 1
+    assert await ledger.total("SELECT count(*) FROM warning_disposal WHERE jr_id = $1", jr_id) == 1
 
 
 # --- 2206 / 2303 warn_msg ----------------------------------------------------------------------------
