@@ -52,7 +52,7 @@ SETTLE = {"psn_no": "P1", **CERT, "medfee_sumamt": 10, "mdtrt_id": "M1", "insuty
 MONTH = {"trt_year": "2026", "trt_month": "4"}
 STMT = {"setl_optins": "150400", "stmt_begndate": "2026-04-01", "stmt_enddate": "2026-04-30", "medfee_sumamt": 0,
         "fund_pay_sumamt": 0, "fixmedins_setl_cnt": 0}
-ANALYSED = {"patn_id": "P1", "curr_mdtrt_id": "M1", "fsi_encounter_dtos": [{
+ANALYSED: dict[str, Any] = {"patn_id": "P1", "curr_mdtrt_id": "M1", "fsi_encounter_dtos": [{
     "mdtrt_id": "M1", "medins_id": HOSPITAL, "med_type": "11", "adm_date": T,
     "fsi_order_dtos": [{"rx_id": "R1", "hilist_code": "A1", "cnt": 1, "pric": 10, "sumamt": 10, "drord_begn_date": T}],
 }]}
