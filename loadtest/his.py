@@ -96,6 +96,44 @@ class Hospital:
 
 
 @dataclass
+class Encounter:
+    """A visit as 3101/3102 describe it (fsi_encounter_dtos): the facts known so far, orders included."""
+
+    mdtrt_id: str
+    medins_id: str
+    med_type: str
+    adm: datetime
+    dscg: datetime | None = None
+    diagnoses: list[str] = field(default_factory=list)  # ICD-10 codes, the first the main one
+    orders: list[tuple[FeeLine, datetime]] = field(default_factory=list)  # (line, order date)
+
+    def dto(self) -> dict[str, Any]:
+        return {
+            "mdtrt_id": self.mdtrt_id, "medins_id": self.medins_id, "med_type": self.med_type,
+            "adm_date": wire_time(self.adm), "dscg_date": wire_time(self.dscg) if self.dscg else None,
+            "fsi_diagnose_dtos": [{"dise_codg": code, "dise_name": "-", "maindise_flag": "1" if i == 0 else "0"}
+                                  for i, code in enumerate(self.diagnoses)],
+            "fsi_order_dtos": [{"rx_id": f"RX{n:04d}", "hilist_code": line.med_list_codg, "cnt": line.cnt,
+                                "pric": line.pric, "sumamt": line.amount, "drord_begn_date": wire_time(at)}
+                               for n, (line, at) in enumerate(self.orders, start=1)],
+        }
+
+
+def analysis(psn_no: str, current: Encounter, *others: Encounter, rule_ids: tuple[str, ...] = (),
+             trig_scen: str = "1") -> dict[str, Any]:
+    """The body of a 3101 (pre-event) or 3102 (in-event) analysis of one patient: `current` first."""
+    return {"data": {"rule_ids": list(rule_ids), "trig_scen": trig_scen, "syscode": "HIS",
+                     "patient_dtos": [{"patn_id": psn_no, "curr_mdtrt_id": current.mdtrt_id,
+                                       "fsi_encounter_dtos": [e.dto() for e in (current, *others)]}]}}
+
+
+def disposal(jr_id: str, psn_no: str, *, change: bool = False, reason: str = "reviewed") -> dict[str, Any]:
+    """The body of a 3103: the hospital continued (dspo_way 1) or changed (2) after warning `jr_id`."""
+    return {"data": {"jr_id": jr_id, "patn_id": psn_no, "dspo_way": "2" if change else "1",
+                     "dspo_way_rea": reason}}
+
+
+@dataclass
 class FeeLine:
     med_list_codg: str
     cnt: Decimal

@@ -161,6 +161,11 @@ ERRORS: dict[str, ErrorSpec] = {
         # Queries (5201–5206, services/settle/queries.py).
         ErrorSpec("QUERY_NOT_ALLOWED", "the person has no visit at this institution: their accumulators are not "
                   "shown", "5206", "query only persons you treat; 1101 shows a person's own totals"),
+        # Smart monitoring: disposals of pre/in-event warnings (3103, services/settle/prescreen.py).
+        ErrorSpec("WARNING_UNKNOWN", "no warning with that jr_id was issued for this person (3101/3102 issue "
+                  "them)", "3103", "use a jr_id from a 3101/3102 answer for the same patn_id"),
+        ErrorSpec("WARNING_OTHER_INSTITUTION", "the warning was issued to another institution", "3103",
+                  "dispose only of warnings your own 3101/3102 received"),
         ErrorSpec("CLAIM_LOCAL", "a manual claim whose insured and treating pooling regions are the same; only "
                   "non-local claims count", "fsi.manual_claims", "do not report local claims"),
     )

@@ -21,16 +21,18 @@ from schemas.inpatient import (
     Input2404,
     Input2405,
 )
-from schemas.monitoring import VisitFacts
+from schemas.monitoring import Gender, VisitFacts
 from schemas.outpatient import Input2201, Input2202, Input2203, Input2204, Input2205, Input2206, Input2207, Input2208
 from schemas.pharmacy import Input2101, Input2102, Input2103
+from schemas.prescreen import Input3101, Input3102, Input3103
 from schemas.query import QueryBody
 
-# Bodies the settlement engine handles (the router answers 1101, the gateway 9001), queries 5201–5206 included.
+# Bodies the settlement engine handles (the router answers 1101, the gateway 9001), queries 5201–5206 and the
+# monitoring checks 3101–3103 included.
 VisitBody = (
     Input2401 | Input2402 | Input2403 | Input2404 | Input2405 | Input2301 | Input2302 | Input2303 | Input2304
     | Input2305 | Input2201 | Input2202 | Input2203 | Input2204 | Input2205 | Input2206 | Input2207 | Input2208
-    | Input2101 | Input2102 | Input2103 | Input2601 | QueryBody
+    | Input2101 | Input2102 | Input2103 | Input2601 | Input3101 | Input3102 | Input3103 | QueryBody
 )
 
 
@@ -52,12 +54,17 @@ class PersonCtx(msgspec.Struct, kw_only=True):
     assistance: str | None
     acct_balc_fen: int
     chronic: list[str] = []
+    gend: Gender = ""  # from the person's certificate (17th digit); "" unknown — the number never travels
 
 
 class CatalogCtx(msgspec.Struct, kw_only=True, array_like=True):
     chrgitm_lv: str
     selfpay_prop: Decimal
     pric_uplmt_fen: int | None
+    # Smart monitoring: the catalog's monitoring fields (hub catalog_item, 0009), stored on fee_item.
+    once_per_day: bool = False
+    gender_only: Gender = ""
+    supply_days: Decimal = Decimal(1)
 
 
 class RoutedRequest(msgspec.Struct, kw_only=True):

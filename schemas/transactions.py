@@ -44,6 +44,7 @@ from schemas.inpatient import (
 from schemas.outpatient import Input2201, Input2202, Input2203, Input2204, Input2205, Input2206, Input2207, Input2208
 from schemas.person import Input1101, Input9001, Input9002
 from schemas.pharmacy import Input2101, Input2102, Input2103
+from schemas.prescreen import Input3101, Input3102, Input3103
 from schemas.query import Input5201, Input5202, Input5203, Input5204, Input5205, Input5206
 
 # gateway: answered at the HTTP gateway; router: answered by the router from reference data;
@@ -54,7 +55,9 @@ STAGES: Final[tuple[Stage, ...]] = ("gateway", "router", "engine", "clearing")
 # What the engine loads (and locks) for a batch beyond the visits it names:
 #   money — the persons' accounts and accumulators; fees — the visits' fee items;
 #   settlements — the visits' earlier ledger rows (a reversal needs the row it reverses).
-Load = Literal["money", "fees", "settlements"]
+#   history — the persons' recent settlements with their visits and items (monitoring's in-event checks);
+#   warnings — the warnings (3101/3102) a disposal (3103) names.
+Load = Literal["money", "fees", "settlements", "history", "warnings"]
 
 # How a correction (2601) undoes a transaction: reverse its settlement; cancel the visit it created;
 # cancel its discharge; withdraw (cancel) exactly the fee items it uploaded.
@@ -213,7 +216,7 @@ _TRANSACTIONS: tuple[Transaction, ...] = (
                 frozenset({"fees"}), one_visit_items="data"),
     Transaction("2206", "outpatient pre-settlement", Input2206, "engine", (*_PERSON, *_INSUTYPE, *_SETTLE,
                 "MED_TYPE_UNSUPPORTED", "CHRONIC_DISEASE_NOT_COVERED"), _outpatient("registered"),
-                frozenset({"money", "fees"}), needs_filing=True),
+                frozenset({"money", "fees", "history"}), needs_filing=True),
     Transaction("2207", "outpatient settlement", Input2207, "engine", (*_PERSON, *_INSUTYPE, *_SETTLE,
                 "MED_TYPE_UNSUPPORTED", "CHRONIC_DISEASE_NOT_COVERED"), _outpatient("registered", to="settled"),
                 frozenset({"money", "fees"}), "settle", needs_filing=True, undo="reverse", undone_as="2208"),
@@ -230,7 +233,7 @@ _TRANSACTIONS: tuple[Transaction, ...] = (
                 _inpatient("admitted", "discharged"), frozenset({"fees"}), one_visit_items="data"),
     Transaction("2303", "inpatient pre-settlement", Input2303, "engine", (*_PERSON, *_INSUTYPE, *_SETTLE,
                 "VISIT_DISCHARGED"), _inpatient("admitted", "discharged"),
-                frozenset({"money", "fees", "settlements"}), needs_filing=True),
+                frozenset({"money", "fees", "settlements", "history"}), needs_filing=True),
     Transaction("2304", "inpatient settlement", Input2304, "engine", (*_PERSON, *_INSUTYPE, *_SETTLE,
                 "VISIT_NOT_DISCHARGED", "VISIT_DISCHARGED"), _inpatient("admitted", "discharged", to="settled"),
                 frozenset({"money", "fees", "settlements"}), "settle", needs_filing=True,
@@ -257,6 +260,16 @@ _TRANSACTIONS: tuple[Transaction, ...] = (
     Transaction("2503", "register chronic-disease eligibility", Input2503, "router", _PERSON),
     Transaction("2504", "revoke chronic-disease eligibility", Input2504, "router", _PERSON),
     Transaction("5301", "a person's filings and chronic eligibility", Input5301, "router", _PERSON),
+    # Smart monitoring on the national interface (services/settle/prescreen.py): the person's shard answers
+    # from its history and the request's encounters; issued warnings and their disposals are stored there.
+    Transaction("3101", "pre-event analysis (事前分析): the monitoring rules over the history and the orders",
+                Input3101, "engine", (*_PERSON, "TOO_MANY_FEE_ITEMS", "CATALOG_ITEM_UNKNOWN", "FEE_ITEM_INCONSISTENT"),
+                loads=frozenset({"history"})),
+    Transaction("3102", "in-event analysis (事中分析): the monitoring rules before settlement", Input3102, "engine",
+                (*_PERSON, "TOO_MANY_FEE_ITEMS", "CATALOG_ITEM_UNKNOWN", "FEE_ITEM_INCONSISTENT"),
+                loads=frozenset({"history"})),
+    Transaction("3103", "disposal of a 3101/3102 warning (continue or change, with a reason)", Input3103, "engine",
+                (*_PERSON, "WARNING_UNKNOWN", "WARNING_OTHER_INSTITUTION"), loads=frozenset({"warnings"})),
     # Reconciliation and clearing (services/clearing).
     Transaction("3201", "day totals reconciliation", Input3201, "clearing"),
     Transaction("3202", "settlement list reconciliation", Input3202, "clearing"),

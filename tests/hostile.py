@@ -76,6 +76,15 @@ def valid_requests(at: datetime = NOW, psn_no: str = PERSONAL_MARKERS[0], *, fix
         "2601": {"data": {"psn_no": psn_no, "omsgid": f"{fixmedins}{at:%Y%m%d%H%M%S}0001", "oinfno": "2304"}},
         "5203": {"data": {"psn_no": psn_no, "begntime": t, "endtime": wire_time(at), "page_num": 1,
                           "page_size": 20}},
+        "3102": {"data": {"rule_ids": ["GENDER_RESTRICTED"], "trig_scen": "2", "syscode": "HIS", "patient_dtos": [{
+            "patn_id": psn_no, "gend": "1", "brdy": "1958-03-06", "poolarea": "510421", "curr_mdtrt_id": "MFUZZ1",
+            "fsi_encounter_dtos": [{
+                "mdtrt_id": "MFUZZ1", "medins_id": fixmedins, "med_type": "21", "adm_date": t, "dscg_date": t,
+                "fsi_diagnose_dtos": [{"dise_codg": "O80", "dise_name": PERSONAL_MARKERS[1], "maindise_flag": "1"}],
+                "fsi_order_dtos": [{"rx_id": "RX1", "hilist_code": "TESTA001", "cnt": 2, "pric": 10.25,
+                                    "sumamt": 20.5, "drord_begn_date": t}]}]}]}},
+        "3103": {"data": {"jr_id": "0123456789abcdef0123456789abcdef", "warn_rslt_id": "W1", "patn_id": psn_no,
+                          "dspo_way": "2", "dspo_way_rea": "changed the order"}},
         "2501": {"data": {"psn_no": psn_no, "filing_type": "TEMPORARY", "begndate": at.date().isoformat(),
                           "enddate": (at.date() + timedelta(days=30)).isoformat(), "target_admdvs": "150000",
                           "promise_flag": "1"}},

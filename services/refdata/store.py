@@ -66,6 +66,9 @@ class CatalogEntry:
     selfpay_prop: Decimal
     pric_uplmt_fen: int | None
     name: str
+    once_per_day: bool = False  # monitoring fields (hub 0009): the rules read them from each item
+    gender_only: str = ""  # "1" / "2" restricts the item to that gender; "" none
+    supply_days: Decimal = Decimal(1)  # days of supply per unit (drugs)
 
 
 @dataclass
@@ -161,7 +164,8 @@ def _put(target: dict[Any, Any], key: Any, value: Any) -> None:
 
 
 _HOSPITALS_SQL: Final = "SELECT fixmedins_code, fixmedins_name, admdvs, hosp_lv FROM hospital"
-_CATALOG_SQL: Final = "SELECT admdvs, med_list_codg, name, chrgitm_lv, selfpay_prop, pric_uplmt_fen FROM catalog_item"
+_CATALOG_SQL: Final = ("SELECT admdvs, med_list_codg, name, chrgitm_lv, selfpay_prop, pric_uplmt_fen,"
+                       " once_per_day, gender_only, supply_days FROM catalog_item")
 _REGIONS_SQL: Final = "SELECT admdvs, name, prov_admdvs, pool_admdvs FROM region"
 
 
@@ -170,7 +174,8 @@ def _hospital(r: asyncpg.Record) -> Hospital:
 
 
 def _catalog(r: asyncpg.Record) -> CatalogEntry:
-    return CatalogEntry(r["chrgitm_lv"], r["selfpay_prop"], r["pric_uplmt_fen"], r["name"])
+    return CatalogEntry(r["chrgitm_lv"], r["selfpay_prop"], r["pric_uplmt_fen"], r["name"], r["once_per_day"],
+                        (r["gender_only"] or "").strip(), r["supply_days"])
 
 
 def _region(r: asyncpg.Record) -> Region:

@@ -22,12 +22,15 @@ from schemas.filing import Input2501, Input2502, Input2503, Input2504, Input5301
 from schemas.inpatient import Input2401
 from schemas.internal import CatalogCtx, HospitalCtx, PersonCtx, RoutedRequest
 from schemas.money import to_yuan
+from schemas.monitoring import Gender
 from schemas.person import Input1101, Input9001, Input9002, cum_info
+from schemas.prescreen import Input3101, Input3102
+from schemas.refdata import certno_gender
 from schemas.transactions import TRANSACTIONS, may_send
 from schemas.wire import parse_wire_time
 from services.refdata.agency import agency_pool, is_agency_code
 from services.refdata.regions import UnknownRegion, classify_scope, region_of
-from services.refdata.store import Filing, RefData, filing_in_force
+from services.refdata.store import CatalogEntry, Filing, RefData, filing_in_force
 
 # How long a filing created on the spot stays valid (promise system / declared emergency).
 PROMISE_FILING_DAYS = 180
@@ -158,6 +161,9 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
         catalog = _enrich_fees(getattr(req.body, transaction.priced_items), ref, treating.prov_admdvs,
                                fee_items_max)
 
+    if isinstance(req.body, Input3101 | Input3102):
+        catalog = _enrich_orders(req.body, ref, treating.prov_admdvs, fee_items_max)
+
     filing_type: str | None = None
     new_filing: NewFiling | None = None
     if scope != SCOPE_LOCAL:
@@ -202,6 +208,7 @@ def route(req: Request, ref: RefData, meta: IngressMeta, fee_items_max: int) -> 
             assistance=person.assistance,
             acct_balc_fen=person.acct_balc_fen,
             chronic=sorted(person.chronic),
+            gend=gender_of(person.certno),
         ),
         scope=scope,
         filing_type=filing_type,
@@ -273,9 +280,38 @@ def _enrich_fees(items: list[Any], ref: RefData, treating_prov: str, items_max: 
             )
         if (item.cnt * item.pric).quantize(_CENT, ROUND_HALF_UP) != item.det_item_fee_sumamt:
             raise BrokerError("FEE_ITEM_INCONSISTENT", f"feedetail[{i}]: det_item_fee_sumamt != cnt × pric")
-        out.append(CatalogCtx(chrgitm_lv=entry.chrgitm_lv, selfpay_prop=entry.selfpay_prop,
-                              pric_uplmt_fen=entry.pric_uplmt_fen))
+        out.append(catalog_ctx(entry))
     return out
+
+
+def _enrich_orders(body: Input3101 | Input3102, ref: RefData, treating_prov: str, items_max: int) -> list[CatalogCtx]:
+    """3101/3102: every encounter's orders, in order, priced like fee items (hilist_code = med_list_codg)."""
+    orders = [o for e in body.data.patient_dtos[0].fsi_encounter_dtos for o in e.fsi_order_dtos]
+    if len(orders) > items_max:
+        raise BrokerError("TOO_MANY_FEE_ITEMS", f"at most {items_max} orders per analysis")
+    out = []
+    for i, order in enumerate(orders):
+        entry = ref.catalog.get((treating_prov, order.hilist_code))
+        if entry is None:
+            raise BrokerError("CATALOG_ITEM_UNKNOWN", f"order {i}: hilist_code is not in the treating region's catalog")
+        if (order.cnt * order.pric).quantize(_CENT, ROUND_HALF_UP) != order.sumamt:
+            raise BrokerError("FEE_ITEM_INCONSISTENT", f"order {i}: sumamt != cnt × pric")
+        out.append(catalog_ctx(entry))
+    return out
+
+
+def catalog_ctx(entry: CatalogEntry) -> CatalogCtx:
+    gender_only = entry.gender_only if entry.gender_only in ("1", "2") else ""
+    return CatalogCtx(chrgitm_lv=entry.chrgitm_lv, selfpay_prop=entry.selfpay_prop,
+                      pric_uplmt_fen=entry.pric_uplmt_fen, once_per_day=entry.once_per_day,
+                      gender_only=gender_only, supply_days=entry.supply_days)  # type: ignore[arg-type]
+
+
+def gender_of(certno: str | None) -> Gender:
+    """The national gender code from a GB 11643 certificate (17th digit odd = male); "" when unknown."""
+    if certno is None or len(certno) != 18 or not certno[:17].isdigit():
+        return ""
+    return certno_gender(certno)
 
 
 def find_person(body: Input1101, ref: RefData) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 
 import asyncpg
 import msgspec
@@ -44,9 +45,11 @@ from services.common.response import received_from_ns, response_bytes
 from services.common.shards import ShardPools
 from services.policy.policies import PolicyBook
 from services.refdata.regions import province_of
-from services.settle import ledger, queries
+from services.settle import ledger, monitoring, queries
+from services.settle.facts import settled_items, visit_facts
 from services.settle.logic import check_row_invariants, handle
-from services.settle.state import BatchState, Settlement
+from services.settle.state import BatchState, Fee, Settlement, Visit
+from services.smartmon.rules import load_rules
 from topics.catalog import ROUTED
 from topics.catalog import SETTLEMENTS as SETTLEMENTS_TOPIC
 
@@ -66,6 +69,7 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
         self.policies = policies
         self.producer = make_producer(s, "settle")
         self.shards: ShardPools | None = None
+        self.rules = load_rules()  # monitoring rules for the in-event checks (a bad file stops the start)
 
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.s.settle_metrics_port, stage=self.stage)
@@ -99,6 +103,7 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
         committed: list[Settlement] = []
         async with pool.acquire() as conn, conn.transaction():
             st = await ledger.load_batch(conn, msgs)
+            await monitoring.load_for_batch(conn, [m for m in msgs if m.msgid not in st.processed], st, self.rules)
             for rec in records:
                 msg = rec.value
                 if msg.msgid in st.processed:
@@ -108,6 +113,8 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
                     record_settlement_request(msg.infno, msg.scope, "duplicate")
                     replayed = st.replayed.pop(msg.msgid, None)
                     if replayed is not None:
+                        _attach_facts(replayed, msg, st.replayed_visits.get(replayed.mdtrt_id),
+                                      st.replayed_fees.get(replayed.setl_id, []))
                         outbox.add(SETTLEMENTS_TOPIC.name, _encoder.encode(_event(replayed)),
                                    key=replayed.psn_no.encode())
                     continue
@@ -120,6 +127,7 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
                 REQUESTS.labels("settle", msg.infno, outcome).inc()
                 record_settlement_request(msg.infno, msg.scope, outcome, row.med_type if row else None)
             await ledger.write_batch(conn, st)
+            await monitoring.write_warnings(conn, st)
             # Queries (5201–5206) last, in the same transaction: they see the batch's writes; plain reads,
             # nothing locked or stored.
             for rec in asked:
@@ -140,10 +148,13 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
         # this record, the transaction rolls back and the shell redoes the batch without it.
         with applying(rec, f"settling infno {msg.infno}"):
             try:
-                effect = handle(msg, st, self.policies)
+                effect = handle(msg, st, self.policies, self.rules)
                 if effect.settlement is not None:
                     check_row_invariants(effect.settlement)
-                return response_bytes(admdvs, received, output=effect.output), effect.settlement, "ok"
+                    row = effect.settlement
+                    _attach_facts(row, msg, st.visits.get(row.mdtrt_id), st.fees.get(row.mdtrt_id, {}).values())
+                body = response_bytes(admdvs, received, output=effect.output, warn_msg=effect.warn_msg)
+                return body, effect.settlement, "ok"
             except BrokerError as e:
                 outbox.dead_letter(e.code, e.err_msg, rec.raw.value, msgid=msg.msgid, infno=msg.infno,
                                    fixmedins_code=msg.fixmedins_code)
@@ -189,8 +200,17 @@ def _event(row: Settlement) -> SettlementEvent:
         setl_time=row.setl_time.strftime("%Y-%m-%d %H:%M:%S"), medfee_sumamt=a["medfee_sumamt"],
         hifp_pay=a["hifp_pay"], hifmi_pay=a["hifmi_pay"], hifob_pay=a["hifob_pay"], maf_pay=a["maf_pay"],
         fund_pay_sumamt=a["fund_pay_sumamt"], acct_pay=a["acct_pay"], psn_cash_pay=a["psn_cash_pay"],
-        policy_version=row.policy_version, mid_setl=row.mid_setl,
+        policy_version=row.policy_version, mid_setl=row.mid_setl, visit=row.visit,
     )
+
+
+def _attach_facts(row: Settlement, msg: RoutedRequest, visit: Visit | None, fees: Iterable[Fee]) -> None:
+    """A settle row's monitoring facts (reversals carry none): its visit, the items it settled, the hospital's
+    level and the person's gender as routed."""
+    if row.kind != "settle" or visit is None:
+        return
+    row.visit = visit_facts(visit, settled_items(fees, row.setl_id), gend=msg.person.gend,
+                            hosp_lv=msg.hospital.hosp_lv, treating_prov=province_of(row.treating_admdvs))
 
 
 def _count(row: Settlement) -> None:

@@ -29,7 +29,7 @@ _VISIT_MUTABLE = ("state", "endtime", "begntime", "dise_codg", "med_type", "chro
 _VISIT_JSON = ("diseinfo", "adm_info")
 _FEE_COLS = ("mdtrt_id", "feedetl_sn", "med_list_codg", "medins_list_codg", "chrgitm_lv", "selfpay_prop",
              "pric_uplmt_fen", "fee_fen", "cnt", "pric_fen", "fee_ocur_time", "upload_msgid", "cancelled",
-             "setl_id")
+             "setl_id", "once_per_day", "gender_only", "supply_days")
 _SETL_COLS = ("setl_id", "msgid", "kind", "orig_setl_id", "mdtrt_id", "psn_no", "fixmedins_code", "insutype",
               "med_type", "scope", "filing_type", "insured_admdvs", "insured_pool", "treating_admdvs",
               "treating_pool", "clr_optins", "setl_time", "acc_year", *AMOUNT_FIELDS, "pool_prop_selfpay",
@@ -74,6 +74,7 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
         for row in rows:
             settlement = _settlement(row)
             st.replayed[settlement.msgid] = settlement
+        await _load_replayed_facts(conn, st)
     fresh = [m for m in msgs if m.msgid not in st.processed]
     if not fresh:
         return st
@@ -103,10 +104,7 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
         f"SELECT {', '.join(_VISIT_COLS)} FROM visit WHERE mdtrt_id = ANY($1) ORDER BY mdtrt_id FOR UPDATE",
         mdtrt_ids,
     ):
-        visit = dict(r)
-        for column in _VISIT_JSON:
-            visit[column] = json.loads(visit[column])
-        st.visits[r["mdtrt_id"]] = Visit(**visit)
+        st.visits[r["mdtrt_id"]] = _visit(r)
     if infnos & _FEE_INFNOS:
         for r in await conn.fetch(f"SELECT {', '.join(_FEE_COLS)} FROM fee_item WHERE mdtrt_id = ANY($1)", mdtrt_ids):
             st.fees.setdefault(r["mdtrt_id"], {})[r["feedetl_sn"]] = Fee(**dict(r))
@@ -120,6 +118,26 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
             settlement = _settlement(r)
             st.settlements[settlement.setl_id] = settlement
     return st
+
+
+async def _load_replayed_facts(conn: asyncpg.Connection, st: BatchState) -> None:
+    """The visits and settled items of replayed settle rows: their events carry the same facts again."""
+    settled = [r for r in st.replayed.values() if r.kind == "settle"]
+    if not settled:
+        return
+    for r in await conn.fetch(f"SELECT {', '.join(_VISIT_COLS)} FROM visit WHERE mdtrt_id = ANY($1)",
+                              sorted({s.mdtrt_id for s in settled})):
+        st.replayed_visits[r["mdtrt_id"]] = _visit(r)
+    for r in await conn.fetch(f"SELECT {', '.join(_FEE_COLS)} FROM fee_item WHERE setl_id = ANY($1)",
+                              [s.setl_id for s in settled]):
+        st.replayed_fees.setdefault(r["setl_id"], []).append(Fee(**dict(r)))
+
+
+def _visit(r: asyncpg.Record) -> Visit:
+    visit = dict(r)
+    for column in _VISIT_JSON:
+        visit[column] = json.loads(visit[column])
+    return Visit(**visit)
 
 
 async def _load_corrections(conn: asyncpg.Connection, fresh: list[RoutedRequest], st: BatchState) -> set[str]:

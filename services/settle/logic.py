@@ -29,6 +29,7 @@ on the BatchState for the ledger to write.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -89,6 +90,7 @@ from schemas.outpatient import (
     Input2208,
 )
 from schemas.pharmacy import DrugDetail, Input2101, Input2102, Input2103
+from schemas.prescreen import Input3101, Input3102, Input3103
 from schemas.transactions import STATE_REFUSALS, TRANSACTIONS, VisitEffect
 from schemas.wire import parse_wire_time
 from services.policy.logic import (
@@ -105,8 +107,9 @@ from services.policy.logic import (
     revert_delta,
 )
 from services.policy.policies import PolicyBook
-from services.settle import correction
+from services.settle import correction, prescreen
 from services.settle.state import AMOUNT_FIELDS, BatchState, Fee, Settlement, Visit
+from services.smartmon.rules import RuleBook, load_rules
 
 # Policy refusals the hospital can act on; anything else from the policy engine is a bug (INTERNAL).
 _POLICY_CODES = {"CHRONIC_DISEASE_NOT_COVERED", "MED_TYPE_UNSUPPORTED"}
@@ -118,9 +121,22 @@ class Effect:
 
     output: Any
     settlement: Settlement | None = None
+    warn_msg: str = ""  # in-event warnings (2206/2303): advice, never a refusal
 
 
-def handle(msg: RoutedRequest, st: BatchState, policies: PolicyBook) -> Effect:
+def handle(msg: RoutedRequest, st: BatchState, policies: PolicyBook, book: RuleBook | None = None) -> Effect:
+    effect = _handle(msg, st, policies, book)
+    if book is not None and isinstance(msg.body, Input2206 | Input2303):
+        # the pre-settlement passed: its answer is as before, with the warnings that involve the visit
+        info = msg.body.data if isinstance(msg.body, Input2206) else msg.body.mdtrtinfo
+        visit = st.visits[info.mdtrt_id]
+        fees = [f for f in st.active_fees(visit.mdtrt_id) if f.setl_id is None]
+        warn = prescreen.settlement_warnings(msg, visit, fees, to_fen(info.medfee_sumamt), st, book)
+        return Effect(effect.output, effect.settlement, warn)
+    return effect
+
+
+def _handle(msg: RoutedRequest, st: BatchState, policies: PolicyBook, book: RuleBook | None) -> Effect:
     body = msg.body
     correction.check_original(msg, st)
     match body:
@@ -156,7 +172,17 @@ def handle(msg: RoutedRequest, st: BatchState, policies: PolicyBook) -> Effect:
             return _reverse_pharmacy(msg, body, st)
         case Input2601():
             return _correct(msg, body, st)
+        case Input3101() | Input3102():
+            return Effect(prescreen.analyse(msg, body, st, book or default_rules()))
+        case Input3103():
+            return Effect(prescreen.dispose(msg, body, st))
     raise BrokerError("INFNO_UNSUPPORTED", f"infno {msg.infno} is not handled by the settlement engine")
+
+
+@functools.cache
+def default_rules() -> RuleBook:
+    """The rules file the engine reads when it is given none (services/smartmon/rules.toml)."""
+    return load_rules()
 
 
 def mdtrt_id_for(msgid: str) -> str:
@@ -338,6 +364,7 @@ def _fee(mdtrt_id: str, item: FeeDetail | DrugDetail, cat: CatalogCtx, msgid: st
         medins_list_codg=item.medins_list_codg, chrgitm_lv=cat.chrgitm_lv, selfpay_prop=cat.selfpay_prop,
         pric_uplmt_fen=cat.pric_uplmt_fen, fee_fen=to_fen(item.det_item_fee_sumamt), cnt=item.cnt,
         pric_fen=to_fen(item.pric), fee_ocur_time=_time("fee_ocur_time", item.fee_ocur_time), upload_msgid=msgid,
+        once_per_day=cat.once_per_day, gender_only=cat.gender_only, supply_days=cat.supply_days,
     )
 
 

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from schemas.codes import FUNDS, VisitState
+from schemas.monitoring import VisitFacts
 from services.policy.logic import Accumulators
 
 
@@ -56,6 +57,10 @@ class Fee:
     upload_msgid: str
     cancelled: bool = False
     setl_id: str | None = None  # the settlement (mid-stay part or final) that settled the item; None = not yet
+    # The catalog's monitoring fields when the item was billed (shard 0008): the settlement's facts carry them.
+    once_per_day: bool = False
+    gender_only: str = ""
+    supply_days: Decimal = Decimal(1)
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Settlement:
     mid_setl: bool = False  # a mid-stay part (mid_setl_flag 1): the stay stayed open
     stay_part: int = 1  # its number among the visit's settlements not reversed when it was written
     reversed: bool = False  # set on a settle row once its reversal exists
+    visit: VisitFacts | None = None  # a settle row's facts for monitoring (not a column: rebuilt on replay)
 
 
 AMOUNT_FIELDS = (
@@ -120,11 +126,38 @@ class Correction:
 
 
 @dataclass
+class IssuedWarning:
+    """A warning a pre/in-event check answered (shard table warning_issued): 3103 disposes of it."""
+
+    jr_id: str
+    msgid: str
+    infno: str
+    fixmedins_code: str
+    psn_no: str
+    rule_id: str
+    mdtrt_id: str
+    vola_amt_fen: int
+
+
+@dataclass
+class Disposal:
+    """A hospital's disposal of a warning (3103, shard table warning_disposal)."""
+
+    msgid: str
+    jr_id: str
+    fixmedins_code: str
+    dspo_way: str
+    dspo_way_rea: str
+
+
+@dataclass
 class BatchState:
     processed: dict[str, bytes] = field(default_factory=dict)  # msgid → stored response (earlier batches)
     # Ledger rows of already-processed msgids: their events are published again on replay, because a
     # crash between the database commit and the produce would otherwise lose them (consumers dedupe by setl_id).
     replayed: dict[str, Settlement] = field(default_factory=dict)
+    replayed_visits: dict[str, Visit] = field(default_factory=dict)  # their visits and settled items, for
+    replayed_fees: dict[str, list[Fee]] = field(default_factory=dict)  # their facts (setl_id → items)
     visits: dict[str, Visit] = field(default_factory=dict)
     fees: dict[str, dict[str, Fee]] = field(default_factory=dict)  # mdtrt_id → feedetl_sn → fee
     settlements: dict[str, Settlement] = field(default_factory=dict)  # setl_id → row (of loaded visits)
@@ -150,6 +183,13 @@ class BatchState:
     corrections: dict[str, Correction] = field(default_factory=dict)  # omsgid → correction
     new_corrections: list[str] = field(default_factory=list)
     request_visits: dict[str, str] = field(default_factory=dict)  # msgid → mdtrt_id
+    # Smart monitoring (services/settle/monitoring.py): the settled history of the persons whose requests
+    # run the rules (psn_no → rules Episodes), the warnings the batch's disposals name (jr_id →), and what
+    # the batch issues and records.
+    history: dict[str, list[Any]] = field(default_factory=dict)
+    warnings: dict[str, IssuedWarning] = field(default_factory=dict)
+    new_warnings: list[IssuedWarning] = field(default_factory=list)
+    new_disposals: list[Disposal] = field(default_factory=list)
 
     def add_settlement(self, row: Settlement) -> None:
         self.settlements[row.setl_id] = row

@@ -81,9 +81,16 @@ SHARD_GRANTS: dict[str, dict[str, set[str]]] = {
         **_each(("visit", "fee_item", "accumulator", "account", "ledger_daily"), {SEL, INS, UPD}),
         **_each(("settlement", "settlement_key", "processed_request"), {SEL, INS}),
         "correction": {SEL, INS},  # 2601 (shard 0005)
+        **_each(("warning_issued", "warning_disposal"), {SEL, INS}),  # 3101-3103 (shard 0008)
     },
     **_each((CLEARING, MONITOR, DASHBOARD), {"settlement": {SEL}, "ledger_daily": {SEL}}),
 }
+for _role in (MONITOR, DASHBOARD):  # issued warnings and their disposals (shard 0008): read only
+    SHARD_GRANTS[_role] = {**SHARD_GRANTS[_role], **_each(("warning_issued", "warning_disposal"), {SEL})}
+# Smart monitoring's judgements (hub 0009): the clearing service's sink writes, the dashboard reviews.
+HUB_GRANTS[CLEARING] = {**HUB_GRANTS[CLEARING], "judgement": {SEL, INS, UPD}}
+HUB_GRANTS[DASHBOARD] = {**HUB_GRANTS[DASHBOARD], "judgement": {SEL, UPD}}
+HUB_GRANTS[MONITOR] = {**HUB_GRANTS[MONITOR], "judgement": {SEL}}
 
 
 class Cluster:
@@ -244,16 +251,17 @@ async def test_the_router_can_not_write_the_ledger(cluster: Cluster) -> None:
 
 
 async def test_monitor_and_dashboard_write_nothing(cluster: Cluster) -> None:
-    """...but the dashboard's own sign-in: its users (the first `admin`) and its operators' audit rows."""
+    """...but what the dashboard is granted: its own sign-in (its users, the first `admin`), its operators'
+    audit rows, and the review of judgements (hub 0009: UPDATE only). Every write not granted is refused."""
     for database in [cluster.hub, *cluster.shards]:
         tables = await _tables(cluster, database)
         assert "audit_log" in tables or "settlement" in tables
         for role in (MONITOR, DASHBOARD):
-            own = {t for t, grants in HUB_GRANTS[role].items() if INS in grants} if database == cluster.hub else set()
+            granted = HUB_GRANTS[role] if database == cluster.hub else SHARD_GRANTS.get(role, {})
             async with cluster.as_role(role, database) as conn:
                 for table in tables:
-                    await _assert_writes_refused(conn, table, ("UPDATE", "DELETE", "TRUNCATE") if table in own
-                                                 else WRITES)
+                    await _assert_writes_refused(conn, table, tuple(w for w in WRITES
+                                                                    if w not in granted.get(table, set())))
 
 
 async def test_clearing_can_not_write_persons(cluster: Cluster) -> None:

@@ -88,8 +88,8 @@ async def test_poisoned_request_is_rolled_back_and_the_batch_redone(stack: Setti
 
     real_handle = engine_module.handle
 
-    def buggy_handle(msg: RoutedRequest, st: Any, policies: PolicyBook) -> Any:
-        effect = real_handle(msg, st, policies)  # state changed ...
+    def buggy_handle(msg: RoutedRequest, st: Any, policies: PolicyBook, book: Any = None) -> Any:
+        effect = real_handle(msg, st, policies, book)  # state changed ...
         if msg.msgid == victim:
             raise RuntimeError("a bug after the state was changed")  # ... then a bug
         return effect

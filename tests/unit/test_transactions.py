@@ -52,6 +52,10 @@ SETTLE = {"psn_no": "P1", **CERT, "medfee_sumamt": 10, "mdtrt_id": "M1", "insuty
 MONTH = {"trt_year": "2026", "trt_month": "4"}
 STMT = {"setl_optins": "150400", "stmt_begndate": "2026-04-01", "stmt_enddate": "2026-04-30", "medfee_sumamt": 0,
         "fund_pay_sumamt": 0, "fixmedins_setl_cnt": 0}
+ANALYSED: dict[str, Any] = {"patn_id": "P1", "curr_mdtrt_id": "M1", "fsi_encounter_dtos": [{
+    "mdtrt_id": "M1", "medins_id": HOSPITAL, "med_type": "11", "adm_date": T,
+    "fsi_order_dtos": [{"rx_id": "R1", "hilist_code": "A1", "cnt": 1, "pric": 10, "sumamt": 10, "drord_begn_date": T}],
+}]}
 
 # A minimal valid body of every registered transaction (the national field names).
 EXAMPLES: dict[str, dict[str, Any]] = {
@@ -105,6 +109,9 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "3261": {"data": {**MONTH, "totalrow": 0}},
     "3262": {"data": {**MONTH, "otransid": "X1"}},
     "2601": {"data": {"psn_no": "P1", "omsgid": f"{HOSPITAL}202605010700000001", "oinfno": "2207"}},
+    "3101": {"data": {"patient_dtos": [ANALYSED]}},
+    "3102": {"data": {"rule_ids": ["GENDER_RESTRICTED"], "patient_dtos": [ANALYSED]}},
+    "3103": {"data": {"jr_id": "0" * 32, "patn_id": "P1", "dspo_way": "1", "dspo_way_rea": "x"}},
 }
 STAGE_DECISIONS = {"router": (Answer, PersonQuery, RefdataChange, Session), "engine": (Routed,),
                    "clearing": (ForwardClearing,)}
