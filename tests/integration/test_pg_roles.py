@@ -75,6 +75,11 @@ HUB_GRANTS: dict[str, dict[str, set[str]]] = {
 HUB_GRANTS[DASHBOARD] = {**HUB_GRANTS[DASHBOARD], "dashboard_user": {SEL, INS}, "audit_log": {SEL, INS}}
 for _role in (MONITOR, DASHBOARD):  # clearing at national shape (hub 0008)
     HUB_GRANTS[_role] = {**HUB_GRANTS[_role], "clearing_confirmed_row": {SEL}, "clearing_adjustment": {SEL}}
+# Smart monitoring (hub 0009): the clearing service's sink writes judgements, the dashboard reviews them;
+# deductions (hub 0010): the dashboard records one when its operator confirms, the others read them.
+HUB_GRANTS[CLEARING] = {**HUB_GRANTS[CLEARING], "judgement": {SEL, INS, UPD}, "clearing_deduction": {SEL}}
+HUB_GRANTS[DASHBOARD] = {**HUB_GRANTS[DASHBOARD], "judgement": {SEL, UPD}, "clearing_deduction": {SEL, INS}}
+HUB_GRANTS[MONITOR] = {**HUB_GRANTS[MONITOR], "judgement": {SEL}, "clearing_deduction": {SEL}}
 SHARD_GRANTS: dict[str, dict[str, set[str]]] = {
     ROUTER: {"person": {SEL}, "filing": {SEL, INS}, "account": {SEL}, "accumulator": {SEL}},
     SETTLE: {
@@ -244,16 +249,17 @@ async def test_the_router_can_not_write_the_ledger(cluster: Cluster) -> None:
 
 
 async def test_monitor_and_dashboard_write_nothing(cluster: Cluster) -> None:
-    """...but the dashboard's own sign-in: its users (the first `admin`) and its operators' audit rows."""
+    """...but the dashboard's own sign-in (its users, the first `admin`, and its operators' audit rows) and
+    its review of judgements (the judgement's review, the deduction it records): exactly what is granted."""
     for database in [cluster.hub, *cluster.shards]:
         tables = await _tables(cluster, database)
         assert "audit_log" in tables or "settlement" in tables
         for role in (MONITOR, DASHBOARD):
-            own = {t for t, grants in HUB_GRANTS[role].items() if INS in grants} if database == cluster.hub else set()
+            granted = HUB_GRANTS[role] if database == cluster.hub else {}
             async with cluster.as_role(role, database) as conn:
                 for table in tables:
-                    await _assert_writes_refused(conn, table, ("UPDATE", "DELETE", "TRUNCATE") if table in own
-                                                 else WRITES)
+                    await _assert_writes_refused(conn, table,
+                                                 tuple(w for w in WRITES if w not in granted.get(table, set())))
 
 
 async def test_clearing_can_not_write_persons(cluster: Cluster) -> None:
