@@ -201,7 +201,8 @@ async def _verify(month: str) -> int:
 
 
 async def test_a_confirmed_judgement_is_deducted_in_the_next_month_and_verify_agrees(
-        services: Settings, db: asyncpg.Pool, ledger: Ledger, reviewers: dict[str, Any]) -> None:
+        services: Settings, db: asyncpg.Pool, ledger: Ledger, reviewers: dict[str, Any],
+        capsys: pytest.CaptureFixture[str]) -> None:
     s, op = services, reviewers["op"]
     sep_ids = [f"SREV{RUN_TOKEN}{n}" for n in (1, 2)]
     await settle(ledger, sep_ids[0], psn(10), datetime(2025, 9, 3, 10), 150_000)
@@ -254,5 +255,7 @@ async def test_a_confirmed_judgement_is_deducted_in_the_next_month_and_verify_ag
     # a closed month's deduction stays: the stream's withdrawal is refused there (hub 0010's trigger)
     with pytest.raises(asyncpg.CheckViolationError, match="is closed"):
         await withdraw(db, overlap)
-    rc = await asyncio.to_thread(cli.main, ["statement", "--month", OCT, "--region", INSURED, "--format", "csv"])
-    assert rc == 0
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli.main, ["positions", "--month", OCT]) == 0
+    (printed,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"{INSURED}->{TREATING}")]
+    assert printed.endswith("fund_pay_sumamt -200.00 (deducted -800.00 for 1 judgement(s))")
