@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from services.clearing import cli, store
-from services.clearing.logic import Amounts, month_end
+from services.clearing.logic import Amounts, month_end, month_statement
 from services.common.config import Settings
 from tests.integration.conftest import RUN_TOKEN, Ledger
 from tests.integration.dashboard_client import dashboard_session, make_user, sign_in
@@ -259,3 +259,39 @@ async def test_a_confirmed_judgement_is_deducted_in_the_next_month_and_verify_ag
     assert await asyncio.to_thread(cli.main, ["positions", "--month", OCT]) == 0
     (printed,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"{INSURED}->{TREATING}")]
     assert printed.endswith("fund_pay_sumamt -200.00 (deducted -800.00 for 1 judgement(s))")
+
+
+async def test_a_review_racing_a_close_lands_in_the_next_open_month(
+        services: Settings, db: asyncpg.Pool, reviewers: dict[str, Any]) -> None:
+    """October is closed (the test before); a judgement of October goes to November — but November closes
+    while the review waits for its lock: the review then lands in December, never in a closed month."""
+    s, op = services, reviewers["op"]
+    nov, dec = "2025-11", "2025-12"
+    raced = await add_judgement(db, "raced", setl_ids=[f"SREV{RUN_TOKEN}3"], psn_no=psn(11),
+                                window=(date(2025, 10, 1), date(2025, 10, 6)), suspect_amt=777)
+    async with db.acquire() as closer:
+        tx = closer.transaction()
+        await tx.start()
+        try:  # what a close of an empty month does, holding November's lock meanwhile
+            await closer.execute("INSERT INTO clearing_month (clr_month) VALUES ($1) ON CONFLICT DO NOTHING", nov)
+            await closer.execute("SELECT state FROM clearing_month WHERE clr_month = $1 FOR UPDATE", nov)
+            review = asyncio.create_task(post_review(s, op, raced, reviewers["op_csrf"], "confirm", "raced a close"))
+            for _ in range(200):  # until the review waits for the lock
+                if await db.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted") or review.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not review.done(), await review
+            body = month_statement(nov, 1, "2025-12-01 09:00:00", [])
+            await closer.execute(
+                "INSERT INTO clearing_statement (clr_month, version, closed_at, entry_cnt, fund_pay_sumamt, body,"
+                " digest) VALUES ($1, 1, now(), 0, 0, $2::jsonb, $3)", nov, store.canonical(body).decode(),
+                hashlib.sha256(store.canonical(body)).hexdigest())
+            await closer.execute("UPDATE clearing_month SET state = 'closed', closed_at = now(), stmt_version = 1"
+                                 " WHERE clr_month = $1", nov)
+        finally:
+            await tx.commit()
+    status, _ = await asyncio.wait_for(review, 30)
+    assert status == 303 and (await row(db, raced))["deduct_month"] == "202512"
+    assert await db.fetchval("SELECT clr_month FROM clearing_deduction WHERE jr_id = $1", raced) == dec
+    assert await db.fetchval("SELECT count(*) FROM clearing_deduction WHERE clr_month = $1", nov) == 0
+    assert await _verify(nov) == 0 and await _verify(dec) == 0
