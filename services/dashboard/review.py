@@ -17,6 +17,7 @@ from services.clearing import store
 from services.clearing.logic import compact_month, deduction_month, month_end, month_start
 from services.common import audit
 from services.dashboard.judgements import DECISIONS, PAGE_SIZE, Filters, check_decision, check_reason, refusal
+from services.refdata.regions import UnknownRegion
 
 CLOSE_RACE_RETRIES: Final = 2  # a month closed between reading the months and recording: pick the next one
 _LIST_COLS: Final = ("jr_id, rule_id, rule_version, severity, psn_no, insured_admdvs, insured_prov, treating_admdvs,"
@@ -120,8 +121,12 @@ async def _review(conn: asyncpg.Connection, jr_id: str, decision: str, reason: s
     deduction = None
     if status == "confirmed":
         month = deduction_month(f"{row['window_end']:%Y-%m}", await store.closed_months(conn))
-        deduction = store.deduction_of(jr_id, month, row["insured_admdvs"], row["treating_admdvs"],
-                                       row["suspect_amt"])
+        try:
+            deduction = store.deduction_of(jr_id, month, row["insured_admdvs"], row["treating_admdvs"],
+                                           row["suspect_amt"])
+        except UnknownRegion:
+            raise ReviewRefused(409, "the judgement names a region the region table does not know;"
+                                     " it cannot be deducted") from None
     await conn.execute(
         "UPDATE judgement SET status = $2, reviewed_by = $3, reviewed_at = now(), review_reason = $4,"
         " deduct_month = $5, updated_at = now() WHERE jr_id = $1",
