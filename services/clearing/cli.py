@@ -270,8 +270,10 @@ async def _run_db(args: argparse.Namespace, s: Settings, pool: asyncpg.Pool, sha
         positions = (await store.positions(conn, args.month)).values()
         lines = pool_lines(positions) if args.level == "pool" else province_lines(pool_lines(positions))
         for ln in lines:
+            deducted = (f" (deducted {to_yuan(ln.deducted.fund_pay_sumamt)} for {ln.deduct_cnt} judgement(s))"
+                        if ln.deduct_cnt else "")
             print(f"{ln.insured}->{ln.treating} {ln.scope:14} net_cnt {ln.net_cnt:6} "
-                  + " ".join(f"{f} {to_yuan(v)}" for f, v in ln.net.as_dict().items()))
+                  + " ".join(f"{f} {to_yuan(v)}" for f, v in ln.net.as_dict().items()) + deducted)
         return 0
     if args.cmd == "statement":
         st = await statement_for(conn, args.month, args.region, args.version)

@@ -35,6 +35,8 @@ _MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 Kind = Literal["settle", "reverse"]
 # The kind of a statement position made by an operator adjustment of a closed month (`adjustment_position`).
 MANUAL = "manual"
+# The kind of the position of confirmed monitoring judgements deducted in a month (拒付, `deduction_position`).
+DEDUCTION = "deduction"
 
 
 class ClearingError(ValueError):
@@ -252,10 +254,12 @@ class PairLine:
     settled: Amounts = ZERO
     reversed: Amounts = ZERO
     adjusted: Amounts = ZERO
+    deduct_cnt: int = 0  # confirmed judgements deducted (not person-times)
+    deducted: Amounts = ZERO  # their deduction (拒付), negative: it lowers what the insured region owes
 
     @property
     def net(self) -> Amounts:
-        return self.settled + self.reversed + self.adjusted
+        return self.settled + self.reversed + self.adjusted + self.deducted
 
     @property
     def net_cnt(self) -> int:
@@ -270,6 +274,8 @@ class PairLine:
         k = pos.key
         if k.kind == MANUAL:  # an operator's correction: money only, no person-times
             return replace(self, adjusted=self.adjusted + pos.amounts)
+        if k.kind == DEDUCTION:  # its own line: money, and how many judgements — no person-times
+            return replace(self, deduct_cnt=self.deduct_cnt + pos.cnt, deducted=self.deducted + pos.amounts)
         if k.adjustment:
             cnt_field = "adj_settle_cnt" if k.kind == "settle" else "adj_reverse_cnt"
             return replace(self, **{cnt_field: getattr(self, cnt_field) + pos.cnt},
@@ -286,6 +292,7 @@ class PairLine:
             adj_reverse_cnt=self.adj_reverse_cnt + other.adj_reverse_cnt,
             settled=self.settled + other.settled, reversed=self.reversed + other.reversed,
             adjusted=self.adjusted + other.adjusted,
+            deduct_cnt=self.deduct_cnt + other.deduct_cnt, deducted=self.deducted + other.deducted,
         )
 
 
@@ -362,7 +369,8 @@ def _line_json(line: PairLine) -> dict[str, object]:
         "treating_prov": line.treating_prov, "scope": line.scope, "settle_cnt": line.settle_cnt,
         "reverse_cnt": line.reverse_cnt, "adj_settle_cnt": line.adj_settle_cnt,
         "adj_reverse_cnt": line.adj_reverse_cnt, "net_cnt": line.net_cnt, "settled": line.settled.as_dict(),
-        "reversed": line.reversed.as_dict(), "adjusted": line.adjusted.as_dict(), "net": line.net.as_dict(),
+        "reversed": line.reversed.as_dict(), "adjusted": line.adjusted.as_dict(), "deduct_cnt": line.deduct_cnt,
+        "deducted": line.deducted.as_dict(), "net": line.net.as_dict(),
     }
 
 
@@ -388,7 +396,7 @@ def month_statement(clr_month: str, version: int, closed_at: str, positions: Ite
         "clr_month": clr_month,
         "version": version,
         "closed_at": closed_at,
-        "entry_cnt": sum(p.cnt for p in positions),
+        "entry_cnt": sum(p.cnt for p in positions if p.key.kind != DEDUCTION),  # ledger rows only
         "total": total.as_dict(),
         "positions": [
             {"insured_pool": p.key.insured_pool, "treating_pool": p.key.treating_pool, "kind": p.key.kind,
@@ -462,6 +470,69 @@ def reissued_positions(clr_month: str, frozen: Iterable[Position], adjustments: 
         pos = adjustment_position(clr_month, adj)
         manual[pos.key] = manual[pos.key] + pos if pos.key in manual else pos
     return [p for p in frozen if p.key.kind != MANUAL] + list(manual.values())
+
+
+# Deductions (拒付) of confirmed monitoring judgements ------------------------------------------
+
+
+def compact_month(month: str) -> str:
+    """'2025-10' → '202510' (the form of judgement.deduct_month)."""
+    return check_month(month).replace("-", "")
+
+
+def month_of_compact(compact: str) -> str:
+    """'202510' → '2025-10'."""
+    return check_month(f"{compact[:4]}-{compact[4:]}")
+
+
+def deduction_month(evidence_month: str, closed: Collection[str]) -> str:
+    """Where a confirmed judgement is deducted: the first open clearing month after the month of its
+    latest evidence (`window_end`) — `assign_month`'s walk, started one month later, since the evidence's
+    own month may already be settled between the regions. Given the close records, the same month again."""
+    return assign_month(next_month(check_month(evidence_month)), closed)
+
+
+def deduction_amounts(suspect_amt: int) -> Amounts:
+    """What a deduction changes, in fen: the whole suspect amount comes off the basic pool (hifp_pay, the fund
+    that pays the bulk of a stay and that the rules protect) and so off the fund total; medical fees stay
+    (the care happened; the insured region refuses to pay part of it)."""
+    if suspect_amt < 0:
+        raise ClearingError("a suspect amount is never negative")
+    return Amounts(hifp_pay=-suspect_amt, fund_pay_sumamt=-suspect_amt)
+
+
+@dataclass(frozen=True, slots=True)
+class Deduction:
+    """One confirmed judgement deducted from what `insured_pool` owes `treating_pool` in `clr_month`."""
+
+    jr_id: str
+    clr_month: str
+    insured_pool: str
+    treating_pool: str
+    insured_prov: str
+    treating_prov: str
+    scope: str
+    amounts: Amounts
+
+    def checked(self) -> Deduction:
+        if self.insured_pool == self.treating_pool:
+            raise ClearingError("a deduction is between two different pooling regions")
+        if self.scope not in NON_LOCAL:
+            raise ClearingError("a deduction is of non-local care")
+        if self.amounts.fund_pay_sumamt > 0:
+            raise ClearingError("a deduction only lowers what is owed")
+        self.amounts.checked()
+        return self
+
+
+def deduction_positions(deductions: Iterable[Deduction]) -> dict[PositionKey, Position]:
+    """Deductions summed per month and pair: one DEDUCTION position each, cnt = judgements."""
+    out: dict[PositionKey, Position] = {}
+    for d in deductions:
+        key = PositionKey(d.clr_month, d.insured_pool, d.treating_pool, DEDUCTION, False)
+        pos = Position(key, d.insured_prov, d.treating_prov, d.scope, 1, d.amounts)
+        out[key] = out[key] + pos if key in out else pos
+    return out
 
 
 # Reconciliation with a hospital (3201 / 3202) ---------------------------------------------

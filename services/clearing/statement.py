@@ -62,6 +62,8 @@ def _line(d: Mapping[str, Any]) -> PairLine:
         treating_prov=d["treating_prov"], scope=d["scope"], settle_cnt=d["settle_cnt"], reverse_cnt=d["reverse_cnt"],
         adj_settle_cnt=d["adj_settle_cnt"], adj_reverse_cnt=d["adj_reverse_cnt"],
         settled=Amounts.of(d["settled"]), reversed=Amounts.of(d["reversed"]), adjusted=Amounts.of(d["adjusted"]),
+        # statements frozen before deductions existed have none
+        deduct_cnt=d.get("deduct_cnt", 0), deducted=Amounts.of(d["deducted"]) if "deducted" in d else ZERO,
     )
 
 
@@ -100,7 +102,7 @@ def _line_wire(ln: PairLine, counterparty: str) -> dict[str, Any]:
         "settle_cnt": ln.settle_cnt, "reverse_cnt": ln.reverse_cnt,
         "adjust_cnt": ln.adj_settle_cnt + ln.adj_reverse_cnt, "net_cnt": ln.net_cnt,
         "settled": _yuan(ln.settled), "reversed": _yuan(ln.reversed), "adjusted": _yuan(ln.adjusted),
-        "net": _yuan(ln.net),
+        "deduct_cnt": ln.deduct_cnt, "deducted": _yuan(ln.deducted), "net": _yuan(ln.net),
     }
 
 
@@ -132,7 +134,8 @@ def to_json(st: RegionStatement) -> bytes:
 
 
 CSV_HEADER = ("section", "counterparty", "counterparty_name", "scope", "settle_cnt", "reverse_cnt", "adjust_cnt",
-              "net_cnt", *(f"net_{f}" for f in AMOUNT_FIELDS), *(f"adjusted_{f}" for f in AMOUNT_FIELDS))
+              "net_cnt", *(f"net_{f}" for f in AMOUNT_FIELDS), *(f"adjusted_{f}" for f in AMOUNT_FIELDS),
+              "deduct_cnt", *(f"deducted_{f}" for f in AMOUNT_FIELDS))
 
 
 def to_csv(st: RegionStatement) -> str:
@@ -146,7 +149,8 @@ def to_csv(st: RegionStatement) -> str:
         w.writerow((section, counterparty, _name(counterparty), ln.scope, ln.settle_cnt, ln.reverse_cnt,
                     ln.adj_settle_cnt + ln.adj_reverse_cnt, ln.net_cnt,
                     *(to_yuan(getattr(ln.net, f)) for f in AMOUNT_FIELDS),
-                    *(to_yuan(getattr(ln.adjusted, f)) for f in AMOUNT_FIELDS)))
+                    *(to_yuan(getattr(ln.adjusted, f)) for f in AMOUNT_FIELDS), ln.deduct_cnt,
+                    *(to_yuan(getattr(ln.deducted, f)) for f in AMOUNT_FIELDS)))
 
     for ln in st.payable:
         row("payable", ln, ln.treating)
@@ -154,7 +158,7 @@ def to_csv(st: RegionStatement) -> str:
         row("receivable", ln, ln.insured)
     if st.internal:
         row("internal", st.internal, st.region)
-    blank = ("",) * len(AMOUNT_FIELDS)
+    blank = ("",) * (2 * len(AMOUNT_FIELDS) + 1)
     w.writerow(("payable_total", "", "", "", "", "", "", st.net.payable_cnt,
                 *(to_yuan(getattr(st.net.payable, f)) for f in AMOUNT_FIELDS), *blank))
     w.writerow(("receivable_total", "", "", "", "", "", "", st.net.receivable_cnt,
@@ -215,6 +219,16 @@ def to_html(st: RegionStatement) -> str:
     if st.internal:
         parts.append(table("Internal — within the province (省内, moves nothing at province level)",
                            [(st.region, st.internal)], None, None))
+    deducted = [(ln.treating, "payable", ln) for ln in st.payable if ln.deduct_cnt] + [
+        (ln.insured, "receivable", ln) for ln in st.receivable if ln.deduct_cnt]
+    if deducted:
+        rows = "".join(
+            f"<tr><td>{e(cp)} {e(_name(cp))}</td><td>{side}</td><td class=\"n\">{ln.deduct_cnt}</td>"
+            + "".join(f'<td class="n">{to_yuan(getattr(ln.deducted, f))}</td>' for f in AMOUNT_FIELDS) + "</tr>"
+            for cp, side, ln in deducted)
+        parts.append("<h2>Deductions — confirmed monitoring judgements (拒付, in the net above)</h2><table><tr>"
+                     f"<th>counterparty</th><th>side</th><th>judgements</th><th>medical fees</th>{fund_heads}</tr>"
+                     + rows + "</table>")
     if st.adjustments:
         items = "".join(
             f"<li>{e(a['ref'])} (version {a['version']}): {e(a['insured_pool'])} → {e(a['treating_pool'])}, "

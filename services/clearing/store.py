@@ -42,6 +42,7 @@ from services.clearing.logic import (
     Amounts,
     ApplTotals,
     ClearingError,
+    Deduction,
     LedgerRow,
     Position,
     PositionKey,
@@ -52,9 +53,13 @@ from services.clearing.logic import (
     assign_month,
     at_or_below_line,
     check_month,
+    compact_month,
     compare_positions,
+    deduction_amounts,
+    deduction_positions,
     dedupe,
     drawdowns,
+    merge,
     month_end,
     month_start,
     month_statement,
@@ -268,6 +273,52 @@ async def sweep(conn: asyncpg.Connection, shards: ShardPools, before: datetime |
     return total
 
 
+# Deductions (拒付) of confirmed judgements ------------------------------------------------------------
+
+_DED_COLS = ("jr_id", "clr_month", "insured_pool", "treating_pool", "insured_prov", "treating_prov", "scope",
+             *AMOUNT_FIELDS)
+
+
+def deduction_of(jr_id: str, clr_month: str, insured_admdvs: str, treating_admdvs: str, suspect_amt: int
+                 ) -> Deduction | None:
+    """A judgement's deduction in `clr_month`; None when its care is local (one pooling region owes itself
+    nothing). Raises UnknownRegion for a region the table does not know."""
+    insured, treating = region_of(insured_admdvs), region_of(treating_admdvs)
+    if insured.pool_admdvs == treating.pool_admdvs:
+        return None
+    return Deduction(jr_id, clr_month, insured.pool_admdvs, treating.pool_admdvs, insured.prov_admdvs,
+                     treating.prov_admdvs, classify_scope(insured_admdvs, treating_admdvs),
+                     deduction_amounts(suspect_amt)).checked()
+
+
+async def record_deduction(conn: asyncpg.Connection, d: Deduction) -> None:
+    """The deduction's entry (hub 0010: its trigger refuses a closed month, waiting for a close in flight)."""
+    values = {"jr_id": d.jr_id, "clr_month": d.clr_month, "insured_pool": d.insured_pool,
+              "treating_pool": d.treating_pool, "insured_prov": d.insured_prov, "treating_prov": d.treating_prov,
+              "scope": d.scope, **d.amounts.as_dict()}
+    await conn.execute(f"INSERT INTO clearing_deduction ({', '.join(_DED_COLS)}) VALUES ({_params(len(_DED_COLS))})",
+                       *(values[c] for c in _DED_COLS))
+
+
+async def recorded_deductions(conn: asyncpg.Connection, month: str) -> dict[PositionKey, Position]:
+    """The streaming side of a month's deductions: the entries recorded when the judgements were confirmed."""
+    rows = await conn.fetch(f"SELECT {', '.join(_DED_COLS)} FROM clearing_deduction WHERE clr_month = $1", month)
+    return deduction_positions(
+        Deduction(r["jr_id"], r["clr_month"], r["insured_pool"], r["treating_pool"], r["insured_prov"],
+                  r["treating_prov"], r["scope"], Amounts.of(r)) for r in rows)
+
+
+async def judged_deductions(conn: asyncpg.Connection, month: str) -> dict[PositionKey, Position]:
+    """The batch side: a month's deductions recomputed from the `judgement` rows alone (confirmed, with
+    that deduct_month)."""
+    rows = await conn.fetch(
+        "SELECT jr_id, insured_admdvs, treating_admdvs, suspect_amt FROM judgement"
+        " WHERE status = 'confirmed' AND deduct_month = $1", compact_month(month))
+    found = (deduction_of(r["jr_id"], month, r["insured_admdvs"], r["treating_admdvs"], r["suspect_amt"])
+             for r in rows)
+    return deduction_positions(d for d in found if d is not None)
+
+
 # Reading positions ---------------------------------------------------------------------------
 
 
@@ -277,9 +328,9 @@ def _position(r: asyncpg.Record) -> Position:
 
 
 async def positions(conn: asyncpg.Connection, month: str) -> dict[PositionKey, Position]:
-    """The streaming side: running positions of a month."""
+    """The streaming side: running positions of a month, its deductions included."""
     rows = await conn.fetch(f"SELECT {', '.join(_POS_COLS)} FROM clearing_position WHERE clr_month = $1", month)
-    return {p.key: p for p in map(_position, rows)}
+    return merge({p.key: p for p in map(_position, rows)}, await recorded_deductions(conn, month))
 
 
 async def entry_positions(conn: asyncpg.Connection, month: str) -> dict[PositionKey, Position]:
@@ -291,7 +342,7 @@ async def entry_positions(conn: asyncpg.Connection, month: str) -> dict[Position
         " FROM clearing_entry WHERE clr_month = $1 GROUP BY 1, 2, 3, 4, 5",
         month,
     )
-    return {p.key: p for p in map(_position, rows)}
+    return merge({p.key: p for p in map(_position, rows)}, await recorded_deductions(conn, month))
 
 
 @dataclass
@@ -335,7 +386,7 @@ async def batch_positions(conn: asyncpg.Connection, shards: ShardPools, month: s
                 unrecorded += 1
             elif member_of != target:
                 misassigned += 1
-    return Batch(aggregate(assigned), unrecorded, misassigned)
+    return Batch(merge(aggregate(assigned), await judged_deductions(conn, month)), unrecorded, misassigned)
 
 
 def _previous_month(month: str) -> str:
@@ -785,9 +836,13 @@ async def publish_outbox(pool: asyncpg.Pool, send: Any, flush: Any = None) -> in
 
 
 async def province_positions(conn: asyncpg.Connection, month: str) -> list[asyncpg.Record]:
+    """A month's net amounts per province pair, its deductions included."""
+    amounts = ", ".join(AMOUNT_FIELDS)
     return await conn.fetch(
         "SELECT insured_prov, treating_prov, " + ", ".join(f"sum({f})::bigint AS {f}" for f in AMOUNT_FIELDS) +
-        " FROM clearing_position WHERE clr_month = $1 GROUP BY 1, 2 ORDER BY 1, 2", month)
+        f" FROM (SELECT insured_prov, treating_prov, {amounts} FROM clearing_position WHERE clr_month = $1"
+        f" UNION ALL SELECT insured_prov, treating_prov, {amounts} FROM clearing_deduction WHERE clr_month = $1) AS p"
+        " GROUP BY 1, 2 ORDER BY 1, 2", month)
 
 
 async def stored_response(conn: asyncpg.Connection, msgid: str) -> bytes | None:

@@ -27,9 +27,10 @@ from services.common.config import Settings
 from services.common.consumer import FailureKind, classify
 from services.common.metrics import LATENCY_BUCKETS_S
 from services.common.shards import ShardPools
-from services.dashboard import pages, users
+from services.dashboard import pages, review, users
 from services.dashboard.auth import DUMMY_HASH, Session, Sessions, Throttle, csrf_matches, sign_in_csrf, verify_password
 from services.dashboard.data import Prometheus, assemble, fetch_clearing, fetch_live
+from services.dashboard.judgements import JR_ID, PAGE_SIZE, REVIEW_ROLES, BadFilter, mask_psn, parse_filters
 from services.monitor.ledger import month_figures
 from services.monitor.targets import Target, load_targets
 from services.refdata.regions import PROVINCES
@@ -272,6 +273,80 @@ class Dashboard:
         resp.del_cookie(SESSION_COOKIE, path="/")
         raise resp
 
+    # --- judgements: list, hits, detail, review (README "Review and deductions") -------------------------
+
+    async def handle_judgements(self, request: web.Request) -> web.Response:
+        session: Session = request["session"]
+        try:
+            f = parse_filters(request.query)
+        except BadFilter as e:
+            raise web.HTTPBadRequest(text=f"bad filter: {e}") from None
+        assert self.pool is not None
+        (total, rows), counts = await asyncio.gather(review.list_judgements(self.pool, f),
+                                                     review.hit_counts(self.pool, f))
+        if request.path.startswith("/api/"):
+            return web.Response(body=_encoder.encode({
+                "total": total, "page": f.page, "page_size": PAGE_SIZE,
+                "items": [_judgement_json(r) for r in rows],
+                "counts": [{"rule_id": c["rule_id"], "status": c["status"], "n": c["n"],
+                            "suspect_amt": c["suspect_amt"]} for c in counts]}),
+                content_type="application/json")
+        return web.Response(text=pages.judgements_page(rows, total, counts, f, PAGE_SIZE, session.username,
+                                                       session.role, mask_psn), content_type="text/html")
+
+    async def _judgement(self, request: web.Request) -> asyncpg.Record:
+        jr_id = request.match_info["jr_id"]
+        assert self.pool is not None
+        row = await review.judgement(self.pool, jr_id) if JR_ID.match(jr_id) else None
+        if row is None:
+            raise web.HTTPNotFound(text="no such judgement")
+        return row
+
+    async def handle_judgement(self, request: web.Request) -> web.Response:
+        session: Session = request["session"]
+        row = await self._judgement(request)
+        if request.path.startswith("/api/"):
+            return web.Response(body=_encoder.encode(_judgement_json(row, detail=True)),
+                                content_type="application/json")
+        return self._judgement_page(row, session)
+
+    def _judgement_page(self, row: asyncpg.Record, session: Session, message: str = "",
+                        status: int = 200) -> web.Response:
+        return web.Response(text=pages.judgement_page(row, session.username, session.role, session.csrf,
+                                                      session.role in REVIEW_ROLES, mask_psn, message),
+                            content_type="text/html", status=status)
+
+    async def handle_review(self, request: web.Request) -> web.StreamResponse:
+        """Confirm or dismiss (form: decision, reason); the guard checked the CSRF token already."""
+        session: Session = request["session"]
+        if session.role not in REVIEW_ROLES:
+            raise web.HTTPForbidden(text="only operators review judgements")
+        row = await self._judgement(request)
+        form = await request.post()
+        decision, reason = form.get("decision"), form.get("reason")
+        assert self.pool is not None
+        try:
+            done = await review.review(self.pool, row["jr_id"], decision if isinstance(decision, str) else "",
+                                       reason if isinstance(reason, str) else "", session.username)
+        except review.ReviewRefused as e:
+            return self._judgement_page(await self._judgement(request), session, e.message, e.status)
+        except ValueError as e:
+            return self._judgement_page(row, session, str(e), 400)
+        log.info("judgement %s %s by %s", done.jr_id, done.status, session.username)
+        raise web.HTTPSeeOther(f"/judgements/{done.jr_id}")
+
+
+def _judgement_json(r: asyncpg.Record, *, detail: bool = False) -> dict[str, Any]:
+    """A judgement for the API: psn_no masked; dates as text; money in fen."""
+    out: dict[str, Any] = {k: r[k] for k in ("jr_id", "rule_id", "rule_version", "severity", "insured_admdvs",
+                                             "insured_prov", "treating_admdvs", "treating_prov", "fixmedins_code",
+                                             "suspect_amt", "status", "deduct_month", "detected_at")}
+    out.update(psn_no=mask_psn(r["psn_no"]), window_begin=str(r["window_begin"]), window_end=str(r["window_end"]))
+    if detail:
+        out.update({k: r[k] for k in ("mdtrt_ids", "setl_ids", "items", "detail", "reviewed_by", "review_reason",
+                                      "reviewed_at")})
+    return out
+
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(SECURITY_HEADERS)
@@ -290,5 +365,10 @@ def build_app(d: Dashboard) -> web.Application:
     app.router.add_get("/users", d.handle_users)
     app.router.add_post("/sessions/end-all", d.handle_end_all)
     app.router.add_get("/api/overview", d.handle_overview)
+    app.router.add_get("/judgements", d.handle_judgements)
+    app.router.add_get("/api/judgements", d.handle_judgements)
+    app.router.add_get("/judgements/{jr_id}", d.handle_judgement)
+    app.router.add_get("/api/judgements/{jr_id}", d.handle_judgement)
+    app.router.add_post("/judgements/{jr_id}/review", d.handle_review)
     app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     return app

@@ -75,6 +75,11 @@ HUB_GRANTS: dict[str, dict[str, set[str]]] = {
 HUB_GRANTS[DASHBOARD] = {**HUB_GRANTS[DASHBOARD], "dashboard_user": {SEL, INS}, "audit_log": {SEL, INS}}
 for _role in (MONITOR, DASHBOARD):  # clearing at national shape (hub 0008)
     HUB_GRANTS[_role] = {**HUB_GRANTS[_role], "clearing_confirmed_row": {SEL}, "clearing_adjustment": {SEL}}
+# Smart monitoring (hub 0009): the clearing service's sink writes judgements, the dashboard reviews them;
+# deductions (hub 0010): the dashboard records one when its operator confirms, the others read them.
+HUB_GRANTS[CLEARING] = {**HUB_GRANTS[CLEARING], "judgement": {SEL, INS, UPD}, "clearing_deduction": {SEL}}
+HUB_GRANTS[DASHBOARD] = {**HUB_GRANTS[DASHBOARD], "judgement": {SEL, UPD}, "clearing_deduction": {SEL, INS}}
+HUB_GRANTS[MONITOR] = {**HUB_GRANTS[MONITOR], "judgement": {SEL}, "clearing_deduction": {SEL}}
 SHARD_GRANTS: dict[str, dict[str, set[str]]] = {
     ROUTER: {"person": {SEL}, "filing": {SEL, INS}, "account": {SEL}, "accumulator": {SEL}},
     SETTLE: {
@@ -87,10 +92,6 @@ SHARD_GRANTS: dict[str, dict[str, set[str]]] = {
 }
 for _role in (MONITOR, DASHBOARD):  # issued warnings and their disposals (shard 0008): read only
     SHARD_GRANTS[_role] = {**SHARD_GRANTS[_role], **_each(("warning_issued", "warning_disposal"), {SEL})}
-# Smart monitoring's judgements (hub 0009): the clearing service's sink writes, the dashboard reviews.
-HUB_GRANTS[CLEARING] = {**HUB_GRANTS[CLEARING], "judgement": {SEL, INS, UPD}}
-HUB_GRANTS[DASHBOARD] = {**HUB_GRANTS[DASHBOARD], "judgement": {SEL, UPD}}
-HUB_GRANTS[MONITOR] = {**HUB_GRANTS[MONITOR], "judgement": {SEL}}
 
 
 class Cluster:
@@ -252,7 +253,8 @@ async def test_the_router_can_not_write_the_ledger(cluster: Cluster) -> None:
 
 async def test_monitor_and_dashboard_write_nothing(cluster: Cluster) -> None:
     """...but what the dashboard is granted: its own sign-in (its users, the first `admin`), its operators'
-    audit rows, and the review of judgements (hub 0009: UPDATE only). Every write not granted is refused."""
+    audit rows, and its review of judgements (the judgement's review, the deduction it records). Every write
+    not granted is refused."""
     for database in [cluster.hub, *cluster.shards]:
         tables = await _tables(cluster, database)
         assert "audit_log" in tables or "settlement" in tables
