@@ -451,6 +451,13 @@ class Population:
 
     # Seeded suspicious behaviour ------------------------------------------------------------------------
 
+    def reset_seeding(self) -> None:
+        """Forget the behaviours shown so far (after drawing scenarios that are not driven)."""
+        self.seeded.clear()
+        self.seeded_persons.clear()
+        self.cost_fillers.clear()
+        self.outliers.clear()
+
     def seed_behaviour(self, scn: Scenario, rule: str, *, now: datetime | None = None) -> bool:
         """Attach to `scn` the visits of its person that make up `rule`'s behaviour (REFERENCE §8), drawn from
         a side stream of the person and the visit time, so that the scenario stream itself never shifts.
