@@ -305,7 +305,7 @@ async def judgement_report(s: Settings, pop: Population, stats: Stats, since: da
     if not found.total() and pop.seeded.total():
         out.append("  no judgements yet: is the monitoring stream running? "
                    "(.venv/bin/python -m deploy.stack status: program smartmon)")
-    out.append(f"  review them on the dashboard's Judgements page: {s.dashboard_url}/judgements")
+    out.append(f"  review them on the dashboard's Judgements page: {s.dashboard_url.rstrip('/')}/judgements")
     return out
 
 

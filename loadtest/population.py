@@ -117,6 +117,7 @@ SUPPLY_DAYS_PER_VISIT: Final = 30  # an ordinary purchase: about a month of a dr
 # (at least 50): one seeded outlier per this many ordinary stays added to its group, so that the percentile
 # stays an ordinary stay's even when earlier runs' outliers are among the peers.
 COST_GROUP_STAYS: Final = 120
+COMPANIONS_AT_ONCE: Final = 8  # a cost group's ordinary stays (other persons) driven this many at a time
 EXPENSIVE_UNITS: Final = 60  # the expensive stay: 60 units of 4,000–6,000 yuan on top of an ordinary bill
 
 
@@ -943,13 +944,30 @@ async def drive_stay(
     finally:
         stats.stay_outcomes[outcome] += 1
         stats.in_flight -= 1
-    for visit in scn.companions:  # a seeded behaviour's visits, each counted as a visit of its own
-        if outcome == "cut" or not go_on():
-            break
-        companion = await drive_stay(caller, visit, stats, go_on=go_on, resends=resends, outage_s=outage_s)
-        if scn.behaviour is not None and companion == "done":
-            stats.behaviour_visits[scn.behaviour] += 1
+    if scn.companions and outcome != "cut":
+        await _drive_companions(caller, scn, stats, go_on, resends, outage_s)
     return outcome
+
+
+async def _drive_companions(caller: Caller, scn: Scenario, stats: Stats, go_on: Callable[[], bool], resends: int,
+                            outage_s: float) -> None:
+    """A seeded behaviour's visits, each counted as a visit of its own: one person's in order, several
+    persons' (a cost group's ordinary stays) a few at a time."""
+    by_person: dict[str, list[Scenario]] = defaultdict(list)
+    for visit in scn.companions:
+        by_person[visit.person.psn_no].append(visit)
+    at_once = asyncio.Semaphore(COMPANIONS_AT_ONCE)
+
+    async def person_visits(visits: list[Scenario]) -> None:
+        async with at_once:
+            for visit in visits:
+                if not go_on():
+                    return
+                done = await drive_stay(caller, visit, stats, go_on=go_on, resends=resends, outage_s=outage_s)
+                if scn.behaviour is not None and done == "done":
+                    stats.behaviour_visits[scn.behaviour] += 1
+
+    await asyncio.gather(*(person_visits(visits) for visits in by_person.values()))
 
 
 def _steps(scn: Scenario) -> tuple[Stay | Purchase | OutpatientVisit, list[Callable[[], dict[str, Any]]]]:
