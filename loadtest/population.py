@@ -556,7 +556,9 @@ class Population:
         if not pharmacies:
             return None
         first, second = side.sample(pharmacies, 2) if len(pharmacies) > 1 else (pharmacies[0], pharmacies[0])
-        drugs = [c for c in self.catalog[first.prov] if c.code[:1] in "XZ" and not c.gender_only]
+        sold_at_second = {c.code for c in self.catalog[second.prov]}  # a provincial item is sold in its province
+        drugs = [c for c in self.catalog[first.prov]
+                 if c.code[:1] in "XZ" and not c.gender_only and c.code in sold_at_second]
         if not drugs:
             return None
         drug = side.choice([c for c in drugs if c.supply_days > 1] or drugs)

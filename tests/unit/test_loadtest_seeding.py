@@ -223,3 +223,24 @@ def test_fee_lines_of_the_flagged_items_keep_the_draws() -> None:
     b = fee_lines(random.Random(9), CATALOG, 8)
     assert [(x.med_list_codg, x.pric) for x in a] == [(x.med_list_codg, x.pric) for x in b]
     assert ITEMS_TODAY["inpatient"] == (3, 15)
+
+
+def test_an_oversupply_across_provinces_buys_a_drug_both_pharmacies_sell() -> None:
+    # 赤峰 persons buy at a pharmacy of 内蒙古 and one of 重庆 (a seed region): the provincial 制剂 of one
+    # province is unknown in the other's catalog.
+    local = [*CATALOG, CatalogInfo("Z15YNZJ0001", "02", None)]
+    other = [*CATALOG, CatalogInfo("Z50YNZJ0001", "02", None)]
+    pharmacies = [_hospital("H15040000001"), _hospital("P15040000001", lv=1), _hospital("P50015400001", "500154", 1)]
+    people = [PersonInfo(f"P150400{i:08d}", "150400", "390", gend="1") for i in range(1, 41)]
+    pop = Population(pharmacies, people, {}, {PROV: local, "500000": other}, suspicious_share=SUSPICIOUS_SHARE)
+    rng = random.Random(4)
+    for _ in range(40):
+        scn = pop.scenario(rng, now=NOW, kinds={"pharmacy": 1.0})
+        assert scn is not None
+        scn.companions = []
+        assert pop.seed_behaviour(scn, "PHARMACY_OVERSUPPLY", now=NOW)
+        provs = {v.hospital.prov for v in scn.companions}
+        codes = {line.med_list_codg for v in scn.companions for upload in v.uploads for line in upload}
+        assert len(codes) == 1 and all(code in {c.code for c in pop.catalog[p]} for p in provs for code in codes)
+        pop.release(scn)
+        pop.seeded_persons.clear()
