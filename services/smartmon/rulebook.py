@@ -4,13 +4,17 @@
 whether it is enabled, its parameters (every parameter the rule reads, with its default) and per-region
 overrides keyed by the insured pool ("350300") or province ("350000"). A bad file raises `RuleBookError`
 naming the rule and the field; the services let it stop their start-up.
+
+    python -m services.smartmon.rulebook [PATH]   # check a file before deploying it
 """
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -157,3 +161,28 @@ def load_rules(path: Path | None = None) -> RuleBook:
     except (OSError, UnicodeDecodeError) as exc:
         raise RuleBookError(f"{path}: cannot read the rules file: {exc}") from None
     return parse_rules(text, str(path.name))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Check a rules file before deploying it: its rules and parameters, or the first error."""
+    parser = argparse.ArgumentParser(description="Check a smart-monitoring rules file.")
+    parser.add_argument("path", type=Path, nargs="?", default=DEFAULT_RULES_PATH)
+    args = parser.parse_args(argv)
+    try:
+        book = load_rules(args.path)
+    except RuleBookError as exc:
+        print(f"rules file refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"rules {book.version}: {len(book.rules)} rule(s)")
+    for rule in book.rules.values():
+        params = ", ".join(f"{k}={v}" for k, v in rule.params.items()) or "-"
+        overrides = "; ".join(f"{a}: " + ", ".join(f"{k}={v}" for k, v in o.items())
+                              for a, o in sorted(rule.overrides.items()))
+        state = "" if rule.enabled else " (disabled)"
+        print(f"  {rule.rule_id} v{rule.version} {rule.severity} {rule.name}{state}: {params}"
+              + (f" [overrides {overrides}]" if overrides else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

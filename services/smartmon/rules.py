@@ -12,11 +12,13 @@ quantities and days of supply are Decimal. The README section "Monitoring rules"
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import ROUND_FLOOR, Decimal
+from functools import cached_property, lru_cache
 from typing import Final
 
 from schemas.internal import SettlementEvent
@@ -64,7 +66,7 @@ class Episode:
                    insured_admdvs=ev.insured_admdvs, treating_admdvs=ev.treating_admdvs, med_type=ev.med_type,
                    setl_time=ev.setl_time, medfee=ev.medfee_sumamt, mid_setl=ev.mid_setl, facts=ev.visit)
 
-    @property
+    @cached_property
     def at(self) -> str:
         """When the visit happened: its begin time, else the settlement time."""
         return _ts(self.facts.begntime or self.setl_time)
@@ -80,6 +82,7 @@ def _ts(value: str) -> str:
     return value + " 00:00:00" if len(value) == 10 else value
 
 
+@lru_cache(maxsize=4096)
 def _day(value: str) -> date:
     return date.fromisoformat(value[:10])
 
@@ -101,24 +104,24 @@ class Stay:
 
     parts: tuple[Episode, ...]
 
-    @property
+    @cached_property
     def anchor(self) -> Episode:
         return self.parts[0]  # the earliest part: stable while later parts arrive
 
-    @property
+    @cached_property
     def final(self) -> Episode | None:
         finals = [p for p in self.parts if not p.mid_setl]
         return finals[-1] if finals else None
 
-    @property
+    @cached_property
     def latest(self) -> Episode:
         return self.final or self.parts[-1]
 
-    @property
+    @cached_property
     def begin(self) -> str:
         return min(p.at for p in self.parts)
 
-    @property
+    @cached_property
     def end(self) -> str:
         """Discharge: the final part's endtime; an unfinished stay ends at the latest end known so far."""
         final = self.final
@@ -126,23 +129,23 @@ class Stay:
             return max(_ts(final.facts.endtime), self.begin)
         return max([_ts(p.facts.endtime) for p in self.parts if p.facts.endtime] + [self.begin])
 
-    @property
+    @cached_property
     def complete(self) -> bool:
         return self.final is not None and bool(self.final.facts.endtime)
 
-    @property
+    @cached_property
     def medfee(self) -> int:
         return sum(p.medfee for p in self.parts)
 
-    @property
+    @cached_property
     def setl_ids(self) -> list[str]:
         return [p.setl_id for p in self.parts]
 
-    @property
+    @cached_property
     def main_dise(self) -> str:
         return self.latest.facts.main_dise
 
-    @property
+    @cached_property
     def fixmedins_code(self) -> str:
         return self.anchor.fixmedins_code
 
@@ -248,11 +251,12 @@ def _frequent_visits(rule: Rule, book: RuleBook, episodes: Sequence[Episode]) ->
     """Every outpatient settlement that is beyond the max_visits-th within window_days calendar days
     (the visit's day and the window_days - 1 days before it), across all institutions."""
     visits = [e for e in episodes if e.facts.visit_type == "outpatient"]
+    days = [_day(e.at) for e in visits]  # non-decreasing: episodes come in time order
     out = []
     for i, e in enumerate(visits):
         p = book.params(rule.rule_id, e.insured_admdvs)
-        first_day = _day(e.at) - timedelta(days=p["window_days"] - 1)
-        window = [v for v in visits[: i + 1] if _day(v.at) >= first_day]
+        first_day = days[i] - timedelta(days=p["window_days"] - 1)
+        window = visits[bisect_left(days, first_day, 0, i): i + 1]
         if len(window) <= p["max_visits"]:
             continue
         out.append(_judgement(
@@ -291,10 +295,11 @@ def _pharmacy_oversupply(rule: Rule, book: RuleBook, episodes: Sequence[Episode]
     out = []
     for drug, purchases in by_drug.items():
         purchases.sort(key=lambda p: (p.day, p.episode.setl_id))
+        days = [q.day for q in purchases]
         for i, buy in enumerate(purchases):
             p = book.params(rule.rule_id, buy.episode.insured_admdvs)
             first_day = buy.day - timedelta(days=p["window_days"] - 1)
-            window = [q for q in purchases[: i + 1] if q.day >= first_day]
+            window = purchases[bisect_left(days, first_day, 0, i): i + 1]
             total = sum((q.supply for q in window), Decimal(0))
             limit = Decimal(p["max_supply_days"])
             if total <= limit:
@@ -453,6 +458,23 @@ def cost_judgements(stays: Sequence[StayCost], book: RuleBook) -> list[Judgement
 
 def _stay_key(s: StayCost) -> tuple[int, str, int, tuple[str, ...]]:
     return (len(s.setl_ids), s.dscg_day, s.medfee, tuple(s.setl_ids))
+
+
+def within_horizon(episodes: Sequence[Episode], book: RuleBook) -> list[Episode]:
+    """The episodes worth keeping: those whose last day (a stay: its discharge, all its parts together) is
+    no more than `horizon_days` before the newest day of the set. Dropping the others never changes a
+    judgement about the newer episodes; the judgements about the dropped ones are history, not withdrawn."""
+    ordered = _unique(episodes)
+    if not ordered:
+        return []
+    last_day: dict[str, date] = {}
+    for stay in _stays(ordered):
+        for part in stay.parts:
+            last_day[part.setl_id] = _day(stay.end)
+    for e in ordered:
+        last_day.setdefault(e.setl_id, max(_day(e.at), _day(_ts(e.facts.endtime or e.at))))
+    first_kept = max(last_day.values()) - timedelta(days=horizon_days(book))
+    return [e for e in ordered if last_day[e.setl_id] >= first_kept]
 
 
 def horizon_days(book: RuleBook) -> int:

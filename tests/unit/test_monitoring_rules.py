@@ -3,6 +3,7 @@ amounts. Pure: no Kafka, no database."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -14,6 +15,7 @@ from schemas.internal import SettlementEvent
 from schemas.monitoring import ItemFact, Judgement, StayCost, VisitFacts
 from services.smartmon import rules as r
 from services.smartmon.rulebook import RuleBookError, load_rules, parse_rules
+from services.smartmon.rulebook import main as rulebook_main
 
 BOOK = load_rules()
 PSN = "P35030000000777"
@@ -468,6 +470,26 @@ def test_rulebook_errors_name_rule_and_field(change: tuple[str, str], message: s
     with pytest.raises(RuleBookError) as caught:
         load_rules_text(text)
     assert message in str(caught.value)
+
+
+def test_jr_ids_are_pinned() -> None:
+    """A replay after an upgrade must find the same ids: the derivation is fixed, not just self-consistent."""
+    rule = BOOK.rules["OVERLAP_INPATIENT"]
+    assert r.jr_id_of(rule, ["S2", "S1"]) == hashlib.sha256(b"OVERLAP_INPATIENT\x1f1\x1fS2\x1fS1").hexdigest()[:32]
+    assert r.jr_id_of(rule, ["S2", "S1"]) == "86930367eae99cfafedc639ea430e3d7"
+    assert r.jr_id_of(rule, ["S1", "S2"]) != r.jr_id_of(rule, ["S2", "S1"])
+
+
+def test_rulebook_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert rulebook_main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("rules 2026.11-1: 8 rule(s)\n")
+    assert "  SPLIT_ADMISSION v1 medium 分解住院: readmit_days=15 [overrides 350000: readmit_days=30]\n" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MINIMAL.replace("max_visits = 8,", "max_visits = 0,"))
+    assert rulebook_main([str(bad)]) == 1
+    assert capsys.readouterr().err == ("rules file refused: bad.toml: rule FREQUENT_VISITS.params.max_visits: "
+                                       "must be between 1 and 1000\n")
 
 
 def test_rulebook_file_errors(tmp_path: Path) -> None:
