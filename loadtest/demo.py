@@ -389,7 +389,7 @@ async def drive(caller: HttpCaller, pop: Population, stats: Stats, args: argpars
                 continue
             launched += 1
             try:
-                await drive_stay(caller, scn, stats, outage_s=args.outage_seconds)
+                await drive_stay(caller, scn, stats, outage_s=args.outage_seconds, more=lambda: not stop.is_set())
             except TransportError as e:
                 unreachable.append(str(e))
                 stop.set()

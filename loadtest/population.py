@@ -115,8 +115,8 @@ OVERSUPPLY_DAYS_PER_PURCHASE: Final = 50  # two purchases: 100 days of one drug 
 SUPPLY_DAYS_PER_VISIT: Final = 30  # an ordinary purchase: about a month of a drug of several days per unit
 # COST_OUTLIER compares a stay with the 99th percentile of its group's stays discharged in the 30 days before
 # (at least 50): one seeded outlier per this many ordinary stays added to its group, so that the percentile
-# stays an ordinary stay's even when earlier runs' outliers are among the peers.
-COST_GROUP_STAYS: Final = 120
+# of its peers is an ordinary stay's.
+COST_GROUP_STAYS: Final = 60
 COMPANIONS_AT_ONCE: Final = 8  # a cost group's ordinary stays (other persons) driven this many at a time
 EXPENSIVE_UNITS: Final = 60  # the expensive stay: 60 units of 4,000–6,000 yuan on top of an ordinary bill
 
@@ -626,7 +626,7 @@ class Population:
         start = now - timedelta(days=STAY_DAYS, hours=2, minutes=side.randint(1, 60))  # discharged today
         stay = self._visit("inpatient", h, person, start, [lines], now.date())
         stay.expensive = True
-        return [*fillers, stay]
+        return [stay, *fillers]  # the stream judges the group as a whole: the outlier first, its peers after
 
     @staticmethod
     def _group(h: HospitalInfo) -> tuple[int, str]:
@@ -927,13 +927,14 @@ async def _send(
 
 async def drive_stay(
     caller: Caller, scn: Scenario, stats: Stats, *, go_on: Callable[[], bool] = lambda: True,
-    resends: int = 3, outage_s: float = 0.0, due: float | None = None,
+    resends: int = 3, outage_s: float = 0.0, due: float | None = None, more: Callable[[], bool] | None = None,
 ) -> str:
     """One stay, step by step; returns and counts its outcome: done | refused (the expected refusal) |
     failed (an unexpected error answer) | cut (go_on() turned false before a step). `due`
     (time.perf_counter()): when the first request was meant to be sent — its latency counts from then, so a
     sender that falls behind shows as latency (open loop); each later request is due when the previous
-    answer came."""
+    answer came. `more()`: whether a seeded behaviour's next visit may start (default `go_on`; the demo
+    stops starting them when its time is up, and lets the ones started finish)."""
     stats.stays_started += 1
     stats.started_by_scope[scn.scope] += 1
     stats.in_flight += 1
@@ -947,12 +948,12 @@ async def drive_stay(
         stats.stay_outcomes[outcome] += 1
         stats.in_flight -= 1
     if scn.companions and outcome != "cut":
-        await _drive_companions(caller, scn, stats, go_on, resends, outage_s)
+        await _drive_companions(caller, scn, stats, go_on, more or go_on, resends, outage_s)
     return outcome
 
 
-async def _drive_companions(caller: Caller, scn: Scenario, stats: Stats, go_on: Callable[[], bool], resends: int,
-                            outage_s: float) -> None:
+async def _drive_companions(caller: Caller, scn: Scenario, stats: Stats, go_on: Callable[[], bool],
+                            more: Callable[[], bool], resends: int, outage_s: float) -> None:
     """A seeded behaviour's visits, each counted as a visit of its own: one person's in order, several
     persons' (a cost group's ordinary stays) a few at a time."""
     by_person: dict[str, list[Scenario]] = defaultdict(list)
@@ -963,7 +964,7 @@ async def _drive_companions(caller: Caller, scn: Scenario, stats: Stats, go_on: 
     async def person_visits(visits: list[Scenario]) -> None:
         async with at_once:
             for visit in visits:
-                if not go_on():
+                if not (go_on() and more()):
                     return
                 done = await drive_stay(caller, visit, stats, go_on=go_on, resends=resends, outage_s=outage_s)
                 if scn.behaviour is not None and done == "done":

@@ -4,10 +4,13 @@ rule code (services.smartmon.rules) over the episodes the visits would settle.""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import random
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -23,6 +26,8 @@ from loadtest.population import (
     PersonInfo,
     Population,
     Scenario,
+    Stats,
+    drive_stay,
     fee_lines,
     suspicious_rule,
     usual_cnt,
@@ -196,8 +201,8 @@ def test_a_cost_group_is_filled_once_per_run_and_makes_room_for_one_outlier_per_
     rng = random.Random(2)
     first = pop.scenario(rng, now=NOW, kinds={"outpatient": 1.0})
     assert first is not None and pop.seed_behaviour(first, "COST_OUTLIER", now=NOW)
-    assert len(first.companions) == 61 and first.companions[-1].expensive
-    fillers = first.companions[:-1]
+    assert len(first.companions) == 61 and first.companions[0].expensive  # the outlier first: never cut off
+    fillers = first.companions[1:]
     assert len({v.person.psn_no for v in fillers}) == 60 and first.person not in {v.person for v in fillers}
     assert {(v.start + timedelta(days=STAY_DAYS)).date() for v in fillers} < {
         (NOW - timedelta(days=d)).date() for d in range(1, 31)}  # peers: discharged on earlier days
@@ -244,3 +249,36 @@ def test_an_oversupply_across_provinces_buys_a_drug_both_pharmacies_sell() -> No
         assert len(codes) == 1 and all(code in {c.code for c in pop.catalog[p]} for p in provs for code in codes)
         pop.release(scn)
         pop.seeded_persons.clear()
+
+
+class _Answers:
+    """A pipeline that accepts everything: the answers' ids are what the visit's next requests need."""
+
+    def __init__(self) -> None:
+        self.ids = itertools.count(1)
+        self.sent: list[str] = []
+
+    async def call(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        infno = envelope["infno"]
+        self.sent.append(infno)
+        n = next(self.ids)
+        output: dict[str, Any] = {"data": {"mdtrt_id": f"M{n}"}, "result": {"mdtrt_id": f"M{n}"},
+                                  "setlinfo": {"setl_id": f"S{n}", "medins_setl_id": envelope["msgid"],
+                                               "fund_pay_sumamt": "1.00", "medfee_sumamt": "2.00"}}
+        return {"infcode": 0, "err_msg": "", "output": output}
+
+
+@pytest.mark.parametrize("more", [True, False])
+def test_a_behaviours_visits_are_driven_after_its_visit_unless_the_run_is_over(more: bool) -> None:
+    pop = _population()
+    scn = pop.scenario(random.Random(6), now=NOW, kinds={"outpatient": 1.0}, reversal_share=0.0)
+    assert scn is not None
+    scn.lookup = scn.query = False
+    scn.companions = []
+    assert pop.seed_behaviour(scn, "FREQUENT_VISITS", now=NOW)
+    stats, answers = Stats(), _Answers()
+    outcome = asyncio.run(drive_stay(answers, scn, stats, more=lambda: more))
+    assert outcome == "done"
+    visits = 1 + (len(scn.companions) if more else 0)
+    assert stats.stays_started == stats.stay_outcomes["done"] == visits == answers.sent.count("2201")
+    assert stats.settled == visits and stats.behaviour_visits["FREQUENT_VISITS"] == visits - 1
