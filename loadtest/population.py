@@ -439,8 +439,10 @@ class Population:
                 on_admitted=on_admitted, chronic_disease=rng.choice(person.chronic) if kind == "chronic" else None,
                 lookup=rng.random() < lookup_share, correct=correct, query=query,
             )
+            # Shown at a visit that is not a stay: a stay of the last 3 days would hold the behaviour's
+            # backdated visits and add judgements of other rules.
             rule = suspicious_rule(self.seed, person.psn_no, self.suspicious_share)
-            if rule is not None and person.psn_no not in self.seeded_persons:
+            if rule is not None and kind != "inpatient" and person.psn_no not in self.seeded_persons:
                 self.seed_behaviour(scn, rule, now=now)
             return scn
         return None
@@ -602,7 +604,7 @@ class Population:
     def _plan_cost(self, person: PersonInfo, side: random.Random, now: datetime) -> list[Scenario] | None:
         """A stay costing many times the usual, discharged today, in a (hospital level, province) group whose
         stays of the 30 days before (the rule's peers: earlier days only) are ordinary: the first such plan of
-        a run adds `cost_group_stays` ordinary stays of other persons there, discharged 1–28 days ago, and
+        a run adds `cost_group_stays` ordinary stays of other persons there, discharged 4–28 days ago, and
         each of them makes room for one outlier (a percentile of ordinary stays, not of outliers)."""
         places = self._places(person.insuplc)
         room = [h for h in places if self.cost_fillers[self._group(h)]
@@ -646,7 +648,8 @@ class Population:
         visits = []
         for n, filler in enumerate(side.sample(candidates, self.cost_group_stays)):
             at_h = side.choice(places_of[filler.insuplc])
-            start = self._stay_start(side, now) - timedelta(days=1 + n % 28)  # discharged 1–28 days ago
+            # Discharged 4–28 days ago: never overlapping a stay the person may have in this run.
+            start = self._stay_start(side, now) - timedelta(days=4 + n % 25)
             visits.append(self._visit("inpatient", at_h, filler, start, [self._lines(side, at_h, "inpatient")],
                                       now.date()))
         self.cost_fillers[group] += len(visits)
