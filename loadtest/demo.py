@@ -292,16 +292,17 @@ async def judgement_report(s: Settings, pop: Population, stats: Stats, since: da
     found, of_seeded, withdrawn = last
     out = ["", f"smart monitoring — hits by rule (judgements detected since the demo started, waited "
                f"{wait_s - max(0.0, deadline - time.monotonic()):.0f} s for the stream):",
-           f"  {'rule':24} {'seeded':>7} {'visits':>7} {'hit (seeded)':>13} {'all hits':>9}"]
+           f"  {'rule':24} {'seeded':>7} {'visits':>9} {'hit (seeded)':>13} {'all hits':>9}"]
     for rule in SUSPICIOUS_RULES:
-        out.append(f"  {rule:24} {pop.seeded[rule]:7d} {stats.behaviour_visits[rule]:7d} {of_seeded[rule]:13d} "
-                   f"{found[rule]:9d}")
+        visits = f"{stats.behaviour_visits[rule]}/{pop.planned_visits[rule]}"
+        out.append(f"  {rule:24} {pop.seeded[rule]:7d} {visits:>9} {of_seeded[rule]:13d} {found[rule]:9d}")
     for rule in sorted(set(found) - set(SUSPICIOUS_RULES)):
-        out.append(f"  {rule:24} {'-':>7} {'-':>7} {'-':>13} {found[rule]:9d}")
+        out.append(f"  {rule:24} {'-':>7} {'-':>9} {'-':>13} {found[rule]:9d}")
     out.append("  seeded: persons who showed the behaviour (at most once per person and run; COST_OUTLIER: one per "
                f"{pop.cost_group_stays} ordinary stays the demo adds to a cost group); visits: their extra visits "
-               "done; hit (seeded): judgements of that rule for those persons; all hits: every judgement of the "
-               f"run (ordinary visits of the same person overlap by chance too); {withdrawn} withdrawn (reversals)")
+               "done / planned (none starts once the run's time is up); hit (seeded): judgements of that rule for "
+               "those persons; all hits: every judgement of the run (chance adds some: a person picked twice for a "
+               f"stay has two overlapping stays); {withdrawn} withdrawn (reversals)")
     if not found.total() and pop.seeded.total():
         out.append("  no judgements yet: is the monitoring stream running? "
                    "(.venv/bin/python -m deploy.stack status: program smartmon)")

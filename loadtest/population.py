@@ -339,6 +339,7 @@ class Population:
         self.suspicious_share = suspicious_share
         self.seeded: Counter[str] = Counter()  # behaviours handed out, by rule
         self.seeded_persons: dict[str, str] = {}  # psn_no → the rule its behaviour should hit
+        self.planned_visits: Counter[str] = Counter()  # the behaviours' extra visits, by rule
         # COST_OUTLIER's groups (hospital level, province): ordinary stays added this run, and outliers.
         self.cost_fillers: Counter[tuple[int, str]] = Counter()
         self.outliers: Counter[tuple[int, str]] = Counter()
@@ -458,6 +459,7 @@ class Population:
         """Forget the behaviours shown so far (after drawing scenarios that are not driven)."""
         self.seeded.clear()
         self.seeded_persons.clear()
+        self.planned_visits.clear()
         self.cost_fillers.clear()
         self.outliers.clear()
 
@@ -473,6 +475,7 @@ class Population:
             return False
         scn.behaviour, scn.companions = rule, visits
         self.seeded[rule] += 1
+        self.planned_visits[rule] += len(visits)
         self.seeded_persons[scn.person.psn_no] = rule
         return True
 

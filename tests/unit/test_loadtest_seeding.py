@@ -283,3 +283,29 @@ def test_a_behaviours_visits_are_driven_after_its_visit_unless_the_run_is_over(m
     visits = 1 + (len(scn.companions) if more else 0)
     assert stats.stays_started == stats.stay_outcomes["done"] == visits == answers.sent.count("2201")
     assert stats.settled == visits and stats.behaviour_visits["FREQUENT_VISITS"] == visits - 1
+
+
+def test_the_demo_prints_hits_by_rule_against_what_it_seeded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loadtest import demo
+    from services.common.config import load_settings
+
+    pop = _population()
+    pop.seeded.update({"FREQUENT_VISITS": 2, "GENDER_RESTRICTED": 1})
+    pop.planned_visits.update({"FREQUENT_VISITS": 20, "GENDER_RESTRICTED": 1})
+    stats = Stats()
+    stats.behaviour_visits.update({"FREQUENT_VISITS": 13, "GENDER_RESTRICTED": 1})
+    reads = []
+
+    async def counts(s: Any, since: datetime, seeded: dict[str, str]) -> tuple[Counter[str], Counter[str], int]:
+        reads.append(since)
+        return Counter({"FREQUENT_VISITS": 3, "OVERLAP_INPATIENT": 1}), Counter({"FREQUENT_VISITS": 2}), 1
+
+    monkeypatch.setattr(demo, "judgement_counts", counts)
+    lines = asyncio.run(demo.judgement_report(load_settings(), pop, stats, NOW, wait_s=0))
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.strip().split(" ")[0] in SUSPICIOUS_RULES}
+    assert rows["FREQUENT_VISITS"] == ["2", "13/20", "2", "3"]
+    assert rows["GENDER_RESTRICTED"] == ["1", "1/1", "0", "0"]
+    assert rows["OVERLAP_INPATIENT"] == ["0", "0/0", "0", "1"]
+    assert set(rows) == set(SUSPICIOUS_RULES) and reads == [NOW]
+    assert "1 withdrawn" in lines[-2] and lines[-1].endswith("/judgements") and "Judgements page" in lines[-1]
+    assert not any(p.psn_no in line for p in pop.persons for line in lines)
