@@ -80,6 +80,7 @@ from loadtest.population import (
     INPATIENT_ONLY,
     NATIONAL_MIX,
     SCOPES,
+    SUSPICIOUS_SHARE,
     PipelineUnavailable,
     Population,
     Stats,
@@ -723,6 +724,7 @@ async def run(args: argparse.Namespace) -> int:
         else:
             info["persons_in_shards"] = await persons_in_shards(s)
             pop = await load_population(s, dataset)
+        pop.seed, pop.suspicious_share = args.seed, args.suspicious_share
     except PipelineUnavailable as e:
         log(f"bench: {e}")
         return 2
@@ -984,6 +986,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="default: drive the reference data's persons; national: load the seed regions' real "
                         "population (about 13 million persons; generated and loaded once, ~10 min) and drive as "
                         "many persons sampled from it (default: default)")
+    p.add_argument("--suspicious-share", type=float, default=0.0,
+                   help="share of the persons showing each monitoring rule's suspicious behaviour, as in the "
+                        f"demo (e.g. {SUSPICIOUS_SHARE:g}; default 0: the mix exactly as drawn)")
     p.add_argument("--mix", choices=tuple(MIXES), default="national",
                    help="visits drawn in the national shares (REFERENCE §7) with 1101 look-ups and reversals, or "
                         "inpatient stays only (default national)")

@@ -15,6 +15,15 @@
 3. Stops after `--seconds` or `--max-stays` stays, whichever comes first, lets the
    stays in flight finish (at most `--drain-seconds`), prints a summary and
    cross-checks it against the PostgreSQL ledger.
+4. Smart monitoring: `--suspicious-share` (1 %) of the persons each show one rule's
+   suspicious behaviour the first time they are picked (overlapping stays at two
+   hospitals, a readmission within 15 days, an outpatient visit or purchase during a
+   stay elsewhere, 10 outpatient visits in 5 days, 100 days of one drug in 8 days, a
+   once-a-day item twice a day, a gender-restricted item on the other gender, a very
+   expensive stay in a group of ordinary ones): extra visits dated in the past days.
+   At the end the hits by rule — seeded behaviours against the judgements the stream
+   wrote to the hub table `judgement` (waiting up to `--judgement-wait-seconds` for it
+   to catch up) — and where the dashboard's Judgements page is.
 
 A progress line every second. Exit status: 0 ok; 1 unexpected error answers or the
 ledger disagrees with what the demo saw; 2 the pipeline is unreachable.
@@ -45,6 +54,8 @@ from loadtest.population import (
     DEFAULT_SEED,
     SCOPES,
     SETTLE_INFNOS,
+    SUSPICIOUS_RULES,
+    SUSPICIOUS_SHARE,
     PipelineUnavailable,
     Population,
     Stats,
@@ -70,6 +81,7 @@ INFNO_NAMES = {
     "2601": "correction", "5203": "settlement query", "1101": "person info",
 }
 KINDS = ("outpatient", "chronic", "inpatient", "pharmacy")
+JUDGEMENTS_STEADY_S = 4.0  # the judgement counts unchanged this long: the stream has caught up
 
 
 class HttpCaller:
@@ -237,6 +249,67 @@ def how_to_look(s: Settings) -> list[str]:
     ]
 
 
+async def judgement_counts(s: Settings, since: datetime, seeded_persons: dict[str, str]
+                           ) -> tuple[Counter[str], Counter[str], int]:
+    """Judgements detected since `since` (hub table `judgement`, written by the clearing service from the
+    monitoring stream): (not withdrawn, by rule), (of those, the ones of a person seeded with that very
+    rule, by rule), withdrawn. psn_no is compared here and never printed."""
+    conn = await asyncpg.connect(s.pg_dsn, timeout=5)
+    try:
+        rows = await conn.fetch("SELECT rule_id, psn_no, status FROM judgement WHERE detected_at >= $1", since)
+    finally:
+        await conn.close()
+    found: Counter[str] = Counter()
+    seeded: Counter[str] = Counter()
+    withdrawn = 0
+    for r in rows:
+        if r["status"] == "withdrawn":
+            withdrawn += 1
+            continue
+        found[r["rule_id"]] += 1
+        if seeded_persons.get(r["psn_no"]) == r["rule_id"]:
+            seeded[r["rule_id"]] += 1
+    return found, seeded, withdrawn
+
+
+async def judgement_report(s: Settings, pop: Population, stats: Stats, since: datetime,
+                           wait_s: float) -> list[str]:
+    """Hits by rule: the demo's seeded behaviours against the judgements the monitoring stream found,
+    once the counts have stopped moving for a few seconds (or after `wait_s`)."""
+    deadline = time.monotonic() + wait_s
+    last: tuple[Counter[str], Counter[str], int] | None = None
+    steady_since = time.monotonic()
+    try:
+        while True:
+            counts = await judgement_counts(s, since, pop.seeded_persons)
+            if counts != last:
+                last, steady_since = counts, time.monotonic()
+            if time.monotonic() >= deadline or time.monotonic() - steady_since >= JUDGEMENTS_STEADY_S:
+                break
+            await asyncio.sleep(1.0)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+        return ["", f"smart monitoring: the judgements could not be read ({type(e).__name__})"]
+    found, of_seeded, withdrawn = last
+    out = ["", f"smart monitoring — hits by rule (judgements detected since the demo started, waited "
+               f"{wait_s - max(0.0, deadline - time.monotonic()):.0f} s for the stream):",
+           f"  {'rule':24} {'seeded':>7} {'visits':>9} {'hit (seeded)':>13} {'all hits':>9}"]
+    for rule in SUSPICIOUS_RULES:
+        visits = f"{stats.behaviour_visits[rule]}/{pop.planned_visits[rule]}"
+        out.append(f"  {rule:24} {pop.seeded[rule]:7d} {visits:>9} {of_seeded[rule]:13d} {found[rule]:9d}")
+    for rule in sorted(set(found) - set(SUSPICIOUS_RULES)):
+        out.append(f"  {rule:24} {'-':>7} {'-':>9} {'-':>13} {found[rule]:9d}")
+    out.append("  seeded: persons who showed the behaviour (at most once per person and run; COST_OUTLIER: one per "
+               f"{pop.cost_group_stays} ordinary stays the demo adds to a cost group); visits: their extra visits "
+               "done / planned (none starts once the run's time is up); hit (seeded): judgements of that rule for "
+               "those persons; all hits: every judgement of the run (chance adds some: a person picked twice for a "
+               f"stay has two overlapping stays); {withdrawn} withdrawn (reversals)")
+    if not found.total() and pop.seeded.total():
+        out.append("  no judgements yet: is the monitoring stream running? "
+                   "(.venv/bin/python -m deploy.stack status: program smartmon)")
+    out.append(f"  review them on the dashboard's Judgements page: {s.dashboard_url.rstrip('/')}/judgements")
+    return out
+
+
 async def run(args: argparse.Namespace) -> int:
     s = load_settings()
     if isinstance(sys.stdout, io.TextIOWrapper):
@@ -247,6 +320,7 @@ async def run(args: argparse.Namespace) -> int:
         dataset, info = await ensure_refdata(s, seed=args.seed, persons_per_region=args.persons_per_region,
                                              operator=args.operator)
         pop = await load_population(s, dataset)
+        pop.seed, pop.suspicious_share = args.seed, args.suspicious_share
     except PipelineUnavailable as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
@@ -285,6 +359,9 @@ async def run(args: argparse.Namespace) -> int:
               "clients: not compared)")
     print(f"  → {'the ledger agrees with what the hospitals were told' if ok else 'MISMATCH (see above)'}")
     print(policy_versions_line(rows))
+    if args.suspicious_share > 0:
+        for line in await judgement_report(s, pop, stats, since, args.judgement_wait_seconds):
+            print(line)
     for line in how_to_look(s):
         print(line)
     if unreachable:
@@ -313,7 +390,7 @@ async def drive(caller: HttpCaller, pop: Population, stats: Stats, args: argpars
                 continue
             launched += 1
             try:
-                await drive_stay(caller, scn, stats, outage_s=args.outage_seconds)
+                await drive_stay(caller, scn, stats, outage_s=args.outage_seconds, more=lambda: not stop.is_set())
             except TransportError as e:
                 unreachable.append(str(e))
                 stop.set()
@@ -358,6 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--outage-seconds", type=float, default=15.0,
                    help="how long a request is retried while the gateway does not accept it, e.g. during a "
                    "restart (default 15); then the demo stops with exit status 2")
+    p.add_argument("--suspicious-share", type=float, default=SUSPICIOUS_SHARE,
+                   help=f"share of the persons showing each rule's suspicious behaviour (default "
+                   f"{SUSPICIOUS_SHARE:g}, at most {1 / len(SUSPICIOUS_RULES):g}; 0: none)")
+    p.add_argument("--judgement-wait-seconds", type=float, default=20.0,
+                   help="how long the end waits for the monitoring stream's judgements to settle (default 20)")
     p.add_argument("--persons-per-region", type=int, default=DEFAULT_PERSONS_PER_REGION,
                    help=f"reference-data size: persons per seed region (default {DEFAULT_PERSONS_PER_REGION})")
     args = p.parse_args(argv)
@@ -365,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.operator = audit.operator_or_exit(p, args.operator or os.environ.get(audit.OPERATOR_ENV) or "loadtest.demo")
     if args.seconds <= 0 or args.concurrency < 1 or args.max_stays < 1 or args.drain_seconds < 0:
         p.error("--seconds, --concurrency and --max-stays must be positive, --drain-seconds not negative")
+    if not 0 <= args.suspicious_share <= 1 / len(SUSPICIOUS_RULES) or args.judgement_wait_seconds < 0:
+        p.error(f"--suspicious-share must be within 0..{1 / len(SUSPICIOUS_RULES):g}, "
+                "--judgement-wait-seconds not negative")
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:

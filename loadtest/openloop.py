@@ -166,7 +166,9 @@ def requests_per_visit(pop: Population, kinds: dict[str, float], mix: str, seed:
         pop.release(scn)
         _, steps = _steps(scn)
         total += len(steps) if scn.expect_refusal is None else sent_until_refusal(scn)
+        total += sum(len(_steps(visit)[1]) for visit in scn.companions)  # a seeded behaviour's visits
         drawn += 1
+    pop.reset_seeding()  # the estimate's draws showed no behaviour: the run's persons still will
     return total / drawn if drawn else 1.0
 
 

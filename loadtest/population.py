@@ -36,7 +36,7 @@ import random
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -48,7 +48,7 @@ import asyncpg
 
 from loadtest.his import FeeLine, Hospital, OutpatientVisit, Purchase, Signer, SignInFailed, Stay, simulator_signer
 from schemas.codes import SCOPES, Scope
-from schemas.refdata import CATALOG_FILE, FILINGS_FILE, HOSPITALS_FILE, PERSONS_FILE, RefDataSet
+from schemas.refdata import CATALOG_FILE, FILINGS_FILE, HOSPITALS_FILE, PERSONS_FILE, RefDataSet, certno_gender
 from services.common import audit
 from services.common.config import Settings, settings_env
 from services.common.response import SHANGHAI
@@ -103,6 +103,33 @@ SETTLEMENT_INFNOS: Final[dict[str, tuple[str, str, str]]] = {
 PRE_INFNOS: Final = frozenset(k[0] for k in SETTLEMENT_INFNOS.values())
 SETTLE_INFNOS: Final = frozenset(k[1] for k in SETTLEMENT_INFNOS.values())
 REVERSE_INFNOS: Final = frozenset(k[2] for k in SETTLEMENT_INFNOS.values())
+
+# Seeded suspicious behaviour (smart monitoring, REFERENCE §8): with `Population.suspicious_share` s, a person
+# shows the behaviour of rule i when its side draw falls in [i·s, (i+1)·s) — s of the persons for each rule.
+SUSPICIOUS_RULES: Final = ("OVERLAP_INPATIENT", "SPLIT_ADMISSION", "OUTPATIENT_DURING_STAY", "FREQUENT_VISITS",
+                           "PHARMACY_OVERSUPPLY", "DUPLICATE_CHARGE", "GENDER_RESTRICTED", "COST_OUTLIER")
+SUSPICIOUS_SHARE: Final = 0.01  # the demo's and the benchmark's default, for each rule
+SPLIT_GAP_DAYS: Final = 7  # readmission after the discharge (the rule looks 15 days back)
+FREQUENT_VISITS_SEEDED: Final = 10  # outpatient visits within about 5 days (the rule: more than 8 in 7)
+OVERSUPPLY_DAYS_PER_PURCHASE: Final = 50  # two purchases: 100 days of one drug within 8 days (the rule: 90 in 30)
+SUPPLY_DAYS_PER_VISIT: Final = 30  # an ordinary purchase: about a month of a drug of several days per unit
+# COST_OUTLIER compares a stay with the 99th percentile of its group's stays discharged in the 30 days before
+# (at least 50): one seeded outlier per this many ordinary stays added to its group, so that the percentile
+# of its peers is an ordinary stay's.
+COST_GROUP_STAYS: Final = 60
+COMPANIONS_AT_ONCE: Final = 8  # a cost group's ordinary stays (other persons) driven this many at a time
+EXPENSIVE_UNITS: Final = 60  # the expensive stay: 60 units of 4,000–6,000 yuan on top of an ordinary bill
+
+
+def suspicious_rule(seed: int, psn_no: str, share: float) -> str | None:
+    """The rule whose behaviour the person shows in the demo and the benchmark, or None (most persons): a draw
+    of its own, from the reference-data seed and the psn_no, so that no scenario draw shifts."""
+    if share <= 0:
+        return None
+    if share * len(SUSPICIOUS_RULES) > 1:
+        raise ValueError(f"suspicious share must be at most 1/{len(SUSPICIOUS_RULES)}")
+    i = int(random.Random(f"{seed}|suspicious|{psn_no}").random() // share)
+    return SUSPICIOUS_RULES[i] if i < len(SUSPICIOUS_RULES) else None
 
 
 class PipelineUnavailable(RuntimeError):
@@ -192,6 +219,7 @@ class PersonInfo:
     insuplc: str
     insutype: str
     chronic: tuple[str, ...] = ()
+    gend: str = ""  # "1" male / "2" female from the dataset's certificate, "" unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +227,10 @@ class CatalogInfo:
     code: str
     lv: str
     ceiling_fen: int | None
+    # The catalog's monitoring fields (hub migration 0009): billable once a day, one gender only, days per unit.
+    once_per_day: bool = False
+    gender_only: str = ""
+    supply_days: Decimal = Decimal(1)
 
 
 @dataclass
@@ -219,6 +251,11 @@ class Scenario:
     lookup: bool = False  # a person look-up (1101) before the first request of the visit
     correct: bool = False  # the reversal is a correction (2601) of the settlement's msgid
     query: bool = False  # after the settlement, 5203 reads it back by setl_id
+    # Seeded suspicious behaviour (smart monitoring): the rule it should hit, and the visits that make it up,
+    # driven one after the other after this one (`drive_stay`); their persons are busy until `release`.
+    behaviour: str | None = None
+    companions: list[Scenario] = field(default_factory=list)
+    expensive: bool = False  # the seeded COST_OUTLIER stay
 
     @property
     def expect_refusal(self) -> str | None:
@@ -263,15 +300,32 @@ def fee_lines(rng: random.Random, items: Sequence[CatalogInfo], n: int) -> list[
             pric_fen, cnt = rng.randint(500, 30_000), rng.randint(1, 4)
         else:  # 医疗服务
             pric_fen, cnt = rng.randint(500, 60_000), rng.randint(1, 5)
-        lines.append(FeeLine(item.code, Decimal(cnt), Decimal(max(pric_fen, 1)).scaleb(-2)))
+        lines.append(FeeLine(item.code, Decimal(usual_cnt(item, cnt)), Decimal(max(pric_fen, 1)).scaleb(-2)))
     return lines
+
+
+def usual_cnt(item: CatalogInfo, cnt: int) -> int:
+    """What an honest visit bills of the item (the draw itself is kept, so no later draw shifts): an item
+    billable once a day once, a drug of several days per unit about a month's supply at most."""
+    if item.once_per_day:
+        return 1
+    if item.supply_days > 1:
+        return min(cnt, max(1, int(SUPPLY_DAYS_PER_VISIT // item.supply_days)))
+    return cnt
+
+
+def usual_items(items: Sequence[CatalogInfo]) -> list[CatalogInfo]:
+    """The items an honest visit draws from: none restricted to one gender (the scenarios do not know every
+    person's gender; the seeded GENDER_RESTRICTED behaviour bills them on purpose)."""
+    return [c for c in items if not c.gender_only]
 
 
 class Population:
     """What scenarios are drawn from. `busy` persons (in a stay now) are never picked twice at once."""
 
     def __init__(self, hospitals: list[HospitalInfo], persons: list[PersonInfo],
-                 filings: dict[str, list[Filing]], catalog: dict[str, list[CatalogInfo]]) -> None:
+                 filings: dict[str, list[Filing]], catalog: dict[str, list[CatalogInfo]], *,
+                 seed: int = DEFAULT_SEED, suspicious_share: float = 0.0) -> None:
         usable = [h for h in hospitals if len(catalog.get(h.prov, ())) >= 3]
         self.hospitals = [h for h in usable if not h.his.fixmedins_code.startswith("P")]
         self.pharmacies = [h for h in usable if h.his.fixmedins_code.startswith("P")]
@@ -279,6 +333,17 @@ class Population:
         self.filings = filings
         self.catalog = catalog
         self.busy: set[str] = set()
+        # Seeded suspicious behaviour: each person's rule is drawn from `seed` and the psn_no alone
+        # (`suspicious_rule`), shown once per run (the first time the person is picked); 0: none.
+        self.seed = seed
+        self.suspicious_share = suspicious_share
+        self.seeded: Counter[str] = Counter()  # behaviours handed out, by rule
+        self.seeded_persons: dict[str, str] = {}  # psn_no → the rule its behaviour should hit
+        self.planned_visits: Counter[str] = Counter()  # the behaviours' extra visits, by rule
+        # COST_OUTLIER's groups (hospital level, province): ordinary stays added this run, and outliers.
+        self.cost_fillers: Counter[tuple[int, str]] = Counter()
+        self.outliers: Counter[tuple[int, str]] = Counter()
+        self.cost_group_stays = COST_GROUP_STAYS
         groups: dict[str, list[PersonInfo]] = defaultdict(list)
         for p in persons:
             groups[p.insuplc].append(p)
@@ -359,7 +424,7 @@ class Population:
             # Drawn apart from `rng`, so that a seed's visits stay what they were before these two existed.
             side = random.Random(f"{person.psn_no}|{start.isoformat()}")
             correct, query = reverse and side.random() < CORRECTION_SHARE, side.random() < QUERY_SHARE
-            catalog_items = self.catalog[hospital.prov]
+            catalog_items = usual_items(self.catalog[hospital.prov])
             if kind == "pharmacy":
                 catalog_items = [c for c in catalog_items if c.code[:1] in "XZ"] or catalog_items  # drugs
             lines = fee_lines(rng, catalog_items, rng.randint(*items[kind]))
@@ -368,17 +433,230 @@ class Population:
                                                                                   lines[len(lines) // 2:]]
             else:
                 uploads = [lines[i:i + UPLOAD_LINES_MAX] for i in range(0, len(lines), UPLOAD_LINES_MAX)]
-            return Scenario(
+            scn = Scenario(
                 kind=kind, hospital=hospital, person=person, scope=scope, filing=filing, uploads=uploads,
                 reverse=reverse, resettle=reverse and kind != "pharmacy" and rng.random() < RESETTLE_SHARE,
                 use_account=person.insutype == "310" and rng.random() < ACCOUNT_SHARE, start=start,
                 on_admitted=on_admitted, chronic_disease=rng.choice(person.chronic) if kind == "chronic" else None,
                 lookup=rng.random() < lookup_share, correct=correct, query=query,
             )
+            # Shown at a visit that is not a stay: a stay of the last 3 days would hold the behaviour's
+            # backdated visits and add judgements of other rules.
+            rule = suspicious_rule(self.seed, person.psn_no, self.suspicious_share)
+            if rule is not None and kind != "inpatient" and person.psn_no not in self.seeded_persons:
+                self.seed_behaviour(scn, rule, now=now)
+            return scn
         return None
 
     def release(self, scenario: Scenario) -> None:
         self.busy.discard(scenario.person.psn_no)
+        for visit in scenario.companions:
+            self.busy.discard(visit.person.psn_no)
+
+    # Seeded suspicious behaviour ------------------------------------------------------------------------
+
+    def reset_seeding(self) -> None:
+        """Forget the behaviours shown so far (after drawing scenarios that are not driven)."""
+        self.seeded.clear()
+        self.seeded_persons.clear()
+        self.planned_visits.clear()
+        self.cost_fillers.clear()
+        self.outliers.clear()
+
+    def seed_behaviour(self, scn: Scenario, rule: str, *, now: datetime | None = None) -> bool:
+        """Attach to `scn` the visits of its person that make up `rule`'s behaviour (REFERENCE §8), drawn from
+        a side stream of the person and the visit time, so that the scenario stream itself never shifts.
+        False when this population cannot show it now (no second hospital, no flagged catalog item, gender
+        unknown, no cost group with room): the person may show it when picked again."""
+        now = (now or shanghai_now()).replace(microsecond=0)
+        side = random.Random(f"{scn.person.psn_no}|{scn.start.isoformat()}|{rule}")
+        visits = _PLANS[rule](self, scn.person, side, now)
+        if visits is None:
+            return False
+        scn.behaviour, scn.companions = rule, visits
+        self.seeded[rule] += 1
+        self.planned_visits[rule] += len(visits)
+        self.seeded_persons[scn.person.psn_no] = rule
+        return True
+
+    def _places(self, insuplc: str, *, pharmacy: bool = False) -> list[HospitalInfo]:
+        """Institutions a person insured in `insuplc` is treated at in the scenarios, local ones first."""
+        pairs = self.pharmacy_pairs if pharmacy else self.pairs
+        return list({h.his.fixmedins_code: h for scope in SCOPES for h, i in pairs[scope] if i == insuplc}.values())
+
+    def _visit(self, kind: str, hospital: HospitalInfo, person: PersonInfo, start: datetime,
+               uploads: list[list[FeeLine]], today: date) -> Scenario:
+        """One visit of a seeded behaviour: never reversed; filed, or the promise flag (the router checks the
+        filing on the day the request is sent — `today` — whatever the visit's own, earlier date)."""
+        scope = classify_scope(person.insuplc, hospital.admdvs)
+        filing, on_admitted = "local", None
+        if scope != "local":
+            filing = "filed" if self.filing_status(person, hospital.prov, today) else "promise"
+            if filing == "promise":
+                on_admitted = partial(self._remember_spot_filing, person, hospital.prov, "promise", today)
+        self.busy.add(person.psn_no)
+        return Scenario(kind=kind, hospital=hospital, person=person, scope=scope, filing=filing, uploads=uploads,
+                        reverse=False, resettle=False, use_account=False, start=start, on_admitted=on_admitted)
+
+    def _lines(self, side: random.Random, hospital: HospitalInfo, kind: str) -> list[FeeLine]:
+        items = usual_items(self.catalog[hospital.prov])
+        if kind == "pharmacy":
+            items = [c for c in items if c.code[:1] in "XZ"] or items
+        return fee_lines(side, items, side.randint(*ITEMS_TODAY[kind]))
+
+    def _stay_start(self, side: random.Random, now: datetime) -> datetime:
+        """An admission whose discharge, settlement and reversal times are all past (as `scenario` does)."""
+        return now - timedelta(days=STAY_DAYS, hours=2, minutes=side.randint(1, 600))
+
+    def _plan_overlap(self, person: PersonInfo, side: random.Random, now: datetime) -> list[Scenario] | None:
+        places = self._places(person.insuplc)
+        if len(places) < 2:
+            return None
+        first, second = side.sample(places, 2)
+        start = self._stay_start(side, now)
+        # The second stay began a day before the first: two days in two hospitals at once.
+        return [self._visit("inpatient", h, person, at, [self._lines(side, h, "inpatient")], now.date())
+                for h, at in ((first, start), (second, start - timedelta(days=1)))]
+
+    def _plan_split(self, person: PersonInfo, side: random.Random, now: datetime) -> list[Scenario] | None:
+        places = self._places(person.insuplc)
+        if not places:
+            return None
+        h = side.choice(places)
+        start = self._stay_start(side, now)
+        # Same hospital, same main diagnosis (loadtest.his.Stay: I10), readmitted 7 days after the discharge.
+        gap = timedelta(days=STAY_DAYS + SPLIT_GAP_DAYS)
+        return [self._visit("inpatient", h, person, at, [self._lines(side, h, "inpatient")], now.date())
+                for at in (start - gap, start)]
+
+    def _plan_during_stay(self, person: PersonInfo, side: random.Random, now: datetime) -> list[Scenario] | None:
+        places = self._places(person.insuplc)
+        pharmacies = self._places(person.insuplc, pharmacy=True)
+        if not places:
+            return None
+        h = side.choice(places)
+        start = self._stay_start(side, now)
+        stay = self._visit("inpatient", h, person, start, [self._lines(side, h, "inpatient")], now.date())
+        kind = "pharmacy" if pharmacies and side.random() < 0.5 else "outpatient"
+        others = [p for p in (pharmacies if kind == "pharmacy" else places) if p is not h]
+        if not others:
+            return None
+        other = side.choice(others)
+        at = start + timedelta(days=1, hours=side.randint(1, 20))  # inside the stay, at another institution
+        return [stay, self._visit(kind, other, person, at, [self._lines(side, other, kind)], now.date())]
+
+    def _plan_frequent(self, person: PersonInfo, side: random.Random, now: datetime) -> list[Scenario] | None:
+        places = self._places(person.insuplc)
+        if not places:
+            return None
+        visits = []
+        for i in range(FREQUENT_VISITS_SEEDED):  # every 14 hours: 10 visits within 5 days and a quarter
+            h = side.choice(places)
+            at = now - timedelta(hours=14 * i + 1, minutes=side.randint(0, 50))
+            visits.append(self._visit("outpatient", h, person, at, [self._lines(side, h, "outpatient")], now.date()))
+        return visits
+
+    def _plan_oversupply(self, person: PersonInfo, side: random.Random, now: datetime) -> list[Scenario] | None:
+        pharmacies = self._places(person.insuplc, pharmacy=True)
+        if not pharmacies:
+            return None
+        first, second = side.sample(pharmacies, 2) if len(pharmacies) > 1 else (pharmacies[0], pharmacies[0])
+        sold_at_second = {c.code for c in self.catalog[second.prov]}  # a provincial item is sold in its province
+        drugs = [c for c in self.catalog[first.prov]
+                 if c.code[:1] in "XZ" and not c.gender_only and c.code in sold_at_second]
+        if not drugs:
+            return None
+        drug = side.choice([c for c in drugs if c.supply_days > 1] or drugs)
+        # Each purchase about 50 days' supply: two within 8 days are over the 90 days a month allows.
+        cnt = Decimal(math.ceil(OVERSUPPLY_DAYS_PER_PURCHASE / drug.supply_days))
+        visits = []
+        for p, days_ago in ((first, 10), (second, 2)):
+            line = fee_lines(side, [drug], 1)[0]
+            at = now - timedelta(days=days_ago, minutes=side.randint(1, 600))
+            visits.append(self._visit("pharmacy", p, person, at, [[FeeLine(drug.code, cnt, line.pric)]], now.date()))
+        return visits
+
+    def _plan_duplicate(self, person: PersonInfo, side: random.Random, now: datetime) -> list[Scenario] | None:
+        places = self._places(person.insuplc)
+        if not places:
+            return None
+        h = side.choice(places)
+        daily = [c for c in self.catalog[h.prov] if c.once_per_day and not c.gender_only]
+        if not daily:
+            return None
+        item = side.choice(daily)
+        lines = [line for line in self._lines(side, h, "inpatient") if line.med_list_codg != item.code]
+        twice = fee_lines(side, [item], 1)[0]
+        lines += [FeeLine(item.code, Decimal(1), twice.pric), FeeLine(item.code, Decimal(1), twice.pric)]
+        # All of a stay's fees are dated admission + 1 h (loadtest.his.Stay.upload): twice on one day.
+        return [self._visit("inpatient", h, person, self._stay_start(side, now), [lines], now.date())]
+
+    def _plan_gender(self, person: PersonInfo, side: random.Random, now: datetime) -> list[Scenario] | None:
+        places = self._places(person.insuplc)
+        if person.gend not in ("1", "2") or not places:
+            return None
+        h = side.choice(places)
+        other = "2" if person.gend == "1" else "1"
+        restricted = [c for c in self.catalog[h.prov] if c.gender_only == other]
+        if not restricted:
+            return None
+        lines = self._lines(side, h, "outpatient") + fee_lines(side, [side.choice(restricted)], 1)
+        at = now - timedelta(hours=1, minutes=side.randint(0, 300))
+        return [self._visit("outpatient", h, person, at, [lines], now.date())]
+
+    def _plan_cost(self, person: PersonInfo, side: random.Random, now: datetime) -> list[Scenario] | None:
+        """A stay costing many times the usual, discharged today, in a (hospital level, province) group whose
+        stays of the 30 days before (the rule's peers: earlier days only) are ordinary: the first such plan of
+        a run adds `cost_group_stays` ordinary stays of other persons there, discharged 4–28 days ago, and
+        each of them makes room for one outlier (a percentile of ordinary stays, not of outliers)."""
+        places = self._places(person.insuplc)
+        room = [h for h in places if self.cost_fillers[self._group(h)]
+                >= self.cost_group_stays * (self.outliers[self._group(h)] + 1)]
+        fillers: list[Scenario] | None = []
+        if room:
+            h = side.choice(room)
+        elif self.cost_fillers or not places:
+            return None  # this run's filled group has no room left: the person may show it another run
+        else:
+            h = side.choice(places)
+            fillers = self._cost_fillers(h, person, side, now)
+        if fillers is None:
+            return None
+        self.outliers[self._group(h)] += 1
+        items = usual_items(self.catalog[h.prov])
+        item = side.choice([c for c in items if c.ceiling_fen is None and not c.once_per_day
+                            and not c.supply_days > 1] or items)
+        lines = [line for line in self._lines(side, h, "inpatient") if line.med_list_codg != item.code]
+        lines.append(FeeLine(item.code, Decimal(EXPENSIVE_UNITS), Decimal(side.randint(4_000, 6_000))))
+        start = now - timedelta(days=STAY_DAYS, hours=2, minutes=side.randint(1, 60))  # discharged today
+        stay = self._visit("inpatient", h, person, start, [lines], now.date())
+        stay.expensive = True
+        return [stay, *fillers]  # the stream judges the group as a whole: the outlier first, its peers after
+
+    @staticmethod
+    def _group(h: HospitalInfo) -> tuple[int, str]:
+        return h.hosp_lv, h.prov  # COST_OUTLIER's group, with the main diagnosis every stay has (I10)
+
+    def _cost_fillers(self, h: HospitalInfo, person: PersonInfo, side: random.Random,
+                      now: datetime) -> list[Scenario] | None:
+        group = self._group(h)
+        pairs = [(p, i) for scope in SCOPES for p, i in self.pairs[scope] if self._group(p) == group]
+        candidates = sorted({q.psn_no: q for _, i in pairs for q in self.groups[i]
+                             if q.psn_no not in self.busy and q.psn_no != person.psn_no}.values(),
+                            key=lambda q: q.psn_no)
+        if len(candidates) < self.cost_group_stays:
+            return None
+        places_of = {i: sorted({p.his.fixmedins_code: p for p, j in pairs if j == i}.values(),
+                               key=lambda p: p.his.fixmedins_code) for _, i in pairs}
+        visits = []
+        for n, filler in enumerate(side.sample(candidates, self.cost_group_stays)):
+            at_h = side.choice(places_of[filler.insuplc])
+            # Discharged 4–28 days ago: never overlapping a stay the person may have in this run.
+            start = self._stay_start(side, now) - timedelta(days=4 + n % 25)
+            visits.append(self._visit("inpatient", at_h, filler, start, [self._lines(side, at_h, "inpatient")],
+                                      now.date()))
+        self.cost_fillers[group] += len(visits)
+        return visits
 
     def _remember_spot_filing(self, person: PersonInfo, prov: str, kind: str, on: date) -> None:
         """The router created this filing when it accepted the admission; later picks must know it."""
@@ -388,13 +666,28 @@ class Population:
             begndate=on, enddate=on + timedelta(days=days), target_admdvs=prov,
         ))
 
+_Plan = Callable[[Population, PersonInfo, random.Random, datetime], "list[Scenario] | None"]
+_PLANS: Final[dict[str, _Plan]] = {
+    "OVERLAP_INPATIENT": Population._plan_overlap,
+    "SPLIT_ADMISSION": Population._plan_split,
+    "OUTPATIENT_DURING_STAY": Population._plan_during_stay,
+    "FREQUENT_VISITS": Population._plan_frequent,
+    "PHARMACY_OVERSUPPLY": Population._plan_oversupply,
+    "DUPLICATE_CHARGE": Population._plan_duplicate,
+    "GENDER_RESTRICTED": Population._plan_gender,
+    "COST_OUTLIER": Population._plan_cost,
+}
+assert set(_PLANS) == set(SUSPICIOUS_RULES)
+
 
 async def load_population(s: Settings, dataset: RefDataSet) -> Population:
     """The dataset's rows as PostgreSQL has them now (filings made on the spot included): hospitals and
     catalog from the hub, persons and filings from their shards."""
     psn_nos = [p.psn_no for p in dataset.persons]
+    # Genders from the dataset's certificates (GB 11643), for the seeded GENDER_RESTRICTED behaviour.
+    genders = {p.psn_no: certno_gender(p.certno) for p in dataset.persons if p.certno}
     return await _population(s, [h.fixmedins_code for h in dataset.hospitals], psn_nos,
-                             sorted({c.med_list_codg for c in dataset.catalog}))
+                             sorted({c.med_list_codg for c in dataset.catalog}), genders)
 
 
 async def persons_in_shards(s: Settings) -> int:
@@ -452,8 +745,8 @@ async def sample_population(s: Settings, dataset: RefDataSet, n: int, seed: int)
                              sorted({c.med_list_codg for c in dataset.catalog}))
 
 
-async def _population(s: Settings, hospital_codes: list[str], psn_nos: list[str], item_codes: list[str]
-                      ) -> Population:
+async def _population(s: Settings, hospital_codes: list[str], psn_nos: list[str], item_codes: list[str],
+                      genders: Mapping[str, str] | None = None) -> Population:
     try:
         conn = await asyncpg.connect(s.pg_dsn, timeout=5)
         shards = await ShardPools.connect(s, 1)
@@ -468,7 +761,8 @@ async def _population(s: Settings, hospital_codes: list[str], psn_nos: list[str]
             hospital_codes,
         )
         crows = await conn.fetch(
-            "SELECT admdvs, med_list_codg, chrgitm_lv, pric_uplmt_fen FROM catalog_item"
+            "SELECT admdvs, med_list_codg, chrgitm_lv, pric_uplmt_fen, once_per_day, gender_only, supply_days"
+            " FROM catalog_item"
             " WHERE med_list_codg = ANY($1)", item_codes,
         )
         prows = await shards.fetch(
@@ -486,7 +780,9 @@ async def _population(s: Settings, hospital_codes: list[str], psn_nos: list[str]
             Hospital(r["fixmedins_code"], r["fixmedins_name"], r["admdvs"], live_clock=True), r["admdvs"], r["hosp_lv"],
             region.prov_admdvs, region.pool_admdvs,
         ))
-    persons = [PersonInfo(r["psn_no"], r["insuplc_admdvs"], r["insutype"], tuple(r["chronic"]))
+    genders = genders or {}
+    persons = [PersonInfo(r["psn_no"], r["insuplc_admdvs"], r["insutype"], tuple(r["chronic"]),
+                          genders.get(r["psn_no"], ""))
                for r in sorted(prows, key=lambda r: r[0])]
     filings: dict[str, list[Filing]] = defaultdict(list)
     for r in frows:
@@ -496,7 +792,8 @@ async def _population(s: Settings, hospital_codes: list[str], psn_nos: list[str]
         ))
     catalog: dict[str, list[CatalogInfo]] = defaultdict(list)
     for r in sorted(crows, key=lambda r: (r["admdvs"], r["med_list_codg"])):
-        catalog[r["admdvs"]].append(CatalogInfo(r["med_list_codg"], r["chrgitm_lv"], r["pric_uplmt_fen"]))
+        catalog[r["admdvs"]].append(CatalogInfo(r["med_list_codg"], r["chrgitm_lv"], r["pric_uplmt_fen"],
+                                                r["once_per_day"], r["gender_only"] or "", r["supply_days"]))
     return Population(hospitals, persons, dict(filings), dict(catalog))
 
 
@@ -543,6 +840,7 @@ class Stats:
     reverse_ids: dict[str, int] = field(default_factory=dict)
     settle_medfee_fen: int = 0
     settled_at: list[float] = field(default_factory=list)
+    behaviour_visits: Counter[str] = field(default_factory=Counter)  # seeded behaviours' visits done, by rule
     in_flight: int = 0
     resettled: int = 0  # settlements of a visit whose earlier settlement was reversed
     run_s: float = 0.0  # the load phase (rates are per this)
@@ -635,13 +933,14 @@ async def _send(
 
 async def drive_stay(
     caller: Caller, scn: Scenario, stats: Stats, *, go_on: Callable[[], bool] = lambda: True,
-    resends: int = 3, outage_s: float = 0.0, due: float | None = None,
+    resends: int = 3, outage_s: float = 0.0, due: float | None = None, more: Callable[[], bool] | None = None,
 ) -> str:
     """One stay, step by step; returns and counts its outcome: done | refused (the expected refusal) |
     failed (an unexpected error answer) | cut (go_on() turned false before a step). `due`
     (time.perf_counter()): when the first request was meant to be sent — its latency counts from then, so a
     sender that falls behind shows as latency (open loop); each later request is due when the previous
-    answer came."""
+    answer came. `more()`: whether a seeded behaviour's next visit may start (default `go_on`; the demo
+    stops starting them when its time is up, and lets the ones started finish)."""
     stats.stays_started += 1
     stats.started_by_scope[scn.scope] += 1
     stats.in_flight += 1
@@ -654,7 +953,30 @@ async def drive_stay(
     finally:
         stats.stay_outcomes[outcome] += 1
         stats.in_flight -= 1
+    if scn.companions and outcome != "cut":
+        await _drive_companions(caller, scn, stats, go_on, more or go_on, resends, outage_s)
     return outcome
+
+
+async def _drive_companions(caller: Caller, scn: Scenario, stats: Stats, go_on: Callable[[], bool],
+                            more: Callable[[], bool], resends: int, outage_s: float) -> None:
+    """A seeded behaviour's visits, each counted as a visit of its own: one person's in order, several
+    persons' (a cost group's ordinary stays) a few at a time."""
+    by_person: dict[str, list[Scenario]] = defaultdict(list)
+    for visit in scn.companions:
+        by_person[visit.person.psn_no].append(visit)
+    at_once = asyncio.Semaphore(COMPANIONS_AT_ONCE)
+
+    async def person_visits(visits: list[Scenario]) -> None:
+        async with at_once:
+            for visit in visits:
+                if not (go_on() and more()):
+                    return
+                done = await drive_stay(caller, visit, stats, go_on=go_on, resends=resends, outage_s=outage_s)
+                if scn.behaviour is not None and done == "done":
+                    stats.behaviour_visits[scn.behaviour] += 1
+
+    await asyncio.gather(*(person_visits(visits) for visits in by_person.values()))
 
 
 def _steps(scn: Scenario) -> tuple[Stay | Purchase | OutpatientVisit, list[Callable[[], dict[str, Any]]]]:

@@ -30,7 +30,13 @@ What it produces:
   甲 selfpay_prop 0, 乙 0.05–0.20 varying by province, 丙 1 (fully self-paid).
   Some items carry a unit price ceiling that varies a little by province. The
   `ITEM_*` anchors below have the same class, ratio and ceiling everywhere, for
-  tests and demos that need an item valid in any province.
+  tests and demos that need an item valid in any province. Smart monitoring's
+  fields (REFERENCE §8) are fixed per item, the same in every province and for
+  every seed: bed fees, the inpatient and outpatient consultation fees and
+  dialysis are billable once a day; 产前检查, 宫颈细胞学检查 and 黄体酮注射液 are for
+  women only, 前列腺特异性抗原测定 for men only; boxes of 盐酸二甲双胍片 and
+  硝苯地平缓释片 last 30 days, of 卡托普利片 and 缬沙坦胶囊 7 days. The flagged
+  items added no random draw: every other row is what it was before them.
 
 `--national` (`write_national`) writes the seed regions at their real sizes (`NATIONAL_PERSONS`,
 ~13.2 M persons; `--scale`/`--persons` for less) and `OTHER_PROVINCE_PERSONS` in every other
@@ -94,6 +100,11 @@ ITEM_CLASS_B: Final = "XC10AAA055A001001"  # 阿托伐他汀钙片, 乙, selfpay
 ITEM_CLASS_C: Final = "XA11JAV008A001001"  # 复合维生素片, 丙, no ceiling
 ITEM_WITH_CEILING: Final = "002201000010000"  # 普通病房床位费, 甲, ceiling 60.00 yuan per day
 ITEM_CLASS_B_WITH_CEILING: Final = "C0302010010200100001"  # 冠脉药物洗脱支架, 乙 0.10, ceiling 800.00
+# Monitoring anchors: restricted to one gender in every province (GENDER_RESTRICTED).
+ITEM_FEMALE_ONLY: Final = "003106060010000"  # 产前检查, women only
+ITEM_FEMALE_DRUG: Final = "XG03DAH001B002001"  # 黄体酮注射液, women only
+ITEM_MALE_ONLY: Final = "003109020030000"  # 前列腺特异性抗原测定, men only
+_MONTH_BOX, _WEEK_BOX = Decimal(30), Decimal(7)  # days of supply of one box of tablets
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,11 @@ class _Item:
     lv: ChrgitmLv
     ceiling: Decimal | None = None  # base unit price ceiling, yuan
     fixed: bool = False  # same ratio and ceiling in every province
+    # Smart monitoring (REFERENCE §8), the same in every province: billable at most once a day on a visit,
+    # restricted to one gender ("1" male, "2" female), days of supply per unit (a box of tablets).
+    once_per_day: bool = False
+    gender_only: Literal["1", "2"] | None = None
+    supply_days: Decimal = Decimal(1)
 
 
 _B10 = Decimal("0.10")
@@ -111,20 +127,21 @@ CATALOG_ITEMS: Final[tuple[_Item, ...]] = (
     # 西药
     _Item(ITEM_CLASS_A, "阿莫西林胶囊", "01", fixed=True),
     _Item("XN02BEA001A001001", "对乙酰氨基酚片", "01"),
-    _Item("XA10BAD001A001001", "盐酸二甲双胍片", "01"),
-    _Item("XC08CAN001A001001", "硝苯地平缓释片", "01"),
-    _Item("XC09AAK001A001001", "卡托普利片", "01"),
+    _Item("XA10BAD001A001001", "盐酸二甲双胍片", "01", supply_days=_MONTH_BOX),
+    _Item("XC08CAN001A001001", "硝苯地平缓释片", "01", supply_days=_MONTH_BOX),
+    _Item("XC09AAK001A001001", "卡托普利片", "01", supply_days=_WEEK_BOX),
     _Item("XB05BBL001B002001", "氯化钠注射液", "01"),
     _Item("XA10ABY001B002001", "胰岛素注射液", "01"),
     _Item(ITEM_CLASS_B, "阿托伐他汀钙片", "02", fixed=True),
     _Item("XA02BCA001A001001", "奥美拉唑肠溶胶囊", "02"),
     _Item("XJ01DDT001B002001", "注射用头孢曲松钠", "02"),
-    _Item("XC09CAX001A001001", "缬沙坦胶囊", "02"),
+    _Item("XC09CAX001A001001", "缬沙坦胶囊", "02", supply_days=_WEEK_BOX),
     _Item("XL01BCK001A001001", "卡培他滨片", "02"),
     _Item("XL04ADT001A001001", "他克莫司胶囊", "02"),
     _Item("XL04AAM001A001001", "吗替麦考酚酯胶囊", "02"),
     _Item("XB03XAC001B002001", "重组人促红素注射液", "02"),
     _Item(ITEM_CLASS_C, "复合维生素片", "03", fixed=True),
+    _Item(ITEM_FEMALE_DRUG, "黄体酮注射液", "01", gender_only="2"),
     _Item("XD11AXM001L001001", "米诺地尔酊", "03"),
     # 中成药
     _Item("ZA06AAL001A001001", "六味地黄丸", "01"),
@@ -133,16 +150,20 @@ CATALOG_ITEMS: Final[tuple[_Item, ...]] = (
     _Item("ZA12EAX001A001001", "血塞通软胶囊", "02"),
     _Item("ZA09AAE001A001001", "阿胶", "03"),
     # 医疗服务项目
-    _Item("001102000010000", "普通门诊诊察费", "01"),
-    _Item("001103000010000", "住院诊察费", "01"),
-    _Item(ITEM_WITH_CEILING, "普通病房床位费", "01", Decimal("60.00"), fixed=True),
+    _Item("001102000010000", "普通门诊诊察费", "01", once_per_day=True),
+    _Item("001103000010000", "住院诊察费", "01", once_per_day=True),
+    _Item(ITEM_WITH_CEILING, "普通病房床位费", "01", Decimal("60.00"), fixed=True, once_per_day=True),
     _Item("002502000010000", "静脉输液", "01"),
     _Item("003105010010000", "X线计算机体层(CT)平扫", "02", Decimal("180.00")),
     _Item("003111010020000", "磁共振成像(MRI)平扫", "02", Decimal("550.00")),
-    _Item("003107010010000", "血液透析", "02", Decimal("420.00")),
+    _Item("003107010010000", "血液透析", "02", Decimal("420.00"), once_per_day=True),
     _Item("004204000010000", "调强放射治疗", "02", Decimal("1500.00")),
-    _Item("001202000020000", "特需病房床位费", "03"),
+    _Item("001202000020000", "特需病房床位费", "03", once_per_day=True),
     _Item("002000000010000", "健康体检", "03"),
+    # Gender-restricted services: class 甲 without a ceiling, so they draw nothing from the catalog's stream.
+    _Item(ITEM_FEMALE_ONLY, "产前检查", "01", gender_only="2"),
+    _Item("003110010050000", "宫颈细胞学检查", "01", gender_only="2"),
+    _Item(ITEM_MALE_ONLY, "前列腺特异性抗原测定", "01", gender_only="1"),
     # 医用耗材
     _Item("C0101020010100100001", "一次性使用输液器", "02", Decimal("8.00")),
     _Item(ITEM_CLASS_B_WITH_CEILING, "冠脉药物洗脱支架", "02", Decimal("800.00"), fixed=True),
@@ -362,7 +383,8 @@ def _catalog(rng: random.Random) -> list[CatalogRow]:
             if ceiling is not None and not item.fixed:
                 factor = Decimal(rng.randint(90, 110)) / 100
                 ceiling = (ceiling * factor).quantize(Decimal("0.01"))
-            rows.append(CatalogRow(prov, item.code, item.name, item.lv, prop, ceiling))
+            rows.append(CatalogRow(prov, item.code, item.name, item.lv, prop, ceiling, item.once_per_day,
+                                   item.gender_only, item.supply_days))
         short = REGIONS[prov].name[:2]
         rows.append(
             CatalogRow(prov, f"Z{prov[:2]}YNZJ0001", f"{short}医疗机构制剂·清肺止咳合剂", "02", rng.choice(_B_RATIOS))
