@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import faust
@@ -65,16 +64,21 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         web_enabled=False,  # metrics are prometheus_client's (serve_metrics)
+        key_serializer="raw",  # every key and value is bytes, decoded here with msgspec
+        value_serializer="raw",
     )
 
-    # Keys and values are bytes as they are on the wire: msgspec decodes and encodes them here.
-    raw = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    settlements = app.topic(SETTLEMENTS.name, schema=raw, partitions=s.partitions)
-    stays_topic = app.topic(MONITOR_STAYS.name, schema=raw, partitions=s.partitions)
-    judgements_topic = app.topic(JUDGEMENTS.name, schema=raw)
-    deadletter = app.topic(DEADLETTER.name, schema=raw)
-    persons = app.Table("persons", schema=raw, partitions=s.partitions)
-    cost_groups = app.Table("cost_groups", schema=raw, partitions=s.partitions)
+    # Keys and values are bytes as they are on the wire ("raw"): msgspec decodes and encodes them here.
+    def raw_topic(name: str, partitions: int | None = None) -> faust.TopicT:
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                         partitions=partitions)
+
+    settlements = raw_topic(SETTLEMENTS.name, s.partitions)
+    stays_topic = raw_topic(MONITOR_STAYS.name, s.partitions)
+    judgements_topic, deadletter = raw_topic(JUDGEMENTS.name), raw_topic(DEADLETTER.name)
+    # bytes keys and values: faust picks the raw serializer for a table's changelog
+    persons = app.Table("persons", key_type=bytes, value_type=bytes, partitions=s.partitions)
+    cost_groups = app.Table("cost_groups", key_type=bytes, value_type=bytes, partitions=s.partitions)
 
     async def send_judgements(judgements: list[Judgement]) -> None:
         for j in judgements:
@@ -89,8 +93,8 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
         await deadletter.send(key=msgid.encode() if msgid else None, value=_encoder.encode(letter))
 
     @app.agent(settlements, name="persons")
-    async def person_agent(stream: AsyncIterator[Any]) -> None:
-        async for event in stream.events():  # type: ignore[attr-defined]
+    async def person_agent(stream: faust.StreamT[Any]) -> None:
+        async for event in stream.events():
             raw: bytes = event.value
             try:
                 ev = _event_decoder.decode(raw)
@@ -115,8 +119,8 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
             SMARTMON_EVENTS.labels("persons", "judged").inc()
 
     @app.agent(stays_topic, name="cost_groups")
-    async def cost_agent(stream: AsyncIterator[Any]) -> None:
-        async for event in stream.events():  # type: ignore[attr-defined]
+    async def cost_agent(stream: faust.StreamT[Any]) -> None:
+        async for event in stream.events():
             raw = event.value
             try:
                 stay = _stay_decoder.decode(raw)

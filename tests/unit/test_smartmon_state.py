@@ -78,7 +78,7 @@ def test_a_reversal_withdraws_and_replaying_the_reversed_settlement_changes_noth
 
 def test_the_judgements_do_not_depend_on_the_order_of_the_events(book: RuleBook) -> None:
     a, b = _overlapping()
-    c = settle("s-c", "mon001", visit_type="outpatient", begin="2026-03-06 14:00:00", end="2026-03-06 15:00:00",
+    c = settle("s-c", "mon001", hospital="H32050000002", visit_type="outpatient", begin="2026-03-06 14:00:00", end="2026-03-06 15:00:00",
                medfee=5_000)
     rev_a = reverse(a, "s-a-rev", at="2026-03-21 08:00:00")
     expected = None
