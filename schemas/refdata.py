@@ -44,6 +44,9 @@ ChrgitmLv = Literal["01", "02", "03"]
 # Bounds on amounts (yuan): far above anything real, low enough for bigint fen.
 YUAN_MAX: Final = Decimal("1000000000")
 
+# Days of supply per catalog unit: the hub column is numeric(7, 2).
+SUPPLY_DAYS_MAX: Final = Decimal("99999.99")
+
 PSN_TYPE_PREFIXES: Final[dict[str, tuple[str, ...]]] = {"310": ("11", "12"), "390": ("15", "16", "17")}
 
 
@@ -172,6 +175,10 @@ class CatalogRow(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     chrgitm_lv: ChrgitmLv
     selfpay_prop: Decimal
     pric_uplmt_amt: Decimal | None = None  # unit price ceiling, yuan
+    # Smart monitoring (issue 13); the defaults are the hub's column defaults, so older files load unchanged.
+    once_per_day: bool = False  # billable at most once per day on one visit (DUPLICATE_CHARGE)
+    gender_only: Literal["1", "2"] | None = None  # only for that gender: "1" male, "2" female (GENDER_RESTRICTED)
+    supply_days: Decimal = Decimal(1)  # days of supply per unit, drugs (PHARMACY_OVERSUPPLY)
 
     def __post_init__(self) -> None:
         p = self.selfpay_prop
@@ -184,6 +191,11 @@ class CatalogRow(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise _at("selfpay_prop", f"selfpay_prop does not fit chrgitm_lv {lv} (01: 0, 02: below 1, 03: 1)")
         if self.pric_uplmt_amt is not None:
             check_yuan(self.pric_uplmt_amt, "pric_uplmt_amt", positive=True)
+        days = self.supply_days
+        if not days.is_finite() or not Decimal(0) < days <= SUPPLY_DAYS_MAX:
+            raise _at("supply_days", f"supply_days must be > 0 and <= {SUPPLY_DAYS_MAX}")
+        if days * 100 != (days * 100).to_integral_value():
+            raise _at("supply_days", "supply_days has more than 2 decimal places")
 
 
 # The four files ----------------------------------------------------------------------

@@ -565,7 +565,8 @@ class _Loader:
                 (_HOSPITAL, [((h.fixmedins_code,), (h.fixmedins_name, h.admdvs, h.hosp_lv))
                              for h in hub_rows.hospitals]),
                 (_CATALOG, [((c.admdvs, c.med_list_codg), (c.name, c.chrgitm_lv, c.selfpay_prop,
-                            None if c.pric_uplmt_amt is None else yuan_to_fen(c.pric_uplmt_amt)))
+                            None if c.pric_uplmt_amt is None else yuan_to_fen(c.pric_uplmt_amt),
+                            c.once_per_day, c.gender_only, c.supply_days))
                             for c in hub_rows.catalog]),
             ):
                 current = {tuple(r[: len(spec.key)]): tuple(r[len(spec.key):])
@@ -652,7 +653,8 @@ class _Table:
 
 _REGION = _Table("region", ("admdvs",), ("name", "prov_admdvs", "pool_admdvs"))
 _HOSPITAL = _Table("hospital", ("fixmedins_code",), ("fixmedins_name", "admdvs", "hosp_lv"))
-_CATALOG = _Table("catalog_item", ("admdvs", "med_list_codg"), ("name", "chrgitm_lv", "selfpay_prop", "pric_uplmt_fen"))
+_CATALOG = _Table("catalog_item", ("admdvs", "med_list_codg"), ("name", "chrgitm_lv", "selfpay_prop", "pric_uplmt_fen",
+                                                                 "once_per_day", "gender_only", "supply_days"))
 
 _PERSON_VALUES: Final = ("insuplc_admdvs", "insutype", "psn_type", "assistance", "acct_balc_fen", "chronic_file",
                          "certno", "psn_name")

@@ -23,7 +23,7 @@ import pytest
 
 from deploy.db import drop_databases, ensure_databases, migrate_all
 from deploy.postgres import _pg_admin_dsn
-from schemas.refdata import FILINGS_FILE, PERSONS_FILE, PersonRow, RefDataSet
+from schemas.refdata import CATALOG_FILE, FILINGS_FILE, PERSONS_FILE, PersonRow, RefDataSet
 from services.common.config import PROJECT_ROOT, Settings
 from services.common.shards import ShardPools, certno_digest, person_index_key
 from services.refdata.changes import effective_chronic
@@ -267,6 +267,56 @@ async def test_duplicates_and_unknown_persons_are_found_in_sql(
     with pytest.raises(RefDataError) as exc:
         await load_dir(hub, d, own, operator="test.loader")
     assert exc.value.errors == [f"filings.jsonl:{len(filings)}: person not in persons.jsonl - at `$.psn_no`"]
+    assert await _snapshot(hub, shards) == before
+
+
+MONITORING_FIELDS = ("once_per_day", "gender_only", "supply_days")
+
+
+async def test_catalog_monitoring_fields_load_and_files_without_them_load_unchanged(
+        hub: asyncpg.Connection, shards: ShardPools, own: Settings, refdir: Path, dataset: RefDataSet,
+        tmp_path: Path) -> None:
+    # A catalog written before issue 13: no monitoring fields at all. It loads, with the column defaults.
+    old = _copy(refdir, tmp_path / "old")
+    rows = [json.loads(line) for line in _lines(old / CATALOG_FILE)]
+    _write_lines(old / CATALOG_FILE, [json.dumps({k: v for k, v in r.items() if k not in MONITORING_FIELDS},
+                                                 ensure_ascii=False).encode() for r in rows])
+    assert b"supply_days" not in (old / CATALOG_FILE).read_bytes()
+    await load_dir(hub, old, own, operator="test.loader")
+    got = await hub.fetch("SELECT once_per_day, gender_only, supply_days, count(*) AS n FROM catalog_item"
+                          " GROUP BY 1, 2, 3")
+    assert [tuple(r) for r in got] == [(False, None, Decimal("1.00"), len(dataset.catalog))]
+    # The same catalog with the fields at their defaults (what the generator writes) changes nothing.
+    assert _changed(await load_dir(hub, refdir, own, operator="test.loader")) == ZERO
+
+    # Three items flagged: a once-per-day service, an obstetric item, a drug of 30 days per box.
+    flagged: dict[int, dict[str, Any]] = {0: {"once_per_day": True}, 1: {"gender_only": "2"},
+                                          2: {"supply_days": "30.5"}}
+    new = _copy(refdir, tmp_path / "new")
+    _write_lines(new / CATALOG_FILE, [json.dumps({**r, **flagged.get(i, {})}, ensure_ascii=False).encode()
+                                      for i, r in enumerate(rows)])
+    counts = await load_dir(hub, new, own, operator="test.loader")
+    assert _changed(counts) == {**ZERO, "catalog_item_changed": 3}
+    for i, want in ((0, (True, None, Decimal("1.00"))), (1, (False, "2", Decimal("1.00"))),
+                    (2, (False, None, Decimal("30.50")))):
+        row = await hub.fetchrow("SELECT once_per_day, gender_only, supply_days FROM catalog_item"
+                                 " WHERE admdvs = $1 AND med_list_codg = $2", rows[i]["admdvs"],
+                                 rows[i]["med_list_codg"])
+        assert tuple(row) == want
+    assert _changed(await load_dir(hub, new, own, operator="test.loader")) == ZERO
+
+    # A bad value is refused with the line and the field, and nothing is written.
+    before = await _snapshot(hub, shards)
+    bad = _copy(new, tmp_path / "bad")
+    _write_lines(bad / CATALOG_FILE, [json.dumps({**r, "supply_days": "0"} if i == 4 else
+                                                 {**r, "gender_only": "F"} if i == 6 else r,
+                                                 ensure_ascii=False).encode() for i, r in enumerate(rows)])
+    with pytest.raises(RefDataError) as exc:
+        await load_dir(hub, bad, own, operator="test.loader")
+    assert exc.value.errors == [
+        "catalog.jsonl:5: supply_days must be > 0 and <= 99999.99 - at `$.supply_days`",
+        "catalog.jsonl:7: Invalid enum value 'F' - at `$.gender_only`",
+    ]
     assert await _snapshot(hub, shards) == before
 
 
