@@ -8,18 +8,23 @@ Persons `mon…` are this module's own, one set per test; dates fixed (March 202
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
+from datetime import date
 from typing import Any
 
 import asyncpg
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy import stack as stack_ctl
 from schemas.internal import DeadLetter, SettlementEvent
 from schemas.monitoring import Judgement
+from services.clearing import store
 from services.common.config import Settings
 from services.common.kafka import ADMIN, client_auth, make_admin, make_producer
 from services.smartmon.rules import RuleBook, load_rules
@@ -117,6 +122,17 @@ async def drained(s: Settings) -> None:
         await admin.close()
 
 
+def sample(port: int, name: str, labels: dict[str, str]) -> float:
+    """One sample of a service's /metrics (0 when the series does not exist yet)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return 0.0
+
+
 @pytest.fixture(scope="module")
 def book() -> RuleBook:
     return load_rules()
@@ -128,6 +144,11 @@ async def test_overlap_withdrawn_by_a_reversal_and_a_replay_adds_nothing(
                end="2026-03-10 10:00:00", medfee=300_000)
     b = settle("mo1-b", "mon1001", hospital="H15040000001", begin="2026-03-05 09:00:00",
                end="2026-03-08 10:00:00", medfee=200_000)
+    port = services.clearing_metrics_port
+    new = ("xs_monitoring_judgements_total",
+           {"rule": "OVERLAP_INPATIENT", "severity": "high", "insured_prov": "320000"})
+    gone = ("xs_monitoring_withdrawn_total", {"rule": "OVERLAP_INPATIENT"})
+    new_before, gone_before = sample(port, *new), sample(port, *gone)
     await send(producer, [a, b])
     [hit] = expected([a, b], book).values()
     [row] = await until_rows(db, "mon1001", lambda r: len(r) == 1, "the overlap")
@@ -145,6 +166,9 @@ async def test_overlap_withdrawn_by_a_reversal_and_a_replay_adds_nothing(
     await send(producer, [a, b, rev, a])  # the person's whole stream again, and once more
     await drained(services)
     assert await rows(db, "mon1001") == before  # same rows, same content (updated_at included)
+    # counted once each, replay or not (this module's persons alone are insured in 320000 with this rule
+    # while it runs: tests run one at a time)
+    assert (sample(port, *new) - new_before, sample(port, *gone) - gone_before) == (1, 1)
 
 
 async def test_kill_9_mid_stream_ends_with_the_judgements_of_an_uninterrupted_run(
@@ -217,3 +241,45 @@ async def test_an_undecodable_record_is_dead_lettered_and_later_events_are_judge
     assert letter.err_code == "INTERNAL"
     assert letter.err_msg.startswith(f"INTERNAL: undecodable {SETTLEMENTS.name} record: ")
     assert "mon4001" not in letter.err_msg
+
+
+def _row(jr_id: str, **changes: Any) -> store.JudgementRow:
+    base = store.JudgementRow(
+        jr_id=jr_id, rule_id="OVERLAP_INPATIENT", rule_version=1, severity="high", psn_no="mon5001",
+        insured_admdvs="320100", insured_prov="320000", treating_admdvs="150400", treating_prov="150000",
+        fixmedins_code="H15040000001", mdtrt_ids=["v-1"], setl_ids=["s-1"], items=[],
+        window_begin=date(2026, 3, 5), window_end=date(2026, 3, 8), suspect_amt=1_000, detail="first")
+    return dataclasses.replace(base, **changes)
+
+
+async def test_the_sinks_upsert_rules(stack: Settings, db: asyncpg.Pool) -> None:
+    """Insert counts once; new evidence updates an open row only; a withdrawal reaches open rows and
+    confirmed rows whose deduction month is still open, never dismissed rows or closed months."""
+    # months of their own, far from every other test's (removed at the end)
+    ids = [f"mon5-{n}" for n in ("open", "confirmed", "closed", "dismissed")]
+    async with db.acquire() as conn:
+        await conn.execute("INSERT INTO clearing_month (clr_month, state, closed_at, stmt_version)"
+                           " VALUES ('2031-04', 'closed', now(), 1), ('2031-05', 'open', NULL, NULL)"
+                           " ON CONFLICT (clr_month) DO NOTHING")
+        assert [await store.upsert_judgement(conn, _row(i)) for i in ids] == [True] * 4
+        assert await store.upsert_judgement(conn, _row(ids[0])) is False  # a replay: no second count
+        review = "UPDATE judgement SET status = $2, reviewed_by = 'rev', reviewed_at = now(), review_reason = 'r'," \
+                 " deduct_month = $3 WHERE jr_id = $1"
+        await conn.execute(review, ids[1], "confirmed", "203105")
+        await conn.execute(review, ids[2], "confirmed", "203104")
+        await conn.execute(review, ids[3], "dismissed", None)
+        for i in ids:  # new evidence
+            assert await store.upsert_judgement(conn, _row(i, suspect_amt=2_000, detail="grown")) is False
+        got = {r["jr_id"]: (r["suspect_amt"], r["detail"]) for r in await conn.fetch(
+            "SELECT * FROM judgement WHERE jr_id = ANY($1)", ids)}
+        assert got == {ids[0]: (2_000, "grown"), ids[1]: (1_000, "first"), ids[2]: (1_000, "first"),
+                       ids[3]: (1_000, "first")}
+        assert [await store.withdraw_judgement(conn, i) for i in ids] == [
+            "OVERLAP_INPATIENT", "OVERLAP_INPATIENT", None, None]
+        assert await store.withdraw_judgement(conn, ids[0]) is None  # already withdrawn
+        got_status = {r["jr_id"]: (r["status"], r["deduct_month"]) for r in await conn.fetch(
+            "SELECT * FROM judgement WHERE jr_id = ANY($1)", ids)}
+        assert got_status == {ids[0]: ("withdrawn", None), ids[1]: ("withdrawn", None),
+                              ids[2]: ("confirmed", "203104"), ids[3]: ("dismissed", None)}
+        await conn.execute("DELETE FROM judgement WHERE jr_id = ANY($1)", ids)
+        await conn.execute("DELETE FROM clearing_month WHERE clr_month IN ('2031-04', '2031-05')")
