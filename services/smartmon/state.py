@@ -20,10 +20,12 @@ import msgspec
 from schemas.internal import SettlementEvent
 from schemas.monitoring import Judgement, StayCost
 from services.smartmon.rules import (
+    COST_RULE,
     Episode,
     RuleBook,
-    cost_judgements,
     horizon_days,
+    jr_id_of,
+    nearest_rank,
     person_judgements,
     stay_costs,
 )
@@ -135,19 +137,66 @@ def _recompute(state: PersonState, book: RuleBook) -> Output:
 
 
 def apply_stay(state: CostGroupState, stay: StayCost, book: RuleBook) -> list[Judgement]:
-    """Apply one stay cost to its group's `state` (in place) and return the COST_OUTLIER judgements to send."""
+    """Apply one stay cost to its group's `state` (in place) and return the COST_OUTLIER judgements to send.
+
+    Only the stays whose window can hold the changed one are judged again (those discharged on its day or
+    up to the longest window after it): in a stream that arrives in time order that is the new stay alone,
+    so a busy group costs O(stays) per event, not O(stays²) as judging the whole group each time would."""
+    before = state.stays.get(stay.mdtrt_id)
     if stay.withdrawn:
-        if state.stays.get(stay.mdtrt_id) is None:
+        if before is None:
             return []
         del state.stays[stay.mdtrt_id]
     else:
-        if state.stays.get(stay.mdtrt_id) == stay:
+        if before == stay:
             return []
         state.stays[stay.mdtrt_id] = stay
+    changed_days = {_day(s.dscg_day) for s in (before, stay) if s is not None}
     if state.stays:
         cutoff = max(_day(s.dscg_day) for s in state.stays.values()) - timedelta(days=horizon_days(book))
         old = {k for k, s in state.stays.items() if _day(s.dscg_day) < cutoff}
         state.stays = {k: s for k, s in state.stays.items() if k not in old}
-        state.emitted = {k: j for k, j in state.emitted.items() if not old & set(j.mdtrt_ids)}
-    state.emitted, out = _diff(state.emitted, cost_judgements(list(state.stays.values()), book))
+        state.emitted = {k: j for k, j in state.emitted.items() if j.mdtrt_ids[0] not in old}
+    reach = timedelta(days=_cost_window_max(book))
+    affected = {k for k, s in state.stays.items() if any(d <= _day(s.dscg_day) <= d + reach for d in changed_days)}
+    produced = [j for k in sorted(affected) if (j := _judge_one(state.stays[k], state.stays, book))]
+    mine = {k: j for k, j in state.emitted.items() if j.mdtrt_ids[0] in affected | {stay.mdtrt_id}}
+    now, out = _diff(mine, produced)
+    state.emitted = {k: j for k, j in state.emitted.items() if k not in mine} | now
     return out
+
+
+def _cost_window_max(book: RuleBook) -> int:
+    """The longest COST_OUTLIER window of any region (0 when the rule is absent)."""
+    rule = book.rules.get(COST_RULE)
+    if rule is None:
+        return 0
+    return max(int(values.get("window_days", 0)) for values in (rule.params, *rule.overrides.values()))
+
+
+def _judge_one(stay: StayCost, stays: dict[str, StayCost], book: RuleBook) -> Judgement | None:
+    """COST_OUTLIER of `stay` alone, as `cost_judgements` judges it (tests/unit/test_smartmon_state.py holds
+    the two equal over random groups): that function judges every stay it is given against all the others,
+    O(n²) for a group; here one stay against its window, O(n). Should the rule change, so must this."""
+    rule = book.rules.get(COST_RULE)
+    if rule is None or not rule.enabled or stay.withdrawn:
+        return None
+    p = book.params(COST_RULE, stay.insured_admdvs)
+    day = _day(stay.dscg_day)
+    first = day - timedelta(days=p["window_days"])
+    peers = sorted(s.medfee for s in stays.values() if s is not stay and not s.withdrawn and s.group == stay.group
+                   and first <= _day(s.dscg_day) < day)
+    if len(peers) < p["min_stays"]:
+        return None
+    threshold = nearest_rank(peers, p["percentile"])
+    if stay.medfee <= threshold:
+        return None
+    return Judgement(
+        jr_id=jr_id_of(rule, [stay.setl_ids[0] if stay.setl_ids else stay.mdtrt_id]), rule_id=rule.rule_id,
+        rule_name=rule.name, rule_version=rule.version, severity=rule.severity, psn_no=stay.psn_no,
+        insured_admdvs=stay.insured_admdvs, treating_admdvs=stay.treating_admdvs, fixmedins_code=stay.fixmedins_code,
+        mdtrt_ids=[stay.mdtrt_id], setl_ids=list(stay.setl_ids), items=[], window_begin=first.isoformat(),
+        window_end=stay.dscg_day, suspect_amt=stay.medfee - threshold,
+        detail=f"stay at {stay.fixmedins_code} discharged {stay.dscg_day}: medfee {stay.medfee} fen above the "
+               f"p{p['percentile']} {threshold} fen of {len(peers)} stays of group {stay.group} discharged "
+               f"{first.isoformat()}..{(day - timedelta(days=1)).isoformat()}")

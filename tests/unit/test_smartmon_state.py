@@ -4,12 +4,17 @@ what one event sends, replay, reversal, order, the horizon, the stay costs and t
 from __future__ import annotations
 
 import itertools
+import random
+from datetime import date, timedelta
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from schemas.monitoring import Judgement, StayCost
-from services.smartmon.rules import RuleBook, horizon_days, load_rules
+from services.smartmon.rulebook import parse_rules
+from services.smartmon.rules import RuleBook, cost_judgements, horizon_days, load_rules
 from services.smartmon.state import (
     CostGroupState,
     PersonState,
@@ -78,8 +83,8 @@ def test_a_reversal_withdraws_and_replaying_the_reversed_settlement_changes_noth
 
 def test_the_judgements_do_not_depend_on_the_order_of_the_events(book: RuleBook) -> None:
     a, b = _overlapping()
-    c = settle("s-c", "mon001", hospital="H32050000002", visit_type="outpatient", begin="2026-03-06 14:00:00", end="2026-03-06 15:00:00",
-               medfee=5_000)
+    c = settle("s-c", "mon001", hospital="H32050000002", visit_type="outpatient", begin="2026-03-06 14:00:00",
+               end="2026-03-06 15:00:00", medfee=5_000)
     rev_a = reverse(a, "s-a-rev", at="2026-03-21 08:00:00")
     expected = None
     for order in itertools.permutations([a, b, c]):
@@ -155,3 +160,41 @@ def test_cost_outlier_needs_min_stays_peers_and_is_withdrawn_with_its_stay(book:
     [w] = apply_stay(group, msgspec.structs.replace(outlier, withdrawn=True), book)
     assert w == msgspec.structs.replace(j, withdrawn=True)
     assert decode_group(encode(group)) == group
+
+
+# A dense cost rule (3 peers, a 5-day window, the median; a longer window for 350000), so that short random
+# groups hit it often.
+DENSE_COST = parse_rules("""
+version = "dense-cost"
+history_margin_days = 3
+[rules.COST_OUTLIER]
+name = "费用异常"
+severity = "low"
+version = 1
+params = { percentile = 50, window_days = 5, min_stays = 3 }
+overrides."350000" = { window_days = 8 }
+""")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 11), st.integers(1, 9), st.booleans(), st.booleans()),
+                min_size=1, max_size=30), st.randoms(use_true_random=False))
+def test_a_groups_judgements_by_stay_equal_the_rule_over_the_whole_group(
+        raw: list[tuple[int, int, bool, bool]], rnd: random.Random) -> None:
+    """apply_stay judges only the stays a change can reach; in any arrival order (withdrawals and changed
+    amounts included) the group ends with exactly what `cost_judgements` says of its live stays."""
+    stays = [StayCost(group="K35|3|320000", mdtrt_id=f"v{i}", psn_no=f"mon{i}", setl_ids=[f"s{i}"],
+                      fixmedins_code="H32050000001", insured_admdvs="350100" if fj else "320100",
+                      treating_admdvs="320500", dscg_day=(date(2026, 3, 1) + timedelta(days=day)).isoformat(),
+                      medfee=fee * 10_000)
+             for i, (day, fee, fj, _) in enumerate(raw)]
+    arrivals = [*stays, *(msgspec.structs.replace(s, withdrawn=True) for s, (*_, gone) in zip(stays, raw, strict=True)
+                          if gone),
+                *(msgspec.structs.replace(s, medfee=s.medfee + 5) for s in stays[::3])]
+    rnd.shuffle(arrivals)
+    group, held = CostGroupState(), {}
+    for stay in arrivals:
+        held.update((j.jr_id, j) for j in apply_stay(group, stay, DENSE_COST))
+    want = {j.jr_id: j for j in cost_judgements(list(group.stays.values()), DENSE_COST)}
+    assert {k: j for k, j in held.items() if not j.withdrawn} == want
+    assert group.emitted == want
