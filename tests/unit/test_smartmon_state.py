@@ -192,7 +192,7 @@ def test_a_groups_judgements_by_stay_equal_the_rule_over_the_whole_group(
                           if gone),
                 *(msgspec.structs.replace(s, medfee=s.medfee + 5) for s in stays[::3])]
     rnd.shuffle(arrivals)
-    group, held = CostGroupState(), {}
+    group, held = CostGroupState(), dict[str, Judgement]()
     for stay in arrivals:
         held.update((j.jr_id, j) for j in apply_stay(group, stay, DENSE_COST))
     want = {j.jr_id: j for j in cost_judgements(list(group.stays.values()), DENSE_COST)}
