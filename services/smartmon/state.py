@@ -158,7 +158,8 @@ def apply_stay(state: CostGroupState, stay: StayCost, book: RuleBook) -> list[Ju
         state.stays = {k: s for k, s in state.stays.items() if k not in old}
         state.emitted = {k: j for k, j in state.emitted.items() if j.mdtrt_ids[0] not in old}
     reach = timedelta(days=_cost_window_max(book))
-    affected = {k for k, s in state.stays.items() if any(d <= _day(s.dscg_day) <= d + reach for d in changed_days)}
+    spans = [(d.isoformat(), (d + reach).isoformat()) for d in changed_days]  # ISO days compare as strings
+    affected = {k for k, s in state.stays.items() if any(lo <= s.dscg_day <= hi for lo, hi in spans)}
     produced = [j for k in sorted(affected) if (j := _judge_one(state.stays[k], state.stays, book))]
     mine = {k: j for k, j in state.emitted.items() if j.mdtrt_ids[0] in affected | {stay.mdtrt_id}}
     now, out = _diff(mine, produced)
@@ -184,8 +185,9 @@ def _judge_one(stay: StayCost, stays: dict[str, StayCost], book: RuleBook) -> Ju
     p = book.params(COST_RULE, stay.insured_admdvs)
     day = _day(stay.dscg_day)
     first = day - timedelta(days=p["window_days"])
+    since = first.isoformat()
     peers = sorted(s.medfee for s in stays.values() if s is not stay and not s.withdrawn and s.group == stay.group
-                   and first <= _day(s.dscg_day) < day)
+                   and since <= s.dscg_day < stay.dscg_day)
     if len(peers) < p["min_stays"]:
         return None
     threshold = nearest_rank(peers, p["percentile"])
