@@ -12,13 +12,15 @@ faust's memory store, rebuilt from their compacted changelog topics at start (to
 every topic: the app declares none). Values are msgspec JSON bytes (raw serializers), so faust never
 pickles or guesses a codec. Delivery is faust's at-least-once: after a crash some events are applied
 again, which changes nothing (the state is a set keyed by setl_id and the output a diff against what was
-sent).
+sent). An event's output is acknowledged before its state is written, so a crash never loses output.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import faust
@@ -80,10 +82,12 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
     persons = app.Table("persons", key_type=bytes, value_type=bytes, partitions=s.partitions)
     cost_groups = app.Table("cost_groups", key_type=bytes, value_type=bytes, partitions=s.partitions)
 
-    async def send_judgements(judgements: list[Judgement]) -> None:
+    async def send_judgements(judgements: list[Judgement]) -> list[Awaitable[Any]]:
+        sent = []
         for j in judgements:
-            await judgements_topic.send(key=j.jr_id.encode(), value=_encoder.encode(j))
+            sent.append(await judgements_topic.send(key=j.jr_id.encode(), value=_encoder.encode(j)))
             record_judgement_sent(j.rule_id, j.withdrawn, known_rules)
+        return sent
 
     async def dead_letter(agent: str, raw: bytes, reason: str, msgid: str | None = None) -> None:
         DEAD_LETTERS.labels(STAGE, "INTERNAL").inc()
@@ -110,12 +114,15 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
                 log.exception("settlement event %s could not be applied", ev.setl_id)
                 await dead_letter("persons", raw, f"settlement event not applied ({type(e).__name__})", ev.msgid)
                 continue
+            sent = await send_judgements(out.judgements)
+            sent += [await stays_topic.send(key=stay.group.encode(), value=_encoder.encode(stay)) for stay in out.stays]
+            # Output acknowledged before the state says it was sent: a crash in between replays the event and
+            # sends the same again (the sink and the cost groups take a repeat as nothing new), where the other
+            # order could lose it. Only events with output wait.
+            await asyncio.gather(*sent)
             after = encode(state)
             if after != before:  # a replayed event changes nothing: no changelog record either
                 persons[key] = after
-            await send_judgements(out.judgements)
-            for stay in out.stays:
-                await stays_topic.send(key=stay.group.encode(), value=_encoder.encode(stay))
             SMARTMON_EVENTS.labels("persons", "judged").inc()
 
     @app.agent(stays_topic, name="cost_groups")
@@ -132,10 +139,10 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
                 log.warning("stay record not applied (%s)", type(e).__name__)
                 await dead_letter("cost_groups", raw, f"{MONITOR_STAYS.name} record not applied ({type(e).__name__})")
                 continue
+            await asyncio.gather(*await send_judgements(judgements))  # acknowledged first, as above
             after = encode(group)
             if after != before:
                 cost_groups[key] = after
-            await send_judgements(judgements)
             SMARTMON_EVENTS.labels("cost_groups", "judged").inc()
 
     return app
