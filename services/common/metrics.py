@@ -210,8 +210,8 @@ def serve_metrics(port: int, stage: str | None = None) -> None:
 # (a bounded set); anything else is `other`.
 SMARTMON_EVENTS = Counter(
     "xs_smartmon_events_total",
-    "Records the monitoring stream handled: outcome=judged (a settlement event applied), dead_letter "
-    "(undecodable or failing), by agent (persons: fsi.settlements, cost_groups: fsi.monitor.stays)",
+    "Records the monitoring stream handled: outcome=ok (applied) or the dead letter's code (INTERNAL: "
+    "undecodable or failing), by agent (persons: fsi.settlements, cost_groups: fsi.monitor.stays)",
     ["agent", "outcome"],
 )
 SMARTMON_SENT = Counter(

@@ -91,7 +91,7 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
 
     async def dead_letter(agent: str, raw: bytes, reason: str, msgid: str | None = None) -> None:
         DEAD_LETTERS.labels(STAGE, "INTERNAL").inc()
-        SMARTMON_EVENTS.labels(agent, "dead_letter").inc()
+        SMARTMON_EVENTS.labels(agent, "INTERNAL").inc()
         letter = DeadLetter(stage=STAGE, err_code="INTERNAL", err_msg=f"INTERNAL: {reason}", msgid=msgid, infno=None,
                             fixmedins_code=None, at_ns=time.time_ns(), original=raw)
         await deadletter.send(key=msgid.encode() if msgid else None, value=_encoder.encode(letter))
@@ -123,7 +123,7 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
             after = encode(state)
             if after != before:  # a replayed event changes nothing: no changelog record either
                 persons[key] = after
-            SMARTMON_EVENTS.labels("persons", "judged").inc()
+            SMARTMON_EVENTS.labels("persons", "ok").inc()
 
     @app.agent(stays_topic, name="cost_groups")
     async def cost_agent(stream: faust.StreamT[Any]) -> None:
@@ -143,6 +143,6 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
             after = encode(group)
             if after != before:
                 cost_groups[key] = after
-            SMARTMON_EVENTS.labels("cost_groups", "judged").inc()
+            SMARTMON_EVENTS.labels("cost_groups", "ok").inc()
 
     return app

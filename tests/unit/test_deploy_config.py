@@ -52,10 +52,10 @@ def test_partitions_and_replication_are_bounded(monkeypatch: pytest.MonkeyPatch,
 
 def test_catalog_names_and_sizes_topics_from_settings(run_env: None) -> None:
     topics = {t.name: t for t in catalog(load_settings())}
-    assert sorted(topics) == sorted(f"t42.fsi.{n}" for n in (
+    assert sorted(topics) == sorted([*(f"t42.fsi.{n}" for n in (
         "ingress", "routed", "replies", "settlements", "clearing", "deadletter", "manual_claims", "deposits", "alerts",
-        "audit", "judgements", "monitor.stays")) + [
-        "t42.xsettle-smartmon-cost_groups-changelog", "t42.xsettle-smartmon-persons-changelog"]
+        "audit", "judgements", "monitor.stays")),
+        "t42.xsettle-smartmon-cost_groups-changelog", "t42.xsettle-smartmon-persons-changelog"])
     assert {n: t.partitions for n, t in topics.items()} == {
         "t42.fsi.ingress": 3, "t42.fsi.routed": 3, "t42.fsi.replies": 4, "t42.fsi.settlements": 3,
         "t42.fsi.clearing": 3, "t42.fsi.deadletter": 1, "t42.fsi.manual_claims": 3, "t42.fsi.deposits": 1,
