@@ -54,6 +54,8 @@ def service_specs(s: Settings) -> list[ServiceSpec]:
         ),
         ServiceSpec("clearing", "services.clearing", (s.clearing_metrics_port,), s.clearing_metrics_port),
         ServiceSpec("monitor", "services.monitor", (s.monitor_metrics_port,), s.monitor_metrics_port),
+        # the monitoring stream (faust): reads fsi.settlements, so it starts after settle like clearing
+        ServiceSpec("smartmon", "services.smartmon", (s.smartmon_metrics_port,), s.smartmon_metrics_port),
         ServiceSpec("dashboard", "services.dashboard", (s.dashboard_port, s.dashboard_metrics_port),
                     s.dashboard_metrics_port, (s.dashboard_port, "/login")),
     ]

@@ -13,18 +13,22 @@ README "Security" has the same table for people.
 from __future__ import annotations
 
 from services.common.config import Settings
-from topics.catalog import catalog
+from topics.catalog import SMARTMON_APP, catalog
 from topics.security import GROUP, LITERAL, OP_DESCRIBE, OP_READ, OP_WRITE, PREFIXED, TOPIC, Acl
 
 # Consumer groups (without the prefix), as the services name them.
 ROUTER_GROUP = "xsettle-router"
 SETTLE_GROUP = "xsettle-settle"
-CLEARING_GROUPS = ("xsettle-clearing-requests", "xsettle-clearing-positions", "xsettle-clearing-claims")
+CLEARING_GROUPS = ("xsettle-clearing-requests", "xsettle-clearing-positions", "xsettle-clearing-claims",
+                   "xsettle-clearing-judgements")
+SMARTMON_GROUP = SMARTMON_APP  # faust's consumer group is its app id
 
 INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT = (
     "fsi.ingress", "fsi.routed", "fsi.replies", "fsi.settlements", "fsi.clearing", "fsi.deadletter",
     "fsi.manual_claims", "fsi.deposits", "fsi.alerts", "fsi.audit",
 )
+JUDGEMENTS, MONITOR_STAYS = "fsi.judgements", "fsi.monitor.stays"
+SMARTMON_CHANGELOGS = (f"{SMARTMON_APP}-persons-changelog", f"{SMARTMON_APP}-cost_groups-changelog")
 
 # principal -> (topics read, topics written, consumer groups)
 SERVICES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
@@ -33,8 +37,12 @@ SERVICES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     "router": ((INGRESS,), (ROUTED, REPLIES, CLEARING, DEADLETTER), (ROUTER_GROUP,)),
     "settle": ((ROUTED,), (REPLIES, SETTLEMENTS, DEADLETTER), (SETTLE_GROUP,)),
     # clearing also publishes its outbox (the CLI's manual claims) and the audit rows left by commands
-    "clearing": ((CLEARING, SETTLEMENTS, MANUAL_CLAIMS),
+    "clearing": ((CLEARING, SETTLEMENTS, MANUAL_CLAIMS, JUDGEMENTS),
                  (REPLIES, DEPOSITS, ALERTS, DEADLETTER, MANUAL_CLAIMS, AUDIT), CLEARING_GROUPS),
+    # smart monitoring (faust): settlements in, judgements out; its repartition topic and its tables'
+    # changelogs both ways (a restart reads the changelogs back); undecodable records to the dead letters
+    "smartmon": ((SETTLEMENTS, MONITOR_STAYS, *SMARTMON_CHANGELOGS),
+                 (JUDGEMENTS, MONITOR_STAYS, *SMARTMON_CHANGELOGS, DEADLETTER), (SMARTMON_GROUP,)),
     # operator tools: dead letters (list, replay to the topic a letter came from), the clearing CLI's
     # manual claims and deposit events, the audit trail (each command publishes its row; ops reads the
     # trail); group offsets (below)

@@ -17,6 +17,7 @@ from schemas.audit import AuditRecord
 from schemas.clearing import DepositAlert, DepositEvent, ManualClaim
 from schemas.envelope import RequestEnvelope, ResponseEnvelope
 from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
+from schemas.monitoring import Judgement, StayCost
 from services.common.config import Settings, load_settings
 
 DAY_MS = 24 * 3600 * 1000
@@ -91,8 +92,32 @@ _AUDIT = TopicSpec(
     "every operator action (audit_log row) in audit_id order; a duplicate after a publisher crash has the same key",
 )
 
+# Smart monitoring (services/smartmon, a faust app that declares no topic itself). Its id (the consumer
+# group too) is SMARTMON_APP; faust names a table's changelog `<app id>-<table>-changelog` and needs it
+# partitioned like the topic the table's agent reads.
+SMARTMON_APP = "xsettle-smartmon"
+_JUDGEMENTS = TopicSpec(
+    "fsi.judgements", _KEYED, 30 * DAY_MS, "delete", "jr_id", Judgement,
+    "every judgement of the monitoring rules as sent (re-sent with new evidence, or withdrawn=true), "
+    "for the clearing service's judgement sink",
+)
+_MONITOR_STAYS = TopicSpec(
+    "fsi.monitor.stays", _KEYED, 7 * DAY_MS, "delete", "group (diagnosis|hosp_lv|treating_prov)", StayCost,
+    "complete inpatient stays repartitioned by cost group (withdrawn=true when one is taken back), "
+    "written and read by smartmon only",
+)
+_PERSONS_CHANGELOG = TopicSpec(
+    f"{SMARTMON_APP}-persons-changelog", _KEYED, -1, "compact", "psn_no", bytes,
+    "smartmon's table `persons` (a person's history within the horizon, msgspec JSON of PersonState)",
+)
+_COST_GROUPS_CHANGELOG = TopicSpec(
+    f"{SMARTMON_APP}-cost_groups-changelog", _KEYED, -1, "compact", "group", bytes,
+    "smartmon's table `cost_groups` (a cost group's stays, msgspec JSON of CostGroupState)",
+)
+
 _BASE: tuple[TopicSpec, ...] = (
     _INGRESS, _ROUTED, _REPLIES, _SETTLEMENTS, _CLEARING, _DEADLETTER, _MANUAL_CLAIMS, _DEPOSITS, _ALERTS, _AUDIT,
+    _JUDGEMENTS, _MONITOR_STAYS, _PERSONS_CHANGELOG, _COST_GROUPS_CHANGELOG,
 )
 
 
@@ -110,5 +135,6 @@ def catalog(s: Settings) -> tuple[TopicSpec, ...]:
 
 
 ALL_TOPICS: tuple[TopicSpec, ...] = catalog(load_settings())
-INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT = ALL_TOPICS
+(INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT,
+ JUDGEMENTS, MONITOR_STAYS, PERSONS_CHANGELOG, COST_GROUPS_CHANGELOG) = ALL_TOPICS
 PARTITIONS = INGRESS.partitions

@@ -6,6 +6,8 @@
   that also stores the answer by msgid; then the reply on the requester's topic/partition; then
   offsets. A resend (same msgid) gets the stored bytes. Rejections are answered and dead-lettered.
 - `fsi.manual_claims` → `manual_claim` rows (deduped by claim_id), counted in the metrics.
+- `fsi.judgements` (the monitoring stream's, services/smartmon) → hub `judgement` (upsert by jr_id,
+  store.upsert_judgement / withdraw_judgement), counted once by the insert that created the row.
 - ticker: publishes the outbox (deposit events, alerts) and the operators' audit rows (fsi.audit,
   `services.common.audit.publish`), and refreshes the deposit and running
   position gauges.
@@ -21,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import asyncpg
@@ -33,6 +35,7 @@ from schemas.errors import BrokerError
 from schemas.internal import SettlementEvent
 from schemas.limits import set_clock_window
 from schemas.money import to_fen
+from schemas.monitoring import Judgement
 from services.clearing import requests, store
 from services.clearing.logic import FUNDS, VISIT_TYPES, ClearingError, month_of
 from services.common import audit
@@ -51,6 +54,8 @@ from services.common.kafka import connect_pool, make_group_consumer, make_produc
 from services.common.metrics import (
     REQUESTS,
     STAGE_SECONDS,
+    record_judgement_stored,
+    record_judgement_withdrawn,
     record_manual_claim,
     serve_metrics,
     set_clearing_position,
@@ -59,13 +64,15 @@ from services.common.metrics import (
 from services.common.response import SHANGHAI, received_from_ns, response_bytes
 from services.common.shards import ShardPools
 from services.refdata.regions import UnknownRegion, classify_scope, region_of
-from topics.catalog import CLEARING, MANUAL_CLAIMS, REPLIES, SETTLEMENTS, TopicSpec
+from services.smartmon.rules import load_rules
+from topics.catalog import CLEARING, JUDGEMENTS, MANUAL_CLAIMS, REPLIES, SETTLEMENTS, TopicSpec
 
 log = logging.getLogger("clearing")
 STAGE = "clearing"
 GROUP_REQUESTS = "xsettle-clearing-requests"
 GROUP_POSITIONS = "xsettle-clearing-positions"
 GROUP_CLAIMS = "xsettle-clearing-claims"
+GROUP_JUDGEMENTS = "xsettle-clearing-judgements"
 OUTBOX_INTERVAL_S = 1.0
 GAUGE_INTERVAL_S = 10.0
 POOL_SIZE_MAX = 4
@@ -92,6 +99,7 @@ class ClearingService:
             (GROUP_POSITIONS, SETTLEMENTS, Positions(self.pool)),
             (GROUP_REQUESTS, CLEARING, Requests(self.pool, self.shards)),
             (GROUP_CLAIMS, MANUAL_CLAIMS, Claims(self.pool)),
+            (GROUP_JUDGEMENTS, JUDGEMENTS, Judgements(self.pool, frozenset(load_rules().rules))),
         ]
         shells = [BatchConsumer(make_group_consumer(self.s, "clearing", group, spec.name), group, spec, processor,
                                 self.producer, max_records=self.s.batch_size_max)
@@ -290,6 +298,60 @@ class Claims(BatchProcessor[ManualClaim]):
             record_manual_claim(*labels[claim_id])
         REQUESTS.labels(STAGE, "manual_claim", "ok").inc(len(inserted))
         REQUESTS.labels(STAGE, "manual_claim", "duplicate").inc(len(rows) - len(inserted))
+
+
+class Judgements(BatchProcessor[Judgement]):
+    """The monitoring stream's judgements → hub `judgement`, one transaction per poll (store's upsert rules).
+    Metrics count a judgement once: by the insert that created its row, and a withdrawal by the update."""
+
+    stage = STAGE
+    decode_error_code = "BODY_MALFORMED"
+
+    def __init__(self, pool: asyncpg.Pool, known_rules: frozenset[str]) -> None:
+        self.pool = pool
+        self.known_rules = known_rules  # metric labels: the rule book's ids, anything else `other`
+
+    def ids(self, record: Record[Judgement | None]) -> tuple[str | None, str | None, str | None]:
+        j = record.value
+        return (j.jr_id if j else None), None, (j.fixmedins_code if j else None)
+
+    async def process(self, records: list[Record[Judgement]], outbox: Outbox) -> None:
+        stored: list[Judgement] = []
+        withdrawn: list[str] = []
+        repeated = 0  # re-emitted: evidence updated, or nothing to change
+        async with self.pool.acquire() as conn, conn.transaction():
+            for rec in records:
+                j = rec.value
+                if j.withdrawn:
+                    rule_id = await store.withdraw_judgement(conn, j.jr_id)
+                    if rule_id is not None:
+                        withdrawn.append(rule_id)
+                    continue
+                try:
+                    insured, treating = region_of(j.insured_admdvs), region_of(j.treating_admdvs)
+                except UnknownRegion:
+                    outbox.dead_letter("REGION_UNKNOWN", "REGION_UNKNOWN: a judgement names an admdvs code not in "
+                                       "the region table", rec.raw.value, msgid=j.jr_id)
+                    continue
+                with applying(rec, "storing a judgement"):
+                    row = store.JudgementRow(
+                        jr_id=j.jr_id, rule_id=j.rule_id, rule_version=j.rule_version, severity=j.severity,
+                        psn_no=j.psn_no, insured_admdvs=insured.admdvs, insured_prov=insured.prov_admdvs,
+                        treating_admdvs=treating.admdvs, treating_prov=treating.prov_admdvs,
+                        fixmedins_code=j.fixmedins_code, mdtrt_ids=j.mdtrt_ids, setl_ids=j.setl_ids, items=j.items,
+                        window_begin=date.fromisoformat(j.window_begin), window_end=date.fromisoformat(j.window_end),
+                        suspect_amt=j.suspect_amt, detail=j.detail)
+                    if await store.upsert_judgement(conn, row):
+                        stored.append(j)
+                    else:
+                        repeated += 1
+        # after the commit: a batch retried after a failure counts only what its successful attempt inserted
+        for j in stored:
+            record_judgement_stored(j.rule_id, j.severity, region_of(j.insured_admdvs).prov_admdvs, self.known_rules)
+        for rule_id in withdrawn:
+            record_judgement_withdrawn(rule_id, self.known_rules)
+        REQUESTS.labels(STAGE, "judgement", "ok").inc(len(stored))
+        REQUESTS.labels(STAGE, "judgement", "duplicate").inc(repeated)
 
 
 def _time(value: str) -> datetime:

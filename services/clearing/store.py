@@ -934,3 +934,68 @@ async def rates_recomputed(conn: asyncpg.Connection, shards: ShardPools, begin: 
         key = _rate_key(r["insured_admdvs"], r["treating_admdvs"], r["scope"], r["med_type"])
         direct[key] = direct.get(key, 0) + r["n"]
     return _rate_dicts(direct, await _manual_counts(conn, start, stop))
+
+
+# --- Smart monitoring: the stream's judgements (fsi.judgements) -----------------------------------
+
+# Insert a new judgement; a re-emitted one (new evidence, same jr_id) updates its evidence only while
+# the row is `open` — a reviewed or withdrawn row keeps what it has. `inserted` is true only for the
+# INSERT that created the row (xmax = 0), so a judgement is counted once however often it is replayed.
+_JUDGEMENT_UPSERT = (
+    "INSERT INTO judgement AS j (jr_id, rule_id, rule_version, severity, psn_no, insured_admdvs, insured_prov,"
+    " treating_admdvs, treating_prov, fixmedins_code, mdtrt_ids, setl_ids, items, window_begin, window_end,"
+    " suspect_amt, detail)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+    " ON CONFLICT (jr_id) DO UPDATE SET mdtrt_ids = EXCLUDED.mdtrt_ids, setl_ids = EXCLUDED.setl_ids,"
+    " items = EXCLUDED.items, window_begin = EXCLUDED.window_begin, window_end = EXCLUDED.window_end,"
+    " suspect_amt = EXCLUDED.suspect_amt, detail = EXCLUDED.detail, updated_at = now()"
+    " WHERE j.status = 'open' AND (j.mdtrt_ids, j.setl_ids, j.items, j.window_begin, j.window_end, j.suspect_amt,"
+    " j.detail) IS DISTINCT FROM (EXCLUDED.mdtrt_ids, EXCLUDED.setl_ids, EXCLUDED.items, EXCLUDED.window_begin,"
+    " EXCLUDED.window_end, EXCLUDED.suspect_amt, EXCLUDED.detail)"
+    " RETURNING (xmax = 0) AS inserted"
+)
+# Withdrawn by the stream (its evidence was taken back): an open row, or a confirmed one whose deduction
+# month (YYYYMM) is not closed yet — its deduction is dropped (deduct_month NULL; the review's reason and
+# time stay, the audit log has the reviewer). Dismissed rows and deductions of closed months stay.
+_JUDGEMENT_WITHDRAW = (
+    "UPDATE judgement AS j SET status = 'withdrawn', deduct_month = NULL, reviewed_by = NULL, updated_at = now()"
+    " WHERE j.jr_id = $1 AND (j.status = 'open' OR (j.status = 'confirmed' AND NOT EXISTS ("
+    "   SELECT 1 FROM clearing_month m WHERE j.deduct_month IS NOT NULL AND m.state = 'closed'"
+    "   AND m.clr_month = substr(j.deduct_month, 1, 4) || '-' || substr(j.deduct_month, 5, 2))))"
+    " RETURNING j.rule_id"
+)
+
+
+@dataclass(frozen=True)
+class JudgementRow:
+    """A judgement as the hub stores it (provinces resolved by the caller)."""
+
+    jr_id: str
+    rule_id: str
+    rule_version: int
+    severity: str
+    psn_no: str
+    insured_admdvs: str
+    insured_prov: str
+    treating_admdvs: str
+    treating_prov: str
+    fixmedins_code: str
+    mdtrt_ids: list[str]
+    setl_ids: list[str]
+    items: list[str]
+    window_begin: date
+    window_end: date
+    suspect_amt: int
+    detail: str
+
+
+async def upsert_judgement(conn: asyncpg.Connection, row: JudgementRow) -> bool:
+    """Store an emitted judgement; True when this call created the row."""
+    inserted = await conn.fetchval(_JUDGEMENT_UPSERT, *asdict(row).values())
+    return bool(inserted)
+
+
+async def withdraw_judgement(conn: asyncpg.Connection, jr_id: str) -> str | None:
+    """Set a judgement withdrawn where the rules above allow it; its rule_id when a row changed."""
+    rule_id: str | None = await conn.fetchval(_JUDGEMENT_WITHDRAW, jr_id)
+    return rule_id

@@ -202,3 +202,49 @@ def serve_metrics(port: int, stage: str | None = None) -> None:
     if stage is not None:
         init_stage(stage)
     start_http_server(port, addr="127.0.0.1")
+
+
+# --- Smart monitoring (issue 13) -------------------------------------------------------------------
+# The stream (services/smartmon) counts what it handled and sent; the clearing service's judgement
+# sink counts judgements once, by the INSERT that created the row. Rule ids come from the rule book
+# (a bounded set); anything else is `other`.
+SMARTMON_EVENTS = Counter(
+    "xs_smartmon_events_total",
+    "Records the monitoring stream handled: outcome=ok (applied) or the dead letter's code (INTERNAL: "
+    "undecodable or failing), by agent (persons: fsi.settlements, cost_groups: fsi.monitor.stays)",
+    ["agent", "outcome"],
+)
+SMARTMON_SENT = Counter(
+    "xs_smartmon_judgements_sent_total",
+    "Judgements the monitoring stream sent to fsi.judgements, by rule and action (emit: new or with new "
+    "evidence, withdraw: no longer supported)",
+    ["rule", "action"],
+)
+MONITORING_JUDGEMENTS = Counter(
+    "xs_monitoring_judgements_total",
+    "New judgements stored (counted once, by the insert that created the row), by rule, severity and "
+    "insured province",
+    ["rule", "severity", "insured_prov"],
+)
+MONITORING_WITHDRAWN = Counter(
+    "xs_monitoring_withdrawn_total", "Stored judgements set to withdrawn by the stream, by rule", ["rule"]
+)
+SEVERITIES: Final = frozenset({"low", "medium", "high"})
+
+
+def _rule(rule_id: str, known: frozenset[str] | None) -> str:
+    return rule_id if known is None or rule_id in known else "other"
+
+
+def record_judgement_sent(rule_id: str, withdrawn: bool, known_rules: frozenset[str] | None = None) -> None:
+    SMARTMON_SENT.labels(_rule(rule_id, known_rules), "withdraw" if withdrawn else "emit").inc()
+
+
+def record_judgement_stored(rule_id: str, severity: str, insured_prov: str,
+                            known_rules: frozenset[str] | None = None) -> None:
+    MONITORING_JUDGEMENTS.labels(_rule(rule_id, known_rules), severity if severity in SEVERITIES else "other",
+                                 _prov(insured_prov)).inc()
+
+
+def record_judgement_withdrawn(rule_id: str, known_rules: frozenset[str] | None = None) -> None:
+    MONITORING_WITHDRAWN.labels(_rule(rule_id, known_rules)).inc()

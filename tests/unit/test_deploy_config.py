@@ -52,13 +52,17 @@ def test_partitions_and_replication_are_bounded(monkeypatch: pytest.MonkeyPatch,
 
 def test_catalog_names_and_sizes_topics_from_settings(run_env: None) -> None:
     topics = {t.name: t for t in catalog(load_settings())}
-    assert sorted(topics) == sorted(f"t42.fsi.{n}" for n in (
+    assert sorted(topics) == sorted([*(f"t42.fsi.{n}" for n in (
         "ingress", "routed", "replies", "settlements", "clearing", "deadletter", "manual_claims", "deposits", "alerts",
-        "audit"))
+        "audit", "judgements", "monitor.stays")),
+        "t42.xsettle-smartmon-cost_groups-changelog", "t42.xsettle-smartmon-persons-changelog"])
     assert {n: t.partitions for n, t in topics.items()} == {
         "t42.fsi.ingress": 3, "t42.fsi.routed": 3, "t42.fsi.replies": 4, "t42.fsi.settlements": 3,
         "t42.fsi.clearing": 3, "t42.fsi.deadletter": 1, "t42.fsi.manual_claims": 3, "t42.fsi.deposits": 1,
-        "t42.fsi.alerts": 1, "t42.fsi.audit": 1}
+        "t42.fsi.alerts": 1, "t42.fsi.audit": 1, "t42.fsi.judgements": 3, "t42.fsi.monitor.stays": 3,
+        "t42.xsettle-smartmon-persons-changelog": 3, "t42.xsettle-smartmon-cost_groups-changelog": 3}
+    changelogs = [t for n, t in topics.items() if n.endswith("-changelog")]
+    assert {(t.cleanup_policy, t.retention_ms) for t in changelogs} == {("compact", -1)}
     assert {t.replication_factor for t in topics.values()} == {2}
 
 
@@ -96,6 +100,7 @@ def test_each_service_connects_to_postgresql_as_its_own_role_without_a_password_
         "gateway": ['XS_PG_USER="xsettle"'],  # the gateway has no database code
         "clearing": ['XS_PG_USER="xs_clearing"'], "monitor": ['XS_PG_USER="xs_monitor"'],
         "dashboard": ['XS_PG_USER="xs_dashboard"'],
+        "smartmon": ['XS_PG_USER="xsettle"'],  # the monitoring stream has no database code either
     }
 
 

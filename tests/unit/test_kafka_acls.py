@@ -35,7 +35,12 @@ def test_each_service_gets_exactly_its_topics_and_groups(tmp_path: Path) -> None
     assert grants(acls, "settle", TOPIC, OP_WRITE) == {"t1.fsi.replies", "t1.fsi.settlements", "t1.fsi.deadletter"}
     assert grants(acls, "settle", GROUP, OP_READ) == {"t1.xsettle-settle"}
     assert grants(acls, "clearing", GROUP, OP_READ) == {"t1.xsettle-clearing-requests", "t1.xsettle-clearing-positions",
-                                                         "t1.xsettle-clearing-claims"}
+                                                         "t1.xsettle-clearing-claims", "t1.xsettle-clearing-judgements"}
+    changelogs = {"t1.xsettle-smartmon-persons-changelog", "t1.xsettle-smartmon-cost_groups-changelog"}
+    assert grants(acls, "smartmon", TOPIC, OP_READ) == {"t1.fsi.settlements", "t1.fsi.monitor.stays", *changelogs}
+    assert grants(acls, "smartmon", TOPIC, OP_WRITE) == {"t1.fsi.judgements", "t1.fsi.monitor.stays",
+                                                         "t1.fsi.deadletter", *changelogs}
+    assert grants(acls, "smartmon", GROUP, OP_READ) == {"t1.xsettle-smartmon"}
     assert grants(acls, "gateway", TOPIC, OP_READ) == {"t1.fsi.replies"}
     assert grants(acls, "gateway", GROUP, OP_READ) == set()
     assert [a for a in acls if a.principal == user("his")] == [
