@@ -59,9 +59,9 @@ pytestmark = pytest.mark.integration
 D = Decimal
 WAIT_S = 30
 REGION, PROV = "150400", "150000"
-HOSP_A = Hospital("H15040099930", "赤峰测试监控甲医院", REGION)
-HOSP_B = Hospital("H15040099931", "赤峰测试监控乙医院", REGION)
-PHARMACY = Hospital("P15040099930", "赤峰测试监控药房", REGION)
+HOSP_A = Hospital("H15040099950", "赤峰测试监控甲医院", REGION)
+HOSP_B = Hospital("H15040099951", "赤峰测试监控乙医院", REGION)
+PHARMACY = Hospital("P15040099950", "赤峰测试监控药房", REGION)
 # Catalog items with monitoring fields (hub catalog_item, 0009), in the treating province.
 OBSTETRIC, ONCE_A_DAY, DRUG_30 = "EVGEN001", "EVONCE01", "EVDRUG30"
 
