@@ -55,7 +55,8 @@ def _assert_within_bounds(req: Any) -> None:
     for path, value in _leaves(req.body):
         if isinstance(value, str):
             assert not any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in value), path
-            assert len(value) <= 500, path
+            # 500 characters for any text; a stay's main condition (2401/2403 main_cond_dscr) may run to 1000
+            assert len(value) <= (1000 if path.endswith(".main_cond_dscr") else 500), path
         elif isinstance(value, Decimal):
             assert value.is_finite() and abs(value) <= FEE_YUAN_MAX, path
             assert value == value.quantize(Decimal("0.0001")), path
