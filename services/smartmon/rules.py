@@ -432,28 +432,35 @@ def cost_judgements(stays: Sequence[StayCost], book: RuleBook) -> list[Judgement
         key = (s.fixmedins_code, s.mdtrt_id)
         if key not in live or _stay_key(s) > _stay_key(live[key]):
             live[key] = s  # one per stay; should a stale copy come along, the fuller one wins
-    out = []
-    for s in live.values():
-        p = book.params(COST_RULE, s.insured_admdvs)
-        day = date.fromisoformat(s.dscg_day)
-        first = day - timedelta(days=p["window_days"])
-        peers = sorted(o.medfee for o in live.values() if o.group == s.group and o is not s
-                       and first <= date.fromisoformat(o.dscg_day) < day)
-        if len(peers) < p["min_stays"]:
-            continue
-        threshold = nearest_rank(peers, p["percentile"])
-        if s.medfee <= threshold:
-            continue
-        out.append(Judgement(
-            jr_id=jr_id_of(rule, [s.setl_ids[0] if s.setl_ids else s.mdtrt_id]), rule_id=rule.rule_id,
-            rule_name=rule.name, rule_version=rule.version, severity=rule.severity, psn_no=s.psn_no,
-            insured_admdvs=s.insured_admdvs, treating_admdvs=s.treating_admdvs, fixmedins_code=s.fixmedins_code,
-            mdtrt_ids=[s.mdtrt_id], setl_ids=list(s.setl_ids), items=[], window_begin=first.isoformat(),
-            window_end=s.dscg_day, suspect_amt=s.medfee - threshold,
-            detail=f"stay at {s.fixmedins_code} discharged {s.dscg_day}: medfee {s.medfee} fen above the "
-                   f"p{p['percentile']} {threshold} fen of {len(peers)} stays of group {s.group} discharged "
-                   f"{first.isoformat()}..{(day - timedelta(days=1)).isoformat()}"))
+    out = [j for s in live.values() if (j := judge_stay(s, live.values(), book)) is not None]
     return sorted(out, key=lambda j: j.jr_id)
+
+
+def judge_stay(stay: StayCost, others: Iterable[StayCost], book: RuleBook) -> Judgement | None:
+    """COST_OUTLIER of one stay against the others of its group (other groups and withdrawn stays are
+    skipped): the stream judges the stays a change can affect with this, `cost_judgements` a whole group."""
+    rule = book.rules.get(COST_RULE)
+    if rule is None or not rule.enabled or stay.withdrawn:
+        return None
+    p = book.params(COST_RULE, stay.insured_admdvs)
+    day = date.fromisoformat(stay.dscg_day)
+    first = day - timedelta(days=p["window_days"])
+    peers = sorted(o.medfee for o in others if o is not stay and not o.withdrawn and o.group == stay.group
+                   and first <= date.fromisoformat(o.dscg_day) < day)
+    if len(peers) < p["min_stays"]:
+        return None
+    threshold = nearest_rank(peers, p["percentile"])
+    if stay.medfee <= threshold:
+        return None
+    return Judgement(
+        jr_id=jr_id_of(rule, [stay.setl_ids[0] if stay.setl_ids else stay.mdtrt_id]), rule_id=rule.rule_id,
+        rule_name=rule.name, rule_version=rule.version, severity=rule.severity, psn_no=stay.psn_no,
+        insured_admdvs=stay.insured_admdvs, treating_admdvs=stay.treating_admdvs, fixmedins_code=stay.fixmedins_code,
+        mdtrt_ids=[stay.mdtrt_id], setl_ids=list(stay.setl_ids), items=[], window_begin=first.isoformat(),
+        window_end=stay.dscg_day, suspect_amt=stay.medfee - threshold,
+        detail=f"stay at {stay.fixmedins_code} discharged {stay.dscg_day}: medfee {stay.medfee} fen above the "
+               f"p{p['percentile']} {threshold} fen of {len(peers)} stays of group {stay.group} discharged "
+               f"{first.isoformat()}..{(day - timedelta(days=1)).isoformat()}")
 
 
 def _stay_key(s: StayCost) -> tuple[int, str, int, tuple[str, ...]]:

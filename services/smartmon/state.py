@@ -24,8 +24,7 @@ from services.smartmon.rules import (
     Episode,
     RuleBook,
     horizon_days,
-    jr_id_of,
-    nearest_rank,
+    judge_stay,
     person_judgements,
     stay_costs,
 )
@@ -176,29 +175,6 @@ def _cost_window_max(book: RuleBook) -> int:
 
 
 def _judge_one(stay: StayCost, stays: dict[str, StayCost], book: RuleBook) -> Judgement | None:
-    """COST_OUTLIER of `stay` alone, as `cost_judgements` judges it (tests/unit/test_smartmon_state.py holds
-    the two equal over random groups): that function judges every stay it is given against all the others,
-    O(n²) for a group; here one stay against its window, O(n). Should the rule change, so must this."""
-    rule = book.rules.get(COST_RULE)
-    if rule is None or not rule.enabled or stay.withdrawn:
-        return None
-    p = book.params(COST_RULE, stay.insured_admdvs)
-    day = _day(stay.dscg_day)
-    first = day - timedelta(days=p["window_days"])
-    since = first.isoformat()
-    peers = sorted(s.medfee for s in stays.values() if s is not stay and not s.withdrawn and s.group == stay.group
-                   and since <= s.dscg_day < stay.dscg_day)
-    if len(peers) < p["min_stays"]:
-        return None
-    threshold = nearest_rank(peers, p["percentile"])
-    if stay.medfee <= threshold:
-        return None
-    return Judgement(
-        jr_id=jr_id_of(rule, [stay.setl_ids[0] if stay.setl_ids else stay.mdtrt_id]), rule_id=rule.rule_id,
-        rule_name=rule.name, rule_version=rule.version, severity=rule.severity, psn_no=stay.psn_no,
-        insured_admdvs=stay.insured_admdvs, treating_admdvs=stay.treating_admdvs, fixmedins_code=stay.fixmedins_code,
-        mdtrt_ids=[stay.mdtrt_id], setl_ids=list(stay.setl_ids), items=[], window_begin=first.isoformat(),
-        window_end=stay.dscg_day, suspect_amt=stay.medfee - threshold,
-        detail=f"stay at {stay.fixmedins_code} discharged {stay.dscg_day}: medfee {stay.medfee} fen above the "
-               f"p{p['percentile']} {threshold} fen of {len(peers)} stays of group {stay.group} discharged "
-               f"{first.isoformat()}..{(day - timedelta(days=1)).isoformat()}")
+    """COST_OUTLIER of `stay` alone (O(n) in its group): what `cost_judgements` decides for it over the whole
+    group (tests/unit/test_smartmon_state.py holds the two equal over random groups)."""
+    return judge_stay(stay, stays.values(), book)
