@@ -158,7 +158,10 @@ def apply_stay(state: CostGroupState, stay: StayCost, book: RuleBook) -> list[Ju
         state.emitted = {k: j for k, j in state.emitted.items() if j.mdtrt_ids[0] not in old}
     reach = timedelta(days=_cost_window_max(book))
     spans = [(d.isoformat(), (d + reach).isoformat()) for d in changed_days]  # ISO days compare as strings
-    affected = {k for k, s in state.stays.items() if any(lo <= s.dscg_day <= hi for lo, hi in spans)}
+    # Peers are stays of strictly earlier days: a change on day d can only move the judgements of the stay
+    # itself and of stays discharged in (d, d + window] — not of the (many) others discharged the same day.
+    affected = {k for k, s in state.stays.items() if any(lo < s.dscg_day <= hi for lo, hi in spans)}
+    affected |= {stay.mdtrt_id} & state.stays.keys()
     produced = [j for k in sorted(affected) if (j := _judge_one(state.stays[k], state.stays, book))]
     mine = {k: j for k, j in state.emitted.items() if j.mdtrt_ids[0] in affected | {stay.mdtrt_id}}
     now, out = _diff(mine, produced)

@@ -29,7 +29,7 @@ import msgspec
 from schemas.internal import DeadLetter, SettlementEvent
 from schemas.monitoring import Judgement, StayCost
 from services.common.config import Settings
-from services.common.kafka import SCRAM_MECHANISM
+from services.common.kafka import SCRAM_MECHANISM, SESSION_TIMEOUT_MS
 from services.common.metrics import DEAD_LETTERS, SMARTMON_EVENTS, record_judgement_sent
 from services.common.secrets import password
 from services.smartmon.rules import RuleBook, load_rules
@@ -64,6 +64,10 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
         topic_partitions=s.partitions,
         topic_replication_factor=s.replication_factor,
         consumer_auto_offset_reset="earliest",
+        # Like every consumer of the broker (faust's default is 60 s): after a kill -9 the group waits this
+        # long for the dead member before the new process gets the partitions.
+        broker_session_timeout=SESSION_TIMEOUT_MS / 1000,
+        broker_heartbeat_interval=3.0,
         producer_acks=-1,
         web_enabled=False,  # metrics are prometheus_client's (serve_metrics)
         key_serializer="raw",  # every key and value is bytes, decoded here with msgspec
