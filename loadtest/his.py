@@ -59,6 +59,8 @@ class Hospital:
     fixmedins_name: str
     admdvs: str
     live_clock: bool = False
+    # Every stay's main diagnosis here (ICD-10): with the level and province, a stay's COST_OUTLIER group.
+    main_diagnosis: str = "I10.x00"
 
     def envelope(self, infno: str, body: dict[str, Any], *, insuplc: str = "", msgid: str | None = None,
                  inf_time: datetime | None = None) -> dict[str, Any]:
@@ -167,11 +169,13 @@ class Stay:
         return self._env("2401", {"mdtrtinfo": {
             "psn_no": self.psn_no, "insutype": self.insutype, "mdtrt_cert_type": "02", "mdtrt_cert_no": "-",
             "med_type": "21", "ipt_otp_no": f"ZY{self.start:%m%d%H%M%S}", "begntime": wire_time(self.start),
-            "atddr_no": "D001", "chfpdr_name": "doctor", "adm_diag_dscr": "-", "dise_codg": "I10.x00",
+            "atddr_no": "D001", "chfpdr_name": "doctor", "adm_diag_dscr": "-",
+            "dise_codg": self.hospital.main_diagnosis,
             "dise_name": "-", "promise_filing_flag": "1" if self.promise_filing else "0",
             "emergency_flag": "1" if emergency else "0",
         }, "diseinfo": [{
-            "diag_type": "1", "diag_srt_no": 1, "diag_code": "I10.x00", "diag_name": "-", "maindiag_flag": "1",
+            "diag_type": "1", "diag_srt_no": 1, "diag_code": self.hospital.main_diagnosis, "diag_name": "-",
+            "maindiag_flag": "1",
             "diag_dept": "D01", "dise_dor_no": "D001", "diag_time": wire_time(self.start),
         }]}, self.start)
 

@@ -524,7 +524,7 @@ class Population:
             return None
         h = side.choice(places)
         start = self._stay_start(side, now)
-        # Same hospital, same main diagnosis (loadtest.his.Stay: I10), readmitted 7 days after the discharge.
+        # Same hospital, same main diagnosis (its main_diagnosis), readmitted 7 days after the discharge.
         gap = timedelta(days=STAY_DAYS + SPLIT_GAP_DAYS)
         return [self._visit("inpatient", h, person, at, [self._lines(side, h, "inpatient")], now.date())
                 for at in (start - gap, start)]
@@ -635,7 +635,7 @@ class Population:
 
     @staticmethod
     def _group(h: HospitalInfo) -> tuple[int, str]:
-        return h.hosp_lv, h.prov  # COST_OUTLIER's group, with the main diagnosis every stay has (I10)
+        return h.hosp_lv, h.prov  # COST_OUTLIER's group, with the hospital's one main diagnosis (I10 unless set)
 
     def _cost_fillers(self, h: HospitalInfo, person: PersonInfo, side: random.Random,
                       now: datetime) -> list[Scenario] | None:
@@ -746,7 +746,7 @@ async def sample_population(s: Settings, dataset: RefDataSet, n: int, seed: int)
 
 
 async def _population(s: Settings, hospital_codes: list[str], psn_nos: list[str], item_codes: list[str],
-                      genders: Mapping[str, str] | None = None) -> Population:
+                      genders: Mapping[str, str] | None = None, main_diagnosis: str = "I10.x00") -> Population:
     try:
         conn = await asyncpg.connect(s.pg_dsn, timeout=5)
         shards = await ShardPools.connect(s, 1)
@@ -777,7 +777,8 @@ async def _population(s: Settings, hospital_codes: list[str], psn_nos: list[str]
     for r in sorted(hrows, key=lambda r: r["fixmedins_code"]):
         region = region_of(r["admdvs"])
         hospitals.append(HospitalInfo(
-            Hospital(r["fixmedins_code"], r["fixmedins_name"], r["admdvs"], live_clock=True), r["admdvs"], r["hosp_lv"],
+            Hospital(r["fixmedins_code"], r["fixmedins_name"], r["admdvs"], live_clock=True,
+                     main_diagnosis=main_diagnosis), r["admdvs"], r["hosp_lv"],
             region.prov_admdvs, region.pool_admdvs,
         ))
     genders = genders or {}

@@ -29,6 +29,9 @@ from tests.integration.conftest import ITEM_A, ITEM_B10, ITEM_C, RUN_TOKEN, issu
 
 # This test's institutions (two hospitals and two pharmacies of 赤峰, so every person is local) and persons
 # (local residents of 赤峰 with certificates: even ones female, odd ones male).
+# A main diagnosis no other test uses: the stays of other tests' hospitals of the same level and province
+# (I10) are not in this test's COST_OUTLIER group, whose percentile it controls.
+DIAGNOSIS = "K80.x00"
 HOSPITALS = [Hospital("H15040099940", "赤峰测试监控甲医院", "150400", live_clock=True),
              Hospital("H15040099941", "赤峰测试监控乙医院", "150400", live_clock=True),
              Hospital("P15040099940", "赤峰测试监控甲药房", "150400", live_clock=True),
@@ -99,7 +102,7 @@ async def test_every_seeded_behaviour_ends_as_a_judgement_of_its_rule(seeds_data
     pop: Population = await _population(
         s, [h.fixmedins_code for h in HOSPITALS], PERSONS, [ITEM_A, ITEM_B10, ITEM_C, ITEM_DAILY, ITEM_FEMALE,
                                                             ITEM_MALE, ITEM_BOX30],
-        {p: "2" if i % 2 == 0 else "1" for i, p in enumerate(PERSONS)})
+        {p: "2" if i % 2 == 0 else "1" for i, p in enumerate(PERSONS)}, main_diagnosis=DIAGNOSIS)
     assert len(pop.hospitals) == 2 and len(pop.pharmacies) == 2 and len(pop.persons) == len(PERSONS)
     pop.cost_group_stays = COST_GROUP_STAYS
     rng = random.Random(13)
