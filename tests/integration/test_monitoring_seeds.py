@@ -80,7 +80,10 @@ async def seeds_data(refdata: dict, db: asyncpg.Pool, services: Settings,
     _write(directory)
     await load_dir(db, directory, operator="test.loader")
     await issue_keys(services, db, [h.fixmedins_code for h in HOSPITALS])
-    stack_ctl.start_service("smartmon", services)  # nothing to do when the run's services include it
+    # A fresh worker: in two whole-suite runs (after tests that restart Kafka and kill services) the seeded
+    # COST_OUTLIER was not judged within the wait while the other rules were; not reproduced in isolation
+    # and not explained yet (README, Smart monitoring). This test is about the seeds, so it starts clean.
+    stack_ctl.restart_service("smartmon", services)
     await wait_router_knows(services, HOSPITALS[0], PERSONS[-1], "150400")
     return services
 
