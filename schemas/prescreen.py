@@ -18,8 +18,7 @@ from msgspec import Meta
 
 from schemas.codes import MedType
 from schemas.inpatient import MdtrtId, PsnNo
-from schemas.money import AmountError, check_cnt
-from schemas.wire import Code, Flag, Text, WireTime, check_amounts, check_times
+from schemas.wire import Code, Flag, Text, WireTime, check_amounts, check_count, check_times
 
 RULE_IDS_MAX = 20
 ENCOUNTERS_MAX = 20
@@ -50,10 +49,7 @@ class FsiOrder(msgspec.Struct, kw_only=True):
     def __post_init__(self) -> None:
         check_amounts(self, "pric", "sumamt")
         check_times(self, "drord_begn_date")
-        try:
-            check_cnt("cnt", self.cnt)
-        except AmountError as e:
-            raise ValueError(str(e)) from None
+        check_count(self)
 
 
 class FsiEncounter(msgspec.Struct, kw_only=True):

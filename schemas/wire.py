@@ -63,6 +63,12 @@ def check_fee_item(item: Any) -> None:
     """A fee or drug line: exact bounded amounts, a valid time, a positive bounded count."""
     check_amounts(item, "det_item_fee_sumamt", "pric")
     check_times(item, "fee_ocur_time")
+    check_count(item)
+
+
+def check_count(item: Any) -> None:
+    """The item's quantity `cnt`: a positive bounded count (raised as ValueError, which msgspec reports at
+    the item's path)."""
     try:
         check_cnt("cnt", item.cnt)
     except AmountError as e:

@@ -23,13 +23,14 @@ not settled again nets to zero, and one settled again counts once.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, get_args
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 # The code tables label values come from (the monitor imports SCOPES, VISIT_TYPES, visit_type_of from here).
 from schemas.codes import FUND_TOTAL, FUNDS, SCOPES, VISIT_TYPES, is_province_code, visit_type_of
 from schemas.errors import ERRORS
+from schemas.monitoring import Severity
 from schemas.transactions import TRANSACTIONS
 
 # No `_created` series: Prometheus 2 does not use them, and they would double every counter's series.
@@ -229,7 +230,7 @@ MONITORING_JUDGEMENTS = Counter(
 MONITORING_WITHDRAWN = Counter(
     "xs_monitoring_withdrawn_total", "Stored judgements set to withdrawn by the stream, by rule", ["rule"]
 )
-SEVERITIES: Final = frozenset({"low", "medium", "high"})
+SEVERITIES: Final = frozenset(get_args(Severity))
 
 
 def _rule(rule_id: str, known: frozenset[str] | None) -> str:
