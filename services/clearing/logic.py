@@ -424,6 +424,14 @@ def positions_from_statement(body: Mapping[str, object]) -> list[Position]:
 # Statement versions: operator adjustments of a closed month ---------------------------------
 
 
+def _check_pair_line(insured_pool: str, treating_pool: str, scope: str, what: str) -> None:
+    """An extra line of a pair (an adjustment, a deduction) is between two pools, for non-local care."""
+    if insured_pool == treating_pool:
+        raise ClearingError(f"{what} is between two different pooling regions")
+    if scope not in NON_LOCAL:
+        raise ClearingError(f"{what} is of non-local care")
+
+
 @dataclass(frozen=True, slots=True)
 class Adjustment:
     """An operator's correction of what one insured pooling region owes one treating pooling region in a
@@ -440,10 +448,7 @@ class Adjustment:
     version: int
 
     def checked(self) -> Adjustment:
-        if self.insured_pool == self.treating_pool:
-            raise ClearingError("an adjustment is between two different pooling regions")
-        if self.scope not in NON_LOCAL:
-            raise ClearingError("an adjustment is of non-local care")
+        _check_pair_line(self.insured_pool, self.treating_pool, self.scope, "an adjustment")
         if self.amounts == ZERO:
             raise ClearingError("an adjustment changes at least one amount")
         if not 1 <= len(self.reason) <= 500:
@@ -515,10 +520,7 @@ class Deduction:
     amounts: Amounts
 
     def checked(self) -> Deduction:
-        if self.insured_pool == self.treating_pool:
-            raise ClearingError("a deduction is between two different pooling regions")
-        if self.scope not in NON_LOCAL:
-            raise ClearingError("a deduction is of non-local care")
+        _check_pair_line(self.insured_pool, self.treating_pool, self.scope, "a deduction")
         if self.amounts.fund_pay_sumamt > 0:
             raise ClearingError("a deduction only lowers what is owed")
         self.amounts.checked()
