@@ -32,6 +32,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -205,8 +206,9 @@ class Report:
 # --- load ----------------------------------------------------------------------------------
 
 
-async def router_knows(client: GatewayClient, person: Person, timeout_s: float) -> bool:
-    """Whether the router resolves the run's hospital and person (it reloads on NOTIFY refdata_changed)."""
+async def router_knows(client: GatewayClient, person: Person, timeout_s: float, seen: Counter[str]) -> bool:
+    """Whether the router resolves the run's hospital and person (it reloads on NOTIFY refdata_changed).
+    Every other answer's error code is counted in `seen`, so a failure can say what the path answered."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         env = HOSPITAL.envelope("2404", {"data": {"mdtrt_id": "NONE", "psn_no": person.psn_no}},
@@ -214,25 +216,41 @@ async def router_knows(client: GatewayClient, person: Person, timeout_s: float) 
         try:
             r = await client.call(env)
         except SignInFailed:  # the router has not applied the hospital's key yet
+            seen["SIGN_IN_FAILED"] += 1
+            await asyncio.sleep(0.5)
+            continue
+        except (aiohttp.ClientError, OSError) as e:  # the gateway itself not answering
+            seen[type(e).__name__] += 1
             await asyncio.sleep(0.5)
             continue
         if not r["err_msg"].startswith(("PERSON_UNKNOWN", "TIMEOUT", "HOSPITAL_UNKNOWN", "KEY_UNKNOWN")):
             return True
+        seen[r["err_msg"].split(":", 1)[0]] += 1
         await asyncio.sleep(0.5)
     return False
 
 
 async def wait_router_knows(s: Settings, client: GatewayClient, person: Person) -> None:
-    if await router_knows(client, person, 15):
+    seen: Counter[str] = Counter()
+    if await router_knows(client, person, 15, seen):
         return
     # Seen after an earlier run's database restart: the router kept running but its LISTEN connection
     # was gone, so it never heard of the new reference data. A restart makes it load a fresh snapshot.
-    say("the router did not pick up the run's reference data (missed NOTIFY): restarting it")
-    await asyncio.to_thread(stack_ctl.restart_service, "router", s)
-    # Up to two minutes: right after the switch to three brokers the groups are still settling (seen in CI:
-    # the router rebalancing for over a minute after a broker's restart on the shared 2-core machine).
-    if not await router_knows(client, person, 120):
-        raise RuntimeError("the router did not pick up the chaos run's reference data")
+    # Seen in CI right after the switch to three brokers: TIMEOUT for over two minutes, the path's groups
+    # not consuming. So every stage on the request's path starts afresh, not the router alone.
+    say(f"the request path does not answer the run's person yet ({_codes(seen)}): restarting {', '.join(PATH)}")
+    for name in PATH:
+        await asyncio.to_thread(stack_ctl.restart_service, name, s)
+    seen.clear()
+    if not await router_knows(client, person, 120, seen):
+        raise RuntimeError(f"the request path did not answer the chaos run's person in 2 minutes ({_codes(seen)})")
+
+
+PATH = ("router", "settle", "gateway")  # the stages a request crosses
+
+
+def _codes(seen: Counter[str]) -> str:
+    return ", ".join(f"{code} ×{n}" for code, n in seen.most_common()) or "no answer"
 
 
 async def hospital(client: GatewayClient, person: Person, stop: asyncio.Event, out: list[StayResult],
