@@ -105,8 +105,9 @@ from services.common.tls import client_session
 from services.router.auth import authenticate
 from topics.catalog import INGRESS, REPLIES
 
-# The stack's processes whose CPU the report reads (the dashboard and Prometheus are not on the request path).
-SERVICES = ("gateway", "router", "settle", "clearing", "monitor")
+# The stack's processes whose CPU the report reads (the dashboard and Prometheus are not on the request path;
+# smartmon is not either, but it reads every settlement event, so its cost grows with the load).
+SERVICES = ("gateway", "router", "settle", "clearing", "monitor", "smartmon")
 STACK = (*SERVICES, "kafka", "postgres")
 ECHO_TOPIC = "xsettle.bench.echo"  # scratch topic of the raw round-trip baseline
 _decoder = msgspec.json.Decoder(float_hook=Decimal)
@@ -415,7 +416,7 @@ def rss_lines(s: Settings) -> list[str]:
     """Resident memory of every process of the stack now (MB). PostgreSQL: the postmaster and its largest
     backend (backends share the buffer pool, so their sum would count it many times)."""
     parts = []
-    for name in ("gateway", "router", "settle", "clearing", "monitor", "dashboard"):
+    for name in (*SERVICES, "dashboard"):
         pid = stack.service_pid(name, s)
         parts.append(f"{name} {_rss_mb(pid):.0f}" if pid else f"{name} -")
     kpid = stack.kafka_pid(s)

@@ -40,7 +40,7 @@ from pathlib import Path
 from deploy import stack
 from services.common.config import Settings, load_settings
 
-STAGES = ("gateway", "router", "settle", "clearing", "monitor")
+STAGES = ("gateway", "router", "settle", "clearing", "monitor", "smartmon")
 PROJECT_PACKAGES = ("services", "schemas", "topics")
 MODES = {"gil": ("--gil",), "active": (), "idle": ("--idle",)}
 MODE_TEXT = {"gil": "samples of a thread holding the GIL, Python at work",
