@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import platform
 import random
@@ -50,6 +51,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +65,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deploy import stack
 from loadtest.demo import HttpCaller
-from loadtest.his import GatewayClient, Signer, Stay, next_msgid
+from loadtest.his import GatewayClient, Signer, Stay, msgids_continue_at, next_msgid, start_msgids_at
 from loadtest.openloop import (
     HELD_SHARE,
     OpenLoopResult,
     held,
     lookup_share,
+    merge_results,
     mix_items,
     quantiles_ms,
     requests_per_visit,
@@ -81,6 +85,9 @@ from loadtest.population import (
     NATIONAL_MIX,
     SCOPES,
     SUSPICIOUS_SHARE,
+    CatalogInfo,
+    HospitalInfo,
+    PersonInfo,
     PipelineUnavailable,
     Population,
     Stats,
@@ -102,6 +109,7 @@ from services.common.config import PROJECT_ROOT, Settings, load_settings
 from services.common.kafka import ADMIN, client_auth, make_admin, make_producer
 from services.common.signing import InstitutionKey, content_digest
 from services.common.tls import client_session
+from services.refdata.store import Filing
 from services.router.auth import authenticate
 from topics.catalog import INGRESS, REPLIES
 
@@ -231,6 +239,137 @@ class KafkaCaller:
         if not isinstance(result, dict):
             raise TransportError("a reply that is not a JSON object")
         return result
+
+
+# Generator processes (--processes N) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GeneratorShare:
+    """What one generator process drives: its own institutions and persons (so msgids, sign-in sessions,
+    1101 rate limits and busy persons never meet another process's) and its own fsi.replies partition."""
+
+    index: int
+    via: str
+    reply_partition: int
+    request_timeout_s: float
+    http_connections: int
+    places: list[HospitalInfo]  # hospitals and pharmacies
+    persons: list[PersonInfo]
+    filings: dict[str, list[Filing]]
+    catalog: dict[str, list[CatalogInfo]]
+    seed: int
+    suspicious_share: float
+    keys: dict[str, bytes]  # fixmedins_code → signing secret of its institutions
+    msgid_clock: int  # his.start_msgids_at: past every msgid the parent sent
+
+
+def generator_shares(pop: Population, signer: Signer, args: argparse.Namespace) -> list[GeneratorShare]:
+    """The population dealt out to `args.processes` generator processes, every n-th hospital, pharmacy and
+    person each (sorted by code: each share spans the regions and scopes)."""
+    n = args.processes
+    if n > len(pop.hospitals):
+        raise ValueError(f"--processes {n}: only {len(pop.hospitals)} hospitals to deal out (one at least each)")
+    clock = msgids_continue_at()
+    return [GeneratorShare(
+        index=i, via=args.via, reply_partition=(args.reply_partition + i) % REPLIES.partitions,
+        request_timeout_s=args.request_timeout, http_connections=max(4, args.http_connections // n),
+        places=pop.hospitals[i::n] + pop.pharmacies[i::n], persons=pop.persons[i::n], filings=pop.filings,
+        catalog=pop.catalog, seed=pop.seed, suspicious_share=pop.suspicious_share,
+        keys={h.his.fixmedins_code: signer.keys[h.his.fixmedins_code]
+              for h in pop.hospitals[i::n] + pop.pharmacies[i::n] if h.his.fixmedins_code in signer.keys},
+        msgid_clock=clock,
+    ) for i in range(n)]
+
+
+def _generator_main(conn: Connection, share: GeneratorShare) -> None:
+    """A generator process (spawned): runs each rate its parent sends, answers with its OpenLoopResult."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_generator(conn, share))
+
+
+async def _generator(conn: Connection, share: GeneratorShare) -> None:
+    s = load_settings()
+    start_msgids_at(share.msgid_clock)
+    pop = Population(share.places, share.persons, share.filings, share.catalog, seed=share.seed,
+                     suspicious_share=share.suspicious_share)
+    GatewayClient.default_signer = Signer(share.keys)
+    caller: KafkaCaller | HttpCaller
+    session: aiohttp.ClientSession | None = None
+    if share.via == "kafka":
+        caller = KafkaCaller(s, share.reply_partition, timeout_s=share.request_timeout_s)
+    else:
+        session = client_session(s, limit=share.http_connections)
+        caller = HttpCaller(s.gateway_url, session, timeout_s=share.request_timeout_s)
+    try:
+        if isinstance(caller, KafkaCaller):
+            await caller.start()
+        conn.send(("ready", None))
+        while (job := await asyncio.to_thread(conn.recv)) is not None:
+            res = await run_open_loop(caller, pop, **job, log=log if share.index == 0 else lambda _: None)
+            conn.send(("result", res))
+    except Exception as e:  # the parent reports it and stops the run
+        conn.send(("error", f"generator process {share.index}: {type(e).__name__}: {e}"))
+    finally:
+        if isinstance(caller, KafkaCaller):
+            await caller.stop()
+        if session is not None:
+            await session.close()
+        conn.close()
+
+
+class GeneratorPool:
+    """`--processes` generator processes, each a share of every rate (`GeneratorShare`); their results
+    merged into one (`openloop.merge_results`: HDR histograms added exactly)."""
+
+    def __init__(self, shares: list[GeneratorShare]) -> None:
+        self.shares = shares
+        self.conns: list[Connection] = []
+        self.procs: list[BaseProcess] = []
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        ctx = multiprocessing.get_context("spawn")  # not fork: the parent's event loop and clients stay its own
+        for share in self.shares:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_generator_main, args=(child, share), name=f"bench-generator-{share.index}",
+                               daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(self._answer(conn, "ready") for conn in self.conns))
+
+    async def _answer(self, conn: Connection, kind: str) -> Any:
+        try:
+            got, value = await asyncio.to_thread(conn.recv)
+        except EOFError:
+            raise TransportError("a generator process ended without an answer (see its error above)") from None
+        if got == "error":
+            raise TransportError(value)
+        if got != kind:
+            raise TransportError(f"a generator process answered {got!r}, not {kind!r}")
+        return value
+
+    async def run(self, *, rate: float, max_requests: int, seed: int, **job: Any) -> OpenLoopResult:
+        """One rate: each process gets rate / N and max_requests / N, and a seed of its own."""
+        n = len(self.conns)
+        for i, conn in enumerate(self.conns):
+            conn.send({**job, "rate": rate / n, "max_requests": max(1, max_requests // n), "seed": seed * 64 + i})
+        parts = await asyncio.gather(*(self._answer(conn, "result") for conn in self.conns))
+        return merge_results(parts)
+
+    async def stop(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc in self.procs:
+            await asyncio.to_thread(proc.join, 15)
+            if proc.is_alive():
+                proc.terminate()
+                await asyncio.to_thread(proc.join, 5)
+        for conn in self.conns:
+            conn.close()
 
 
 async def ensure_echo_topic(s: Settings) -> None:
@@ -729,7 +868,7 @@ async def run(args: argparse.Namespace) -> int:
     except PipelineUnavailable as e:
         log(f"bench: {e}")
         return 2
-    GatewayClient.default_signer = await population_signer(s, pop, operator="bench")
+    signer = GatewayClient.default_signer = await population_signer(s, pop, operator="bench")
     info["verify_s"] = verification_seconds(pop)
     # After the reference data is there: readiness at most 60 s, then each run --seconds + --drain-seconds.
     hard_deadline = time.monotonic() + 60 + args.repeat * (args.seconds + args.drain_seconds)
@@ -748,6 +887,16 @@ async def run(args: argparse.Namespace) -> int:
         if isinstance(caller, KafkaCaller):
             await caller.start()
         log(f"bench: {await wait_ready(caller, pop, timeout_s=30)}")
+        if open_mode and args.processes > 1:
+            pool = GeneratorPool(generator_shares(pop, signer, args))
+            log(f"bench: starting {args.processes} generator processes ...")
+            try:
+                await pool.start()
+                lines, _ = await open_loop(s, args, pool, pop, info)
+            finally:
+                await pool.stop()
+            print("\n".join(lines))
+            return 0
         if open_mode:
             lines, _ = await open_loop(s, args, caller, pop, info)
             print("\n".join(lines))
@@ -835,12 +984,19 @@ def open_report(res: OpenLoopResult, cpu: tuple[CpuSnap, CpuSnap], wall_s: float
                           if name in before and name in after and name not in gone) / n
     out.append(f"  stack CPU per request {stack_ms:.3f} ms: " + ", ".join(per)
                + (f" ({', '.join(gone)} restarted: not counted)" if gone else ""))
-    out.append(f"  load generator (this process): {1000 * res.client_cpu_s / n:.3f} ms CPU per request "
-               f"({res.client_cpu_s:.1f} CPU-s = {100 * res.client_cpu_s / max(wall_s, 1e-9):.0f}% "
-               f"of one core); latest visit start {1000 * res.sender_lag_max_s:.1f} ms after its arrival time")
-    if res.client_cpu_s > GENERATOR_BUSY_SHARE * wall_s:
-        out.append(f"  WARNING: the load generator kept one core {100 * res.client_cpu_s / wall_s:.0f}% busy: at this "
-                   "rate it may be the limit, not the pipeline (run several bench processes at a share of the rate)")
+    per_process = res.generator_cpu_s or [res.client_cpu_s]
+    if len(per_process) == 1:
+        out.append(f"  load generator (this process): {1000 * res.client_cpu_s / n:.3f} ms CPU per request "
+                   f"({res.client_cpu_s:.1f} CPU-s = {100 * res.client_cpu_s / max(wall_s, 1e-9):.0f}% "
+                   f"of one core); latest visit start {1000 * res.sender_lag_max_s:.1f} ms after its arrival time")
+    else:
+        out.append(f"  load generator ({len(per_process)} processes): {1000 * res.client_cpu_s / n:.3f} ms CPU per "
+                   f"request in all ({res.client_cpu_s:.1f} CPU-s); per process " + ", ".join(
+                       f"{cpu:.1f} CPU-s = {100 * cpu / max(wall_s, 1e-9):.0f}% of one core" for cpu in per_process)
+                   + f"; latest visit start {1000 * res.sender_lag_max_s:.1f} ms after its arrival time")
+    if (busiest := max(per_process)) > GENERATOR_BUSY_SHARE * wall_s:
+        out.append(f"  WARNING: a load generator process kept one core {100 * busiest / wall_s:.0f}% busy: at this "
+                   "rate it may be the limit, not the pipeline (more --processes, each a share of the rate)")
     if "machine busy" in before and "machine busy" in after:
         busy = cpu_used(before, after, "machine busy")
         out.append(f"  machine busy {100 * busy / max(wall_s * (os.cpu_count() or 1), 1e-9):.0f}% of "
@@ -894,10 +1050,13 @@ async def open_loop(s: Settings, args: argparse.Namespace, caller: Any, pop: Pop
         for i, rate in enumerate(rates):
             log(f"bench: open loop at {rate:g} requests/s for {args.seconds:g} s via {args.via} ...")
             cpu0, wall0 = cpu_snapshot(s), time.monotonic()
-            res = await run_open_loop(
-                caller, pop, rate=rate, seconds=args.seconds, arrivals=args.arrivals, kinds=kinds, mix=args.mix,
-                max_requests=args.max_requests, drain_s=args.drain_seconds, seed=args.seed * 1000 + i,
-                per_visit=per_visit, log=log)
+            job = {"rate": rate, "seconds": args.seconds, "arrivals": args.arrivals, "kinds": kinds, "mix": args.mix,
+                   "max_requests": args.max_requests, "drain_s": args.drain_seconds, "seed": args.seed * 1000 + i,
+                   "per_visit": per_visit}
+            if isinstance(caller, GeneratorPool):
+                res = await caller.run(**job)
+            else:
+                res = await run_open_loop(caller, pop, **job, log=log)
             cpu = (cpu0, cpu_snapshot(s))
             wall_s = time.monotonic() - wall0
             ok, why = held(res, args.p99_bound_ms)
@@ -1008,6 +1167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     o.add_argument("--max-rate", type=float, default=20_000.0, help="the step mode stops above (default 20000)")
     o.add_argument("--max-steps", type=int, default=12, help="the step mode's most rates (default 12)")
     o.add_argument("--p99-bound-ms", type=float, default=100.0, help="held only with p99 within (default 100)")
+    o.add_argument("--processes", type=int, default=1,
+                   help="generator processes, each a share of the rate with its own institutions and persons; "
+                        "their histograms merged (default 1: this process)")
     o.add_argument("--http-connections", type=int, default=512,
                    help="most HTTP connections at once via http (default 512)")
     o.add_argument("--ceiling", action="store_true",
@@ -1029,6 +1191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(str(e))
     if (args.rate is not None or args.step) and args.max_requests < 1:
         p.error("--max-requests must be positive")
+    if args.processes < 1 or (args.processes > 1 and args.rate is None and not args.step):
+        p.error("--processes must be positive, and more than 1 only in the open loop (--rate or --step)")
     if args.seconds <= 0 or min(args.concurrency, args.max_stays, args.repeat) < 1 or args.drain_seconds < 0:
         p.error("--seconds, --concurrency, --max-stays and --repeat must be positive, --drain-seconds not negative")
     try:

@@ -40,6 +40,18 @@ def next_msgid(fixmedins_code: str) -> str:
     return f"{code}{stamp}{n % 10_000:04d}"
 
 
+def msgids_continue_at() -> int:
+    """A clock (s) from which another process's msgids cannot repeat this process's: past every stamp used."""
+    return _clock_base + next(_counter) // 10_000 + 1
+
+
+def start_msgids_at(clock: int) -> None:
+    """Stamp this process's msgids from `clock` (or now, if later): a generator process of loadtest.bench
+    sending for institutions its parent already sent for (the readiness probe, a sign-in)."""
+    global _clock_base, _counter
+    _clock_base, _counter = max(clock, int(time.time())), itertools.count()
+
+
 def wire_time(t: datetime) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S")
 

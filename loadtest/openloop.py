@@ -14,7 +14,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -74,19 +74,40 @@ def step_rates(start: float, *, factor: float = 1.0, increment: float = 0.0, max
 
 
 class LatencyBook:
-    """HDR histograms of latencies in µs: overall and per family; counts of answers by code."""
+    """HDR histograms of latencies in µs: overall and per family. Pickled (from a generator process of
+    `loadtest.bench --processes`) as HDR's own compressed encoding, so books added together are exact."""
 
     def __init__(self) -> None:
         self.overall = HdrHistogram(1, LATENCY_MAX_US, 3)
         self.families: dict[str, HdrHistogram] = {}
 
+    def __getstate__(self) -> dict[str, bytes]:
+        return {"": self.overall.encode(), **{name: hist.encode() for name, hist in self.families.items()}}
+
+    def __setstate__(self, state: dict[str, bytes]) -> None:
+        self.__init__()  # type: ignore[misc]
+        for name, encoded in state.items():
+            self._hist(name).decode_and_add(encoded)
+
+    def _hist(self, name: str) -> HdrHistogram:
+        """The overall histogram (name ""), or the family's, created when first needed."""
+        if not name:
+            return self.overall
+        hist = self.families.get(name)
+        if hist is None:
+            hist = self.families[name] = HdrHistogram(1, LATENCY_MAX_US, 3)
+        return hist
+
+    def add(self, other: LatencyBook) -> None:
+        """Count `other`'s latencies too (every value lands in the same bucket: exact)."""
+        self.overall.add(other.overall)
+        for name, hist in other.families.items():
+            self._hist(name).add(hist)
+
     def record(self, infno: str, seconds: float) -> None:
         us = min(LATENCY_MAX_US, max(1, round(seconds * 1e6)))
         self.overall.record_value(us)
-        hist = self.families.get(name := family(infno))
-        if hist is None:
-            hist = self.families[name] = HdrHistogram(1, LATENCY_MAX_US, 3)
-        hist.record_value(us)
+        self._hist(family(infno)).record_value(us)
 
 
 def quantiles_ms(hist: HdrHistogram) -> dict[str, float]:
@@ -114,7 +135,8 @@ class OpenLoopResult:
     arrivals: int = 0  # visits that arrived
     skipped: int = 0  # arrivals with no free person (every pick in a visit already): the population's limit
     sender_lag_max_s: float = 0.0  # latest a visit was started after its arrival time
-    client_cpu_s: float = 0.0  # this process's CPU during the load and the drain
+    client_cpu_s: float = 0.0  # the generator's CPU during the load and the drain (all its processes)
+    generator_cpu_s: list[float] = field(default_factory=list)  # the same per generator process
     unanswered: int = 0  # requests still waiting when the drain ended
     capped: bool = False  # --max-requests stopped new visits before the window ended
     unreachable: str | None = None
@@ -133,6 +155,31 @@ class OpenLoopResult:
         if self.unanswered:
             out["NO_ANSWER"] += self.unanswered
         return out
+
+
+def merge_results(parts: Sequence[OpenLoopResult]) -> OpenLoopResult:
+    """One rate's result from the shares of several generator processes (each its own persons and
+    institutions, the same window): counts and rates added, histograms added exactly, the latest start of
+    any process, each process's CPU kept."""
+    if not parts:
+        raise ValueError("no generator results to merge")
+    first = parts[0]
+    out = OpenLoopResult(target_rps=sum(p.target_rps for p in parts), window_s=first.window_s,
+                         visits_per_s=sum(p.visits_per_s for p in parts), requests_per_visit=first.requests_per_visit)
+    for part in parts:
+        out.book.add(part.book)
+        out.stats.absorb(part.stats)
+        out.offered += part.offered
+        out.answered_in_window += part.answered_in_window
+        out.arrivals += part.arrivals
+        out.skipped += part.skipped
+        out.unanswered += part.unanswered
+        out.sender_lag_max_s = max(out.sender_lag_max_s, part.sender_lag_max_s)
+        out.client_cpu_s += part.client_cpu_s
+        out.generator_cpu_s += part.generator_cpu_s
+        out.capped = out.capped or part.capped
+        out.unreachable = out.unreachable or part.unreachable
+    return out
 
 
 def held(result: OpenLoopResult, p99_bound_ms: float) -> tuple[bool, str]:
@@ -251,10 +298,12 @@ async def run_open_loop(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     res.client_cpu_s = time.process_time() - cpu0
+    res.generator_cpu_s = [res.client_cpu_s]
     res.offered = sent
     res.answered_in_window = sum(in_window)
     res.unanswered = sent - len(in_window)
     stats.run_s = seconds
     stats.drain_s = max(0.0, time.perf_counter() - end)
+    stats.on_record = None  # the run is over (and a result with a closure in it could not be pickled)
     res.unreachable = unreachable[0] if unreachable else None
     return res

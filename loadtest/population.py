@@ -870,6 +870,28 @@ class Stats:
     def requests(self) -> int:
         return len(self.answered_at)
 
+    def absorb(self, other: Stats) -> None:
+        """Add what `other` saw (another generator process's share of the same run)."""
+        for infno, values in other.latencies.items():
+            self.latencies[infno].extend(values)
+        self.answered_at.extend(other.answered_at)
+        self.settled_at.extend(other.settled_at)
+        self.outcomes.update(other.outcomes)
+        for name in ("expected_refusals", "stay_outcomes", "settled_by_scope", "settled_by_kind", "started_by_scope",
+                     "behaviour_visits"):
+            counts: Counter[str] = getattr(self, name)
+            counts.update(getattr(other, name))
+        self.settle_ids.update(other.settle_ids)
+        self.reverse_ids.update(other.reverse_ids)
+        self.resends += other.resends
+        self.transport_retries += other.transport_retries
+        self.stays_started += other.stays_started
+        self.settle_medfee_fen += other.settle_medfee_fen
+        self.in_flight += other.in_flight
+        self.resettled += other.resettled
+        self.run_s = max(self.run_s, other.run_s)
+        self.drain_s = max(self.drain_s, other.drain_s)
+
     def errors(self) -> Counter[str]:
         """Unexpected error answers by code (expected refusals are not errors)."""
         out: Counter[str] = Counter()

@@ -184,7 +184,8 @@ class FakePipeline:
             await asyncio.sleep(self.delay_s)
         self.calls[envelope["infno"]] += 1
         ids = {"mdtrt_id": "M" + envelope["msgid"]}
-        setl = {"setl_id": "S" + envelope["msgid"], "fund_pay_sumamt": "1.00", "medfee_sumamt": "2.00"}
+        setl = {"setl_id": "S" + envelope["msgid"], "medins_setl_id": envelope["msgid"], "fund_pay_sumamt": "1.00",
+                "medfee_sumamt": "2.00"}
         return {"infcode": 0, "output": {"result": ids, "data": ids, "setlinfo": setl}}
 
 
@@ -201,7 +202,8 @@ async def test_open_loop_holds_a_rate_the_pipeline_keeps_up_with() -> None:
     assert sum(quantiles_ms(h)["count"] for h in res.book.families.values()) == sent
     assert quantiles_ms(res.book.overall)["p50"] >= 5.0
     assert not res.errors() and not pop.busy
-    assert res.client_cpu_s > 0
+    assert res.stats.stay_outcomes["failed"] == 0 and res.stats.settled > 0  # every visit went to its end
+    assert res.client_cpu_s > 0 and res.generator_cpu_s == [res.client_cpu_s]
 
 
 async def test_a_pipeline_that_falls_behind_shows_as_latency_not_as_a_lower_rate_of_arrivals() -> None:
@@ -248,8 +250,85 @@ def test_report_gives_cpu_per_request_per_process_and_the_generator_s_own() -> N
                for line in lines)
     assert not any("WARNING" in line for line in lines)
     res.client_cpu_s = 8.0  # 80% of one core over 10 s
-    assert any(line.startswith("  WARNING: the load generator kept one core 80% busy")
+    assert any(line.startswith("  WARNING: a load generator process kept one core 80% busy")
                for line in open_report(res, (before, after), 10.0, 100.0))
+    res.client_cpu_s, res.generator_cpu_s = 9.0, [4.0, 5.0]  # two processes: each under 70% of a core
+    lines = open_report(res, (before, after), 10.0, 100.0)
+    assert ("  load generator (2 processes): 9.000 ms CPU per request in all (9.0 CPU-s); per process 4.0 CPU-s = 40% "
+            "of one core, 5.0 CPU-s = 50% of one core; latest visit start 0.0 ms after its arrival time") in lines
+    assert not any("WARNING" in line for line in lines)
     summary = step_summary([(res, True, 2.75), (_result(200, 1000, 150), False, 1.5)], 100.0)
     assert summary[-1] == "  highest rate held: 100 requests/s"
     assert summary[-2].split() == ["200", "100.0", "no", "150.0", "150.0", "150.0", "1.500"]
+
+
+def test_latency_books_cross_processes_and_add_up_exactly() -> None:
+    import pickle
+
+    from loadtest.openloop import merge_results
+
+    a, b, both = _result(100, 0, 0), _result(100, 0, 0), LatencyBook()
+    for i, ms in enumerate(range(1, 2001)):  # 1 … 2000 ms, alternately in the two processes' books
+        (a if i % 2 else b).book.record("2304" if ms % 3 else "2102", ms / 1000)
+        both.record("2304" if ms % 3 else "2102", ms / 1000)
+    a.offered, a.answered_in_window, a.arrivals, a.client_cpu_s, a.generator_cpu_s = 1000, 990, 250, 0.5, [0.5]
+    b.offered, b.answered_in_window, b.arrivals, b.client_cpu_s, b.generator_cpu_s = 1000, 1000, 251, 0.75, [0.75]
+    a.sender_lag_max_s, b.sender_lag_max_s, b.unanswered, b.skipped = 0.004, 0.002, 3, 1
+    a.stats.outcomes[("2304", "ok")] += 7
+    b.stats.outcomes[("2304", "ok")] += 5
+    b.stats.outcomes[("2206", "FILING_REQUIRED")] += 2
+    b.stats.expected_refusals["FILING_REQUIRED"] += 2
+    a.stats.settle_ids["S1"], b.stats.settle_ids["S2"] = 100, 200
+    a.stats.answered_at, b.stats.answered_at = [1.0, 2.0], [1.5]
+    # what a generator process sends its parent: pickled, the histograms as HDR's own encoding
+    parts = [pickle.loads(pickle.dumps(part)) for part in (a, b)]
+    merged = merge_results(parts)
+    assert merged.target_rps == 200 and merged.window_s == 10.0 and merged.visits_per_s == 50
+    assert (merged.offered, merged.answered_in_window, merged.arrivals, merged.unanswered, merged.skipped) == (
+        2000, 1990, 501, 3, 1)
+    assert merged.achieved_rps == 199.0
+    assert merged.client_cpu_s == 1.25 and merged.generator_cpu_s == [0.5, 0.75]
+    assert merged.sender_lag_max_s == 0.004
+    assert merged.stats.outcomes == Counter({("2304", "ok"): 12, ("2206", "FILING_REQUIRED"): 2})
+    assert merged.errors() == Counter({"NO_ANSWER": 3})  # the refusals were expected where they were seen
+    assert merged.stats.settled == 2 and merged.stats.requests() == 3
+    # exact: the merged histograms are the ones one process recording everything would have
+    for name in ("", "23xx/24xx inpatient", "21xx pharmacy"):
+        got, want = merged.book._hist(name), both._hist(name)
+        assert got.get_total_count() == want.get_total_count() > 0
+        for q in (50, 90, 99, 99.9, 100):
+            assert got.get_value_at_percentile(q) == want.get_value_at_percentile(q)
+    assert quantiles_ms(merged.book.overall)["count"] == 2000
+    with pytest.raises(ValueError):
+        merge_results([])
+
+
+def test_generator_shares_deal_out_disjoint_institutions_and_persons() -> None:
+    import argparse
+
+    from loadtest.bench import generator_shares
+    from loadtest.his import Signer, next_msgid, start_msgids_at
+
+    items = [CatalogInfo(f"X{i:03d}", "01", None) for i in range(10)]
+    people = [PersonInfo(f"P150400{i:08d}", "150400", "390") for i in range(9)]
+    places = [_place(f"H1504000000{i}", "150400") for i in range(4)] + [_place("P15040000001", "150400")]
+    pop = Population(places, people, {}, {"150000": items})
+    signer = Signer({h.his.fixmedins_code: bytes([i]) * 32 for i, h in enumerate(places)})
+    args = argparse.Namespace(processes=2, via="kafka", reply_partition=3, request_timeout=10.0,
+                              http_connections=512)
+    shares = generator_shares(pop, signer, args)
+    assert [s.reply_partition for s in shares] == [3, 0]  # each process its own fsi.replies partition
+    codes = [{h.his.fixmedins_code for h in s.places} for s in shares]
+    assert codes[0] == {"H15040000000", "H15040000002", "P15040000001"}
+    assert codes[1] == {"H15040000001", "H15040000003"}  # one pharmacy: the second process has none
+    assert [set(s.keys) for s in shares] == codes
+    assert not {p.psn_no for p in shares[0].persons} & {p.psn_no for p in shares[1].persons}
+    assert sum(len(s.persons) for s in shares) == 9
+    assert shares[0].http_connections == 256
+    # a share's process stamps its msgids past every one this process sent
+    sent = next_msgid("H15040000000")
+    start_msgids_at(shares[0].msgid_clock)
+    assert next_msgid("H15040000000")[12:26] > sent[12:26]
+    args.processes = 5  # more processes than hospitals
+    with pytest.raises(ValueError, match="only 4 hospitals"):
+        generator_shares(pop, signer, args)
