@@ -33,11 +33,17 @@ _clock_base = int(time.time())
 _counter = itertools.count()
 
 
+_stamp: tuple[int, str] = (-1, "")  # (second, its yyyyMMddHHmmss): formatted once per 10,000 msgids
+
+
 def next_msgid(fixmedins_code: str) -> str:
+    global _stamp
     n = next(_counter)
-    stamp = datetime.fromtimestamp(_clock_base + n // 10_000).strftime("%Y%m%d%H%M%S")
+    second = _clock_base + n // 10_000
+    if _stamp[0] != second:
+        _stamp = (second, datetime.fromtimestamp(second).strftime("%Y%m%d%H%M%S"))
     code = fixmedins_code[:12].ljust(12, "0")
-    return f"{code}{stamp}{n % 10_000:04d}"
+    return f"{code}{_stamp[1]}{n % 10_000:04d}"
 
 
 def msgids_continue_at() -> int:
@@ -59,6 +65,18 @@ def wire_time(t: datetime) -> str:
 def shanghai_now() -> datetime:
     """The wall-clock time inf_time is written in (Asia/Shanghai), whatever the machine's zone."""
     return datetime.now(SHANGHAI).replace(tzinfo=None, microsecond=0)
+
+
+_sending_time: tuple[int, str] = (-1, "")  # (epoch second, its inf_time): formatted once a second
+
+
+def sending_time() -> str:
+    """inf_time of a message sent now (wire_time(shanghai_now()), formatted once per second)."""
+    global _sending_time
+    second = int(time.time())
+    if _sending_time[0] != second:
+        _sending_time = (second, wire_time(datetime.fromtimestamp(second, SHANGHAI).replace(tzinfo=None)))
+    return _sending_time[1]
 
 
 @dataclass
@@ -90,7 +108,7 @@ class Hospital:
             "opter_type": "1",
             "opter": "OP001",
             "opter_name": "operator",
-            "inf_time": wire_time(shanghai_now() if self.live_clock or inf_time is None else inf_time),
+            "inf_time": sending_time() if self.live_clock or inf_time is None else wire_time(inf_time),
             "fixmedins_code": self.fixmedins_code,
             "fixmedins_name": self.fixmedins_name,
             "sign_no": "",

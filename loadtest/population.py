@@ -288,7 +288,7 @@ def shanghai_now() -> datetime:
 def fee_lines(rng: random.Random, items: Sequence[CatalogInfo], n: int) -> list[FeeLine]:
     """n fee lines with plausible unit prices (2 decimals) and integer counts."""
     lines = []
-    for item in rng.sample(list(items), min(n, len(items))):
+    for item in rng.sample(items if isinstance(items, list) else list(items), min(n, len(items))):
         if item.ceiling_fen is not None:  # around the ceiling: sometimes above it (overlmt_selfpay)
             pric_fen = int(item.ceiling_fen * rng.uniform(0.7, 1.15))
             cnt = rng.randint(1, 3) if item.code.startswith("C") else rng.randint(1, 6)
@@ -333,6 +333,7 @@ class Population:
         self.filings = filings
         self.catalog = catalog
         self.busy: set[str] = set()
+        self._usual: dict[tuple[str, bool], list[CatalogInfo]] = {}
         # Seeded suspicious behaviour: each person's rule is drawn from `seed` and the psn_no alone
         # (`suspicious_rule`), shown once per run (the first time the person is picked); 0: none.
         self.seed = seed
@@ -424,9 +425,7 @@ class Population:
             # Drawn apart from `rng`, so that a seed's visits stay what they were before these two existed.
             side = random.Random(f"{person.psn_no}|{start.isoformat()}")
             correct, query = reverse and side.random() < CORRECTION_SHARE, side.random() < QUERY_SHARE
-            catalog_items = usual_items(self.catalog[hospital.prov])
-            if kind == "pharmacy":
-                catalog_items = [c for c in catalog_items if c.code[:1] in "XZ"] or catalog_items  # drugs
+            catalog_items = self._usual_items(hospital.prov, pharmacy=kind == "pharmacy")
             lines = fee_lines(rng, catalog_items, rng.randint(*items[kind]))
             if items is ITEMS_TODAY:
                 uploads = [lines] if len(lines) <= 8 or rng.random() < 0.5 else [lines[: len(lines) // 2],
@@ -447,6 +446,17 @@ class Population:
                 self.seed_behaviour(scn, rule, now=now)
             return scn
         return None
+
+    def _usual_items(self, prov: str, *, pharmacy: bool) -> list[CatalogInfo]:
+        """usual_items of the province's catalog (a pharmacy's: its drugs), filtered once per province."""
+        key = (prov, pharmacy)
+        items = self._usual.get(key)
+        if items is None:
+            items = usual_items(self.catalog[prov])
+            if pharmacy:
+                items = [c for c in items if c.code[:1] in "XZ"] or items  # drugs
+            items = self._usual[key] = items
+        return items
 
     def release(self, scenario: Scenario) -> None:
         self.busy.discard(scenario.person.psn_no)

@@ -326,9 +326,41 @@ def test_generator_shares_deal_out_disjoint_institutions_and_persons() -> None:
     assert sum(len(s.persons) for s in shares) == 9
     assert shares[0].http_connections == 256
     # a share's process stamps its msgids past every one this process sent
+    from loadtest import his
+
     sent = next_msgid("H15040000000")
+    saved = his._clock_base, his._counter
     start_msgids_at(shares[0].msgid_clock)
-    assert next_msgid("H15040000000")[12:26] > sent[12:26]
+    try:
+        assert next_msgid("H15040000000")[12:26] > sent[12:26]
+    finally:
+        his._clock_base, his._counter = saved
     args.processes = 5  # more processes than hospitals
     with pytest.raises(ValueError, match="only 4 hospitals"):
         generator_shares(pop, signer, args)
+
+
+def test_msgids_and_sending_times_formatted_once_stay_what_they_were() -> None:
+    from datetime import timedelta
+
+    from loadtest import his
+
+    saved = his._clock_base, his._counter
+    his.start_msgids_at(4_102_444_790)  # 2100-01-01 00:00 UTC - 10 s: past any real clock
+    try:
+        ids = [his.next_msgid("H1504000000123") for _ in range(20_001)]
+    finally:
+        his._clock_base, his._counter = saved  # the session's later msgids as they would have been
+    assert len(set(ids)) == len(ids) and all(len(i) == 30 for i in ids)
+    # the stamp moves one second every 10,000 msgids, formatted as before (local time, yyyyMMddHHmmss)
+    for n in (0, 9_999, 10_000, 20_000):
+        stamp = datetime.fromtimestamp(4_102_444_790 + n // 10_000).strftime("%Y%m%d%H%M%S")
+        assert ids[n] == f"H15040000001{stamp}{n % 10_000:04d}"
+    before = his.wire_time(his.shanghai_now())
+    sent = his.sending_time()
+    after = his.wire_time(his.shanghai_now())
+    assert before <= sent <= after
+    live = Hospital("H15040000001", "医院", "150400", live_clock=True)
+    assert before <= live.envelope("2201", {})["inf_time"] <= his.wire_time(his.shanghai_now())
+    fixed = Hospital("H15040000001", "医院", "150400").envelope("2201", {}, inf_time=NOW + timedelta(seconds=1))
+    assert fixed["inf_time"] == "2026-11-30 10:00:01"
