@@ -250,6 +250,9 @@ class SignInFailed(RuntimeError):
     pass
 
 
+SIGN_IN_RESENDS = 2  # a sign-in answered TIMEOUT (a busy pipeline) is sent again this many times
+
+
 class Signer:
     """What an institution adds to each envelope it sends (README "Security"): its signature (HMAC-SM3
     with the key the broker issued it, `services.common.signing.sign`) and the `sign_no` of its sign-in
@@ -282,7 +285,12 @@ class Signer:
             sign_in = {**envelope, "infno": "9001", "msgid": next_msgid(code), "insuplc_admdvs": "", "sign_no": "",
                        "inf_time": wire_time(shanghai_now()),
                        "input": {"signIn": {"opter_no": self.opter, "mac": "", "ip": "127.0.0.1"}}}
-            answer = await post(self.sign(sign_in))
+            signed = self.sign(sign_in)
+            answer = await post(signed)
+            for _ in range(SIGN_IN_RESENDS):  # a careful HIS resends the same msgid after a TIMEOUT
+                if answer.get("infcode") == 0 or not str(answer.get("err_msg", "")).startswith("TIMEOUT"):
+                    break
+                answer = await post(signed)
             if answer.get("infcode") != 0:
                 raise SignInFailed(f"sign-in (9001) of an institution refused: {answer.get('err_msg')}")
             self.sessions[code] = answer["output"]["signinoutb"]["sign_no"]

@@ -364,3 +364,32 @@ def test_msgids_and_sending_times_formatted_once_stay_what_they_were() -> None:
     assert before <= live.envelope("2201", {})["inf_time"] <= his.wire_time(his.shanghai_now())
     fixed = Hospital("H15040000001", "医院", "150400").envelope("2201", {}, inf_time=NOW + timedelta(seconds=1))
     assert fixed["inf_time"] == "2026-11-30 10:00:01"
+
+
+async def test_a_sign_in_answered_timeout_is_resent_with_the_same_msgid() -> None:
+    from loadtest.his import SIGN_IN_RESENDS, Signer, SignInFailed
+
+    sent: list[bytes] = []
+    answers = [{"infcode": -1, "err_msg": "TIMEOUT: no answer within 5000 ms"},
+               {"infcode": 0, "err_msg": "", "output": {"signinoutb": {"sign_no": "S" * 30}}}]
+
+    async def post(raw: bytes) -> dict[str, Any]:
+        sent.append(raw)
+        return answers.pop(0)
+
+    signer = Signer({"H15040000001": b"k" * 32})
+    envelope = Hospital("H15040000001", "医院", "150400").envelope("2201", {}, inf_time=NOW)
+    await signer.ensure_session(envelope, post)
+    assert signer.sessions["H15040000001"] == "S" * 30
+    assert len(sent) == 2 and sent[0] == sent[1]  # the same signed 9001, the same msgid
+    # other refusals are not resent, nor a TIMEOUT more than SIGN_IN_RESENDS times
+    answers[:] = [{"infcode": -1, "err_msg": "KEY_UNKNOWN: no key"}]
+    sent.clear()
+    with pytest.raises(SignInFailed):
+        await Signer({"H15040000001": b"k" * 32}).ensure_session(envelope, post)
+    assert len(sent) == 1
+    answers[:] = [{"infcode": -1, "err_msg": "TIMEOUT: no answer"}] * (1 + SIGN_IN_RESENDS)
+    sent.clear()
+    with pytest.raises(SignInFailed):
+        await Signer({"H15040000001": b"k" * 32}).ensure_session(envelope, post)
+    assert len(sent) == 1 + SIGN_IN_RESENDS
