@@ -66,11 +66,7 @@ class CountRebalances(ConsumerRebalanceListener):  # type: ignore[misc]
         record_rebalance(self.group_id, len(assigned))
 
 
-# How long the broker holds a fetch that finds no record. It answers as soon as one arrives (fetch.min.bytes
-# is 1), so this adds no latency; it only sets the idle polling: every consumer sends 1000/IDLE_FETCH_WAIT_MS
-# empty fetches a second while its partitions are quiet, and each costs the broker a request. aiokafka
-# cancels a held fetch when the assignment changes or the consumer stops, so neither waits for it.
-IDLE_FETCH_WAIT_MS = 500
+IDLE_FETCH_WAIT_MS = 100
 # Static membership (KIP-345): a restarted process rejoins under the same instance id and gets its
 # partitions back at once, instead of the group waiting out the dead member's session (README, Failures).
 SESSION_TIMEOUT_MS = 10_000
@@ -105,7 +101,6 @@ def make_group_consumer(s: Settings, principal: str, group_id: str, *topics: str
         max_poll_records=s.batch_size_max,
         # The broker answers a fetch as soon as any record is there; this only bounds idle polling
         # (5 ms meant ~200 empty fetches a second per consumer, a third of a core on this 2-core box).
-        fetch_min_bytes=1,
         fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,
         group_instance_id=instance_id(s, group_id),
         session_timeout_ms=SESSION_TIMEOUT_MS,
