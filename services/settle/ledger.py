@@ -18,6 +18,7 @@ from schemas.correction import Input2601
 from schemas.internal import RoutedRequest
 from schemas.transactions import correctable, infnos_loading
 from services.policy.logic import accumulators_from_json, accumulators_to_json
+from services.settle import daily
 from services.settle.state import AMOUNT_FIELDS, BatchState, Correction, Fee, Original, Settlement, Visit
 
 _VISIT_COLS = ("mdtrt_id", "psn_no", "fixmedins_code", "med_type", "insutype", "scope", "insured_admdvs",
@@ -50,7 +51,8 @@ _PG_TYPES = {
     "supply_days": "numeric", "setl_time": "timestamp", "acc_year": "smallint",
     **dict.fromkeys(AMOUNT_FIELDS, "bigint"), "pool_prop_selfpay": "numeric", "accum_delta": "jsonb",
     "mid_setl": "boolean", "stay_part": "smallint", "chronic_paid": "jsonb", "balc_fen": "bigint",
-    "infcode": "smallint", "response": "bytea",
+    "infcode": "smallint", "response": "bytea", "day": "date",
+    **dict.fromkeys((*daily.COUNTS, *daily.MONEY), "bigint"),
 }
 _CORRECTION_COLS = ("omsgid", "msgid", "oinfno", "fixmedins_code", "undone", "output", "err_msg")
 _ACC_COUNTERS = ("basic_paid", "outpatient_dedc_used", "outpatient_paid", "critical_base", "critical_paid",
@@ -123,7 +125,7 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
             st.fees.setdefault(r["mdtrt_id"], {})[r["feedetl_sn"]] = Fee(**dict(r))
     if infnos & _REVERSAL_INFNOS:
         rows = await conn.fetch(
-            f"SELECT {', '.join(_SETL_COLS)}, EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
+            f"SELECT {', '.join(_SETL_COLS)}, EXISTS (SELECT 1 FROM settlement_key k WHERE k.orig_setl_id = s.setl_id)"
             " AS reversed FROM settlement s WHERE mdtrt_id = ANY($1)",
             mdtrt_ids,
         )
@@ -218,8 +220,12 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
     if st.new_settlements:
         await _insert(conn, "settlement", _SETL_COLS,
                       [_settlement_values(st.settlements[s]) for s in st.new_settlements])
-        # The month-to-date aggregates, in this transaction (shard migration 0002.ledger-daily).
-        await conn.execute("SELECT ledger_daily_add($1::text[])", list(st.new_settlements))
+        # The month-to-date aggregates, in this transaction: ledger_daily_add's sums (shard migrations 0002,
+        # 0006), from the rows in memory (services/settle/daily.py says why).
+        new_rows = [st.settlements[s] for s in st.new_settlements]
+        await _insert(conn, "ledger_daily AS d", daily.COLUMNS, daily.daily_sums(new_rows, st.settlements),
+                      " ON CONFLICT (day, insured_prov, treating_prov, scope, med_type) DO UPDATE SET "
+                      + ", ".join(f"{c} = d.{c} + EXCLUDED.{c}" for c in (*daily.COUNTS, *daily.MONEY)))
     if st.changed_accumulators:
         cols = ("psn_no", "acc_year", *_ACC_COUNTERS, "chronic_paid")
         rows = []
