@@ -20,6 +20,7 @@ an engine instance serves exactly the shards of its partitions.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -73,7 +74,9 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
 
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.s.settle_metrics_port, stage=self.stage)
-        self.shards = await until_up("PostgreSQL shards", lambda: ShardPools.connect(self.s, POOL_SIZE_MAX), stop)
+        # The engine keeps no session state: its connections go back to the pool without a reset statement.
+        connect = functools.partial(ShardPools.connect, self.s, POOL_SIZE_MAX, session_reset=False)
+        self.shards = await until_up("PostgreSQL shards", connect, stop)
         await until_up("Kafka producer", self.producer.start, stop)
         log.info("settlement engine ready")
         try:

@@ -9,7 +9,7 @@ the loser then finds the msgids already processed.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -18,6 +18,7 @@ from schemas.correction import Input2601
 from schemas.internal import RoutedRequest
 from schemas.transactions import correctable, infnos_loading
 from services.policy.logic import accumulators_from_json, accumulators_to_json
+from services.settle import daily
 from services.settle.state import AMOUNT_FIELDS, BatchState, Correction, Fee, Original, Settlement, Visit
 
 _VISIT_COLS = ("mdtrt_id", "psn_no", "fixmedins_code", "med_type", "insutype", "scope", "insured_admdvs",
@@ -40,9 +41,23 @@ _MONEY_INFNOS = infnos_loading("money")
 _FEE_INFNOS = infnos_loading("fees")
 _REVERSAL_INFNOS = infnos_loading("settlements")
 _CORRECTABLE = correctable()
+_PROCESSED_COLS = ("msgid", "infno", "fixmedins_code", "infcode", "response", "mdtrt_id")
+# The element type of each written column's array (`unnest`); any other column is text (char(6) included:
+# text casts to it on assignment).
+_PG_TYPES = {
+    "begntime": "timestamp", "endtime": "timestamp", "diseinfo": "jsonb", "adm_info": "jsonb",
+    "selfpay_prop": "numeric", "pric_uplmt_fen": "bigint", "fee_fen": "bigint", "cnt": "numeric",
+    "pric_fen": "bigint", "fee_ocur_time": "timestamp", "cancelled": "boolean", "once_per_day": "boolean",
+    "supply_days": "numeric", "setl_time": "timestamp", "acc_year": "smallint",
+    **dict.fromkeys(AMOUNT_FIELDS, "bigint"), "pool_prop_selfpay": "numeric", "accum_delta": "jsonb",
+    "mid_setl": "boolean", "stay_part": "smallint", "chronic_paid": "jsonb", "balc_fen": "bigint",
+    "infcode": "smallint", "response": "bytea", "day": "date",
+    **dict.fromkeys((*daily.COUNTS, *daily.MONEY), "bigint"),
+}
 _CORRECTION_COLS = ("omsgid", "msgid", "oinfno", "fixmedins_code", "undone", "output", "err_msg")
 _ACC_COUNTERS = ("basic_paid", "outpatient_dedc_used", "outpatient_paid", "critical_base", "critical_paid",
                  "supplementary_paid", "assistance_paid")
+_PG_TYPES.update(dict.fromkeys(_ACC_COUNTERS, "bigint"))
 
 
 def _referenced(msgs: Iterable[RoutedRequest]) -> tuple[set[str], set[str]]:
@@ -110,7 +125,7 @@ async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> Bat
             st.fees.setdefault(r["mdtrt_id"], {})[r["feedetl_sn"]] = Fee(**dict(r))
     if infnos & _REVERSAL_INFNOS:
         rows = await conn.fetch(
-            f"SELECT {', '.join(_SETL_COLS)}, EXISTS (SELECT 1 FROM settlement r WHERE r.orig_setl_id = s.setl_id)"
+            f"SELECT {', '.join(_SETL_COLS)}, EXISTS (SELECT 1 FROM settlement_key k WHERE k.orig_setl_id = s.setl_id)"
             " AS reversed FROM settlement s WHERE mdtrt_id = ANY($1)",
             mdtrt_ids,
         )
@@ -176,73 +191,86 @@ def _settlement(r: asyncpg.Record) -> Settlement:
 
 
 async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
+    """Every table the batch changed in one set-based statement each: the rows go as one array per column
+    (`unnest`), so PostgreSQL parses, plans and executes a statement per table, not per row."""
     if st.new_visits:
-        await conn.executemany(
-            f"INSERT INTO visit ({', '.join(_VISIT_COLS)}) VALUES ({_params(len(_VISIT_COLS))})",
-            [tuple(_visit_value(st.visits[v], c) for c in _VISIT_COLS) for v in st.new_visits],
-        )
+        await _insert(conn, "visit", _VISIT_COLS,
+                      [tuple(_visit_value(st.visits[v], c) for c in _VISIT_COLS) for v in st.new_visits])
     changed = st.changed_visits - set(st.new_visits)
     if changed:
-        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(_VISIT_MUTABLE, start=2))
-        await conn.executemany(
-            f"UPDATE visit SET {assignments} WHERE mdtrt_id = $1",
-            [(v, *(_visit_value(st.visits[v], c) for c in _VISIT_MUTABLE)) for v in sorted(changed)],
-        )
+        cols = ("mdtrt_id", *_VISIT_MUTABLE)
+        await _update(conn, "visit", cols, ", ".join(f"{c} = u.{c}" for c in _VISIT_MUTABLE), "mdtrt_id",
+                      [tuple(_visit_value(st.visits[v], c) for c in cols) for v in sorted(changed)])
     if st.new_fees:
-        await conn.executemany(
-            f"INSERT INTO fee_item ({', '.join(_FEE_COLS)}) VALUES ({_params(len(_FEE_COLS))})"
-            " ON CONFLICT (mdtrt_id, feedetl_sn) DO UPDATE SET "
-            + ", ".join(f"{c} = EXCLUDED.{c}" for c in _FEE_COLS[2:]),
-            [tuple(getattr(st.fees[m][sn], c) for c in _FEE_COLS) for m, sn in st.new_fees],
-        )
+        # Each item once (an item sent twice in the batch is one row in its final state): one INSERT may
+        # not touch a row twice.
+        await _insert(conn, "fee_item", _FEE_COLS,
+                      [tuple(getattr(st.fees[m][sn], c) for c in _FEE_COLS) for m, sn in dict.fromkeys(st.new_fees)],
+                      " ON CONFLICT (mdtrt_id, feedetl_sn) DO UPDATE SET "
+                      + ", ".join(f"{c} = EXCLUDED.{c}" for c in _FEE_COLS[2:]))
     if st.cancelled_fees:
-        await conn.executemany(
-            "UPDATE fee_item SET cancelled = true WHERE mdtrt_id = $1 AND feedetl_sn = $2", st.cancelled_fees
-        )
+        await _update(conn, "fee_item", ("mdtrt_id", "feedetl_sn"), "cancelled = true", "mdtrt_id, feedetl_sn",
+                      st.cancelled_fees)
     if st.unsettled_by:  # a reversed part's items are not settled any more (loaded or not)
-        await conn.executemany("UPDATE fee_item SET setl_id = NULL WHERE mdtrt_id = $1 AND setl_id = $2",
-                               st.unsettled_by)
+        await _update(conn, "fee_item", ("mdtrt_id", "setl_id"), "setl_id = NULL", "mdtrt_id, setl_id",
+                      st.unsettled_by)
     if st.settled_fees:
-        await conn.executemany(
-            "UPDATE fee_item SET setl_id = $3 WHERE mdtrt_id = $1 AND feedetl_sn = $2",
-            [(*key, setl_id) for key, setl_id in sorted(st.settled_fees.items())],
-        )
+        await _update(conn, "fee_item", ("mdtrt_id", "feedetl_sn", "setl_id"), "setl_id = u.setl_id",
+                      "mdtrt_id, feedetl_sn", [(*key, setl_id) for key, setl_id in sorted(st.settled_fees.items())])
     if st.new_settlements:
-        await conn.executemany(
-            f"INSERT INTO settlement ({', '.join(_SETL_COLS)}) VALUES ({_params(len(_SETL_COLS))})",
-            [_settlement_values(st.settlements[s]) for s in st.new_settlements],
-        )
-        # The month-to-date aggregates, in this transaction (shard migration 0002.ledger-daily).
-        await conn.execute("SELECT ledger_daily_add($1::text[])", list(st.new_settlements))
+        await _insert(conn, "settlement", _SETL_COLS,
+                      [_settlement_values(st.settlements[s]) for s in st.new_settlements])
+        # The month-to-date aggregates, in this transaction: ledger_daily_add's sums (shard migrations 0002,
+        # 0006), from the rows in memory (services/settle/daily.py says why).
+        new_rows = [st.settlements[s] for s in st.new_settlements]
+        await _insert(conn, "ledger_daily AS d", daily.COLUMNS, daily.daily_sums(new_rows, st.settlements),
+                      " ON CONFLICT (day, insured_prov, treating_prov, scope, med_type) DO UPDATE SET "
+                      + ", ".join(f"{c} = d.{c} + EXCLUDED.{c}" for c in (*daily.COUNTS, *daily.MONEY)))
     if st.changed_accumulators:
         cols = ("psn_no", "acc_year", *_ACC_COUNTERS, "chronic_paid")
         rows = []
         for key in sorted(st.changed_accumulators):
             data = accumulators_to_json(st.accumulators[key])
             rows.append((*key, *(data[c] for c in _ACC_COUNTERS), json.dumps(data["chronic_paid"])))
-        await conn.executemany(
-            f"INSERT INTO accumulator ({', '.join(cols)}) VALUES ({_params(len(cols))})"
-            " ON CONFLICT (psn_no, acc_year) DO UPDATE SET "
-            + ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[2:]),
-            rows,
-        )
+        await _insert(conn, "accumulator", cols, rows, " ON CONFLICT (psn_no, acc_year) DO UPDATE SET "
+                      + ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[2:]))
     if st.changed_accounts:
-        await conn.executemany(
-            "INSERT INTO account (psn_no, balc_fen) VALUES ($1, $2)"
-            " ON CONFLICT (psn_no) DO UPDATE SET balc_fen = EXCLUDED.balc_fen",
-            [(p, st.accounts[p]) for p in sorted(st.changed_accounts)],
-        )
+        await _insert(conn, "account", ("psn_no", "balc_fen"),
+                      [(p, st.accounts[p]) for p in sorted(st.changed_accounts)],
+                      " ON CONFLICT (psn_no) DO UPDATE SET balc_fen = EXCLUDED.balc_fen")
     if st.responses:
-        await conn.executemany(
-            "INSERT INTO processed_request (msgid, infno, fixmedins_code, infcode, response, mdtrt_id)"
-            " VALUES ($1, $2, $3, $4, $5, $6)",
-            [(msgid, *rest, st.request_visits.get(msgid)) for msgid, rest in st.responses.items()],
-        )
+        await _insert(conn, "processed_request", _PROCESSED_COLS,
+                      [(msgid, *rest, st.request_visits.get(msgid)) for msgid, rest in st.responses.items()])
     if st.new_corrections:
         await conn.executemany(
             f"INSERT INTO correction ({', '.join(_CORRECTION_COLS)}) VALUES ({_params(len(_CORRECTION_COLS))})",
             [tuple(getattr(st.corrections[o], c) for c in _CORRECTION_COLS) for o in st.new_corrections],
         )
+
+
+async def _insert(conn: asyncpg.Connection, table: str, cols: Sequence[str], rows: list[tuple[Any, ...]],
+                  on_conflict: str = "") -> None:
+    """INSERT the rows in one statement (in their order: the settlement trigger's keys go in that order)."""
+    await conn.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM {_unnest(cols)}{on_conflict}",
+                       *_columns(rows, len(cols)))
+
+
+async def _update(conn: asyncpg.Connection, table: str, cols: Sequence[str], assignments: str, keys: str,
+                  rows: Sequence[tuple[Any, ...]]) -> None:
+    """UPDATE the rows that match each row's keys (`keys`: columns of `cols`) in one statement."""
+    match = " AND ".join(f"t.{k} = u.{k}" for k in keys.split(", "))
+    await conn.execute(f"UPDATE {table} t SET {assignments} FROM {_unnest(cols)} WHERE {match}",
+                       *_columns(rows, len(cols)))
+
+
+def _unnest(cols: Sequence[str]) -> str:
+    arrays = ", ".join(f"${i}::{_PG_TYPES.get(c, 'text')}[]" for i, c in enumerate(cols, start=1))
+    return f"unnest({arrays}) AS u({', '.join(cols)})"
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], n: int) -> list[list[Any]]:
+    """Rows as one list per column (the arrays `unnest` zips back into rows)."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(n)]
 
 
 def _visit_value(visit: Visit, column: str) -> Any:
