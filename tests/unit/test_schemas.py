@@ -90,5 +90,5 @@ def test_wire_time_refuses_what_is_not_a_real_date_time(value: str) -> None:
 def test_wire_time_outside_the_date_range_is_refused(value: str) -> None:
     from schemas.wire import parse_wire_time
 
-    with pytest.raises(ValueError, match="^t: outside 2000-01-01..9998-12-31$"):
+    with pytest.raises(ValueError, match=r"^t: outside 2000-01-01\.\.9998-12-31$"):
         parse_wire_time("t", value)
