@@ -8,12 +8,14 @@ and the clock window). `decode_request` raises nothing but BrokerError.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 
 from schemas.envelope import RequestEnvelope, ResponseEnvelope
 from schemas.errors import BrokerError
@@ -26,6 +28,7 @@ from schemas.limits import (
     LimitError,
     check_text_tree,
     clock_window,
+    may_hold_forbidden_text,
     nesting_depth_exceeds,
     now_shanghai,
 )
@@ -86,7 +89,8 @@ def decode_envelope(raw: bytes, now: datetime | None = None) -> RequestEnvelope:
         text = str(e) if isinstance(e, msgspec.DecodeError) else type(e).__name__
         raise BrokerError("ENVELOPE_MALFORMED", f"not a JSON object: {text}") from None
     try:
-        check_text_tree(env, "$")
+        if may_hold_forbidden_text(raw):  # else no string in it can be refused: no walk
+            check_text_tree(env, "$")
         clock_window().check("$.inf_time", parse_wire_time("inf_time", env.inf_time),
                              now if now is not None else now_shanghai())
     except LimitError as e:
@@ -107,7 +111,8 @@ def decode_body(env: RequestEnvelope) -> Any:
     except (RecursionError, UnicodeDecodeError) as e:  # decode_envelope checked both: a second guard
         raise BrokerError("BODY_MALFORMED", f"not a JSON object: {type(e).__name__} - at `$.input`") from None
     try:
-        check_text_tree(body, "$.input")
+        if may_hold_forbidden_text(bytes(env.input)):
+            check_text_tree(body, "$.input")
         _check_times_near(body, "$.input", parse_wire_time("inf_time", env.inf_time))
     except LimitError as e:
         raise BrokerError("BODY_MALFORMED", str(e)) from None
@@ -123,18 +128,40 @@ def _check_times_near(obj: Any, path: str, inf_time: datetime) -> None:
             raise LimitError(f"{path}.data.begndate", f"more than {FILING_START_FROM_INF.days} days from inf_time")
         return
     if isinstance(obj, msgspec.Struct):
-        for name in obj.__struct_fields__:
+        for name, is_time in _time_walk(type(obj)):
             value = getattr(obj, name)
-            if name in EVENT_TIME_FIELDS and isinstance(value, str):
-                t = parse_wire_time(name, value)  # valid: the struct checked it
-                if not inf_time - EVENT_BEFORE_INF <= t <= inf_time + EVENT_AFTER_INF:
-                    raise LimitError(f"{path}.{name}", f"more than {EVENT_BEFORE_INF.days} days before or "
-                                     f"{_days_or_hours(EVENT_AFTER_INF)} after inf_time")
+            if is_time:
+                if isinstance(value, str):
+                    t = parse_wire_time(name, value)  # valid: the struct checked it
+                    if not inf_time - EVENT_BEFORE_INF <= t <= inf_time + EVENT_AFTER_INF:
+                        raise LimitError(f"{path}.{name}", f"more than {EVENT_BEFORE_INF.days} days before or "
+                                         f"{_days_or_hours(EVENT_AFTER_INF)} after inf_time")
             elif isinstance(value, msgspec.Struct | list):
                 _check_times_near(value, f"{path}.{name}", inf_time)
     elif isinstance(obj, list):
         for i, item in enumerate(obj):
             _check_times_near(item, f"{path}[{i}]", inf_time)
+
+
+@functools.cache
+def _time_walk(cls: type[msgspec.Struct]) -> tuple[tuple[str, bool], ...]:
+    """The fields of a struct type _check_times_near must look at, in order: (name, True) for an event time,
+    (name, False) for one whose type may hold a struct or a list. Worked out once per type from its
+    annotations, so the many fields that are plain text, numbers or dates are not read at all."""
+    info = msgspec.inspect.type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return tuple((f.name, f.name in EVENT_TIME_FIELDS) for f in info.fields
+                 if f.name in EVENT_TIME_FIELDS or _may_hold_struct_or_list(f.type))
+
+
+def _may_hold_struct_or_list(t: msgspec.inspect.Type) -> bool:
+    if isinstance(t, msgspec.inspect.StructType | msgspec.inspect.ListType | msgspec.inspect.AnyType):
+        return True
+    if isinstance(t, msgspec.inspect.UnionType):
+        return any(_may_hold_struct_or_list(u) for u in t.types)
+    if isinstance(t, msgspec.inspect.Metadata):
+        return _may_hold_struct_or_list(t.type)
+    return False
 
 
 def _days_or_hours(d: timedelta) -> str:

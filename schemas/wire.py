@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, time
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
-from schemas.limits import check_date_range
+from schemas.limits import DATE_MAX, DATE_MIN, check_date_range
 from schemas.money import FEE_YUAN_MAX, AmountError, check_cnt, check_yuan
 
 Admdvs = Annotated[str, Meta(pattern=r"^[0-9]{6}$")]
@@ -20,22 +20,24 @@ Flag = Literal["0", "1"]
 Yuan = Decimal
 
 WIRE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+# DATE_MIN..DATE_MAX as date-times: one comparison instead of a date() and check_date_range per time.
+_WIRE_TIME_MIN = datetime.combine(DATE_MIN, time.min)
+_WIRE_TIME_MAX = datetime.combine(DATE_MAX, time.max)
 
 
 def parse_wire_time(field: str, value: str) -> datetime:
-    """`yyyy-MM-dd HH:mm:ss` → datetime. Slicing instead of strptime (a fifth of the engine's CPU went to
-    strptime); anything not in that exact shape, not a real date, or outside DATE_MIN..DATE_MAX
-    (schemas.limits) is refused naming the field."""
+    """`yyyy-MM-dd HH:mm:ss` → datetime. The shape checked by hand, then the C parser `fromisoformat` (strptime
+    was a fifth of the engine's CPU, slicing and int() half of the router's time checks); anything not in that
+    exact shape, not a real date, or outside DATE_MIN..DATE_MAX (schemas.limits) is refused naming the field."""
     try:
-        if len(value) != 19 or not value.isascii() or (value[4], value[7], value[10], value[13], value[16]) != (
-            "-", "-", " ", ":", ":"
-        ):
+        if (len(value) != 19 or value[4] != "-" or value[7] != "-" or value[10] != " " or value[13] != ":"
+                or value[16] != ":" or not value.isascii()):
             raise ValueError
-        parsed = datetime(int(value[0:4]), int(value[5:7]), int(value[8:10]), int(value[11:13]),
-                          int(value[14:16]), int(value[17:19]))
+        parsed = datetime.fromisoformat(value)  # the fixed shape leaves it digits only: no other ISO form
     except ValueError:
         raise ValueError(f"{field}: not a valid date-time yyyy-MM-dd HH:mm:ss") from None
-    check_date_range(field, parsed.date())
+    if not _WIRE_TIME_MIN <= parsed <= _WIRE_TIME_MAX:
+        check_date_range(field, parsed.date())  # raises with the range's text
     return parsed
 
 

@@ -10,6 +10,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+import uvloop
+
 # While the broker is away aiokafka logs every failed reconnect at ERROR, hundreds of lines a second.
 CLIENT_LOGGERS: Final = ("aiokafka",)
 REPEAT_PERIOD_S: Final = 10.0
@@ -48,4 +50,7 @@ def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> 
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
-    asyncio.run(runner())
+    # uvloop (libuv) instead of asyncio's selector loop: less CPU per callback, socket read and timer,
+    # which every service spends on each Kafka fetch and PostgreSQL round trip.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
+        loop_runner.run(runner())

@@ -65,7 +65,8 @@ def test_body_errors_name_the_field(body: dict, fragment: str) -> None:
     assert e.value.code == "BODY_MALFORMED" and fragment in e.value.err_msg
 
 
-@pytest.mark.parametrize("value", ["2026-11-23 10:00:00", "2024-02-29 23:59:59", "2026-01-01 00:00:00"])
+@pytest.mark.parametrize("value", ["2026-11-23 10:00:00", "2024-02-29 23:59:59", "2026-01-01 00:00:00",
+                                   "2000-01-01 00:00:00", "9998-12-31 23:59:59"])
 def test_wire_time_parses_like_strptime(value: str) -> None:
     from datetime import datetime
 
@@ -75,9 +76,19 @@ def test_wire_time_parses_like_strptime(value: str) -> None:
 
 
 @pytest.mark.parametrize("value", ["2026-02-29 10:00:00", "2026-13-01 00:00:00", "2026-11-23T10:00:00",
-                                   "2026-11-23 24:00:00", "2026-11-23 10:00", "２０２６-11-23 10:00:00", ""])
+                                   "2026-11-23 24:00:00", "2026-11-23 10:00", "２０２６-11-23 10:00:00", "",
+                                   "2026-+1-23 10:00:00", "2026-11-23 10:00:0a", "2026-11-23 10:00:00Z",
+                                   "2026-11-23 10:00:00.5", "0000-01-01 00:00:00", "2026-11-23 1:00:00 "])
 def test_wire_time_refuses_what_is_not_a_real_date_time(value: str) -> None:
     from schemas.wire import parse_wire_time
 
     with pytest.raises(ValueError, match="t: not a valid date-time"):
+        parse_wire_time("t", value)
+
+
+@pytest.mark.parametrize("value", ["1999-12-31 23:59:59", "9999-01-01 00:00:00", "1970-01-01 08:00:00"])
+def test_wire_time_outside_the_date_range_is_refused(value: str) -> None:
+    from schemas.wire import parse_wire_time
+
+    with pytest.raises(ValueError, match=r"^t: outside 2000-01-01\.\.9998-12-31$"):
         parse_wire_time("t", value)

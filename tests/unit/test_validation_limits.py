@@ -9,9 +9,12 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from schemas.codec import decode_request, encode
+from schemas.codec import EVENT_TIME_FIELDS, decode_request, encode
 from schemas.errors import BrokerError
 from schemas.limits import (
     NESTING_MAX,
@@ -21,6 +24,7 @@ from schemas.limits import (
     LimitError,
     check_text_tree,
     clock_window,
+    may_hold_forbidden_text,
     set_clock_window,
 )
 from schemas.money import AmountError, check_cnt, check_yuan
@@ -217,3 +221,70 @@ def test_personal_values_never_appear_in_error_texts() -> None:
     env = json.loads(json.dumps(sample("1101")))
     env["input"]["data"]["mdtrt_cert_no"] = PERSONAL_MARKERS[2] * 10
     refused(env, "BODY_MALFORMED", "$.input.data.mdtrt_cert_no")
+
+
+def _event_times(node: Any, path: str) -> Iterator[tuple[str, list[Any]]]:
+    """(JSON path, the key's route from `input`) of every visit or fee time in a request's input."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in EVENT_TIME_FIELDS and isinstance(value, str):
+                yield f"{path}.{key}", [key]
+            for sub, route in _event_times(value, f"{path}.{key}"):
+                yield sub, [key, *route]
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            for sub, route in _event_times(item, f"{path}[{i}]"):
+                yield sub, [i, *route]
+
+
+def test_every_visit_and_fee_time_of_every_sample_is_checked_against_inf_time() -> None:
+    """The times-near check reads only the fields its per-type plan names: every event time of every sample
+    request, however deep, is still refused when far from inf_time."""
+    checked = 0
+    for env in valid_requests(NOW):
+        for path, route in _event_times(env["input"], "$.input"):
+            bad = json.loads(json.dumps(env, default=str))
+            node = bad["input"]
+            for key in route[:-1]:
+                node = node[key]
+            # Far before inf_time, but not before a begntime (an endtime that early is the struct's refusal).
+            node[route[-1]] = "2020-01-01 00:00:00" if route[-1] != "endtime" else "2026-11-30 00:00:00"
+            assert "inf_time" in refused(bad, "BODY_MALFORMED", path).err_msg
+            checked += 1
+    assert checked >= 5  # the samples carry visit and fee times at several depths
+
+
+@pytest.mark.parametrize("escaped", [rb"\u0001", rb"\u001F", rb"\u001f", rb"\u007f", rb"\u007F", rb"\b", rb"\f",
+                                     rb"\n", rb"\r", rb"\t", b"\x7f", rb"\ud800", rb"\uDBFF", rb"\udc00",
+                                     rb"\uDFFF", rb"\\\n"])
+def test_every_way_json_can_spell_a_forbidden_character_is_refused(escaped: bytes) -> None:
+    raw = encode(sample("2102")).replace(b'"medins_list_codg":"', b'"medins_list_codg":"x' + escaped, 1)
+    with pytest.raises(BrokerError) as e:
+        decode_request(raw, now=NOW)
+    if e.value.code == "ENVELOPE_MALFORMED":  # msgspec itself refuses a lone surrogate, even inside `input`
+        assert escaped.lower().startswith(rb"\ud") and "not a JSON object" in e.value.err_msg
+    else:
+        assert e.value.code == "BODY_MALFORMED"
+        assert "- at `$.input.drugdetail[0].medins_list_codg`" in e.value.err_msg
+
+
+@pytest.mark.parametrize("escaped", [rb"\"", rb"\\", rb"\/", rb"\u4e2d", rb"\ud83d\ude00", rb"\\n", rb"\\u0001"])
+def test_escapes_of_clean_text_are_accepted(escaped: bytes) -> None:
+    raw = encode(sample("2102")).replace(b'"medins_list_codg":"', b'"medins_list_codg":"x' + escaped, 1)
+    assert may_hold_forbidden_text(raw) == (escaped not in (rb"\"", rb"\\", rb"\/", rb"\u4e2d"))  # else a "maybe"
+    decode_request(raw, now=NOW)
+
+
+@given(st.text(alphabet=st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF), max_size=40))
+@settings(deadline=None, database=None)
+def test_json_of_a_text_without_the_marks_holds_no_forbidden_character(text: str) -> None:
+    """The pre-check never lets a refused text through, whichever encoder wrote the JSON."""
+    forbidden = any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in text)
+    spellings = [json.dumps(text, ensure_ascii=True).encode()]
+    if not any(0xD800 <= ord(c) <= 0xDFFF for c in text):  # lone surrogates cannot be written as UTF-8
+        spellings += [json.dumps(text, ensure_ascii=False).encode(), msgspec.json.encode(text)]
+    for raw in spellings:
+        if forbidden:
+            assert may_hold_forbidden_text(raw), raw
+        if not may_hold_forbidden_text(raw):
+            assert not forbidden
