@@ -33,7 +33,7 @@ def _record(value: Any) -> Record[Any]:
 def test_a_poll_of_local_settlements_only_opens_no_transaction() -> None:
     local = [msgspec.structs.replace(settle(f"s-local-{i}", "mon001"), scope="local") for i in range(3)]
     outbox = Outbox("clearing")
-    asyncio.run(Positions(_NoDatabase()).process([_record(ev) for ev in local], outbox))  # type: ignore[arg-type]
+    asyncio.run(Positions(_NoDatabase()).process([_record(ev) for ev in local], outbox))
     assert outbox.records == []
 
 
@@ -41,7 +41,7 @@ def test_a_poll_with_a_non_local_settlement_still_writes() -> None:
     ev = settle("s-remote-1", "mon001", hospital="H15040000001")
     assert ev.scope != "local"
     with pytest.raises(AssertionError, match="acquired a PostgreSQL connection"):
-        asyncio.run(Positions(_NoDatabase()).process([_record(ev)], Outbox("clearing")))  # type: ignore[arg-type]
+        asyncio.run(Positions(_NoDatabase()).process([_record(ev)], Outbox("clearing")))
 
 
 @dataclass(frozen=True)
