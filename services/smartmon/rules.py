@@ -185,7 +185,24 @@ def _unique(episodes: Iterable[Episode]) -> list[Episode]:
     return sorted(by_id.values(), key=lambda e: (e.at, e.setl_time, e.setl_id))
 
 
+# The stays of the last tuple of episodes: person_judgements hands every rule the same tuple, and three of
+# them group it into stays. A tuple cannot change, and holding it keeps its id from being reused.
+_last_stays: tuple[tuple[Episode, ...], list[Stay]] | None = None
+
+
 def _stays(episodes: Sequence[Episode]) -> list[Stay]:
+    global _last_stays
+    if isinstance(episodes, tuple):
+        last = _last_stays  # one read: the pair is replaced whole, never changed
+        if last is not None and last[0] is episodes:
+            return list(last[1])
+        stays = _group_stays(episodes)
+        _last_stays = (episodes, stays)
+        return list(stays)
+    return _group_stays(episodes)
+
+
+def _group_stays(episodes: Sequence[Episode]) -> list[Stay]:
     parts: dict[tuple[str, str], list[Episode]] = defaultdict(list)
     for e in episodes:
         if e.facts.visit_type == "inpatient":
@@ -412,7 +429,7 @@ def person_judgements(episodes: Sequence[Episode], book: RuleBook,
                       rule_ids: Collection[str] | None = None) -> list[Judgement]:
     """Every judgement of the person-keyed rules (all but COST_OUTLIER) over one person's episodes,
     restricted to `rule_ids` when given; sorted by jr_id. A pure function of the set of episodes."""
-    ordered = _unique(episodes)
+    ordered = tuple(_unique(episodes))  # a tuple: the rules share its stays (_stays)
     out: list[Judgement] = []
     for rule in book.enabled(rule_ids):
         check = PERSON_RULES.get(rule.rule_id)
@@ -513,10 +530,23 @@ def within_horizon(episodes: Sequence[Episode], book: RuleBook) -> list[Episode]
     return [e for e in ordered if last_day[e.setl_id] >= first_kept]
 
 
+# horizon_days by book (a book is loaded once and never changed; the entry keeps it, so its id stays its own).
+_horizons: dict[int, tuple[RuleBook, int]] = {}
+
+
 def horizon_days(book: RuleBook) -> int:
     """How far back (calendar days before the newest episode's day) history matters: the longest window of
     any enabled rule (defaults and overrides) plus the book's margin for late arrivals. Keep an episode while
     the later of its visit day and its end day is within this many days of the newest one."""
+    known = _horizons.get(id(book))
+    if known is None:
+        if len(_horizons) > 64:  # tests build many books: keep the cache small
+            _horizons.clear()
+        known = _horizons[id(book)] = (book, _horizon_days(book))
+    return known[1]
+
+
+def _horizon_days(book: RuleBook) -> int:
     longest = 1
     for rule in book.enabled():
         for values in (rule.params, *rule.overrides.values()):
