@@ -18,8 +18,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import ROUND_FLOOR, Decimal
-from functools import cached_property, lru_cache
-from typing import Final
+from functools import lru_cache
+from typing import Any, Final, Generic, TypeVar, overload
 
 from schemas.internal import SettlementEvent
 from schemas.monitoring import Judgement, StayCost, VisitFacts
@@ -39,6 +39,35 @@ __all__ = [
 ]
 
 JR_ID_HEX: Final = 32
+_T = TypeVar("_T")
+
+
+class cached_property(Generic[_T]):  # named like the functools one it replaces
+    """functools.cached_property without its lock: Python 3.11's takes an RLock on every first access (3.12
+    dropped it), a third of smartmon's per-event CPU as Episodes and Stays are built anew for each event.
+    The rules run in one thread; the value is computed on first access and stored in the instance's
+    __dict__, where later reads find it without calling this descriptor."""
+
+    def __init__(self, func: Callable[[Any], _T]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> cached_property[_T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, instance: object | None, owner: type | None = None) -> _T | cached_property[_T]:
+        if instance is None:
+            return self
+        value = self.func(instance)
+        instance.__dict__[self.name] = value  # frozen dataclasses too: __dict__ is written directly
+        return value
 
 
 @dataclass(frozen=True)
@@ -156,7 +185,24 @@ def _unique(episodes: Iterable[Episode]) -> list[Episode]:
     return sorted(by_id.values(), key=lambda e: (e.at, e.setl_time, e.setl_id))
 
 
+# The stays of the last tuple of episodes: person_judgements hands every rule the same tuple, and three of
+# them group it into stays. A tuple cannot change, and holding it keeps its id from being reused.
+_last_stays: tuple[tuple[Episode, ...], list[Stay]] | None = None
+
+
 def _stays(episodes: Sequence[Episode]) -> list[Stay]:
+    global _last_stays
+    if isinstance(episodes, tuple):
+        last = _last_stays  # one read: the pair is replaced whole, never changed
+        if last is not None and last[0] is episodes:
+            return list(last[1])
+        stays = _group_stays(episodes)
+        _last_stays = (episodes, stays)
+        return list(stays)
+    return _group_stays(episodes)
+
+
+def _group_stays(episodes: Sequence[Episode]) -> list[Stay]:
     parts: dict[tuple[str, str], list[Episode]] = defaultdict(list)
     for e in episodes:
         if e.facts.visit_type == "inpatient":
@@ -383,7 +429,7 @@ def person_judgements(episodes: Sequence[Episode], book: RuleBook,
                       rule_ids: Collection[str] | None = None) -> list[Judgement]:
     """Every judgement of the person-keyed rules (all but COST_OUTLIER) over one person's episodes,
     restricted to `rule_ids` when given; sorted by jr_id. A pure function of the set of episodes."""
-    ordered = _unique(episodes)
+    ordered = tuple(_unique(episodes))  # a tuple: the rules share its stays (_stays)
     out: list[Judgement] = []
     for rule in book.enabled(rule_ids):
         check = PERSON_RULES.get(rule.rule_id)
@@ -484,10 +530,23 @@ def within_horizon(episodes: Sequence[Episode], book: RuleBook) -> list[Episode]
     return [e for e in ordered if last_day[e.setl_id] >= first_kept]
 
 
+# horizon_days by book (a book is loaded once and never changed; the entry keeps it, so its id stays its own).
+_horizons: dict[int, tuple[RuleBook, int]] = {}
+
+
 def horizon_days(book: RuleBook) -> int:
     """How far back (calendar days before the newest episode's day) history matters: the longest window of
     any enabled rule (defaults and overrides) plus the book's margin for late arrivals. Keep an episode while
     the later of its visit day and its end day is within this many days of the newest one."""
+    known = _horizons.get(id(book))
+    if known is None:
+        if len(_horizons) > 64:  # tests build many books: keep the cache small
+            _horizons.clear()
+        known = _horizons[id(book)] = (book, _horizon_days(book))
+    return known[1]
+
+
+def _horizon_days(book: RuleBook) -> int:
     longest = 1
     for rule in book.enabled():
         for values in (rule.params, *rule.overrides.values()):
