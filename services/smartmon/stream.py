@@ -59,6 +59,8 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
         broker_credentials=faust.SASLCredentials(
             username=PRINCIPAL, password=password(s, f"kafka-{PRINCIPAL}"), mechanism=SCRAM_MECHANISM),
         store="memory://",  # rebuilt from the changelog at start: the state is small (a horizon per person)
+        # Faust makes a data directory even for memory tables; its default is one in the working directory.
+        datadir=str(s.run_dir / "smartmon-data"),
         topic_allow_declare=False,  # topics.apply creates every topic, with the ACLs that go with it
         topic_disable_leader=True,  # no leader election (and no `__assignor-__leader` topic): nothing needs it
         topic_partitions=s.partitions,
