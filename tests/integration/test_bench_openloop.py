@@ -26,7 +26,7 @@ from tests.integration.conftest import ITEM_A, ITEM_B10, ITEM_C, ITEM_CEIL, issu
 HOSPITAL = Hospital("H15040099930", "赤峰测试压测医院", "150400", live_clock=True)
 PHARMACY = Hospital("P15040099930", "赤峰测试压测药房", "150400", live_clock=True)
 PERSONS = {"kafka": [psn(800 + i) for i in range(40)], "http": [psn(840 + i) for i in range(40)],
-           "processes": [psn(880 + i) for i in range(40)]}
+           "processes": [psn(600 + i) for i in range(40)]}  # 880+ met test_ops's psn(900)
 # Two generator processes: institutions of their own (each process signs its own in).
 POOL_HOSPITALS = [Hospital(f"H1504009993{i}", f"赤峰测试压测医院{i}", "150400", live_clock=True) for i in (1, 2)]
 RATE, SECONDS, DRAIN = 20.0, 3.0, 10.0
