@@ -33,7 +33,7 @@ from loadtest.population import (
     drive_stay,
 )
 
-HELD_SHARE: Final = 0.95  # achieved ≥ 95% of the target rate
+HELD_SHARE: Final = 0.95  # achieved ≥ 95% of the target rate (OpenLoopResult.due_rps)
 LATENCY_MAX_US: Final = 120_000_000  # 2 minutes: the histograms' range (3 significant digits)
 # Families of transactions a report groups latencies by (first match of the infno's prefix).
 FAMILIES: Final[tuple[tuple[str, str], ...]] = (
@@ -149,6 +149,13 @@ class OpenLoopResult:
     def offered_rps(self) -> float:
         return self.offered / max(self.window_s, 1e-9)
 
+    @property
+    def due_rps(self) -> float:
+        """The rate to hold: the target, or less when fewer visits arrived than it plans for. Poisson
+        arrivals vary (at 250 visits, by ±6%), and that is the draw's doing, not the pipeline's."""
+        arrived = self.arrivals * self.requests_per_visit / max(self.window_s, 1e-9)
+        return min(self.target_rps, arrived)
+
     def errors(self) -> Counter[str]:
         """Unexpected error answers by code, plus requests never answered (NO_ANSWER)."""
         out = self.stats.errors()
@@ -183,11 +190,14 @@ def merge_results(parts: Sequence[OpenLoopResult]) -> OpenLoopResult:
 
 
 def held(result: OpenLoopResult, p99_bound_ms: float) -> tuple[bool, str]:
-    """The step mode's criterion: achieved ≥ 95% of the target, p99 within the bound, no errors other
-    than the expected refusals, every arrival served. Returns (held, why not)."""
+    """The step mode's criterion: achieved ≥ 95% of the target (of what the visits that arrived ask, when
+    fewer arrived), p99 within the bound, no errors other than the expected refusals, every arrival
+    served. Returns (held, why not)."""
     reasons = []
-    if result.achieved_rps < HELD_SHARE * result.target_rps:
-        reasons.append(f"achieved {result.achieved_rps:.1f}/s < {HELD_SHARE:.0%} of {result.target_rps:g}/s")
+    if result.achieved_rps < HELD_SHARE * result.due_rps:
+        due = f"{result.target_rps:g}/s" if result.due_rps == result.target_rps else (
+            f"{result.due_rps:.1f}/s (what the {result.arrivals} visits that arrived ask)")
+        reasons.append(f"achieved {result.achieved_rps:.1f}/s < {HELD_SHARE:.0%} of {due}")
     p99 = quantiles_ms(result.book.overall)["p99"]
     if not p99 <= p99_bound_ms:  # nan (nothing answered) is not within the bound either
         reasons.append(f"p99 {p99:.1f} ms > {p99_bound_ms:g} ms")

@@ -105,6 +105,7 @@ def _result(target: float, answered: int, latency_ms: float, window_s: float = 1
     for _ in range(answered):
         res.book.record("2207", latency_ms / 1000)
     res.answered_in_window = res.offered = answered
+    res.arrivals = round(target / 4 * window_s)  # as many visits as the target plans for
     return res
 
 
@@ -126,6 +127,20 @@ def test_held_needs_the_rate_the_p99_and_no_errors() -> None:
     assert held(res, 100) == (False, "4 arrivals found no free person (population too small for this rate)")
     ok, why = held(_result(100, 0, 20), 100)  # nothing answered: neither rate nor p99
     assert not ok and why.startswith("achieved 0.0/s") and "p99 nan ms" in why
+
+
+def test_held_measures_the_rate_against_the_visits_that_arrived() -> None:
+    """Poisson drew fewer visits than the target plans for: the pipeline is judged on those it got."""
+    res = _result(100, 880, 20)
+    res.arrivals = 225  # 90 requests/s asked instead of 100
+    assert held(res, 100) == (True, "")
+    res.answered_in_window = 850  # below 95% of the 90/s those visits ask
+    ok, why = held(res, 100)
+    assert not ok and why == "achieved 85.0/s < 95% of 90.0/s (what the 225 visits that arrived ask)"
+    res = _result(100, 940, 20)
+    res.arrivals = 300  # more visits than planned: the target stays the bar
+    ok, why = held(res, 100)
+    assert not ok and why == "achieved 94.0/s < 95% of 100/s"
 
 
 def test_national_mix_draws_the_reference_shares_with_lookups_and_real_bills() -> None:
