@@ -8,10 +8,10 @@
 Open loop (`--rate`, `--step`; loadtest.openloop): visits arrive at the target rate whatever the
 answers, every latency counted from the request's due time into HDR histograms; the report says per
 rate whether it was held (achieved ≥ 95% of target or of what the arrivals ask, p99 within the
-bound, no unexpected errors) and the step mode the highest rate held. Closed loop (neither flag): `--concurrency` visits run at once,
-each sequential, a new one as soon as one ends, so the rate is what the pipeline sustains at that
-concurrency. Visits: the national mix (REFERENCE §7) or inpatient stays only (2401 → 2301 ×1–2 → 2402 →
-2303 → 2304 → 10% 2305).
+bound, no unexpected errors) and the step mode the highest rate held. Closed loop (neither flag):
+`--concurrency` visits run at once, each sequential, a new one as soon as one ends, so the rate is
+what the pipeline sustains at that concurrency. Visits: the national mix (REFERENCE §7) or inpatient
+stays only (2401 → 2301 ×1–2 → 2402 → 2303 → 2304 → 10% 2305).
 
 The closed loop:
 
