@@ -80,10 +80,11 @@ async def seeds_data(refdata: dict, db: asyncpg.Pool, services: Settings,
     _write(directory)
     await load_dir(db, directory, operator="test.loader")
     await issue_keys(services, db, [h.fixmedins_code for h in HOSPITALS])
-    # A fresh worker: in two whole-suite runs (after tests that restart Kafka and kill services) the seeded
-    # COST_OUTLIER was not judged within the wait while the other rules were; not reproduced in isolation
-    # and not explained yet (README, Smart monitoring). This test is about the seeds, so it starts clean.
+    # Fresh workers: in whole-suite runs the clearing service (whose sink writes the judgements) went silent
+    # after the fault tests' Kafka restart, and judgements never reached the hub (README, Smart monitoring,
+    # known open problem). This test is about the seeds, so it starts clean.
     stack_ctl.restart_service("smartmon", services)
+    stack_ctl.restart_service("clearing", services)
     await wait_router_knows(services, HOSPITALS[0], PERSONS[-1], "150400")
     return services
 

@@ -138,6 +138,13 @@ def book() -> RuleBook:
     return load_rules()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_sink(services: Settings) -> None:
+    """The clearing service (the judgements sink) freshly started: in a whole-suite run it went silent after
+    the fault tests' Kafka restart (README, Smart monitoring, known open problem)."""
+    stack_ctl.restart_service("clearing", services)
+
+
 async def test_overlap_withdrawn_by_a_reversal_and_a_replay_adds_nothing(
         services: Settings, db: asyncpg.Pool, producer: AIOKafkaProducer, book: RuleBook) -> None:
     a = settle("mo1-a", "mon1001", hospital="H32050000001", begin="2026-03-01 09:00:00",
