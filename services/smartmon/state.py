@@ -162,7 +162,9 @@ def apply_stay(state: CostGroupState, stay: StayCost, book: RuleBook) -> list[Ju
     # itself and of stays discharged in (d, d + window] — not of the (many) others discharged the same day.
     affected = {k for k, s in state.stays.items() if any(lo < s.dscg_day <= hi for lo, hi in spans)}
     affected |= {stay.mdtrt_id} & state.stays.keys()
-    produced = [j for k in sorted(affected) if (j := _judge_one(state.stays[k], state.stays, book))]
+    # One stay against its window, O(n) in its group: what cost_judgements decides for it over the whole group
+    # (tests/unit/test_smartmon_state.py holds the two equal over random groups).
+    produced = [j for k in sorted(affected) if (j := judge_stay(state.stays[k], state.stays.values(), book))]
     mine = {k: j for k, j in state.emitted.items() if j.mdtrt_ids[0] in affected | {stay.mdtrt_id}}
     now, out = _diff(mine, produced)
     state.emitted = {k: j for k, j in state.emitted.items() if k not in mine} | now
@@ -176,8 +178,3 @@ def _cost_window_max(book: RuleBook) -> int:
         return 0
     return max(int(values.get("window_days", 0)) for values in (rule.params, *rule.overrides.values()))
 
-
-def _judge_one(stay: StayCost, stays: dict[str, StayCost], book: RuleBook) -> Judgement | None:
-    """COST_OUTLIER of `stay` alone (O(n) in its group): what `cost_judgements` decides for it over the whole
-    group (tests/unit/test_smartmon_state.py holds the two equal over random groups)."""
-    return judge_stay(stay, stays.values(), book)
