@@ -41,6 +41,8 @@ _MONEY_INFNOS = infnos_loading("money")
 _FEE_INFNOS = infnos_loading("fees")
 _REVERSAL_INFNOS = infnos_loading("settlements")
 _CORRECTABLE = correctable()
+_ACC_COUNTERS = ("basic_paid", "outpatient_dedc_used", "outpatient_paid", "critical_base", "critical_paid",
+                 "supplementary_paid", "assistance_paid")
 _PROCESSED_COLS = ("msgid", "infno", "fixmedins_code", "infcode", "response", "mdtrt_id")
 # The element type of each written column's array (`unnest`); any other column is text (char(6) included:
 # text casts to it on assignment).
@@ -52,12 +54,9 @@ _PG_TYPES = {
     **dict.fromkeys(AMOUNT_FIELDS, "bigint"), "pool_prop_selfpay": "numeric", "accum_delta": "jsonb",
     "mid_setl": "boolean", "stay_part": "smallint", "chronic_paid": "jsonb", "balc_fen": "bigint",
     "infcode": "smallint", "response": "bytea", "day": "date",
-    **dict.fromkeys((*daily.COUNTS, *daily.MONEY), "bigint"),
+    **dict.fromkeys((*daily.COUNTS, *daily.MONEY), "bigint"), **dict.fromkeys(_ACC_COUNTERS, "bigint"),
 }
 _CORRECTION_COLS = ("omsgid", "msgid", "oinfno", "fixmedins_code", "undone", "output", "err_msg")
-_ACC_COUNTERS = ("basic_paid", "outpatient_dedc_used", "outpatient_paid", "critical_base", "critical_paid",
-                 "supplementary_paid", "assistance_paid")
-_PG_TYPES.update(dict.fromkeys(_ACC_COUNTERS, "bigint"))
 
 
 def _referenced(msgs: Iterable[RoutedRequest]) -> tuple[set[str], set[str]]:
@@ -199,7 +198,7 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
     changed = st.changed_visits - set(st.new_visits)
     if changed:
         cols = ("mdtrt_id", *_VISIT_MUTABLE)
-        await _update(conn, "visit", cols, ", ".join(f"{c} = u.{c}" for c in _VISIT_MUTABLE), "mdtrt_id",
+        await _update(conn, "visit", cols, ", ".join(f"{c} = u.{c}" for c in _VISIT_MUTABLE), ("mdtrt_id",),
                       [tuple(_visit_value(st.visits[v], c) for c in cols) for v in sorted(changed)])
     if st.new_fees:
         # Each item once (an item sent twice in the batch is one row in its final state): one INSERT may
@@ -209,14 +208,14 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
                       " ON CONFLICT (mdtrt_id, feedetl_sn) DO UPDATE SET "
                       + ", ".join(f"{c} = EXCLUDED.{c}" for c in _FEE_COLS[2:]))
     if st.cancelled_fees:
-        await _update(conn, "fee_item", ("mdtrt_id", "feedetl_sn"), "cancelled = true", "mdtrt_id, feedetl_sn",
+        await _update(conn, "fee_item", ("mdtrt_id", "feedetl_sn"), "cancelled = true", ("mdtrt_id", "feedetl_sn"),
                       st.cancelled_fees)
     if st.unsettled_by:  # a reversed part's items are not settled any more (loaded or not)
-        await _update(conn, "fee_item", ("mdtrt_id", "setl_id"), "setl_id = NULL", "mdtrt_id, setl_id",
+        await _update(conn, "fee_item", ("mdtrt_id", "setl_id"), "setl_id = NULL", ("mdtrt_id", "setl_id"),
                       st.unsettled_by)
     if st.settled_fees:
         await _update(conn, "fee_item", ("mdtrt_id", "feedetl_sn", "setl_id"), "setl_id = u.setl_id",
-                      "mdtrt_id, feedetl_sn", [(*key, setl_id) for key, setl_id in sorted(st.settled_fees.items())])
+                      ("mdtrt_id", "feedetl_sn"), [(*key, setl_id) for key, setl_id in sorted(st.settled_fees.items())])
     if st.new_settlements:
         await _insert(conn, "settlement", _SETL_COLS,
                       [_settlement_values(st.settlements[s]) for s in st.new_settlements])
@@ -255,10 +254,10 @@ async def _insert(conn: asyncpg.Connection, table: str, cols: Sequence[str], row
                        *_columns(rows, len(cols)))
 
 
-async def _update(conn: asyncpg.Connection, table: str, cols: Sequence[str], assignments: str, keys: str,
-                  rows: Sequence[tuple[Any, ...]]) -> None:
+async def _update(conn: asyncpg.Connection, table: str, cols: Sequence[str], assignments: str,
+                  keys: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
     """UPDATE the rows that match each row's keys (`keys`: columns of `cols`) in one statement."""
-    match = " AND ".join(f"t.{k} = u.{k}" for k in keys.split(", "))
+    match = " AND ".join(f"t.{k} = u.{k}" for k in keys)
     await conn.execute(f"UPDATE {table} t SET {assignments} FROM {_unnest(cols)} WHERE {match}",
                        *_columns(rows, len(cols)))
 
