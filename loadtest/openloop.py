@@ -73,12 +73,17 @@ def step_rates(start: float, *, factor: float = 1.0, increment: float = 0.0, max
     return rates
 
 
+def _histogram() -> HdrHistogram:
+    """1 µs to LATENCY_MAX_US, 3 significant digits: every histogram of a book alike, so adding is exact."""
+    return HdrHistogram(1, LATENCY_MAX_US, 3)
+
+
 class LatencyBook:
     """HDR histograms of latencies in µs: overall and per family. Pickled (from a generator process of
     `loadtest.bench --processes`) as HDR's own compressed encoding, so books added together are exact."""
 
     def __init__(self) -> None:
-        self.overall = HdrHistogram(1, LATENCY_MAX_US, 3)
+        self.overall = _histogram()
         self.families: dict[str, HdrHistogram] = {}
 
     def __getstate__(self) -> dict[str, bytes]:
@@ -95,7 +100,7 @@ class LatencyBook:
             return self.overall
         hist = self.families.get(name)
         if hist is None:
-            hist = self.families[name] = HdrHistogram(1, LATENCY_MAX_US, 3)
+            hist = self.families[name] = _histogram()
         return hist
 
     def add(self, other: LatencyBook) -> None:
