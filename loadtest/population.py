@@ -455,7 +455,7 @@ class Population:
             items = usual_items(self.catalog[prov])
             if pharmacy:
                 items = [c for c in items if c.code[:1] in "XZ"] or items  # drugs
-            items = self._usual[key] = items
+            self._usual[key] = items
         return items
 
     def release(self, scenario: Scenario) -> None:
