@@ -63,6 +63,7 @@ from services.common.metrics import (
 )
 from services.common.response import SHANGHAI, received_from_ns, response_bytes
 from services.common.shards import ShardPools
+from services.common.watchdog import ProgressWatchdog
 from services.refdata.regions import UnknownRegion, classify_scope, region_of
 from services.smartmon.rules import load_rules
 from topics.catalog import CLEARING, JUDGEMENTS, MANUAL_CLAIMS, REPLIES, SETTLEMENTS, TopicSpec
@@ -101,8 +102,9 @@ class ClearingService:
             (GROUP_CLAIMS, MANUAL_CLAIMS, Claims(self.pool)),
             (GROUP_JUDGEMENTS, JUDGEMENTS, Judgements(self.pool, frozenset(load_rules().rules))),
         ]
+        watchdog = ProgressWatchdog(self.s, "clearing")
         shells = [BatchConsumer(make_group_consumer(self.s, "clearing", group, spec.name), group, spec, processor,
-                                self.producer, max_records=self.s.batch_size_max)
+                                self.producer, max_records=self.s.batch_size_max, watchdog=watchdog)
                   for group, spec, processor in processors]
         tasks = [asyncio.create_task(shell.run(stop)) for shell in shells]
         tasks.append(asyncio.create_task(self._ticker(stop)))
@@ -114,6 +116,7 @@ class ClearingService:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await watchdog.close()
             await self.producer.stop()
             await self.shards.close()
             await self.pool.close()

@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import asyncpg
 import msgspec
@@ -40,6 +40,9 @@ from schemas.errors import BrokerError
 from schemas.internal import DeadLetter
 from services.common.metrics import DEAD_LETTERS, record_produce_error
 from topics.catalog import DEADLETTER, TopicSpec
+
+if TYPE_CHECKING:
+    from services.common.watchdog import ProgressWatchdog
 
 log = logging.getLogger("consumer")
 T = TypeVar("T")
@@ -252,7 +255,7 @@ class BatchConsumer(Generic[T]):
     """One consumer group over one topic, around a `BatchProcessor`; the producer may be shared."""
 
     def __init__(self, consumer: AIOKafkaConsumer, group_id: str, spec: TopicSpec, processor: BatchProcessor[T],
-                 producer: AIOKafkaProducer, *, max_records: int) -> None:
+                 producer: AIOKafkaProducer, *, max_records: int, watchdog: ProgressWatchdog | None = None) -> None:
         self.consumer = consumer
         self.group_id = group_id
         self.spec = spec
@@ -260,11 +263,17 @@ class BatchConsumer(Generic[T]):
         self.producer = producer
         self.max_records = max_records
         self.decode: Callable[[bytes], T] = processor.decoder or catalog_decoder(spec)
+        self.watchdog = watchdog
+        # True while a poll's processing waits for the database or the broker to come back: the watchdog
+        # leaves a shell that waits on purpose alone.
+        self.retrying = False
 
     async def run(self, stop: asyncio.Event) -> None:
         await until_up(f"{self.group_id} consumer", self.consumer.start, stop)
         if stop.is_set():
             return
+        guard = None if self.watchdog is None else asyncio.create_task(
+            self.watchdog.guard(self.group_id, [self.spec.name], stop, exempt=lambda: self.retrying))
         try:
             backoff = Backoff()
             while not stop.is_set():
@@ -278,6 +287,8 @@ class BatchConsumer(Generic[T]):
                 if batches:
                     await self.handle(batches, stop)
         finally:
+            if guard is not None:
+                guard.cancel()
             await self.consumer.stop()
 
     async def handle(self, batches: dict[TopicPartition, list[ConsumerRecord]], stop: asyncio.Event) -> bool:
@@ -287,11 +298,13 @@ class BatchConsumer(Generic[T]):
             try:
                 outbox = await self.process_batch([rec for recs in batches.values() for rec in recs])
                 await publish(self.producer, outbox)
+                self.retrying = False
                 break
             except Exception as e:
                 # `process_batch` isolates record failures: what is left is the database or the broker
                 # (or a bug of publishing, which is retried too rather than stopping the service).
                 self._infrastructure(e)
+                self.retrying = True
                 if stop.is_set():
                     return False  # not committed: the next owner replays
                 await backoff.wait(stop)

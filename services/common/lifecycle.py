@@ -12,6 +12,8 @@ from typing import Final
 
 import uvloop
 
+from services.common.watchdog import loop_watchdog
+
 # While the broker is away aiokafka logs every failed reconnect at ERROR, hundreds of lines a second.
 CLIENT_LOGGERS: Final = ("aiokafka",)
 REPEAT_PERIOD_S: Final = 10.0
@@ -48,7 +50,11 @@ def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await main(stop)
+        watchdog = asyncio.create_task(loop_watchdog(stop))
+        try:
+            await main(stop)
+        finally:
+            watchdog.cancel()
 
     # uvloop (libuv) instead of asyncio's selector loop: less CPU per callback, socket read and timer,
     # which every service spends on each Kafka fetch and PostgreSQL round trip.

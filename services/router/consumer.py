@@ -21,6 +21,7 @@ from services.common.consumer import BatchConsumer, BatchProcessor, Outbox, Reco
 from services.common.kafka import make_group_consumer, make_producer
 from services.common.metrics import REQUESTS, record_settlement_request, serve_metrics
 from services.common.response import received_from_ns, response_bytes
+from services.common.watchdog import ProgressWatchdog
 from services.router.core import RouterCore, ingress_meta, scope_of
 from topics.catalog import INGRESS, ROUTED
 
@@ -74,6 +75,7 @@ async def run(s: Settings, stop: asyncio.Event) -> None:
     serve_metrics(s.router_metrics_port, stage="router")
     core = RouterCore(s)
     producer = make_producer(s, "router", linger_ms=1)
+    watchdog = ProgressWatchdog(s, "router")
     try:
         await core.state.start(stop)
         await until_up("Kafka producer", producer.start, stop)
@@ -83,7 +85,8 @@ async def run(s: Settings, stop: asyncio.Event) -> None:
         log.info("router ready")
         consumer = make_group_consumer(s, "router", GROUP_ID, INGRESS.name)
         await BatchConsumer(consumer, GROUP_ID, INGRESS, Router(core), producer,
-                            max_records=s.batch_size_max).run(stop)
+                            max_records=s.batch_size_max, watchdog=watchdog).run(stop)
     finally:
+        await watchdog.close()
         await producer.stop()
         await core.state.close()

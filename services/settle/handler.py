@@ -44,6 +44,7 @@ from services.common.metrics import (
 )
 from services.common.response import received_from_ns, response_bytes
 from services.common.shards import ShardPools
+from services.common.watchdog import ProgressWatchdog
 from services.policy.policies import PolicyBook
 from services.refdata.regions import province_of
 from services.settle import ledger, monitoring, queries
@@ -79,12 +80,14 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
         self.shards = await until_up("PostgreSQL shards", connect, stop)
         await until_up("Kafka producer", self.producer.start, stop)
         log.info("settlement engine ready")
+        watchdog = ProgressWatchdog(self.s, "settle")
         try:
             if not stop.is_set():
                 consumer = make_group_consumer(self.s, "settle", GROUP_ID, ROUTED.name)
                 await BatchConsumer(consumer, GROUP_ID, ROUTED, self, self.producer,
-                                    max_records=self.s.batch_size_max).run(stop)
+                                    max_records=self.s.batch_size_max, watchdog=watchdog).run(stop)
         finally:
+            await watchdog.close()
             await self.producer.stop()
             if self.shards is not None:
                 await self.shards.close()

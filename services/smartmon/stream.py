@@ -32,6 +32,7 @@ from services.common.config import Settings
 from services.common.kafka import SCRAM_MECHANISM, SESSION_TIMEOUT_MS
 from services.common.metrics import DEAD_LETTERS, SMARTMON_EVENTS, record_judgement_sent
 from services.common.secrets import password
+from services.common.watchdog import ProgressWatchdog, loop_watchdog
 from services.smartmon.rules import RuleBook, load_rules
 from services.smartmon.state import apply_event, apply_stay, decode_group, decode_person, encode
 from topics.catalog import DEADLETTER, JUDGEMENTS, MONITOR_STAYS, SETTLEMENTS, SMARTMON_APP
@@ -150,5 +151,19 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
             if after != before:
                 cost_groups[key] = after
             SMARTMON_EVENTS.labels("cost_groups", "ok").inc()
+
+    @app.task
+    async def watchdogs() -> None:
+        """The service's watchdogs (services/common/watchdog.py), until faust cancels its tasks at stop.
+        Recovering the tables from their changelogs is waiting on purpose, not a stall."""
+        stop = asyncio.Event()
+        progress = ProgressWatchdog(s, PRINCIPAL)
+        try:
+            await asyncio.gather(
+                progress.guard(SMARTMON_APP, [SETTLEMENTS.name, MONITOR_STAYS.name], stop,
+                               exempt=lambda: bool(app.in_recovery)),
+                loop_watchdog(stop))
+        finally:
+            await progress.close()
 
     return app
