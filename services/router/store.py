@@ -47,7 +47,9 @@ from services.router.logic import LedgerFacts, RefdataChange
 
 log = logging.getLogger("router")
 REFDATA_CHANNEL: Final = "refdata_changed"
-POLL_S: Final = 0.5  # the change log is read at least this often, NOTIFY or not
+# The change log is read at least this often, NOTIFY or not: a safety net only (a NOTIFY sent while LISTEN was
+# away is caught up when it listens again), so not twice a second at every idle moment.
+POLL_S: Final = 5.0
 LISTENER_CHECK_S: Final = 0.5
 CHANGES_PER_READ: Final = 5_000
 POOL_SIZE_MAX: Final = 4
