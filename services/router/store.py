@@ -47,7 +47,9 @@ from services.router.logic import LedgerFacts, RefdataChange
 
 log = logging.getLogger("router")
 REFDATA_CHANNEL: Final = "refdata_changed"
-POLL_S: Final = 0.5  # the change log is read at least this often, NOTIFY or not
+# The change log is read at least this often, NOTIFY or not: a safety net only (a NOTIFY sent while LISTEN was
+# away is caught up when it listens again), so not twice a second at every idle moment.
+POLL_S: Final = 5.0
 LISTENER_CHECK_S: Final = 0.5
 CHANGES_PER_READ: Final = 5_000
 POOL_SIZE_MAX: Final = 4
@@ -69,8 +71,12 @@ class RouterState:
 
     async def start(self, stop: asyncio.Event) -> None:
         """Connect and read the view (waiting for the database if it is away); then keep it current."""
-        self.pool = await until_up("PostgreSQL", lambda: connect_pool(self.s, POOL_SIZE_MAX), stop)
-        self.shards = await until_up("shard databases", lambda: ShardPools.connect(self.s, POOL_SIZE_MAX), stop)
+        # No session state on pooled connections (LISTEN has a connection of its own; the view's reads are
+        # transaction-scoped): a released connection needs no reset statement, one round trip per acquire.
+        self.pool = await until_up("PostgreSQL", lambda: connect_pool(self.s, POOL_SIZE_MAX, session_reset=False),
+                                   stop)
+        self.shards = await until_up(
+            "shard databases", lambda: ShardPools.connect(self.s, POOL_SIZE_MAX, session_reset=False), stop)
         await until_up("reference data", self._read_view, stop)
         if self.view is not None:
             self.ready.set()
@@ -245,10 +251,15 @@ class RouterState:
         await self.apply_change(ref, RefdataChange(psn_no, {}, new_filing=filing))
 
     async def apply_change(self, ref: RefData, change: RefdataChange) -> None:
-        """Write a filing / eligibility change to the person's shard, then into the batch's view."""
+        """Write a filing / eligibility change to the person's shard, then into the batch's view. A change
+        is one statement (2501–2504 each make one kind), which commits alone: a transaction around it
+        would only add BEGIN and COMMIT round trips."""
         psn_no = change.psn_no
         chronic: list[str] | None = None
-        async with self._pool_of(ref, psn_no).acquire() as conn, conn.transaction():
+        kinds = (change.new_filing is not None) + (change.revoke_filing_id is not None) + (
+            change.chronic_disease is not None)
+        async with self._pool_of(ref, psn_no).acquire() as conn, (
+                conn.transaction() if kinds > 1 else contextlib.nullcontext()):
             if (f := change.new_filing) is not None:
                 await conn.execute(
                     "INSERT INTO filing (filing_id, psn_no, filing_type, begndate, enddate, target_admdvs, source)"
@@ -270,14 +281,16 @@ class RouterState:
 
     async def ledger_facts(self, ref: RefData, psn_no: str, year: int) -> LedgerFacts:
         """For 1101: the account balance now and this year's accumulators, from the person's shard."""
-        async with self._pool_of(ref, psn_no).acquire() as conn:
-            balance = await conn.fetchval("SELECT balc_fen FROM account WHERE psn_no = $1", psn_no)
-            acc = await conn.fetchrow("SELECT * FROM accumulator WHERE psn_no = $1 AND acc_year = $2", psn_no, year)
+        # One round trip: the balance beside the year's accumulator row (all NULL when there is none).
+        row = await self._pool_of(ref, psn_no).fetchrow(
+            "SELECT (SELECT balc_fen FROM account WHERE psn_no = $1) AS balance_fen, a.*"
+            " FROM (SELECT) AS one LEFT JOIN accumulator AS a ON a.psn_no = $1 AND a.acc_year = $2", psn_no, year)
+        assert row is not None  # the outer side always yields its one row
         facts: dict[str, Any] = {}
-        if acc is not None:
-            facts = {k: v for k, v in dict(acc).items() if k not in ("psn_no", "acc_year")}
+        if row["acc_year"] is not None:
+            facts = {k: v for k, v in dict(row).items() if k not in ("balance_fen", "psn_no", "acc_year")}
             facts["chronic_paid"] = json.loads(facts["chronic_paid"])
-        return LedgerFacts(balance_fen=balance, year=year, accumulators=facts)
+        return LedgerFacts(balance_fen=row["balance_fen"], year=year, accumulators=facts)
 
 
 def _into_batch(ref: RefData, change: RefdataChange, chronic: list[str] | None) -> None:
