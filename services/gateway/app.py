@@ -15,15 +15,19 @@ the broker and the reply reader runs, 503 otherwise.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import traceback
 from datetime import datetime
+from typing import Final
 
 import msgspec
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+from prometheus_client import Counter, Histogram
 
 from schemas.codec import decode_request, peek_ids
 from schemas.errors import BrokerError
@@ -33,7 +37,6 @@ from services.common.config import GATEWAY_PATH, Settings
 from services.common.kafka import IDLE_FETCH_WAIT_MS, client_auth, make_producer
 from services.common.metrics import DEAD_LETTERS, GATEWAY_SECONDS, REQUESTS, record_produce_error
 from services.common.response import SHANGHAI, response_bytes
-from services.common.signing import content_digest
 from topics.catalog import DEADLETTER, INGRESS, REPLIES
 
 log = logging.getLogger("gateway")
@@ -41,7 +44,22 @@ JSON = "application/json; charset=utf-8"
 READY_PATH = "/health/ready"
 READY_PROBE_S = 1.0  # each broker probe of the readiness check
 DEAD_LETTER_WAIT_S = 30.0  # a dead letter waits this long for the broker, in the background
+METRIC_CHILDREN_MAX: Final = 512  # (infno, outcome) pairs whose metric children are kept at hand
 _dl_encoder = msgspec.json.Encoder()
+_partitioner = DefaultPartitioner()
+
+# What a msgid stands for (the fields of services.common.signing.content_digest), compared exactly:
+# one msgid in flight stands for one content, and an equality test is cheaper than hashing the body.
+Content = tuple[str, str, str, str, bytes]
+NO_CONTENT: Final[Content] = ("", "", "", "", b"")
+
+
+@functools.lru_cache(maxsize=65536)
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """The partition aiokafka's (and Kafka's) default partitioner picks for `key` among `partitions`
+    (murmur2 in pure Python): computed once per person, not per request."""
+    every = list(range(partitions))
+    return int(_partitioner(key, every, every))
 
 
 class Gateway:
@@ -59,9 +77,11 @@ class Gateway:
             fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,
             isolation_level="read_committed",
         )
-        # msgid → (content digest, waiters): answers are matched by msgid, so one msgid in flight stands for
+        # msgid → (content, waiters): answers are matched by msgid, so one msgid in flight stands for
         # one content; a resend of it waits for the same answer, other content is MSGID_CONFLICT at once.
-        self.pending: dict[str, tuple[bytes, list[asyncio.Future[bytes]]]] = {}
+        self.pending: dict[str, tuple[Content, list[asyncio.Future[bytes]]]] = {}
+        self._ingress_partitions = 0  # fsi.ingress's partition count, read at the first request
+        self._metric_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -93,7 +113,7 @@ class Gateway:
                 continue
             for records in batches.values():
                 for rec in records:
-                    _, waiters = self.pending.pop(rec.key.decode(errors="replace") if rec.key else "", (b"", []))
+                    _, waiters = self.pending.pop(rec.key.decode(errors="replace") if rec.key else "", (NO_CONTENT, []))
                     for fut in waiters:
                         if not fut.done():
                             fut.set_result(rec.value)
@@ -113,9 +133,8 @@ class Gateway:
             if certified is not None and certified != env.fixmedins_code:
                 raise BrokerError("CLIENT_CERT_MISMATCH", "the client certificate belongs to another institution "
                                   "than fixmedins_code names")
-            digest = content_digest(env.infno, env.fixmedins_code, env.insuplc_admdvs, env.mdtrtarea_admvs,
-                                    bytes(env.input))
-            body = await self._forward(raw, env.msgid, digest, req.psn_no, received, deadline)
+            content = (env.infno, env.fixmedins_code, env.insuplc_admdvs, env.mdtrtarea_admvs, bytes(env.input))
+            body = await self._forward(raw, env.msgid, content, req.psn_no, received, deadline)
             outcome = "ok"
         except BrokerError as e:
             outcome = e.code
@@ -130,9 +149,20 @@ class Gateway:
             outcome = err.code
             body = response_bytes("", received, err_msg=err.err_msg)
             self._dead_letter(err, raw)
-        REQUESTS.labels("gateway", infno, outcome).inc()
-        GATEWAY_SECONDS.labels(infno).observe(time.perf_counter() - started)
+        requests, seconds = self._metrics(infno, outcome)
+        requests.inc()
+        seconds.observe(time.perf_counter() - started)
         return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+    def _metrics(self, infno: str, outcome: str) -> tuple[Counter, Histogram]:
+        """The request counter's and the latency histogram's children for this infno and outcome, looked up
+        once (labels() costs a lock and a dict per call); a bounded number kept, the rest looked up each time."""
+        children = self._metric_children.get((infno, outcome))
+        if children is None:
+            children = REQUESTS.labels("gateway", infno, outcome), GATEWAY_SECONDS.labels(infno)
+            if len(self._metric_children) < METRIC_CHILDREN_MAX:
+                self._metric_children[infno, outcome] = children
+        return children
 
     async def ready(self, _request: web.Request) -> web.Response:
         problems = await self.readiness_problems()
@@ -154,8 +184,10 @@ class Gateway:
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.s.request_body_bytes_max
-        if request.content_length is not None and request.content_length > limit:
-            raise BrokerError("BODY_TOO_LARGE", f"body exceeds {limit} bytes")
+        if request.content_length is not None:
+            if request.content_length > limit:
+                raise BrokerError("BODY_TOO_LARGE", f"body exceeds {limit} bytes")
+            return await request.read()  # the parser stops at Content-Length: at most `limit` bytes
         # read(n) returns what has arrived, not n bytes: collect chunks up to the limit.
         chunks, size = [], 0
         async for chunk in request.content.iter_chunked(64 * 1024):
@@ -166,27 +198,31 @@ class Gateway:
         return b"".join(chunks)
 
     async def _forward(
-        self, raw: bytes, msgid: str, digest: bytes, psn_no: str | None, received: datetime, deadline: float
+        self, raw: bytes, msgid: str, content: Content, psn_no: str | None, received: datetime, deadline: float
     ) -> bytes:
         """Produce to ingress and wait for the reply, both within the time limit (`deadline`, loop time)."""
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        in_flight, waiters = self.pending.setdefault(msgid, (digest, []))
-        if in_flight != digest:
+        in_flight, waiters = self.pending.setdefault(msgid, (content, []))
+        if in_flight != content:
             raise BrokerError("MSGID_CONFLICT", "this msgid is in flight for a different request")
         waiters.append(fut)
         try:
             async with asyncio.timeout_at(deadline):
+                if not self._ingress_partitions:
+                    self._ingress_partitions = len(await self.producer.partitions_for(INGRESS.name))
+                key = (psn_no or msgid).encode()
                 await self.producer.send_and_wait(
                     INGRESS.name,
                     raw,
-                    key=(psn_no or msgid).encode(),
+                    key=key,
+                    partition=partition_for_key(key, self._ingress_partitions),
                     headers=[
                         ("reply_topic", REPLIES.name.encode()),
                         ("reply_partition", str(self.reply_partition).encode()),
                         ("received_ns", str(time.time_ns()).encode()),
                     ],
                 )
-                return await asyncio.shield(fut)
+                return await fut  # a timeout cancels only this request's own future
         except KafkaError as e:
             record_produce_error(INGRESS.name)
             log.warning("produce to %s failed: %s", INGRESS.name, type(e).__name__)
@@ -199,7 +235,7 @@ class Gateway:
                 f"no answer within {self.s.gateway_timeout_ms} ms; resend the same msgid for the result",
             ) from None
         finally:
-            _, waiters = self.pending.get(msgid, (b"", []))
+            _, waiters = self.pending.get(msgid, (NO_CONTENT, []))
             if fut in waiters:
                 waiters.remove(fut)
                 if not waiters:
