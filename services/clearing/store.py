@@ -30,7 +30,7 @@ import asyncpg
 import msgspec
 
 from schemas.clearing import DepositAlert, DepositEvent
-from schemas.internal import SettlementEvent
+from schemas.event_views import ClearingEventView
 from schemas.money import to_yuan
 from services.clearing.logic import (
     AMOUNT_FIELDS,
@@ -98,7 +98,7 @@ def now_text() -> str:
 # Rows from the stream and from the ledger ------------------------------------------------
 
 
-def row_from_event(ev: SettlementEvent) -> Row:
+def row_from_event(ev: ClearingEventView) -> Row:
     """Raises UnknownRegion for a region the table does not know, ClearingError for a broken row."""
     insured, treating = region_of(ev.insured_admdvs), region_of(ev.treating_admdvs)
     amounts = Amounts(ev.medfee_sumamt, ev.hifp_pay, ev.hifmi_pay, ev.hifob_pay, ev.maf_pay, ev.fund_pay_sumamt)
