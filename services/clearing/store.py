@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -988,10 +988,14 @@ class JudgementRow:
     suspect_amt: int
     detail: str
 
+    def values(self) -> list[Any]:
+        """The fields in order, as they are (`asdict` would deep-copy the lists of every judgement stored)."""
+        return [getattr(self, f.name) for f in fields(self)]
+
 
 async def upsert_judgement(conn: asyncpg.Connection, row: JudgementRow) -> bool:
     """Store an emitted judgement; True when this call created the row."""
-    inserted = await conn.fetchval(_JUDGEMENT_UPSERT, *asdict(row).values())
+    inserted = await conn.fetchval(_JUDGEMENT_UPSERT, *row.values())
     return bool(inserted)
 
 

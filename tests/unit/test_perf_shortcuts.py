@@ -5,7 +5,8 @@ only its own fields of a settlement event."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import date
 from typing import Any
 
 import msgspec
@@ -14,7 +15,7 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas.event_views import ClearingEventView
 from services.clearing.handler import Positions
-from services.clearing.store import row_from_event
+from services.clearing.store import JudgementRow, row_from_event
 from services.common.consumer import Outbox, Record
 from services.smartmon.rules import cached_property
 from tests.monitoring_events import drug, settle
@@ -81,3 +82,14 @@ def test_clearing_decodes_only_the_ledger_rows_fields_and_makes_the_same_row() -
         assert bad != raw
         with pytest.raises(msgspec.ValidationError):
             Positions.decoder(bad)
+
+
+def test_a_judgement_rows_values_are_its_fields_in_order_and_not_copies() -> None:
+    row = JudgementRow(
+        jr_id="0" * 32, rule_id="PHARMACY_OVERSUPPLY", rule_version=1, severity="high", psn_no="mon001",
+        insured_admdvs="320100", insured_prov="320000", treating_admdvs="150400", treating_prov="150000",
+        fixmedins_code="P15040000001", mdtrt_ids=["v-1"], setl_ids=["s-1", "s-0"], items=["XA10BA02"],
+        window_begin=date(2026, 3, 1), window_end=date(2026, 3, 30), suspect_amt=5000, detail="drug XA10BA02")
+    values = row.values()
+    assert values == list(asdict(row).values())  # the upsert's parameter order: the dataclass's fields
+    assert values[11] is row.setl_ids
