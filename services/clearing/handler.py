@@ -27,12 +27,13 @@ from datetime import date, datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from schemas.clearing import ManualClaim
 from schemas.codec import decode_body, decode_envelope
 from schemas.envelope import RequestEnvelope
 from schemas.errors import BrokerError
-from schemas.internal import SettlementEvent
+from schemas.event_views import ClearingEventView
 from schemas.limits import set_clock_window
 from schemas.money import to_fen
 from schemas.monitoring import Judgement
@@ -173,15 +174,17 @@ class ClearingService:
                     set_clearing_position(r["insured_prov"], r["treating_prov"], fund, r[fund])
 
 
-class Positions(BatchProcessor[SettlementEvent]):
+class Positions(BatchProcessor[ClearingEventView]):
     """Settlement events → clearing entries and running positions, one transaction per poll."""
 
     stage = STAGE
+    # Only the ledger row's fields: the visit's facts and fee items (most of an event's bytes) are skipped.
+    decoder = staticmethod(msgspec.json.Decoder(ClearingEventView).decode)
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def process(self, records: list[Record[SettlementEvent]], outbox: Outbox) -> None:
+    async def process(self, records: list[Record[ClearingEventView]], outbox: Outbox) -> None:
         started = time.perf_counter()
         rows = []
         for rec in records:

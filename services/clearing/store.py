@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -30,7 +30,7 @@ import asyncpg
 import msgspec
 
 from schemas.clearing import DepositAlert, DepositEvent
-from schemas.internal import SettlementEvent
+from schemas.event_views import ClearingEventView
 from schemas.money import to_yuan
 from services.clearing.logic import (
     AMOUNT_FIELDS,
@@ -98,7 +98,7 @@ def now_text() -> str:
 # Rows from the stream and from the ledger ------------------------------------------------
 
 
-def row_from_event(ev: SettlementEvent) -> Row:
+def row_from_event(ev: ClearingEventView) -> Row:
     """Raises UnknownRegion for a region the table does not know, ClearingError for a broken row."""
     insured, treating = region_of(ev.insured_admdvs), region_of(ev.treating_admdvs)
     amounts = Amounts(ev.medfee_sumamt, ev.hifp_pay, ev.hifmi_pay, ev.hifob_pay, ev.maf_pay, ev.fund_pay_sumamt)
@@ -988,10 +988,14 @@ class JudgementRow:
     suspect_amt: int
     detail: str
 
+    def values(self) -> list[Any]:
+        """The fields in order, as they are (`asdict` would deep-copy the lists of every judgement stored)."""
+        return [getattr(self, f.name) for f in fields(self)]
+
 
 async def upsert_judgement(conn: asyncpg.Connection, row: JudgementRow) -> bool:
     """Store an emitted judgement; True when this call created the row."""
-    inserted = await conn.fetchval(_JUDGEMENT_UPSERT, *asdict(row).values())
+    inserted = await conn.fetchval(_JUDGEMENT_UPSERT, *row.values())
     return bool(inserted)
 
 

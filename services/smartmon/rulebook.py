@@ -65,14 +65,22 @@ class RuleBook:
     version: str
     rules: Mapping[str, Rule]
     history_margin_days: int  # how late an episode may arrive and still be judged with its history
+    # (rule_id, insured_admdvs) → merged parameters: the rules ask for them per episode and purchase, for
+    # every event, and the book never changes. Bounded by the region table (at most a few thousand pools).
+    _params: dict[tuple[str, str], Mapping[str, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def params(self, rule_id: str, insured_admdvs: str) -> Mapping[str, int]:
         """The rule's parameters for a person insured in `insured_admdvs`: pool beats province beats default."""
-        rule = self.rules[rule_id]
-        merged = dict(rule.params)
-        merged.update(rule.overrides.get(insured_admdvs[:2] + "0000", {}))
-        merged.update(rule.overrides.get(insured_admdvs, {}))
-        return MappingProxyType(merged)
+        key = (rule_id, insured_admdvs)
+        found = self._params.get(key)
+        if found is None:
+            rule = self.rules[rule_id]
+            merged = dict(rule.params)
+            merged.update(rule.overrides.get(insured_admdvs[:2] + "0000", {}))
+            merged.update(rule.overrides.get(insured_admdvs, {}))
+            found = self._params[key] = MappingProxyType(merged)
+        return found
 
     def enabled(self, rule_ids: Collection[str] | None = None) -> list[Rule]:
         """The enabled rules, restricted to `rule_ids` when given."""

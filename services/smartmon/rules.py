@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import ROUND_FLOOR, Decimal
 from functools import lru_cache
-from typing import Any, Final, Generic, TypeVar, overload
+from typing import Any, Final, Generic, NamedTuple, TypeVar, overload
 
 from schemas.internal import SettlementEvent
 from schemas.monitoring import Judgement, StayCost, VisitFacts
@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 JR_ID_HEX: Final = 32
+_ZERO: Final = Decimal(0)
 _T = TypeVar("_T")
 
 
@@ -315,10 +316,8 @@ def _frequent_visits(rule: Rule, book: RuleBook, episodes: Sequence[Episode]) ->
     return out
 
 
-@dataclass(frozen=True)
-class _Purchase:
+class _Purchase(NamedTuple):  # a tuple: one is built per drug bought, for every event of the person
     episode: Episode
-    drug: str
     day: date
     supply: Decimal  # days of supply: Σ cnt × supply_days
     sumamt: int
@@ -327,17 +326,22 @@ class _Purchase:
 def _pharmacy_oversupply(rule: Rule, book: RuleBook, episodes: Sequence[Episode]) -> list[Judgement]:
     """Every pharmacy purchase of a drug after which the days of supply bought within window_days calendar
     days (the purchase day and the days before) exceed max_supply_days, summed over all pharmacies."""
-    grouped: dict[tuple[str, date, str], list[tuple[Episode, Decimal, int]]] = defaultdict(list)
+    # (drug, day, setl_id) → [episode, days of supply, fen], summed in place over the settlement's items
+    grouped: dict[tuple[str, date, str], list[Any]] = {}
     for e in episodes:
         if e.facts.visit_type != "pharmacy":
             continue
         for item in e.facts.items:
-            grouped[(item.med_list_codg, _day(item.day), e.setl_id)].append(
-                (e, item.cnt * item.supply_days, item.sumamt))
+            key = (item.med_list_codg, _day(item.day), e.setl_id)
+            summed = grouped.get(key)
+            if summed is None:
+                grouped[key] = [e, _ZERO + item.cnt * item.supply_days, item.sumamt]
+            else:
+                summed[1] += item.cnt * item.supply_days
+                summed[2] += item.sumamt
     by_drug: dict[str, list[_Purchase]] = defaultdict(list)
-    for (drug, day, _), rows in grouped.items():
-        by_drug[drug].append(_Purchase(rows[0][0], drug, day, sum((r[1] for r in rows), Decimal(0)),
-                                       sum(r[2] for r in rows)))
+    for (drug, day, _), (e, supply, sumamt) in grouped.items():
+        by_drug[drug].append(_Purchase(e, day, supply, sumamt))
     out = []
     for drug, purchases in by_drug.items():
         purchases.sort(key=lambda p: (p.day, p.episode.setl_id))

@@ -126,7 +126,8 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
             # Output acknowledged before the state says it was sent: a crash in between replays the event and
             # sends the same again (the sink and the cost groups take a repeat as nothing new), where the other
             # order could lose it. Only events with output wait.
-            await asyncio.gather(*sent)
+            if sent:
+                await asyncio.gather(*sent)
             after = encode(state)
             if after != before:  # a replayed event changes nothing: no changelog record either
                 persons[key] = after
@@ -146,7 +147,9 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
                 log.warning("stay record not applied (%s)", type(e).__name__)
                 await dead_letter("cost_groups", raw, f"{MONITOR_STAYS.name} record not applied ({type(e).__name__})")
                 continue
-            await asyncio.gather(*await send_judgements(judgements))  # acknowledged first, as above
+            sent = await send_judgements(judgements)
+            if sent:
+                await asyncio.gather(*sent)  # acknowledged first, as above
             after = encode(group)
             if after != before:
                 cost_groups[key] = after

@@ -249,6 +249,16 @@ def test_pharmacy_oversupply_over_pharmacies() -> None:
     assert k.suspect_amt == 333  # floor(1001 × 15 / 45)
 
 
+def test_pharmacy_oversupply_sums_a_drugs_lines_of_one_settlement_and_day() -> None:
+    lines = (item(DRUG, "2026-03-01", "2", 6000, supply_days=Decimal("30")),  # 60 days
+             item(DRUG, "2026-03-01", "1", 3000, supply_days=Decimal("30")))  # + 30: 90, at the limit
+    assert hits([ep("S1", "pharmacy", "2026-03-01 10:00:00", hosp=PH1, items=lines)], "PHARMACY_OVERSUPPLY") == []
+    more = (*lines, item(DRUG, "2026-03-01", "1", 1000, supply_days=Decimal("15")))  # 105: 15 over
+    [j] = hits([ep("S1", "pharmacy", "2026-03-01 10:00:00", hosp=PH1, items=more)], "PHARMACY_OVERSUPPLY")
+    assert (j.setl_ids, j.suspect_amt) == (["S1"], 1428)  # one purchase of 105 days, 10000 fen: floor(10000 × 15/105)
+    assert "105 days of supply" in j.detail and "brings 105" in j.detail
+
+
 def test_pharmacy_oversupply_window_edge_and_kinds() -> None:
     a = _buy("S1", "2026-03-01", "2", 6000)
     late = _buy("S2", "2026-03-31", "2", 6000)  # day 31: 03-01 is outside 03-02..03-31
@@ -432,9 +442,12 @@ overrides."350300" = { max_visits = 12 }
 def test_rulebook_params_pool_beats_province_beats_default() -> None:
     book = load_rules_text(MINIMAL)
     assert book.version == "t1"
-    assert dict(book.params("FREQUENT_VISITS", "150400")) == {"max_visits": 8, "window_days": 7}
-    assert dict(book.params("FREQUENT_VISITS", "350100")) == {"max_visits": 10, "window_days": 7}
-    assert dict(book.params("FREQUENT_VISITS", "350300")) == {"max_visits": 12, "window_days": 7}
+    for _ in range(2):  # the second time from the book's cache of merged parameters
+        assert dict(book.params("FREQUENT_VISITS", "150400")) == {"max_visits": 8, "window_days": 7}
+        assert dict(book.params("FREQUENT_VISITS", "350100")) == {"max_visits": 10, "window_days": 7}
+        assert dict(book.params("FREQUENT_VISITS", "350300")) == {"max_visits": 12, "window_days": 7}
+    assert book.params("FREQUENT_VISITS", "350300") is book.params("FREQUENT_VISITS", "350300")
+    assert book == load_rules_text(MINIMAL)  # the cache is not part of the book's value
     # Rules absent from the file are not evaluated.
     mine = r.person_judgements(_everything(), book)
     shipped = r.person_judgements(_everything(), BOOK, ["FREQUENT_VISITS"])
