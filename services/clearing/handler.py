@@ -51,7 +51,13 @@ from services.common.consumer import (
     classify,
     until_up,
 )
-from services.common.kafka import connect_pool, make_group_consumer, make_producer
+from services.common.kafka import (
+    BACKGROUND_FETCH_WAIT_MS,
+    IDLE_FETCH_WAIT_MS,
+    connect_pool,
+    make_group_consumer,
+    make_producer,
+)
 from services.common.metrics import (
     REQUESTS,
     STAGE_SECONDS,
@@ -75,6 +81,13 @@ GROUP_REQUESTS = "xsettle-clearing-requests"
 GROUP_POSITIONS = "xsettle-clearing-positions"
 GROUP_CLAIMS = "xsettle-clearing-claims"
 GROUP_JUDGEMENTS = "xsettle-clearing-judgements"
+
+
+def _idle_fetch_wait_ms(group: str) -> int:
+    """32xx requests are answered to a waiting hospital; the other groups' output nobody waits for."""
+    return IDLE_FETCH_WAIT_MS if group == GROUP_REQUESTS else BACKGROUND_FETCH_WAIT_MS
+
+
 OUTBOX_INTERVAL_S = 1.0
 GAUGE_INTERVAL_S = 10.0
 POOL_SIZE_MAX = 4
@@ -104,8 +117,10 @@ class ClearingService:
             (GROUP_JUDGEMENTS, JUDGEMENTS, Judgements(self.pool, frozenset(load_rules().rules))),
         ]
         watchdog = ProgressWatchdog(self.s, "clearing")
-        shells = [BatchConsumer(make_group_consumer(self.s, "clearing", group, spec.name), group, spec, processor,
-                                self.producer, max_records=self.s.batch_size_max, watchdog=watchdog)
+        shells = [BatchConsumer(make_group_consumer(self.s, "clearing", group, spec.name,
+                                                    idle_fetch_wait_ms=_idle_fetch_wait_ms(group)),
+                                group, spec, processor, self.producer, max_records=self.s.batch_size_max,
+                                watchdog=watchdog)
                   for group, spec, processor in processors]
         tasks = [asyncio.create_task(shell.run(stop)) for shell in shells]
         tasks.append(asyncio.create_task(self._ticker(stop)))

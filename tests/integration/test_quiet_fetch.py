@@ -1,0 +1,79 @@
+"""Consumers ask the broker less often while quiet, and a record after a quiet spell is not held up.
+
+Real Kafka: a group consumer (make_group_consumer, as every service's) on a topic of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import NewTopic
+
+from services.common import kafka
+from services.common.config import Settings
+from services.common.kafka import ADMIN, QuietAwareConsumer, client_auth, make_admin, make_group_consumer
+
+QUIET_WAIT_MS = 5_000  # far longer than the bounds below: a held-up record could not pass them
+
+
+@pytest.fixture
+async def topic(stack: Settings) -> AsyncIterator[str]:
+    name = stack.topic_prefix + "xsettle.test.quiet-fetch"
+    admin = make_admin(stack)
+    await admin.start()
+    try:
+        if name not in await admin.list_topics():
+            await admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)])
+        yield name
+    finally:
+        await admin.close()
+
+
+async def get_records(consumer: QuietAwareConsumer, want: int, timeout_s: float) -> list[bytes]:
+    values: list[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    while len(values) < want and time.monotonic() < deadline:
+        for records in (await consumer.getmany(timeout_ms=50)).values():
+            values += [r.value for r in records]
+    return values
+
+
+async def test_quiet_consumer_holds_fetches_longer_and_answers_at_once(
+        stack: Settings, topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kafka, "QUIET_AFTER_S", 1.0)
+    monkeypatch.setattr(kafka, "QUIET_FETCH_WAIT_MS", QUIET_WAIT_MS)
+    consumer = make_group_consumer(stack, ADMIN, "xsettle-test-quiet-fetch", topic)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN), acks="all")
+    await consumer.start()
+    await producer.start()
+    try:
+        while not consumer.assignment():
+            await consumer.getmany(timeout_ms=200)
+        # Start from the end: records of an earlier run of this test are not this run's.
+        ends = await consumer.end_offsets(list(consumer.assignment()))
+        for tp, offset in ends.items():
+            consumer.seek(tp, offset)
+        assert consumer.fetch_wait_ms == kafka.IDLE_FETCH_WAIT_MS
+        await get_records(consumer, 1, 1.5)  # nothing comes: quiet for longer than QUIET_AFTER_S
+        assert consumer.fetch_wait_ms == QUIET_WAIT_MS
+
+        # A quiet spell's held fetch covers every partition: the broker answers it when a record arrives.
+        await asyncio.sleep(0.5)  # the 5 s fetch is held now
+        sent = time.monotonic()
+        await producer.send_and_wait(topic, b"after-quiet", key=b"visit-1")
+        assert await get_records(consumer, 1, 4.0) == [b"after-quiet"]
+        assert time.monotonic() - sent < 2.5
+        assert consumer.fetch_wait_ms == kafka.IDLE_FETCH_WAIT_MS  # records flow: the short wait again
+
+        # The visit's next request, same key and partition, right after: not held up either.
+        sent = time.monotonic()
+        await producer.send_and_wait(topic, b"next", key=b"visit-1")
+        assert await get_records(consumer, 1, 4.0) == [b"next"]
+        assert time.monotonic() - sent < 2.5
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
