@@ -34,7 +34,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from asyncpg.exceptions import _base as asyncpg_base
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from schemas.errors import BrokerError
 from schemas.internal import DeadLetter
@@ -57,6 +57,16 @@ FAILURES = Counter(
     "Failed batch attempts by consumer group and failure kind (record: isolated and dead-lettered; "
     "infrastructure: retried with backoff), with the exception class",
     ["group", "failure", "error"],
+)
+
+# Where a batch's time goes, per consumer group: `wait` — the oldest record's age when the poll returned
+# it (the producer's linger, the produce, the broker and the fetch); then the shell's steps in order.
+STEP_SECONDS = Histogram(
+    "xs_consumer_step_seconds",
+    "Per batch and consumer group: the oldest record's age at the poll (wait), processing (process), "
+    "sending and awaiting the acknowledgements (publish), the offset commit (commit)",
+    ["group", "step"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
 )
 
 _encoder = msgspec.json.Encoder(decimal_format="number")
@@ -276,6 +286,7 @@ class BatchConsumer(Generic[T]):
                     continue
                 backoff = Backoff()
                 if batches:
+                    self._observe_wait(batches)
                     await self.handle(batches, stop)
         finally:
             await self.consumer.stop()
@@ -285,8 +296,12 @@ class BatchConsumer(Generic[T]):
         backoff = Backoff()
         while True:
             try:
+                started = time.perf_counter()
                 outbox = await self.process_batch([rec for recs in batches.values() for rec in recs])
+                processed = time.perf_counter()
                 await publish(self.producer, outbox)
+                self._step("process", processed - started)
+                self._step("publish", time.perf_counter() - processed)
                 break
             except Exception as e:
                 # `process_batch` isolates record failures: what is left is the database or the broker
@@ -296,7 +311,9 @@ class BatchConsumer(Generic[T]):
                     return False  # not committed: the next owner replays
                 await backoff.wait(stop)
         try:
+            started = time.perf_counter()
             await self.consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batches.items()})
+            self._step("commit", time.perf_counter() - started)
         except (CommitFailedError, KafkaError) as e:
             # Partitions moved: the new owner replays these records; every service is idempotent.
             log.warning("%s: offset commit failed (%s); the new owner will replay", self.group_id, type(e).__name__)
@@ -328,6 +345,13 @@ class BatchConsumer(Generic[T]):
         msgid, infno, fixmedins_code = self.processor.ids(record)
         self.processor.reject(record, code, err_msg, outbox)
         outbox.dead_letter(code, err_msg, record.raw.value, msgid=msgid, infno=infno, fixmedins_code=fixmedins_code)
+
+    def _observe_wait(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        oldest_ms = min(recs[0].timestamp for recs in batches.values())  # the producer's CreateTime
+        self._step("wait", max(0.0, time.time() - oldest_ms / 1000))
+
+    def _step(self, step: str, seconds: float) -> None:
+        STEP_SECONDS.labels(self.group_id, step).observe(seconds)
 
     def _record_failure(self, e: BaseException) -> None:
         FAILURES.labels(self.group_id, FailureKind.RECORD.value, type(e).__name__).inc()
