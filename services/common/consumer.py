@@ -7,6 +7,10 @@ Per poll of a consumer group:
      PostgreSQL transaction) and fills an `Outbox` with what must be published;
   3. publish the outbox and wait for the broker's acknowledgements;
   4. commit the offsets — last, so a crash anywhere replays the batch (every service is idempotent).
+     The commit runs in the background (`OffsetCommitter`): the next poll does not wait for the
+     coordinator's round trip, one commit is in flight at a time, and the offsets of batches
+     acknowledged meanwhile go out together in the next one. Only acknowledged batches' offsets are
+     handed over, so a commit never runs ahead of the output.
 
 Two kinds of failure (`classify`):
 - *record*: caused by the data (does not decode, the database refuses it — SQLSTATE class 22/23 —,
@@ -270,6 +274,7 @@ class BatchConsumer(Generic[T]):
         self.producer = producer
         self.max_records = max_records
         self.decode: Callable[[bytes], T] = processor.decoder or catalog_decoder(spec)
+        self.committer = OffsetCommitter(consumer, group_id)
 
     async def run(self, stop: asyncio.Event) -> None:
         await until_up(f"{self.group_id} consumer", self.consumer.start, stop)
@@ -289,6 +294,7 @@ class BatchConsumer(Generic[T]):
                     self._observe_wait(batches)
                     await self.handle(batches, stop)
         finally:
+            await self.committer.flush()
             await self.consumer.stop()
 
     async def handle(self, batches: dict[TopicPartition, list[ConsumerRecord]], stop: asyncio.Event) -> bool:
@@ -310,13 +316,7 @@ class BatchConsumer(Generic[T]):
                 if stop.is_set():
                     return False  # not committed: the next owner replays
                 await backoff.wait(stop)
-        try:
-            started = time.perf_counter()
-            await self.consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batches.items()})
-            self._step("commit", time.perf_counter() - started)
-        except (CommitFailedError, KafkaError) as e:
-            # Partitions moved: the new owner replays these records; every service is idempotent.
-            log.warning("%s: offset commit failed (%s); the new owner will replay", self.group_id, type(e).__name__)
+        self.committer.add({tp: recs[-1].offset + 1 for tp, recs in batches.items()})
         return True
 
     async def process_batch(self, raws: list[ConsumerRecord]) -> Outbox:
@@ -359,6 +359,40 @@ class BatchConsumer(Generic[T]):
     def _infrastructure(self, e: BaseException) -> None:
         FAILURES.labels(self.group_id, FailureKind.INFRASTRUCTURE.value, type(e).__name__).inc()
         log.warning("%s: infrastructure failure (%s); retrying", self.group_id, type(e).__name__)
+
+
+class OffsetCommitter:
+    """Commits acknowledged batches' offsets in the background, one commit at a time: the next batch does
+    not wait for the coordinator's round trip, and the offsets of batches acknowledged meanwhile go out
+    together in the next commit. Only offsets whose output was acknowledged are ever handed to it."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, group_id: str) -> None:
+        self.consumer = consumer
+        self.group_id = group_id
+        self.pending: dict[TopicPartition, int] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, offsets: dict[TopicPartition, int]) -> None:
+        self.pending.update(offsets)  # a partition's latest batch: acknowledged, as every earlier one
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._commit())
+
+    async def _commit(self) -> None:
+        while self.pending:
+            offsets, self.pending = self.pending, {}
+            started = time.perf_counter()
+            try:
+                await self.consumer.commit(offsets)
+                STEP_SECONDS.labels(self.group_id, "commit").observe(time.perf_counter() - started)
+            except (CommitFailedError, KafkaError) as e:
+                # Partitions moved: the new owner replays these records; every service is idempotent.
+                log.warning("%s: offset commit failed (%s); the new owner will replay", self.group_id,
+                            type(e).__name__)
+
+    async def flush(self) -> None:
+        """Wait until every offset handed over is committed (or its commit failed)."""
+        while self.task is not None and not self.task.done():
+            await self.task
 
 
 def _decode_reason(e: Exception) -> str:
