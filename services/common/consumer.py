@@ -7,6 +7,10 @@ Per poll of a consumer group:
      PostgreSQL transaction) and fills an `Outbox` with what must be published;
   3. publish the outbox and wait for the broker's acknowledgements;
   4. commit the offsets — last, so a crash anywhere replays the batch (every service is idempotent).
+     The commit runs in the background (`OffsetCommitter`): the next poll does not wait for the
+     coordinator's round trip, one commit is in flight at a time, and the offsets of batches
+     acknowledged meanwhile go out together in the next one. Only acknowledged batches' offsets are
+     handed over, so a commit never runs ahead of the output.
 
 Two kinds of failure (`classify`):
 - *record*: caused by the data (does not decode, the database refuses it — SQLSTATE class 22/23 —,
@@ -34,7 +38,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from asyncpg.exceptions import _base as asyncpg_base
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from schemas.errors import BrokerError
 from schemas.internal import DeadLetter
@@ -60,6 +64,16 @@ FAILURES = Counter(
     "Failed batch attempts by consumer group and failure kind (record: isolated and dead-lettered; "
     "infrastructure: retried with backoff), with the exception class",
     ["group", "failure", "error"],
+)
+
+# Where a batch's time goes, per consumer group: `wait` — the oldest record's age when the poll returned
+# it (the producer's linger, the produce, the broker and the fetch); then the shell's steps in order.
+STEP_SECONDS = Histogram(
+    "xs_consumer_step_seconds",
+    "Per batch and consumer group: the oldest record's age at the poll (wait), processing (process), "
+    "sending and awaiting the acknowledgements (publish), the offset commit (commit)",
+    ["group", "step"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
 )
 
 _encoder = msgspec.json.Encoder(decimal_format="number")
@@ -267,6 +281,7 @@ class BatchConsumer(Generic[T]):
         # True while a poll's processing waits for the database or the broker to come back: the watchdog
         # leaves a shell that waits on purpose alone.
         self.retrying = False
+        self.committer = OffsetCommitter(consumer, group_id)
 
     async def run(self, stop: asyncio.Event) -> None:
         await until_up(f"{self.group_id} consumer", self.consumer.start, stop)
@@ -285,10 +300,12 @@ class BatchConsumer(Generic[T]):
                     continue
                 backoff = Backoff()
                 if batches:
+                    self._observe_wait(batches)
                     await self.handle(batches, stop)
         finally:
             if guard is not None:
                 guard.cancel()
+            await self.committer.flush()
             await self.consumer.stop()
 
     async def handle(self, batches: dict[TopicPartition, list[ConsumerRecord]], stop: asyncio.Event) -> bool:
@@ -296,9 +313,13 @@ class BatchConsumer(Generic[T]):
         backoff = Backoff()
         while True:
             try:
+                started = time.perf_counter()
                 outbox = await self.process_batch([rec for recs in batches.values() for rec in recs])
+                processed = time.perf_counter()
                 await publish(self.producer, outbox)
                 self.retrying = False
+                self._step("process", processed - started)
+                self._step("publish", time.perf_counter() - processed)
                 break
             except Exception as e:
                 # `process_batch` isolates record failures: what is left is the database or the broker
@@ -308,11 +329,7 @@ class BatchConsumer(Generic[T]):
                 if stop.is_set():
                     return False  # not committed: the next owner replays
                 await backoff.wait(stop)
-        try:
-            await self.consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batches.items()})
-        except (CommitFailedError, KafkaError) as e:
-            # Partitions moved: the new owner replays these records; every service is idempotent.
-            log.warning("%s: offset commit failed (%s); the new owner will replay", self.group_id, type(e).__name__)
+        self.committer.add({tp: recs[-1].offset + 1 for tp, recs in batches.items()})
         return True
 
     async def process_batch(self, raws: list[ConsumerRecord]) -> Outbox:
@@ -342,12 +359,53 @@ class BatchConsumer(Generic[T]):
         self.processor.reject(record, code, err_msg, outbox)
         outbox.dead_letter(code, err_msg, record.raw.value, msgid=msgid, infno=infno, fixmedins_code=fixmedins_code)
 
+    def _observe_wait(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        oldest_ms = min(recs[0].timestamp for recs in batches.values())  # the producer's CreateTime
+        self._step("wait", max(0.0, time.time() - oldest_ms / 1000))
+
+    def _step(self, step: str, seconds: float) -> None:
+        STEP_SECONDS.labels(self.group_id, step).observe(seconds)
+
     def _record_failure(self, e: BaseException) -> None:
         FAILURES.labels(self.group_id, FailureKind.RECORD.value, type(e).__name__).inc()
 
     def _infrastructure(self, e: BaseException) -> None:
         FAILURES.labels(self.group_id, FailureKind.INFRASTRUCTURE.value, type(e).__name__).inc()
         log.warning("%s: infrastructure failure (%s); retrying", self.group_id, type(e).__name__)
+
+
+class OffsetCommitter:
+    """Commits acknowledged batches' offsets in the background, one commit at a time: the next batch does
+    not wait for the coordinator's round trip, and the offsets of batches acknowledged meanwhile go out
+    together in the next commit. Only offsets whose output was acknowledged are ever handed to it."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, group_id: str) -> None:
+        self.consumer = consumer
+        self.group_id = group_id
+        self.pending: dict[TopicPartition, int] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, offsets: dict[TopicPartition, int]) -> None:
+        self.pending.update(offsets)  # a partition's latest batch: acknowledged, as every earlier one
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._commit())
+
+    async def _commit(self) -> None:
+        while self.pending:
+            offsets, self.pending = self.pending, {}
+            started = time.perf_counter()
+            try:
+                await self.consumer.commit(offsets)
+                STEP_SECONDS.labels(self.group_id, "commit").observe(time.perf_counter() - started)
+            except (CommitFailedError, KafkaError) as e:
+                # Partitions moved: the new owner replays these records; every service is idempotent.
+                log.warning("%s: offset commit failed (%s); the new owner will replay", self.group_id,
+                            type(e).__name__)
+
+    async def flush(self) -> None:
+        """Wait until every offset handed over is committed (or its commit failed)."""
+        while self.task is not None and not self.task.done():
+            await self.task
 
 
 def _decode_reason(e: Exception) -> str:

@@ -74,7 +74,8 @@ class Router(BatchProcessor[Request]):
 async def run(s: Settings, stop: asyncio.Event) -> None:
     serve_metrics(s.router_metrics_port, stage="router")
     core = RouterCore(s)
-    producer = make_producer(s, "router", linger_ms=1)
+    # No linger: the shell hands a batch's whole outbox over without yielding (one request anyway).
+    producer = make_producer(s, "router", linger_ms=0)
     watchdog = ProgressWatchdog(s, "router")
     try:
         await core.state.start(stop)

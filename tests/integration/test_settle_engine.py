@@ -1,10 +1,12 @@
 """The settlement engine's batch transaction inside the shared shell, on the real PostgreSQL: a request
 that fails unexpectedly half-way through, or that the database refuses, is rolled back with its whole
 batch, and the batch is redone without it (answered INTERNAL and dead-lettered) — nothing half-applied
-is written, and the rest of the batch is settled."""
+is written, and the rest of the batch is settled. A batch's shards run their transactions at once; a
+failure in one shard while the other commits settles nothing twice."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +27,7 @@ from services.settle import handler as engine_module
 from services.settle.handler import GROUP_ID, SettleEngine
 from tests.integration.conftest import Ledger
 from tests.unit.test_settle_properties import Script
-from topics.catalog import DEADLETTER, ROUTED
+from topics.catalog import DEADLETTER, ROUTED, SETTLEMENTS
 
 pytestmark = pytest.mark.integration
 TOKEN = f"{time.time_ns() % 10**12:012d}"
@@ -153,3 +155,55 @@ async def test_a_batch_of_two_shards_lands_each_person_in_their_insured_province
         assert {r["psn_no"] for r in await shard.fetch(
             "SELECT psn_no FROM account WHERE psn_no = ANY($1)", [m.person.psn_no for m in msgs])} == persons
     assert await ledger.total("SELECT count(*) FROM settlement WHERE msgid = ANY($1)", msgids) == 4
+
+
+async def test_a_batchs_shards_run_their_transactions_at_once(stack: Settings, ledger: Ledger,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each shard's load waits until the other shard's transaction has begun too: one after the other,
+    the first would wait in vain (and the test time out)."""
+    msgs = _purchases(2, "4", [CHIFENG, MIYI])
+    real_load = engine_module.ledger.load_batch
+    entered: list[str] = []
+    both = asyncio.Event()
+
+    async def load_batch(conn: Any, batch: list[RoutedRequest]) -> Any:
+        entered.append(batch[0].person.insured_admdvs)
+        if len(entered) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 10)
+        return await real_load(conn, batch)
+
+    monkeypatch.setattr(engine_module.ledger, "load_batch", load_batch)
+    async with _engine(stack) as shell:
+        outbox = await shell.process_batch(_records(_encode(msgs)))
+    assert sorted(entered) == sorted([CHIFENG[0], MIYI[0]])
+    assert all(r["infcode"] == 0 for r in _replies(outbox, msgs[0].reply_topic).values())
+    assert await ledger.total("SELECT count(*) FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs]) == 2
+
+
+async def test_a_bug_in_one_shard_while_the_other_commits_settles_nothing_twice(
+        stack: Settings, ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug on a request of shard s2 while shard s1's transaction commits at the same time: the batch is
+    redone without the culprit, s1's requests come back as duplicates (their stored answers), each
+    settled request has one ledger row and one settlement event in what is published."""
+    msgs = _purchases(4, "5", [CHIFENG, MIYI, CHIFENG, MIYI])
+    victim = msgs[3].msgid
+    real_handle = engine_module.handle
+
+    def buggy_handle(msg: RoutedRequest, st: Any, policies: PolicyBook, book: Any = None) -> Any:
+        if msg.msgid == victim:
+            raise RuntimeError("a bug")
+        return real_handle(msg, st, policies, book)
+
+    monkeypatch.setattr(engine_module, "handle", buggy_handle)
+    async with _engine(stack) as shell:
+        outbox = await shell.process_batch(_records(_encode(msgs)))
+    replies = _replies(outbox, msgs[0].reply_topic)
+    assert replies[victim]["infcode"] == -1 and replies[victim]["err_msg"].startswith("INTERNAL")
+    settled = [m.msgid for m in msgs if m.msgid != victim]
+    assert all(replies[m]["infcode"] == 0 for m in settled)
+    assert [(d.msgid, d.err_code) for d in _dead_letters(outbox)] == [(victim, "INTERNAL")]
+    rows = await ledger.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
+    assert sorted(r["msgid"] for r in rows) == sorted(settled)
+    events = [msgspec.json.decode(out.value)["msgid"] for out in outbox.records if out.topic == SETTLEMENTS.name]
+    assert sorted(events) == sorted(settled)
