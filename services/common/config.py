@@ -125,7 +125,7 @@ class Settings:
     dashboard_session_max_s: int = 28_800
     # A consumer group with records waiting and no committed progress for this long ends its process for
     # the supervisor to restart (services/common/watchdog.py).
-    watchdog_stall_s: int = 90
+    watchdog_stall_s: int = 30
 
     @property
     def kafka_nodes(self) -> list[tuple[int, int, int]]:
@@ -218,7 +218,7 @@ def load_settings() -> Settings:
         smartmon_metrics_port=_int("XS_SMARTMON_METRICS_PORT", 9107, 1024, 65535),
         dashboard_session_idle_s=_int("XS_DASHBOARD_SESSION_IDLE_S", 1800, 1, 86_400),
         dashboard_session_max_s=_int("XS_DASHBOARD_SESSION_MAX_S", 28_800, 1, 7 * 86_400),
-        watchdog_stall_s=_int("XS_WATCHDOG_STALL_S", 90, 5, 3600),
+        watchdog_stall_s=_int("XS_WATCHDOG_STALL_S", 30, 5, 3600),
     )
 
 

@@ -278,9 +278,11 @@ class BatchConsumer(Generic[T]):
         self.max_records = max_records
         self.decode: Callable[[bytes], T] = processor.decoder or catalog_decoder(spec)
         self.watchdog = watchdog
-        # True while a poll's processing waits for the database or the broker to come back: the watchdog
-        # leaves a shell that waits on purpose alone.
+        # True while a poll's processing waits for the database or the broker to come back, and while a batch
+        # is being processed (a month's close may take long): the watchdog leaves a shell at work alone and
+        # judges only what waits on Kafka's clients — the poll, the acks, the commit.
         self.retrying = False
+        self.processing = False
         self.committer = OffsetCommitter(consumer, group_id)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -288,7 +290,8 @@ class BatchConsumer(Generic[T]):
         if stop.is_set():
             return
         guard = None if self.watchdog is None else asyncio.create_task(
-            self.watchdog.guard(self.group_id, [self.spec.name], stop, exempt=lambda: self.retrying))
+            self.watchdog.guard(self.group_id, [self.spec.name], stop,
+                                exempt=lambda: self.retrying or self.processing))
         try:
             backoff = Backoff()
             while not stop.is_set():
@@ -314,7 +317,11 @@ class BatchConsumer(Generic[T]):
         while True:
             try:
                 started = time.perf_counter()
-                outbox = await self.process_batch([rec for recs in batches.values() for rec in recs])
+                self.processing = True
+                try:
+                    outbox = await self.process_batch([rec for recs in batches.values() for rec in recs])
+                finally:
+                    self.processing = False
                 processed = time.perf_counter()
                 await publish(self.producer, outbox)
                 self.retrying = False

@@ -42,6 +42,7 @@ EXIT_STALLED: Final = 70
 CHECK_EVERY_S: Final = 10.0
 LOOP_TIMEOUT_S: Final = 60.0
 LOOP_REARM_S: Final = 5.0
+PARTITIONS_EVERY_S: Final = 600.0
 # faulthandler writes to a file descriptor; the descriptor itself, since faust (mode) replaces sys.stderr
 # with a logging proxy that has none. supervisord sends it to the service's log.
 STDERR_FD: Final = 2
@@ -101,6 +102,7 @@ class ProgressWatchdog:
         self.on_stall = on_stall
         self._clients: tuple[AIOKafkaAdminClient, AIOKafkaConsumer] | None = None
         self._starting = asyncio.Lock()
+        self._partitions_seen: dict[tuple[str, ...], tuple[list[TopicPartition], float]] = {}
 
     async def _started(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
         async with self._starting:
@@ -118,16 +120,29 @@ class ProgressWatchdog:
                 self._clients = (admin, offsets)
             return self._clients
 
+    async def _partitions(self, admin: AIOKafkaAdminClient, topics: tuple[str, ...]) -> list[TopicPartition]:
+        """The topics' partitions, described again every PARTITIONS_EVERY_S (they change only when an
+        operator adds some): each look costs the broker three requests, not four."""
+        known = self._partitions_seen.get(topics)
+        if known is None or time.monotonic() - known[1] >= PARTITIONS_EVERY_S:
+            tps = [TopicPartition(meta["topic"], p["partition"]) for meta in await admin.describe_topics(list(topics))
+                   if meta["error_code"] == 0 for p in meta["partitions"]]
+            known = (tps, time.monotonic())
+            self._partitions_seen[topics] = known
+        return known[0]
+
     async def look(self, group_id: str, topics: Iterable[str]
                    ) -> tuple[dict[TP, int], dict[TP, int], dict[TP, int]]:
-        """The group's committed offsets and the topics' log starts and (last stable) ends, from the broker."""
+        """The group's committed offsets, the topics' (last stable) ends, and the log starts of the partitions
+        the group never committed on — from the broker."""
         admin, offsets = await self._started()
-        tps = [TopicPartition(meta["topic"], p["partition"]) for meta in await admin.describe_topics(list(topics))
-               if meta["error_code"] == 0 for p in meta["partitions"]]
+        tps = await self._partitions(admin, tuple(topics))
         end = {(tp.topic, tp.partition): o for tp, o in (await offsets.end_offsets(tps)).items()}
-        begin = {(tp.topic, tp.partition): o for tp, o in (await offsets.beginning_offsets(tps)).items()}
         committed = {(tp.topic, tp.partition): om.offset
                      for tp, om in (await admin.list_consumer_group_offsets(group_id, partitions=tps)).items()}
+        never = [tp for tp in tps if committed.get((tp.topic, tp.partition), -1) < 0]
+        begin = {(tp.topic, tp.partition): o for tp, o in (await offsets.beginning_offsets(never)).items()} if never \
+            else {}
         return committed, begin, end
 
     async def guard(self, group_id: str, topics: list[str], stop: asyncio.Event,

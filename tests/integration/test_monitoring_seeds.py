@@ -40,7 +40,7 @@ PERSONS = [f"K{RUN_TOKEN}{900 + i:03d}" for i in range(80)]  # a prefix of their
 # The catalog's monitoring fields on test items of 内蒙古 (the conftest's plain items are there too).
 ITEM_DAILY, ITEM_FEMALE, ITEM_MALE, ITEM_BOX30 = "TESTDAY1", "TESTFEM1", "TESTMAL1", "XTESTBOX30"
 COST_GROUP_STAYS = 55  # the rule needs 50 earlier stays of the group; the demo adds 120
-WAIT_S = 300  # a rejoin, the changelog, the backlog; and a watchdog restart of each of the two hops (90 s + 10 s)
+WAIT_S = 300  # a rejoin, the changelog, the backlog; and a watchdog restart of each of the two hops (30 s + 10 s)
 
 
 def _certno(i: int) -> str:

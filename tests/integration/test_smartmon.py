@@ -34,7 +34,7 @@ from topics.acls import CLEARING_GROUPS
 from topics.catalog import DEADLETTER, JUDGEMENTS, MONITOR_STAYS, SETTLEMENTS, SMARTMON_APP
 
 pytestmark = pytest.mark.timeout(300)
-WAIT_S = 90
+WAIT_S = 150  # a rejoin and the backlog; and one watchdog restart of a stalled stream (30 s + 10 s + a restart)
 SINK_GROUP = CLEARING_GROUPS[3]
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
