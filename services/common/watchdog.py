@@ -79,10 +79,27 @@ class Progress:
         self.seen = {tp: (offset, now) for tp, (offset, _) in self.seen.items()}
 
 
+def task_stacks() -> list[str]:
+    """Where each task of the running loop waits: its coroutine's suspended frame (a stuck await shows here,
+    not in a thread's stack). Code locations only, no values."""
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:  # no running loop
+        return []
+    out = []
+    for task in sorted(tasks, key=lambda t: t.get_name()):
+        where = " ".join(f"{f.f_code.co_name} ({os.path.basename(f.f_code.co_filename)}:{f.f_lineno})"
+                         for f in task.get_stack())
+        out.append(f"task {task.get_name()}: {where or 'running'}")
+    return out
+
+
 def exit_for_restart(reason: str) -> None:
-    """Log why, dump every thread's stack (the stuck client's state), and end the process at once: a clean
-    stop could wait on the very client that is stuck."""
+    """Log why, where every task waits and every thread's stack (the stuck client's state), and end the
+    process at once: a clean stop could wait on the very client that is stuck."""
     log.error("%s; exiting (status %d) for the supervisor to start this service afresh", reason, EXIT_STALLED)
+    for line in task_stacks():
+        log.error("  %s", line)
     faulthandler.dump_traceback(file=STDERR_FD, all_threads=True)
     logging.shutdown()
     os._exit(EXIT_STALLED)

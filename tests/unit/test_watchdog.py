@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
 import time
 
-from services.common.watchdog import Progress
+from services.common.watchdog import Progress, task_stacks
 
 A, B = ("t", 0), ("t", 1)
 
@@ -89,3 +90,17 @@ def test_a_loop_that_runs_is_left_alone_and_the_timer_is_cancelled_at_stop() -> 
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=25)
     assert res.returncode == 0, res.stderr
     assert res.stdout == "clean\n"
+
+
+async def test_task_stacks_say_where_each_task_waits() -> None:
+    gate = asyncio.Event()
+
+    async def waits_for_an_answer() -> None:
+        await gate.wait()
+
+    task = asyncio.create_task(waits_for_an_answer(), name="answer-waiter")
+    await asyncio.sleep(0)
+    lines = [line for line in task_stacks() if line.startswith("task answer-waiter:")]
+    gate.set()
+    await task
+    assert len(lines) == 1 and "waits_for_an_answer (test_watchdog.py:" in lines[0], lines
