@@ -144,6 +144,8 @@ class ProgressWatchdog:
         if known is None or time.monotonic() - known[1] >= PARTITIONS_EVERY_S:
             tps = [TopicPartition(meta["topic"], p["partition"]) for meta in await admin.describe_topics(list(topics))
                    if meta["error_code"] == 0 for p in meta["partitions"]]
+            if not tps:  # not described (yet): ask again at the next look rather than watching nothing for long
+                return tps
             known = (tps, time.monotonic())
             self._partitions_seen[topics] = known
         return known[0]
@@ -158,8 +160,9 @@ class ProgressWatchdog:
         committed = {(tp.topic, tp.partition): om.offset
                      for tp, om in (await admin.list_consumer_group_offsets(group_id, partitions=tps)).items()}
         never = [tp for tp in tps if committed.get((tp.topic, tp.partition), -1) < 0]
-        begin = {(tp.topic, tp.partition): o for tp, o in (await offsets.beginning_offsets(never)).items()} if never \
-            else {}
+        begin: dict[TP, int] = {}
+        if never:
+            begin = {(tp.topic, tp.partition): o for tp, o in (await offsets.beginning_offsets(never)).items()}
         return committed, begin, end
 
     async def guard(self, group_id: str, topics: list[str], stop: asyncio.Event,
