@@ -230,7 +230,7 @@ async def ensure_traffic(s: Settings, db: asyncpg.Pool, tmp: Path) -> Traffic:
             stay = Stay(SUZHOU, mpsn(35), INSURED, "390", stay_start())
             t.refused.append(await client.run_stay(stay, lines(35)))
         claim_ids = [c.claim_id for c in t.claims]
-        await wait_for("manual claims recorded by the clearing service", lambda: _claims_in(db, claim_ids), 60, 0.5)
+        await wait_for("manual claims recorded by the clearing service", lambda: claims_in(db, claim_ids), 60, 0.5)
         _traffic = t
         return t
 
@@ -242,7 +242,7 @@ async def _both_seen(s: Settings, sel: str, cross: str) -> bool:
     return bool(direct) and bool(manual) and bool(direct_cross)
 
 
-async def _claims_in(db: asyncpg.Pool, claim_ids: list[str]) -> bool:
+async def claims_in(db: asyncpg.Pool, claim_ids: list[str]) -> bool:
     n = await db.fetchval("SELECT count(*) FROM manual_claim WHERE claim_id = ANY($1::text[])", claim_ids)
     return bool(n == len(claim_ids))
 

@@ -7,10 +7,13 @@ import re
 import urllib.request
 
 import asyncpg
+import msgspec
 import pytest
 
 from deploy.services import service_specs
 from loadtest.his import GatewayClient, Stay
+from schemas.codes import MED_TYPE_PHARMACY
+from services.clearing.cli import submit_claims
 from services.clearing.store import rates_recomputed
 from services.common.config import Settings
 from services.common.tls import client_session
@@ -21,15 +24,16 @@ from tests.integration.monitoring_data import (
     INSURED,
     INSURED_PROV,
     INTRA_KEY,
-    N_MANUAL,
     RETRY_FOR_S,
     SUZHOU,
     TREATING_CROSS_PROV,
     Samples,
     Traffic,
+    claims_in,
     ensure_traffic,
     exclusive,
     lines,
+    manual_claim,
     mpsn,
     scrape,
     stay_start,
@@ -127,10 +131,23 @@ async def test_refusals_counted_by_error_code_and_scope(traffic: object, service
 
 async def test_manual_claims_counted_once(traffic: object, services: Settings, db: asyncpg.Pool,
                                           ledger: Ledger) -> None:
-    """The clearing service counts each manual claim it records (the rate's denominator) and the monitor
-    exports the month's count from the ledger, the same as the clearing service's rate query."""
-    _, clearing = await scrape(services.clearing_metrics_port)
-    assert value(clearing, "xs_manual_claims_total", **INTRA_KEY) == N_MANUAL  # the traffic's claims, once each
+    """The clearing service counts each manual claim it records (the rate's denominator) once, however often
+    it is submitted, and the monitor exports the month's count from the ledger, the same as the clearing
+    service's rate query."""
+    # Its own claims, on a line no other test counts (intra-province pharmacy): the session's traffic may
+    # be older than the clearing process (a fault test may have restarted it since), its counts not.
+    own = [msgspec.structs.replace(manual_claim(30 + n, 900 + n), med_type=MED_TYPE_PHARMACY) for n in range(3)]
+    key = {**INTRA_KEY, "visit_type": "pharmacy"}
+    _, before = await scrape(services.clearing_metrics_port)
+    await submit_claims(services, own[:2], operator="test.metrics")
+    await submit_claims(services, [*own[:2], own[0]], operator="test.metrics")  # resent: not counted again
+    # Same person as own[0], so the same partition: once it is recorded the resent claims were read before it.
+    await submit_claims(services, [msgspec.structs.replace(own[2], psn_no=own[0].psn_no)], operator="test.metrics")
+    await wait_for("the claims recorded", lambda: claims_in(db, [c.claim_id for c in own]), 60, 0.5)
+    _, after = await scrape(services.clearing_metrics_port)
+    assert value(after, "process_start_time_seconds") == value(before, "process_start_time_seconds"), \
+        "the clearing service restarted during the test"
+    assert value(after, "xs_manual_claims_total", **key) - value(before, "xs_manual_claims_total", **key) == 3
     start, end = month_bounds()
 
     async def monitor_matches() -> bool:
