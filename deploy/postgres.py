@@ -35,6 +35,9 @@ local   all       all                 scram-sha-256
 host    all       all   127.0.0.1/32  scram-sha-256
 """
 PG_READY_TIMEOUT_S = 60.0
+# XS_PG_STAT_STATEMENTS=1: load pg_stat_statements (calls, time and rows per statement) for measuring only; the
+# server restarts when it changes. Off by default: it hashes and counts every statement.
+PG_STAT_STATEMENTS_ENV = "XS_PG_STAT_STATEMENTS"
 
 
 def _pg_bindirs() -> dict[str, Path]:
@@ -139,6 +142,9 @@ def postgres_programs(s: Settings) -> list[str]:
         "-c",
         "log_error_verbosity=terse",
     ]
+    if os.environ.get(PG_STAT_STATEMENTS_ENV) == "1":
+        command += ["-c", "shared_preload_libraries=pg_stat_statements", "-c", "pg_stat_statements.track=all",
+                    "-c", "pg_stat_statements.track_planning=on"]
     return [infra_program("postgres", command, p.pg_data, p.log("postgres"), stop_signal="INT",
                           stop_wait_secs=int(PG_READY_TIMEOUT_S), as_group=False, user=user)]
 
