@@ -114,6 +114,15 @@ def shard_dsns(s: Settings) -> dict[str, str]:
     return {n: overrides.get(n, f"{base}/{shard_database(s, n)}") for n in names}
 
 
+# For the request path's shard statements (router, engine): every one is keyed (`= ANY($1)` on a primary key or
+# an index, the ledger's month partitions pruned at run time). PostgreSQL's default plans each execution of
+# such a prepared statement afresh (a plan for the array's actual length looks cheaper than the generic one),
+# which cost the engine as much CPU as executing them (pg_stat_statements at 80 requests/s); a generic plan
+# is made once per connection. Not for the hub's hash-partitioned person index (only a custom plan prunes
+# it by the digests) nor for analytical readers.
+GENERIC_PLANS: Final[dict[str, str]] = {"plan_cache_mode": "force_generic_plan"}
+
+
 class ShardPools:
     """One asyncpg pool per shard (all of them: a batch of any partition may name any of its shards)."""
 
@@ -122,17 +131,20 @@ class ShardPools:
         self.pools = pools
 
     @classmethod
-    async def connect(cls, s: Settings, max_size: int, *, session_reset: bool = True) -> ShardPools:
+    async def connect(cls, s: Settings, max_size: int, *, session_reset: bool = True,
+                      server_settings: dict[str, str] | None = None) -> ShardPools:
         """`session_reset=False` for users that keep no session state (no SET, LISTEN, session advisory
         locks or cursors outside a transaction): a released connection skips the reset statement asyncpg
-        sends by default (one more round trip per acquire); an open transaction is still rolled back."""
+        sends by default (one more round trip per acquire); an open transaction is still rolled back.
+        `server_settings`: the connections' PostgreSQL settings, sent when each connects (no round trip)."""
         map_ = shard_map(s)
         dsns = shard_dsns(s)
         reset = None if session_reset else _no_session_reset
         pools: dict[str, asyncpg.Pool] = {}
         try:
             for name in map_.names:
-                pools[name] = await asyncpg.create_pool(dsns[name], min_size=0, max_size=max_size, reset=reset)
+                pools[name] = await asyncpg.create_pool(dsns[name], min_size=0, max_size=max_size, reset=reset,
+                                                          server_settings=server_settings)
         except BaseException:
             await asyncio.gather(*(p.close() for p in pools.values()), return_exceptions=True)
             raise

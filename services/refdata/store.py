@@ -232,9 +232,10 @@ async def fetch_changes(conn: asyncpg.Connection, after: int, limit: int,
 # Persons of one batch, from one shard ------------------------------------------------------------
 
 # One round trip: each person with their filings aggregated (ordered by filing_id, as route expects).
+# `chronic` as stored: every writer (the loader, 2503/2504) sets it with person_chronic(), so a read need not
+# call that SQL function again for each person (PostgreSQL plans and runs it per row).
 _PERSONS_SQL: Final = """
-SELECT p.psn_no, p.insuplc_admdvs, p.insutype, p.psn_type, p.assistance, p.acct_balc_fen,
-       person_chronic(p.chronic_file, p.chronic_online) AS chronic,
+SELECT p.psn_no, p.insuplc_admdvs, p.insutype, p.psn_type, p.assistance, p.acct_balc_fen, p.chronic,
        p.certno, p.psn_name,
        (SELECT json_agg(json_build_array(f.filing_id, f.filing_type, f.begndate, f.enddate, f.target_admdvs,
                                          f.source, f.revoked) ORDER BY f.filing_id)

@@ -32,7 +32,7 @@ from schemas.person import Input1101
 from services.common.config import Settings
 from services.common.consumer import Backoff, FailureKind, classify, sleep_or_stop, until_up
 from services.common.kafka import connect_pool
-from services.common.shards import ShardPools, certno_digest, person_index_key
+from services.common.shards import GENERIC_PLANS, ShardPools, certno_digest, person_index_key
 from services.common.signing import key_encryption_key
 from services.refdata.store import (
     Filing,
@@ -75,8 +75,10 @@ class RouterState:
         # transaction-scoped): a released connection needs no reset statement, one round trip per acquire.
         self.pool = await until_up("PostgreSQL", lambda: connect_pool(self.s, POOL_SIZE_MAX, session_reset=False),
                                    stop)
+        # The shards' statements are keyed lookups and writes: planned once per connection (GENERIC_PLANS).
         self.shards = await until_up(
-            "shard databases", lambda: ShardPools.connect(self.s, POOL_SIZE_MAX, session_reset=False), stop)
+            "shard databases", lambda: ShardPools.connect(self.s, POOL_SIZE_MAX, session_reset=False,
+                                                          server_settings=GENERIC_PLANS), stop)
         await until_up("reference data", self._read_view, stop)
         if self.view is not None:
             self.ready.set()

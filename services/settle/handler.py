@@ -52,7 +52,7 @@ from services.common.metrics import (
     serve_metrics,
 )
 from services.common.response import received_from_ns, response_bytes
-from services.common.shards import ShardPools
+from services.common.shards import GENERIC_PLANS, ShardPools
 from services.common.watchdog import ProgressWatchdog
 from services.policy.policies import PolicyBook
 from services.refdata.regions import province_of
@@ -87,7 +87,9 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.s.settle_metrics_port, stage=self.stage)
         # The engine keeps no session state: its connections go back to the pool without a reset statement.
-        connect = functools.partial(ShardPools.connect, self.s, POOL_SIZE_MAX, session_reset=False)
+        # Its statements are planned once per connection (GENERIC_PLANS says why).
+        connect = functools.partial(ShardPools.connect, self.s, POOL_SIZE_MAX, session_reset=False,
+                                    server_settings=GENERIC_PLANS)
         self.shards = await until_up("PostgreSQL shards", connect, stop)
         await until_up("Kafka producer", self.producer.start, stop)
         log.info("settlement engine ready")
