@@ -191,22 +191,49 @@ def _settlement(r: asyncpg.Record) -> Settlement:
 
 async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
     """Every table the batch changed in one set-based statement each: the rows go as one array per column
-    (`unnest`), so PostgreSQL parses, plans and executes a statement per table, not per row."""
+    (`unnest`), so PostgreSQL parses, plans and executes a statement per table, not per row. The writes that
+    touch a row at most once go together in one round trip (`_Writes`): visits, new items, ledger rows and
+    their daily sums, accumulators, accounts, responses. The item updates follow, one statement each: they
+    may touch an item the batch also inserts, and one statement may not change a row twice."""
+    writes = _Writes()
     if st.new_visits:
-        await _insert(conn, "visit", _VISIT_COLS,
+        writes.insert("visit", _VISIT_COLS,
                       [tuple(_visit_value(st.visits[v], c) for c in _VISIT_COLS) for v in st.new_visits])
     changed = st.changed_visits - set(st.new_visits)
     if changed:
         cols = ("mdtrt_id", *_VISIT_MUTABLE)
-        await _update(conn, "visit", cols, ", ".join(f"{c} = u.{c}" for c in _VISIT_MUTABLE), ("mdtrt_id",),
+        writes.update("visit", cols, ", ".join(f"{c} = u.{c}" for c in _VISIT_MUTABLE), ("mdtrt_id",),
                       [tuple(_visit_value(st.visits[v], c) for c in cols) for v in sorted(changed)])
     if st.new_fees:
         # Each item once (an item sent twice in the batch is one row in its final state): one INSERT may
         # not touch a row twice.
-        await _insert(conn, "fee_item", _FEE_COLS,
+        writes.insert("fee_item", _FEE_COLS,
                       [tuple(getattr(st.fees[m][sn], c) for c in _FEE_COLS) for m, sn in dict.fromkeys(st.new_fees)],
                       " ON CONFLICT (mdtrt_id, feedetl_sn) DO UPDATE SET "
                       + ", ".join(f"{c} = EXCLUDED.{c}" for c in _FEE_COLS[2:]))
+    if st.new_settlements:
+        writes.insert("settlement", _SETL_COLS, [_settlement_values(st.settlements[s]) for s in st.new_settlements])
+        # The month-to-date aggregates, in this transaction: ledger_daily_add's sums (shard migrations 0002,
+        # 0006), from the rows in memory (services/settle/daily.py says why).
+        new_rows = [st.settlements[s] for s in st.new_settlements]
+        writes.insert("ledger_daily AS d", daily.COLUMNS, daily.daily_sums(new_rows, st.settlements),
+                      " ON CONFLICT (day, insured_prov, treating_prov, scope, med_type) DO UPDATE SET "
+                      + ", ".join(f"{c} = d.{c} + EXCLUDED.{c}" for c in (*daily.COUNTS, *daily.MONEY)))
+    if st.changed_accumulators:
+        cols = ("psn_no", "acc_year", *_ACC_COUNTERS, "chronic_paid")
+        rows = []
+        for key in sorted(st.changed_accumulators):
+            data = accumulators_to_json(st.accumulators[key])
+            rows.append((*key, *(data[c] for c in _ACC_COUNTERS), json.dumps(data["chronic_paid"])))
+        writes.insert("accumulator", cols, rows, " ON CONFLICT (psn_no, acc_year) DO UPDATE SET "
+                      + ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[2:]))
+    if st.changed_accounts:
+        writes.insert("account", ("psn_no", "balc_fen"), [(p, st.accounts[p]) for p in sorted(st.changed_accounts)],
+                      " ON CONFLICT (psn_no) DO UPDATE SET balc_fen = EXCLUDED.balc_fen")
+    if st.responses:
+        writes.insert("processed_request", _PROCESSED_COLS,
+                      [(msgid, *rest, st.request_visits.get(msgid)) for msgid, rest in st.responses.items()])
+    await writes.run(conn)
     if st.cancelled_fees:
         await _update(conn, "fee_item", ("mdtrt_id", "feedetl_sn"), "cancelled = true", ("mdtrt_id", "feedetl_sn"),
                       st.cancelled_fees)
@@ -216,30 +243,6 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
     if st.settled_fees:
         await _update(conn, "fee_item", ("mdtrt_id", "feedetl_sn", "setl_id"), "setl_id = u.setl_id",
                       ("mdtrt_id", "feedetl_sn"), [(*key, setl_id) for key, setl_id in sorted(st.settled_fees.items())])
-    if st.new_settlements:
-        await _insert(conn, "settlement", _SETL_COLS,
-                      [_settlement_values(st.settlements[s]) for s in st.new_settlements])
-        # The month-to-date aggregates, in this transaction: ledger_daily_add's sums (shard migrations 0002,
-        # 0006), from the rows in memory (services/settle/daily.py says why).
-        new_rows = [st.settlements[s] for s in st.new_settlements]
-        await _insert(conn, "ledger_daily AS d", daily.COLUMNS, daily.daily_sums(new_rows, st.settlements),
-                      " ON CONFLICT (day, insured_prov, treating_prov, scope, med_type) DO UPDATE SET "
-                      + ", ".join(f"{c} = d.{c} + EXCLUDED.{c}" for c in (*daily.COUNTS, *daily.MONEY)))
-    if st.changed_accumulators:
-        cols = ("psn_no", "acc_year", *_ACC_COUNTERS, "chronic_paid")
-        rows = []
-        for key in sorted(st.changed_accumulators):
-            data = accumulators_to_json(st.accumulators[key])
-            rows.append((*key, *(data[c] for c in _ACC_COUNTERS), json.dumps(data["chronic_paid"])))
-        await _insert(conn, "accumulator", cols, rows, " ON CONFLICT (psn_no, acc_year) DO UPDATE SET "
-                      + ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[2:]))
-    if st.changed_accounts:
-        await _insert(conn, "account", ("psn_no", "balc_fen"),
-                      [(p, st.accounts[p]) for p in sorted(st.changed_accounts)],
-                      " ON CONFLICT (psn_no) DO UPDATE SET balc_fen = EXCLUDED.balc_fen")
-    if st.responses:
-        await _insert(conn, "processed_request", _PROCESSED_COLS,
-                      [(msgid, *rest, st.request_visits.get(msgid)) for msgid, rest in st.responses.items()])
     if st.new_corrections:
         await conn.executemany(
             f"INSERT INTO correction ({', '.join(_CORRECTION_COLS)}) VALUES ({_params(len(_CORRECTION_COLS))})",
@@ -247,11 +250,35 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
         )
 
 
-async def _insert(conn: asyncpg.Connection, table: str, cols: Sequence[str], rows: list[tuple[Any, ...]],
-                  on_conflict: str = "") -> None:
-    """INSERT the rows in one statement (in their order: the settlement trigger's keys go in that order)."""
-    await conn.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM {_unnest(cols)}{on_conflict}",
-                       *_columns(rows, len(cols)))
+class _Writes:
+    """Writes sent as one statement: each a data-modifying `WITH` part of it, the last one the main statement.
+    PostgreSQL runs the parts on one snapshot, so none may read what another writes, nor two change the same
+    row; the constraint checks and triggers run at the statement's end and see every part's rows (a ledger
+    row's visit inserted beside it, the settlement trigger's keys in the rows' order)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.args: list[list[Any]] = []
+
+    def insert(self, table: str, cols: Sequence[str], rows: list[tuple[Any, ...]], on_conflict: str = "") -> None:
+        self.parts.append(f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM {self._unnest(cols)}{on_conflict}")
+        self.args += _columns(rows, len(cols))
+
+    def update(self, table: str, cols: Sequence[str], assignments: str, keys: Sequence[str],
+               rows: Sequence[tuple[Any, ...]]) -> None:
+        match = " AND ".join(f"t.{k} = u.{k}" for k in keys)
+        self.parts.append(f"UPDATE {table} t SET {assignments} FROM {self._unnest(cols)} WHERE {match}")
+        self.args += _columns(rows, len(cols))
+
+    def _unnest(self, cols: Sequence[str]) -> str:
+        return _unnest(cols, first=len(self.args) + 1)
+
+    async def run(self, conn: asyncpg.Connection) -> None:
+        if not self.parts:
+            return
+        *ctes, main = self.parts
+        with_ = "WITH " + ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(ctes)) + " " if ctes else ""
+        await conn.execute(with_ + main, *self.args)
 
 
 async def _update(conn: asyncpg.Connection, table: str, cols: Sequence[str], assignments: str,
@@ -262,8 +289,8 @@ async def _update(conn: asyncpg.Connection, table: str, cols: Sequence[str], ass
                        *_columns(rows, len(cols)))
 
 
-def _unnest(cols: Sequence[str]) -> str:
-    arrays = ", ".join(f"${i}::{_PG_TYPES.get(c, 'text')}[]" for i, c in enumerate(cols, start=1))
+def _unnest(cols: Sequence[str], first: int = 1) -> str:
+    arrays = ", ".join(f"${i}::{_PG_TYPES.get(c, 'text')}[]" for i, c in enumerate(cols, start=first))
     return f"unnest({arrays}) AS u({', '.join(cols)})"
 
 
