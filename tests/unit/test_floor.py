@@ -41,6 +41,13 @@ def test_hops_of_a_request_the_router_answers() -> None:
     assert topo.consumed == 2.0
 
 
+def test_one_hop_less_when_router_and_engine_are_one_stage() -> None:
+    topo = Topology(routed=0.9, settlements=0.25, side=1.0, merged=True)
+    assert topo.produced == pytest.approx(2 + 0.25 * 2)  # no routed record
+    assert topo.consumed == pytest.approx(2 + 0.25 * 2)
+    assert topo.describe().startswith("router and engine one stage: no routed record, 1 reply, 0.250 settlement")
+
+
 def test_topology_from_the_counts_of_the_real_topics() -> None:
     topo = topology_from_counts({"ingress": 1_000, "routed": 900, "replies": 1_000, "settlements": 250, "side": 500})
     assert topo == Topology(routed=0.9, settlements=0.25, side=2.0)
