@@ -554,19 +554,25 @@ class Generator:
 # CPU snapshots ------------------------------------------------------------------------------------
 
 
-def cpu_now(s: Settings, relays: dict[str, int]) -> dict[str, float]:
-    out = {name: _proc_cpu(pid) for name, pid in relays.items()}
+# component -> {pid: CPU seconds so far}: several pids for PostgreSQL (the postmaster and its backends).
+CpuSnap = dict[str, dict[int, float]]
+
+
+def cpu_now(s: Settings, relays: dict[str, int]) -> CpuSnap:
+    out = {name: {pid: _proc_cpu(pid)} for name, pid in relays.items()}
     kpid = stack.kafka_pid(s)
-    out["kafka"] = _proc_cpu(kpid) if kpid else 0.0
+    out["kafka"] = {kpid: _proc_cpu(kpid)} if kpid else {}
     ppid = stack.pg_pid(s)
-    out["postgres"] = sum(_proc_cpu(p) for p in (ppid, *_children(ppid))) if ppid else 0.0
+    out["postgres"] = {p: _proc_cpu(p) for p in (ppid, *_children(ppid))} if ppid else {}
     t = os.times()
-    out["generator"] = t.user + t.system
+    out["generator"] = {0: t.user + t.system}
     return out
 
 
-def diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: after[k] - before.get(k, 0.0) for k in after}
+def diff(before: CpuSnap, after: CpuSnap) -> dict[str, float]:
+    """CPU seconds between two snapshots: a process gone by the second one is not counted (a backend that
+    ended between them), a new one counted whole."""
+    return {k: sum(cpu - before.get(k, {}).get(pid, 0.0) for pid, cpu in pids.items()) for k, pids in after.items()}
 
 
 # Record counts and sizes of the real topics --------------------------------------------------------
@@ -704,6 +710,12 @@ async def measure(args: argparse.Namespace) -> list[str]:
             raise RuntimeError("the floor's relays did not all get records within the warm-up")
         await gen.fixed_rate(min(args.rate), args.warmup_seconds, args.max_requests)
         await gen.drain(5.0)
+        # What the floor's own processes cost with nothing to relay (their held fetches, the commits' timers).
+        q0 = cpu_now(s, pids)
+        await asyncio.sleep(args.idle_seconds)
+        quiet = diff(q0, cpu_now(s, pids))
+        lines.append("the floor's processes idle: " + ", ".join(
+            f"{r} {1000 * quiet[r] / args.idle_seconds:.1f}" for r in roles) + " ms CPU per s")
 
         phases: list[Phase] = []
         plan: list[tuple[str, float | None]] = [("fixed", rate) for rate in args.rate]

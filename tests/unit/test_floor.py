@@ -14,6 +14,7 @@ from loadtest.floor import (
     Phase,
     Topology,
     decode_head,
+    diff,
     effects,
     encode_head,
     held,
@@ -96,6 +97,12 @@ def test_per_request_and_net_of_idle_arithmetic() -> None:
     assert per_request_ms({"router": 0.5}, 0) == {"router": 500.0}  # no division by zero
     assert net_of_idle(3.0, 0.05, 20.0) == pytest.approx(2.0)
     assert net_of_idle(0.5, 0.05, 20.0) == 0.0  # never negative
+
+
+def test_cpu_diff_leaves_out_a_backend_that_ended_and_counts_a_new_one_whole() -> None:
+    before = {"postgres": {10: 5.0, 11: 80.0}, "router": {20: 1.0}}
+    after = {"postgres": {10: 5.5, 12: 0.25}, "router": {20: 1.5}}  # backend 11 ended, 12 started
+    assert diff(before, after) == {"postgres": 0.75, "router": 0.5}
 
 
 def test_percentile_of_sorted_values() -> None:
