@@ -2,11 +2,11 @@
 
 The pipeline's hops, counted from the code (README "Benchmark", "The floor"):
   requester --fsi.ingress--> router --fsi.routed--> engine --fsi.replies--> requester
-  (the router answers 1101, 2501-2504 and 5301 itself, straight onto fsi.replies: no fsi.routed record)
+  (the router answers 1101, 9001/9002, 2501-2504, 5301 and its refusals itself, straight onto fsi.replies)
   engine --fsi.settlements--> clearing's positions group, smartmon's persons agent (two readers of every event)
   smartmon --<app>-persons-changelog--> (its table's changelog; also fsi.monitor.stays and fsi.judgements)
 How many records each hop carries per request is counted on the real topics around a `loadtest.bench` run
-of the same rate (`--bench`), else taken from DEFAULT_TOPOLOGY.
+of the same rate (`--bench`), else taken from DEFAULT_TOPOLOGY_COUNTS.
 
 The floor replays that topology on scratch topics of the same broker with do-nothing relays, one process
 per stage as in the pipeline: each is the project's consumer shell (`BatchConsumer`: the project's client
@@ -16,6 +16,7 @@ rows a settlement needs in one PostgreSQL transaction per batch: the request's s
 settlement its ledger row and its person's accumulator (one statement per table, as the engine writes).
 Per phase (a fixed rate, and saturation: a bounded window of requests in flight) it prints the CPU per
 request of every process, the ratio to the 0.3 ms target and to the real pipeline measured in the same run.
+`--merged` runs router and engine as one stage (no fsi.routed hop): what one hop less would save.
 Bounded in time and count; it deletes its topics, consumer groups and tables at the end.
 """
 
@@ -61,8 +62,8 @@ from services.common.kafka import (
 from topics.catalog import INGRESS, REPLIES, ROUTED, SETTLEMENTS, TopicSpec
 
 TARGET_MS = 0.3  # the issue's stack CPU per request
-# Records of the pipeline's topics per request, at the national mix, counted on the real topics around a
-# bench run (2026-11-30, 100 requests/s; README "The floor"). `--bench` counts them again in each run.
+# Records on the pipeline's topics, national mix, counted on the real topics around a bench run (2026-11-30
+# 21:57 UTC, 10 s at 100 requests/s; README "The floor"). `--bench` counts them again in each run.
 DEFAULT_TOPOLOGY_COUNTS = {"ingress": 979, "routed": 822, "replies": 979, "settlements": 239, "side": 239}
 # Mean value bytes of each topic's records (the same bench run's, read from the real topics): what a topic
 # that has no records yet is given.
