@@ -30,6 +30,11 @@ START_SECS = 2
 START_RETRIES = 5
 STOP_WAIT_SECS = 10
 PROMETHEUS = "prometheus"
+# Background programs, whose work no request waits for, run at a lower CPU priority (nice) than the request
+# path (gateway, router, settle; Kafka and PostgreSQL stay at 0): a burst of their work waits for the CPU
+# behind a request's instead of queueing it. supervisord has no priority setting: the command runs via nice.
+BACKGROUND_PROGRAMS = frozenset({"clearing", "monitor", "smartmon", "dashboard", PROMETHEUS})
+BACKGROUND_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -119,10 +124,18 @@ def _quote(value: str) -> str:
     return '"' + value.replace("%", "%%").replace('"', '\\"') + '"'
 
 
+def niced(name: str, command: Sequence[str]) -> list[str]:
+    """The program's command, run at BACKGROUND_NICENESS if it is a background program (nice execs it: the
+    pid supervisord knows is the program's own)."""
+    if name not in BACKGROUND_PROGRAMS:
+        return list(command)
+    return [shutil.which("nice") or "/usr/bin/nice", "-n", str(BACKGROUND_NICENESS), *command]
+
+
 def _program(name: str, command: Sequence[str], cwd: Path, env: dict[str, str], log: Path) -> str:
     lines = [
         f"[program:{name}]",
-        "command=" + " ".join(_quote(part) for part in command),
+        "command=" + " ".join(_quote(part) for part in niced(name, command)),
         f"directory={cwd}",
         "environment=" + ",".join(f"{k}={_quote(v)}" for k, v in sorted(env.items())),
         "autostart=false",  # the stack starts them in order and waits for health

@@ -51,13 +51,7 @@ from services.common.consumer import (
     classify,
     until_up,
 )
-from services.common.kafka import (
-    BACKGROUND_FETCH_WAIT_MS,
-    IDLE_FETCH_WAIT_MS,
-    connect_pool,
-    make_group_consumer,
-    make_producer,
-)
+from services.common.kafka import connect_pool, make_group_consumer, make_producer
 from services.common.metrics import (
     REQUESTS,
     STAGE_SECONDS,
@@ -83,9 +77,10 @@ GROUP_CLAIMS = "xsettle-clearing-claims"
 GROUP_JUDGEMENTS = "xsettle-clearing-judgements"
 
 
-def _idle_fetch_wait_ms(group: str) -> int:
-    """32xx requests are answered to a waiting hospital; the other groups' output nobody waits for."""
-    return IDLE_FETCH_WAIT_MS if group == GROUP_REQUESTS else BACKGROUND_FETCH_WAIT_MS
+def is_background(group: str) -> bool:
+    """32xx requests are answered to a waiting hospital; the other groups' output nobody waits for, so they
+    fetch in batches (services/common/kafka.py, background_fetch)."""
+    return group != GROUP_REQUESTS
 
 
 OUTBOX_INTERVAL_S = 1.0
@@ -118,7 +113,7 @@ class ClearingService:
         ]
         watchdog = ProgressWatchdog(self.s, "clearing")
         shells = [BatchConsumer(make_group_consumer(self.s, "clearing", group, spec.name,
-                                                    idle_fetch_wait_ms=_idle_fetch_wait_ms(group)),
+                                                    background=is_background(group)),
                                 group, spec, processor, self.producer, max_records=self.s.batch_size_max,
                                 watchdog=watchdog)
                   for group, spec, processor in processors]

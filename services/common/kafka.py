@@ -68,10 +68,12 @@ class CountRebalances(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 IDLE_FETCH_WAIT_MS = 100
-# Consumers whose output no request waits for (clearing's positions, manual claims, the judgements sink) hold
-# an empty fetch 500 ms: a fifth of their idle fetches, each a broker request. The cost: a record on a partition
-# that aiokafka left out of the held fetch (README, "What the broker is asked") may wait up to that long.
+# Background consumers, whose output no request waits for (clearing's positions, manual claims, the judgements
+# sink; smartmon's stream), let the broker gather records: it answers their fetch once BACKGROUND_FETCH_MIN_BYTES
+# are there or BACKGROUND_FETCH_WAIT_MS have passed. Under load they wake a few times a second for a batch, not
+# once per record; a lone record reaches them within the wait (QUIET_FETCH_WAIT_MS after a quiet spell).
 BACKGROUND_FETCH_WAIT_MS = 500
+BACKGROUND_FETCH_MIN_BYTES = 256 * 1024
 # A consumer whose partitions have been quiet this long holds its empty fetches QUIET_FETCH_WAIT_MS instead.
 QUIET_AFTER_S = 2.0
 QUIET_FETCH_WAIT_MS = 1_000
@@ -86,7 +88,9 @@ class QuietAwareConsumer(AIOKafkaConsumer):  # type: ignore[misc]
     has been quiet for QUIET_AFTER_S none is buffered, so all are in the held fetch and the broker answers it
     as soon as a record arrives, however long the wait; the first records switch back to the short wait before
     aiokafka sends its next fetch (it sends none to a broker while records from it are buffered and fresh).
-    The wait is aiokafka's Fetcher._fetch_max_wait_ms, read for every fetch it builds (aiokafka < 0.15)."""
+    (A background consumer's held fetch waits for its minimum bytes instead: a record after a quiet spell
+    reaches it within the quiet wait.) The wait is aiokafka's Fetcher._fetch_max_wait_ms, read for every
+    fetch it builds (aiokafka < 0.15)."""
 
     def __init__(self, *topics: str, fetch_max_wait_ms: int = IDLE_FETCH_WAIT_MS, **kwargs: Any) -> None:
         super().__init__(*topics, fetch_max_wait_ms=fetch_max_wait_ms, **kwargs)
@@ -146,8 +150,15 @@ async def _no_session_reset(conn: asyncpg.Connection) -> None:
     """Nothing beyond what the pool does before calling it (roll back an open transaction, drop listeners)."""
 
 
+def background_fetch() -> dict[str, int]:
+    """The aiokafka options of a background consumer (see BACKGROUND_FETCH_MIN_BYTES)."""
+    return {"fetch_min_bytes": BACKGROUND_FETCH_MIN_BYTES, "fetch_max_wait_ms": BACKGROUND_FETCH_WAIT_MS}
+
+
 def make_group_consumer(s: Settings, principal: str, group_id: str, *topics: str,
-                        idle_fetch_wait_ms: int = IDLE_FETCH_WAIT_MS) -> QuietAwareConsumer:
+                        background: bool = False) -> QuietAwareConsumer:
+    """A consumer of the group; `background`: one whose output no request waits for (background_fetch)."""
+    fetch = background_fetch() if background else {"fetch_min_bytes": 1, "fetch_max_wait_ms": IDLE_FETCH_WAIT_MS}
     consumer = QuietAwareConsumer(
         bootstrap_servers=s.kafka_bootstrap,
         **client_auth(s, principal),
@@ -157,9 +168,9 @@ def make_group_consumer(s: Settings, principal: str, group_id: str, *topics: str
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         max_poll_records=s.batch_size_max,
-        # The broker answers a fetch as soon as any record is there; this only bounds idle polling
-        # (5 ms meant ~200 empty fetches a second per consumer, a third of a core on this 2-core box).
-        fetch_max_wait_ms=idle_fetch_wait_ms,
+        # The request path's: the broker answers a fetch as soon as any record is there; the wait only bounds
+        # idle polling (5 ms meant ~200 empty fetches a second per consumer, a third of a core on this box).
+        **fetch,
         group_instance_id=instance_id(s, group_id),
         session_timeout_ms=SESSION_TIMEOUT_MS,
         heartbeat_interval_ms=3_000,

@@ -25,11 +25,12 @@ from typing import Any
 
 import faust
 import msgspec
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas.internal import DeadLetter, SettlementEvent
 from schemas.monitoring import Judgement, StayCost
 from services.common.config import Settings
-from services.common.kafka import SCRAM_MECHANISM, SESSION_TIMEOUT_MS
+from services.common.kafka import SCRAM_MECHANISM, SESSION_TIMEOUT_MS, background_fetch
 from services.common.metrics import DEAD_LETTERS, SMARTMON_EVENTS, record_judgement_sent
 from services.common.secrets import password
 from services.common.watchdog import ProgressWatchdog, loop_watchdog
@@ -44,6 +45,30 @@ PRINCIPAL = "smartmon"
 _event_decoder = msgspec.json.Decoder(SettlementEvent)
 _stay_decoder = msgspec.json.Decoder(StayCost)
 _encoder = msgspec.json.Encoder(decimal_format="number")
+
+
+class BatchingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):  # type: ignore[misc]
+    """Faust's consumer thread, whose aiokafka consumer fetches as every background consumer does
+    (services/common/kafka.py, background_fetch): faust builds that consumer itself with a fixed 1.5 s wait
+    and no minimum, and has no setting for either. The consumer reads both options when it starts."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        fetch = background_fetch()
+        consumer._fetch_min_bytes = fetch["fetch_min_bytes"]
+        consumer._fetch_max_wait_ms = fetch["fetch_max_wait_ms"]
+        return consumer
+
+
+class BatchingConsumer(faust_aiokafka.Consumer):  # type: ignore[misc]
+    def _new_consumer_thread(self) -> BatchingConsumerThread:
+        return BatchingConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class BatchingTransport(faust_aiokafka.Transport):  # type: ignore[misc]
+    """faust's aiokafka transport with BatchingConsumer; the app takes it through its `transport` setter."""
+
+    Consumer = BatchingConsumer
 
 
 def app_id(s: Settings) -> str:
@@ -76,6 +101,8 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
         key_serializer="raw",  # every key and value is bytes, decoded here with msgspec
         value_serializer="raw",
     )
+    # Before anything asks the app for its transport (topics, tables and agents do).
+    app.transport = BatchingTransport(app.conf.broker_consumer, app)
 
     # Keys and values are bytes as they are on the wire ("raw"): msgspec decodes and encodes them here.
     def raw_topic(name: str, partitions: int | None = None) -> faust.TopicT:

@@ -77,3 +77,50 @@ async def test_quiet_consumer_holds_fetches_longer_and_answers_at_once(
         await producer.stop()
         await consumer.stop()
 
+
+
+async def get_batches(consumer: QuietAwareConsumer, want: int, timeout_s: float) -> list[list[bytes]]:
+    """The records as each getmany returned them (one fetch's records may come in one call or several)."""
+    batches: list[list[bytes]] = []
+    deadline = time.monotonic() + timeout_s
+    while sum(map(len, batches)) < want and time.monotonic() < deadline:
+        got = [r.value for records in (await consumer.getmany(timeout_ms=50)).values() for r in records]
+        if got:
+            batches.append(got)
+    return batches
+
+
+async def test_a_background_consumer_wakes_for_batches_and_still_sees_a_lone_record_within_its_bound(
+        stack: Settings, topic: str) -> None:
+    consumer = make_group_consumer(stack, ADMIN, "xsettle-test-background-fetch", topic, background=True)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN), acks="all")
+    await consumer.start()
+    await producer.start()
+    try:
+        while not consumer.assignment():
+            await consumer.getmany(timeout_ms=200)
+        ends = await consumer.end_offsets(list(consumer.assignment()))
+        for tp, offset in ends.items():
+            consumer.seek(tp, offset)
+        await get_records(consumer, 1, 1.0)  # the first fetches from the new positions are out
+
+        # Twenty records 20 ms apart, one partition: the broker holds the fetch for its minimum bytes or
+        # the wait, so they come in a few batches (a request-path consumer takes most of them one by one).
+        reading = asyncio.create_task(get_batches(consumer, 20, 5.0))
+        for i in range(20):
+            await producer.send_and_wait(topic, b"r%d" % i, key=b"visit-2")
+            await asyncio.sleep(0.02)
+        batches = await reading
+        assert sorted(v for b in batches for v in b) == sorted(b"r%d" % i for i in range(20))
+        assert len(batches) <= 4, [len(b) for b in batches]
+
+        # A lone record after a quiet spell: within the quiet wait (1 s), with room for a busy machine.
+        await get_records(consumer, 1, kafka.QUIET_AFTER_S + 0.5)
+        assert consumer.fetch_wait_ms == kafka.QUIET_FETCH_WAIT_MS
+        sent = time.monotonic()
+        await producer.send_and_wait(topic, b"lone", key=b"visit-3")
+        assert await get_records(consumer, 1, 4.0) == [b"lone"]
+        assert time.monotonic() - sent < kafka.QUIET_FETCH_WAIT_MS / 1000 + 1.0
+    finally:
+        await producer.stop()
+        await consumer.stop()

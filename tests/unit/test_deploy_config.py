@@ -6,6 +6,8 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import shlex
+import shutil
 import stat
 from pathlib import Path
 
@@ -84,6 +86,22 @@ def test_supervisor_config_restarts_every_service_with_the_runs_settings(
         assert 'XS_GATEWAY_PORT="24001"' in env
         # A program's own switches reach only that program (a change restarts only it).
         assert ('XS_ROUTER_TRACE="1"' in env) == (spec.name == "router")
+
+
+def test_background_programs_run_niced_and_the_request_path_does_not(run_env: None) -> None:
+    parser = configparser.RawConfigParser()
+    parser.read_string(supervisor_config(load_settings()))
+    niced = {}
+    for section in parser.sections():
+        if section.startswith("program:"):
+            command = shlex.split(parser.get(section, "command"))
+            niced[section.removeprefix("program:")] = (
+                command[1:3] if Path(command[0]).name == "nice" else None)
+    expected = {"clearing": ["-n", "10"], "monitor": ["-n", "10"], "smartmon": ["-n", "10"],
+                "dashboard": ["-n", "10"], "settle": None, "router": None, "gateway": None}
+    if shutil.which("prometheus"):
+        expected["prometheus"] = ["-n", "10"]
+    assert niced == expected
 
 
 def test_each_service_connects_to_postgresql_as_its_own_role_without_a_password_in_its_environment(
