@@ -5,6 +5,7 @@ Real Kafka: a group consumer (make_group_consumer, as every service's) on a topi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -32,6 +33,27 @@ async def topic(stack: Settings) -> AsyncIterator[str]:
         await admin.close()
 
 
+@contextlib.asynccontextmanager
+async def at_the_end(stack: Settings, topic: str, group: str, *, background: bool = False
+                     ) -> AsyncIterator[tuple[QuietAwareConsumer, AIOKafkaProducer]]:
+    """A group consumer with its partitions assigned and positioned at their ends (records of an earlier run
+    of these tests are not this run's), and a producer."""
+    consumer = make_group_consumer(stack, ADMIN, group, topic, background=background)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN), acks="all")
+    await consumer.start()
+    await producer.start()
+    try:
+        while not consumer.assignment():
+            await consumer.getmany(timeout_ms=200)
+        ends = await consumer.end_offsets(list(consumer.assignment()))
+        for tp, offset in ends.items():
+            consumer.seek(tp, offset)
+        yield consumer, producer
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
 async def get_records(consumer: QuietAwareConsumer, want: int, timeout_s: float) -> list[bytes]:
     values: list[bytes] = []
     deadline = time.monotonic() + timeout_s
@@ -45,17 +67,7 @@ async def test_quiet_consumer_holds_fetches_longer_and_answers_at_once(
         stack: Settings, topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kafka, "QUIET_AFTER_S", 1.0)
     monkeypatch.setattr(kafka, "QUIET_FETCH_WAIT_MS", QUIET_WAIT_MS)
-    consumer = make_group_consumer(stack, ADMIN, "xsettle-test-quiet-fetch", topic)
-    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN), acks="all")
-    await consumer.start()
-    await producer.start()
-    try:
-        while not consumer.assignment():
-            await consumer.getmany(timeout_ms=200)
-        # Start from the end: records of an earlier run of this test are not this run's.
-        ends = await consumer.end_offsets(list(consumer.assignment()))
-        for tp, offset in ends.items():
-            consumer.seek(tp, offset)
+    async with at_the_end(stack, topic, "xsettle-test-quiet-fetch") as (consumer, producer):
         assert consumer.fetch_wait_ms == kafka.IDLE_FETCH_WAIT_MS
         await get_records(consumer, 1, 1.5)  # nothing comes: quiet for longer than QUIET_AFTER_S
         assert consumer.fetch_wait_ms == QUIET_WAIT_MS
@@ -73,10 +85,6 @@ async def test_quiet_consumer_holds_fetches_longer_and_answers_at_once(
         await producer.send_and_wait(topic, b"next", key=b"visit-1")
         assert await get_records(consumer, 1, 4.0) == [b"next"]
         assert time.monotonic() - sent < 2.5
-    finally:
-        await producer.stop()
-        await consumer.stop()
-
 
 
 async def get_batches(consumer: QuietAwareConsumer, want: int, timeout_s: float) -> list[list[bytes]]:
@@ -92,16 +100,7 @@ async def get_batches(consumer: QuietAwareConsumer, want: int, timeout_s: float)
 
 async def test_a_background_consumer_wakes_for_batches_and_still_sees_a_lone_record_within_its_bound(
         stack: Settings, topic: str) -> None:
-    consumer = make_group_consumer(stack, ADMIN, "xsettle-test-background-fetch", topic, background=True)
-    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN), acks="all")
-    await consumer.start()
-    await producer.start()
-    try:
-        while not consumer.assignment():
-            await consumer.getmany(timeout_ms=200)
-        ends = await consumer.end_offsets(list(consumer.assignment()))
-        for tp, offset in ends.items():
-            consumer.seek(tp, offset)
+    async with at_the_end(stack, topic, "xsettle-test-background-fetch", background=True) as (consumer, producer):
         await get_records(consumer, 1, 1.0)  # the first fetches from the new positions are out
 
         # Twenty records 20 ms apart, one partition: the broker holds the fetch for its minimum bytes or
@@ -121,6 +120,3 @@ async def test_a_background_consumer_wakes_for_batches_and_still_sees_a_lone_rec
         await producer.send_and_wait(topic, b"lone", key=b"visit-3")
         assert await get_records(consumer, 1, 4.0) == [b"lone"]
         assert time.monotonic() - sent < kafka.QUIET_FETCH_WAIT_MS / 1000 + 1.0
-    finally:
-        await producer.stop()
-        await consumer.stop()
