@@ -34,7 +34,7 @@ from schemas.errors import BrokerError
 from schemas.internal import DeadLetter
 from schemas.limits import set_clock_window
 from services.common.config import GATEWAY_PATH, Settings
-from services.common.kafka import IDLE_FETCH_WAIT_MS, client_auth, make_producer
+from services.common.kafka import client_auth, make_producer
 from services.common.metrics import DEAD_LETTERS, GATEWAY_SECONDS, REQUESTS, record_produce_error
 from services.common.response import SHANGHAI, response_bytes
 from topics.catalog import DEADLETTER, INGRESS, REPLIES
@@ -45,6 +45,9 @@ READY_PATH = "/health/ready"
 READY_PROBE_S = 1.0  # each broker probe of the readiness check
 DEAD_LETTER_WAIT_S = 30.0  # a dead letter waits this long for the broker, in the background
 METRIC_CHILDREN_MAX: Final = 512  # (infno, outcome) pairs whose metric children are kept at hand
+# The reply consumer's fetch waits at most this long at the broker when no reply comes: a reply ends the wait at
+# once whatever its length, so it bounds only the idle polling (100 ms meant ten empty fetches a second).
+REPLY_FETCH_WAIT_MS: Final = 1000
 _dl_encoder = msgspec.json.Encoder()
 _partitioner = DefaultPartitioner()
 
@@ -77,7 +80,7 @@ class Gateway:
             **client_auth(s, "gateway"),
             enable_auto_commit=False,
             auto_offset_reset="latest",
-            fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,
+            fetch_max_wait_ms=REPLY_FETCH_WAIT_MS,
             isolation_level="read_committed",
         )
         # msgid → (content, waiters): answers are matched by msgid, so one msgid in flight stands for
@@ -109,7 +112,7 @@ class Gateway:
     async def _read_replies(self) -> None:
         while True:
             try:
-                batches = await self.replies.getmany(timeout_ms=100, max_records=1000)
+                batches = await self.replies.getmany(timeout_ms=REPLY_FETCH_WAIT_MS, max_records=1000)
             except KafkaError as e:  # the consumer reconnects by itself; keep reading
                 log.warning("reading replies failed: %s; retrying", type(e).__name__)
                 await asyncio.sleep(1)
