@@ -53,3 +53,11 @@ async def test_metric_children_are_kept_up_to_a_bound_and_count_the_same() -> No
             REQUESTS.remove("gateway", "9999", f"CODE{i}")
         REQUESTS.remove("gateway", "9999", "ok")
         GATEWAY_SECONDS.remove("9999")
+
+
+async def test_the_ingress_producer_does_not_linger() -> None:
+    """A request's record goes to the broker at once: aiokafka keeps one produce request in flight per broker,
+    so under load the records that arrive meanwhile share the next request anyway, and a linger would only
+    hold every request back (and wake the gateway once more for its timer) at low rates."""
+    gw = Gateway(dataclasses.replace(load_settings(), gateway_instance=0))  # builds its clients without connecting
+    assert gw.producer._message_accumulator._linger_time == 0
