@@ -492,7 +492,7 @@ async def scrape(s: Settings) -> Scrape:
 _CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _proc_cpu(pid: int) -> float:
+def proc_cpu(pid: int) -> float:
     """utime + stime of a process, in seconds (0 when it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -517,6 +517,18 @@ def _children(ppid: int) -> list[int]:
 CpuSnap = dict[str, tuple[int, dict[int, float]]]
 
 
+def infra_cpu(s: Settings) -> CpuSnap:
+    """CPU seconds so far of Kafka and of PostgreSQL (the postmaster and its backends), those running."""
+    out: CpuSnap = {}
+    kpid = stack.kafka_pid(s)
+    if kpid:
+        out["kafka"] = (kpid, {kpid: proc_cpu(kpid)})
+    ppid = stack.pg_pid(s)
+    if ppid:
+        out["postgres"] = (ppid, {pid: proc_cpu(pid) for pid in (ppid, *_children(ppid))})
+    return out
+
+
 def cpu_snapshot(s: Settings) -> CpuSnap:
     """CPU seconds so far of each component, this process, and the whole machine (busy, from /proc/stat;
     pid 0). A different main pid in a later snapshot means the component restarted in between."""
@@ -524,13 +536,8 @@ def cpu_snapshot(s: Settings) -> CpuSnap:
     for name in SERVICES:
         pid = stack.service_pid(name, s)
         if pid:
-            out[name] = (pid, {pid: _proc_cpu(pid)})
-    kpid = stack.kafka_pid(s)
-    if kpid:
-        out["kafka"] = (kpid, {kpid: _proc_cpu(kpid)})
-    ppid = stack.pg_pid(s)
-    if ppid:
-        out["postgres"] = (ppid, {pid: _proc_cpu(pid) for pid in (ppid, *_children(ppid))})
+            out[name] = (pid, {pid: proc_cpu(pid)})
+    out.update(infra_cpu(s))
     t = os.times()
     out["bench (this client)"] = (os.getpid(), {os.getpid(): t.user + t.system})
     try:
@@ -575,7 +582,12 @@ def rss_lines(s: Settings) -> list[str]:
 def cpu_used(before: CpuSnap, after: CpuSnap, name: str) -> float:
     """CPU seconds between the snapshots: processes gone by the second one are not counted, new ones are
     counted whole."""
-    old, new = before[name][1], after[name][1]
+    return cpu_between(before[name][1], after[name][1])
+
+
+def cpu_between(old: dict[int, float], new: dict[int, float]) -> float:
+    """CPU seconds of a component's processes between two readings ({pid: CPU seconds so far}): a process
+    gone by the second is not counted, a new one counted whole."""
     return sum(cpu - old.get(pid, 0.0) for pid, cpu in new.items())
 
 

@@ -46,8 +46,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 from aiokafka.protocol.admin import DeleteGroupsRequest
 
-from deploy import stack
-from loadtest.bench import _children, _proc_cpu
+from loadtest.bench import cpu_between, infra_cpu, proc_cpu
 from services.common.config import Settings, load_settings
 from services.common.consumer import BatchConsumer, BatchProcessor, Outbox, Record
 from services.common.kafka import (
@@ -560,11 +559,10 @@ CpuSnap = dict[str, dict[int, float]]
 
 
 def cpu_now(s: Settings, relays: dict[str, int]) -> CpuSnap:
-    out = {name: {pid: _proc_cpu(pid)} for name, pid in relays.items()}
-    kpid = stack.kafka_pid(s)
-    out["kafka"] = {kpid: _proc_cpu(kpid)} if kpid else {}
-    ppid = stack.pg_pid(s)
-    out["postgres"] = {p: _proc_cpu(p) for p in (ppid, *_children(ppid))} if ppid else {}
+    out = {name: {pid: proc_cpu(pid)} for name, pid in relays.items()}
+    infra = infra_cpu(s)
+    for name in ("kafka", "postgres"):
+        out[name] = infra[name][1] if name in infra else {}
     t = os.times()
     out["generator"] = {0: t.user + t.system}
     return out
@@ -573,7 +571,7 @@ def cpu_now(s: Settings, relays: dict[str, int]) -> CpuSnap:
 def diff(before: CpuSnap, after: CpuSnap) -> dict[str, float]:
     """CPU seconds between two snapshots: a process gone by the second one is not counted (a backend that
     ended between them), a new one counted whole."""
-    return {k: sum(cpu - before.get(k, {}).get(pid, 0.0) for pid, cpu in pids.items()) for k, pids in after.items()}
+    return {k: cpu_between(before.get(k, {}), pids) for k, pids in after.items()}
 
 
 # Record counts and sizes of the real topics --------------------------------------------------------
