@@ -283,10 +283,10 @@ class _Writes:
 
 async def _update(conn: asyncpg.Connection, table: str, cols: Sequence[str], assignments: str,
                   keys: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
-    """UPDATE the rows that match each row's keys (`keys`: columns of `cols`) in one statement."""
-    match = " AND ".join(f"t.{k} = u.{k}" for k in keys)
-    await conn.execute(f"UPDATE {table} t SET {assignments} FROM {_unnest(cols)} WHERE {match}",
-                       *_columns(rows, len(cols)))
+    """UPDATE the rows that match each row's keys (`keys`: columns of `cols`) in a statement of its own."""
+    writes = _Writes()
+    writes.update(table, cols, assignments, keys, rows)
+    await writes.run(conn)
 
 
 def _unnest(cols: Sequence[str], first: int = 1) -> str:
