@@ -46,13 +46,16 @@ PG_ADMIN_ROLE = "postgres"  # the cluster's superuser (initdb's): creates roles 
 OWNER_ROLE = "xsettle"  # owns the databases: migrations, loaders, operator CLIs, tests' inspection
 # The role each service connects as (deploy/services.py sets its XS_PG_USER).
 SERVICE_ROLES = {
-    "router": "xs_router",
     "settle": "xs_settle",
     "clearing": "xs_clearing",
     "monitor": "xs_monitor",
     "dashboard": "xs_dashboard",
 }
-ROLES = (OWNER_ROLE, *SERVICE_ROLES.values())
+# The router's grants (hub 0007, shard 0003): the settlement stage routes, so its role is a member of this one
+# (role membership belongs to the cluster: ensure_roles grants it); no process connects as it.
+ROUTER_ROLE = "xs_router"
+ROLES = (OWNER_ROLE, *SERVICE_ROLES.values(), ROUTER_ROLE)
+MEMBERSHIPS = ((ROUTER_ROLE, SERVICE_ROLES["settle"]),)  # (role, member)
 
 
 def _ident(name: str) -> str:
@@ -101,6 +104,8 @@ def ensure_roles(admin_dsn: str, s: Settings) -> list[str]:
             conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS")
                          .format(sql.Identifier(role)))
             set_password(conn, role, role_password(s, role))
+        for role, member in MEMBERSHIPS:  # granting again changes nothing
+            conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(member)))
     return done
 
 

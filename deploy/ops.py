@@ -28,7 +28,7 @@ stop-service settle`), reset, start it again.
 `deadletters` reads fsi.deadletter. The listing shows stage, error code, reason, msgid, infno and
 hospital — never the original bytes (they hold personal identifiers) unless --show-original.
 `replay` re-publishes the original bytes to the topic the record came from, which the stage tells:
-gateway and router rejections to fsi.ingress, engine (settle) ones to fsi.routed, clearing ones to
+gateway, router and engine (settle) rejections to fsi.ingress, clearing ones to
 fsi.clearing / fsi.settlements / fsi.manual_claims (by what the bytes decode as). Every stage is
 idempotent by msgid, so a replay never applies anything twice. The engine stores its refusals as a
 msgid's answer: a replayed refusal returns that answer again unless --forget-refusal deletes the
@@ -87,10 +87,10 @@ from services.common import audit
 from services.common.config import Settings, load_settings
 from services.common.kafka import client_auth, make_admin, make_producer
 from services.common.secrets import write_new_secret
-from services.common.shards import shard_dsns, shard_map
+from services.common.shards import shard_dsns
 from services.router.store import SESSION_HOURS
 from topics.acls import institution_acls, institution_principal
-from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, ROUTED, SETTLEMENTS
+from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, SETTLEMENTS
 from topics.security import (
     create_acls,
     delete_acls,
@@ -243,20 +243,17 @@ async def read_letters(s: Settings, flt: LetterFilter, limit: int) -> list[Lette
 def replay_target(letter: DeadLetter) -> tuple[str, bytes | None]:
     """Where a dead letter's original bytes came from, and their partition key there."""
     raw = letter.original
-    if letter.stage in ("gateway", "router"):
+    if letter.stage in ("gateway", "router", "settle"):
+        if letter.stage == "settle" and _is_routed_request(raw):
+            raise OpsError(f"settle dead letter {letter.msgid or '(no msgid)'} is a routed request of the old "
+                           "fsi.routed topic (before router and engine were one stage): nothing reads it any more; "
+                           "the hospital resends the request")
         try:
             psn_no = decode_request(raw).psn_no
         except BrokerError:
-            psn_no = None  # still refused: the router dead-letters it again, with the reason
+            psn_no = None  # still refused: the stage dead-letters it again, with the reason
         key = psn_no or letter.msgid
         return INGRESS.name, key.encode() if key else None
-    if letter.stage == "settle":
-        try:
-            routed = msgspec.json.decode(raw, type=RoutedRequest)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise OpsError(f"settle dead letter {letter.msgid or '(no msgid)'} is not a routed request: "
-                           "nothing to replay") from exc
-        return ROUTED.name, routed.person.psn_no.encode()
     if letter.stage == "clearing":
         with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
             return SETTLEMENTS.name, msgspec.json.decode(raw, type=SettlementEvent).psn_no.encode()
@@ -266,31 +263,30 @@ def replay_target(letter: DeadLetter) -> tuple[str, bytes | None]:
     raise OpsError(f"dead letter of unknown stage {letter.stage!r}: nothing to replay")
 
 
-async def forget_refusals(s: Settings, requests: Sequence[tuple[str, str]]) -> int:
-    """Delete the engine's stored refusals (infcode -1) of these (msgid, insured region) pairs, each in
-    the shard of its person's insured province (where the engine stored it): a refusal changed nothing,
-    so the replayed request is then decided anew. Accepted requests keep their record."""
-    if not requests:
+async def forget_refusals(s: Settings, msgids: Sequence[str]) -> int:
+    """Delete the engine's stored refusals (infcode -1) of these msgids: a refusal changed nothing, so the
+    replayed request is then decided anew. Accepted requests keep their record. A msgid is stored in the shard
+    of its person's insured province only: each shard is asked (the request's bytes may not name it)."""
+    if not msgids:
         return 0
-    by_shard: dict[str, list[str]] = {}
-    shard_of = shard_map(s).shard_of
-    for msgid, admdvs in requests:
-        by_shard.setdefault(shard_of(admdvs), []).append(msgid)
-    dsns = shard_dsns(s)
     deleted = 0
-    for shard, msgids in sorted(by_shard.items()):
-        conn = await asyncpg.connect(dsns[shard], timeout=10)
+    for _, dsn in sorted(shard_dsns(s).items()):
+        conn = await asyncpg.connect(dsn, timeout=10)
         try:
             status = await conn.execute("DELETE FROM processed_request WHERE msgid = ANY($1) AND infcode = -1",
-                                        msgids)
+                                        list(msgids))
         finally:
             await conn.close()
         deleted += int(status.split()[-1])
     return deleted
 
 
-def _routed_person_region(raw: bytes) -> str:
-    return msgspec.json.decode(raw, type=RoutedRequest).person.insured_admdvs
+def _is_routed_request(raw: bytes) -> bool:
+    try:
+        msgspec.json.decode(raw, type=RoutedRequest)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return False
+    return True
 
 
 async def replay(s: Settings, letters: Sequence[Letter], *, execute: bool, forget_refusal: bool) -> list[str]:
@@ -302,8 +298,7 @@ async def replay(s: Settings, letters: Sequence[Letter], *, execute: bool, forge
     if not execute:
         return [*lines, "dry run: nothing sent (add --execute)"]
     if forget_refusal:
-        refused = [(item.letter.msgid, _routed_person_region(item.letter.original))
-                   for item, topic, _ in plan if topic == ROUTED.name and item.letter.msgid]
+        refused = [item.letter.msgid for item, _, _ in plan if item.letter.stage == "settle" and item.letter.msgid]
         lines.append(f"forgot {await forget_refusals(s, refused)} stored refusal(s) of the engine")
     producer = make_producer(s, "ops")
     await producer.start()

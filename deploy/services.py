@@ -31,7 +31,7 @@ START_RETRIES = 5
 STOP_WAIT_SECS = 10
 PROMETHEUS = "prometheus"
 # Background programs, whose work no request waits for, run at a lower CPU priority (nice) than the request
-# path (gateway, router, settle; Kafka and PostgreSQL stay at 0): a burst of their work waits for the CPU
+# path (gateway, settle; Kafka and PostgreSQL stay at 0): a burst of their work waits for the CPU
 # behind a request's instead of queueing it. supervisord has no priority setting: the command runs via nice.
 BACKGROUND_PROGRAMS = frozenset({"clearing", "monitor", "smartmon", "dashboard", PROMETHEUS})
 BACKGROUND_NICENESS = 10
@@ -52,7 +52,6 @@ class ServiceSpec:
 def service_specs(s: Settings) -> list[ServiceSpec]:
     return [
         ServiceSpec("settle", "services.settle", (s.settle_metrics_port,), s.settle_metrics_port),
-        ServiceSpec("router", "services.router", (s.router_metrics_port,), s.router_metrics_port),
         ServiceSpec(
             "gateway", "services.gateway", (s.gateway_port, s.gateway_metrics_port), s.gateway_metrics_port,
             (s.gateway_port, "/health/ready"),

@@ -115,7 +115,7 @@ from topics.catalog import INGRESS, REPLIES
 
 # The stack's processes whose CPU the report reads (the dashboard and Prometheus are not on the request path;
 # smartmon is not either, but it reads every settlement event, so its cost grows with the load).
-SERVICES = ("gateway", "router", "settle", "clearing", "monitor", "smartmon")
+SERVICES = ("gateway", "settle", "clearing", "monitor", "smartmon")
 STACK = (*SERVICES, "kafka", "postgres")
 ECHO_TOPIC = "xsettle.bench.echo"  # scratch topic of the raw round-trip baseline
 _decoder = msgspec.json.Decoder(float_hook=Decimal)
@@ -460,7 +460,7 @@ async def scrape(s: Settings) -> Scrape:
     hists: dict[tuple[str, str], Hist] = {}
     counters: dict[tuple[str, ...], float] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        for port in (s.gateway_metrics_port, s.router_metrics_port, s.settle_metrics_port):
+        for port in (s.gateway_metrics_port, s.settle_metrics_port):
             try:
                 async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
                     text = await resp.text()
@@ -593,7 +593,7 @@ def cpu_between(old: dict[int, float], new: dict[int, float]) -> float:
 
 def restarted(before: CpuSnap, after: CpuSnap) -> list[str]:
     return [name for name, (pid, _) in before.items() if name in after and after[name][0] != pid] + [
-        name for name in before.keys() ^ after.keys() if name in ("gateway", "router", "settle", "kafka", "postgres")
+        name for name in before.keys() ^ after.keys() if name in ("gateway", "settle", "kafka", "postgres")
     ]
 
 
@@ -710,7 +710,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], pop: Population, stat
     every = stats.all_latencies()
     out += [
         "",
-        f"pipeline ({'gateway → ' if args.via == 'http' else ''}fsi.ingress → router → fsi.routed → settle + "
+        f"pipeline ({'gateway → ' if args.via == 'http' else ''}fsi.ingress → settle (router, engine) + "
         "PostgreSQL → fsi.replies)",
         f"  settlements/s     {settled_in / window:8.1f}   ({settled_in} settlements 2304 in {window:.1f} s; "
         f"{stats.settled} with the drain, {stats.reversed} reversed 2305)",
@@ -746,7 +746,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], pop: Population, stat
         out.append(f"  ratio pipeline / raw round trip: 2304 p50 {percentile(settle, 50) / r50:.1f}x, "
                    f"p99 {percentile(settle, 99) / r99:.1f}x; all requests p50 {percentile(every, 50) / r50:.1f}x, "
                    f"p99 {percentile(every, 99) / r99:.1f}x")
-        out.append("  (one pipeline request = 3 Kafka hops + router + settlement batch with a PostgreSQL commit)")
+        out.append("  (one pipeline request = 2 Kafka hops + routing and a settlement batch with a PostgreSQL commit)")
 
     (h0, c0), (h1, c1) = metrics
     out += ["", "stages (Prometheus histograms of the services, difference over the load; quantiles "
@@ -784,7 +784,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], pop: Population, stat
     out += ["", f"CPU seconds during the load ({span:.1f} s wall; {ncpu} CPUs = {span * ncpu:.0f} CPU-seconds)"]
     parts, known = [], 0.0
     gone = restarted(before, after)
-    for name in ("gateway", "router", "settle", "kafka", "postgres", "bench (this client)"):
+    for name in ("gateway", "settle", "kafka", "postgres", "bench (this client)"):
         if name in gone:
             parts.append(f"{name} restarted")
         elif name in after and name in before:
@@ -795,7 +795,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], pop: Population, stat
     stack_cpu = known - cpu_used(before, after, "bench (this client)")
     if not gone and stack_cpu > 0 and stats.requests():
         out.append(f"  stack CPU per request {1000 * stack_cpu / stats.requests():.2f} ms, per settled stay "
-                   f"{1000 * stack_cpu / max(stats.settled, 1):.1f} ms (gateway + router + settle + kafka + "
+                   f"{1000 * stack_cpu / max(stats.settled, 1):.1f} ms (gateway + settle + kafka + "
                    "postgres; less sensitive to other load than the rates)")
         if verify_s := info.get("verify_s"):
             share = 100 * verify_s / (stack_cpu / stats.requests())
@@ -821,7 +821,7 @@ def key_numbers(stats: Stats, raw: tuple[list[float], float], cpu: tuple[CpuSnap
     before, after = cpu
     stack_cpu = nan
     if not restarted(before, after) and stats.requests():
-        stack_cpu = sum(cpu_used(before, after, n) for n in ("gateway", "router", "settle", "kafka", "postgres")
+        stack_cpu = sum(cpu_used(before, after, n) for n in ("gateway", "settle", "kafka", "postgres")
                         if n in before and n in after) / stats.requests()
     r50, r99 = percentile(raw_lat, 50), percentile(raw_lat, 99)
     return {

@@ -6,7 +6,7 @@ then the ledger is checked.
 Hospitals (one task per person, complete inpatient stays: 2401 → 2301 → 2402 → 2304, every 4th
 reversed with 2305) send through the HTTP gateway and, like a careful HIS, resend the same msgid
 after TIMEOUT or a lost connection. Meanwhile, one event every --interval seconds, round robin:
-`kill -9` of settle, router, gateway, clearing or monitor (then started again through deploy.stack,
+`kill -9` of settle, gateway, clearing or monitor (then started again through deploy.stack,
 which waits until it answers), of one Kafka broker when the stack runs a cluster (`deploy.stack
 start --brokers 3`; every other broker kill hits the active controller; the broker restarts after
 --broker-down seconds) and a stop/start of PostgreSQL. Bounded: it ends after --kills kills of
@@ -53,7 +53,7 @@ from services.common.shards import ShardPools
 from services.common.tls import client_session
 from services.refdata.load import load_dir
 
-SERVICES = ("settle", "router", "gateway", "clearing", "monitor")
+SERVICES = ("settle", "gateway", "clearing", "monitor")
 HOSPITAL = Hospital("H15040099903", "赤峰混沌测试医院", "150400")
 ITEM_A, ITEM_B10 = "CHAOSA01", "CHAOSB10"
 FEES = [FeeLine(ITEM_A, Decimal(3), Decimal("210.50")), FeeLine(ITEM_B10, Decimal(1), Decimal("333.33"))]
@@ -246,7 +246,7 @@ async def wait_router_knows(s: Settings, client: GatewayClient, person: Person) 
         raise RuntimeError(f"the request path did not answer the chaos run's person in 2 minutes ({_codes(seen)})")
 
 
-PATH = ("router", "settle", "gateway")  # the stages a request crosses
+PATH = ("settle", "gateway")  # the processes a request crosses
 
 
 def _codes(seen: Counter[str]) -> str:

@@ -242,7 +242,7 @@ def how_to_look(s: Settings) -> list[str]:
           f" {shard_database(s, name)} -c '{q}'   # shard {name}"
           for name in shard_map(s).names),
         f"  curl -s http://127.0.0.1:{s.gateway_metrics_port}/metrics | grep ^xs_   # gateway "
-        f"(router :{s.router_metrics_port}, settle :{s.settle_metrics_port})",
+        f"(settlement stage :{s.settle_metrics_port})",
         f"  dashboard: {s.dashboard_url} — sign in as admin, password in {admin_password_file(s)}",
         f"  curl --cacert {ca_paths(s).cert} {s.gateway_url.split('/fsi/')[0]}/health/ready   # TLS with the local CA",
         "  .venv/bin/python -m deploy.stack stop                   # stop everything",

@@ -131,8 +131,8 @@ async def cleanup(s: Settings, shard: str) -> None:
 
 
 def _router_rss(s: Settings) -> int:
-    pid = service_pid("router", s)
-    assert pid is not None, "the router is not running (python -m deploy.stack start)"
+    pid = service_pid("settle", s)
+    assert pid is not None, "the settlement stage (which routes) is not running (python -m deploy.stack start)"
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 

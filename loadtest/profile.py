@@ -3,7 +3,7 @@
     python -m loadtest.profile [--seconds 10] [--out DIR] [--rate 100] [--mode gil|active|idle] [--top 6]
 
 profiles whatever load is running (the bench's `--profile` uses StageProfiler the same way). For each
-stage (gateway, router, settle, clearing, monitor; pids from deploy.stack.service_pid) one
+stage (gateway, settle, clearing, monitor; pids from deploy.stack.service_pid) one
 `py-spy record --nonblocking` (the service is not paused for a sample) writes collapsed stacks
 (`<stage>.folded`: one line per distinct stack, `frame;frame;… count`, root first; speedscope and
 flamegraph.pl open it as it is) to the output directory (default `<run dir>/profiles/<UTC time>/`).
@@ -40,7 +40,7 @@ from pathlib import Path
 from deploy import stack
 from services.common.config import Settings, load_settings
 
-STAGES = ("gateway", "router", "settle", "clearing", "monitor", "smartmon")
+STAGES = ("gateway", "settle", "clearing", "monitor", "smartmon")
 PROJECT_PACKAGES = ("services", "schemas", "topics")
 MODES = {"gil": ("--gil",), "active": (), "idle": ("--idle",)}
 MODE_TEXT = {"gil": "samples of a thread holding the GIL, Python at work",

@@ -17,14 +17,13 @@ from topics.catalog import SMARTMON_APP, catalog
 from topics.security import GROUP, LITERAL, OP_DESCRIBE, OP_READ, OP_WRITE, PREFIXED, TOPIC, Acl
 
 # Consumer groups (without the prefix), as the services name them.
-ROUTER_GROUP = "xsettle-router"
 SETTLE_GROUP = "xsettle-settle"
 CLEARING_GROUPS = ("xsettle-clearing-requests", "xsettle-clearing-positions", "xsettle-clearing-claims",
                    "xsettle-clearing-judgements")
 SMARTMON_GROUP = SMARTMON_APP  # faust's consumer group is its app id
 
-INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT = (
-    "fsi.ingress", "fsi.routed", "fsi.replies", "fsi.settlements", "fsi.clearing", "fsi.deadletter",
+INGRESS, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT = (
+    "fsi.ingress", "fsi.replies", "fsi.settlements", "fsi.clearing", "fsi.deadletter",
     "fsi.manual_claims", "fsi.deposits", "fsi.alerts", "fsi.audit",
 )
 JUDGEMENTS, MONITOR_STAYS = "fsi.judgements", "fsi.monitor.stays"
@@ -34,8 +33,8 @@ SMARTMON_CHANGELOGS = (f"{SMARTMON_APP}-persons-changelog", f"{SMARTMON_APP}-cos
 SERVICES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     # the reply consumer is assigned its partition (no group); refused requests go to the dead letters
     "gateway": ((REPLIES,), (INGRESS, DEADLETTER), ()),
-    "router": ((INGRESS,), (ROUTED, REPLIES, CLEARING, DEADLETTER), (ROUTER_GROUP,)),
-    "settle": ((ROUTED,), (REPLIES, SETTLEMENTS, DEADLETTER), (SETTLE_GROUP,)),
+    # the settlement stage routes and settles: answers, clearing requests (32xx), ledger rows' events
+    "settle": ((INGRESS,), (REPLIES, CLEARING, SETTLEMENTS, DEADLETTER), (SETTLE_GROUP,)),
     # clearing also publishes its outbox (the CLI's manual claims) and the audit rows left by commands
     "clearing": ((CLEARING, SETTLEMENTS, MANUAL_CLAIMS, JUDGEMENTS),
                  (REPLIES, DEPOSITS, ALERTS, DEADLETTER, MANUAL_CLAIMS, AUDIT), CLEARING_GROUPS),
@@ -46,7 +45,7 @@ SERVICES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     # operator tools: dead letters (list, replay to the topic a letter came from), the clearing CLI's
     # manual claims and deposit events, the audit trail (each command publishes its row; ops reads the
     # trail); group offsets (below)
-    "ops": ((DEADLETTER, AUDIT), (INGRESS, ROUTED, CLEARING, SETTLEMENTS, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT), ()),
+    "ops": ((DEADLETTER, AUDIT), (INGRESS, CLEARING, SETTLEMENTS, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT), ()),
     # the HIS simulator writes requests, nothing else
     "his": ((), (INGRESS,), ()),
 }

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from schemas.audit import AuditRecord
 from schemas.clearing import DepositAlert, DepositEvent, ManualClaim
 from schemas.envelope import RequestEnvelope, ResponseEnvelope
-from schemas.internal import DeadLetter, RoutedRequest, SettlementEvent
+from schemas.internal import DeadLetter, SettlementEvent
 from schemas.monitoring import Judgement, StayCost
 from services.common.config import Settings, load_settings
 
@@ -48,10 +48,6 @@ _INGRESS = TopicSpec(
     "fsi.ingress", _KEYED, 7 * DAY_MS, "delete", "psn_no (msgid when none)", RequestEnvelope,
     "requests in the national envelope, from the HTTP gateway or written straight by HIS; "
     "headers reply_topic / reply_partition say where the answer goes",
-)
-_ROUTED = TopicSpec(
-    "fsi.routed", _KEYED, 7 * DAY_MS, "delete", "psn_no", RoutedRequest,
-    "validated requests resolved to hospital, person, scope and filing, for the settlement engine",
 )
 _REPLIES = TopicSpec(
     "fsi.replies", REPLY_PARTITIONS, 1 * DAY_MS, "delete", "msgid", ResponseEnvelope,
@@ -116,7 +112,7 @@ _COST_GROUPS_CHANGELOG = TopicSpec(
 )
 
 _BASE: tuple[TopicSpec, ...] = (
-    _INGRESS, _ROUTED, _REPLIES, _SETTLEMENTS, _CLEARING, _DEADLETTER, _MANUAL_CLAIMS, _DEPOSITS, _ALERTS, _AUDIT,
+    _INGRESS, _REPLIES, _SETTLEMENTS, _CLEARING, _DEADLETTER, _MANUAL_CLAIMS, _DEPOSITS, _ALERTS, _AUDIT,
     _JUDGEMENTS, _MONITOR_STAYS, _PERSONS_CHANGELOG, _COST_GROUPS_CHANGELOG,
 )
 
@@ -135,6 +131,6 @@ def catalog(s: Settings) -> tuple[TopicSpec, ...]:
 
 
 ALL_TOPICS: tuple[TopicSpec, ...] = catalog(load_settings())
-(INGRESS, ROUTED, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT,
+(INGRESS, REPLIES, SETTLEMENTS, CLEARING, DEADLETTER, MANUAL_CLAIMS, DEPOSITS, ALERTS, AUDIT,
  JUDGEMENTS, MONITOR_STAYS, PERSONS_CHANGELOG, COST_GROUPS_CHANGELOG) = ALL_TOPICS
 PARTITIONS = INGRESS.partitions

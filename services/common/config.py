@@ -82,7 +82,6 @@ class Settings:
     gateway_host: str
     gateway_port: int
     gateway_metrics_port: int
-    router_metrics_port: int
     settle_metrics_port: int
     monitor_metrics_port: int
     dashboard_port: int
@@ -187,7 +186,6 @@ def load_settings() -> Settings:
         gateway_host=_str("XS_GATEWAY_HOST", "127.0.0.1"),
         gateway_port=_int("XS_GATEWAY_PORT", 8080, 1024, 65535),
         gateway_metrics_port=_int("XS_GATEWAY_METRICS_PORT", 9101, 1024, 65535),
-        router_metrics_port=_int("XS_ROUTER_METRICS_PORT", 9102, 1024, 65535),
         settle_metrics_port=_int("XS_SETTLE_METRICS_PORT", 9103, 1024, 65535),
         monitor_metrics_port=_int("XS_MONITOR_METRICS_PORT", 9104, 1024, 65535),
         dashboard_port=_int("XS_DASHBOARD_PORT", 8090, 1024, 65535),

@@ -102,11 +102,12 @@ def classify(exc: BaseException) -> FailureKind:
 class RecordFailed(Exception):
     """Raised by a processor that knows which record failed: the batch is redone without it."""
 
-    def __init__(self, record: Record[Any], code: str, err_msg: str) -> None:
+    def __init__(self, record: Record[Any], code: str, err_msg: str, stage: str | None = None) -> None:
         super().__init__(code)
         self.record = record
         self.code = code
         self.err_msg = err_msg
+        self.stage = stage  # the part of the processor that failed, for the dead letter (None: the processor's)
 
 
 @contextlib.contextmanager
@@ -158,9 +159,10 @@ class Outbox:
         self.records.append(Outgoing(topic, value, key, partition, headers))
 
     def dead_letter(self, code: str, err_msg: str, original: bytes, *, msgid: str | None = None,
-                    infno: str | None = None, fixmedins_code: str | None = None) -> None:
-        DEAD_LETTERS.labels(self.stage, code).inc()
-        letter = DeadLetter(stage=self.stage, err_code=code, err_msg=err_msg, msgid=msgid, infno=infno,
+                    infno: str | None = None, fixmedins_code: str | None = None, stage: str | None = None) -> None:
+        stage = stage or self.stage
+        DEAD_LETTERS.labels(stage, code).inc()
+        letter = DeadLetter(stage=stage, err_code=code, err_msg=err_msg, msgid=msgid, infno=infno,
                             fixmedins_code=fixmedins_code, at_ns=time.time_ns(), original=original)
         self.add(DEADLETTER.name, _encoder.encode(letter), key=msgid.encode() if msgid else None)
 
@@ -364,7 +366,8 @@ class BatchConsumer(Generic[T]):
                         error_text(exc), code)
         msgid, infno, fixmedins_code = self.processor.ids(record)
         self.processor.reject(record, code, err_msg, outbox)
-        outbox.dead_letter(code, err_msg, record.raw.value, msgid=msgid, infno=infno, fixmedins_code=fixmedins_code)
+        outbox.dead_letter(code, err_msg, record.raw.value, msgid=msgid, infno=infno, fixmedins_code=fixmedins_code,
+                           stage=exc.stage if isinstance(exc, RecordFailed) else None)
 
     def _observe_wait(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         oldest_ms = min(recs[0].timestamp for recs in batches.values())  # the producer's CreateTime

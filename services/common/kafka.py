@@ -20,7 +20,7 @@ from services.common.secrets import password
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 # `admin` is the stack's own tooling (super user); `his` the demo's and the benchmark's HIS simulator;
 # `inst-<fixmedins_code>` (issued by `deploy.ops kafka-user`) an institution writing straight to Kafka.
-SERVICE_PRINCIPALS = ("gateway", "router", "settle", "clearing", "monitor", "ops", "his", "smartmon")
+SERVICE_PRINCIPALS = ("gateway", "settle", "clearing", "monitor", "ops", "his", "smartmon")
 ADMIN = "admin"
 
 

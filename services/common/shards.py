@@ -6,10 +6,8 @@ province, each shard its own PostgreSQL database (`deploy/migrations/shard/`). E
 regions, hospitals, catalogs, the person index, clearing — is in the hub database (`Settings.pg_dsn`,
 `deploy/migrations/hub/`).
 
-`ShardMap` is pure: which shard holds a province (by the first two digits of any region code), and
-which partitions of `fsi.routed` carry a shard's persons (partition p belongs to shard p mod n, so
-an engine instance serves exactly the shards of the partitions it owns). `ShardPools` holds one
-asyncpg pool per shard.
+`ShardMap` is pure: which shard holds a province (by the first two digits of any region code).
+`ShardPools` holds one asyncpg pool per shard.
 
 The person index maps a certificate number to (psn_no, insured region) for 1101 without knowing the
 shard. It stores a keyed digest (HMAC-SHA-256, first 16 bytes), never the number itself: the key is
@@ -23,8 +21,7 @@ import hashlib
 import hmac
 import os
 import re
-import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -48,20 +45,6 @@ class ShardMap:
     def shard_of(self, admdvs: str) -> str:
         """The shard of any region code (its province's). KeyError for a province no shard holds."""
         return self.by_prefix[admdvs[:2]]
-
-    def partitions_of(self, shard: str, partitions: int) -> list[int]:
-        i = self.names.index(shard)
-        return [p for p in range(partitions) if p % len(self.names) == i]
-
-    def partition_for(self, shard: str, key: bytes, partitions: int) -> int:
-        """A person's partition of `fsi.routed`: among its shard's, by a stable hash of the key (psn_no)."""
-        owned = self.partitions_of(shard, partitions)
-        if not owned:
-            raise ConfigError(f"fsi.routed has {partitions} partitions, fewer than the {len(self.names)} shards")
-        return owned[zlib.crc32(key) % len(owned)]
-
-    def shards_of_partitions(self, partitions: Iterable[int]) -> list[str]:
-        return sorted({self.names[p % len(self.names)] for p in partitions}, key=self.names.index)
 
 
 def parse_shard_map(spec: str) -> ShardMap:

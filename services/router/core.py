@@ -2,12 +2,11 @@
 
 For each request (decoded by the shell with `schemas.codec.decode_request`: records may
 come straight from a HIS, not only from the gateway): route with `services.router.logic`,
-then forward to `fsi.routed` (key psn_no) or `fsi.clearing`, or answer directly (1101,
+then hand it to the settlement engine (a `RoutedRequest`, settled in the same batch: see
+`services/settle/stage.py`) or forward it to `fsi.clearing`, or answer directly (1101,
 filings), or reject (the error as the reply + a dead letter). `RouterCore.begin_batch` reads the
-batch's persons (`store.py`: one query per shard), then `RouterCore.handle` adds the records to
-produce, in order, to the batch's outbox; the shared consumer shell
-(`consumer.py` → `services/common/consumer.py`) produces them and commits the input
-offsets only after the broker acknowledged them. State and SQL: `store.py`.
+batch's persons (`store.py`: one query per shard), then `RouterCore.handle` adds what to produce,
+in order, to the batch's outbox and returns what the engine settles. State and SQL: `store.py`.
 """
 
 from __future__ import annotations
@@ -18,16 +17,14 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
-
 from schemas.codec import Request
 from schemas.errors import BrokerError
+from schemas.internal import RoutedRequest
 from schemas.wire import parse_wire_time
 from services.common.config import Settings
 from services.common.consumer import Outbox
 from services.common.metrics import PERSON_QUERIES_REFUSED, REQUESTS, STAGE_SECONDS, record_settlement_request
 from services.common.response import received_from_ns, response_bytes
-from services.common.shards import shard_map
 from services.common.signing import content_digest
 from services.refdata.regions import UnknownRegion, classify_scope, province_of
 from services.refdata.store import RefData
@@ -43,15 +40,13 @@ from services.router.logic import (
     route,
 )
 from services.router.store import RouterState
-from topics.catalog import CLEARING, REPLIES, ROUTED
-
-_encoder = msgspec.json.Encoder(decimal_format="number")
+from topics.catalog import CLEARING, REPLIES
 
 
 def ingress_meta(headers: Mapping[str, bytes]) -> IngressMeta:
     """Where the answer goes, from the record's headers (the gateway's; defaults for a HIS's own records).
     Only the replies topic and one of its partitions: a header naming another topic (a HIS asking the
-    router to write into fsi.routed, say) is ignored, as is a partition out of range or not a number."""
+    router to write into fsi.settlements, say) is ignored, as is a partition out of range or not a number."""
     partition = headers.get("reply_partition") or b""
     received = headers.get("received_ns") or b""
     return IngressMeta(
@@ -73,8 +68,6 @@ class RouterCore:
     def __init__(self, s: Settings) -> None:
         self.s = s
         self.state = RouterState(s)
-        self.shards = shard_map(s)
-        self.routed_partitions = 0  # fsi.routed's real partition count, asked of the broker at start
         self.batch: RefData | None = None  # the current batch's view (begin_batch)
         self.refusals: dict[int, BrokerError] = {}  # id(request) → why the batch's request is not trusted
         self.sessions: dict[str, str] = {}  # the batch's live sign-in sessions: sign_no → institution
@@ -119,16 +112,11 @@ class RouterCore:
                 self.refusals[id(req)] = BrokerError("MSGID_CONFLICT", "this msgid was already used for a "
                                                      "different request")
 
-    def routed_partition(self, insured_admdvs: str, psn_no: str) -> int | None:
-        """The person's partition of fsi.routed: one of its shard's (ShardMap.partition_for)."""
-        if not self.routed_partitions:
-            return None
-        return self.shards.partition_for(self.shards.shard_of(insured_admdvs), psn_no.encode(),
-                                         self.routed_partitions)
-
-    async def handle(self, req: Request, raw: bytes, headers: Mapping[str, bytes], outbox: Outbox) -> None:
-        """Route one decoded request into the outbox. A refusal (BrokerError) is answered and
-        dead-lettered here; any other exception is the shell's to classify (database away, or a bug)."""
+    async def handle(self, req: Request, raw: bytes, headers: Mapping[str, bytes], outbox: Outbox
+                     ) -> RoutedRequest | None:
+        """Route one decoded request: what to produce goes into the outbox, a request to settle is returned.
+        A refusal (BrokerError) is answered and dead-lettered here; any other exception is the shell's to
+        classify (database away, or a bug)."""
         state, ref = self.state, self.batch
         started = time.perf_counter()
         meta = ingress_meta(headers)
@@ -140,6 +128,7 @@ class RouterCore:
             body = response_bytes(admdvs, received_from_ns(meta.received_ns), output=output, err_msg=err_msg)
             outbox.add(meta.reply_topic, body, key=msgid.encode(), partition=meta.reply_partition)
 
+        routed = None
         try:
             if (refusal := self.refusals.get(id(req))) is not None:
                 raise refusal
@@ -170,9 +159,7 @@ class RouterCore:
             else:
                 if decision.new_filing is not None:
                     await state.save_filing(ref, decision.new_filing.psn_no, decision.new_filing.filing)
-                person = decision.request.person
-                outbox.add(ROUTED.name, _encoder.encode(decision.request), key=person.psn_no.encode(),
-                           partition=self.routed_partition(person.insured_admdvs, person.psn_no))
+                routed = decision.request
             outcome = "ok"
         except BrokerError as e:
             outcome = e.code
@@ -181,6 +168,7 @@ class RouterCore:
             answer(err_msg=e.err_msg)
         REQUESTS.labels("router", infno, outcome).inc()
         STAGE_SECONDS.labels("router").observe(time.perf_counter() - started)
+        return routed
 
     async def _session(self, decision: Session, fixmedins_code: str, msgid: str, received_ns: int) -> dict[str, Any]:
         """9001: open a session (its sign_no derived from the msgid: a replayed 9001 opens no second one);

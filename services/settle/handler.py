@@ -1,6 +1,7 @@
-"""Settlement engine shell: Kafka batch in, one PostgreSQL transaction, replies out, offsets last.
+"""The settlement engine: a batch of routed requests in, one PostgreSQL transaction per shard, replies out.
 
-Order of effects per batch (crash anywhere replays safely):
+It runs inside the settlement stage (`stage.py`: fsi.ingress → router → engine → fsi.replies, one consumer
+and one batch). Order of effects per batch (crash anywhere replays safely):
   1. per shard (the persons' insured provinces, `services/common/shards.py`), the shards' transactions
      at once: load the batch's rows and lock them; apply every request in memory (pure logic);
   2. write ledger rows, accumulators, accounts and each msgid's response, then answer the batch's queries
@@ -13,8 +14,8 @@ A crash before 2 commits leaves no trace; after 2, the replay finds the msgids i
 `processed_request` and resends the stored responses — nothing is applied twice. A msgid always
 lands in one shard (its person's), so its processed_request row sits with the ledger rows it wrote:
 a batch whose second shard fails after the first committed replays the first as duplicates.
-The router puts a shard's persons on the partitions that shard owns (`ShardMap.partition_for`), so
-an engine instance serves exactly the shards of its partitions.
+Two instances may hold the same shard (their partitions' persons insured in one province): a person's
+rows are locked by the transaction that loads them, so the second waits for the first.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from schemas.errors import BrokerError
 from schemas.internal import RoutedRequest, SettlementEvent
 from services.common.config import Settings
 from services.common.consumer import (
-    BatchConsumer,
     BatchProcessor,
     FailureKind,
     Outbox,
@@ -42,18 +42,15 @@ from services.common.consumer import (
     classify,
     until_up,
 )
-from services.common.kafka import make_group_consumer, make_producer
 from services.common.metrics import (
     END_TO_END_SECONDS,
     REQUESTS,
     STAGE_SECONDS,
     record_ledger_row,
     record_settlement_request,
-    serve_metrics,
 )
 from services.common.response import received_from_ns, response_bytes
 from services.common.shards import GENERIC_PLANS, ShardPools
-from services.common.watchdog import ProgressWatchdog
 from services.policy.policies import PolicyBook
 from services.refdata.regions import province_of
 from services.settle import ledger, monitoring, queries
@@ -61,49 +58,35 @@ from services.settle.facts import settled_items, visit_facts
 from services.settle.logic import check_row_invariants, handle
 from services.settle.state import BatchState, Fee, Settlement, Visit
 from services.smartmon.rules import load_rules
-from topics.catalog import ROUTED
 from topics.catalog import SETTLEMENTS as SETTLEMENTS_TOPIC
 
 log = logging.getLogger("settle")
-GROUP_ID = "xsettle-settle"
 POOL_SIZE_MAX = 2
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
 
 class SettleEngine(BatchProcessor[RoutedRequest]):
-    """The engine's batch processor; the shared shell (`services/common/consumer.py`) runs it."""
+    """The engine's batch processor: the settlement stage (`stage.py`) hands it each batch's routed requests;
+    alone, the shared shell (`services/common/consumer.py`) can run it over a topic of routed requests."""
 
     stage = "settle"
 
     def __init__(self, s: Settings, policies: PolicyBook) -> None:
         self.s = s
         self.policies = policies
-        # No linger: the shell hands a batch's whole outbox to the producer without yielding, so it goes out
-        # in one request anyway; a linger would only hold every batch's replies back (2 ms measured).
-        self.producer = make_producer(s, "settle", linger_ms=0)
         self.shards: ShardPools | None = None
         self.rules = load_rules()  # monitoring rules for the in-event checks (a bad file stops the start)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        serve_metrics(self.s.settle_metrics_port, stage=self.stage)
-        # The engine keeps no session state: its connections go back to the pool without a reset statement.
-        # Its statements are planned once per connection (GENERIC_PLANS says why).
+    async def connect(self, stop: asyncio.Event) -> None:
+        """The shard pools (waits for PostgreSQL). The engine keeps no session state: its connections go back
+        to the pool without a reset statement; its statements are planned once per connection (GENERIC_PLANS)."""
         connect = functools.partial(ShardPools.connect, self.s, POOL_SIZE_MAX, session_reset=False,
                                     server_settings=GENERIC_PLANS)
         self.shards = await until_up("PostgreSQL shards", connect, stop)
-        await until_up("Kafka producer", self.producer.start, stop)
-        log.info("settlement engine ready")
-        watchdog = ProgressWatchdog(self.s, "settle")
-        try:
-            if not stop.is_set():
-                consumer = make_group_consumer(self.s, "settle", GROUP_ID, ROUTED.name)
-                await BatchConsumer(consumer, GROUP_ID, ROUTED, self, self.producer,
-                                    max_records=self.s.batch_size_max, watchdog=watchdog).run(stop)
-        finally:
-            await watchdog.close()
-            await self.producer.stop()
-            if self.shards is not None:
-                await self.shards.close()
+
+    async def close(self) -> None:
+        if self.shards is not None:
+            await self.shards.close()
 
     async def process(self, records: list[Record[RoutedRequest]], outbox: Outbox) -> None:
         started = time.perf_counter()

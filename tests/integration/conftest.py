@@ -33,7 +33,7 @@ from services.refdata.load import load_dir
 from services.refdata.regions import SEED_REGIONS
 
 RUN_TOKEN = f"{int(time.time()) % 10**9:09d}{os.getpid() % 100:02d}"
-SERVICES = ("settle", "router", "gateway", "clearing", "monitor", "dashboard", "smartmon")
+SERVICES = ("settle", "gateway", "clearing", "monitor", "dashboard", "smartmon")
 
 HOSPITALS = {
     "miyi": Hospital("H51042199901", "米易县测试医院", "510421"),

@@ -18,21 +18,20 @@ import aiohttp
 import asyncpg
 import msgspec
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
+from deploy.db import SERVICE_ROLES
 from deploy.services import venv_python
 from loadtest.his import FeeLine, GatewayClient, Hospital, SignInFailed, Stay
 from schemas.refdata import certno_check_char
 from services.common.config import Settings, settings_env
-from services.common.kafka import ADMIN, client_auth
 from services.common.shards import shard_map
 from services.common.signing import key_encryption_key
 from services.refdata.keys import issue_key
 from services.refdata.load import load_dir
 from services.refdata.store import CatalogEntry, apply_changes, fetch_changes, fetch_view
 from tests.integration.conftest import HOSPITALS, ITEM_A, PERSONS, RUN_TOKEN, SIGNER, STAY_START, Ledger, psn
-from topics.catalog import INGRESS, ROUTED
+from topics.catalog import INGRESS
 
 pytestmark = pytest.mark.integration
 D = Decimal
@@ -43,28 +42,6 @@ SECOND_ROUTER_METRICS_PORT = 21102  # this worktree's free range (wt-router.env)
 def _ok(r: dict[str, Any]) -> dict[str, Any]:
     assert r["infcode"] == 0, r["err_msg"]
     return r
-
-
-async def _routed_partitions(s: Settings, psn_nos: set[str]) -> dict[str, set[int]]:
-    """psn_no → the partitions of fsi.routed its records were written to (read up to the end)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **client_auth(s, ADMIN), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(ROUTED.name, p) for p in range(ROUTED.partitions)]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        ends = await consumer.end_offsets(parts)
-        found: dict[str, set[int]] = {}
-        deadline = time.monotonic() + 20
-        while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
-            assert time.monotonic() < deadline, "fsi.routed not read to its end"
-            for tp, records in (await consumer.getmany(timeout_ms=500)).items():
-                for rec in records:
-                    if rec.key is not None and rec.key.decode() in psn_nos:
-                        found.setdefault(rec.key.decode(), set()).add(tp.partition)
-        return found
-    finally:
-        await consumer.stop()
 
 
 # Persons of this module only, loaded with the file loader (interim load_dir of the base commit).
@@ -170,14 +147,6 @@ async def test_persons_of_both_shards_settle_at_one_hospital(mine: Path, gateway
         for name, pool in ledger.shards:  # the ledger row is in the person's shard and only there
             n = await pool.fetchval("SELECT count(*) FROM settlement WHERE setl_id = $1", setl_ids[key])
             assert n == (1 if name == own else 0), (key, name)
-    # Every routed record of each person is on its partition, one of its shard's, of fsi.routed.
-    found = await _routed_partitions(services, {stay.psn_no for stay in stays.values()})
-    n = ROUTED.partitions
-    for stay in stays.values():
-        shard = smap.shard_of(stay.insuplc)
-        expected = smap.partition_for(shard, stay.psn_no.encode(), n)
-        assert found[stay.psn_no] == {expected}
-        assert expected in smap.partitions_of(shard, n)
 
 
 # A hospital added while requests run, seen by two routers ----------------------------------------
@@ -198,21 +167,22 @@ async def _metrics(session: aiohttp.ClientSession, port: int) -> str:
 
 @pytest.fixture
 async def second_router(services: Settings) -> AsyncIterator[int]:
-    """Another router process of the run (its own XS_INSTANCE and metrics port); both hold partitions."""
-    env = {**os.environ, **settings_env(services), "XS_INSTANCE": "router-test-2",
-           "XS_ROUTER_METRICS_PORT": str(SECOND_ROUTER_METRICS_PORT), "PYTHONUNBUFFERED": "1"}
-    log = (services.run_dir / "logs" / "router-2.log").open("ab")
-    proc = subprocess.Popen([str(venv_python()), "-m", "services.router"], env=env, stdout=log,
+    """Another settlement stage (it routes) of the run (its own XS_INSTANCE and metrics port); both hold
+    partitions, and both settle: two instances in one shard's database at once."""
+    env = {**os.environ, **settings_env(services), "XS_INSTANCE": "settle-test-2",
+           "XS_PG_USER": SERVICE_ROLES["settle"], "XS_SETTLE_METRICS_PORT": str(SECOND_ROUTER_METRICS_PORT), "PYTHONUNBUFFERED": "1"}
+    log = (services.run_dir / "logs" / "settle-2.log").open("ab")
+    proc = subprocess.Popen([str(venv_python()), "-m", "services.settle"], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         async with aiohttp.ClientSession() as session:
             while True:
-                first = _assigned(await _metrics(session, services.router_metrics_port))
+                first = _assigned(await _metrics(session, services.settle_metrics_port))
                 second = _assigned(await _metrics(session, SECOND_ROUTER_METRICS_PORT))
                 if first > 0 and second > 0 and first + second == INGRESS.partitions:
                     break
-                assert proc.poll() is None, "the second router exited"
+                assert proc.poll() is None, "the second settlement stage exited"
                 assert time.monotonic() < deadline, f"partitions not shared: {first} + {second}"
                 await asyncio.sleep(0.3)
         yield proc.pid
@@ -221,11 +191,11 @@ async def second_router(services: Settings) -> AsyncIterator[int]:
         proc.wait(timeout=20)
         log.close()
         # A static member keeps its partitions until its session times out (10 s): wait for the
-        # run's router to hold them all again, so later tests are not answered TIMEOUT.
+        # run's settlement stage to hold them all again, so later tests are not answered TIMEOUT.
         deadline = time.monotonic() + 60
         async with aiohttp.ClientSession() as session:
-            while _assigned(await _metrics(session, services.router_metrics_port)) != INGRESS.partitions:
-                assert time.monotonic() < deadline, "the run's router did not get its partitions back"
+            while _assigned(await _metrics(session, services.settle_metrics_port)) != INGRESS.partitions:
+                assert time.monotonic() < deadline, "the run's settlement stage did not get its partitions back"
                 await asyncio.sleep(0.5)
 
 

@@ -41,20 +41,6 @@ def test_a_bad_map_is_refused_with_the_reason(spec: str, problem: str) -> None:
         parse_shard_map(spec)
 
 
-def test_partitions_belong_to_shards_round_robin_and_a_person_stays_in_their_shards() -> None:
-    m = parse_shard_map(f"a={ALL.split(',', 1)[1]};b=11;c=")  # a shard may hold no province yet
-    assert m.partitions_of("a", 8) == [0, 3, 6]
-    assert m.partitions_of("b", 8) == [1, 4, 7]
-    assert m.shards_of_partitions([0, 4]) == ["a", "b"]
-    for n in range(200):
-        key = f"P{n:014d}".encode()
-        assert m.partition_for("b", key, 8) in (1, 4, 7)
-        assert m.partition_for("b", key, 8) == m.partition_for("b", key, 8)
-    assert {m.partition_for("a", f"P{n}".encode(), 8) for n in range(200)} == {0, 3, 6}
-    with pytest.raises(ConfigError, match="2 partitions, fewer than the 3 shards"):
-        m.partition_for("c", b"P1", 2)
-
-
 def test_shard_databases_default_to_the_hubs_server_and_may_be_pointed_elsewhere(monkeypatch: pytest.MonkeyPatch
                                                                                   ) -> None:
     monkeypatch.setenv("XS_PG_DATABASE", "xs")
