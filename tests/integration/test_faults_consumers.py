@@ -25,8 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from deploy import stack as stack_ctl
 from loadtest.his import FeeLine, GatewayClient, Stay
 from schemas.clearing import ManualClaim
-from schemas.internal import DeadLetter, PersonCtx, RoutedRequest
-from schemas.pharmacy import Input2102
+from schemas.internal import DeadLetter
 from services.common.config import Settings
 from services.common.kafka import ADMIN, client_auth
 from services.common.tls import client_session
@@ -41,8 +40,7 @@ from tests.integration.conftest import (
     wait_router_knows,
 )
 from tests.integration.dashboard_client import dashboard_session, make_user, sign_in
-from tests.unit.test_settle_properties import Script
-from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, REPLIES, ROUTED, SETTLEMENTS
+from topics.catalog import CLEARING, DEADLETTER, INGRESS, MANUAL_CLAIMS, REPLIES, SETTLEMENTS
 
 pytestmark = pytest.mark.integration
 TOKEN = f"{time.time_ns() % 10**11:011d}"
@@ -101,45 +99,33 @@ async def producer(services: Settings) -> AsyncIterator[AIOKafkaProducer]:
     await p.stop()
 
 
-def _purchases(n: int) -> list[RoutedRequest]:
-    """n pharmacy purchases of one person (one key: one partition, in order), answered on REPLY_PARTITION."""
-    person = PersonCtx(psn_no=f"F{TOKEN}", insured_admdvs="150400", insured_prov="150000", insured_pool="150400",
-                       insutype="310", psn_type="1101", assistance=None, acct_balc_fen=10_000)
-    script = Script({person.psn_no: person})
-    for _ in range(n):
-        script.purchase(person, [1_800])
-    return [msgspec.structs.replace(m, msgid=f"H{TOKEN}{i:018d}", reply_topic=REPLIES.name,
-                                    reply_partition=REPLY_PARTITION) for i, m in enumerate(script.messages)]
-
-
-async def test_engine_dead_letters_poison_and_settles_what_follows(refdata: dict, services: Settings,
-                                                                   ledger: Ledger, taps: Taps,
-                                                                   producer: AIOKafkaProducer) -> None:
-    msgs = _purchases(3)
-    poisoned = msgs[0]
-    assert isinstance(poisoned.body, Input2102)
-    drug = msgspec.structs.replace(poisoned.body.drugdetail[0], medins_list_codg="a\u0000b")
-    msgs[0] = msgspec.structs.replace(poisoned, body=msgspec.structs.replace(poisoned.body, drugdetail=[drug]))
-    key = poisoned.person.psn_no.encode()
+async def test_engine_dead_letters_what_it_refuses_and_settles_what_follows(refdata: dict, services: Settings,
+                                                                          ledger: Ledger, taps: Taps,
+                                                                          producer: AIOKafkaProducer) -> None:
+    """A settlement of a visit nobody registered passes routing and is refused by the engine: answered, and
+    dead-lettered by the engine with the request's own bytes (what `deploy.ops replay` sends to fsi.ingress
+    again); the person's requests that follow on the partition are settled, and the stage did not restart.
+    (A request the database refuses can not arrive through fsi.ingress — validation refuses control characters —
+    so test_settle_engine.py drives the engine with one directly.)"""
+    p = PERSONS["plain"].person
+    ghost = Stay(HOSPITALS["chifeng"], p.psn_no, p.insuplc, p.insutype, STAY_START + timedelta(days=190),
+                 mdtrt_id=f"NOVISIT{TOKEN}")
+    stay = Stay(HOSPITALS["chifeng"], p.psn_no, p.insuplc, p.insutype, STAY_START + timedelta(days=195))
     settle_pid = stack_ctl.service_pid("settle", services)
-    enc = msgspec.json.Encoder(decimal_format="number")
-    started = time.monotonic()
-    for value in (GARBAGE, *(enc.encode(m) for m in msgs)):
-        await producer.send_and_wait(ROUTED.name, value, key=key)
-    await taps.until(lambda: all(m.msgid in taps.replies for m in msgs), "the three answers")
-    assert time.monotonic() - started < 5  # the partition moved on (no stall, no retry of the batch)
-    assert taps.replies[poisoned.msgid]["infcode"] == -1
-    assert taps.replies[poisoned.msgid]["err_msg"] == (
-        "INTERNAL: the record could not be applied (CharacterNotInRepertoireError (SQLSTATE 22021))")
-    assert [taps.replies[m.msgid]["infcode"] for m in msgs[1:]] == [0, 0]
-    await taps.until(lambda: len(taps.letters_of("settle", GARBAGE)) == 1, "the garbage's dead letter")
-    letter = taps.letters_of("settle", GARBAGE)[0]
-    assert (letter.err_code, letter.msgid) == ("INTERNAL", None)
-    assert letter.err_msg.startswith(f"INTERNAL: undecodable {ROUTED.name} record: JSON is malformed")
-    await taps.until(lambda: any(d.msgid == poisoned.msgid for d in taps.letters), "the poison's dead letter")
-    assert [(d.stage, d.err_code) for d in taps.letters if d.msgid == poisoned.msgid] == [("settle", "INTERNAL")]
-    rows = await ledger.fetch("SELECT msgid FROM settlement WHERE msgid = ANY($1)", [m.msgid for m in msgs])
-    assert sorted(r["msgid"] for r in rows) == [m.msgid for m in msgs[1:]]
+    headers = [("reply_topic", REPLIES.name.encode()), ("reply_partition", str(REPLY_PARTITION).encode())]
+    refused, admit = SIGNER.sign(ghost.settle()), stay.admit()
+    for value in (GARBAGE, refused, SIGNER.sign(admit)):  # one key: one partition, in order
+        await producer.send_and_wait(INGRESS.name, value, key=p.psn_no.encode(), headers=headers)
+    refused_msgid = msgspec.json.decode(refused)["msgid"]
+    await taps.until(lambda: admit["msgid"] in taps.replies and refused_msgid in taps.replies, "both answers")
+    assert taps.replies[admit["msgid"]]["infcode"] == 0, taps.replies[admit["msgid"]]["err_msg"]
+    assert taps.replies[refused_msgid]["infcode"] == -1
+    assert taps.replies[refused_msgid]["err_msg"].startswith("VISIT_UNKNOWN")
+    await taps.until(lambda: taps.letters_of("settle", refused), "the refusal's dead letter")
+    assert [(d.err_code, d.msgid, d.infno) for d in taps.letters_of("settle", refused)] == [
+        ("VISIT_UNKNOWN", refused_msgid, "2304")]
+    mdtrt_id = taps.replies[admit["msgid"]]["output"]["result"]["mdtrt_id"]
+    assert await ledger.total("SELECT count(*) FROM visit WHERE mdtrt_id = $1", mdtrt_id) == 1
     assert stack_ctl.service_pid("settle", services) == settle_pid  # it did not exit and restart
 
 
@@ -194,7 +180,7 @@ async def test_clearing_dead_letters_poison_and_goes_on(refdata: dict, services:
 # --- infrastructure: PostgreSQL restarted under load -------------------------------------------------
 
 FAULT_PERSONS = [PERSONS[f"crash{i}"].person for i in range(20, 40)]
-LONG_LIVED = ("settle", "router", "clearing", "monitor", "dashboard")
+LONG_LIVED = ("settle", "clearing", "monitor", "dashboard")
 
 
 async def _stays(s: Settings, day0: int) -> list[tuple[Stay, dict[str, Any], bool]]:

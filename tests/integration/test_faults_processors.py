@@ -1,6 +1,6 @@
-"""A bug hit by one request (an unexpected exception) in the router's and the clearing service's batch
-processors, inside the shared shell: that request is answered INTERNAL and dead-lettered, every other
-request of the batch is handled, and the clearing service stores only the others' answers (a resend of
+"""A bug hit by one request (an unexpected exception) in the settlement stage's parts (router, engine) and
+the clearing service's batch processor, inside the shared shell: that request is answered INTERNAL and
+dead-lettered, every other request of the batch is handled, and the clearing service stores only the others' answers (a resend of
 the failed msgid is tried again). No Kafka client is started: `process_batch` is the shell's part
 between the poll and the publish."""
 
@@ -21,13 +21,15 @@ from schemas.internal import DeadLetter
 from services.clearing import handler as clearing_handler
 from services.clearing.handler import GROUP_REQUESTS, Requests
 from services.common.config import Settings
-from services.common.consumer import BatchConsumer, BatchProcessor, Outbox
+from services.common.consumer import BatchConsumer, BatchProcessor, Outbox, Record, RecordFailed
 from services.common.kafka import ADMIN, make_group_consumer, make_producer
 from services.common.shards import ShardPools
-from services.router.consumer import GROUP_ID as ROUTER_GROUP
-from services.router.consumer import Router
+from services.policy.policies import PolicyBook
 from services.router.core import RouterCore
-from topics.catalog import CLEARING, DEADLETTER, INGRESS, REPLIES, ROUTED, TopicSpec
+from services.settle.handler import SettleEngine
+from services.settle.stage import GROUP_ID as STAGE_GROUP
+from services.settle.stage import SettlementStage
+from topics.catalog import CLEARING, DEADLETTER, INGRESS, REPLIES, TopicSpec
 
 pytestmark = pytest.mark.integration
 HOSPITAL = Hospital("H15040099901", "赤峰测试医院", "150400")
@@ -73,17 +75,51 @@ async def test_router_answers_a_request_that_hits_a_bug_internal(stack: Settings
     async def handle(req: Request, raw: bytes, headers: Mapping[str, bytes], outbox: Outbox) -> None:
         if req.envelope.msgid == victim:
             raise KeyError("a bug")
-        outbox.add(ROUTED.name, raw, key=b"P1")
+        outbox.add(CLEARING.name, raw, key=b"P1")  # routed on, nothing for the engine
 
     monkeypatch.setattr(core, "handle", handle)
-    outbox = await _process(stack, ROUTER_GROUP, INGRESS, Router(core), [msgspec.json.encode(e) for e in envs])
+    stage = SettlementStage(core, SettleEngine(stack, PolicyBook.load()))
+    outbox = await _process(stack, STAGE_GROUP, INGRESS, stage, [msgspec.json.encode(e) for e in envs])
     # The named culprit is answered first, then the batch is redone without it (the others keep their order).
     assert [(o.topic, o.key) for o in outbox.records] == [
         (REPLIES.name, victim.encode()), (DEADLETTER.name, victim.encode()),
-        (ROUTED.name, b"P1"), (ROUTED.name, b"P1")]
+        (CLEARING.name, b"P1"), (CLEARING.name, b"P1")]
     assert _answers(outbox) == {victim: (-1, 2, "INTERNAL: unexpected error; resend with the same msgid")}
     assert [(d.stage, d.err_code, d.msgid, d.infno) for d in _letters(outbox)] == [("router", "INTERNAL", victim,
                                                                                    "2404")]
+
+
+async def test_the_stage_isolates_the_ingress_record_of_an_engine_culprit(stack: Settings,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine names its culprit by the routed request it was handed; the stage turns that into the
+    ingress record the shell redoes the batch without, and the letter names the engine."""
+    envs = _envelopes("2404", 3, "3")
+    victim = envs[2]["msgid"]
+    core, engine = RouterCore(stack), SettleEngine(stack, PolicyBook.load())
+    handed: list[list[str]] = []
+
+    async def handle(req: Request, raw: bytes, headers: Mapping[str, bytes], outbox: Outbox) -> Any:
+        return msgspec.structs.replace(req.envelope)  # a stand-in for the routed request (it has a msgid)
+
+    async def process(records: list[Record[Any]], outbox: Outbox) -> None:
+        handed.append([rec.value.msgid for rec in records])
+        for rec in records:
+            if rec.value.msgid == victim:
+                raise RecordFailed(rec, "INTERNAL", "INTERNAL: unexpected error; resend with the same msgid")
+            outbox.add(REPLIES.name, b"{}", key=rec.value.msgid.encode())
+
+    monkeypatch.setattr(core, "handle", handle)
+    monkeypatch.setattr(engine, "process", process)
+    outbox = await _process(stack, STAGE_GROUP, INGRESS, SettlementStage(core, engine),
+                            [msgspec.json.encode(e) for e in envs])
+    others = [e["msgid"] for e in envs if e["msgid"] != victim]
+    assert handed == [[e["msgid"] for e in envs], others]  # redone once, without the culprit
+    assert [(o.topic, o.key) for o in outbox.records] == [
+        (REPLIES.name, victim.encode()), (DEADLETTER.name, victim.encode()),
+        *((REPLIES.name, m.encode()) for m in others)]
+    assert [(d.stage, d.err_code, d.msgid, d.infno) for d in _letters(outbox)] == [("settle", "INTERNAL", victim,
+                                                                                   "2404")]
+    assert _letters(outbox)[0].original == msgspec.json.encode(envs[2])  # the ingress bytes, as received
 
 
 async def test_clearing_answers_a_request_that_hits_a_bug_internal(stack: Settings, db: asyncpg.Pool,

@@ -20,17 +20,21 @@ from schemas.internal import DeadLetter, PersonCtx, RoutedRequest
 from schemas.pharmacy import Input2102
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer, Outbox
-from services.common.kafka import make_group_consumer
+from services.common.kafka import make_group_consumer, make_producer
 from services.common.shards import ShardPools
 from services.policy.policies import PolicyBook
 from services.settle import handler as engine_module
-from services.settle.handler import GROUP_ID, SettleEngine
+from services.settle.handler import SettleEngine
+from services.settle.stage import GROUP_ID
 from tests.integration.conftest import Ledger
 from tests.unit.test_settle_properties import Script
-from topics.catalog import DEADLETTER, ROUTED, SETTLEMENTS
+from topics.catalog import DEADLETTER, SETTLEMENTS, TopicSpec
 
 pytestmark = pytest.mark.integration
 TOKEN = f"{time.time_ns() % 10**12:012d}"
+# The engine alone in the shell, over a topic of routed requests (in the stack the settlement stage hands them
+# over in memory: services/settle/stage.py). No Kafka client is started: the name only labels errors.
+ROUTED = TopicSpec("test.routed", 1, 0, "delete", "psn_no", RoutedRequest, "routed requests of these tests")
 
 
 def _person(n: int, insured: tuple[str, str, str] = ("150400", "150000", "150400")) -> PersonCtx:
@@ -40,7 +44,7 @@ def _person(n: int, insured: tuple[str, str, str] = ("150400", "150000", "150400
 
 
 def _records(values: list[bytes]) -> list[ConsumerRecord]:
-    return [ConsumerRecord("fsi.routed", 0, i, 0, 0, None, v, None, 0, 0, []) for i, v in enumerate(values)]
+    return [ConsumerRecord(ROUTED.name, 0, i, 0, 0, None, v, None, 0, 0, []) for i, v in enumerate(values)]
 
 
 def _encode(msgs: list[RoutedRequest]) -> list[bytes]:
@@ -52,13 +56,14 @@ async def _engine(stack: Settings) -> AsyncIterator[BatchConsumer[RoutedRequest]
     """The engine inside the shared shell, with a database pool; no Kafka client is started."""
     engine = SettleEngine(stack, PolicyBook.load())
     engine.shards = await ShardPools.connect(stack, 2)
+    producer = make_producer(stack, "settle")
     consumer = make_group_consumer(stack, "settle", GROUP_ID, ROUTED.name)
     try:
-        yield BatchConsumer(consumer, GROUP_ID, ROUTED, engine, engine.producer, max_records=500)
+        yield BatchConsumer(consumer, GROUP_ID, ROUTED, engine, producer, max_records=500)
     finally:
         await engine.shards.close()
         await consumer.stop()  # created, never started: process_batch() needs no Kafka
-        await engine.producer.stop()
+        await producer.stop()
 
 
 def _replies(outbox: Outbox, reply_topic: str) -> dict[str, dict]:

@@ -16,13 +16,14 @@ from aiokafka import ConsumerRecord
 from schemas.internal import PersonCtx, RoutedRequest
 from services.common.config import Settings
 from services.common.consumer import BatchConsumer
-from services.common.kafka import make_group_consumer
+from services.common.kafka import make_group_consumer, make_producer
 from services.common.shards import ShardPools
 from services.policy.policies import PolicyBook
-from services.settle.handler import GROUP_ID, SettleEngine
+from services.settle.handler import SettleEngine
+from services.settle.stage import GROUP_ID
 from tests.integration.conftest import Ledger
+from tests.integration.test_settle_engine import ROUTED
 from tests.unit.test_settle_properties import Script
-from topics.catalog import ROUTED
 
 pytestmark = pytest.mark.integration
 TOKEN = f"{time.time_ns() % 10**11:011d}"
@@ -73,9 +74,10 @@ async def test_the_engines_daily_sums_are_ledger_daily_adds(stack: Settings, led
         before = await _daily(conn, DAY)
     engine = SettleEngine(stack, PolicyBook.load())
     engine.shards = await ShardPools.connect(stack, 2)
+    producer = make_producer(stack, "settle")
     consumer = make_group_consumer(stack, "settle", GROUP_ID, ROUTED.name)
     try:
-        shell = BatchConsumer(consumer, GROUP_ID, ROUTED, engine, engine.producer, max_records=500)
+        shell = BatchConsumer(consumer, GROUP_ID, ROUTED, engine, producer, max_records=500)
         for batch in (first, second):
             outbox = await shell.process_batch(_records(batch))
             answers = [msgspec.json.decode(o.value) for o in outbox.records if o.topic == "r"]
@@ -83,7 +85,7 @@ async def test_the_engines_daily_sums_are_ledger_daily_adds(stack: Settings, led
     finally:
         await engine.shards.close()
         await consumer.stop()
-        await engine.producer.stop()
+        await producer.stop()
 
     setl_ids = [r["setl_id"] for r in await ledger.fetch(
         "SELECT setl_id FROM settlement WHERE psn_no = ANY($1) ORDER BY setl_time", [p.psn_no for p in people])]
