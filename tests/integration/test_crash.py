@@ -92,11 +92,13 @@ async def _assert_ledger_consistent(ledger: Ledger, results: list[tuple[Stay, di
     assert all(row["expected"] == row["balc_fen"] for row in accounts)
 
 
-@pytest.mark.parametrize(("victim", "day0"), [("settle", 100), ("router", 140)])
+# The settlement stage (routing and settling in one process) killed at two moments of the stream: among the
+# first admissions, and when many stays are further on.
+@pytest.mark.parametrize(("victim", "day0", "after_s"), [("settle", 100, 0.4), ("settle", 140, 0.15)])
 async def test_kill_processor_mid_stream(refdata: dict, services: Settings, ledger: Ledger, victim: str,
-                                         day0: int) -> None:
+                                         day0: int, after_s: float) -> None:
     drive = asyncio.create_task(_drive(services, day0))
-    hit_in_flight = await _kill_and_restart(services, victim, 0.4, drive)
+    hit_in_flight = await _kill_and_restart(services, victim, after_s, drive)
     # Every person's stays are sequential without pause: while the drive runs, each has a request in
     # flight. With static group membership the restarted process resumes before the gateway's timeout,
     # so the hospitals need not resend (resends > 0 says the same on a slower restart).

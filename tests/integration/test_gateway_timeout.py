@@ -57,7 +57,7 @@ async def test_timeout_then_resend_returns_the_stored_result(refdata: dict, serv
     p = PERSONS["plain"].person
     stay = Stay(HOSPITALS["chifeng"], p.psn_no, p.insuplc, p.insutype, STAY_START.replace(month=11))
     admission = stay.admit()
-    stack_ctl.stop_service("settle", kill=True, settings=services)  # the router forwards; nobody answers
+    stack_ctl.stop_service("settle", kill=True, settings=services)  # nobody routes or answers
     try:
         async with client_session(services) as session:
             client = GatewayClient(short_timeout_gateway, session)

@@ -55,8 +55,8 @@ async def traffic(refdata: dict, services: Settings, db: asyncpg.Pool, tmp_path_
 
 async def _snapshot(s: Settings) -> dict[str, Samples]:
     out = {}
-    for name, port in (("settle", s.settle_metrics_port), ("router", s.router_metrics_port),
-                       ("gateway", s.gateway_metrics_port), ("clearing", s.clearing_metrics_port)):
+    for name, port in (("settle", s.settle_metrics_port), ("gateway", s.gateway_metrics_port),
+                       ("clearing", s.clearing_metrics_port)):
         out[name] = (await scrape(port))[1]
     return out
 
@@ -114,13 +114,13 @@ async def _settle_and_compare(services: Settings, ledger: Ledger) -> None:
 
 
 async def test_refusals_counted_by_error_code_and_scope(traffic: object, services: Settings) -> None:
-    before = (await scrape(services.router_metrics_port))[1]
+    before = (await scrape(services.settle_metrics_port))[1]
     async with client_session(services) as session:
         client = GatewayClient(services.gateway_url, session, retry_for_s=RETRY_FOR_S)
         stay = Stay(SUZHOU, mpsn(36), INSURED, "390", stay_start())
         r = await client.run_stay(stay, lines(36))
     assert r["err_msg"].startswith("FILING_REQUIRED")
-    after = (await scrape(services.router_metrics_port))[1]
+    after = (await scrape(services.settle_metrics_port))[1]
     assert value(after, "process_start_time_seconds") == value(before, "process_start_time_seconds")
     labels = {"infno": "2304", "scope": "intra_province", "visit_type": "inpatient", "outcome": "FILING_REQUIRED"}
     assert value(after, "xs_settlement_requests_total", **labels) - value(
@@ -164,7 +164,7 @@ async def test_manual_claims_counted_once(traffic: object, services: Settings, d
 async def test_monitor_reports_consumer_lag_and_targets(traffic: object, services: Settings) -> None:
     _, mon = await scrape(services.monitor_metrics_port)
     groups = {dict(labels)["group"] for (name, labels) in mon if name == "xs_kafka_consumer_lag_messages"}
-    assert {"xsettle-settle", "xsettle-router"} <= groups
+    assert "xsettle-settle" in groups and "xsettle-router" not in groups  # one consumer of fsi.ingress
     assert any(g.startswith("xsettle-clearing") for g in groups)
     partitions = {dict(labels)["partition"] for (name, labels) in mon
                   if name == "xs_kafka_consumer_lag_messages" and dict(labels)["group"] == "xsettle-settle"}
@@ -173,8 +173,6 @@ async def test_monitor_reports_consumer_lag_and_targets(traffic: object, service
                  visit_type="inpatient") == 0.70
     _, settle = await scrape(services.settle_metrics_port)
     assert value(settle, "xs_kafka_rebalances_total", group="xsettle-settle") >= 1
-    _, router = await scrape(services.router_metrics_port)
-    assert value(router, "xs_kafka_rebalances_total", group="xsettle-router") >= 1
 
 
 # Label values must come from bounded code sets; no label may carry a person, visit or settlement id.

@@ -56,7 +56,7 @@ def test_stop_service_keeps_it_stopped_until_started(services: Settings) -> None
 def test_the_runs_services_use_its_own_settings(services: Settings) -> None:
     assert services.pg_database.startswith("xsettle_t") and services.topic_prefix.startswith("t")
     assert services.run_dir != services.state_dir
-    for name in ("settle", "router", "gateway", "clearing", "monitor", "dashboard"):
+    for name in ("settle", "gateway", "clearing", "monitor", "dashboard"):
         # Each service connects to PostgreSQL as its own role (the gateway has no database code).
         wanted = {**settings_env(services), "XS_PG_USER": SERVICE_ROLES.get(name, services.pg_user)}
         pid = stack_ctl.service_pid(name, services)

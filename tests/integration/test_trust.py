@@ -165,7 +165,7 @@ async def test_person_lookups_beyond_the_limit_are_refused_and_counted(refdata: 
         codes += [_code(a) for a in await asyncio.gather(*(gateway.call(lookup(n)) for n in range(start, start + 30)))]
     assert set(codes) == {"PERSON_UNKNOWN", "RATE_LIMITED"}
     assert codes.count("RATE_LIMITED") >= 20
-    with urllib.request.urlopen(f"http://127.0.0.1:{services.router_metrics_port}/metrics", timeout=5) as resp:
+    with urllib.request.urlopen(f"http://127.0.0.1:{services.settle_metrics_port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     series = 'xs_person_queries_refused_total{treating_prov="150000"}'
     refused = [line for line in text.splitlines() if line.startswith(series)]
@@ -221,12 +221,13 @@ def _free_port() -> int:
 
 @pytest.fixture
 def router_with_clock_window(services: Settings, tmp_path: Path) -> Iterator[None]:
-    """The run's router replaced by one with the default ±300 s window (the suite's is off: fixed dates)."""
+    """The run's settlement stage (it routes) replaced by one with the default ±300 s window (the suite's is
+    off: fixed dates)."""
     metrics_port = _free_port()
-    env = {**os.environ, "XS_INF_TIME_WINDOW_S": "300", "XS_ROUTER_METRICS_PORT": str(metrics_port)}
-    stack_ctl.stop_service("router", settings=services)
-    log = open(tmp_path / "router.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "services.router"], cwd=PROJECT_ROOT, env=env, stdout=log,
+    env = {**os.environ, "XS_INF_TIME_WINDOW_S": "300", "XS_SETTLE_METRICS_PORT": str(metrics_port)}
+    stack_ctl.stop_service("settle", settings=services)
+    log = open(tmp_path / "settle.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "services.settle"], cwd=PROJECT_ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
@@ -235,14 +236,14 @@ def router_with_clock_window(services: Settings, tmp_path: Path) -> Iterator[Non
                 with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/", timeout=1):
                     break
             except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "router.log").read_text()
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "settle.log").read_text()
                 time.sleep(0.2)
         yield
     finally:
         proc.terminate()
         proc.wait(15)
         log.close()
-        stack_ctl.start_service("router", services)
+        stack_ctl.start_service("settle", services)
 
 
 async def test_inf_time_outside_the_window_is_refused(refdata: dict, gateway: GatewayClient,

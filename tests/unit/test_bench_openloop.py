@@ -252,14 +252,14 @@ def test_report_gives_cpu_per_request_per_process_and_the_generator_s_own() -> N
 
     res = _result(100, 1000, 20)
     res.client_cpu_s = 0.25
-    before = {"router": (11, {11: 1.0}), "settle": (12, {12: 2.0}), "kafka": (13, {13: 5.0}),
+    before = {"settle": (12, {12: 2.0}), "kafka": (13, {13: 5.0}),
               "postgres": (14, {14: 1.0, 15: 1.0}), "gateway": (16, {16: 3.0}), "machine busy": (0, {0: 100.0})}
-    after = {"router": (11, {11: 1.5}), "settle": (12, {12: 2.25}), "kafka": (13, {13: 6.0}),
+    after = {"settle": (12, {12: 2.25}), "kafka": (13, {13: 6.0}),
              "postgres": (14, {14: 1.5, 15: 1.25, 17: 0.25}),  # a backend started during the load counts whole
              "gateway": (26, {26: 0.5}), "machine busy": (0, {0: 110.0})}  # the gateway restarted
     lines = open_report(res, (before, after), 10.0, 100.0)
     assert lines[0] == "rate 100 requests/s: HELD"
-    assert ("  stack CPU per request 2.750 ms: router 0.500, settle 0.250, kafka 1.000, postgres 1.000 "
+    assert ("  stack CPU per request 2.250 ms: settle 0.250, kafka 1.000, postgres 1.000 "
             "(gateway restarted: not counted)") in lines
     assert any(line.startswith("  load generator (this process): 0.250 ms CPU per request (0.2 CPU-s = 2% ")
                for line in lines)

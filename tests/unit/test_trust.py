@@ -146,9 +146,9 @@ def test_signer_signs_with_the_session() -> None:
 def test_the_router_answers_only_on_the_replies_topic() -> None:
     """A HIS writing into Kafka names where its answer goes; it cannot make the router write elsewhere."""
     from services.router.core import ingress_meta
-    from topics.catalog import REPLIES, ROUTED
+    from topics.catalog import REPLIES, SETTLEMENTS
 
-    meta = ingress_meta({"reply_topic": ROUTED.name.encode(), "reply_partition": b"1", "received_ns": b"5"})
+    meta = ingress_meta({"reply_topic": SETTLEMENTS.name.encode(), "reply_partition": b"1", "received_ns": b"5"})
     assert (meta.reply_topic, meta.reply_partition, meta.received_ns) == (REPLIES.name, 1, 5)
     for partition in (b"99", b"-1", b"x", b""):
         assert ingress_meta({"reply_partition": partition}).reply_partition is None
