@@ -1,8 +1,8 @@
 """A bug hit by one request (an unexpected exception) in the settlement stage's parts (router, engine) and
 the clearing service's batch processor, inside the shared shell: that request is answered INTERNAL and
-dead-lettered, every other request of the batch is handled, and the clearing service stores only the others' answers (a resend of
-the failed msgid is tried again). No Kafka client is started: `process_batch` is the shell's part
-between the poll and the publish."""
+dead-lettered, every other request of the batch is handled, and the clearing service stores only the
+others' answers (a resend of the failed msgid is tried again). No Kafka client is started: `process_batch`
+is the shell's part between the poll and the publish."""
 
 from __future__ import annotations
 

@@ -170,7 +170,8 @@ async def second_router(services: Settings) -> AsyncIterator[int]:
     """Another settlement stage (it routes) of the run (its own XS_INSTANCE and metrics port); both hold
     partitions, and both settle: two instances in one shard's database at once."""
     env = {**os.environ, **settings_env(services), "XS_INSTANCE": "settle-test-2",
-           "XS_PG_USER": SERVICE_ROLES["settle"], "XS_SETTLE_METRICS_PORT": str(SECOND_ROUTER_METRICS_PORT), "PYTHONUNBUFFERED": "1"}
+           "XS_PG_USER": SERVICE_ROLES["settle"], "XS_SETTLE_METRICS_PORT": str(SECOND_ROUTER_METRICS_PORT),
+           "PYTHONUNBUFFERED": "1"}
     log = (services.run_dir / "logs" / "settle-2.log").open("ab")
     proc = subprocess.Popen([str(venv_python()), "-m", "services.settle"], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
