@@ -200,7 +200,7 @@ def supervisord_sections(p: SupervisorPaths, identifier: str) -> list[str]:
 
 
 def _own_environment(program: str, settings_vars: dict[str, str]) -> dict[str, str]:
-    """The caller's XS_<PROGRAM>_* variables that are not Settings (e.g. XS_ROUTER_TRACE): they reach
+    """The caller's XS_<PROGRAM>_* variables that are not Settings (e.g. XS_SETTLE_TRACE): they reach
     that program only, so changing one restarts only it."""
     prefix = f"XS_{program.upper()}_"
     return {k: v for k, v in os.environ.items() if k.startswith(prefix) and k not in settings_vars}

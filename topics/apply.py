@@ -16,13 +16,15 @@ import argparse
 import asyncio
 import sys
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from services.common.config import Settings, load_settings
-from services.common.kafka import SERVICE_PRINCIPALS, make_admin
+from services.common.kafka import ADMIN, SERVICE_PRINCIPALS, client_auth, make_admin
 from services.common.secrets import password
-from topics.acls import prefix_acls
+from topics.acls import INGRESS as INGRESS_NAME
+from topics.acls import SETTLE_GROUP, prefix_acls
 from topics.catalog import TopicSpec, catalog
 from topics.security import create_acls, set_passwords, users_with_credentials, wait_for_acls
 
@@ -32,6 +34,37 @@ async def ensure_users(admin: AIOKafkaAdminClient, s: Settings) -> list[str]:
     missing = sorted(set(SERVICE_PRINCIPALS) - await users_with_credentials(admin, SERVICE_PRINCIPALS))
     await set_passwords(admin, {name: password(s, f"kafka-{name}") for name in missing})
     return missing
+
+
+# A group that took over a topic from another (without prefix): (group, topic) -> the group it succeeds. The
+# settlement stage reads fsi.ingress where the router, which it replaced on 2026-12-01, had got to.
+SUCCESSORS = {(SETTLE_GROUP, INGRESS_NAME): "xsettle-router"}
+
+
+async def adopt_predecessor_offsets(admin: AIOKafkaAdminClient, s: Settings) -> list[str]:
+    """A successor group with no offsets on its topic starts where its predecessor left off, instead of at the
+    topic's beginning (which would replay a week of requests): the predecessor's committed offsets are
+    committed for it, once. Returns what was done."""
+    done = []
+    for (group, topic), predecessor in SUCCESSORS.items():
+        group, old, topic = s.topic_prefix + group, s.topic_prefix + predecessor, s.topic_prefix + topic
+        if any(tp.topic == topic for tp in await admin.list_consumer_group_offsets(group)):
+            continue
+        offsets = {tp: meta.offset for tp, meta in (await admin.list_consumer_group_offsets(old)).items()
+                   if tp.topic == topic and meta.offset >= 0}
+        if not offsets:
+            continue
+        # Commits from outside the group: allowed while it has no members (the stack starts its services later).
+        consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=group, enable_auto_commit=False,
+                                    **client_auth(s, ADMIN))
+        await consumer.start()
+        try:
+            consumer.assign(list(offsets))
+            await consumer.commit(offsets)
+        finally:
+            await consumer.stop()
+        done.append(f"{group} starts on {topic} where {old} left off ({len(offsets)} partitions)")
+    return done
 
 
 async def apply_topics(s: Settings, specs: tuple[TopicSpec, ...] | None = None,
@@ -72,6 +105,8 @@ async def apply_topics(s: Settings, specs: tuple[TopicSpec, ...] | None = None,
         await create_acls(admin, acls)
         await wait_for_acls(admin, acls)
         print(f"{len(acls)} ACLs of prefix {s.topic_prefix or '(none)'} in place")
+        for line in await adopt_predecessor_offsets(admin, s):
+            print(line)
     finally:
         await admin.close()
     return problems

@@ -1,5 +1,6 @@
 """Operator tools on the real stack: consumer-group offsets through Kafka's own
-ConsumerGroupCommand, and dead letters listed and replayed after a fix."""
+ConsumerGroupCommand, and dead letters listed and replayed after a fix (the settlement stage's letters,
+router's or engine's, back to fsi.ingress; a letter from before router and engine were one stage refused)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ from aiokafka.structs import OffsetAndMetadata
 from deploy import kafka as cluster
 from deploy import ops
 from loadtest.his import GatewayClient, Stay, next_msgid
+from schemas.codec import decode_request
+from schemas.internal import DeadLetter, HospitalCtx, PersonCtx, RoutedRequest
+from schemas.transactions import BODY_TYPES
 from services.common.config import Settings, load_settings
 from services.common.kafka import ADMIN, client_auth, make_admin
 from services.refdata.load import load_dir
 from tests.integration.conftest import HOSPITALS, RUN_TOKEN, STAY_START, Ledger, psn, wait_router_knows
-from topics.catalog import INGRESS, ROUTED
+from topics.catalog import DEADLETTER, INGRESS
 
 pytestmark = pytest.mark.integration
 # Under the run's prefix: the principal ops may inspect and reset that prefix's groups (topics/acls.py).
@@ -173,9 +177,16 @@ async def test_engine_refusal_replayed_only_when_its_stored_refusal_is_forgotten
     await _wait_visit(shard, stay.mdtrt_id, "admitted")
 
     dl_msgid = discharge["msgid"]
+    # The engine's letter names stage settle and holds the request as it came in on fsi.ingress.
+    code, out, _ = await asyncio.to_thread(_ops, capsys, "deadletters", "list", "--msgid", dl_msgid, "--json",
+                                           "--show-original")
+    [listed] = [msgspec.json.decode(line) for line in out.splitlines()]
+    assert code == 0 and (listed["stage"], listed["err_code"]) == ("settle", "VISIT_UNKNOWN")
+    request = decode_request(listed["original"].encode())
+    assert (request.envelope.msgid, request.envelope.infno, request.psn_no) == (dl_msgid, "2402", psn_no)
     code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", dl_msgid,
                                              "--stage", "settle", "--execute", "--operator", "test.ops")
-    assert code == 0 and f"-> {ROUTED.name}" in out, err
+    assert code == 0 and f"settle/VISIT_UNKNOWN msgid={dl_msgid} -> {INGRESS.name}" in out, err
     await asyncio.sleep(3)  # the engine answers from its stored refusal and changes nothing
     assert await shard.fetchval("SELECT state FROM visit WHERE mdtrt_id = $1", stay.mdtrt_id) == "admitted"
     assert await shard.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == -1
@@ -187,6 +198,45 @@ async def test_engine_refusal_replayed_only_when_its_stored_refusal_is_forgotten
     await _wait_visit(shard, stay.mdtrt_id, "discharged")
     assert await shard.fetchval("SELECT infcode FROM processed_request WHERE msgid = $1", dl_msgid) == 0
     assert await ledger.total("SELECT count(*) FROM processed_request WHERE msgid = $1", dl_msgid) == 1
+
+
+async def test_a_settle_letter_from_before_the_merged_stage_is_refused(
+    stack: Settings, db: asyncpg.Pool, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A settle letter written before router and engine were one stage holds a routed request (the record of the
+    former fsi.routed): nothing reads those any more and fsi.ingress would refuse it as malformed, so the replay
+    refuses it, sends nothing and records no replay; the hospital resends the request."""
+    h = HOSPITALS["chifeng"]
+    msgid = next_msgid(h.fixmedins_code)
+    routed = RoutedRequest(
+        msgid=msgid, infno="2401", fixmedins_code=h.fixmedins_code, inf_time="2026-06-01 09:00:00", received_ns=0,
+        reply_topic="fsi.replies", reply_partition=None,
+        hospital=HospitalCtx(fixmedins_code=h.fixmedins_code, admdvs=h.admdvs, prov_admdvs="150000",
+                             pool_admdvs="150400", hosp_lv=3),
+        person=PersonCtx(psn_no=psn(902), insured_admdvs="150400", insured_prov="150000", insured_pool="150400",
+                         insutype="310", psn_type="1101", assistance=None, acct_balc_fen=0),
+        scope="local", filing_type=None, body=msgspec.convert(
+            {"mdtrtinfo": {"psn_no": psn(902), "insutype": "310", "mdtrt_cert_type": "02", "mdtrt_cert_no": "-",
+                           "med_type": "21", "ipt_otp_no": "ZY902", "begntime": "2026-06-01 09:00:00",
+                           "atddr_no": "D001", "dise_codg": "I10.x00"}}, BODY_TYPES["2401"]))
+    letter = DeadLetter(stage="settle", err_code="INTERNAL", err_msg="INTERNAL: before the merge", msgid=msgid,
+                        infno="2401", fixmedins_code=h.fixmedins_code, at_ns=time.time_ns(),
+                        original=msgspec.json.encode(routed))
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, **client_auth(stack, ADMIN), acks="all",
+                                enable_idempotence=True)
+    await producer.start()
+    try:
+        await producer.send_and_wait(DEADLETTER.name, msgspec.json.encode(letter))
+    finally:
+        await producer.stop()
+    operator = f"test.ops.premerge.{RUN_TOKEN}"
+    for execute in ((), ("--execute", "--operator", operator)):  # a dry run says so too
+        code, out, err = await asyncio.to_thread(_ops, capsys, "deadletters", "replay", "--msgid", msgid, *execute)
+        assert (code, out) == (1, ""), out
+        assert err.startswith(f"[ops] ERROR: settle dead letter {msgid} is a routed request of the old fsi.routed"
+                              " topic"), err
+        assert "the hospital resends the request" in err
+    assert await db.fetchval("SELECT count(*) FROM audit_log WHERE actor = $1", operator) == 0
 
 
 # Retention and partitions ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import asyncpg
 import pytest
 
 from deploy.common import Paths
-from deploy.db import OWNER_ROLE, PG_ADMIN_ROLE, ROLES, SERVICE_ROLES
+from deploy.db import MEMBERSHIPS, OWNER_ROLE, PG_ADMIN_ROLE, ROLES, ROUTER_ROLE, SERVICE_ROLES
 from deploy.postgres import PG_OS_USER, _as_pg_user, start_postgres, stop_postgres
 from deploy.supervisor import Supervisor
 from services.common.config import PG_PASSFILE, Settings
@@ -36,8 +36,11 @@ pytestmark = pytest.mark.integration
 
 INSUFFICIENT_PRIVILEGE = "42501"
 INVALID_PASSWORD = "28P01"
-ROUTER, SETTLE, CLEARING, MONITOR, DASHBOARD = (SERVICE_ROLES[n] for n in
-                                                ("router", "settle", "clearing", "monitor", "dashboard"))
+SETTLE, CLEARING, MONITOR, DASHBOARD = (SERVICE_ROLES[n] for n in ("settle", "clearing", "monitor", "dashboard"))
+# The router's grants (hub 0007, shard 0003) stay on their own role, which still logs in; no process connects
+# as it: the settlement stage routes, and its role is a member of the router's (deploy/db.py MEMBERSHIPS).
+ROUTER = ROUTER_ROLE
+GRANTEES = (*SERVICE_ROLES.values(), ROUTER)  # every role holding grants of its own
 LEDGER = ("settlement", "settlement_key", "ledger_daily", "visit", "fee_item", "accumulator", "account",
           "processed_request")
 WRITES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
@@ -92,6 +95,16 @@ SHARD_GRANTS: dict[str, dict[str, set[str]]] = {
 }
 for _role in (MONITOR, DASHBOARD):  # issued warnings and their disposals (shard 0008): read only
     SHARD_GRANTS[_role] = {**SHARD_GRANTS[_role], **_each(("warning_issued", "warning_disposal"), {SEL})}
+
+
+def _effective(grants: dict[str, dict[str, set[str]]], role: str) -> dict[str, set[str]]:
+    """What `role` may do: its own grants and those of every role it is a member of (it inherits them)."""
+    tables: dict[str, set[str]] = {t: set(p) for t, p in grants.get(role, {}).items()}
+    for granted, member in MEMBERSHIPS:
+        if member == role:
+            for table, privileges in grants.get(granted, {}).items():
+                tables.setdefault(table, set()).update(privileges)
+    return tables
 
 
 class Cluster:
@@ -202,37 +215,79 @@ async def test_no_password_or_a_wrong_one_is_refused(cluster: Cluster, tmp_path:
 
 
 async def test_a_service_connects_only_to_the_databases_it_uses(cluster: Cluster) -> None:
-    for role, database in [(SETTLE, cluster.hub), *((r, "postgres") for r in ROLES)]:
+    for role in ROLES:
         with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:
-            await cluster.connect(role, database)
-        assert caught.value.message == f'permission denied for database "{database}"'
+            await cluster.connect(role, "postgres")
+        assert caught.value.message == 'permission denied for database "postgres"'
+    # The hub grants CONNECT to the router's role, not the engine's: the settlement stage reaches the hub (its
+    # sessions, msgid registry, reference data) only as a member of xs_router.
+    async with cluster.as_role(OWNER_ROLE, cluster.hub) as conn:
+        grantees = {r[0] for r in await conn.fetch(
+            "SELECT a.grantee::regrole::text FROM pg_database d, aclexplode(d.datacl) a"
+            " WHERE d.datname = current_database() AND a.privilege_type = 'CONNECT'")}
+    assert grantees == {OWNER_ROLE, ROUTER, CLEARING, MONITOR, DASHBOARD}
+    async with cluster.as_role(SETTLE, cluster.hub) as conn:
+        assert await conn.fetchval("SELECT current_user") == SETTLE
 
 
 # --- grants ---------------------------------------------------------------------------------------
+
+
+async def test_the_settlement_stage_role_is_a_member_of_the_routers_and_nothing_else(cluster: Cluster) -> None:
+    """Role membership is the cluster's: the only one among the project's roles is xs_settle in xs_router,
+    inheriting its privileges (no SET ROLE needed), without the right to grant it on (no ADMIN OPTION)."""
+    assert MEMBERSHIPS == ((ROUTER, SETTLE),)
+    async with cluster.as_role(PG_ADMIN_ROLE, "postgres") as conn:
+        rows = await conn.fetch(
+            "SELECT roleid::regrole::text AS role, member::regrole::text AS member, admin_option FROM pg_auth_members"
+            " WHERE roleid = ANY($1::regrole[]) OR member = ANY($1::regrole[]) ORDER BY 1, 2", list(ROLES))
+        assert [tuple(r) for r in rows] == [(ROUTER, SETTLE, False)]
+        assert await conn.fetchval("SELECT rolinherit FROM pg_roles WHERE rolname = $1", SETTLE) is True
+        assert await conn.fetchval("SELECT pg_has_role($1, $2, 'USAGE')", SETTLE, ROUTER) is True  # inherits
+        assert await conn.fetchval("SELECT pg_has_role($1, $2, 'MEMBER')", ROUTER, SETTLE) is False  # one way
 
 
 async def test_every_table_has_exactly_the_expected_grants(cluster: Cluster) -> None:
     for database, expected in [(cluster.hub, HUB_GRANTS), *((d, SHARD_GRANTS) for d in cluster.shards)]:
         tables = await _tables(cluster, database)
         async with cluster.as_role(OWNER_ROLE, database) as conn:
+            # What each role may do (membership included: xs_settle has the router's rights too) ...
             got = {
                 (role, table): {p for p in PRIVILEGES
                                 if await conn.fetchval("SELECT has_table_privilege($1, $2, $3)", role, table, p)}
-                for role in SERVICE_ROLES.values() for table in tables
+                for role in GRANTEES for table in tables
             }
-            want = {(role, table): expected[role].get(table, set()) for role in SERVICE_ROLES.values()
+            want = {(role, table): _effective(expected, role).get(table, set()) for role in GRANTEES
                     for table in tables}
             assert got == want, database
+            # ... and what is granted to each role itself: the router's rights stay xs_router's (hub 0007, shard
+            # 0003), the ledger's stay xs_settle's alone (membership is one way).
+            rows = await conn.fetch(
+                "SELECT a.grantee::regrole::text AS role, c.relname, a.privilege_type FROM pg_class c,"
+                " aclexplode(c.relacl) a WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')"
+                " AND a.grantee = ANY($1::regrole[])", list(GRANTEES))
+            direct: dict[tuple[str, str], set[str]] = {}
+            for r in rows:
+                direct.setdefault((r["role"], r["relname"]), set()).add(r["privilege_type"])
+            assert direct == {(role, table): privileges for role in GRANTEES
+                              for table, privileges in expected.get(role, {}).items()}, database
             if database in cluster.shards:
                 # Column grants: the router flags a filing revoked and a person's online eligibility.
                 cols = await conn.fetch(
                     "SELECT grantee, table_name, column_name FROM information_schema.column_privileges"
-                    " WHERE grantee = ANY($1) AND privilege_type = 'UPDATE' ORDER BY 1, 2, 3",
-                    list(SERVICE_ROLES.values()))
+                    " WHERE grantee = ANY($1) AND privilege_type = 'UPDATE' ORDER BY 1, 2, 3", list(GRANTEES))
                 assert [tuple(r) for r in cols if (r["grantee"], r["table_name"]) not in
                         {(SETTLE, t) for t in SHARD_GRANTS[SETTLE]}] == [
                     (ROUTER, "filing", "revoked"), (ROUTER, "person", "chronic"),
                     (ROUTER, "person", "chronic_online")]
+                # The settlement stage routes: those columns are its too, and no other column of a person.
+                columns = (("filing", "revoked", True), ("person", "chronic", True),
+                           ("person", "chronic_online", True), ("person", "acct_balc_fen", False),
+                           ("person", "psn_no", False), ("filing", "enddate", False))
+                for role in (ROUTER, SETTLE):
+                    for table, column, allowed in columns:
+                        assert await conn.fetchval("SELECT has_column_privilege($1, $2, $3, 'UPDATE')", role, table,
+                                                   column) is allowed, (role, table, column)
 
 
 async def test_the_router_can_not_write_the_ledger(cluster: Cluster) -> None:
@@ -240,12 +295,24 @@ async def test_the_router_can_not_write_the_ledger(cluster: Cluster) -> None:
         async with cluster.as_role(ROUTER, database) as conn:
             for table in LEDGER:
                 await _assert_writes_refused(conn, table)
+    await _assert_router_limits(cluster, ROUTER)
+
+
+async def test_the_settlement_stage_routes_within_the_routers_limits(cluster: Cluster) -> None:
+    """xs_settle inherits the router's rights and no more: the person columns and filings the router writes,
+    nothing else of a person or a filing, and nothing of clearing or the hub's reference data and keys."""
+    await _assert_router_limits(cluster, SETTLE)
+
+
+async def _assert_router_limits(cluster: Cluster, role: str) -> None:
+    for database in cluster.shards:
+        async with cluster.as_role(role, database) as conn:
             # Of a person it may change the online eligibility only.
             err = await _refused(conn, "UPDATE person SET acct_balc_fen = 0")
             assert (err.sqlstate, err.message) == (INSUFFICIENT_PRIVILEGE, "permission denied for table person")
             for table in ("person", "filing"):
                 await _assert_writes_refused(conn, table, ("DELETE", "TRUNCATE"))
-    async with cluster.as_role(ROUTER, cluster.hub) as conn:
+    async with cluster.as_role(role, cluster.hub) as conn:
         for table in ("clearing_entry", "clearing_position", "clearing_deposit", "manual_claim", "person_index",
                       "hospital", "institution_key"):
             await _assert_writes_refused(conn, table)
@@ -276,9 +343,7 @@ async def test_clearing_can_not_write_persons(cluster: Cluster) -> None:
 
 
 async def test_nobody_updates_deletes_or_truncates_the_audit_log(cluster: Cluster) -> None:
-    for role in SERVICE_ROLES.values():
-        if role == SETTLE:
-            continue  # no connection to the hub at all (above)
+    for role in GRANTEES:  # xs_settle reaches the hub as a member of xs_router
         async with cluster.as_role(role, cluster.hub) as conn:
             await _assert_writes_refused(conn, "audit_log", ("UPDATE", "DELETE", "TRUNCATE"))
     # The owner holds every privilege of its table: the trigger refuses, with the same SQLSTATE.
@@ -301,9 +366,7 @@ async def test_nobody_updates_deletes_or_truncates_the_audit_log(cluster: Cluste
 
 async def test_no_service_creates_objects(cluster: Cluster) -> None:
     for database in [cluster.hub, *cluster.shards]:
-        for role in SERVICE_ROLES.values():
-            if role == SETTLE and database == cluster.hub:
-                continue
+        for role in GRANTEES:
             async with cluster.as_role(role, database) as conn:
                 err = await _refused(conn, "CREATE TABLE planted (x int)")
                 assert (err.sqlstate, err.message) == (INSUFFICIENT_PRIVILEGE, "permission denied for schema public")
@@ -330,25 +393,31 @@ async def _rolled_back(c: Cluster, role: str, database: str) -> AsyncIterator[as
 
 async def test_each_role_can_do_what_its_service_does(cluster: Cluster) -> None:
     shard = cluster.shards[0]
-    async with _rolled_back(cluster, ROUTER, cluster.hub) as conn:
-        await conn.fetch("SELECT * FROM hospital LIMIT 1")
-        await conn.fetch("SELECT * FROM person_index LIMIT 1")
-        await conn.fetch("SELECT * FROM institution_key LIMIT 1")
-        await conn.execute("INSERT INTO sign_session (sign_no, fixmedins_code, opter) VALUES ('S-PG', 'H1', 'op')")
-        assert await conn.execute("UPDATE sign_session SET signed_out_at = now() WHERE sign_no = 'S-PG'") == "UPDATE 1"
-        await conn.execute("INSERT INTO msgid_seen (msgid, digest) VALUES ('M-PG', '\\x00')"
-                           " ON CONFLICT (msgid) DO NOTHING")
-    async with _rolled_back(cluster, ROUTER, shard) as conn:
-        await conn.execute("INSERT INTO filing (filing_id, psn_no, filing_type, begndate, enddate, source)"
-                           " VALUES ('F-PG', 'P-PG', 'TEMPORARY', $1, $1, 'online') ON CONFLICT (filing_id) DO NOTHING",
-                           date(2026, 3, 1))
-        assert await conn.execute("UPDATE filing SET revoked = true WHERE filing_id = 'F-PG' AND psn_no = 'P-PG'"
-                                  ) == "UPDATE 1"
-        assert await conn.execute(
-            "UPDATE person SET chronic_online = chronic_online || jsonb_build_object('DM', true),"
-            " chronic = person_chronic(chronic_file, chronic_online) WHERE psn_no = 'P-PG'") == "UPDATE 0"
-        await conn.fetch("SELECT balc_fen FROM account WHERE psn_no = 'P-PG'")
-        await conn.fetch("SELECT * FROM accumulator WHERE psn_no = 'P-PG'")
+    # Routing: as the router's own role (it still logs in, with its grants) and as the settlement stage's, which
+    # routes through its membership of the router's.
+    for role in (ROUTER, SETTLE):
+        async with _rolled_back(cluster, role, cluster.hub) as conn:
+            assert await conn.fetchval("SELECT current_user") == role
+            await conn.fetch("SELECT * FROM hospital LIMIT 1")
+            await conn.fetch("SELECT * FROM person_index LIMIT 1")
+            await conn.fetch("SELECT * FROM institution_key LIMIT 1")
+            await conn.execute("INSERT INTO sign_session (sign_no, fixmedins_code, opter) VALUES ('S-PG', 'H1', 'op')")
+            assert await conn.execute("UPDATE sign_session SET signed_out_at = now() WHERE sign_no = 'S-PG'"
+                                      ) == "UPDATE 1"
+            await conn.execute("INSERT INTO msgid_seen (msgid, digest) VALUES ('M-PG', '\\x00')"
+                               " ON CONFLICT (msgid) DO NOTHING")
+        async with _rolled_back(cluster, role, shard) as conn:
+            await conn.fetch("SELECT * FROM person WHERE psn_no = 'P-PG'")
+            await conn.execute("INSERT INTO filing (filing_id, psn_no, filing_type, begndate, enddate, source)"
+                               " VALUES ('F-PG', 'P-PG', 'TEMPORARY', $1, $1, 'online')"
+                               " ON CONFLICT (filing_id) DO NOTHING", date(2026, 3, 1))
+            assert await conn.execute("UPDATE filing SET revoked = true WHERE filing_id = 'F-PG' AND psn_no = 'P-PG'"
+                                      ) == "UPDATE 1"
+            assert await conn.execute(
+                "UPDATE person SET chronic_online = chronic_online || jsonb_build_object('DM', true),"
+                " chronic = person_chronic(chronic_file, chronic_online) WHERE psn_no = 'P-PG'") == "UPDATE 0"
+            await conn.fetch("SELECT balc_fen FROM account WHERE psn_no = 'P-PG'")
+            await conn.fetch("SELECT * FROM accumulator WHERE psn_no = 'P-PG'")
     async with _rolled_back(cluster, SETTLE, shard) as conn:
         await conn.execute("INSERT INTO processed_request (msgid, infno, fixmedins_code, infcode, response)"
                            " VALUES ('M-PG', '2207', 'H1', 0, '\\x00')")
@@ -407,6 +476,8 @@ async def test_a_trust_cluster_made_before_is_migrated_by_the_next_start(
                                      timeout=10)
         try:
             assert await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user") is False
+            # the start granted the membership too (the settlement stage's role routes as the router's)
+            assert await conn.fetchval("SELECT pg_has_role($1, $2, 'USAGE')", SETTLE, ROUTER) is True
             assert "0007.roles" in await conn.fetchval("SELECT string_agg(migration_id, ',') FROM _yoyo_migration")
         finally:
             await conn.close()

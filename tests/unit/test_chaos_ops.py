@@ -12,7 +12,8 @@ import pytest
 from deploy import kafka as cluster
 from deploy import ops
 from loadtest import chaos
-from schemas.internal import DeadLetter
+from schemas.codec import decode_request
+from schemas.internal import DeadLetter, HospitalCtx, PersonCtx, RoutedRequest
 from services.common.config import Settings, load_settings
 from topics.catalog import INGRESS
 
@@ -27,6 +28,17 @@ ENVELOPE = (
     b'"begntime":"2026-06-01 09:00:00","atddr_no":"D001","chfpdr_name":"d","adm_diag_dscr":"-",'
     b'"dise_codg":"I10.x00","dise_name":"-"},"diseinfo":[]}}'
 )
+
+
+# A settle dead letter from before router and engine were one stage: its original was the fsi.routed record.
+ROUTED_ORIGINAL = msgspec.json.encode(RoutedRequest(
+    msgid="H15040099903202611300930000001", infno="2401", fixmedins_code="H15040099903",
+    inf_time="2026-06-01 09:00:00", received_ns=0, reply_topic="fsi.replies", reply_partition=None,
+    hospital=HospitalCtx(fixmedins_code="H15040099903", admdvs="150400", prov_admdvs="150000",
+                         pool_admdvs="150400", hosp_lv=3),
+    person=PersonCtx(psn_no=PSN, insured_admdvs="150400", insured_prov="150000", insured_pool="150400",
+                     insutype="310", psn_type="1101", assistance=None, acct_balc_fen=0),
+    scope="local", filing_type=None, body=decode_request(ENVELOPE).body))
 
 
 def three_brokers(tmp_path: Path) -> Settings:
@@ -85,8 +97,8 @@ def test_single_broker_settings_stay_the_default(tmp_path: Path, monkeypatch: py
 )
 def test_reset_arguments_are_a_dry_run_unless_execute(mode: str, value: str | None, execute: bool,
                                                       tail: list[str]) -> None:
-    args = ops.reset_args("xsettle-settle", "fsi.routed:0", mode, value, execute)
-    assert args == ["--reset-offsets", "--group", "xsettle-settle", "--topic", "fsi.routed:0", *tail]
+    args = ops.reset_args("xsettle-settle", "fsi.ingress:0", mode, value, execute)
+    assert args == ["--reset-offsets", "--group", "xsettle-settle", "--topic", "fsi.ingress:0", *tail]
 
 
 def test_reset_needs_a_value_for_offset_modes() -> None:
@@ -95,13 +107,19 @@ def test_reset_needs_a_value_for_offset_modes() -> None:
 
 
 def test_replay_goes_back_to_the_topic_the_stage_read() -> None:
-    assert ops.replay_target(letter("gateway")) == (INGRESS.name, PSN.encode())
-    assert ops.replay_target(letter("router")) == (INGRESS.name, PSN.encode())
-    # still malformed: back to ingress keyed by msgid, where the router refuses it again with its reason
-    assert ops.replay_target(letter("router", b"{not json")) == (INGRESS.name,
-                                                                 b"H15040099903202611300930000001")
-    with pytest.raises(ops.OpsError, match="not a routed request"):
-        ops.replay_target(letter("settle", ENVELOPE))
+    # The settlement stage reads fsi.ingress: its letters (router or settle) hold the request's bytes and go
+    # back there keyed by psn_no, like the gateway's, so the person's requests stay on one partition.
+    for stage in ("gateway", "router", "settle"):
+        assert ops.replay_target(letter(stage)) == (INGRESS.name, PSN.encode()), stage
+        # still malformed: back to ingress keyed by msgid, where the stage refuses it again with its reason
+        assert ops.replay_target(letter(stage, b"{not json")) == (INGRESS.name,
+                                                                  b"H15040099903202611300930000001"), stage
+    # A settle letter from before the merge holds a routed request: nothing reads fsi.routed any more, and
+    # sending it to fsi.ingress would only be refused as a malformed envelope.
+    assert msgspec.json.decode(ROUTED_ORIGINAL, type=RoutedRequest).person.psn_no == PSN
+    with pytest.raises(ops.OpsError, match=r"settle dead letter H15040099903202611300930000001 is a routed "
+                                           r"request of the old fsi\.routed topic .* the hospital resends"):
+        ops.replay_target(letter("settle", ROUTED_ORIGINAL))
     with pytest.raises(ops.OpsError, match="unknown stage"):
         ops.replay_target(letter("elsewhere"))
 
@@ -130,7 +148,8 @@ def test_filter_by_stage_code_time_and_offset() -> None:
 def test_schedule_round_robins_services_and_spreads_broker_and_database_events() -> None:
     cfg = chaos.Config(kills=20, broker_kills=5, db_restarts=2)
     events = chaos.schedule(cfg, brokers=3)
-    assert [events.count(name) for name in chaos.SERVICES] == [20] * 5
+    assert [events.count(name) for name in chaos.SERVICES] == [20] * 4
+    assert "router" not in events  # no router process: the settlement stage routes
     assert (events.count("broker"), events.count("postgres")) == (5, 2)
     positions = [i for i, e in enumerate(events) if e == "broker"]
     assert positions[0] > 5 and positions[-1] < len(events) - 5
@@ -138,10 +157,10 @@ def test_schedule_round_robins_services_and_spreads_broker_and_database_events()
 
 
 def test_stall_is_the_longest_gap_without_answers_until_the_next_event() -> None:
-    events = [chaos.Event("settle", 10.0), chaos.Event("router", 20.0)]
+    events = [chaos.Event("settle", 10.0), chaos.Event("gateway", 20.0)]
     answers = [9.0, 10.5, 14.5, 15.0, 21.0, 22.0, 29.0]
     chaos.measure_stalls(events, answers, end=30.0)
-    # settle: 15.0 → 20.0 (no answer until the next event); router: 22.0 → 29.0
+    # settle: 15.0 → 20.0 (no answer until the next event); gateway: 22.0 → 29.0
     assert [e.stall_s for e in events] == [5.0, 7.0]
 
 

@@ -55,11 +55,11 @@ def test_partitions_and_replication_are_bounded(monkeypatch: pytest.MonkeyPatch,
 def test_catalog_names_and_sizes_topics_from_settings(run_env: None) -> None:
     topics = {t.name: t for t in catalog(load_settings())}
     assert sorted(topics) == sorted([*(f"t42.fsi.{n}" for n in (
-        "ingress", "routed", "replies", "settlements", "clearing", "deadletter", "manual_claims", "deposits", "alerts",
+        "ingress", "replies", "settlements", "clearing", "deadletter", "manual_claims", "deposits", "alerts",
         "audit", "judgements", "monitor.stays")),
         "t42.xsettle-smartmon-cost_groups-changelog", "t42.xsettle-smartmon-persons-changelog"])
     assert {n: t.partitions for n, t in topics.items()} == {
-        "t42.fsi.ingress": 3, "t42.fsi.routed": 3, "t42.fsi.replies": 4, "t42.fsi.settlements": 3,
+        "t42.fsi.ingress": 3, "t42.fsi.replies": 4, "t42.fsi.settlements": 3,
         "t42.fsi.clearing": 3, "t42.fsi.deadletter": 1, "t42.fsi.manual_claims": 3, "t42.fsi.deposits": 1,
         "t42.fsi.alerts": 1, "t42.fsi.audit": 1, "t42.fsi.judgements": 3, "t42.fsi.monitor.stays": 3,
         "t42.xsettle-smartmon-persons-changelog": 3, "t42.xsettle-smartmon-cost_groups-changelog": 3}
@@ -70,11 +70,12 @@ def test_catalog_names_and_sizes_topics_from_settings(run_env: None) -> None:
 
 def test_supervisor_config_restarts_every_service_with_the_runs_settings(
         run_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XS_ROUTER_TRACE", "1")
+    monkeypatch.setenv("XS_SETTLE_TRACE", "1")
     parser = configparser.RawConfigParser()
     parser.read_string(supervisor_config(load_settings()))
     assert parser.get("unix_http_server", "file") == "/tmp/xs-run-t42/supervisor/supervisor.sock"
     assert not parser.has_section("inet_http_server")  # no TCP control port at all
+    assert parser.has_section("program:settle") and not parser.has_section("program:router")  # one stage
     for spec in service_specs(load_settings()):
         program = dict(parser.items(f"program:{spec.name}"))
         assert program["command"].endswith(f'"-m" "{spec.module}"')
@@ -85,7 +86,7 @@ def test_supervisor_config_restarts_every_service_with_the_runs_settings(
         assert 'XS_PG_DATABASE="xsettle_t42"' in env and 'XS_TOPIC_PREFIX="t42."' in env
         assert 'XS_GATEWAY_PORT="24001"' in env
         # A program's own switches reach only that program (a change restarts only it).
-        assert ('XS_ROUTER_TRACE="1"' in env) == (spec.name == "router")
+        assert ('XS_SETTLE_TRACE="1"' in env) == (spec.name == "settle")
 
 
 def test_background_programs_run_niced_and_the_request_path_does_not(run_env: None) -> None:
@@ -98,7 +99,7 @@ def test_background_programs_run_niced_and_the_request_path_does_not(run_env: No
             niced[section.removeprefix("program:")] = (
                 command[1:3] if Path(command[0]).name == "nice" else None)
     expected = {"clearing": ["-n", "10"], "monitor": ["-n", "10"], "smartmon": ["-n", "10"],
-                "dashboard": ["-n", "10"], "settle": None, "router": None, "gateway": None}
+                "dashboard": ["-n", "10"], "settle": None, "gateway": None}
     if shutil.which("prometheus"):
         expected["prometheus"] = ["-n", "10"]
     assert niced == expected
@@ -114,7 +115,7 @@ def test_each_service_connects_to_postgresql_as_its_own_role_without_a_password_
         roles[spec.name] = [v for v in env.split(",") if v.startswith("XS_PG_USER=")]
         assert "PASSWORD" not in env.upper() and "PGPASS" not in env.upper()
     assert roles == {
-        "settle": ['XS_PG_USER="xs_settle"'], "router": ['XS_PG_USER="xs_router"'],
+        "settle": ['XS_PG_USER="xs_settle"'],  # it routes too: a member of xs_router (deploy/db.py MEMBERSHIPS)
         "gateway": ['XS_PG_USER="xsettle"'],  # the gateway has no database code
         "clearing": ['XS_PG_USER="xs_clearing"'], "monitor": ['XS_PG_USER="xs_monitor"'],
         "dashboard": ['XS_PG_USER="xs_dashboard"'],

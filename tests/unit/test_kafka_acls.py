@@ -27,13 +27,18 @@ def grants(acls: list[Acl], principal: str, resource_type: int, operation: int) 
 
 def test_each_service_gets_exactly_its_topics_and_groups(tmp_path: Path) -> None:
     acls = prefix_acls(settings(tmp_path))
-    assert grants(acls, "router", TOPIC, OP_READ) == {"t1.fsi.ingress"}
-    assert grants(acls, "router", TOPIC, OP_WRITE) == {"t1.fsi.routed", "t1.fsi.replies", "t1.fsi.clearing",
+    # The settlement stage (routes and settles): reads the requests, writes answers, clearing requests (32xx),
+    # ledger rows' events and dead letters; its one group. No router principal, group or routed topic any more.
+    assert grants(acls, "settle", TOPIC, OP_READ) == {"t1.fsi.ingress"}
+    assert grants(acls, "settle", TOPIC, OP_WRITE) == {"t1.fsi.replies", "t1.fsi.clearing", "t1.fsi.settlements",
                                                        "t1.fsi.deadletter"}
-    assert grants(acls, "router", GROUP, OP_READ) == {"t1.xsettle-router"}
-    assert grants(acls, "settle", TOPIC, OP_READ) == {"t1.fsi.routed"}
-    assert grants(acls, "settle", TOPIC, OP_WRITE) == {"t1.fsi.replies", "t1.fsi.settlements", "t1.fsi.deadletter"}
     assert grants(acls, "settle", GROUP, OP_READ) == {"t1.xsettle-settle"}
+    assert [a for a in acls if a.principal == user("router")] == []
+    assert not [a for a in acls if "routed" in a.name or a.name == "t1.xsettle-router"]
+    assert grants(acls, "gateway", TOPIC, OP_WRITE) == {"t1.fsi.ingress", "t1.fsi.deadletter"}
+    assert grants(acls, "ops", TOPIC, OP_WRITE) == {"t1.fsi.ingress", "t1.fsi.clearing", "t1.fsi.settlements",
+                                                    "t1.fsi.manual_claims", "t1.fsi.deposits", "t1.fsi.alerts",
+                                                    "t1.fsi.audit"}
     assert grants(acls, "clearing", GROUP, OP_READ) == {"t1.xsettle-clearing-requests", "t1.xsettle-clearing-positions",
                                                          "t1.xsettle-clearing-claims", "t1.xsettle-clearing-judgements"}
     changelogs = {"t1.xsettle-smartmon-persons-changelog", "t1.xsettle-smartmon-cost_groups-changelog"}
