@@ -243,6 +243,11 @@ SMARTMON_EVENTS = Counter(
     "undecodable or failing), by agent (persons: fsi.settlements, cost_groups: fsi.monitor.stays)",
     ["agent", "outcome"],
 )
+SMARTMON_STAYS_DROPPED = Counter(
+    "xs_smartmon_stays_dropped_total",
+    "Stays a busy cost group let go before their window ended, to keep its state within one changelog record "
+    "(services/smartmon/state.py MAX_GROUP_STAYS): its COST_OUTLIER percentile is then of its newest stays",
+)
 SMARTMON_SENT = Counter(
     "xs_smartmon_judgements_sent_total",
     "Judgements the monitoring stream sent to fsi.judgements, by rule and action (emit: new or with new "

@@ -31,11 +31,11 @@ from schemas.internal import DeadLetter, SettlementEvent
 from schemas.monitoring import Judgement, StayCost
 from services.common.config import Settings
 from services.common.kafka import SCRAM_MECHANISM, SESSION_TIMEOUT_MS, background_fetch
-from services.common.metrics import DEAD_LETTERS, SMARTMON_EVENTS, record_judgement_sent
+from services.common.metrics import DEAD_LETTERS, SMARTMON_EVENTS, SMARTMON_STAYS_DROPPED, record_judgement_sent
 from services.common.secrets import password
 from services.common.watchdog import ProgressWatchdog, loop_watchdog
 from services.smartmon.rules import RuleBook, load_rules
-from services.smartmon.state import apply_event, apply_stay, decode_group, decode_person, encode
+from services.smartmon.state import apply_event, apply_stay, cap_stays, decode_group, decode_person, encode
 from topics.catalog import DEADLETTER, JUDGEMENTS, MONITOR_STAYS, SETTLEMENTS, SMARTMON_APP
 
 log = logging.getLogger("smartmon")
@@ -170,6 +170,7 @@ def make_app(s: Settings, book: RuleBook | None = None) -> faust.App:
                 before = cost_groups.get(key)
                 group = decode_group(before)
                 judgements = apply_stay(group, stay, book)
+                SMARTMON_STAYS_DROPPED.inc(cap_stays(group))
             except Exception as e:
                 log.warning("stay record not applied (%s)", type(e).__name__)
                 await dead_letter("cost_groups", raw, f"{MONITOR_STAYS.name} record not applied ({type(e).__name__})")

@@ -16,10 +16,12 @@ from schemas.monitoring import Judgement, StayCost
 from services.smartmon.rulebook import parse_rules
 from services.smartmon.rules import RuleBook, cost_judgements, horizon_days, load_rules
 from services.smartmon.state import (
+    MAX_GROUP_STAYS,
     CostGroupState,
     PersonState,
     apply_event,
     apply_stay,
+    cap_stays,
     decode_group,
     decode_person,
     encode,
@@ -198,3 +200,39 @@ def test_a_groups_judgements_by_stay_equal_the_rule_over_the_whole_group(
     want = {j.jr_id: j for j in cost_judgements(list(group.stays.values()), DENSE_COST)}
     assert {k: j for k, j in held.items() if not j.withdrawn} == want
     assert group.emitted == want
+
+
+def _busy_stay(i: int, day: int, medfee: int = 1_200_000) -> StayCost:
+    """A stay of a busy group, its ids as long as the pipeline's (msgid-derived)."""
+    return StayCost(group="I63|3|150000", mdtrt_id=f"MH15040099901202603{i:015d}", psn_no=f"P150400{i:023d}",
+                    setl_ids=[f"SH15040099901202603{i:015d}"], fixmedins_code="H15040099901",
+                    insured_admdvs="150400", treating_admdvs="150400",
+                    dscg_day=(date(2026, 3, 1) + timedelta(days=day)).isoformat(), medfee=medfee)
+
+
+def test_a_busy_group_keeps_its_newest_stays_and_lets_the_judgements_of_the_others_go(book: RuleBook) -> None:
+    group = CostGroupState()
+    for i in range(12):  # days 0..5, two stays a day
+        apply_stay(group, _busy_stay(i, i // 2), book)
+    oldest, newest = _busy_stay(0, 0).mdtrt_id, _busy_stay(11, 5).mdtrt_id
+    group.emitted = {"j-old": _judgement("j-old", oldest), "j-new": _judgement("j-new", newest)}
+    assert cap_stays(group, most=12) == 0 and len(group.stays) == 12
+    assert cap_stays(group, most=5) == 7
+    # The five newest by discharge day, then mdtrt_id: day 5's two, day 4's two, day 3's later one.
+    assert sorted(group.stays) == sorted(_busy_stay(i, 0).mdtrt_id for i in (7, 8, 9, 10, 11))
+    assert list(group.emitted) == ["j-new"]  # a judgement goes with its stay (history, not withdrawn)
+
+
+def _judgement(jr_id: str, mdtrt_id: str, detail: str = "-") -> Judgement:
+    return Judgement(jr_id=jr_id, rule_id="COST_OUTLIER", rule_name="费用异常", rule_version=1, severity="low",
+                     psn_no="P1", insured_admdvs="150400", treating_admdvs="150400", fixmedins_code="H15040099901",
+                     mdtrt_ids=[mdtrt_id], setl_ids=["y"], items=[], window_begin="2026-03-01",
+                     window_end="2026-03-01", suspect_amt=1, detail=detail)
+
+
+def test_a_full_group_fits_one_changelog_record(book: RuleBook) -> None:
+    """MAX_GROUP_STAYS stays of the pipeline's id lengths, every hundredth judged, stay well under Kafka's 1 MB."""
+    group = CostGroupState(stays={s.mdtrt_id: s for s in (_busy_stay(i, i % 30) for i in range(MAX_GROUP_STAYS))})
+    group.emitted = {f"j{i}": _judgement(f"j{i}", _busy_stay(i, 0).mdtrt_id, "x" * 200)
+                     for i in range(0, MAX_GROUP_STAYS, 100)}
+    assert len(encode(group)) < 900_000
