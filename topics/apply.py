@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
 
 from services.common.config import Settings, load_settings
 from services.common.kafka import ADMIN, SERVICE_PRINCIPALS, client_auth, make_admin
@@ -48,9 +51,9 @@ async def adopt_predecessor_offsets(admin: AIOKafkaAdminClient, s: Settings) -> 
     done = []
     for (group, topic), predecessor in SUCCESSORS.items():
         group, old, topic = s.topic_prefix + group, s.topic_prefix + predecessor, s.topic_prefix + topic
-        if any(tp.topic == topic for tp in await admin.list_consumer_group_offsets(group)):
+        if any(tp.topic == topic for tp in await _group_offsets(admin, group)):
             continue
-        offsets = {tp: meta.offset for tp, meta in (await admin.list_consumer_group_offsets(old)).items()
+        offsets = {tp: meta.offset for tp, meta in (await _group_offsets(admin, old)).items()
                    if tp.topic == topic and meta.offset >= 0}
         if not offsets:
             continue
@@ -65,6 +68,22 @@ async def adopt_predecessor_offsets(admin: AIOKafkaAdminClient, s: Settings) -> 
             await consumer.stop()
         done.append(f"{group} starts on {topic} where {old} left off ({len(offsets)} partitions)")
     return done
+
+
+COORDINATOR_WAIT_S = 60.0
+
+
+async def _group_offsets(admin: AIOKafkaAdminClient, group: str) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The group's committed offsets; waits for its coordinator, which a broker just started (or a new
+    cluster creating __consumer_offsets) does not have yet."""
+    deadline = time.monotonic() + COORDINATOR_WAIT_S
+    while True:
+        try:
+            return dict(await admin.list_consumer_group_offsets(group))
+        except KafkaError as e:
+            if not e.retriable or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def apply_topics(s: Settings, specs: tuple[TopicSpec, ...] | None = None,
