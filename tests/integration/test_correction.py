@@ -350,7 +350,10 @@ async def test_racing_the_original_while_the_engine_is_killed(refdata: dict, ser
                 pairs.append((settle, undo, settled, corrected))
 
         drive = asyncio.ensure_future(asyncio.gather(*(race(i) for i in CRASH_RACERS)))
-        await asyncio.sleep(0.4)
+        # Killed once the first race is answered: the other racers are mid-way (a fixed delay missed them all
+        # once the stage answered faster).
+        while not pairs and not drive.done():
+            await asyncio.sleep(0.01)
         in_flight = not drive.done()
         assert await asyncio.to_thread(stack_ctl.stop_service, "settle", True, services)
         await asyncio.sleep(0.5)
