@@ -57,17 +57,22 @@ async def adopt_predecessor_offsets(admin: AIOKafkaAdminClient, s: Settings) -> 
                    if tp.topic == topic and meta.offset >= 0}
         if not offsets:
             continue
-        # Commits from outside the group: allowed while it has no members (the stack starts its services later).
-        consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=group, enable_auto_commit=False,
-                                    **client_auth(s, ADMIN))
-        await consumer.start()
-        try:
-            consumer.assign(list(offsets))
-            await consumer.commit(offsets)
-        finally:
-            await consumer.stop()
+        await commit_offsets(s, group, offsets)
         done.append(f"{group} starts on {topic} where {old} left off ({len(offsets)} partitions)")
     return done
+
+
+async def commit_offsets(s: Settings, group: str, offsets: dict[TopicPartition, int]) -> None:
+    """Commit `offsets` for `group` (its full name) as admin, from outside the group: Kafka allows it while
+    the group has no members (the stack starts its services after topics.apply)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=group, enable_auto_commit=False,
+                                **client_auth(s, ADMIN))
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit(offsets)
+    finally:
+        await consumer.stop()
 
 
 COORDINATOR_WAIT_S = 60.0

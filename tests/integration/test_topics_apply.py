@@ -10,12 +10,12 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from services.common.config import Settings
-from services.common.kafka import ADMIN, client_auth, make_admin
-from topics.apply import adopt_predecessor_offsets
+from services.common.kafka import make_admin
+from topics.apply import adopt_predecessor_offsets, commit_offsets
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +36,7 @@ async def own(stack: Settings) -> AsyncIterator[tuple[Settings, AIOKafkaAdminCli
 
 
 async def _commit(s: Settings, group: str, offsets: dict[TopicPartition, int]) -> None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=s.topic_prefix + group,
-                                enable_auto_commit=False, **client_auth(s, ADMIN))
-    await consumer.start()
-    try:
-        consumer.assign(list(offsets))
-        await consumer.commit(offsets)
-    finally:
-        await consumer.stop()
+    await commit_offsets(s, s.topic_prefix + group, offsets)
 
 
 async def _offsets(admin: AIOKafkaAdminClient, s: Settings, group: str) -> dict[tuple[str, int], int]:
