@@ -52,9 +52,12 @@ SERVICE_ROLES = {
     "dashboard": "xs_dashboard",
 }
 # The router's grants (hub 0007, shard 0003): the settlement stage routes, so its role is a member of this one
-# (role membership belongs to the cluster: ensure_roles grants it); no process connects as it.
+# (role membership belongs to the cluster: ensure_roles grants it). A group role: nobody logs in as it, it has
+# no password (before 2026-12-01 the router process did; ensure_roles takes its login and password away).
 ROUTER_ROLE = "xs_router"
-ROLES = (OWNER_ROLE, *SERVICE_ROLES.values(), ROUTER_ROLE)
+LOGIN_ROLES = (OWNER_ROLE, *SERVICE_ROLES.values())
+GROUP_ROLES = (ROUTER_ROLE,)
+ROLES = (*LOGIN_ROLES, *GROUP_ROLES)
 MEMBERSHIPS = ((ROUTER_ROLE, SERVICE_ROLES["settle"]),)  # (role, member)
 
 
@@ -72,7 +75,7 @@ def write_passfile(s: Settings) -> Path:
     path = s.state_dir / PG_PASSFILE
     hosts = ("127.0.0.1", "localhost", str(Paths.of(s).pg_sock))
     text = "".join(f"{host}:*:*:{role}:{role_password(s, role)}\n"
-                   for role in (PG_ADMIN_ROLE, *ROLES) for host in hosts)
+                   for role in (PG_ADMIN_ROLE, *LOGIN_ROLES) for host in hosts)
     if not path.exists() or path.read_text() != text:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.new")  # one per writer: concurrent starts
         tmp.unlink(missing_ok=True)
@@ -90,7 +93,8 @@ def set_password(conn: psycopg.Connection, role: str, secret: str) -> None:
 
 def ensure_roles(admin_dsn: str, s: Settings) -> list[str]:
     """The owner and the service roles: created if missing (login, no superuser, no CREATEDB/CREATEROLE;
-    the owner of a cluster made before was a superuser), each with its current generated password."""
+    the owner of a cluster made before was a superuser), each with its current generated password; the group
+    roles without login or password, granted to their members."""
     done: list[str] = []
     write_passfile(s)
     with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=10) as conn:
@@ -101,9 +105,13 @@ def ensure_roles(admin_dsn: str, s: Settings) -> list[str]:
                     done.append(f"created role {role}")
                 except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
                     pass  # a concurrent migrate created it
-            conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS")
-                         .format(sql.Identifier(role)))
-            set_password(conn, role, role_password(s, role))
+            login = role in LOGIN_ROLES
+            conn.execute(sql.SQL("ALTER ROLE {} {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS")
+                         .format(sql.Identifier(role), sql.SQL("LOGIN" if login else "NOLOGIN")))
+            if login:
+                set_password(conn, role, role_password(s, role))
+            else:
+                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD NULL").format(sql.Identifier(role)))
         for role, member in MEMBERSHIPS:  # granting again changes nothing
             conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(member)))
     return done

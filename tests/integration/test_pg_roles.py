@@ -25,7 +25,16 @@ import asyncpg
 import pytest
 
 from deploy.common import Paths
-from deploy.db import MEMBERSHIPS, OWNER_ROLE, PG_ADMIN_ROLE, ROLES, ROUTER_ROLE, SERVICE_ROLES
+from deploy.db import (
+    GROUP_ROLES,
+    LOGIN_ROLES,
+    MEMBERSHIPS,
+    OWNER_ROLE,
+    PG_ADMIN_ROLE,
+    ROLES,
+    ROUTER_ROLE,
+    SERVICE_ROLES,
+)
 from deploy.postgres import PG_OS_USER, _as_pg_user, start_postgres, stop_postgres
 from deploy.supervisor import Supervisor
 from services.common.config import PG_PASSFILE, Settings
@@ -121,8 +130,13 @@ class Cluster:
 
     @asynccontextmanager
     async def as_role(self, role: str, database: str) -> AsyncIterator[asyncpg.Connection]:
-        conn = await self.connect(role, database)
+        """Logged in as `role`; a group role (no login) through a member of it and SET ROLE, which leaves
+        exactly the group role's privileges."""
+        member = next((m for granted, m in MEMBERSHIPS if granted == role), None) if role in GROUP_ROLES else None
+        conn = await self.connect(member or role, database)
         try:
+            if member is not None:
+                await conn.execute(f'SET ROLE "{role}"')
             yield conn
         finally:
             await conn.close()
@@ -193,7 +207,10 @@ async def test_scram_only_passwords_and_no_service_is_superuser(cluster: Cluster
                                  " FROM pg_authid WHERE rolname = ANY($1) ORDER BY 1", [PG_ADMIN_ROLE, *ROLES])
     assert sorted(r["rolname"] for r in roles) == sorted([PG_ADMIN_ROLE, *ROLES])
     for r in roles:
-        assert r["rolpassword"].startswith("SCRAM-SHA-256$4096:"), r["rolname"]
+        if r["rolname"] in GROUP_ROLES:  # nobody logs in as a group role: no password
+            assert r["rolpassword"] is None, r["rolname"]
+        else:
+            assert r["rolpassword"].startswith("SCRAM-SHA-256$4096:"), r["rolname"]
         assert (r["rolsuper"], r["rolcreatedb"], r["rolcreaterole"]) == ((True, True, True) if r["rolname"] ==
                                                                          PG_ADMIN_ROLE else (False, False, False))
 
@@ -202,7 +219,7 @@ async def test_no_password_or_a_wrong_one_is_refused(cluster: Cluster, tmp_path:
     empty = tmp_path / "pgpass"
     empty.write_text("")
     empty.chmod(0o600)
-    for role in (PG_ADMIN_ROLE, *ROLES):
+    for role in (PG_ADMIN_ROLE, *LOGIN_ROLES):
         database = "postgres" if role == PG_ADMIN_ROLE else cluster.hub if role != SETTLE else cluster.shards[0]
         for attempt in ({"passfile": str(empty)}, {"password": "not-the-password"}):
             with pytest.raises(asyncpg.InvalidPasswordError) as caught:
@@ -215,7 +232,7 @@ async def test_no_password_or_a_wrong_one_is_refused(cluster: Cluster, tmp_path:
 
 
 async def test_a_service_connects_only_to_the_databases_it_uses(cluster: Cluster) -> None:
-    for role in ROLES:
+    for role in LOGIN_ROLES:
         with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:
             await cluster.connect(role, "postgres")
         assert caught.value.message == 'permission denied for database "postgres"'
@@ -245,6 +262,11 @@ async def test_the_settlement_stage_role_is_a_member_of_the_routers_and_nothing_
         assert await conn.fetchval("SELECT rolinherit FROM pg_roles WHERE rolname = $1", SETTLE) is True
         assert await conn.fetchval("SELECT pg_has_role($1, $2, 'USAGE')", SETTLE, ROUTER) is True  # inherits
         assert await conn.fetchval("SELECT pg_has_role($1, $2, 'MEMBER')", ROUTER, SETTLE) is False  # one way
+        # A group role: nobody logs in as the router's role, and it has no password to leak.
+        assert tuple(await conn.fetchrow("SELECT rolcanlogin, rolpassword IS NULL FROM pg_authid WHERE rolname = $1",
+                                         ROUTER)) == (False, True)
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await cluster.connect(ROUTER, cluster.hub, password="anything")
 
 
 async def test_every_table_has_exactly_the_expected_grants(cluster: Cluster) -> None:
@@ -393,8 +415,8 @@ async def _rolled_back(c: Cluster, role: str, database: str) -> AsyncIterator[as
 
 async def test_each_role_can_do_what_its_service_does(cluster: Cluster) -> None:
     shard = cluster.shards[0]
-    # Routing: as the router's own role (it still logs in, with its grants) and as the settlement stage's, which
-    # routes through its membership of the router's.
+    # Routing: as the router's own role (a group role: SET ROLE from its member) and as the settlement stage's,
+    # which routes through its membership of the router's.
     for role in (ROUTER, SETTLE):
         async with _rolled_back(cluster, role, cluster.hub) as conn:
             assert await conn.fetchval("SELECT current_user") == role

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.db import PG_ADMIN_ROLE, ROLES, role_password, write_passfile
+from deploy.db import LOGIN_ROLES, PG_ADMIN_ROLE, ROLES, role_password, write_passfile
 from deploy.services import START_RETRIES, service_specs, supervisor_config
 from services.common.config import ConfigError, load_settings, settings_env
 from topics.catalog import catalog
@@ -133,13 +133,15 @@ def test_the_pgpass_file_holds_every_roles_generated_password(
     assert path == tmp_path / "secrets" / "pgpass"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     lines = path.read_text().splitlines()
-    assert [line.split(":")[3] for line in lines[::3]] == [PG_ADMIN_ROLE, *ROLES]
+    # Every role that logs in; the group role xs_router (the router's grants, held by xs_settle) has no password.
+    assert [line.split(":")[3] for line in lines[::3]] == [PG_ADMIN_ROLE, *LOGIN_ROLES]
+    assert "xs_router" not in LOGIN_ROLES and "xs_router" in ROLES
     assert {line.split(":")[0] for line in lines} == {"127.0.0.1", "localhost", str(tmp_path / "pgsock")}
-    router = role_password(s, "xs_router")
-    assert f"127.0.0.1:*:*:xs_router:{router}" in lines and len(router) == 43
-    assert len({line.split(":")[4] for line in lines}) == len(ROLES) + 1  # one password per role
+    settle = role_password(s, "xs_settle")
+    assert f"127.0.0.1:*:*:xs_settle:{settle}" in lines and len(settle) == 43
+    assert len({line.split(":")[4] for line in lines}) == len(LOGIN_ROLES) + 1  # one password per role
     # Rotation: a deleted password file means a new password, and the pgpass follows.
-    (tmp_path / "secrets" / "pg-xs_router.password").unlink()
+    (tmp_path / "secrets" / "pg-xs_settle.password").unlink()
     write_passfile(s)
-    assert f"127.0.0.1:*:*:xs_router:{router}" not in path.read_text()
-    assert f"127.0.0.1:*:*:xs_router:{role_password(s, 'xs_router')}" in path.read_text()
+    assert f"127.0.0.1:*:*:xs_settle:{settle}" not in path.read_text()
+    assert f"127.0.0.1:*:*:xs_settle:{role_password(s, 'xs_settle')}" in path.read_text()
