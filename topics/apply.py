@@ -20,7 +20,8 @@ import time
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, for_code
+from aiokafka.protocol.admin import DeleteGroupsRequest
 from aiokafka.structs import OffsetAndMetadata
 
 from services.common.config import Settings, load_settings
@@ -47,19 +48,37 @@ SUCCESSORS = {(SETTLE_GROUP, INGRESS_NAME): "xsettle-router"}
 async def adopt_predecessor_offsets(admin: AIOKafkaAdminClient, s: Settings) -> list[str]:
     """A successor group with no offsets on its topic starts where its predecessor left off, instead of at the
     topic's beginning (which would replay a week of requests): the predecessor's committed offsets are
-    committed for it, once. Returns what was done."""
+    committed for it, once. Then the predecessor is deleted: nothing reads for it any more, and its lag on the
+    topic would grow for ever (the monitor's ConsumerLagGrowing alert). Returns what was done."""
     done = []
     for (group, topic), predecessor in SUCCESSORS.items():
         group, old, topic = s.topic_prefix + group, s.topic_prefix + predecessor, s.topic_prefix + topic
-        if any(tp.topic == topic for tp in await _group_offsets(admin, group)):
-            continue
-        offsets = {tp: meta.offset for tp, meta in (await _group_offsets(admin, old)).items()
-                   if tp.topic == topic and meta.offset >= 0}
-        if not offsets:
-            continue
-        await commit_offsets(s, group, offsets)
-        done.append(f"{group} starts on {topic} where {old} left off ({len(offsets)} partitions)")
+        left = {tp: meta.offset for tp, meta in (await _group_offsets(admin, old)).items()}
+        if not left:
+            continue  # no predecessor (a new deployment), or it is gone already
+        if not any(tp.topic == topic for tp in await _group_offsets(admin, group)):
+            offsets = {tp: offset for tp, offset in left.items() if tp.topic == topic and offset >= 0}
+            if offsets:
+                await commit_offsets(s, group, offsets)
+                done.append(f"{group} starts on {topic} where {old} left off ({len(offsets)} partitions)")
+        done.append(await _delete_group(admin, old))
     return done
+
+
+GROUP_ID_NOT_FOUND, NON_EMPTY_GROUP = 69, 68  # Kafka's error codes
+
+
+async def _delete_group(admin: AIOKafkaAdminClient, group: str) -> str:
+    """Delete a consumer group with no members (Kafka's DeleteGroups, which aiokafka's admin client does not
+    wrap: sent to the group's coordinator through the client's request method)."""
+    coordinator = await admin.find_coordinator(group)
+    response = await admin._send_request_to_node(coordinator, DeleteGroupsRequest([group]))
+    code = dict(response.results).get(group, 0)
+    if code in (0, GROUP_ID_NOT_FOUND):
+        return f"deleted consumer group {group} (retired)"
+    if code == NON_EMPTY_GROUP:
+        return f"consumer group {group} is retired but still has members: stop them, it is deleted at the next start"
+    raise for_code(code)(f"deleting consumer group {group}")
 
 
 async def commit_offsets(s: Settings, group: str, offsets: dict[TopicPartition, int]) -> None:

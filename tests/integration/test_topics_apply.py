@@ -47,14 +47,20 @@ async def _offsets(admin: AIOKafkaAdminClient, s: Settings, group: str) -> dict[
 async def test_the_stage_starts_where_the_router_left_off_once(own: tuple[Settings, AIOKafkaAdminClient]) -> None:
     s, admin = own
     ingress = s.topic_prefix + "fsi.ingress"
-    assert await adopt_predecessor_offsets(admin, s) == []  # no predecessor offsets: nothing to adopt
+    router, stage = s.topic_prefix + "xsettle-router", s.topic_prefix + "xsettle-settle"
+    assert await adopt_predecessor_offsets(admin, s) == []  # no predecessor: nothing to adopt or delete
     await _commit(s, "xsettle-router", {TopicPartition(ingress, 0): 41, TopicPartition(ingress, 1): 7})
     assert await adopt_predecessor_offsets(admin, s) == [
-        f"{s.topic_prefix}xsettle-settle starts on {ingress} where {s.topic_prefix}xsettle-router left off "
-        "(2 partitions)"]
+        f"{stage} starts on {ingress} where {router} left off (2 partitions)",
+        f"deleted consumer group {router} (retired)"]
     assert await _offsets(admin, s, "xsettle-settle") == {(ingress, 0): 41, (ingress, 1): 7}
-    # Once the stage has offsets of its own, the router's are never taken again.
+    # The retired group is gone: no lag of it grows on the topic, and a second start has nothing to do.
+    assert await _offsets(admin, s, "xsettle-router") == {}
+    assert router not in {g[0] for g in await admin.list_consumer_groups()}
+    assert await adopt_predecessor_offsets(admin, s) == []
+    # Once the stage has offsets of its own, the router's are never taken again (a router left running by
+    # mistake and committing again is only deleted).
     await _commit(s, "xsettle-settle", {TopicPartition(ingress, 0): 50})
     await _commit(s, "xsettle-router", {TopicPartition(ingress, 0): 99})
-    assert await adopt_predecessor_offsets(admin, s) == []
+    assert await adopt_predecessor_offsets(admin, s) == [f"deleted consumer group {router} (retired)"]
     assert (await _offsets(admin, s, "xsettle-settle"))[(ingress, 0)] == 50
