@@ -14,18 +14,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, for_code
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+    for_code,
+)
+from aiokafka.errors import NonEmptyGroup as NonEmptyGroupError
 from aiokafka.protocol.admin import DeleteGroupsRequest
 from aiokafka.structs import OffsetAndMetadata
 
 from services.common.config import Settings, load_settings
-from services.common.kafka import ADMIN, SERVICE_PRINCIPALS, client_auth, make_admin
+from services.common.kafka import ADMIN, SERVICE_PRINCIPALS, SESSION_TIMEOUT_MS, client_auth, make_admin
 from services.common.secrets import password
 from topics.acls import INGRESS as INGRESS_NAME
 from topics.acls import SETTLE_GROUP, prefix_acls
@@ -39,6 +50,8 @@ async def ensure_users(admin: AIOKafkaAdminClient, s: Settings) -> list[str]:
     await set_passwords(admin, {name: password(s, f"kafka-{name}") for name in missing})
     return missing
 
+
+T = TypeVar("T")
 
 # A group that took over a topic from another (without prefix): (group, topic) -> the group it succeeds. The
 # settlement stage reads fsi.ingress where the router, which it replaced on 2026-12-01, had got to.
@@ -59,13 +72,31 @@ async def adopt_predecessor_offsets(admin: AIOKafkaAdminClient, s: Settings) -> 
         if not any(tp.topic == topic for tp in await _group_offsets(admin, group)):
             offsets = {tp: offset for tp, offset in left.items() if tp.topic == topic and offset >= 0}
             if offsets:
-                await commit_offsets(s, group, offsets)
+                await _when_members_gone(functools.partial(commit_offsets, s, group, offsets))
                 done.append(f"{group} starts on {topic} where {old} left off ({len(offsets)} partitions)")
-        done.append(await _delete_group(admin, old))
+        done.append(await _when_members_gone(functools.partial(_delete_group, admin, old)))
     return done
 
 
-GROUP_ID_NOT_FOUND, NON_EMPTY_GROUP = 69, 68  # Kafka's error codes
+# A broker restarted with the stack brings its groups' static members back (KIP-345: they never leave) until
+# their sessions time out, so a group whose services were stopped has members for its first seconds.
+MEMBERS_GONE_WAIT_S = SESSION_TIMEOUT_MS / 1000 + 20
+
+
+async def _when_members_gone(act: Callable[[], Awaitable[T]]) -> T:
+    """Run `act` (a commit from outside the group, or its deletion) once the group has no members."""
+    deadline = time.monotonic() + MEMBERS_GONE_WAIT_S
+    while True:
+        try:
+            return await act()
+        except (CommitFailedError, UnknownMemberIdError, IllegalGenerationError, RebalanceInProgressError,
+                NonEmptyGroupError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
+
+
+GROUP_ID_NOT_FOUND = 69  # Kafka's error code
 
 
 async def _delete_group(admin: AIOKafkaAdminClient, group: str) -> str:
@@ -76,9 +107,7 @@ async def _delete_group(admin: AIOKafkaAdminClient, group: str) -> str:
     code = dict(response.results).get(group, 0)
     if code in (0, GROUP_ID_NOT_FOUND):
         return f"deleted consumer group {group} (retired)"
-    if code == NON_EMPTY_GROUP:
-        return f"consumer group {group} is retired but still has members: stop them, it is deleted at the next start"
-    raise for_code(code)(f"deleting consumer group {group}")
+    raise for_code(code)(f"deleting consumer group {group}")  # NonEmptyGroupError while it has members
 
 
 async def commit_offsets(s: Settings, group: str, offsets: dict[TopicPartition, int]) -> None:

@@ -14,7 +14,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from services.common.config import Settings
-from services.common.kafka import make_admin
+from services.common.kafka import ADMIN, make_admin, make_group_consumer
 from topics.apply import adopt_predecessor_offsets, commit_offsets
 
 pytestmark = pytest.mark.integration
@@ -64,3 +64,28 @@ async def test_the_stage_starts_where_the_router_left_off_once(own: tuple[Settin
     await _commit(s, "xsettle-router", {TopicPartition(ingress, 0): 99})
     assert await adopt_predecessor_offsets(admin, s) == [f"deleted consumer group {router} (retired)"]
     assert (await _offsets(admin, s, "xsettle-settle"))[(ingress, 0)] == 50
+
+
+async def test_a_group_whose_static_member_lingers_is_taken_over_once_the_member_is_gone(
+        own: tuple[Settings, AIOKafkaAdminClient]) -> None:
+    """As after an upgrade's restart: the broker brings the stopped engine's static member back into the stage's
+    group until its session times out, and a commit from outside the group is refused meanwhile — the
+    adoption waits for it instead of failing the stack's start."""
+    s, admin = own
+    ingress = s.topic_prefix + "fsi.ingress"
+    member = make_group_consumer(s, ADMIN, "xsettle-settle", ingress)  # static: group_instance_id set
+    await member.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not member.assignment():
+            assert time.monotonic() < deadline, "the static member got no partitions"
+            await member.getmany(timeout_ms=200)
+    finally:
+        await member.stop()  # a static member does not leave: it stays until its session times out
+    await _commit(s, "xsettle-router", {TopicPartition(ingress, 0): 12, TopicPartition(ingress, 1): 3})
+    started = time.monotonic()
+    assert await adopt_predecessor_offsets(admin, s) == [
+        f"{s.topic_prefix}xsettle-settle starts on {ingress} where {s.topic_prefix}xsettle-router left off "
+        "(2 partitions)", f"deleted consumer group {s.topic_prefix}xsettle-router (retired)"]
+    assert await _offsets(admin, s, "xsettle-settle") == {(ingress, 0): 12, (ingress, 1): 3}
+    assert time.monotonic() - started > 2, "the member was gone at once: the wait was not exercised"
