@@ -160,9 +160,7 @@ def apply_stay(state: CostGroupState, stay: StayCost, book: RuleBook) -> list[Ju
     changed_days = {_day(s.dscg_day) for s in (before, stay) if s is not None}
     if state.stays:
         cutoff = max(_day(s.dscg_day) for s in state.stays.values()) - timedelta(days=horizon_days(book))
-        old = {k for k, s in state.stays.items() if _day(s.dscg_day) < cutoff}
-        state.stays = {k: s for k, s in state.stays.items() if k not in old}
-        state.emitted = {k: j for k, j in state.emitted.items() if j.mdtrt_ids[0] not in old}
+        _forget(state, {k for k, s in state.stays.items() if _day(s.dscg_day) < cutoff})
     reach = timedelta(days=_cost_window_max(book))
     spans = [(d.isoformat(), (d + reach).isoformat()) for d in changed_days]  # ISO days compare as strings
     # Peers are stays of strictly earlier days: a change on day d can only move the judgements of the stay
@@ -184,10 +182,14 @@ def cap_stays(state: CostGroupState, most: int = MAX_GROUP_STAYS) -> int:
     excess = len(state.stays) - most
     if excess <= 0:
         return 0
-    gone = set(sorted(state.stays, key=lambda k: (state.stays[k].dscg_day, k))[:excess])
+    _forget(state, set(sorted(state.stays, key=lambda k: (state.stays[k].dscg_day, k))[:excess]))
+    return excess
+
+
+def _forget(state: CostGroupState, gone: set[str]) -> None:
+    """Drop these stays (mdtrt_ids) and the judgements about them: history, not withdrawn."""
     state.stays = {k: s for k, s in state.stays.items() if k not in gone}
     state.emitted = {k: j for k, j in state.emitted.items() if j.mdtrt_ids[0] not in gone}
-    return excess
 
 
 def _cost_window_max(book: RuleBook) -> int:
