@@ -83,17 +83,26 @@ async def adopt_predecessor_offsets(admin: AIOKafkaAdminClient, s: Settings) -> 
 MEMBERS_GONE_WAIT_S = SESSION_TIMEOUT_MS / 1000 + 20
 
 
+_MEMBERS_STILL_THERE = (CommitFailedError, UnknownMemberIdError, IllegalGenerationError, RebalanceInProgressError,
+                        NonEmptyGroupError)
+
+
 async def _when_members_gone(act: Callable[[], Awaitable[T]]) -> T:
     """Run `act` (a commit from outside the group, or its deletion) once the group has no members."""
-    deadline = time.monotonic() + MEMBERS_GONE_WAIT_S
+    return await _retrying(act, lambda e: isinstance(e, _MEMBERS_STILL_THERE), MEMBERS_GONE_WAIT_S, 1.0)
+
+
+async def _retrying(act: Callable[[], Awaitable[T]], retry: Callable[[Exception], bool], within_s: float,
+                    pause_s: float) -> T:
+    """`act`, tried again after `pause_s` while it fails with an error `retry` accepts, for at most `within_s`."""
+    deadline = time.monotonic() + within_s
     while True:
         try:
             return await act()
-        except (CommitFailedError, UnknownMemberIdError, IllegalGenerationError, RebalanceInProgressError,
-                NonEmptyGroupError):
-            if time.monotonic() > deadline:
+        except Exception as e:
+            if not retry(e) or time.monotonic() > deadline:
                 raise
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(pause_s)
 
 
 GROUP_ID_NOT_FOUND = 69  # Kafka's error code
@@ -129,14 +138,10 @@ COORDINATOR_WAIT_S = 60.0
 async def _group_offsets(admin: AIOKafkaAdminClient, group: str) -> dict[TopicPartition, OffsetAndMetadata]:
     """The group's committed offsets; waits for its coordinator, which a broker just started (or a new
     cluster creating __consumer_offsets) does not have yet."""
-    deadline = time.monotonic() + COORDINATOR_WAIT_S
-    while True:
-        try:
-            return dict(await admin.list_consumer_group_offsets(group))
-        except KafkaError as e:
-            if not e.retriable or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)
+    async def offsets() -> dict[TopicPartition, OffsetAndMetadata]:
+        return dict(await admin.list_consumer_group_offsets(group))
+
+    return await _retrying(offsets, lambda e: isinstance(e, KafkaError) and e.retriable, COORDINATOR_WAIT_S, 0.5)
 
 
 async def apply_topics(s: Settings, specs: tuple[TopicSpec, ...] | None = None,
