@@ -105,7 +105,8 @@ def _result(target: float, answered: int, latency_ms: float, window_s: float = 1
     for _ in range(answered):
         res.book.record("2207", latency_ms / 1000)
     res.answered_in_window = res.offered = answered
-    res.arrivals = round(target / 4 * window_s)  # as many visits as the target plans for
+    res.arrivals = round(target / 4 * window_s)  # as many visits as the target plans for ...
+    res.asked = round(target * window_s)  # ... asking as many requests
     return res
 
 
@@ -130,15 +131,19 @@ def test_held_needs_the_rate_the_p99_and_no_errors() -> None:
 
 
 def test_held_measures_the_rate_against_the_visits_that_arrived() -> None:
-    """Poisson drew fewer visits than the target plans for: the pipeline is judged on those it got."""
+    """Poisson drew fewer visits than the target plans for, or visits that send fewer requests (more
+    purchases, fewer stays): the pipeline is judged on the requests those visits ask."""
     res = _result(100, 880, 20)
-    res.arrivals = 225  # 90 requests/s asked instead of 100
+    res.arrivals, res.asked = 225, 900  # 90 requests/s asked instead of 100
     assert held(res, 100) == (True, "")
     res.answered_in_window = 850  # below 95% of the 90/s those visits ask
     ok, why = held(res, 100)
     assert not ok and why == "achieved 85.0/s < 95% of 90.0/s (what the 225 visits that arrived ask)"
+    res = _result(100, 880, 20)
+    res.asked = 900  # as many visits as planned, but of the kinds that send fewer requests
+    assert held(res, 100) == (True, "")
     res = _result(100, 940, 20)
-    res.arrivals = 300  # more visits than planned: the target stays the bar
+    res.arrivals, res.asked = 300, 1200  # more than planned: the target stays the bar
     ok, why = held(res, 100)
     assert not ok and why == "achieved 94.0/s < 95% of 100/s"
 
@@ -212,6 +217,8 @@ async def test_open_loop_holds_a_rate_the_pipeline_keeps_up_with() -> None:
     assert res.offered == sent == res.stats.requests()  # every request sent was answered and counted once
     assert res.unanswered == 0 and res.answered_in_window <= res.offered
     assert res.arrivals == 100 and res.skipped == 0  # 50 visits/s, evenly, for 2 s
+    # what they asked: every request they sent, and more only if the window's end cut a visit short
+    assert res.asked >= res.offered and (res.asked > res.offered) == (res.stats.stay_outcomes["cut"] > 0)
     assert res.achieved_rps <= res.offered_rps
     assert quantiles_ms(res.book.overall)["count"] == sent
     assert sum(quantiles_ms(h)["count"] for h in res.book.families.values()) == sent
