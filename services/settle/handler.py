@@ -118,8 +118,7 @@ class SettleEngine(BatchProcessor[RoutedRequest]):
         msgs = [r.value for r in records]
         committed: list[Settlement] = []
         async with pool.acquire() as conn, conn.transaction():
-            st = await ledger.load_batch(conn, msgs)
-            await monitoring.load_for_batch(conn, [m for m in msgs if m.msgid not in st.processed], st, self.rules)
+            st = await ledger.load_batch(conn, msgs, self.rules)
             for rec in records:
                 msg = rec.value
                 if msg.msgid in st.processed:

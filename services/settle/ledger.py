@@ -18,8 +18,10 @@ from schemas.correction import Input2601
 from schemas.internal import RoutedRequest
 from schemas.transactions import correctable, infnos_loading
 from services.policy.logic import accumulators_from_json, accumulators_to_json
-from services.settle import daily
-from services.settle.state import AMOUNT_FIELDS, BatchState, Correction, Fee, Original, Settlement, Visit
+from services.settle import daily, monitoring
+from services.settle.reads import Reads, Row
+from services.settle.state import AMOUNT_FIELDS, BatchState, Correction, Fee, Original, Settlement, Visit, columns
+from services.smartmon.rules import RuleBook
 
 _VISIT_COLS = ("mdtrt_id", "psn_no", "fixmedins_code", "med_type", "insutype", "scope", "insured_admdvs",
                "treating_admdvs", "ipt_otp_no", "begntime", "endtime", "dise_codg", "state", "created_msgid",
@@ -28,9 +30,7 @@ _VISIT_COLS = ("mdtrt_id", "psn_no", "fixmedins_code", "med_type", "insutype", "
 _VISIT_MUTABLE = ("state", "endtime", "begntime", "dise_codg", "med_type", "chronic_disease", "diseinfo",
                   "adm_info", "ipt_otp_no")
 _VISIT_JSON = ("diseinfo", "adm_info")
-_FEE_COLS = ("mdtrt_id", "feedetl_sn", "med_list_codg", "medins_list_codg", "chrgitm_lv", "selfpay_prop",
-             "pric_uplmt_fen", "fee_fen", "cnt", "pric_fen", "fee_ocur_time", "upload_msgid", "cancelled",
-             "setl_id", "once_per_day", "gender_only", "supply_days")
+_FEE_COLS = columns(Fee)
 _SETL_COLS = ("setl_id", "msgid", "kind", "orig_setl_id", "mdtrt_id", "psn_no", "fixmedins_code", "insutype",
               "med_type", "scope", "filing_type", "insured_admdvs", "insured_pool", "treating_admdvs",
               "treating_pool", "clr_optins", "setl_time", "acc_year", *AMOUNT_FIELDS, "pool_prop_selfpay",
@@ -57,6 +57,7 @@ _PG_TYPES = {
     **dict.fromkeys((*daily.COUNTS, *daily.MONEY), "bigint"), **dict.fromkeys(_ACC_COUNTERS, "bigint"),
 }
 _CORRECTION_COLS = ("omsgid", "msgid", "oinfno", "fixmedins_code", "undone", "output", "err_msg")
+_ORIGINAL_COLS = columns(Original)
 
 
 def _referenced(msgs: Iterable[RoutedRequest]) -> tuple[set[str], set[str]]:
@@ -75,114 +76,127 @@ def _referenced(msgs: Iterable[RoutedRequest]) -> tuple[set[str], set[str]]:
     return mdtrt_ids, setl_ids
 
 
-async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest]) -> BatchState:
+async def load_batch(conn: asyncpg.Connection, msgs: list[RoutedRequest], book: RuleBook) -> BatchState:
+    """Every row the batch may touch, in two statements whatever its size (`reads.py`): first the locks —
+    accounts, accumulators, visits, each by sorted key, so transactions never deadlock —, then every other
+    read, once the locks are granted, so it sees what a transaction that held them committed (its
+    processed msgids among them). Rows are loaded for the batch's duplicates too (which msgids are
+    duplicates is only known from the second statement): they are only read, never written back."""
     st = BatchState()
-    msgids = [m.msgid for m in msgs]
-    for r in await conn.fetch("SELECT msgid, response FROM processed_request WHERE msgid = ANY($1)", msgids):
-        st.processed[r["msgid"]] = bytes(r["response"])
-    if st.processed:
-        rows = await conn.fetch(
-            f"SELECT {', '.join(_SETL_COLS)}, false AS reversed FROM settlement WHERE msgid = ANY($1)",
-            list(st.processed),
-        )
-        for row in rows:
-            settlement = _settlement(row)
-            st.replayed[settlement.msgid] = settlement
-        await _load_replayed_facts(conn, st)
-    fresh = [m for m in msgs if m.msgid not in st.processed]
-    if not fresh:
+    if not msgs:
         return st
-    persons = sorted({m.person.psn_no for m in fresh})
-    named_visits, named_settlements = _referenced(fresh)
-    named_visits |= await _load_corrections(conn, fresh, st)
-    if named_settlements:  # a pharmacy reversal (2103) names only the settlement
-        named_visits |= {r["mdtrt_id"] for r in await conn.fetch(
-            "SELECT mdtrt_id FROM settlement WHERE setl_id = ANY($1)", list(named_settlements))}
+    infnos = {m.infno for m in msgs}
+    named_visits, named_settlements = _referenced(msgs)
+    omsgids = sorted({m.body.data.omsgid for m in msgs if isinstance(m.body, Input2601)})
     mdtrt_ids = sorted(named_visits)
-    infnos = {m.infno for m in fresh}
-    # Lock order: accounts, accumulators, visits — always by sorted key, so workers never deadlock.
-    if infnos & _MONEY_INFNOS:
-        for r in await conn.fetch(
-            "SELECT psn_no, balc_fen FROM account WHERE psn_no = ANY($1) ORDER BY psn_no FOR UPDATE", persons
-        ):
+    locks = _locks(msgs, infnos, mdtrt_ids, sorted(named_settlements), omsgids)
+    if locks:
+        locked = await locks.run(conn)
+        for r in locked.get("accounts", []):
             st.accounts[r["psn_no"]] = r["balc_fen"]
-        for r in await conn.fetch(
-            "SELECT * FROM accumulator WHERE psn_no = ANY($1) ORDER BY psn_no, acc_year FOR UPDATE", persons
-        ):
-            data: dict[str, Any] = {c: r[c] for c in _ACC_COUNTERS}
+        for r in locked.get("accumulators", []):
+            data = {c: r[c] for c in _ACC_COUNTERS}
             data["chronic_paid"] = json.loads(r["chronic_paid"])
             st.accumulators[(r["psn_no"], r["acc_year"])] = accumulators_from_json(data)
-    if not mdtrt_ids:
-        return st
-    for r in await conn.fetch(
-        f"SELECT {', '.join(_VISIT_COLS)} FROM visit WHERE mdtrt_id = ANY($1) ORDER BY mdtrt_id FOR UPDATE",
-        mdtrt_ids,
-    ):
-        st.visits[r["mdtrt_id"]] = _visit(r)
-    if infnos & _FEE_INFNOS:
-        for r in await conn.fetch(f"SELECT {', '.join(_FEE_COLS)} FROM fee_item WHERE mdtrt_id = ANY($1)", mdtrt_ids):
-            st.fees.setdefault(r["mdtrt_id"], {})[r["feedetl_sn"]] = Fee(**dict(r))
-    if infnos & _REVERSAL_INFNOS:
-        rows = await conn.fetch(
-            f"SELECT {', '.join(_SETL_COLS)}, EXISTS (SELECT 1 FROM settlement_key k WHERE k.orig_setl_id = s.setl_id)"
-            " AS reversed FROM settlement s WHERE mdtrt_id = ANY($1)",
-            mdtrt_ids,
-        )
-        for r in rows:
-            settlement = _settlement(r)
-            st.settlements[settlement.setl_id] = settlement
+        for r in locked.get("visits", []):
+            st.visits[r["mdtrt_id"]] = _visit(r)
+        if "mdtrt_ids" in locked:  # the bodies' visits and those found by settlement or original
+            mdtrt_ids = [r["mdtrt_id"] for r in locked["mdtrt_ids"]]
+
+    reads = Reads()
+    reads.rows("processed", ("msgid", "response"),
+               f"FROM processed_request WHERE msgid = ANY({reads.arg([m.msgid for m in msgs], 'text[]')})")
+    asked = [m.msgid for m in msgs if m.infno in _CORRECTABLE] + omsgids
+    if asked:  # corrections (2601): those already made of the batch's correctable msgids and of its omsgids
+        reads.rows("corrections", _CORRECTION_COLS, f"FROM correction WHERE omsgid = ANY({reads.arg(asked, 'text[]')})")
+    if omsgids:  # ... and what the originals were
+        reads.rows("originals", _ORIGINAL_COLS,
+                   f"FROM processed_request WHERE msgid = ANY({reads.arg(omsgids, 'text[]')})")
+    if mdtrt_ids and infnos & (_FEE_INFNOS | _REVERSAL_INFNOS):
+        visits = reads.arg(mdtrt_ids, "text[]")
+        if infnos & _FEE_INFNOS:
+            reads.rows("fees", _FEE_COLS, f"FROM fee_item WHERE mdtrt_id = ANY({visits})")
+        if infnos & _REVERSAL_INFNOS:
+            reads.rows("settlements", (*_SETL_COLS, "reversed"), f"FROM settlement s WHERE mdtrt_id = ANY({visits})",
+                       exprs=(*_SETL_COLS, "EXISTS (SELECT 1 FROM settlement_key k WHERE k.orig_setl_id = s.setl_id)"))
+    monitoring.add_reads(reads, msgs, book)
+    got = await reads.run(conn)
+    for r in got["processed"]:
+        st.processed[r["msgid"]] = bytes(r["response"])
+    for r in got.get("corrections", []):
+        st.corrections[r["omsgid"]] = Correction(**r)
+    for r in got.get("originals", []):
+        st.originals[r["msgid"]] = Original(**r)
+    for r in got.get("fees", []):
+        st.fees.setdefault(r["mdtrt_id"], {})[r["feedetl_sn"]] = Fee(**r)
+    for r in got.get("settlements", []):
+        settlement = _settlement(r)
+        st.settlements[settlement.setl_id] = settlement
+    monitoring.take(got, msgs, st)
+    if st.processed:
+        await _load_replayed(conn, st)
     return st
 
 
-async def _load_replayed_facts(conn: asyncpg.Connection, st: BatchState) -> None:
-    """The visits and settled items of replayed settle rows: their events carry the same facts again."""
-    settled = [r for r in st.replayed.values() if r.kind == "settle"]
-    if not settled:
-        return
-    for r in await conn.fetch(f"SELECT {', '.join(_VISIT_COLS)} FROM visit WHERE mdtrt_id = ANY($1)",
-                              sorted({s.mdtrt_id for s in settled})):
+def _locks(msgs: list[RoutedRequest], infnos: set[str], mdtrt_ids: list[str], setl_ids: list[str],
+           omsgids: list[str]) -> Reads:
+    """The locking statement: the batch's accounts and accumulators (for the transactions that move money)
+    and its visits — those its bodies name, those of the settlements a pharmacy reversal (2103) names, and
+    those of the originals its corrections name — with their ids (`mdtrt_ids`). No parts when the batch
+    locks nothing (admissions, registrations, monitoring look-ups)."""
+    locks = Reads()
+    if infnos & _MONEY_INFNOS:
+        persons = locks.arg(sorted({m.person.psn_no for m in msgs}), "text[]")
+        locks.rows("accounts", ("psn_no", "balc_fen"),
+                   f"FROM account WHERE psn_no = ANY({persons}) ORDER BY psn_no FOR UPDATE")
+        locks.rows("accumulators", ("psn_no", "acc_year", *_ACC_COUNTERS, "chronic_paid"),
+                   f"FROM accumulator WHERE psn_no = ANY({persons}) ORDER BY psn_no, acc_year FOR UPDATE")
+    if not (mdtrt_ids or setl_ids or omsgids):
+        return locks
+    named = [f"SELECT unnest({locks.arg(mdtrt_ids, 'text[]')}) AS mdtrt_id"]
+    if setl_ids:
+        named.append(f"SELECT mdtrt_id FROM settlement WHERE setl_id = ANY({locks.arg(setl_ids, 'text[]')})")
+    if omsgids:  # the rows an original wrote name its visit; a discharge's only its processed_request row
+        o = locks.arg(omsgids, "text[]")
+        named += [f"SELECT mdtrt_id FROM processed_request WHERE msgid = ANY({o}) AND mdtrt_id IS NOT NULL",
+                  f"SELECT mdtrt_id FROM visit WHERE created_msgid = ANY({o})",
+                  f"SELECT mdtrt_id FROM fee_item WHERE upload_msgid = ANY({o})",
+                  f"SELECT mdtrt_id FROM settlement WHERE msgid = ANY({o})"]
+    locks.with_("named", " UNION ".join(named))
+    locks.rows("visits", _VISIT_COLS, "FROM visit WHERE mdtrt_id = ANY(ARRAY(SELECT mdtrt_id FROM named))"
+                                      " ORDER BY mdtrt_id FOR UPDATE")
+    locks.rows("mdtrt_ids", ("mdtrt_id",), "FROM named ORDER BY mdtrt_id")
+    return locks
+
+
+async def _load_replayed(conn: asyncpg.Connection, st: BatchState) -> None:
+    """The ledger rows of the batch's duplicates, with the visits and settled items of their settle rows:
+    their events carry the same facts again (a third statement, only on replays)."""
+    reads = Reads()
+    replayed = reads.arg(list(st.processed), "text[]")
+    reads.rows("rows", (*_SETL_COLS, "reversed"), f"FROM settlement WHERE msgid = ANY({replayed})",
+               exprs=(*_SETL_COLS, "false"))
+    settled = f"ARRAY(SELECT {{}} FROM settlement WHERE msgid = ANY({replayed}) AND kind = 'settle')"
+    reads.rows("visits", _VISIT_COLS, f"FROM visit WHERE mdtrt_id = ANY({settled.format('mdtrt_id')})")
+    reads.rows("fees", _FEE_COLS, f"FROM fee_item WHERE setl_id = ANY({settled.format('setl_id')})")
+    got = await reads.run(conn)
+    for r in got["rows"]:
+        settlement = _settlement(r)
+        st.replayed[settlement.msgid] = settlement
+    for r in got["visits"]:
         st.replayed_visits[r["mdtrt_id"]] = _visit(r)
-    for r in await conn.fetch(f"SELECT {', '.join(_FEE_COLS)} FROM fee_item WHERE setl_id = ANY($1)",
-                              [s.setl_id for s in settled]):
-        st.replayed_fees.setdefault(r["setl_id"], []).append(Fee(**dict(r)))
+    for r in got["fees"]:
+        st.replayed_fees.setdefault(r["setl_id"], []).append(Fee(**r))
 
 
-def _visit(r: asyncpg.Record) -> Visit:
+def _visit(r: Row) -> Visit:
     visit = dict(r)
     for column in _VISIT_JSON:
         visit[column] = json.loads(visit[column])
     return Visit(**visit)
 
 
-async def _load_corrections(conn: asyncpg.Connection, fresh: list[RoutedRequest], st: BatchState) -> set[str]:
-    """For corrections (2601): the corrections already made of the batch's correctable msgids and of the
-    omsgids its corrections name, and what those originals were; returns the originals' visits (loaded
-    and locked with the batch's others)."""
-    omsgids = sorted({m.body.data.omsgid for m in fresh if isinstance(m.body, Input2601)})
-    asked = [m.msgid for m in fresh if m.infno in _CORRECTABLE] + omsgids
-    if not asked:
-        return set()
-    for r in await conn.fetch(f"SELECT {', '.join(_CORRECTION_COLS)} FROM correction WHERE omsgid = ANY($1)", asked):
-        d = dict(r)
-        d["output"] = None if d["output"] is None else bytes(d["output"])
-        st.corrections[r["omsgid"]] = Correction(**d)
-    if not omsgids:
-        return set()
-    for r in await conn.fetch("SELECT msgid, infno, fixmedins_code, infcode, mdtrt_id FROM processed_request"
-                              " WHERE msgid = ANY($1)", omsgids):
-        st.originals[r["msgid"]] = Original(**dict(r))
-    # The rows an original wrote name its visit; a discharge's only its processed_request row.
-    rows = await conn.fetch(
-        "SELECT mdtrt_id FROM processed_request WHERE msgid = ANY($1) AND mdtrt_id IS NOT NULL"
-        " UNION SELECT mdtrt_id FROM visit WHERE created_msgid = ANY($1)"
-        " UNION SELECT mdtrt_id FROM fee_item WHERE upload_msgid = ANY($1)"
-        " UNION SELECT mdtrt_id FROM settlement WHERE msgid = ANY($1)",
-        omsgids,
-    )
-    return {r["mdtrt_id"] for r in rows}
-
-
-def _settlement(r: asyncpg.Record) -> Settlement:
+def _settlement(r: Row) -> Settlement:
     d = dict(r)
     amounts = {name: d.pop(name) for name in AMOUNT_FIELDS}
     d["accum_delta"] = json.loads(d["accum_delta"])

@@ -1,7 +1,8 @@
 """The person's settled history for the in-event checks (2206/2303 warn_msg, 3101/3102), read from the shard.
 
-Two queries per batch whatever its size, only for the persons of the batch's requests that need it: the
-settle rows not reversed within the rules' horizon with their visits, then the items those rows settled.
+Parts of the batch's read statement (`ledger.load_batch`, `reads.py`), only for the persons of the batch's
+requests that need it: the settle rows not reversed within the rules' horizon with their visits, and the
+items those rows settled.
 A row becomes a rules `Episode` (`episode`, pure) with the same facts the engine puts on its event; the
 hospital's level is not in the shard and no person-keyed rule reads it (0 here).
 """
@@ -22,40 +23,55 @@ from schemas.transactions import infnos_loading
 from schemas.wire import parse_wire_time
 from services.refdata.regions import province_of
 from services.settle.facts import item_fact, main_diagnosis, visit_type
-from services.settle.state import BatchState, Fee, IssuedWarning
+from services.settle.reads import Reads, Row
+from services.settle.state import BatchState, Fee, IssuedWarning, columns
 from services.smartmon.rules import Episode, RuleBook, horizon_days
 
 _HISTORY_INFNOS = infnos_loading("history")
 
 _TIME = "%Y-%m-%d %H:%M:%S"
-_HISTORY_SQL = (
-    "SELECT s.setl_id, s.mdtrt_id, s.psn_no, s.fixmedins_code, s.insured_admdvs, s.treating_admdvs, s.med_type,"
-    " s.setl_time, s.medfee_sumamt, s.mid_setl, v.begntime, v.endtime, v.dise_codg, v.diseinfo"
-    " FROM settlement s JOIN visit v ON v.mdtrt_id = s.mdtrt_id"
-    " WHERE s.psn_no = ANY($1) AND s.kind = 'settle' AND s.setl_time >= $2"
-    " AND NOT EXISTS (SELECT 1 FROM settlement_key k WHERE k.orig_setl_id = s.setl_id)"
-)
-_ITEMS_SQL = (
-    "SELECT mdtrt_id, feedetl_sn, med_list_codg, medins_list_codg, chrgitm_lv, selfpay_prop, pric_uplmt_fen,"
-    " fee_fen, cnt, pric_fen, fee_ocur_time, upload_msgid, cancelled, setl_id, once_per_day, gender_only,"
-    " supply_days FROM fee_item WHERE setl_id = ANY($1) AND NOT cancelled"
-)
+# A history row: the settle row's columns (s), then its visit's (v).
+_HISTORY_SOURCES = ("s.setl_id", "s.mdtrt_id", "s.psn_no", "s.fixmedins_code", "s.insured_admdvs", "s.treating_admdvs",
+                    "s.med_type", "s.setl_time", "s.medfee_sumamt", "s.mid_setl", "v.begntime", "v.endtime",
+                    "v.dise_codg", "v.diseinfo")
+_HISTORY_COLS = tuple(source.partition(".")[2] for source in _HISTORY_SOURCES)
+_ITEM_COLS = columns(Fee)
+_WARNING_COLS = columns(IssuedWarning)
 
 
-async def load_history(conn: asyncpg.Connection, persons: Sequence[str], since: datetime,
-                       gender: Mapping[str, Gender]) -> dict[str, list[Episode]]:
-    """psn_no → the person's settled episodes since `since` (every person asked has an entry)."""
-    history: dict[str, list[Episode]] = {p: [] for p in persons}
-    if not persons:
-        return history
-    rows = await conn.fetch(_HISTORY_SQL, list(persons), since)
-    items: dict[str, list[Fee]] = {}
-    if rows:
-        for r in await conn.fetch(_ITEMS_SQL, [r["setl_id"] for r in rows]):
-            items.setdefault(r["setl_id"], []).append(Fee(**dict(r)))
-    for r in rows:
-        history[r["psn_no"]].append(episode(dict(r), items.get(r["setl_id"], []), gender.get(r["psn_no"], "")))
-    return history
+def add_reads(reads: Reads, msgs: Sequence[RoutedRequest], book: RuleBook) -> None:
+    """What the batch's monitoring requests need, as parts of the batch's read statement (`ledger.load_batch`):
+    the persons' settle rows not reversed within the rules' horizon with their visits (2206/2303/3101/3102),
+    the items those rows settled, and the warnings its disposals (3103) name; nothing for a batch without them."""
+    needing = [m for m in msgs if m.infno in _HISTORY_INFNOS]
+    if needing:
+        earliest = min(parse_wire_time("inf_time", m.inf_time) for m in needing)
+        persons = reads.arg(sorted({m.person.psn_no for m in needing}), "text[]")
+        since = reads.arg(earliest - timedelta(days=horizon_days(book)), "timestamp")
+        reads.with_("recent", f"SELECT {', '.join(_HISTORY_SOURCES)}"
+                    " FROM settlement s JOIN visit v ON v.mdtrt_id = s.mdtrt_id"
+                    f" WHERE s.psn_no = ANY({persons}) AND s.kind = 'settle' AND s.setl_time >= {since}"
+                    " AND NOT EXISTS (SELECT 1 FROM settlement_key k WHERE k.orig_setl_id = s.setl_id)")
+        reads.rows("history", _HISTORY_COLS, "FROM recent")
+        reads.rows("history_items", _ITEM_COLS,
+                   "FROM fee_item WHERE setl_id = ANY(ARRAY(SELECT setl_id FROM recent)) AND NOT cancelled")
+    jr_ids = sorted({m.body.data.jr_id for m in msgs if isinstance(m.body, Input3103)})
+    if jr_ids:
+        reads.rows("warnings", _WARNING_COLS, f"FROM warning_issued WHERE jr_id = ANY({reads.arg(jr_ids, 'text[]')})")
+
+
+def take(got: Mapping[str, list[Row]], msgs: Sequence[RoutedRequest], st: BatchState) -> None:
+    """The parts `add_reads` asked for, into the batch state: psn_no → the person's settled episodes (every
+    person asked has an entry), jr_id → the issued warning."""
+    if "history" in got:
+        gender = {m.person.psn_no: m.person.gend for m in msgs if m.infno in _HISTORY_INFNOS}
+        items: dict[str, list[Fee]] = {}
+        for r in got["history_items"]:
+            items.setdefault(r["setl_id"], []).append(Fee(**r))
+        st.history = {p: [] for p in gender}
+        for r in got["history"]:
+            st.history[r["psn_no"]].append(episode(r, items.get(r["setl_id"], []), gender[r["psn_no"]]))
+    st.warnings = {r["jr_id"]: IssuedWarning(**r) for r in got.get("warnings", [])}
 
 
 def episode(row: Mapping[str, Any], items: Iterable[Fee], gend: Gender) -> Episode:
@@ -82,28 +98,6 @@ def episode(row: Mapping[str, Any], items: Iterable[Fee], gend: Gender) -> Episo
 
 def _items(fees: Iterable[Fee]) -> list[ItemFact]:
     return [item_fact(f) for f in sorted(fees, key=lambda f: f.feedetl_sn)]
-
-
-async def load_warnings(conn: asyncpg.Connection, jr_ids: Sequence[str]) -> dict[str, IssuedWarning]:
-    """The issued warnings a batch's disposals (3103) name."""
-    if not jr_ids:
-        return {}
-    rows = await conn.fetch("SELECT jr_id, msgid, infno, fixmedins_code, psn_no, rule_id, mdtrt_id, vola_amt_fen"
-                            " FROM warning_issued WHERE jr_id = ANY($1)", list(jr_ids))
-    return {r["jr_id"]: IssuedWarning(**dict(r)) for r in rows}
-
-
-async def load_for_batch(conn: asyncpg.Connection, fresh: Sequence[RoutedRequest], st: BatchState,
-                         book: RuleBook) -> None:
-    """What the batch's monitoring requests need: the persons' histories (2206/2303/3101/3102) and the
-    warnings its disposals (3103) name; nothing for a batch without them."""
-    needing = [m for m in fresh if m.infno in _HISTORY_INFNOS]
-    if needing:
-        earliest = min(parse_wire_time("inf_time", m.inf_time) for m in needing)
-        gender = {m.person.psn_no: m.person.gend for m in needing}
-        st.history = await load_history(conn, sorted(gender), earliest - timedelta(days=horizon_days(book)), gender)
-    jr_ids = sorted({m.body.data.jr_id for m in fresh if isinstance(m.body, Input3103)})
-    st.warnings = await load_warnings(conn, jr_ids)
 
 
 async def write_warnings(conn: asyncpg.Connection, st: BatchState) -> None:

@@ -1,13 +1,13 @@
 """The settlement engine's working state for one batch, in memory.
 
-The ledger loads every row a batch may touch in a few queries, the pure logic
+The ledger loads every row a batch may touch in two statements, the pure logic
 changes this state, and the ledger writes back what changed, all in one
 PostgreSQL transaction. No I/O here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -93,6 +93,11 @@ class Settlement:
     stay_part: int = 1  # its number among the visit's settlements not reversed when it was written
     reversed: bool = False  # set on a settle row once its reversal exists
     visit: VisitFacts | None = None  # a settle row's facts for monitoring (not a column: rebuilt on replay)
+
+
+def columns(cls: type) -> tuple[str, ...]:
+    """A row dataclass's fields in order: the columns the ledger selects for it."""
+    return tuple(f.name for f in fields(cls))
 
 
 AMOUNT_FIELDS = (

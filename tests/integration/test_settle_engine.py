@@ -2,7 +2,8 @@
 that fails unexpectedly half-way through, or that the database refuses, is rolled back with its whole
 batch, and the batch is redone without it (answered INTERNAL and dead-lettered) — nothing half-applied
 is written, and the rest of the batch is settled. A batch's shards run their transactions at once; a
-failure in one shard while the other commits settles nothing twice."""
+failure in one shard while the other commits settles nothing twice. A load that waits for another
+transaction's locks reads what that transaction committed."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from services.common.kafka import make_group_consumer, make_producer
 from services.common.shards import ShardPools
 from services.policy.policies import PolicyBook
 from services.settle import handler as engine_module
+from services.settle import ledger as ledger_module
 from services.settle.handler import SettleEngine
 from services.settle.stage import GROUP_ID
+from services.smartmon.rules import load_rules
 from tests.integration.conftest import Ledger
 from tests.unit.test_settle_properties import Script
 from topics.catalog import DEADLETTER, SETTLEMENTS, TopicSpec
@@ -171,12 +174,12 @@ async def test_a_batchs_shards_run_their_transactions_at_once(stack: Settings, l
     entered: list[str] = []
     both = asyncio.Event()
 
-    async def load_batch(conn: Any, batch: list[RoutedRequest]) -> Any:
+    async def load_batch(conn: Any, batch: list[RoutedRequest], book: Any) -> Any:
         entered.append(batch[0].person.insured_admdvs)
         if len(entered) == 2:
             both.set()
         await asyncio.wait_for(both.wait(), 10)
-        return await real_load(conn, batch)
+        return await real_load(conn, batch, book)
 
     monkeypatch.setattr(engine_module.ledger, "load_batch", load_batch)
     async with _engine(stack) as shell:
@@ -212,3 +215,32 @@ async def test_a_bug_in_one_shard_while_the_other_commits_settles_nothing_twice(
     assert sorted(r["msgid"] for r in rows) == sorted(settled)
     events = [msgspec.json.decode(out.value)["msgid"] for out in outbox.records if out.topic == SETTLEMENTS.name]
     assert sorted(events) == sorted(settled)
+
+
+async def test_a_load_that_waited_for_the_locks_reads_what_their_holder_committed(stack: Settings) -> None:
+    """Two instances briefly hold the same partition during a rebalance: the second's load waits for the
+    first's locks on the person's account, then reads the msgid the first committed meanwhile as processed
+    (the stored answer goes out again, nothing is applied twice) — its reads come after its locks."""
+    person = _person(800)
+    script = Script({person.psn_no: person})
+    script.purchase(person, [1_200])
+    script.purchase(person, [3_400])
+    first, second = (msgspec.structs.replace(m, msgid=f"H{TOKEN}8{i:016d}") for i, m in enumerate(script.messages))
+    rules = load_rules()
+    async with _engine(stack) as shell:
+        await shell.process_batch(_records(_encode([first])))  # the person's account and accumulator rows exist
+        assert isinstance(shell.processor, SettleEngine) and shell.processor.shards is not None
+        pool = shell.processor.shards.pools[shell.processor.shards.map.shard_of(CHIFENG[0])]
+        async with pool.acquire() as holder, pool.acquire() as waiter:
+            holding = holder.transaction()
+            await holding.start()
+            assert (await ledger_module.load_batch(holder, [second], rules)).accounts  # locked
+            await holder.execute("INSERT INTO processed_request (msgid, infno, fixmedins_code, infcode, response)"
+                                 " VALUES ($1, '2102', $2, 0, '\\x7b7d')", second.msgid, second.fixmedins_code)
+            async with waiter.transaction():
+                waiting = asyncio.create_task(ledger_module.load_batch(waiter, [second], rules))
+                await asyncio.sleep(0.5)
+                assert not waiting.done()  # the account is locked
+                await holding.commit()
+                st = await asyncio.wait_for(waiting, 10)
+            assert st.processed == {second.msgid: b"{}"} and st.accounts  # read after the lock was granted
