@@ -1056,8 +1056,25 @@ async def open_loop(s: Settings, args: argparse.Namespace, caller: Any, pop: Pop
     out = [f"xsettle open-loop benchmark, {started_at:%Y-%m-%d %H:%M} UTC", *machine_info(), code_version(),
            f"run: via {args.via}, mix {args.mix} ({', '.join(f'{k} {v:g}' for k, v in kinds.items())}; "
            f"{per_visit:.2f} requests per visit), {args.arrivals} arrivals, {args.seconds:g} s per rate (at most "
-           f"{args.max_requests} requests), drain {args.drain_seconds:g} s; {info['persons']} persons, "
+           f"{args.max_requests} requests), drain {args.drain_seconds:g} s, after an unreported warm-up of "
+           f"{args.warmup_seconds:g} s at the first rate; {info['persons']} persons, "
            f"{len(pop.hospitals)} hospitals, {len(pop.pharmacies)} pharmacies; population {args.population}", ""]
+    def job(rate: float, seconds: float, seed: int) -> dict[str, Any]:
+        return {"rate": rate, "seconds": seconds, "arrivals": args.arrivals, "kinds": kinds, "mix": args.mix,
+                "max_requests": args.max_requests, "drain_s": args.drain_seconds, "seed": seed, "per_visit": per_visit}
+
+    async def load(rate: float, seconds: float, seed: int) -> OpenLoopResult:
+        if isinstance(caller, GeneratorPool):
+            return await caller.run(**job(rate, seconds, seed))
+        return await run_open_loop(caller, pop, **job(rate, seconds, seed), log=log)
+
+    if args.warmup_seconds > 0:
+        # A run's first requests open its connections, sign its institutions in and meet the stages' cold caches:
+        # a few of them slow are the p99 of a short first step (25/s for 20 s: the 5th slowest of 500).
+        log(f"bench: warm-up at {rates[0]:g} requests/s for {args.warmup_seconds:g} s (not reported) ...")
+        warm = await load(rates[0], args.warmup_seconds, args.seed * 1000 - 1)
+        if warm.unreachable:
+            raise TransportError(warm.unreachable)
     profiler = None
     if args.profile:
         from loadtest.profile import StageProfiler  # the other half of issue 14: only when asked for
@@ -1069,13 +1086,7 @@ async def open_loop(s: Settings, args: argparse.Namespace, caller: Any, pop: Pop
         for i, rate in enumerate(rates):
             log(f"bench: open loop at {rate:g} requests/s for {args.seconds:g} s via {args.via} ...")
             cpu0, wall0 = cpu_snapshot(s), time.monotonic()
-            job = {"rate": rate, "seconds": args.seconds, "arrivals": args.arrivals, "kinds": kinds, "mix": args.mix,
-                   "max_requests": args.max_requests, "drain_s": args.drain_seconds, "seed": args.seed * 1000 + i,
-                   "per_visit": per_visit}
-            if isinstance(caller, GeneratorPool):
-                res = await caller.run(**job)
-            else:
-                res = await run_open_loop(caller, pop, **job, log=log)
+            res = await load(rate, args.seconds, args.seed * 1000 + i)
             cpu = (cpu0, cpu_snapshot(s))
             wall_s = time.monotonic() - wall0
             ok, why = held(res, args.p99_bound_ms)
@@ -1143,6 +1154,15 @@ def pop_sample_envelope(pop: Population) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (a bad one exits with status 2 and the reason)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--seconds", type=float, default=20.0, help="baseline + load time (default 20)")
     p.add_argument("--max-stays", type=int, default=20_000, help="stop after this many stays (default 20000)")
@@ -1188,6 +1208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     o.add_argument("--max-rate", type=float, default=20_000.0, help="the step mode stops above (default 20000)")
     o.add_argument("--max-steps", type=int, default=12, help="the step mode's most rates (default 12)")
     o.add_argument("--p99-bound-ms", type=float, default=100.0, help="held only with p99 within (default 100)")
+    o.add_argument("--warmup-seconds", type=float, default=5.0,
+                   help="first an unreported load at the first rate for this long: this run's connections, "
+                        "sign-ins and the stages' caches are warm before anything is measured (default 5; 0: none)")
     o.add_argument("--processes", type=int, default=1,
                    help="generator processes, each a share of the rate with its own institutions and persons; "
                         "their histograms merged (default 1: this process)")
@@ -1214,12 +1237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--max-requests must be positive")
     if args.processes < 1 or (args.processes > 1 and args.rate is None and not args.step):
         p.error("--processes must be positive, and more than 1 only in the open loop (--rate or --step)")
-    if args.seconds <= 0 or min(args.concurrency, args.max_stays, args.repeat) < 1 or args.drain_seconds < 0:
-        p.error("--seconds, --concurrency, --max-stays and --repeat must be positive, --drain-seconds not negative")
-    try:
-        return asyncio.run(run(args))
-    except KeyboardInterrupt:
-        return 130
+    if args.seconds <= 0 or min(args.concurrency, args.max_stays, args.repeat) < 1 or args.drain_seconds < 0 \
+            or args.warmup_seconds < 0:
+        p.error("--seconds, --concurrency, --max-stays and --repeat must be positive, --drain-seconds and "
+                "--warmup-seconds not negative")
+    return args
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ national mix) and its driver against an in-memory pipeline whose answer time the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import random
 import statistics
 from collections import Counter
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -415,3 +417,25 @@ async def test_a_sign_in_answered_timeout_is_resent_with_the_same_msgid() -> Non
     with pytest.raises(SignInFailed):
         await Signer({"H15040000001": b"k" * 32}).ensure_session(envelope, post)
     assert len(sent) == 1 + SIGN_IN_RESENDS
+
+
+@pytest.mark.parametrize("warmup_s", [0.0, 0.6])
+async def test_the_warm_up_runs_first_at_the_first_rate_and_is_not_reported(warmup_s: float, tmp_path: Path) -> None:
+    """`--warmup-seconds`: a load at the first rate before the measured ones, whose requests reach the
+    pipeline but none of the report's counts."""
+    from loadtest.bench import open_loop, parse_args
+    from services.common.config import load_settings
+
+    pop, pipeline = _population(), FakePipeline(0.001)
+    args = parse_args(["--step", "--start-rate", "100", "--step-factor", "2", "--max-steps", "2", "--seconds", "1",
+                       "--drain-seconds", "1", "--arrivals", "constant", "--warmup-seconds", str(warmup_s)])
+    s = dataclasses.replace(load_settings(), state_dir=tmp_path, run_dir=tmp_path)  # no stack: no stage CPU read
+    out, results = await open_loop(s, args, pipeline, pop, {"persons": len(pop.persons)})
+    measured = sum(res.offered for res, _, _ in results)
+    assert [res.target_rps for res, _, _ in results] == [100, 200]
+    warm = sum(pipeline.calls.values()) - measured  # sent, answered, and in no result
+    if warmup_s:
+        assert 30 <= warm <= 90  # about 100/s for 0.6 s
+    else:
+        assert warm == 0
+    assert f"after an unreported warm-up of {warmup_s:g} s at the first rate" in "\n".join(out)
