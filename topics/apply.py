@@ -1,5 +1,6 @@
 """Apply the topic catalog to the broker: create what is missing, align configs; create the SCRAM
-users of the services that have none yet and the ACLs of the topic prefix (topics/acls.py).
+users of the services that have none yet and the ACLs of the topic prefix (topics/acls.py); remove the
+principals and topics the code retired (`retire`).
 
 Idempotent. Never shrinks or grows partitions of an existing topic silently:
 changing a keyed topic's partition count moves persons between partitions and
@@ -37,11 +38,19 @@ from aiokafka.structs import OffsetAndMetadata
 
 from services.common.config import Settings, load_settings
 from services.common.kafka import ADMIN, SERVICE_PRINCIPALS, SESSION_TIMEOUT_MS, client_auth, make_admin
-from services.common.secrets import password
+from services.common.secrets import password, secrets_dir
 from topics.acls import INGRESS as INGRESS_NAME
-from topics.acls import SETTLE_GROUP, prefix_acls
+from topics.acls import SETTLE_GROUP, prefix_acls, user
 from topics.catalog import TopicSpec, catalog
-from topics.security import create_acls, set_passwords, users_with_credentials, wait_for_acls
+from topics.security import (
+    acls_on,
+    create_acls,
+    delete_acls,
+    delete_users,
+    set_passwords,
+    users_with_credentials,
+    wait_for_acls,
+)
 
 
 async def ensure_users(admin: AIOKafkaAdminClient, s: Settings) -> list[str]:
@@ -56,6 +65,40 @@ T = TypeVar("T")
 # A group that took over a topic from another (without prefix): (group, topic) -> the group it succeeds. The
 # settlement stage reads fsi.ingress where the router, which it replaced on 2026-12-01, had got to.
 SUCCESSORS = {(SETTLE_GROUP, INGRESS_NAME): "xsettle-router"}
+
+
+# What the code no longer has, removed at the next apply of a deployment that still holds it: the router's
+# principal and fsi.routed, whose work the settlement stage took over on 2026-12-01. A credential nothing uses
+# may still read every request of fsi.ingress: its SCRAM credential, its rules (of any prefix: a principal is
+# the broker's) and its password file go.
+RETIRED_PRINCIPALS = ("router",)
+RETIRED_TOPICS = ("fsi.routed",)
+
+
+async def retire(admin: AIOKafkaAdminClient, s: Settings, existing: set[str]) -> list[str]:
+    """Removes the retired principals' rules, credentials and password files, and the retired topics of the
+    prefix of `s` among `existing`; returns what was done."""
+    done = []
+    principals = {user(name) for name in RETIRED_PRINCIPALS}
+    rules = sorted(a for a in await acls_on(admin) if a.principal in principals)
+    if rules:
+        await delete_acls(admin, rules)
+        await wait_for_acls(admin, rules, present=False)
+        done.append(f"deleted {len(rules)} ACLs of retired principals")
+    users = sorted(await users_with_credentials(admin, RETIRED_PRINCIPALS))
+    if users:
+        await delete_users(admin, users)
+        done.append(f"deleted retired Kafka users {', '.join(users)}")
+    for name in RETIRED_PRINCIPALS:
+        secret = secrets_dir(s) / f"kafka-{name}.password"
+        if secret.exists():
+            secret.unlink()
+            done.append(f"deleted {secret}")
+    topics = sorted(s.topic_prefix + t for t in RETIRED_TOPICS if s.topic_prefix + t in existing)
+    if topics:
+        await admin.delete_topics(topics, timeout_ms=15_000)
+        done.append(f"deleted retired topics {', '.join(topics)}")
+    return done
 
 
 async def adopt_predecessor_offsets(admin: AIOKafkaAdminClient, s: Settings) -> list[str]:
@@ -183,6 +226,8 @@ async def apply_topics(s: Settings, specs: tuple[TopicSpec, ...] | None = None,
         await wait_for_acls(admin, acls)
         print(f"{len(acls)} ACLs of prefix {s.topic_prefix or '(none)'} in place")
         for line in await adopt_predecessor_offsets(admin, s):
+            print(line)
+        for line in await retire(admin, s, existing):
             print(line)
     finally:
         await admin.close()

@@ -254,7 +254,8 @@ async def delete_acls(admin: AIOKafkaAdminClient, acls: Sequence[Acl]) -> int:
 ACL_WAIT_S = 15.0
 
 
-async def _acls_on(admin: AIOKafkaAdminClient, node_id: int) -> set[Acl]:
+async def acls_on(admin: AIOKafkaAdminClient, node_id: int | None = None) -> set[Acl]:
+    """Every ALLOW rule broker `node_id` (any by default) holds."""
     resp = await _send(admin, DescribeAclsRequest(ANY, None, ANY, None, None, ANY, ANY), node_id)
     _raise_for(resp.error_code, "describe ACLs", resp.error_message)
     return {Acl(principal, rtype, name, pattern, op)
@@ -271,7 +272,7 @@ async def wait_for_acls(admin: AIOKafkaAdminClient, acls: Sequence[Acl], present
     deadline = time.monotonic() + timeout_s
     while True:
         nodes = [b.nodeId for b in admin._client.cluster.brokers()]  # every broker authorizes for itself
-        views = [await _acls_on(admin, node) for node in nodes]
+        views = [await acls_on(admin, node) for node in nodes]
         if all((wanted <= view) if present else not (wanted & view) for view in views):
             return
         if time.monotonic() > deadline:

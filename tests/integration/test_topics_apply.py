@@ -1,13 +1,17 @@
-"""topics.apply on the real broker: a group that took a topic over from another starts where that one left off.
+"""topics.apply on the real broker: a group that took a topic over from another starts where that one left off,
+and what the code retired leaves the broker.
 
 The settlement stage (group xsettle-settle) replaced the router (xsettle-router) as the reader of fsi.ingress;
-on a running deployment it must not start at the topic's beginning and replay a week of requests."""
+on a running deployment it must not start at the topic's beginning and replay a week of requests, and the
+router's credential, rules, password file and fsi.routed must not stay behind."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
@@ -15,7 +19,21 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from services.common.config import Settings
 from services.common.kafka import ADMIN, make_admin, make_group_consumer
-from topics.apply import adopt_predecessor_offsets, commit_offsets
+from services.common.secrets import password, secrets_dir
+from topics.acls import user
+from topics.apply import adopt_predecessor_offsets, commit_offsets, retire
+from topics.security import (
+    LITERAL,
+    OP_READ,
+    OP_WRITE,
+    TOPIC,
+    Acl,
+    acls_on,
+    create_acls,
+    set_passwords,
+    users_with_credentials,
+    wait_for_acls,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -89,3 +107,31 @@ async def test_a_group_whose_static_member_lingers_is_taken_over_once_the_member
         "(2 partitions)", f"deleted consumer group {s.topic_prefix}xsettle-router (retired)"]
     assert await _offsets(admin, s, "xsettle-settle") == {(ingress, 0): 12, (ingress, 1): 3}
     assert time.monotonic() - started > 2, "the member was gone at once: the wait was not exercised"
+
+
+async def test_the_retired_router_leaves_no_credential_rule_password_or_topic(
+        own: tuple[Settings, AIOKafkaAdminClient], tmp_path: Path) -> None:
+    """A deployment upgraded from the two-stage design still has the router's SCRAM user, its rules, its
+    password file and fsi.routed: one apply removes them all, a second finds nothing to do."""
+    s, admin = own
+    s = dataclasses.replace(s, state_dir=tmp_path)  # the password file of this test's own
+    routed = s.topic_prefix + "fsi.routed"
+    await admin.create_topics([NewTopic(routed, 1, 1)], timeout_ms=15_000)
+    rules = [Acl(user("router"), TOPIC, s.topic_prefix + "fsi.ingress", LITERAL, OP_READ),
+             Acl(user("router"), TOPIC, routed, LITERAL, OP_WRITE)]
+    await set_passwords(admin, {"router": password(s, "kafka-router")})
+    await create_acls(admin, rules)
+    await wait_for_acls(admin, rules)
+
+    done = await retire(admin, s, set(await admin.list_topics()))
+    assert done == ["deleted 2 ACLs of retired principals", "deleted retired Kafka users router",
+                    f"deleted {secrets_dir(s) / 'kafka-router.password'}", f"deleted retired topics {routed}"]
+    assert not await users_with_credentials(admin, ["router"])
+    assert not {a for a in await acls_on(admin) if a.principal == user("router")}
+    assert not (secrets_dir(s) / "kafka-router.password").exists()
+    for _ in range(100):  # the controller deletes the topic a moment after it answered
+        if routed not in await admin.list_topics():
+            break
+        await asyncio.sleep(0.1)
+    assert routed not in await admin.list_topics()
+    assert await retire(admin, s, set(await admin.list_topics())) == []
