@@ -1037,6 +1037,20 @@ def step_summary(results: list[tuple[OpenLoopResult, bool, float]], p99_bound_ms
     return out
 
 
+def repeat_summary(runs: list[list[tuple[OpenLoopResult, bool, float]]], step: bool) -> list[str]:
+    """The medians of `--repeat` open-loop runs: of the highest rate held (step mode), or of one rate's p99.
+    On a shared machine one blip can end a step run early; the median of several says what the pipeline holds."""
+    if step:
+        best = [max((r.target_rps for r, ok, _ in run if ok), default=0.0) for run in runs]
+        return [f"{len(runs)} step runs: highest rate held {', '.join(f'{b:g}' for b in best)} requests/s "
+                f"(0: none); median {statistics.median_low(best):g} requests/s (of an even count, the lower)"]
+    first = [run[0] for run in runs]
+    p99 = [quantiles_ms(r.book.overall)["p99"] for r, _, _ in first]
+    return [f"{len(runs)} runs at {first[0][0].target_rps:g} requests/s: held in {sum(ok for _, ok, _ in first)}; "
+            f"p99 {', '.join(f'{q:.1f}' for q in p99)} ms, median {statistics.median(p99):.1f} ms; stack CPU per "
+            f"request median {statistics.median(cpu for _, _, cpu in first):.3f} ms"]
+
+
 def _stack_cpu_ms(cpu: tuple[CpuSnap, CpuSnap], requests: int) -> float:
     before, after = cpu
     gone = restarted(before, after)
@@ -1080,28 +1094,37 @@ async def open_loop(s: Settings, args: argparse.Namespace, caller: Any, pop: Pop
         from loadtest.profile import StageProfiler  # the other half of issue 14: only when asked for
 
         profiler = StageProfiler()
-        profiler.start(s, Path(args.profile_dir), len(rates) * (args.seconds + args.drain_seconds))
-    results: list[tuple[OpenLoopResult, bool, float]] = []
+        profiler.start(s, Path(args.profile_dir), args.repeat * len(rates) * (args.seconds + args.drain_seconds))
+    runs: list[list[tuple[OpenLoopResult, bool, float]]] = []
     try:
-        for i, rate in enumerate(rates):
-            log(f"bench: open loop at {rate:g} requests/s for {args.seconds:g} s via {args.via} ...")
-            cpu0, wall0 = cpu_snapshot(s), time.monotonic()
-            res = await load(rate, args.seconds, args.seed * 1000 + i)
-            cpu = (cpu0, cpu_snapshot(s))
-            wall_s = time.monotonic() - wall0
-            ok, why = held(res, args.p99_bound_ms)
-            results.append((res, ok, _stack_cpu_ms(cpu, res.offered)))
-            out += [*open_report(res, cpu, wall_s, args.p99_bound_ms), ""]
-            log(f"bench: {rate:g}/s {'held' if ok else 'not held: ' + why}")
-            if res.unreachable:
-                raise TransportError(res.unreachable)
-            if args.step and not ok:
-                break
+        for n in range(args.repeat):
+            if args.repeat > 1:
+                log(f"bench: run {n + 1} of {args.repeat}")
+                out.append(f"run {n + 1} of {args.repeat}")
+            this_run: list[tuple[OpenLoopResult, bool, float]] = []
+            runs.append(this_run)
+            for i, rate in enumerate(rates):
+                log(f"bench: open loop at {rate:g} requests/s for {args.seconds:g} s via {args.via} ...")
+                cpu0, wall0 = cpu_snapshot(s), time.monotonic()
+                res = await load(rate, args.seconds, args.seed * 1000 + 100 * n + i)
+                cpu = (cpu0, cpu_snapshot(s))
+                wall_s = time.monotonic() - wall0
+                ok, why = held(res, args.p99_bound_ms)
+                this_run.append((res, ok, _stack_cpu_ms(cpu, res.offered)))
+                out += [*open_report(res, cpu, wall_s, args.p99_bound_ms), ""]
+                log(f"bench: {rate:g}/s {'held' if ok else 'not held: ' + why}")
+                if res.unreachable:
+                    raise TransportError(res.unreachable)
+                if args.step and not ok:
+                    break
+            if args.step:
+                out += [*step_summary(this_run, args.p99_bound_ms), ""]
     finally:
         if profiler is not None:
             out += [*await asyncio.to_thread(profiler.stop), ""]
-    if args.step:
-        out += step_summary(results, args.p99_bound_ms)
+    if args.repeat > 1:
+        out += repeat_summary(runs, args.step)
+    results = [result for run in runs for result in run]
     if args.ceiling:
         from loadtest.ceiling import CeilingError, measure_ceiling  # the other half of issue 14: only when asked for
 
@@ -1177,7 +1200,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reply-partition", type=int, default=3, choices=range(REPLIES.partitions),
                    metavar=f"0..{REPLIES.partitions - 1}", help="fsi.replies partition to read (default 3)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="measure this many times (baseline + load each) and print the medians (default 1)")
+                   help="measure this many times (baseline + load each) and print the medians; in the open loop, "
+                        "the rate or the step runs this many times, with the medians of p99 or of the highest "
+                        "rate held (default 1)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="reference-data seed (default 7)")
     p.add_argument("--persons-per-region", type=int, default=BENCH_PERSONS_PER_REGION,
                    help=f"reference-data size: persons per seed region (default {BENCH_PERSONS_PER_REGION:,}, "

@@ -439,3 +439,35 @@ async def test_the_warm_up_runs_first_at_the_first_rate_and_is_not_reported(warm
     else:
         assert warm == 0
     assert f"after an unreported warm-up of {warmup_s:g} s at the first rate" in "\n".join(out)
+
+
+async def test_repeated_step_runs_report_each_highest_rate_held_and_their_median(tmp_path: Path) -> None:
+    """`--step --repeat 3`: three step runs, each its own table, then the median of their highest rates held."""
+    from loadtest.bench import open_loop, parse_args
+    from services.common.config import load_settings
+
+    pop, pipeline = _population(), FakePipeline(0.001)
+    args = parse_args(["--step", "--start-rate", "50", "--step-factor", "2", "--max-steps", "2", "--seconds", "0.5",
+                       "--drain-seconds", "1", "--arrivals", "constant", "--warmup-seconds", "0", "--repeat", "3"])
+    s = dataclasses.replace(load_settings(), state_dir=tmp_path, run_dir=tmp_path)
+    out, results = await open_loop(s, args, pipeline, pop, {"persons": len(pop.persons)})
+    assert [res.target_rps for res, _, _ in results] == [50, 100] * 3
+    assert sum(line.startswith("  highest rate held: 100 requests/s") for line in out) == 3
+    assert out.count("run 2 of 3") == 1
+    assert ("3 step runs: highest rate held 100, 100, 100 requests/s (0: none); median 100 requests/s (of an even "
+            "count, the lower)") in out
+    assert sum(res.offered for res, _, _ in results) == sum(pipeline.calls.values())  # no warm-up here
+
+
+def test_repeated_runs_at_one_rate_give_the_median_p99() -> None:
+    from loadtest.bench import repeat_summary
+
+    runs = [[(_result(100, 1000, ms), ms < 100, cpu)] for ms, cpu in ((20, 2.0), (150, 3.0), (40, 2.5))]
+    assert repeat_summary(runs, step=False) == [
+        "3 runs at 100 requests/s: held in 2; p99 20.0, 150.0, 40.0 ms, median 40.0 ms; stack CPU per request "
+        "median 2.500 ms"]
+    ladders = [[(_result(100, 1000, 20), True, 1.0), (_result(150, 1000, 20), False, 1.0)],
+               [(_result(100, 1000, 200), False, 1.0)]]
+    assert repeat_summary(ladders, step=True) == [
+        "2 step runs: highest rate held 100, 0 requests/s (0: none); median 0 requests/s (of an even count, the "
+        "lower)"]
