@@ -1042,8 +1042,9 @@ def repeat_summary(runs: list[list[tuple[OpenLoopResult, bool, float]]], step: b
     On a shared machine one blip can end a step run early; the median of several says what the pipeline holds."""
     if step:
         best = [max((r.target_rps for r, ok, _ in run if ok), default=0.0) for run in runs]
+        lower = " (of an even count, the lower: a rate that was measured)" if len(runs) % 2 == 0 else ""
         return [f"{len(runs)} step runs: highest rate held {', '.join(f'{b:g}' for b in best)} requests/s "
-                f"(0: none); median {statistics.median_low(best):g} requests/s (of an even count, the lower)"]
+                f"(0: none); median {statistics.median_low(best):g} requests/s{lower}"]
     first = [run[0] for run in runs]
     p99 = [quantiles_ms(r.book.overall)["p99"] for r, _, _ in first]
     return [f"{len(runs)} runs at {first[0][0].target_rps:g} requests/s: held in {sum(ok for _, ok, _ in first)}; "
