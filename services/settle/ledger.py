@@ -173,12 +173,13 @@ async def _load_replayed(conn: asyncpg.Connection, st: BatchState) -> None:
     """The ledger rows of the batch's duplicates, with the visits and settled items of their settle rows:
     their events carry the same facts again (a third statement, only on replays)."""
     reads = Reads()
-    replayed = reads.arg(list(st.processed), "text[]")
-    reads.rows("rows", (*_SETL_COLS, "reversed"), f"FROM settlement WHERE msgid = ANY({replayed})",
-               exprs=(*_SETL_COLS, "false"))
-    settled = f"ARRAY(SELECT {{}} FROM settlement WHERE msgid = ANY({replayed}) AND kind = 'settle')"
-    reads.rows("visits", _VISIT_COLS, f"FROM visit WHERE mdtrt_id = ANY({settled.format('mdtrt_id')})")
-    reads.rows("fees", _FEE_COLS, f"FROM fee_item WHERE setl_id = ANY({settled.format('setl_id')})")
+    reads.with_("replayed", f"SELECT {', '.join(_SETL_COLS)} FROM settlement"
+                            f" WHERE msgid = ANY({reads.arg(list(st.processed), 'text[]')})")
+    reads.rows("rows", (*_SETL_COLS, "reversed"), "FROM replayed", exprs=(*_SETL_COLS, "false"))
+    reads.rows("visits", _VISIT_COLS,
+               "FROM visit WHERE mdtrt_id = ANY(ARRAY(SELECT mdtrt_id FROM replayed WHERE kind = 'settle'))")
+    reads.rows("fees", _FEE_COLS,
+               "FROM fee_item WHERE setl_id = ANY(ARRAY(SELECT setl_id FROM replayed WHERE kind = 'settle'))")
     got = await reads.run(conn)
     for r in got["rows"]:
         settlement = _settlement(r)
