@@ -23,9 +23,7 @@ from services.settle.reads import Reads, Row
 from services.settle.state import AMOUNT_FIELDS, BatchState, Correction, Fee, Original, Settlement, Visit, columns
 from services.smartmon.rules import RuleBook
 
-_VISIT_COLS = ("mdtrt_id", "psn_no", "fixmedins_code", "med_type", "insutype", "scope", "insured_admdvs",
-               "treating_admdvs", "ipt_otp_no", "begntime", "endtime", "dise_codg", "state", "created_msgid",
-               "chronic_disease", "diseinfo", "adm_info")
+_VISIT_COLS = columns(Visit)
 # What a visit's later transactions may change (2203, 2402, 2403, 2405, settlement, reversal, cancellation).
 _VISIT_MUTABLE = ("state", "endtime", "begntime", "dise_codg", "med_type", "chronic_disease", "diseinfo",
                   "adm_info", "ipt_otp_no")
@@ -56,7 +54,7 @@ _PG_TYPES = {
     "infcode": "smallint", "response": "bytea", "day": "date",
     **dict.fromkeys((*daily.COUNTS, *daily.MONEY), "bigint"), **dict.fromkeys(_ACC_COUNTERS, "bigint"),
 }
-_CORRECTION_COLS = ("omsgid", "msgid", "oinfno", "fixmedins_code", "undone", "output", "err_msg")
+_CORRECTION_COLS = columns(Correction)
 _ORIGINAL_COLS = columns(Original)
 
 
