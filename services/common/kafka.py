@@ -74,6 +74,9 @@ IDLE_FETCH_WAIT_MS = 100
 # once per record; a lone record reaches them within the wait (QUIET_FETCH_WAIT_MS after a quiet spell).
 BACKGROUND_FETCH_WAIT_MS = 500
 BACKGROUND_FETCH_MIN_BYTES = 256 * 1024
+# A request-path consumer that gathers (Settings.request_gather_ms) asks for this many bytes, so that the window,
+# not the bytes, ends its fetch at the rates this stack sees (about 250 requests; a fuller fetch comes sooner).
+REQUEST_GATHER_MIN_BYTES = 256 * 1024
 # A consumer whose partitions have been quiet this long holds its empty fetches QUIET_FETCH_WAIT_MS instead.
 QUIET_AFTER_S = 2.0
 QUIET_FETCH_WAIT_MS = 1_000
@@ -86,15 +89,20 @@ class QuietAwareConsumer(AIOKafkaConsumer):  # type: ignore[misc]
     matters only while records flow: aiokafka then may leave a partition whose records are still buffered
     out of the held fetch, and that partition's next record waits for the fetch to end. When every partition
     has been quiet for QUIET_AFTER_S none is buffered, so all are in the held fetch and the broker answers it
-    as soon as a record arrives, however long the wait; the first records switch back to the short wait before
-    aiokafka sends its next fetch (it sends none to a broker while records from it are buffered and fresh).
-    (A background consumer's held fetch waits for its minimum bytes instead: a record after a quiet spell
-    reaches it within the quiet wait.) The wait is aiokafka's Fetcher._fetch_max_wait_ms, read for every
-    fetch it builds (aiokafka < 0.15)."""
+    as soon as `quiet_min_bytes` are there, however long the wait; the first records switch back to the
+    active wait and minimum before aiokafka sends its next fetch (it sends none to a broker while records
+    from it are buffered and fresh). A request-path consumer's quiet minimum is one byte: a request after a
+    quiet spell is answered at once, even when its active fetch gathers (REQUEST_GATHER_MIN_BYTES). A
+    background consumer's held fetch keeps its minimum: a record after a quiet spell reaches it within the
+    quiet wait. The wait and the minimum are aiokafka's Fetcher._fetch_max_wait_ms and _fetch_min_bytes,
+    read for every fetch it builds (aiokafka < 0.15)."""
 
-    def __init__(self, *topics: str, fetch_max_wait_ms: int = IDLE_FETCH_WAIT_MS, **kwargs: Any) -> None:
-        super().__init__(*topics, fetch_max_wait_ms=fetch_max_wait_ms, **kwargs)
+    def __init__(self, *topics: str, fetch_max_wait_ms: int = IDLE_FETCH_WAIT_MS, fetch_min_bytes: int = 1,
+                 quiet_min_bytes: int = 1, **kwargs: Any) -> None:
+        super().__init__(*topics, fetch_max_wait_ms=fetch_max_wait_ms, fetch_min_bytes=fetch_min_bytes, **kwargs)
         self.active_fetch_wait_ms = fetch_max_wait_ms
+        self.active_fetch_min_bytes = fetch_min_bytes
+        self.quiet_min_bytes = quiet_min_bytes
         self._last_records = time.monotonic()
 
     @property
@@ -103,10 +111,17 @@ class QuietAwareConsumer(AIOKafkaConsumer):  # type: ignore[misc]
         fetcher = getattr(self, "_fetcher", None)
         return int(fetcher._fetch_max_wait_ms) if fetcher is not None else self.active_fetch_wait_ms
 
-    def _set_fetch_wait(self, ms: int) -> None:
+    @property
+    def fetch_min_bytes(self) -> int:
+        """The minimum the next fetch will ask for."""
+        fetcher = getattr(self, "_fetcher", None)
+        return int(fetcher._fetch_min_bytes) if fetcher is not None else self.active_fetch_min_bytes
+
+    def _set_fetch(self, wait_ms: int, min_bytes: int) -> None:
         fetcher = getattr(self, "_fetcher", None)
         if fetcher is not None:
-            fetcher._fetch_max_wait_ms = ms
+            fetcher._fetch_max_wait_ms = wait_ms
+            fetcher._fetch_min_bytes = min_bytes
 
     async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
                       max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
@@ -114,10 +129,10 @@ class QuietAwareConsumer(AIOKafkaConsumer):  # type: ignore[misc]
         now = time.monotonic()
         if batches:
             self._last_records = now
-            self._set_fetch_wait(self.active_fetch_wait_ms)
+            self._set_fetch(self.active_fetch_wait_ms, self.active_fetch_min_bytes)
         elif now - self._last_records >= QUIET_AFTER_S and not self.paused():
             # (A paused partition is left out of the held fetch: on resume it would wait for it.)
-            self._set_fetch_wait(max(QUIET_FETCH_WAIT_MS, self.active_fetch_wait_ms))
+            self._set_fetch(max(QUIET_FETCH_WAIT_MS, self.active_fetch_wait_ms), self.quiet_min_bytes)
         return batches  # type: ignore[no-any-return]
 
 
@@ -155,10 +170,19 @@ def background_fetch() -> dict[str, int]:
     return {"fetch_min_bytes": BACKGROUND_FETCH_MIN_BYTES, "fetch_max_wait_ms": BACKGROUND_FETCH_WAIT_MS}
 
 
+def request_fetch(gather_ms: int) -> dict[str, int]:
+    """The fetch options of a request-path consumer: the broker answers at the first record (gather_ms 0;
+    the wait then only bounds idle polling), or gathers for gather_ms (REQUEST_GATHER_MIN_BYTES)."""
+    if gather_ms <= 0:
+        return {"fetch_min_bytes": 1, "fetch_max_wait_ms": IDLE_FETCH_WAIT_MS, "quiet_min_bytes": 1}
+    return {"fetch_min_bytes": REQUEST_GATHER_MIN_BYTES, "fetch_max_wait_ms": gather_ms, "quiet_min_bytes": 1}
+
+
 def make_group_consumer(s: Settings, principal: str, group_id: str, *topics: str,
                         background: bool = False) -> QuietAwareConsumer:
     """A consumer of the group; `background`: one whose output no request waits for (background_fetch)."""
-    fetch = background_fetch() if background else {"fetch_min_bytes": 1, "fetch_max_wait_ms": IDLE_FETCH_WAIT_MS}
+    fetch = ({**background_fetch(), "quiet_min_bytes": BACKGROUND_FETCH_MIN_BYTES} if background
+             else request_fetch(s.request_gather_ms))
     consumer = QuietAwareConsumer(
         bootstrap_servers=s.kafka_bootstrap,
         **client_auth(s, principal),
@@ -168,8 +192,8 @@ def make_group_consumer(s: Settings, principal: str, group_id: str, *topics: str
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         max_poll_records=s.batch_size_max,
-        # The request path's: the broker answers a fetch as soon as any record is there; the wait only bounds
-        # idle polling (5 ms meant ~200 empty fetches a second per consumer, a third of a core on this box).
+        # The request path's (request_fetch): the broker answers at once or after the gather window; an idle
+        # wait of 5 ms meant ~200 empty fetches a second per consumer, a third of a core on this box.
         **fetch,
         group_instance_id=instance_id(s, group_id),
         session_timeout_ms=SESSION_TIMEOUT_MS,

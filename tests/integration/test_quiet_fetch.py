@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -120,3 +121,33 @@ async def test_a_background_consumer_wakes_for_batches_and_still_sees_a_lone_rec
         await producer.send_and_wait(topic, b"lone", key=b"visit-3")
         assert await get_records(consumer, 1, 4.0) == [b"lone"]
         assert time.monotonic() - sent < kafka.QUIET_FETCH_WAIT_MS / 1000 + 1.0
+
+
+async def test_a_gathering_request_consumer_takes_batches_and_a_request_after_a_quiet_spell_at_once(
+        stack: Settings, topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kafka, "QUIET_AFTER_S", 1.0)
+    monkeypatch.setattr(kafka, "QUIET_FETCH_WAIT_MS", QUIET_WAIT_MS)
+    gathering = dataclasses.replace(stack, request_gather_ms=100)
+    async with at_the_end(gathering, topic, "xsettle-test-gathering-fetch") as (consumer, producer):
+        assert (consumer.fetch_min_bytes, consumer.fetch_wait_ms) == (kafka.REQUEST_GATHER_MIN_BYTES, 100)
+        await get_records(consumer, 1, 0.5)
+
+        # Twenty records 10 ms apart on one partition: the broker holds each fetch for the window, so they
+        # come in a few batches.
+        reading = asyncio.create_task(get_batches(consumer, 20, 5.0))
+        for i in range(20):
+            await producer.send_and_wait(topic, b"g%d" % i, key=b"visit-4")
+            await asyncio.sleep(0.01)
+        batches = await reading
+        assert [v for b in batches for v in b] == [b"g%d" % i for i in range(20)]
+        assert len(batches) <= 6, [len(b) for b in batches]
+
+        # Quiet: the held fetch asks for one byte, so a request after the spell does not wait out the 5 s.
+        await get_records(consumer, 1, 1.5)
+        assert (consumer.fetch_min_bytes, consumer.fetch_wait_ms) == (1, QUIET_WAIT_MS)
+        await asyncio.sleep(0.5)  # the quiet fetch is held now
+        sent = time.monotonic()
+        await producer.send_and_wait(topic, b"after-quiet", key=b"visit-4")
+        assert await get_records(consumer, 1, 4.0) == [b"after-quiet"]
+        assert time.monotonic() - sent < 2.5
+        assert (consumer.fetch_min_bytes, consumer.fetch_wait_ms) == (kafka.REQUEST_GATHER_MIN_BYTES, 100)

@@ -25,6 +25,17 @@ async def test_a_background_group_consumer_waits_for_a_batch_within_a_bound() ->
     assert fetch_options(request_path) == (1, kafka.IDLE_FETCH_WAIT_MS) == (1, 100)
     # A quiet spell's wait stays the bound on a lone record: never shorter than the active one.
     assert background.active_fetch_wait_ms == 500 <= kafka.QUIET_FETCH_WAIT_MS == 1_000
+    # While quiet, the background consumer keeps gathering; the request path answers at the first record.
+    assert (background.quiet_min_bytes, request_path.quiet_min_bytes) == (256 * 1024, 1)
+
+
+async def test_a_request_path_consumer_gathers_for_the_configured_window_and_not_while_quiet() -> None:
+    s = dataclasses.replace(load_settings(), request_gather_ms=10)
+    gathering = kafka.make_group_consumer(s, "settle", "xsettle-test-request-path", "t.topic")
+    assert fetch_options(gathering) == (kafka.REQUEST_GATHER_MIN_BYTES, 10)
+    assert gathering.quiet_min_bytes == 1
+    assert kafka.request_fetch(0) == {"fetch_min_bytes": 1, "fetch_max_wait_ms": 100, "quiet_min_bytes": 1}
+    assert load_settings().request_gather_ms == 0  # the default (README, Benchmarks: measured)
 
 
 def test_only_clearings_32xx_requests_are_answered_to_a_waiting_hospital() -> None:
