@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from schemas.correction import Input2601
 from schemas.internal import RoutedRequest
@@ -211,12 +212,12 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
     writes = _Writes()
     if st.new_visits:
         writes.insert("visit", _VISIT_COLS,
-                      [tuple(_visit_value(st.visits[v], c) for c in _VISIT_COLS) for v in st.new_visits])
+                      [tuple(getattr(st.visits[v], c) for c in _VISIT_COLS) for v in st.new_visits])
     changed = st.changed_visits - set(st.new_visits)
     if changed:
         cols = ("mdtrt_id", *_VISIT_MUTABLE)
         writes.update("visit", cols, ", ".join(f"{c} = u.{c}" for c in _VISIT_MUTABLE), ("mdtrt_id",),
-                      [tuple(_visit_value(st.visits[v], c) for c in cols) for v in sorted(changed)])
+                      [tuple(getattr(st.visits[v], c) for c in cols) for v in sorted(changed)])
     if st.new_fees:
         # Each item once (an item sent twice in the batch is one row in its final state): one INSERT may
         # not touch a row twice.
@@ -237,7 +238,7 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
         rows = []
         for key in sorted(st.changed_accumulators):
             data = accumulators_to_json(st.accumulators[key])
-            rows.append((*key, *(data[c] for c in _ACC_COUNTERS), json.dumps(data["chronic_paid"])))
+            rows.append((*key, *(data[c] for c in _ACC_COUNTERS), data["chronic_paid"]))
         writes.insert("accumulator", cols, rows, " ON CONFLICT (psn_no, acc_year) DO UPDATE SET "
                       + ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[2:]))
     if st.changed_accounts:
@@ -245,7 +246,8 @@ async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
                       " ON CONFLICT (psn_no) DO UPDATE SET balc_fen = EXCLUDED.balc_fen")
     if st.responses:
         writes.insert("processed_request", _PROCESSED_COLS,
-                      [(msgid, *rest, st.request_visits.get(msgid)) for msgid, rest in st.responses.items()])
+                      [(msgid, infno, fixmedins_code, infcode, _bytea(response), st.request_visits.get(msgid))
+                       for msgid, (infno, fixmedins_code, infcode, response) in st.responses.items()])
     await writes.run(conn)
     if st.cancelled_fees:
         await _update(conn, "fee_item", ("mdtrt_id", "feedetl_sn"), "cancelled = true", ("mdtrt_id", "feedetl_sn"),
@@ -267,24 +269,25 @@ class _Writes:
     """Writes sent as one statement: each a data-modifying `WITH` part of it, the last one the main statement.
     PostgreSQL runs the parts on one snapshot, so none may read what another writes, nor two change the same
     row; the constraint checks and triggers run at the statement's end and see every part's rows (a ledger
-    row's visit inserted beside it, the settlement trigger's keys in the rows' order)."""
+    row's visit inserted beside it, the settlement trigger's keys in the rows' order).
+    Each part's rows go as one JSON parameter (`_recordset`)."""
 
     def __init__(self) -> None:
         self.parts: list[str] = []
-        self.args: list[list[Any]] = []
+        self.args: list[str] = []
 
     def insert(self, table: str, cols: Sequence[str], rows: list[tuple[Any, ...]], on_conflict: str = "") -> None:
-        self.parts.append(f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM {self._unnest(cols)}{on_conflict}")
-        self.args += _columns(rows, len(cols))
+        rows_table = self._rows(cols, rows)
+        self.parts.append(f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM {rows_table}{on_conflict}")
 
     def update(self, table: str, cols: Sequence[str], assignments: str, keys: Sequence[str],
                rows: Sequence[tuple[Any, ...]]) -> None:
         match = " AND ".join(f"t.{k} = u.{k}" for k in keys)
-        self.parts.append(f"UPDATE {table} t SET {assignments} FROM {self._unnest(cols)} WHERE {match}")
-        self.args += _columns(rows, len(cols))
+        self.parts.append(f"UPDATE {table} t SET {assignments} FROM {self._rows(cols, rows)} WHERE {match}")
 
-    def _unnest(self, cols: Sequence[str]) -> str:
-        return _unnest(cols, first=len(self.args) + 1)
+    def _rows(self, cols: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> str:
+        self.args.append(_rows_json(cols, rows))
+        return _recordset(cols, len(self.args))
 
     async def run(self, conn: asyncpg.Connection) -> None:
         if not self.parts:
@@ -302,19 +305,27 @@ async def _update(conn: asyncpg.Connection, table: str, cols: Sequence[str], ass
     await writes.run(conn)
 
 
-def _unnest(cols: Sequence[str], first: int = 1) -> str:
-    arrays = ", ".join(f"${i}::{_PG_TYPES.get(c, 'text')}[]" for i, c in enumerate(cols, start=first))
-    return f"unnest({arrays}) AS u({', '.join(cols)})"
+# Rows go to PostgreSQL as one JSON array of objects per table: msgspec encodes them in C, where asyncpg's
+# per-column arrays cost several Python-level type checks per element (measured: a 30-item fee upload's
+# insert took ~0.7 ms of the engine's CPU as arrays, ~0.2 ms as JSON; PostgreSQL's time is no higher).
+# Decimals go as JSON numbers (exact: PostgreSQL reads them as numeric), datetimes and dates as ISO text.
+_rows_encoder = msgspec.json.Encoder(decimal_format="number")
 
 
-def _columns(rows: Sequence[tuple[Any, ...]], n: int) -> list[list[Any]]:
-    """Rows as one list per column (the arrays `unnest` zips back into rows)."""
-    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(n)]
+def _recordset(cols: Sequence[str], param: int) -> str:
+    """The rows of JSON parameter `param` as a table `u`, each column typed (any other column is text;
+    char(6) included: text casts to it on assignment)."""
+    types = ", ".join(f"{c} {_PG_TYPES.get(c, 'text')}" for c in cols)
+    return f"json_to_recordset(${param}::json) AS u({types})"
 
 
-def _visit_value(visit: Visit, column: str) -> Any:
-    value = getattr(visit, column)
-    return json.dumps(value, ensure_ascii=False) if column in _VISIT_JSON else value
+def _rows_json(cols: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> str:
+    return _rows_encoder.encode([dict(zip(cols, row, strict=True)) for row in rows]).decode()
+
+
+def _bytea(value: bytes) -> str:
+    """A bytea value as JSON text can carry it: PostgreSQL's hex input format (msgspec would write base64)."""
+    return "\\x" + value.hex()
 
 
 def _params(n: int) -> str:
@@ -322,12 +333,4 @@ def _params(n: int) -> str:
 
 
 def _settlement_values(row: Settlement) -> tuple[Any, ...]:
-    values: list[Any] = []
-    for c in _SETL_COLS:
-        if c in AMOUNT_FIELDS:
-            values.append(row.amounts[c])
-        elif c == "accum_delta":
-            values.append(json.dumps(row.accum_delta))
-        else:
-            values.append(getattr(row, c))
-    return tuple(values)
+    return tuple(row.amounts[c] if c in AMOUNT_FIELDS else getattr(row, c) for c in _SETL_COLS)

@@ -120,8 +120,8 @@ async def test_poisoned_request_is_rolled_back_and_the_batch_redone(stack: Setti
 
 
 async def test_a_request_the_database_refuses_is_isolated(stack: Settings, ledger: Ledger) -> None:
-    """A NUL in a drug code passes msgspec but PostgreSQL refuses it (CharacterNotInRepertoire) at the
-    batch's write: the batch is halved until the culprit is alone, the others settle."""
+    """A NUL in a drug code passes msgspec but PostgreSQL refuses it at the batch's write (the rows' JSON
+    reader: UntranslatableCharacter): the batch is halved until the culprit is alone, the others settle."""
     msgs = _purchases(5, "2")
     victim = msgs[3]
     assert isinstance(victim.body, Input2102)
@@ -132,7 +132,7 @@ async def test_a_request_the_database_refuses_is_isolated(stack: Settings, ledge
     replies = _replies(outbox, msgs[0].reply_topic)
     assert replies[victim.msgid]["infcode"] == -1
     assert replies[victim.msgid]["err_msg"] == (
-        "INTERNAL: the record could not be applied (CharacterNotInRepertoireError (SQLSTATE 22021))")
+        "INTERNAL: the record could not be applied (UntranslatableCharacterError (SQLSTATE 22P05))")
     assert {m.msgid for m in msgs if replies[m.msgid]["infcode"] == 0} == {m.msgid for m in msgs} - {victim.msgid}
     letters = _dead_letters(outbox)
     assert [(d.msgid, d.err_code) for d in letters] == [(None, "INTERNAL"), (victim.msgid, "INTERNAL")]
