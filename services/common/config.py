@@ -128,7 +128,7 @@ class Settings:
     # The request path's fetch (the settlement stage, clearing's 32xx requests): the broker gathers records for
     # up to this many milliseconds before it answers (0: at the first record). Fewer, larger batches cost less
     # per request in every process; a request may wait this long (services/common/kafka.py, request_fetch).
-    request_gather_ms: int = 0
+    request_gather_ms: int = 10
 
     @property
     def kafka_nodes(self) -> list[tuple[int, int, int]]:
@@ -221,7 +221,7 @@ def load_settings() -> Settings:
         dashboard_session_idle_s=_int("XS_DASHBOARD_SESSION_IDLE_S", 1800, 1, 86_400),
         dashboard_session_max_s=_int("XS_DASHBOARD_SESSION_MAX_S", 28_800, 1, 7 * 86_400),
         watchdog_stall_s=_int("XS_WATCHDOG_STALL_S", 30, 5, 3600),
-        request_gather_ms=_int("XS_REQUEST_GATHER_MS", 0, 0, 100),
+        request_gather_ms=_int("XS_REQUEST_GATHER_MS", 10, 0, 100),
     )
 
 

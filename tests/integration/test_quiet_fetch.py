@@ -68,7 +68,8 @@ async def test_quiet_consumer_holds_fetches_longer_and_answers_at_once(
         stack: Settings, topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kafka, "QUIET_AFTER_S", 1.0)
     monkeypatch.setattr(kafka, "QUIET_FETCH_WAIT_MS", QUIET_WAIT_MS)
-    async with at_the_end(stack, topic, "xsettle-test-quiet-fetch") as (consumer, producer):
+    at_once = dataclasses.replace(stack, request_gather_ms=0)  # the request path without a gather window
+    async with at_the_end(at_once, topic, "xsettle-test-quiet-fetch") as (consumer, producer):
         assert consumer.fetch_wait_ms == kafka.IDLE_FETCH_WAIT_MS
         await get_records(consumer, 1, 1.5)  # nothing comes: quiet for longer than QUIET_AFTER_S
         assert consumer.fetch_wait_ms == QUIET_WAIT_MS
