@@ -43,8 +43,8 @@ _CORRECTABLE = correctable()
 _ACC_COUNTERS = ("basic_paid", "outpatient_dedc_used", "outpatient_paid", "critical_base", "critical_paid",
                  "supplementary_paid", "assistance_paid")
 _PROCESSED_COLS = ("msgid", "infno", "fixmedins_code", "infcode", "response", "mdtrt_id")
-# The element type of each written column's array (`unnest`); any other column is text (char(6) included:
-# text casts to it on assignment).
+# The type of each written column in its rows' table (`_recordset`); any other column is text (char(6)
+# included: text casts to it on assignment).
 _PG_TYPES = {
     "begntime": "timestamp", "endtime": "timestamp", "diseinfo": "jsonb", "adm_info": "jsonb",
     "selfpay_prop": "numeric", "pric_uplmt_fen": "bigint", "fee_fen": "bigint", "cnt": "numeric",
@@ -204,11 +204,12 @@ def _settlement(r: Row) -> Settlement:
 
 
 async def write_batch(conn: asyncpg.Connection, st: BatchState) -> None:
-    """Every table the batch changed in one set-based statement each: the rows go as one array per column
-    (`unnest`), so PostgreSQL parses, plans and executes a statement per table, not per row. The writes that
-    touch a row at most once go together in one round trip (`_Writes`): visits, new items, ledger rows and
-    their daily sums, accumulators, accounts, responses. The item updates follow, one statement each: they
-    may touch an item the batch also inserts, and one statement may not change a row twice."""
+    """Every table the batch changed in one set-based statement each: a table's rows go as one JSON
+    parameter (`_recordset`), so PostgreSQL parses, plans and executes a statement per table, not per row.
+    The writes that touch a row at most once go together in one round trip (`_Writes`): visits, new items,
+    ledger rows and their daily sums, accumulators, accounts, responses. The item updates follow, one
+    statement each: they may touch an item the batch also inserts, and one statement may not change a row
+    twice."""
     writes = _Writes()
     if st.new_visits:
         writes.insert("visit", _VISIT_COLS,
@@ -306,15 +307,14 @@ async def _update(conn: asyncpg.Connection, table: str, cols: Sequence[str], ass
 
 
 # Rows go to PostgreSQL as one JSON array of objects per table: msgspec encodes them in C, where asyncpg's
-# per-column arrays cost several Python-level type checks per element (measured: a 30-item fee upload's
-# insert took ~0.7 ms of the engine's CPU as arrays, ~0.2 ms as JSON; PostgreSQL's time is no higher).
+# per-column arrays cost several Python-level type checks per element (loadtest.rows_encoding: a 30-item fee
+# upload's insert took 0.5-0.6 ms of the client's CPU as arrays, 0.17-0.24 ms as JSON; PostgreSQL's no more).
 # Decimals go as JSON numbers (exact: PostgreSQL reads them as numeric), datetimes and dates as ISO text.
 _rows_encoder = msgspec.json.Encoder(decimal_format="number")
 
 
 def _recordset(cols: Sequence[str], param: int) -> str:
-    """The rows of JSON parameter `param` as a table `u`, each column typed (any other column is text;
-    char(6) included: text casts to it on assignment)."""
+    """The rows of JSON parameter `param` as a table `u`, each column typed (_PG_TYPES)."""
     types = ", ".join(f"{c} {_PG_TYPES.get(c, 'text')}" for c in cols)
     return f"json_to_recordset(${param}::json) AS u({types})"
 
