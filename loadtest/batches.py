@@ -24,6 +24,11 @@ _SERIES = re.compile(r'^(xs_consumer_step_seconds_(?:count|sum)\{group="' + GROU
 def stage_series(s: Settings) -> dict[str, float]:
     """The settlement stage's step and stage series (count and sum) from its metrics endpoint."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{s.settle_metrics_port}/metrics", timeout=5).read().decode()
+    return parse_series(text)
+
+
+def parse_series(text: str) -> dict[str, float]:
+    """The series `stage_series` reads, from a Prometheus text exposition."""
     return {m.group(1): float(m.group(2)) for line in text.splitlines() if (m := _SERIES.match(line))}
 
 
