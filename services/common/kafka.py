@@ -98,11 +98,12 @@ class QuietAwareConsumer(AIOKafkaConsumer):  # type: ignore[misc]
     read for every fetch it builds (aiokafka < 0.15)."""
 
     def __init__(self, *topics: str, fetch_max_wait_ms: int = IDLE_FETCH_WAIT_MS, fetch_min_bytes: int = 1,
-                 quiet_min_bytes: int = 1, **kwargs: Any) -> None:
+                 quiet_min_bytes: int | None = None, **kwargs: Any) -> None:
         super().__init__(*topics, fetch_max_wait_ms=fetch_max_wait_ms, fetch_min_bytes=fetch_min_bytes, **kwargs)
         self.active_fetch_wait_ms = fetch_max_wait_ms
         self.active_fetch_min_bytes = fetch_min_bytes
-        self.quiet_min_bytes = quiet_min_bytes
+        # None: the held fetch keeps the active minimum while quiet (a background consumer's).
+        self.quiet_min_bytes = fetch_min_bytes if quiet_min_bytes is None else quiet_min_bytes
         self._last_records = time.monotonic()
 
     @property
@@ -181,8 +182,7 @@ def request_fetch(gather_ms: int) -> dict[str, int]:
 def make_group_consumer(s: Settings, principal: str, group_id: str, *topics: str,
                         background: bool = False) -> QuietAwareConsumer:
     """A consumer of the group; `background`: one whose output no request waits for (background_fetch)."""
-    fetch = ({**background_fetch(), "quiet_min_bytes": BACKGROUND_FETCH_MIN_BYTES} if background
-             else request_fetch(s.request_gather_ms))
+    fetch = background_fetch() if background else request_fetch(s.request_gather_ms)
     consumer = QuietAwareConsumer(
         bootstrap_servers=s.kafka_bootstrap,
         **client_auth(s, principal),
