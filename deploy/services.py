@@ -11,6 +11,7 @@ to supervisord over its unix socket (no TCP port).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import ssl
 import sys
@@ -204,6 +205,27 @@ def _own_environment(program: str, settings_vars: dict[str, str]) -> dict[str, s
     that program only, so changing one restarts only it."""
     prefix = f"XS_{program.upper()}_"
     return {k: v for k, v in os.environ.items() if k.startswith(prefix) and k not in settings_vars}
+
+
+_SECTION_START = re.compile(r"(?m)^(?=\[)")
+
+
+def keep_other_programs(new: str, old: str, program: str) -> str:
+    """`new` with every program section but `program`'s as `old` has it: changing a setting for one
+    program (`restart-service NAME`) restarts that one only, where a whole render gives every program
+    every setting and supervisord restarts each whose environment changed."""
+    kept = {}
+    for chunk in _SECTION_START.split(old):
+        if chunk.startswith("[program:"):
+            kept[chunk[len("[program:"):chunk.index("]")]] = chunk.rstrip("\n")
+    out = []
+    for chunk in _SECTION_START.split(new):
+        name = chunk[len("[program:"):chunk.index("]")] if chunk.startswith("[program:") else None
+        if name is not None and name != program and name in kept:
+            body = chunk.rstrip("\n")
+            chunk = kept[name] + chunk[len(body):]  # the old text, this render's spacing
+        out.append(chunk)
+    return "".join(out)
 
 
 def supervisor_config(s: Settings) -> str:

@@ -24,6 +24,7 @@ from deploy.services import (
     STOP_WAIT_SECS,
     ServiceSpec,
     SupervisorPaths,
+    keep_other_programs,
     service_specs,
     supervisor_config,
     supervisord_sections,
@@ -41,13 +42,20 @@ class Supervisor:
     """A supervisord started on demand from its rendered config, driven over XML-RPC: the run's (services,
     Prometheus; under Settings.run_dir) or, with infra=True, the state dir's (Kafka, PostgreSQL)."""
 
-    def __init__(self, s: Settings, infra: bool = False) -> None:
+    def __init__(self, s: Settings, infra: bool = False, only: str | None = None) -> None:
         self.settings = s
         self.infra = infra
+        # only=NAME: this caller's environment is applied to program NAME alone (see keep_other_programs).
+        self.only = only
         self.paths = SupervisorPaths.infra(s) if infra else SupervisorPaths.of(s)
 
     def _render(self) -> str:
-        return infra_config(self.settings) if self.infra else supervisor_config(self.settings)
+        if self.infra:
+            return infra_config(self.settings)
+        text = supervisor_config(self.settings)
+        if self.only is not None and self.paths.config.exists():
+            text = keep_other_programs(text, self.paths.config.read_text(), self.only)
+        return text
 
     def _proxy(self) -> Any:
         transport = SupervisorTransport(None, None, f"unix://{self.paths.socket}")
@@ -253,7 +261,7 @@ def start_service(
     """Start one program (nothing to do if it runs); with wait, return once its endpoint answers."""
     s = settings or load_settings()
     _ready_port(name, s)
-    _start_program(Supervisor(s).rpc(), name, s)
+    _start_program(Supervisor(s, only=name).rpc(), name, s)
     if wait:
         return _wait_ready(name, s, timeout)
     return service_pid(name, s) or 0
@@ -268,7 +276,7 @@ def stop_service(
     pid = service_pid(name, s)
     if pid is None:
         return False
-    sup = Supervisor(s)
+    sup = Supervisor(s, only=name)
     rpc = sup.rpc()
     say(f"{name}: {'killing' if kill else 'stopping'} pid {pid}")
     if kill:
@@ -301,7 +309,7 @@ def restart_service(name: str, settings: Settings | None = None, kill: bool = Fa
     old = service_pid(name, s)
     if kill and old is not None:
         say(f"{name}: killing pid {old}; supervisord restarts it")
-        _signal_program(Supervisor(s).rpc(), name)
+        _signal_program(Supervisor(s, only=name).rpc(), name)
         return _wait_ready(name, s, SERVICE_READY_TIMEOUT_S, not_pid=old)
     stop_service(name, settings=s)
     return start_service(name, s)

@@ -4,6 +4,7 @@ services are its own (ports, database, topic prefix)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -63,3 +64,22 @@ def test_the_runs_services_use_its_own_settings(services: Settings) -> None:
         assert pid is not None, name
         env = _environ(pid)
         assert {k: env.get(k) for k in wanted} == wanted, name
+
+
+def test_restart_service_with_a_changed_setting_restarts_that_service_only(services: Settings) -> None:
+    names = ("settle", "gateway", "clearing", "monitor", "dashboard", "smartmon")
+    before = {name: stack_ctl.service_pid(name, services) for name in names}
+    changed = dataclasses.replace(services, request_gather_ms=services.request_gather_ms + 7)
+    try:
+        new = stack_ctl.restart_service("monitor", changed)
+        assert new != before["monitor"]
+        assert _environ(new)["XS_REQUEST_GATHER_MS"] == str(changed.request_gather_ms)
+        for name in names:
+            if name != "monitor":
+                pid = stack_ctl.service_pid(name, services)
+                assert pid is not None and pid == before[name], f"{name} was restarted too"
+                assert _environ(pid)["XS_REQUEST_GATHER_MS"] == str(services.request_gather_ms), name
+    finally:
+        stack_ctl.restart_service("monitor", services)
+    assert _environ(stack_ctl.service_pid("monitor", services) or 0)["XS_REQUEST_GATHER_MS"] == str(
+        services.request_gather_ms)

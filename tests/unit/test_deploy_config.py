@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from deploy.db import LOGIN_ROLES, PG_ADMIN_ROLE, ROLES, role_password, write_passfile
-from deploy.services import START_RETRIES, service_specs, supervisor_config
+from deploy.services import START_RETRIES, keep_other_programs, service_specs, supervisor_config
 from services.common.config import ConfigError, load_settings, settings_env
 from topics.catalog import catalog
 
@@ -87,6 +87,30 @@ def test_supervisor_config_restarts_every_service_with_the_runs_settings(
         assert 'XS_GATEWAY_PORT="24001"' in env
         # A program's own switches reach only that program (a change restarts only it).
         assert ('XS_SETTLE_TRACE="1"' in env) == (spec.name == "settle")
+
+
+def test_a_setting_changed_for_one_program_reaches_that_program_only(
+        run_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = supervisor_config(load_settings())
+    monkeypatch.setenv("XS_REQUEST_GATHER_MS", "0")
+    everywhere = supervisor_config(load_settings())
+    only_settle = keep_other_programs(everywhere, before, "settle")
+
+    def environments(text: str) -> dict[str, str]:
+        parser = configparser.RawConfigParser()
+        parser.read_string(text)
+        return {section: parser.get(section, "environment") for section in parser.sections()
+                if section.startswith("program:")}
+
+    old, new, mixed = environments(before), environments(everywhere), environments(only_settle)
+    assert set(mixed) == set(old) and len(mixed) >= 6
+    for section, env in mixed.items():
+        assert env == (new if section == "program:settle" else old)[section], section
+    assert 'XS_REQUEST_GATHER_MS="0"' in mixed["program:settle"]
+    assert 'XS_REQUEST_GATHER_MS="10"' in mixed["program:smartmon"]
+    # Nothing else moves: kept against itself, a render is the same text to the byte.
+    assert keep_other_programs(everywhere, everywhere, "settle") == everywhere
+    assert keep_other_programs(only_settle, before, "gateway") == before
 
 
 def test_background_programs_run_niced_and_the_request_path_does_not(run_env: None) -> None:
