@@ -275,7 +275,7 @@ class _Writes:
 
     def __init__(self) -> None:
         self.parts: list[str] = []
-        self.args: list[str] = []
+        self.args: list[str | list[str]] = []
 
     def insert(self, table: str, cols: Sequence[str], rows: list[tuple[Any, ...]], on_conflict: str = "") -> None:
         rows_table = self._rows(cols, rows)
@@ -283,8 +283,17 @@ class _Writes:
 
     def update(self, table: str, cols: Sequence[str], assignments: str, keys: Sequence[str],
                rows: Sequence[tuple[Any, ...]]) -> None:
+        """UPDATE the rows matching each row's `keys`; keys[0] must lead an index of `table` (text)."""
         match = " AND ".join(f"t.{k} = u.{k}" for k in keys)
-        self.parts.append(f"UPDATE {table} t SET {assignments} FROM {self._rows(cols, rows)} WHERE {match}")
+        rows_table = self._rows(cols, rows)
+        # A function's row estimate is fixed (json_to_recordset: 100), so the generic plan joined it to a
+        # sequential scan of the whole table once the table outgrew a few thousand rows: a cost per batch that
+        # grew with the ledger. The leading key as an array (estimated at 10 elements) makes the plan look
+        # the batch's rows up by index, whatever the table's size.
+        lead = cols.index(keys[0])
+        self.args.append(sorted({row[lead] for row in rows}))
+        self.parts.append(f"UPDATE {table} t SET {assignments} FROM {rows_table} "
+                          f"WHERE t.{keys[0]} = ANY(${len(self.args)}::text[]) AND {match}")
 
     def _rows(self, cols: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> str:
         self.args.append(_rows_json(cols, rows))

@@ -18,20 +18,27 @@ def _placeholders(sql: str) -> list[int]:
 def test_parts_become_one_statement_with_consecutive_parameters() -> None:
     writes = _Writes()
     writes.insert("visit", ("mdtrt_id", "begntime"), [("M1", datetime(2026, 11, 30, 9, 15)), ("M2", None)])
-    writes.update("visit", ("mdtrt_id", "state"), "state = u.state", ("mdtrt_id",), [("M0", "closed")])
+    writes.update("visit", ("mdtrt_id", "state"), "state = u.state", ("mdtrt_id",),
+                  [("M9", "closed"), ("M0", "open")])
     writes.insert("account", ("psn_no", "balc_fen"), [("P1", 100)], " ON CONFLICT (psn_no) DO NOTHING")
     sql = " ".join(writes.parts)
-    assert _placeholders(sql) == [1, 2, 3]
-    assert [json.loads(a) for a in writes.args] == [
+    assert _placeholders(sql) == [1, 2, 3, 4]
+    assert [json.loads(a) if isinstance(a, str) else a for a in writes.args] == [
         [{"mdtrt_id": "M1", "begntime": "2026-11-30T09:15:00"}, {"mdtrt_id": "M2", "begntime": None}],
-        [{"mdtrt_id": "M0", "state": "closed"}],
+        [{"mdtrt_id": "M9", "state": "closed"}, {"mdtrt_id": "M0", "state": "open"}],
+        ["M0", "M9"],  # the leading key's values: the plan finds the rows by index
         [{"psn_no": "P1", "balc_fen": 100}]]
     assert writes.parts[0] == ("INSERT INTO visit (mdtrt_id, begntime) SELECT * FROM "
                                "json_to_recordset($1::json) AS u(mdtrt_id text, begntime timestamp)")
     assert writes.parts[1] == ("UPDATE visit t SET state = u.state FROM json_to_recordset($2::json)"
-                               " AS u(mdtrt_id text, state text) WHERE t.mdtrt_id = u.mdtrt_id")
-    assert writes.parts[2].endswith("json_to_recordset($3::json) AS u(psn_no text, balc_fen bigint)"
+                               " AS u(mdtrt_id text, state text) WHERE t.mdtrt_id = ANY($3::text[])"
+                               " AND t.mdtrt_id = u.mdtrt_id")
+    assert writes.parts[2].endswith("json_to_recordset($4::json) AS u(psn_no text, balc_fen bigint)"
                                     " ON CONFLICT (psn_no) DO NOTHING")
+    items = _Writes()  # a visit's items share its key: each value once in the array
+    items.update("fee_item", ("mdtrt_id", "feedetl_sn", "setl_id"), "setl_id = u.setl_id", ("mdtrt_id", "feedetl_sn"),
+                 [("M1", "1", "S1"), ("M1", "2", "S1"), ("M0", "1", "S0")])
+    assert items.args[1] == ["M0", "M1"]
 
 
 def test_values_keep_their_exact_form_in_the_rows_json() -> None:
@@ -41,6 +48,7 @@ def test_values_keep_their_exact_form_in_the_rows_json() -> None:
     row = (Decimal("2.0000"), Decimal("0.1"), {"outpatient_paid": 5}, date(2026, 11, 30), _bytea(b"\x00{"), 'a"b\\c医')
     writes.insert("fee_item", ("cnt", "selfpay_prop", "accum_delta", "day", "response", "mdtrt_id"), [row])
     (rows,) = writes.args
+    assert isinstance(rows, str)
     assert '"cnt":2.0000,"selfpay_prop":0.1,"accum_delta":{"outpatient_paid":5},"day":"2026-11-30"' in rows
     assert json.loads(rows) == [{"cnt": 2.0, "selfpay_prop": 0.1, "accum_delta": {"outpatient_paid": 5},
                                  "day": "2026-11-30", "response": "\\x007b", "mdtrt_id": 'a"b\\c医'}]
