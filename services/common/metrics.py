@@ -209,7 +209,7 @@ def metrics_app() -> WsgiApp:
 
     Prometheus asks for OpenMetrics and gzip; over loopback both are only CPU: prometheus_client renders
     OpenMetrics about 1.5x slower than the text format, and gzip (level 9) adds to every scrape, rendered
-    every 2 s in the service's own process. Prometheus reads the text format just as well."""
+    every 5 s in the service's own process. Prometheus reads the text format just as well."""
     app = make_wsgi_app(REGISTRY, disable_compression=True)
 
     def text_format_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
