@@ -50,7 +50,7 @@ def as_arrays(rows: Sequence[tuple[Any, ...]]) -> tuple[str, list[list[Any]]]:
     return sql, [list(column) for column in zip(*rows, strict=True)]
 
 
-def as_json(rows: Sequence[tuple[Any, ...]]) -> tuple[str, list[str]]:
+def as_json(rows: Sequence[tuple[Any, ...]]) -> tuple[str, list[str | list[str]]]:
     """The engine's: one JSON parameter read by json_to_recordset."""
     writes = ledger._Writes()
     writes.insert("rows_encoding", COLUMNS, list(rows))
