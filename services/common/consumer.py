@@ -8,9 +8,10 @@ Per poll of a consumer group:
   3. publish the outbox and wait for the broker's acknowledgements;
   4. commit the offsets — last, so a crash anywhere replays the batch (every service is idempotent).
      The commit runs in the background (`OffsetCommitter`): the next poll does not wait for the
-     coordinator's round trip, one commit is in flight at a time, and the offsets of batches
-     acknowledged meanwhile go out together in the next one. Only acknowledged batches' offsets are
-     handed over, so a commit never runs ahead of the output.
+     coordinator's round trip, one commit is in flight at a time and at most one goes out per
+     `COMMIT_MIN_INTERVAL_S`, and the offsets of batches acknowledged meanwhile go out together in the
+     next one. Only acknowledged batches' offsets are handed over, so a commit never runs ahead of the
+     output.
 
 Two kinds of failure (`classify`):
 - *record*: caused by the data (does not decode, the database refuses it — SQLSTATE class 22/23 —,
@@ -54,6 +55,10 @@ T = TypeVar("T")
 BACKOFF_FIRST_S: Final = 0.1
 BACKOFF_MAX_S: Final = 2.0  # at most this long between an outage's end and the next attempt
 POLL_TIMEOUT_MS: Final = 100
+# Each offset commit costs the consumer's client and the broker a request (and the group coordinator a write
+# to __consumer_offsets); a batch's offsets may wait this long to go out with the next batches'. A crash
+# replays at most this much more, which every service takes as duplicates.
+COMMIT_MIN_INTERVAL_S: Final = 0.1
 # SQLSTATE classes that say the database (not the record) is in trouble: connection (08), transaction
 # rollback — deadlock, serialization — (40), resources (53), lock not available (55), operator
 # intervention — shutdown, starting up — (57), system error (58), internal (XX).
@@ -385,15 +390,19 @@ class BatchConsumer(Generic[T]):
 
 
 class OffsetCommitter:
-    """Commits acknowledged batches' offsets in the background, one commit at a time: the next batch does
-    not wait for the coordinator's round trip, and the offsets of batches acknowledged meanwhile go out
-    together in the next commit. Only offsets whose output was acknowledged are ever handed to it."""
+    """Commits acknowledged batches' offsets in the background, one commit at a time and at most one per
+    `min_interval_s`: the next batch does not wait for the coordinator's round trip, and the offsets of
+    batches acknowledged meanwhile go out together in the next commit. Only offsets whose output was
+    acknowledged are ever handed to it."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, group_id: str) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, group_id: str,
+                 min_interval_s: float = COMMIT_MIN_INTERVAL_S) -> None:
         self.consumer = consumer
         self.group_id = group_id
+        self.min_interval_s = min_interval_s
         self.pending: dict[TopicPartition, int] = {}
         self.task: asyncio.Task[None] | None = None
+        self.hurry = asyncio.Event()  # set by flush(): the last offsets go out without waiting
 
     def add(self, offsets: dict[TopicPartition, int]) -> None:
         self.pending.update(offsets)  # a partition's latest batch: acknowledged, as every earlier one
@@ -411,9 +420,14 @@ class OffsetCommitter:
                 # Partitions moved: the new owner replays these records; every service is idempotent.
                 log.warning("%s: offset commit failed (%s); the new owner will replay", self.group_id,
                             type(e).__name__)
+            rest = self.min_interval_s - (time.perf_counter() - started)
+            if rest > 0 and not self.hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.hurry.wait(), rest)
 
     async def flush(self) -> None:
         """Wait until every offset handed over is committed (or its commit failed)."""
+        self.hurry.set()
         while self.task is not None and not self.task.done():
             await self.task
 

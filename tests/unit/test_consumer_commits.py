@@ -8,6 +8,7 @@ shell against the broker)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
@@ -94,9 +95,11 @@ async def _until(condition: Any, seconds: float = 2.0) -> None:
             await asyncio.sleep(0.001)
 
 
-def _start(clients: Clients, stop: asyncio.Event) -> asyncio.Task[None]:
+def _start(clients: Clients, stop: asyncio.Event, commit_interval_s: float | None = None) -> asyncio.Task[None]:
     shell = BatchConsumer(clients, "test-group", INGRESS, Echo(clients), clients,  # type: ignore[arg-type]
                           max_records=10)
+    if commit_interval_s is not None:
+        shell.committer.min_interval_s = commit_interval_s
     return asyncio.create_task(shell.run(stop))
 
 
@@ -153,3 +156,39 @@ def test_a_stop_waits_for_the_last_commit_and_a_failed_commit_does_not_stop_the_
 
     assert asyncio.run(scenario()) == [
         "process a", "send a", "ack a", "commit 1", "process b", "send b", "ack b", "commit 2", "consumer stopped"]
+
+
+def test_commits_go_out_at_most_once_per_interval_and_a_stop_does_not_wait_it_out() -> None:
+    async def scenario() -> tuple[list[str], float, float]:
+        clients, stop = Clients(), asyncio.Event()
+        run = _start(clients, stop, commit_interval_s=0.3)
+        clients.poll(b"a")
+        await _until(lambda: "send a" in clients.log)
+        clients.ack(b"a")
+        await _until(lambda: "commit 1" in clients.log)
+        first = time.monotonic()
+        clients.answer_commit()  # answered at once: the next commit still waits for the interval
+        for value in (b"b", b"c"):
+            clients.poll(value)
+            await _until(lambda v=value: f"send {v.decode()}" in clients.log)  # type: ignore[misc]
+            clients.ack(value)
+        await _until(lambda: "commit 3" in clients.log)  # b and c together
+        second = time.monotonic() - first
+        clients.answer_commit()
+        clients.poll(b"d")
+        await _until(lambda: "send d" in clients.log)
+        clients.ack(b"d")
+        await asyncio.sleep(0.01)
+        stopping = time.monotonic()
+        stop.set()  # d's offsets go out now, not when the interval ends
+        await _until(lambda: "commit 4" in clients.log)
+        clients.answer_commit()
+        await run
+        return clients.log, second, time.monotonic() - stopping
+
+    log, second, stopped = asyncio.run(scenario())
+    assert log == ["process a", "send a", "ack a", "commit 1", "process b", "send b", "ack b",
+                   "process c", "send c", "ack c", "commit 3", "process d", "send d", "ack d", "commit 4",
+                   "consumer stopped"]
+    assert second >= 0.29  # not before the interval since the first commit began
+    assert stopped < 0.29  # the stop's commit did not wait out the interval begun by commit 3
