@@ -271,15 +271,29 @@ class GeneratorShare:
     msgid_clock: int  # his.start_msgids_at: past every msgid the parent sent
 
 
-def generator_shares(pop: Population, signer: Signer, args: argparse.Namespace) -> list[GeneratorShare]:
+def reply_partitions(first: int, n: int, gateway_partition: int) -> list[int]:
+    """An fsi.replies partition for each of `n` generator processes: `first`, then downwards, never the
+    gateway's (its reply reader would take those replies too and drop them, on the stack's CPU)."""
+    free = [p % REPLIES.partitions for p in range(first, first - REPLIES.partitions, -1)]
+    free = [p for p in free if p != gateway_partition]
+    if n > len(free):
+        raise ValueError(f"--processes {n}: fsi.replies has {len(free)} partitions besides the gateway's")
+    return free[:n]
+
+
+def generator_shares(pop: Population, signer: Signer, args: argparse.Namespace, gateway_partition: int
+                     ) -> list[GeneratorShare]:
     """The population dealt out to `args.processes` generator processes, every n-th hospital, pharmacy and
     person each (sorted by code: each share spans the regions and scopes)."""
     n = args.processes
     if n > len(pop.hospitals):
         raise ValueError(f"--processes {n}: only {len(pop.hospitals)} hospitals to deal out (one at least each)")
     clock = msgids_continue_at()
+    # Via HTTP the gateway answers on its own partition; the shares' partitions go unused.
+    partitions = reply_partitions(args.reply_partition, n, gateway_partition) if args.via == "kafka" else [
+        args.reply_partition] * n
     return [GeneratorShare(
-        index=i, via=args.via, reply_partition=(args.reply_partition + i) % REPLIES.partitions,
+        index=i, via=args.via, reply_partition=partitions[i],
         request_timeout_s=args.request_timeout, http_connections=max(4, args.http_connections // n),
         places=pop.hospitals[i::n] + pop.pharmacies[i::n], persons=pop.persons[i::n], filings=pop.filings,
         catalog=pop.catalog, seed=pop.seed, suspicious_share=pop.suspicious_share,
@@ -907,7 +921,7 @@ async def run(args: argparse.Namespace) -> int:
             await caller.start()
         log(f"bench: {await wait_ready(caller, pop, timeout_s=30)}")
         if open_mode and args.processes > 1:
-            pool = GeneratorPool(generator_shares(pop, signer, args))
+            pool = GeneratorPool(generator_shares(pop, signer, args, s.gateway_instance))
             log(f"bench: starting {args.processes} generator processes ...")
             try:
                 await pool.start()
@@ -1263,6 +1277,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--max-requests must be positive")
     if args.processes < 1 or (args.processes > 1 and args.rate is None and not args.step):
         p.error("--processes must be positive, and more than 1 only in the open loop (--rate or --step)")
+    if args.via == "kafka" and args.processes > 1:
+        try:
+            reply_partitions(args.reply_partition, args.processes, load_settings().gateway_instance)
+        except ValueError as e:
+            p.error(str(e))
     if args.seconds <= 0 or min(args.concurrency, args.max_stays, args.repeat) < 1 or args.drain_seconds < 0 \
             or args.warmup_seconds < 0:
         p.error("--seconds, --concurrency, --max-stays and --repeat must be positive, --drain-seconds and "

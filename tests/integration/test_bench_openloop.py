@@ -122,7 +122,7 @@ async def test_two_generator_processes_share_the_rate_and_their_numbers_merge(be
     per_visit = requests_per_visit(pop, NATIONAL_MIX, "national", seed=15)
     args = argparse.Namespace(processes=2, via="kafka", reply_partition=2, request_timeout=10.0, http_connections=64)
     assert GatewayClient.default_signer is not None  # the run's HIS signer, with the keys issued above
-    shares = generator_shares(pop, GatewayClient.default_signer, args)
+    shares = generator_shares(pop, GatewayClient.default_signer, args, s.gateway_instance)
     assert [{h.his.fixmedins_code for h in share.places} for share in shares] == [
         {h.fixmedins_code} for h in POOL_HOSPITALS]
     pool = GeneratorPool(shares)

@@ -340,8 +340,8 @@ def test_generator_shares_deal_out_disjoint_institutions_and_persons() -> None:
     signer = Signer({h.his.fixmedins_code: bytes([i]) * 32 for i, h in enumerate(places)})
     args = argparse.Namespace(processes=2, via="kafka", reply_partition=3, request_timeout=10.0,
                               http_connections=512)
-    shares = generator_shares(pop, signer, args)
-    assert [s.reply_partition for s in shares] == [3, 0]  # each process its own fsi.replies partition
+    shares = generator_shares(pop, signer, args, gateway_partition=0)
+    assert [s.reply_partition for s in shares] == [3, 2]  # each process its own fsi.replies partition
     codes = [{h.his.fixmedins_code for h in s.places} for s in shares]
     assert codes[0] == {"H15040000000", "H15040000002", "P15040000001"}
     assert codes[1] == {"H15040000001", "H15040000003"}  # one pharmacy: the second process has none
@@ -361,7 +361,19 @@ def test_generator_shares_deal_out_disjoint_institutions_and_persons() -> None:
         his._clock_base, his._counter = saved
     args.processes = 5  # more processes than hospitals
     with pytest.raises(ValueError, match="only 4 hospitals"):
-        generator_shares(pop, signer, args)
+        generator_shares(pop, signer, args, gateway_partition=0)
+
+
+def test_generator_processes_never_read_the_gateways_reply_partition() -> None:
+    from loadtest.bench import reply_partitions
+
+    # fsi.replies has 4 partitions; the gateway (instance 0) reads partition 0 and would drop what it took
+    assert reply_partitions(3, 3, gateway_partition=0) == [3, 2, 1]
+    assert reply_partitions(1, 3, gateway_partition=0) == [1, 3, 2]
+    assert reply_partitions(0, 2, gateway_partition=0) == [3, 2]
+    assert reply_partitions(3, 2, gateway_partition=2) == [3, 1]
+    with pytest.raises(ValueError, match="3 partitions besides the gateway's"):
+        reply_partitions(3, 4, gateway_partition=0)
 
 
 def test_msgids_and_sending_times_formatted_once_stay_what_they_were() -> None:
