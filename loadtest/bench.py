@@ -273,12 +273,11 @@ class GeneratorShare:
 
 def reply_partitions(first: int, n: int, gateway_partition: int) -> list[int]:
     """An fsi.replies partition for each of `n` generator processes: `first`, then downwards, never the
-    gateway's (its reply reader would take those replies too and drop them, on the stack's CPU)."""
+    gateway's (its reply reader would take those replies too and drop them, on the stack's CPU); beyond
+    the free partitions processes share them, each skipping the others' answers."""
     free = [p % REPLIES.partitions for p in range(first, first - REPLIES.partitions, -1)]
     free = [p for p in free if p != gateway_partition]
-    if n > len(free):
-        raise ValueError(f"--processes {n}: fsi.replies has {len(free)} partitions besides the gateway's")
-    return free[:n]
+    return [free[i % len(free)] for i in range(n)]
 
 
 def generator_shares(pop: Population, signer: Signer, args: argparse.Namespace, gateway_partition: int
@@ -1277,11 +1276,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--max-requests must be positive")
     if args.processes < 1 or (args.processes > 1 and args.rate is None and not args.step):
         p.error("--processes must be positive, and more than 1 only in the open loop (--rate or --step)")
-    if args.via == "kafka" and args.processes > 1:
-        try:
-            reply_partitions(args.reply_partition, args.processes, load_settings().gateway_instance)
-        except ValueError as e:
-            p.error(str(e))
     if args.seconds <= 0 or min(args.concurrency, args.max_stays, args.repeat) < 1 or args.drain_seconds < 0 \
             or args.warmup_seconds < 0:
         p.error("--seconds, --concurrency, --max-stays and --repeat must be positive, --drain-seconds and "
