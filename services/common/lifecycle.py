@@ -20,7 +20,9 @@ REPEAT_PERIOD_S: Final = 10.0
 
 
 class ClientLogThrottle(logging.Filter):
-    """Lets one record of each of the clients' messages through per period, at WARNING at most."""
+    """Lets one record of each of the clients' messages through per period, at WARNING at most. A failure
+    (WARNING and above) counts by its template, whatever its arguments (the reconnect flood); an INFO record by
+    its text, so each group's join and assignment is there to read after a chaos run."""
 
     def __init__(self, period_s: float = REPEAT_PERIOD_S) -> None:
         super().__init__()
@@ -30,7 +32,8 @@ class ClientLogThrottle(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(CLIENT_LOGGERS):
             return True
-        key = (record.name, record.msg)  # the message template: the same failure with other arguments
+        # the template: the same failure with other arguments; INFO: the text (which group joined)
+        key = (record.name, record.msg if record.levelno >= logging.WARNING else record.getMessage())
         now = time.monotonic()
         if now - self.last.get(key, -math.inf) < self.period_s:
             return False

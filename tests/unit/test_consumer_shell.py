@@ -153,3 +153,9 @@ def test_client_log_throttle_passes_one_of_each_message_per_period_as_warning() 
     assert not throttle.filter(rec("aiokafka.conn", "Unable connect to node with id %s"))
     assert throttle.filter(rec("aiokafka.cluster", "Unable to update metadata from %s"))
     assert throttle.filter(rec("settle", "our own line")) and throttle.filter(rec("settle", "our own line"))
+    # INFO by its text: each group's join passes once per period, a repeat of the same one does not
+    joined = "Joined group %s (generation %s)"
+    assert throttle.filter(logging.LogRecord("aiokafka.consumer", logging.INFO, __file__, 1, joined, ("a", 1), None))
+    assert throttle.filter(logging.LogRecord("aiokafka.consumer", logging.INFO, __file__, 1, joined, ("b", 1), None))
+    assert not throttle.filter(logging.LogRecord("aiokafka.consumer", logging.INFO, __file__, 1, joined, ("b", 1),
+                                                 None))
