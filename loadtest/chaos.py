@@ -32,6 +32,7 @@ import random
 import statistics
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,7 @@ class Report:
     revived: list[str] = field(default_factory=list)  # services found dead and started (not scheduled kills)
     refused: dict[str, int] = field(default_factory=dict)
     invariants: dict[str, list[str]] = field(default_factory=dict)  # name -> problems (empty: holds)
+    behind: list[str] = field(default_factory=list)  # the monitor's clearing lag, when clearing did not catch up
 
     @property
     def ok(self) -> bool:
@@ -199,6 +201,9 @@ class Report:
         for name, problems in self.invariants.items():
             out.append(f"invariant {name}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
             out.extend(f"  {p}" for p in problems[:5])
+        if self.behind:
+            out.append("clearing's groups per the monitor (members, and partitions with a lag):")
+            out.extend(f"  {line}" for line in self.behind)
         out.append(f"RESULT: {'PASS' if self.ok else 'FAIL'}")
         return out
 
@@ -363,12 +368,27 @@ async def _uncleared(hub: asyncpg.Pool, shards: ShardPools, persons: list[str]) 
             for setl_id, fen in sorted(ledger.items()) if cleared.get(setl_id) != fen]
 
 
-async def wait_clearing(hub: asyncpg.Pool, shards: ShardPools, persons: list[str], timeout_s: float = 90) -> None:
+async def wait_clearing(hub: asyncpg.Pool, shards: ShardPools, persons: list[str], timeout_s: float = 90) -> bool:
+    """Whether clearing has every non-local ledger row of the persons within `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not await _uncleared(hub, shards, persons):
-            return
+            return True
         await asyncio.sleep(1)
+    return False
+
+
+def clearing_lag(s: Settings) -> list[str]:
+    """The monitor's series of the clearing groups: their members and every partition still behind."""
+    url = f"http://127.0.0.1:{s.monitor_metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError as e:
+        return [f"monitor metrics unreadable: {type(e).__name__}"]
+    return [line for line in text.splitlines() if "clearing" in line and (
+        line.startswith("xs_kafka_consumer_group_members{")
+        or (line.startswith("xs_kafka_consumer_lag_messages{") and not line.endswith(" 0.0")))]
 
 
 async def check(hub: asyncpg.Pool, shards: ShardPools, persons: list[Person], report: Report) -> None:
@@ -474,7 +494,8 @@ async def run_chaos(s: Settings, cfg: Config) -> Report:
     pool = await asyncpg.create_pool(s.pg_dsn, min_size=1, max_size=2)
     shards = await ShardPools.connect(s, 2)
     try:
-        await wait_clearing(pool, shards, [p.psn_no for p in persons])
+        if not await wait_clearing(pool, shards, [p.psn_no for p in persons]):
+            report.behind = clearing_lag(s)
         await check(pool, shards, persons, report)
     finally:
         await shards.close()

@@ -170,3 +170,31 @@ def test_report_fails_on_lost_doubled_or_a_broken_invariant() -> None:
     assert report.ok and report.lines()[-1] == "RESULT: PASS"
     report.lost.append("settlement S1")
     assert not report.ok and report.lines()[-1] == "RESULT: FAIL"
+
+
+def test_report_shows_the_monitors_clearing_lag_when_clearing_did_not_catch_up() -> None:
+    report = chaos.Report()
+    report.invariants["clearing = non-local ledger rows"] = ["S1: ledger 100 fen, clearing None fen"]
+    report.behind = ['xs_kafka_consumer_lag_messages{group="xsettle-clearing-positions",topic="fsi.settlements",'
+                     'partition="3"} 42.0']
+    lines = report.lines()
+    assert lines[-3:-1] == ["clearing's groups per the monitor (members, and partitions with a lag):",
+                            "  " + report.behind[0]]
+    assert lines[-1] == "RESULT: FAIL"
+
+
+def test_clearing_lag_keeps_the_clearing_groups_members_and_partitions_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    text = "\n".join([
+        '# HELP xs_kafka_consumer_lag_messages Records behind',
+        'xs_kafka_consumer_lag_messages{group="xsettle-clearing-positions",topic="fsi.settlements",partition="0"} 0.0',
+        'xs_kafka_consumer_lag_messages{group="xsettle-clearing-positions",topic="fsi.settlements",partition="1"} 7.0',
+        'xs_kafka_consumer_lag_messages{group="xsettle-settle",topic="fsi.ingress",partition="1"} 9.0',
+        'xs_kafka_consumer_group_members{group="xsettle-clearing-positions"} 0.0',
+    ]).encode()
+    monkeypatch.setattr(chaos.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text))
+    assert chaos.clearing_lag(chaos.load_settings()) == [
+        'xs_kafka_consumer_lag_messages{group="xsettle-clearing-positions",topic="fsi.settlements",partition="1"} 7.0',
+        'xs_kafka_consumer_group_members{group="xsettle-clearing-positions"} 0.0']
