@@ -430,6 +430,7 @@ class OffsetCommitter:
         self.hurry.set()
         while self.task is not None and not self.task.done():
             await self.task
+        self.hurry.clear()  # the commits after a flush keep the interval
 
 
 def _decode_reason(e: Exception) -> str:

@@ -192,3 +192,31 @@ def test_commits_go_out_at_most_once_per_interval_and_a_stop_does_not_wait_it_ou
                    "consumer stopped"]
     assert second >= 0.29  # not before the interval since the first commit began
     assert stopped < 0.29  # the stop's commit did not wait out the interval begun by commit 3
+
+
+def test_commits_after_a_flush_keep_the_interval() -> None:
+    from aiokafka import TopicPartition
+
+    from services.common.consumer import OffsetCommitter
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.at: list[float] = []
+
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            self.at.append(time.monotonic())
+
+    async def scenario() -> list[float]:
+        consumer = Consumer()
+        committer = OffsetCommitter(consumer, "test-group", min_interval_s=0.2)  # type: ignore[arg-type]
+        tp = TopicPartition("t", 0)
+        committer.add({tp: 1})
+        await committer.flush()
+        for offset in (2, 3):  # the first goes out at once, the second waits for the interval
+            committer.add({tp: offset})
+            await asyncio.sleep(0.01)
+        await _until(lambda: len(consumer.at) == 3, seconds=2)
+        return consumer.at
+
+    at = asyncio.run(scenario())
+    assert at[2] - at[1] >= 0.19
