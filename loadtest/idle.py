@@ -18,7 +18,7 @@ import time
 import urllib.request
 
 from deploy import stack
-from deploy.prometheus import PromPaths, render_config
+from deploy.prometheus import SCRAPE_INTERVAL, PromPaths, render_config, write_files
 from loadtest.batches import cpu_seconds
 from loadtest.bench import cpu_snapshot, proc_cpu
 from services.common.config import Settings, load_settings
@@ -37,19 +37,22 @@ def snapshot(s: Settings) -> dict[str, float]:
 
 def set_interval(s: Settings, interval: str | None) -> None:
     """Scrape and evaluate every `interval` (None: the rendered config), and wait until Prometheus has it."""
-    paths = PromPaths.of(s)
-    config = json.loads(render_config(s, paths))
-    if interval is not None:
+    pid = stack.prometheus_pid(s)
+    if not pid:
+        raise SystemExit("Prometheus is not running: .venv/bin/python -m deploy.stack start")
+    if interval is None:
+        write_files(s)  # the stack's own rendering, as `deploy.stack start` writes it
+        interval = SCRAPE_INTERVAL
+    else:
+        paths = PromPaths.of(s)
+        config = json.loads(render_config(s, paths))
         glob = config["global"]
         glob["scrape_interval"] = glob["evaluation_interval"] = interval
         if _seconds(glob["scrape_timeout"]) > _seconds(interval):
             glob["scrape_timeout"] = interval
-    paths.config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    pid = stack.prometheus_pid(s)
-    if not pid:
-        raise SystemExit("Prometheus is not running: .venv/bin/python -m deploy.stack start")
+        paths.config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.kill(pid, signal.SIGHUP)
-    wanted = f"scrape_interval: {config['global']['scrape_interval']}"
+    wanted = f"scrape_interval: {interval}"
     for _ in range(50):
         time.sleep(0.2)
         with urllib.request.urlopen(f"http://127.0.0.1:{s.prometheus_port}/api/v1/status/config", timeout=5) as r:
